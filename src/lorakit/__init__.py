@@ -12,6 +12,34 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
+    "save_adapter": "lorakit.io",
+    "load_adapter": "lorakit.io",
+    "read_adapter": "lorakit.io",
+    "write_adapter": "lorakit.io",
+    "lora_factors": "lorakit.io",
+    "load_classifier": "lorakit.models",
+    "load_causal_lm": "lorakit.models",
+    "model_fingerprint": "lorakit.models",
+    "LoraConfig": "lorakit.config",
+    "attach": "lorakit.model",
+    "add_adapter": "lorakit.model",
+    "set_active": "lorakit.model",
+    "active_adapters": "lorakit.model",
+    "disable_adapters": "lorakit.model",
+    "delete_adapter": "lorakit.model",
+    "merge": "lorakit.model",
+    "unmerge": "lorakit.model",
+    "merge_and_unload": "lorakit.model",
+    "unload": "lorakit.model",
+    "lora_configs": "lorakit.model",
+    "lora_layers": "lorakit.model",
+    "saved_modules": "lorakit.model",
+    "targetable_modules": "lorakit.model",
+    "trainable_report": "lorakit.model",
+    "count_parameters": "lorakit.model",
+    "combine": "lorakit.combination",
+    "per_row_adapters": "lorakit.per_row",
+    "register_init": "lorakit.inits",
 }
 
 

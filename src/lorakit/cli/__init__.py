@@ -17,6 +17,17 @@ from lorakit.errors import LorakitError
 
 # Verb modules, in the order `lorakit --help` lists them.
 COMMAND_MODULES = [
+    "train",
+    "evaluate",
+    "predict",
+    "generate",
+    "approx",
+    "serve",
+    "inspect",
+    "analyze",
+    "spectrum",
+    "extract",
+    "sweep",
 ]
 
 

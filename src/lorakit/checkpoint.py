@@ -1,0 +1,186 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint is a folder of two files, never pickle:
+
+- ``state.safetensors``: the trainable parameters (by their names in the model), the
+  optimizer's tensors (``optimizer.<param index>.<key>``: AdamW's ``exp_avg``,
+  ``exp_avg_sq``, ``step``) and each process's torch random state (``rng.<rank>.torch``,
+  ``rng.<rank>.cuda.<device>``).
+- ``state.json``: the step, the best metric so far, the learning-rate scheduler's
+  state, the optimizer's hyper-parameters, Python's random state per rank, and the
+  settings of the run (a resume with different settings is refused).
+
+Folders are written whole under a temporary name and swapped in with ``os.replace``
+(:func:`replace_folder`), so a crash at any moment leaves either the old checkpoint or
+the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorakit.errors import LorakitError
+
+TENSORS = "state.safetensors"
+META = "state.json"
+
+
+# ---------------------------------------------------------------- atomic files and folders
+
+
+def replace_folder(dest, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` to fill a fresh temporary folder, then swap it in as ``dest``.
+
+    The previous ``dest`` is moved aside to ``.<name>.old`` first and removed last;
+    :func:`existing_folder` finds it if the process dies between the two renames.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    old = dest.parent / f".{dest.name}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dest.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def existing_folder(dest) -> Path | None:
+    """``dest`` if it exists, else the previous version a crash left aside, else None."""
+    dest = Path(dest)
+    old = dest.parent / f".{dest.name}.old"
+    if dest.is_dir():
+        return dest
+    return old if old.is_dir() else None
+
+
+def save_tensors_atomically(tensors: dict, path) -> None:
+    """safetensors file written to a temporary name, then renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def write_json_atomically(obj, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- random states
+
+
+def rng_state() -> dict:
+    """This process's random states: torch CPU, every CUDA device, Python's ``random``."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def save_checkpoint(folder, model, optimizer, scheduler, rng_states: list[dict], meta: dict) -> Path:
+    """Write the training state (see the module docstring) atomically to ``folder``.
+
+    Args:
+        rng_states: :func:`rng_state` of every process, by rank.
+        meta: JSON-able facts of the run (step, best metric, settings, ...).
+    """
+    tensors = {f"param.{name}": p for name, p in model.named_parameters() if p.requires_grad}
+    opt = optimizer.state_dict()
+    for index, param_state in opt["state"].items():
+        for key, value in param_state.items():
+            tensors[f"optimizer.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    pythons = []
+    for rank, state in enumerate(rng_states):
+        tensors[f"rng.{rank}.torch"] = state["torch"]
+        for device, cuda_state in enumerate(state.get("cuda", [])):
+            tensors[f"rng.{rank}.cuda.{device}"] = cuda_state
+        version, internal, gauss = state["python"]
+        pythons.append([version, list(internal), gauss])
+    meta = {**meta, "optimizer_param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(),
+            "rng_python": pythons}
+
+    def write(tmp: Path):
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
+        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=_jsonable) + "\n")
+
+    return replace_folder(folder, write)
+
+
+def load_checkpoint(folder, model, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore what :func:`save_checkpoint` wrote into ``model``, ``optimizer``,
+    ``scheduler`` and this process's random state; return the meta dict.
+
+    Raises:
+        LorakitError: no checkpoint in ``folder``, or it does not fit the model.
+    """
+    found = existing_folder(folder)
+    if found is None or not (found / TENSORS).is_file() or not (found / META).is_file():
+        raise LorakitError(f"no checkpoint to resume in {folder}; run without --resume to start, "
+                           "or give the --out of the run to continue")
+    tensors = load_file(str(found / TENSORS))
+    meta = json.loads((found / META).read_text())
+
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    saved = {key[len("param."):] for key in tensors if key.startswith("param.")}
+    if saved != set(params):
+        missing, extra = sorted(set(params) - saved)[:5], sorted(saved - set(params))[:5]
+        raise LorakitError(f"the checkpoint in {found} does not fit this model's trainable parameters "
+                           f"(missing {missing}, unexpected {extra}); resume with the settings it was made with")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[f"param.{name}"])
+
+    opt_state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            opt_state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta.pop("optimizer_param_groups")})
+    scheduler.load_state_dict(meta.pop("scheduler"))
+
+    pythons = meta.pop("rng_python")
+    if rank < len(pythons):
+        cuda_keys = sorted((k for k in tensors if k.startswith(f"rng.{rank}.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+        cuda = [tensors[k] for k in cuda_keys]
+        set_rng_state({"torch": tensors[f"rng.{rank}.torch"], "python": pythons[rank], "cuda": cuda})
+    return meta
+
+
+def _jsonable(value):
+    if torch.is_tensor(value):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -1,0 +1,32 @@
+"""`lorakit eval`: score trained adapters on their test split or on a file."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="score trained adapters (their test split, or --data FILE)",
+        description="Evaluate what lorakit train saved: accuracy and loss for a classifier, loss and perplexity "
+                    "per token for a language model. Several --adapter flags are scored one after the other.",
+    )
+    parser.add_argument("--adapter", action="append", required=True, metavar="DIR",
+                        help="an adapter (or full model) folder written by lorakit train; repeat to compare")
+    parser.add_argument("--data", default=None, help=".jsonl/.csv file to score whole (default: the test split "
+                                                     "of the data the adapter was trained on)")
+    parser.add_argument("--merge", action="store_true", help="merge the adapter into the base weights first")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from lorakit.distributed import pick_device
+    from lorakit.inference import evaluate_trained, load_trained
+
+    trained = load_trained(args.adapter, merge=args.merge, device=pick_device(args.device))
+    results = evaluate_trained(trained, args.data, args.batch_size)
+    for name, metrics in results.items():
+        shown = ", ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+                          for key, value in metrics.items())
+        print(f"{name}: {shown}")
+    return 0

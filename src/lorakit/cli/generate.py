@@ -1,0 +1,35 @@
+"""`lorakit generate`: answer prompts with a chat or text model and its trained adapters."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="generate text with a trained chat/text adapter (or the base model)",
+        description="Greedy generation. A chat model gets each prompt as a user turn through its chat template. "
+                    "Several --adapter flags answer one after the other; with --merge they are summed into the "
+                    "base weights and answer once. Without --adapter the base model answers.",
+    )
+    parser.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                        help="an adapter (or full model) folder written by lorakit train; repeat for several")
+    parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
+    parser.add_argument("--merge", action="store_true", help="merge the adapters into the base weights")
+    parser.add_argument("--model", default=None, help="base model: 'default' or a folder (default: the adapter's)")
+    parser.add_argument("--task", choices=["chat", "text"], default="chat",
+                        help="how to prompt the base model when no --adapter is given")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from lorakit.distributed import pick_device
+    from lorakit.inference import generate, load_trained
+
+    trained = load_trained(args.adapter, merge=args.merge, model=args.model, task=args.task,
+                           device=pick_device(args.device))
+    results = generate(trained, args.prompt, args.max_new_tokens)
+    for name, answers in results.items():
+        for prompt, answer in zip(args.prompt, answers):
+            print(f"[{name}] {prompt}\n{answer}\n")
+    return 0

@@ -1,0 +1,31 @@
+"""`lorakit predict`: classify texts with trained adapters."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "predict", help="classify texts with a trained classification adapter",
+        description="Print the predicted label and the probability of every label for each text.",
+    )
+    parser.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify")
+    parser.add_argument("--adapter", action="append", required=True, metavar="DIR",
+                        help="a classification adapter (or full model) folder; repeat to compare")
+    parser.add_argument("--merge", action="store_true", help="merge the adapter into the base weights first")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from lorakit.distributed import pick_device
+    from lorakit.inference import load_trained, predict
+
+    trained = load_trained(args.adapter, merge=args.merge, device=pick_device(args.device))
+    results = predict(trained, args.texts)
+    for name, rows in results.items():
+        if len(results) > 1:
+            print(f"[{name}]")
+        for row in rows:
+            probabilities = "  ".join(f"{label} {p:.3f}" for label, p in row["probabilities"].items())
+            print(f"{row['label']:<10} ({probabilities})  {row['text']}")
+    return 0

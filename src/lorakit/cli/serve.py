@@ -1,0 +1,76 @@
+"""`lorakit serve`: an OpenAI-compatible HTTP server for a base model and its LoRA adapters."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+
+from lorakit.errors import LorakitError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve a base model and many LoRA adapters over HTTP (OpenAI-compatible)",
+        description="Serve one base model and many LoRA adapters over an OpenAI-compatible HTTP API. "
+                    "Requests pick an adapter with their 'model' field ('base' for none); requests for "
+                    "different adapters are decoded together in one forward of the base model.")
+    p.add_argument("--model", default="default-chat",
+                   help="'default-chat' (embedded SmolLM2-135M-Instruct), 'default' (embedded MiniLM "
+                        "classifier) or a model folder (default: %(default)s)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="load the adapter in DIR under NAME (repeatable)")
+    p.add_argument("--adapter-root", metavar="DIR",
+                   help="adapters loaded over HTTP (POST /v1/adapters) must lie under DIR; without it, "
+                        "loading over HTTP is refused")
+    p.add_argument("--max-loaded", type=int, default=8, metavar="N",
+                   help="most adapters resident at once; the least recently used is unloaded (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=32, metavar="B",
+                   help="most requests decoding together (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=512, help="cap on max_tokens per request (default: %(default)s)")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048,
+                   help="cap on prompt length in tokens (default: %(default)s)")
+    p.add_argument("--task", choices=["generate", "classify"],
+                   help="what the model does (default: guessed from the model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run)
+
+
+def parse_adapters(values: list[str]) -> dict[str, str]:
+    """``["sql=adapters/sql", ...]`` -> ``{"sql": "adapters/sql"}``."""
+    adapters: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise LorakitError(f"--adapter {value!r} is not NAME=DIR; e.g. --adapter sql=adapters/sql")
+        if name in adapters:
+            raise LorakitError(f"--adapter name {name!r} is given twice")
+        adapters[name] = path
+    return adapters
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorakit.serve import build_service, run as serve
+
+    if not _is_loopback(args.host):
+        print(f"lorakit serve: warning: binding {args.host} exposes the server beyond this machine; "
+              "it has no authentication", file=sys.stderr)
+    service = build_service(
+        args.model, adapters=parse_adapters(args.adapter), adapter_root=args.adapter_root,
+        max_loaded=args.max_loaded, max_batch=args.max_batch, max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens=args.max_tokens, task=args.task)
+    names = ", ".join(["base", *service.registry.names()])
+    print(f"lorakit serve: {args.model} ({service.task}) with models: {names}", file=sys.stderr, flush=True)
+    serve(service, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,283 @@
+"""`LoraConfig`: every choice an adapter is made with, validated once, in one place.
+
+The scaling rule of the LoRA paper (§4.1, seeds 001/003) lives here and nowhere else:
+``s = alpha / r``, or ``alpha / sqrt(r)`` with rank-stabilised LoRA (rsLoRA). Layers,
+merge, combine and export all ask the config (through :meth:`LoraConfig.scaling_for`).
+
+Module paths are matched the way Hugging Face PEFT matches them, so a config written
+for PEFT targets the same modules here:
+
+- a list of names: a path matches ``name`` when it equals it or ends in ``"." + name``;
+- a string: a regular expression the whole path must match (``re.fullmatch``);
+- ``"all-linear"``: every ``nn.Linear`` / ``Conv1D`` except the output head (resolved by
+  :mod:`lorakit.model`, which knows the model).
+
+``rank_pattern`` / ``alpha_pattern`` keys are regular expressions matched against the end
+of the path on a ``.`` boundary (``(.*\\.)?(key)$``), first key in order wins, as in PEFT.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+
+from lorakit.errors import LorakitError
+from lorakit.inits import INITS
+
+ALL_LINEAR = "all-linear"
+BIAS_MODES = ("none", "all", "lora_only")
+
+# PEFT's init_lora_weights value <-> our init name.
+_INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "random": False}
+_PEFT_TO_INIT = {True: "kaiming", False: "random", "gaussian": "gaussian", "pissa": "pissa"}
+
+# PEFT config keys that carry no meaning for a LoRA adapter's maths (bookkeeping) and
+# PEFT features lorakit does not implement, with the value that means "feature off".
+_PEFT_BOOKKEEPING = {
+    "peft_type", "auto_mapping", "peft_version", "revision", "inference_mode", "megatron_config",
+    "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config",
+    "monteclora_config", "arrow_config", "kasa_config", "qalora_group_size", "ensure_weight_tying",
+}
+_PEFT_UNSUPPORTED_OFF = {
+    "use_dora": False, "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
+    "layer_replication": None, "target_parameters": None, "trainable_token_indices": None,
+    "use_qalora": False, "alora_invocation_tokens": None, "use_bdlora": None,
+}
+
+
+def _as_name_list(value, what: str):
+    """None, a regex string, or a list of names (tuples and sets become sorted lists)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (set, frozenset)):
+        value = sorted(value)
+    try:
+        names = list(value)
+    except TypeError:
+        raise LorakitError(f"{what} must be a list of module names or a regex string, got {value!r}") from None
+    bad = [n for n in names if not isinstance(n, str) or not n]
+    if bad:
+        raise LorakitError(f"{what} holds {bad!r}; give non-empty module names such as 'q_proj'")
+    return names
+
+
+def name_matches(spec, path: str) -> bool:
+    """True when module ``path`` is named by ``spec`` (a list of names or a regex string).
+
+    >>> name_matches(["q_proj"], "model.layers.0.self_attn.q_proj")
+    True
+    >>> name_matches(r".*\\.(q|v)_proj", "model.layers.0.self_attn.v_proj")
+    True
+    """
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == name or path.endswith("." + name) for name in spec)
+
+
+def pattern_key(patterns: dict, path: str):
+    """The first key of ``patterns`` that matches the end of ``path`` on a dot boundary, or None."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return key
+    return None
+
+
+@dataclass
+class LoraConfig:
+    """How to build one LoRA adapter.
+
+    Attributes:
+        r: rank of ``ΔW = s·B·A``; ``A: (r, in_features)``, ``B: (out_features, r)``.
+        alpha: numerator of the scaling ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+        dropout: probability of zeroing an input feature on the adapter path, in [0, 1).
+        target_modules: names, a regex, or ``"all-linear"`` (see the module docstring);
+            None lets :func:`lorakit.model.attach` pick the model family's default.
+        exclude_modules: names or a regex of paths never to wrap, same matching rules.
+        rank_pattern / alpha_pattern: per-path overrides of ``r`` / ``alpha``.
+        use_rslora: use ``alpha / sqrt(r)`` (Kalajdzievski 2023).
+        init: a registered init (:data:`lorakit.inits.INITS`): ``"gaussian"`` (the seeds;
+            A ~ N(0, std 1/r) as PEFT's ``"gaussian"``), ``"kaiming"`` (PEFT's default),
+            ``"pissa"`` (top-r SVD of W, residual frozen), ``"random"`` (B non-zero; tests).
+        bias: which biases train: ``"none"``, ``"all"``, or ``"lora_only"`` (of wrapped layers).
+        modules_to_save: names of modules (e.g. a classifier head) trained in full as a
+            per-adapter copy.
+        fan_in_fan_out: the base weight is stored ``(in, out)`` (GPT-2's ``Conv1D``); lorakit
+            detects Conv1D itself, this is kept for PEFT's file format.
+        base_model_name_or_path, task_type: recorded for PEFT's ``adapter_config.json``.
+
+    Raises:
+        LorakitError: from ``__post_init__`` for any value outside its range, naming it.
+    """
+
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+    init: str = "gaussian"
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+    fan_in_fan_out: bool = False
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+
+    def __post_init__(self):
+        self.r = _check_rank(self.r, "r")
+        self.alpha = _check_alpha(self.alpha, "alpha")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= float(self.dropout) < 1.0:
+            raise LorakitError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        self.dropout = float(self.dropout)
+        self.target_modules = _as_name_list(self.target_modules, "target_modules")
+        self.exclude_modules = _as_name_list(self.exclude_modules, "exclude_modules")
+        ms = _as_name_list(self.modules_to_save, "modules_to_save")
+        if isinstance(ms, str):
+            ms = [ms]
+        self.modules_to_save = ms
+        for spec, what in ((self.target_modules, "target_modules"), (self.exclude_modules, "exclude_modules")):
+            if isinstance(spec, str) and spec != ALL_LINEAR:
+                try:
+                    re.compile(spec)
+                except re.error as err:
+                    raise LorakitError(f"{what} {spec!r} is not a valid regular expression ({err})") from None
+        self.rank_pattern = {str(k): _check_rank(v, f"rank_pattern[{k!r}]") for k, v in dict(self.rank_pattern or {}).items()}
+        self.alpha_pattern = {str(k): _check_alpha(v, f"alpha_pattern[{k!r}]") for k, v in dict(self.alpha_pattern or {}).items()}
+        if self.init not in INITS:
+            raise LorakitError(f"init {self.init!r} is unknown; choose one of {sorted(INITS)}")
+        if self.bias not in BIAS_MODES:
+            raise LorakitError(f"bias {self.bias!r} is unknown; choose one of {list(BIAS_MODES)}")
+        self.use_rslora = bool(self.use_rslora)
+        self.fan_in_fan_out = bool(self.fan_in_fan_out)
+
+    # ------------------------------------------------------------------ per-path values
+
+    def rank_for(self, path: str) -> int:
+        """Rank of the adapter at module ``path`` (``rank_pattern`` first, then ``r``)."""
+        key = pattern_key(self.rank_pattern, path)
+        return self.r if key is None else self.rank_pattern[key]
+
+    def alpha_for(self, path: str) -> float:
+        """Alpha of the adapter at module ``path`` (``alpha_pattern`` first, then ``alpha``)."""
+        key = pattern_key(self.alpha_pattern, path)
+        return self.alpha if key is None else self.alpha_pattern[key]
+
+    def scaling_for(self, path: str) -> float:
+        """``s`` at module ``path``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        return scaling(self.alpha_for(path), self.rank_for(path), self.use_rslora)
+
+    def targets(self, path: str) -> bool:
+        """True when ``path`` is named by ``target_modules`` and not by ``exclude_modules``.
+
+        ``"all-linear"`` and None are resolved by :mod:`lorakit.model`; here they match nothing.
+        """
+        if self.target_modules in (None, ALL_LINEAR):
+            return False
+        return name_matches(self.target_modules, path) and not self.excludes(path)
+
+    def excludes(self, path: str) -> bool:
+        return name_matches(self.exclude_modules, path)
+
+    # ------------------------------------------------------------------ PEFT's format
+
+    def to_peft_dict(self) -> dict:
+        """This config as PEFT's ``adapter_config.json`` dict (``peft_type: "LORA"``)."""
+        return {
+            "peft_type": "LORA",
+            "task_type": self.task_type,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": self.target_modules,
+            "exclude_modules": self.exclude_modules,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "use_rslora": self.use_rslora,
+            "init_lora_weights": _INIT_TO_PEFT.get(self.init, self.init),
+            "bias": self.bias,
+            "modules_to_save": self.modules_to_save,
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "inference_mode": True,
+            "use_dora": False,
+            "lora_bias": False,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, d: dict) -> "LoraConfig":
+        """Read PEFT's ``adapter_config.json`` dict.
+
+        Keys lorakit does not know are ignored with a warning (files from newer PEFT load).
+
+        Raises:
+            LorakitError: not a LoRA config, a PEFT feature lorakit cannot reproduce
+                (DoRA, lora_bias, layers_to_transform, ...) switched on, or a bad value.
+        """
+        if not isinstance(d, dict):
+            raise LorakitError(f"an adapter config must be a JSON object, got {type(d).__name__}")
+        peft_type = str(d.get("peft_type", "LORA")).upper()
+        if peft_type != "LORA":
+            raise LorakitError(f"peft_type is {d.get('peft_type')!r}; lorakit reads LoRA adapters only (peft_type 'LORA')")
+        for key, off in _PEFT_UNSUPPORTED_OFF.items():
+            value = d.get(key, off)
+            if value not in (off, None, False, [], {}):
+                raise LorakitError(f"the adapter config sets {key}={value!r}, a PEFT feature lorakit does not support")
+        init = d.get("init_lora_weights", True)
+        kw = {
+            "r": d.get("r", 8),
+            "alpha": d.get("lora_alpha", 8),
+            "dropout": d.get("lora_dropout", 0.0) or 0.0,
+            "target_modules": d.get("target_modules"),
+            "exclude_modules": d.get("exclude_modules"),
+            "rank_pattern": d.get("rank_pattern") or {},
+            "alpha_pattern": d.get("alpha_pattern") or {},
+            "use_rslora": d.get("use_rslora", False),
+            "init": _PEFT_TO_INIT.get(init, init) if isinstance(init, (bool, str)) else init,
+            "bias": d.get("bias", "none"),
+            "modules_to_save": d.get("modules_to_save"),
+            "fan_in_fan_out": d.get("fan_in_fan_out", False),
+            "base_model_name_or_path": d.get("base_model_name_or_path"),
+            "task_type": d.get("task_type"),
+        }
+        peft_names = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "rank_pattern",
+                      "alpha_pattern", "use_rslora", "init_lora_weights", "bias", "modules_to_save",
+                      "fan_in_fan_out", "base_model_name_or_path", "task_type"}
+        unknown = sorted(set(d) - peft_names - _PEFT_BOOKKEEPING - set(_PEFT_UNSUPPORTED_OFF))
+        if unknown:
+            warnings.warn(f"ignoring adapter config keys lorakit does not know: {unknown}", stacklevel=2)
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        """Plain dict of the fields (lorakit's own names)."""
+        return asdict(self)
+
+    def replace(self, **changes) -> "LoraConfig":
+        """A copy with ``changes`` applied, validated again."""
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        kw.update(changes)
+        return LoraConfig(**kw)
+
+
+def scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """``alpha / r`` (LoRA §4.1), or ``alpha / sqrt(r)`` for rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _check_rank(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise LorakitError(f"{what} must be a positive integer, got {value!r}; try 8")
+    return int(value)
+
+
+def _check_alpha(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise LorakitError(f"{what} must be a positive number, got {value!r}; a common choice is alpha = r")
+    return value

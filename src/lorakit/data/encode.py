@@ -1,0 +1,160 @@
+"""Records -> token ids, with the loss mask; and the collate function that pads a batch.
+
+Language-model labels follow the transformers convention: ``labels[t]`` is the token at
+position ``t`` (the model shifts them), and ``-100`` marks a position left out of the
+loss: prompt tokens, the user and system turns of a chat, and padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lorakit.errors import LorakitError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class EncodedExample:
+    """One example as token ids.
+
+    Attributes:
+        input_ids: ``(T,)`` token ids, ``T <= max_length``.
+        label: the class index (classification), or ``(T,)`` target ids with
+            ``IGNORE_INDEX`` where the loss is not taken (language modelling).
+    """
+
+    input_ids: list[int]
+    label: int | list[int]
+
+    def target_count(self) -> int:
+        """How many positions count in the loss: 1 for a class, else the unmasked tokens."""
+        if isinstance(self.label, int):
+            return 1
+        return sum(1 for t in self.label[1:] if t != IGNORE_INDEX)  # the first token predicts nothing
+
+
+@dataclass
+class Encoded:
+    """Encoded examples and what truncation did to them (for one warning per task)."""
+
+    examples: list[EncodedExample] = field(default_factory=list)
+    truncated: int = 0  # examples cut to max_length
+    dropped: int = 0  # examples with no trained token left after the cut
+    longest: int = 0  # tokens in the longest example before the cut
+
+
+def encode_classification(records: list[dict], tokenizer, max_length: int, label2id: dict) -> Encoded:
+    """``{"text", "label"}`` records -> examples with the class index as label.
+
+    Raises:
+        LorakitError: a record's label is not in ``label2id`` (its line is named).
+    """
+    unknown = [r for r in records if r["label"] not in label2id]
+    if unknown:
+        first = unknown[0]
+        raise LorakitError(f"{first['_where']} has label {first['label']!r}, which the model does not know "
+                           f"({len(unknown)} records like it); known labels: {sorted(label2id)}")
+    texts = [r["text"] for r in records]
+    full = tokenizer(texts, truncation=False)["input_ids"] if texts else []
+    cut = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
+    encoded = Encoded()
+    for record, ids, whole in zip(records, cut, full):
+        encoded.longest = max(encoded.longest, len(whole))
+        encoded.truncated += len(whole) > len(ids)
+        encoded.examples.append(EncodedExample(list(ids), label2id[record["label"]]))
+    return encoded
+
+
+def encode_language_modeling(records: list[dict], tokenizer, max_length: int) -> Encoded:
+    """Prompt/completion, chat (``messages``) or plain ``text`` records -> examples.
+
+    The completion (or each assistant turn, chat template included) is followed by the
+    end-of-sequence token when the template does not already end with one, so the model
+    learns to stop.
+
+    Raises:
+        LorakitError: chat records with a tokenizer that has no chat template.
+    """
+    encoded = Encoded()
+    for record in records:
+        if "messages" in record:
+            ids, labels = _encode_chat(record, tokenizer)
+        elif "prompt" in record:
+            prompt = tokenizer(record["prompt"])["input_ids"] if record["prompt"] else []
+            completion = _with_eos(tokenizer(record["completion"], add_special_tokens=False)["input_ids"], tokenizer)
+            ids, labels = prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+        else:
+            ids = _with_eos(tokenizer(record["text"])["input_ids"], tokenizer)
+            labels = list(ids)
+        encoded.longest = max(encoded.longest, len(ids))
+        if len(ids) > max_length:
+            encoded.truncated += 1
+            ids, labels = ids[:max_length], labels[:max_length]
+        example = EncodedExample(list(ids), list(labels))
+        if example.target_count() == 0:
+            encoded.dropped += 1
+            continue
+        encoded.examples.append(example)
+    return encoded
+
+
+def _with_eos(ids: list[int], tokenizer) -> list[int]:
+    eos = tokenizer.eos_token_id
+    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else list(ids)
+
+
+def _encode_chat(record: dict, tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids of a rendered chat, with only the assistant turns kept in the labels.
+
+    Each assistant turn spans the characters between the rendering of the chat up to
+    it (with the generation prompt) and the rendering that includes it; tokens whose
+    first character falls inside a span are trained.
+    """
+    messages = record["messages"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise LorakitError(f"{record['_where']} is a chat ('messages') but the tokenizer has no chat template; "
+                           "use prompt/completion records or a chat model")
+
+    def render(upto, generation_prompt=False):
+        return tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)
+
+    full = render(len(messages))
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start, end = len(render(i, generation_prompt=True)), len(render(i + 1))
+        if not full.startswith(render(i + 1)):
+            raise LorakitError(f"{record['_where']}: the tokenizer's chat template does not render a chat turn by "
+                               "turn, so the prompt cannot be masked; use prompt/completion records")
+        spans.append((start, end))
+    tokens = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(tokens["input_ids"])
+    labels = [token if any(start <= offset[0] < end for start, end in spans) else IGNORE_INDEX
+              for token, offset in zip(ids, tokens["offset_mapping"])]
+    return ids, labels
+
+
+def collate(examples: list[EncodedExample], pad_id: int) -> dict:
+    """Pad a list of examples on the right into a batch.
+
+    Returns:
+        ``input_ids: (B, T)``, ``attention_mask: (B, T)`` (1 = real token), and
+        ``labels``: ``(B,)`` class indices or ``(B, T)`` targets padded with -100.
+    """
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        input_ids[row, :len(example.input_ids)] = torch.tensor(example.input_ids)
+        attention_mask[row, :len(example.input_ids)] = 1
+    if isinstance(examples[0].label, int):
+        labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+    else:
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        for row, example in enumerate(examples):
+            labels[row, :len(example.label)] = torch.tensor(example.label)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,225 @@
+"""Using what ``lorakit train`` saved: evaluate it, classify texts, generate answers.
+
+A saved adapter folder (or, for ``--method full``, a whole model folder) holds
+``lorakit_task.json``: the task, the base model, the labels and the max length. From
+that, :func:`load_trained` rebuilds the model: the base model with one or several
+adapters loaded onto it (each under its own name; the forward applies one at a time),
+or merged into the base weights (``merge=True``: zero added latency; several adapters
+merged are summed, seed 002's "switch tasks by adding and subtracting BA").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.errors import LorakitError
+from lorakit.tasks import TASK_FILE, Task, evaluate, get_task, read_splits
+
+
+@dataclass
+class Trained:
+    """A model rebuilt from saved training results.
+
+    Attributes:
+        model: the base model with the adapters loaded (or merged), in eval mode.
+        tokenizer: its tokenizer.
+        task: the task it was trained for.
+        info: the contents of ``lorakit_task.json`` (of the first adapter).
+        names: the adapter names, in the order given (``["merged"]`` after a merge,
+            ``["base"]`` for a model without adapters).
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    task: Task
+    info: dict
+    names: list[str]
+
+    def use(self, name: str) -> None:
+        """Make adapter ``name`` the one the forward applies."""
+        if name in ("merged", "base"):
+            return
+        from lorakit.model import set_active
+
+        set_active(self.model, name)
+
+
+def read_task_file(folder) -> dict:
+    """``lorakit_task.json`` of a folder written by ``lorakit train``.
+
+    Raises:
+        LorakitError: the folder does not exist or was not written by ``lorakit train``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LorakitError(f"adapter folder {folder} does not exist; give the adapter/ (or model/) folder "
+                           "that lorakit train wrote under its --out")
+    path = folder / TASK_FILE
+    if not path.is_file():
+        raise LorakitError(f"{folder} has no {TASK_FILE} (it holds {sorted(p.name for p in folder.iterdir())[:8]}); "
+                           "give a folder written by lorakit train")
+    return json.loads(path.read_text())
+
+
+def load_trained(adapters: list, merge: bool = False, model: str | None = None, task: str | None = None,
+                 device: str = "cpu") -> Trained:
+    """Rebuild the trained model from one or more folders written by ``lorakit train``.
+
+    Args:
+        adapters: adapter folders (PEFT format), or one full model folder; empty for the
+            base model alone (then ``task`` and ``model`` say which).
+        merge: fold the adapters into the base weights (several: their sum).
+        model: override the base model recorded in the folders.
+
+    Raises:
+        LorakitError: the folders disagree on task, base model or labels, a full model
+            folder is mixed with others, or several classifiers are to be merged.
+    """
+    folders = [Path(a) for a in adapters]
+    infos = [read_task_file(f) for f in folders]
+    if not infos:
+        info = {"task": task or "chat", "method": "none", "model": model or "default", "labels": None,
+                "max_length": None}
+        found = get_task(info["task"])
+        if found.kind == "classify":
+            raise LorakitError("a classifier needs its trained head; give --adapter DIR")
+        net, tokenizer = found.load_model(info["model"], None)
+        return Trained(net.to(device).eval(), tokenizer, found, info, ["base"])
+    first = infos[0]
+    for folder, info in zip(folders[1:], infos[1:]):
+        for key in ("task", "model", "labels"):
+            if info.get(key) != first.get(key):
+                raise LorakitError(f"{folder} was trained with {key}={info.get(key)!r} but {folders[0]} with "
+                                   f"{first.get(key)!r}; adapters used together need the same {key}")
+    found = get_task(first["task"])
+    if any(info["method"] == "full" for info in infos):
+        if len(folders) > 1:
+            raise LorakitError(f"{folders[0]} holds a fully fine-tuned model; it cannot be combined with other "
+                               "folders: give it alone")
+        net, tokenizer = found.load_model(str(folders[0]), first["labels"])
+        return Trained(net.to(device).eval(), tokenizer, found, first, ["full"])
+    if merge and found.kind == "classify" and len(folders) > 1:
+        raise LorakitError("each classification adapter has its own classifier head, so several cannot be merged "
+                           "into one model; drop --merge to compare them, or give one adapter")
+
+    from lorakit.io import load_adapter
+    from lorakit.model import merge_and_unload, set_active
+
+    net, tokenizer = found.load_model(model or first["model"], first["labels"])
+    names = _unique_names(folders)
+    for folder, name in zip(folders, names):
+        load_adapter(net, folder, name, activate=False)
+    set_active(net, names[0])
+    if merge:
+        set_active(net, *names)
+        net = merge_and_unload(net)
+        names = ["merged"]
+    return Trained(net.to(device).eval(), tokenizer, found, first, names)
+
+
+def _unique_names(folders: list[Path]) -> list[str]:
+    names = []
+    for folder in folders:
+        base = re.sub(r"[^A-Za-z0-9_-]", "_", folder.resolve().parent.name + "_" + folder.name).strip("_") or "adapter"
+        name, n = base, 2
+        while name in names:
+            name, n = f"{base}_{n}", n + 1
+        names.append(name)
+    return names
+
+
+# ---------------------------------------------------------------- the three uses
+
+
+def evaluate_trained(trained: Trained, data: str | None = None, batch_size: int = 64) -> dict:
+    """Metrics of every adapter of ``trained`` on ``data``: ``{name: metrics}``.
+
+    ``data`` None scores the test split of the data it was trained on; a file is
+    scored whole (every record).
+    """
+    from lorakit import data as lkdata
+    from lorakit.tasks import encode_splits
+
+    task, info = trained.task, trained.info
+    max_length = info.get("max_length") or task.default_max_length
+    if data is None:
+        splits = read_splits(task, info.get("data", "default"), info.get("data_limit"))
+        splits = lkdata.DatasetSplits([], [], splits.test, splits.source)
+        if not splits.test:
+            raise LorakitError(f"{splits.source} has no test split; give --data FILE to evaluate on")
+    else:
+        records = lkdata.read_records(data, task.kind)
+        splits = lkdata.DatasetSplits([], [], records, str(data))
+    encoded = encode_splits(task, splits, trained.tokenizer, max_length, info.get("labels"), allow_empty_train=True)
+    pad_id = trained.tokenizer.pad_token_id if trained.tokenizer.pad_token_id is not None else 0
+    device = next(trained.model.parameters()).device
+    results = {}
+    for name in trained.names:
+        trained.use(name)
+        results[name] = evaluate(task, trained.model, encoded.test, pad_id, batch_size, device)
+    return results
+
+
+@torch.no_grad()
+def predict(trained: Trained, texts: list[str]) -> dict:
+    """Class and probabilities of each text, for every adapter.
+
+    Returns:
+        ``{adapter name: [{"text", "label", "probabilities": {label: p}}, ...]}``.
+
+    Raises:
+        LorakitError: the model is not a classifier.
+    """
+    if trained.task.kind != "classify":
+        raise LorakitError(f"predict needs a classification adapter; this one is for task "
+                           f"{trained.task.name!r}: use lorakit generate")
+    labels = trained.info["labels"]
+    max_length = trained.info.get("max_length") or trained.task.default_max_length
+    batch = trained.tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    device = next(trained.model.parameters()).device
+    results = {}
+    for name in trained.names:
+        trained.use(name)
+        logits = trained.model(input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).logits
+        probabilities = logits.float().softmax(-1).cpu()
+        results[name] = [
+            {"text": text, "label": labels[int(row.argmax())],
+             "probabilities": {label: float(p) for label, p in zip(labels, row)}}
+            for text, row in zip(texts, probabilities)
+        ]
+    return results
+
+
+@torch.no_grad()
+def generate(trained: Trained, prompts: list[str], max_new_tokens: int = 64) -> dict:
+    """Greedy continuations of ``prompts`` for every adapter: ``{name: [answer, ...]}``.
+
+    A chat model gets each prompt as a user turn through its chat template; the answer
+    is the text it generates after it, special tokens removed.
+    """
+    if trained.task.kind != "lm":
+        raise LorakitError("generate needs a language-model adapter (task chat or text); "
+                           "for a classifier use lorakit predict")
+    tokenizer, model = trained.tokenizer, trained.model
+    device = next(model.parameters()).device
+    chat = trained.task.name == "chat" and getattr(tokenizer, "chat_template", None)
+    results = {}
+    for name in trained.names:
+        trained.use(name)
+        answers = []
+        for prompt in prompts:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True) if chat else prompt
+            ids = tokenizer(text, add_special_tokens=not chat, return_tensors="pt")["input_ids"].to(device)
+            output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            answers.append(tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip())
+        results[name] = answers
+    return results
+

@@ -1,0 +1,313 @@
+"""Adapter files in PEFT's on-disk format: save, load, read and write.
+
+A folder holds ``adapter_config.json`` (PEFT's field names, see
+:meth:`lorakit.config.LoraConfig.to_peft_dict`) and ``adapter_model.safetensors`` with
+the keys PEFT writes (:mod:`lorakit.peft_format` lists them). Files are written
+atomically and never pickled; PEFT's older ``adapter_model.bin`` is read as tensors only.
+
+Loading checks every tensor against the model before touching it: a file that does not
+fit raises one :class:`~lorakit.errors.LorakitError` listing every missing or
+unexpected key and every shape mismatch, and the model is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraConfig, name_matches
+from lorakit.errors import LorakitError
+from lorakit.peft_format import PREFIX, apply_plan, factor_key, parse_factor_key, plan_load
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+# transformers class-name ending -> PEFT task_type, so PEFT picks its matching model class
+_TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
+
+
+# ------------------------------------------------------------------ files without a model
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """An adapter folder's config and tensors, without a model.
+
+    Tensors keep the file's keys (``base_model.model.<path>.lora_A.weight``, ...); see
+    :func:`lora_factors` to have them as ``{module path: (A, B)}``. A ``.bin`` adapter
+    (PEFT's old format) is read with ``torch.load(weights_only=True)``: tensors only,
+    never arbitrary pickled objects.
+
+    Raises:
+        LorakitError: no such folder, no config, a config that does not parse or that
+            lorakit cannot honour, a missing, truncated or corrupt weights file.
+    """
+    config, tensors, _ = _read(Path(path))
+    return config, tensors
+
+
+def write_adapter(path: str | os.PathLike, config: LoraConfig | dict, tensors: dict[str, torch.Tensor],
+                  metadata: dict[str, str] | None = None) -> Path:
+    """Write ``config`` and ``tensors`` (PEFT keys, as :func:`read_adapter` returns them) to ``path``.
+
+    Each file is written under a temporary name and renamed into place, so a crash never
+    leaves a half-written file. ``metadata`` goes into the safetensors header.
+
+    Returns:
+        the folder.
+
+    Raises:
+        LorakitError: a value in ``tensors`` is not a tensor, or ``config`` is not a
+            LoraConfig or a PEFT config dict.
+    """
+    folder = Path(path)
+    if isinstance(config, dict):
+        config = LoraConfig.from_peft_dict(config)
+    if not isinstance(config, LoraConfig):
+        raise LorakitError(f"config must be a LoraConfig or a PEFT config dict, got {type(config).__name__}")
+    bad = [k for k, v in tensors.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise LorakitError(f"adapter tensors must map names to tensors; bad entries: {bad[:5]}")
+    from safetensors.torch import save
+
+    seen: set[int] = set()
+    ready = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.data_ptr() in seen and tensor.numel():  # safetensors refuses shared storage
+            tensor = tensor.clone()
+        seen.add(tensor.data_ptr())
+        ready[key] = tensor
+    folder.mkdir(parents=True, exist_ok=True)
+    header = {"format": "pt", **(metadata or {})}
+    _write_atomic(folder / WEIGHTS_NAME, save(ready, metadata=header))
+    text = json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n"
+    _write_atomic(folder / CONFIG_NAME, text.encode())
+    return folder
+
+
+def lora_factors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module path: (A: (r, in), B: (out, r))}`` from an adapter's tensors (PEFT keys).
+
+    Raises:
+        LorakitError: a module has A without B or B without A.
+    """
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        parsed = parse_factor_key(key)
+        if parsed is not None:
+            path, factor, _ = parsed
+            parts.setdefault(path, {})[factor] = tensor
+    lonely = [p for p, d in parts.items() if len(d) != 2]
+    if lonely:
+        raise LorakitError(f"the adapter holds only one of lora_A / lora_B for {lonely[:5]}")
+    return {path: (d["A"], d["B"]) for path, d in parts.items()}
+
+
+# ------------------------------------------------------------------ model <-> files
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+    """Save adapter ``name`` of ``model`` in PEFT's format (loads with ``PeftModel.from_pretrained``).
+
+    ``target_modules`` of ``"all-linear"`` or None is written as the explicit list of
+    module names it resolved to on this model, so PEFT wraps exactly the same layers.
+
+    Returns:
+        the folder.
+
+    Raises:
+        LorakitError: ``model`` has no adapter ``name``.
+    """
+    from lorakit.models import model_fingerprint
+    from lorakit.model import lora_configs
+
+    configs = lora_configs(model)
+    if name not in configs:
+        raise LorakitError(f"model has no adapter {name!r} to save; it has {sorted(configs) or 'none'}")
+    config = configs[name]
+    tensors = adapter_state_dict(model, name)
+    changes = {}
+    paths = sorted({parsed[0] for parsed in map(parse_factor_key, tensors) if parsed is not None})
+    if config.target_modules is None or config.target_modules == "all-linear":
+        changes["target_modules"] = _explicit_targets(model, paths)
+    if config.base_model_name_or_path is None:
+        changes["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if config.task_type is None:
+        cls = type(model).__name__
+        changes["task_type"] = next((t for end, t in _TASK_TYPES.items() if cls.endswith(end)), None)
+    if changes:
+        config = config.replace(**changes)
+    metadata = {"lorakit_architecture": type(model).__name__, "lorakit_fingerprint": model_fingerprint(model)}
+    return write_adapter(path, config, tensors, metadata)
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s tensors under PEFT's keys (what :func:`save_adapter` writes)."""
+    from lorakit.model import lora_configs, lora_layers, saved_modules
+
+    out: dict[str, torch.Tensor] = {}
+    lora_paths = set()
+    for path, layer in lora_layers(model):
+        lora_paths.add(path)
+        if name in layer.adapters:
+            adapter = layer.adapters[name]
+            out[factor_key(path, "A", layer.is_embedding)] = adapter.A
+            out[factor_key(path, "B", layer.is_embedding)] = adapter.B
+    saved_paths = set()
+    for path, saved in saved_modules(model):
+        saved_paths.add(path)
+        if name in saved.copies:
+            for key, tensor in saved.copies[name].state_dict().items():
+                out[f"{PREFIX}{path}.{key}"] = tensor
+    bias = lora_configs(model)[name].bias
+    if bias != "none":
+        for pname, param in model.named_parameters(remove_duplicate=False):
+            owner, _, leaf = pname.rpartition(".")
+            if leaf != "bias" or ".adapters." in pname or ".copies." in pname or owner in saved_paths:
+                continue
+            if owner in lora_paths:
+                out[f"{PREFIX}{owner}.base_layer.bias"] = param
+            elif bias == "all":
+                out[f"{PREFIX}{pname}"] = param
+    return out
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *,
+                 activate: bool = True) -> nn.Module:
+    """Load the adapter in folder ``path`` onto ``model`` as adapter ``name``.
+
+    Files written by PEFT (any LoRA adapter of the features lorakit has) or by
+    :func:`save_adapter` load the same way. With ``activate`` the adapter becomes the
+    one the forward applies (as :func:`lorakit.model.attach`); otherwise it is only added.
+
+    Returns:
+        ``model``, changed in place.
+
+    Raises:
+        LorakitError: the file cannot be read (see :func:`read_adapter`), ``name`` is
+            taken, or the file does not fit the model: the message lists every missing or
+            unexpected key and every shape mismatch. The model is unchanged then.
+    """
+    from lorakit.model import add_adapter, lora_configs, set_active
+
+    folder = Path(path)
+    config, tensors, metadata = _read(folder)
+    taken = lora_configs(model)
+    if name in taken:
+        raise LorakitError(f"model already has an adapter {name!r}; delete_adapter it first or load under another name")
+    plan = plan_load(model, config, tensors, name, folder, metadata)
+    if config.init == "pissa":
+        warnings.warn(f"adapter {folder} was initialised with PiSSA; its factors are loaded as they are, so the "
+                      "base model must already hold PiSSA's residual weights", stacklevel=2)
+    # Building the adapter draws its random init, then the file's values overwrite it:
+    # keep the caller's random stream as it was.
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    cuda = sorted({p.device.index or 0 for p, _ in grad_flags if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        add_adapter(model, config.replace(init="gaussian") if config.init == "pissa" else config, name)
+    try:
+        apply_plan(model, plan, name)
+        if config.init == "pissa":
+            model._lora_configs[name] = config  # keep the recorded init for a later save
+    except Exception:
+        from lorakit.model import delete_adapter
+
+        delete_adapter(model, name)
+        for param, flag in grad_flags:
+            param.requires_grad_(flag)
+        raise
+    if activate:
+        set_active(model, name)
+    return model
+
+
+def _explicit_targets(model: nn.Module, paths: list[str]):
+    """``target_modules`` naming exactly ``paths`` on ``model``: leaf names when they select
+    nothing else, else a regex of the full paths (PEFT matches a string with fullmatch)."""
+    from lorakit.model import targetable_modules
+
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    candidates = [p for p, _, _ in targetable_modules(model)]
+    if sorted(p for p in candidates if name_matches(leaves, p)) == sorted(paths):
+        return leaves
+    return "^(" + "|".join(re.escape(p) for p in paths) + ")$"
+
+
+# ------------------------------------------------------------------ reading files
+
+
+def _read(folder: Path) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[str, str]]:
+    if folder.is_file() and folder.name in (WEIGHTS_NAME, CONFIG_NAME, PICKLE_NAME):
+        folder = folder.parent
+    if not folder.is_dir():
+        raise LorakitError(f"adapter folder {folder} does not exist")
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise LorakitError(f"{folder} holds no {CONFIG_NAME}; an adapter folder has {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LorakitError(f"{config_file} does not parse as JSON ({err}); save the adapter again") from None
+    config = LoraConfig.from_peft_dict(raw)
+    weights = folder / WEIGHTS_NAME
+    if weights.is_file():
+        tensors, metadata = _read_safetensors(weights)
+    elif (folder / PICKLE_NAME).is_file():
+        tensors, metadata = _read_pickle(folder / PICKLE_NAME), {}
+    else:
+        raise LorakitError(f"{folder} holds no {WEIGHTS_NAME}; an adapter folder has {CONFIG_NAME} and {WEIGHTS_NAME}")
+    bad = [k for k, v in tensors.items() if not v.is_floating_point()]
+    if bad:
+        raise LorakitError(f"{folder}: adapter tensors must be floating point; {bad[:5]} are not")
+    return config, tensors, metadata
+
+
+def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as err:  # safetensors raises its own error types (and OSError) for bad files
+        raise LorakitError(f"{file} is truncated or corrupt ({type(err).__name__}: {err}); "
+                           "save or copy the adapter again") from None
+    return tensors, metadata
+
+
+def _read_pickle(file: Path) -> dict[str, torch.Tensor]:
+    """PEFT's old ``adapter_model.bin``: tensors only (``weights_only=True``), never code."""
+    import pickle
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise LorakitError(f"refusing {file}: it holds pickled objects other than tensors, and unpickling them "
+                           f"could run arbitrary code ({err}); re-save it with PEFT's safe_serialization=True") from None
+    except Exception as err:
+        raise LorakitError(f"{file} is truncated or corrupt ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LorakitError(f"{file} does not hold a dict of tensors; it is not an adapter")
+    return state
+
+
+def _write_atomic(file: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; adapters are shared files
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,272 @@
+"""What every LoRA layer shares: named adapters, the active set, merge and unmerge.
+
+A concrete layer (:mod:`.linear`, :mod:`.embedding`) says only how its base runs and
+how ``ΔW = s·B·A`` is laid out against its weight; the bookkeeping lives here once.
+
+The wrapped module keeps its parameters under their own names (``weight``, ``bias``:
+the very same ``Parameter`` objects), so a model's state-dict keys do not change; the
+original module object is kept aside (not a submodule) and handed back, with those
+parameters, by :meth:`LoraLayer.base_layer`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.inits import get_init
+
+
+class LoraAdapter(nn.Module):
+    """One adapter's factors: ``A: (r, in_features)``, ``B: (out_features, r)``.
+
+    For an embedding ``in_features`` is ``num_embeddings`` and ``out_features`` is
+    ``embedding_dim`` (PEFT's layout). ``scaling`` is ``s`` of ``ΔW = s·B·A``, computed
+    by :meth:`lorakit.config.LoraConfig.scaling_for`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, scaling: float,
+                 dropout: float = 0.0, *, dtype=None, device=None):
+        super().__init__()
+        self.A = nn.Parameter(torch.zeros(r, in_features, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
+        self.r = r
+        self.alpha = alpha
+        self.scaling = float(scaling)
+        # No module at all when p = 0, so forward never touches (or copies) x for it.
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+
+    def delta(self) -> torch.Tensor:
+        """``s·B·A : (out_features, in_features)`` in fp32."""
+        return (self.B.float() @ self.A.float()) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
+
+
+class LoraLayer(nn.Module):
+    """Base of every wrapper: a frozen base module plus named :class:`LoraAdapter` s.
+
+    Subclasses set ``in_features`` / ``out_features`` (the adapter's ``A: (r, in)``,
+    ``B: (out, r)``) and implement :meth:`weight_to_layout` (how an ``(out, in)`` matrix
+    lies in ``self.weight``), ``forward`` and the per-row forward.
+
+    Attributes:
+        adapters: ``nn.ModuleDict`` name -> :class:`LoraAdapter`.
+        active: names the forward applies (several sum), in order.
+        merged: names whose ``ΔW`` is currently inside ``weight``.
+        disabled: when True the forward runs the base alone.
+    """
+
+    in_features: int
+    out_features: int
+    #: initialisers treat this layer as an embedding (A = 0, B random for gaussian/kaiming)
+    is_embedding = False
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_base", base)  # kept aside: not a submodule, no duplicate keys
+        self.weight = base.weight
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.merged: tuple[str, ...] = ()
+        self.disabled = False
+        self._run: list[LoraAdapter] = []  # what forward applies: active, not merged, not disabled
+        self._premerge_weight: torch.Tensor | None = None
+        self._rows = None  # (slots (batch,), A_rows, B_rows) while per_row_adapters is on
+        self._stack_cache = None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_base")
+            if base is None or name.startswith("_") or name in ("weight", "bias"):
+                raise
+            return getattr(base, name)  # e.g. Conv1D.nf, Embedding.padding_idx
+
+    # ------------------------------------------------------------------ layout
+
+    def weight_to_layout(self, matrix: torch.Tensor) -> torch.Tensor:
+        """An ``(out, in)`` matrix laid out as ``self.weight`` (identity for nn.Linear)."""
+        return matrix
+
+    def weight_out_in(self) -> torch.Tensor:
+        """``self.weight`` seen as ``(out_features, in_features)`` (a view, no copy)."""
+        return self.weight_to_layout(self.weight)  # transposes are their own inverse
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``s·B·A`` of adapter ``name`` in fp32, in the layout (and shape) of ``self.weight``.
+
+        Raises:
+            LorakitError: this layer has no adapter ``name``.
+        """
+        return self.weight_to_layout(self._adapter(name).delta())
+
+    # ------------------------------------------------------------------ adapters
+
+    def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float = 0.0,
+                    init: str | None = "gaussian") -> LoraAdapter:
+        """Create adapter ``name`` and initialise it with the registered ``init``
+        (None: leave A and B zero and the base weight untouched, e.g. to load them from a file).
+
+        Adapters live in fp32 when the base weight is fp16/bf16 (as PEFT does), else in
+        the weight's dtype. An init that rewrites the base weight (pissa) does it here.
+
+        Raises:
+            LorakitError: ``name`` exists already, or the layer is merged.
+        """
+        if name in self.adapters:
+            raise LorakitError(f"adapter {name!r} exists already on this layer; delete it or pick another name")
+        if self.merged:
+            raise LorakitError("cannot add an adapter to a merged layer; unmerge first")
+        wdtype = self.weight.dtype
+        dtype = torch.float32 if wdtype in (torch.float16, torch.bfloat16) or not wdtype.is_floating_point else wdtype
+        adapter = LoraAdapter(self.in_features, self.out_features, r, alpha, scaling, dropout,
+                              dtype=dtype, device=self.weight.device)
+        if init is not None:
+            with torch.no_grad():
+                residual = get_init(init)(adapter.A, adapter.B, self.weight_out_in().float(), adapter.scaling,
+                                          embedding=self.is_embedding)
+                if residual is not None:
+                    self.weight.copy_(self.weight_to_layout(residual).to(wdtype))
+        self.adapters[name] = adapter
+        self._stack_cache = None
+        self._refresh()
+        return adapter
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (unmerging first if it is merged)."""
+        self._adapter(name)
+        if name in self.merged:
+            self.unmerge()
+        del self.adapters[name]
+        self._stack_cache = None
+        self.active = tuple(n for n in self.active if n != name)
+        self._refresh()
+
+    def set_active(self, names: Iterable[str]) -> None:
+        """Make ``names`` the adapters the forward sums; names this layer lacks are skipped."""
+        self.active = tuple(n for n in names if n in self.adapters)
+        self._refresh()
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.disabled = bool(disabled)
+        self._refresh()
+
+    def _adapter(self, name: str) -> LoraAdapter:
+        try:
+            return self.adapters[name]
+        except KeyError:
+            raise LorakitError(f"this layer has no adapter {name!r}; it has {sorted(self.adapters)}") from None
+
+    def _refresh(self) -> None:
+        self._run = [] if self.disabled else [self.adapters[n] for n in self.active if n not in self.merged]
+
+    # ------------------------------------------------------------------ merge
+
+    def merge(self, names: Iterable[str] | None = None) -> None:
+        """Add ``ΔW`` of ``names`` (default: the active adapters) into ``weight``.
+
+        ``ΔW`` is computed and added in fp32, then cast back to the weight's dtype. For a
+        fp16/bf16 weight the original weight is kept (one more copy of the weight, 2 bytes
+        per element, while merged) so that :meth:`unmerge` restores it bit for bit; a fp32
+        weight keeps nothing extra and unmerge subtracts ``ΔW`` (exact to ~1e-7).
+        Merging an adapter that is already merged warns and does nothing.
+
+        Raises:
+            LorakitError: an unknown adapter name.
+        """
+        names = list(self.active if names is None else names)
+        todo = []
+        for name in names:
+            self._adapter(name)
+            if name in self.merged:
+                warnings.warn(f"adapter {name!r} is already merged; merging it again does nothing", stacklevel=3)
+            elif name not in todo:
+                todo.append(name)
+        if not todo:
+            return
+        with torch.no_grad():
+            w = self.weight
+            if w.dtype != torch.float32 and w.dtype != torch.float64 and self._premerge_weight is None:
+                self._premerge_weight = w.detach().clone()
+            delta = sum(self.delta_weight(n) for n in todo)
+            if w.dtype in (torch.float32, torch.float64):
+                w.add_(delta)
+            else:
+                w.copy_((w.float() + delta).to(w.dtype))
+        self.merged = self.merged + tuple(todo)
+        self._refresh()
+
+    def unmerge(self) -> None:
+        """Take every merged ``ΔW`` out of ``weight`` again (see :meth:`merge` for exactness)."""
+        if not self.merged:
+            return
+        with torch.no_grad():
+            if self._premerge_weight is not None:
+                self.weight.copy_(self._premerge_weight)
+                self._premerge_weight = None
+            else:
+                self.weight.sub_(sum(self.delta_weight(n) for n in self.merged).to(self.weight.dtype))
+        self.merged = ()
+        self._refresh()
+
+    def base_layer(self) -> nn.Module:
+        """The original module (its own type: nn.Linear, Conv1D, nn.Embedding) sharing
+        ``weight`` and ``bias`` with this layer; merged ``ΔW`` stays in the weight."""
+        base = self._base
+        for pname, param in self._parameters.items():
+            setattr(base, pname, param)
+        base.train(self.training)
+        return base
+
+    # ------------------------------------------------------------------ per-row stacks
+
+    def row_stacks(self) -> tuple[tuple[str, ...], torch.Tensor, torch.Tensor]:
+        """All adapters of this layer stacked for a per-row batch, cached until they change.
+
+        Returns:
+            ``(names, A_rows, B_rows)``: ``names`` sorted, adapter ``names[i]`` in slot
+            ``i + 1``; slot 0 is zeros (the base alone). ``A_rows: (n+1, in, r_max)`` holds
+            ``Aᵀ`` (for an embedding: a lookup table per slot), ``B_rows: (n+1, r_max, out)``
+            holds ``(s·B)ᵀ``, scaling folded in; smaller ranks are zero-padded. Stored
+            transposed so that the per-row matmuls read contiguous operands.
+            Memory: one more copy of this layer's adapters.
+        """
+        adapters = self.adapters
+        names = tuple(sorted(adapters))
+        key = []
+        for n in names:
+            A, B = adapters[n].A, adapters[n].B
+            key.append((n, A.data_ptr(), A._version, B.data_ptr(), B._version, adapters[n].scaling))
+        key = tuple(key)
+        if self._stack_cache is not None and self._stack_cache[0] == key:
+            return self._stack_cache[1]
+        r_max = max(adapters[n].r for n in names)
+        first = adapters[names[0]]
+        A_rows = torch.zeros(len(names) + 1, self.in_features, r_max, dtype=first.A.dtype, device=first.A.device)
+        B_rows = torch.zeros(len(names) + 1, r_max, self.out_features, dtype=first.B.dtype, device=first.B.device)
+        with torch.no_grad():
+            for i, n in enumerate(names, start=1):
+                ad = adapters[n]
+                A_rows[i, :, : ad.r] = ad.A.T
+                B_rows[i, : ad.r] = ad.B.T * ad.scaling
+        value = (names, A_rows, B_rows)
+        self._stack_cache = (key, value)
+        return value
+
+    def set_rows(self, rows) -> None:
+        """Per-row mode: ``rows = (slots: (batch,) long, A_rows, B_rows)`` (see
+        :meth:`row_stacks`), or None to leave it.
+
+        Raises:
+            LorakitError: an adapter of this layer is merged (its ΔW would count twice).
+        """
+        if rows is not None and self.merged:
+            raise LorakitError(f"adapters {list(self.merged)} are merged; unmerge before per-row adapters")
+        self._rows = rows

