@@ -121,10 +121,16 @@ class References:
     def text(self, adapter_dir: Path | None, prompt_ids: list[int], max_tokens: int) -> str:
         key = (adapter_dir, tuple(prompt_ids), max_tokens)
         if key not in self.cache:
-            eos = self.tokenizer.eos_token_id
-            out = self.model(adapter_dir).generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens,
-                                                   do_sample=False, eos_token_id=eos, pad_token_id=eos)
-            self.cache[key] = self.tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
+            model, ids, new, cache = self.model(adapter_dir), torch.tensor([prompt_ids]), [], None
+            with torch.inference_mode():  # greedy decoding, batch of one, with a KV cache
+                for _ in range(max_tokens):
+                    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+                    cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
+                    if token == self.tokenizer.eos_token_id:
+                        break
+                    new.append(token)
+                    ids = torch.tensor([[token]])
+            self.cache[key] = self.tokenizer.decode(new, skip_special_tokens=True)
         return self.cache[key]
 
 

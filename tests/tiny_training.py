@@ -39,13 +39,14 @@ def save_tiny_classifier(folder, seed: int = 0, dropout: float = 0.0, num_labels
 
 def char_tokenizer():
     """A character-level fast tokenizer: ``<pad> <s> </s> <unk>`` then printable ASCII."""
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer, decoders
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     vocab = {token: i for i, token in enumerate(specials + [chr(c) for c in range(32, 127)])}
     backend = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()  # characters back together, no spaces between them
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
                                         pad_token="<pad>", unk_token="<unk>", model_max_length=64)
     tokenizer.chat_template = CHAT_TEMPLATE

@@ -36,6 +36,7 @@ def linear_autoencoder_subspace(X, r: int, steps: int = 500, lr: float = 0.02, s
         fastest when σ_r is well above σ_{r+1}.
     """
     x = as_matrix(X, "X")
+    dtype = x.dtype
     m, n_samples = x.shape
     r = check_rank(r, m, n_samples, "r")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -58,5 +59,5 @@ def linear_autoencoder_subspace(X, r: int, steps: int = 500, lr: float = 0.02, s
             loss.backward()
             optimizer.step()
 
-    basis, _ = torch.linalg.qr(decoder.detach().to(as_matrix(X, "X").dtype))
+    basis, _ = torch.linalg.qr(decoder.detach().to(dtype))
     return basis if isinstance(X, torch.Tensor) else basis.cpu().numpy()

@@ -81,9 +81,11 @@ def write_adapter(path: str | os.PathLike, config: LoraConfig | dict, tensors: d
     ready = {}
     for key, tensor in tensors.items():
         tensor = tensor.detach().to("cpu").contiguous()
-        if tensor.data_ptr() in seen and tensor.numel():  # safetensors refuses shared storage
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in seen and tensor.numel():  # safetensors refuses tensors that share storage
             tensor = tensor.clone()
-        seen.add(tensor.data_ptr())
+            storage = tensor.untyped_storage().data_ptr()
+        seen.add(storage)
         ready[key] = tensor
     folder.mkdir(parents=True, exist_ok=True)
     header = {"format": "pt", **(metadata or {})}

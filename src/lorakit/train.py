@@ -200,11 +200,12 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
 
     # ---- 4. fresh start or resume
     state_dir, best_file = out / "state" / "last", out / "state" / "best.safetensors"
-    state = {"step": 0, "best": None, "best_step": None, "before": None, "train_time_s": 0.0}
+    state = {"step": 0, "best": None, "best_step": None, "before": None, "train_time_s": 0.0, "wall_time_s": 0.0}
     if config.resume:
         meta = checkpoint.load_checkpoint(state_dir, model, optimizer, scheduler, runtime.rank)
         _check_same_settings(meta["settings"], config.settings(), state_dir)
         state.update({k: meta[k] for k in state})
+        started -= state["wall_time_s"]  # report the time of all sessions together
         say(f"resuming from step {state['step']} of {total_steps} ({state_dir})")
     elif runtime.is_main and checkpoint.existing_folder(state_dir):
         say(f"note: starting afresh in {out}; --resume would have continued its checkpoint")
@@ -279,12 +280,14 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
                     state.update(best=metrics[task.metric], best_step=step)
                     if runtime.is_main:
                         _save_trained(method, model, tokenizer, out, config, data, best_file)
-                state.update(step=step, train_time_s=time.perf_counter() - loop_started)
+                state.update(step=step, train_time_s=time.perf_counter() - loop_started,
+                             wall_time_s=time.perf_counter() - started)
                 save_checkpoint(step)
             stopping = config.stop_after is not None and step - start_step >= config.stop_after
             if distributed.any_rank(stop_requested.is_set() or stopping, runtime):
                 if state["step"] != step:
-                    state.update(step=step, train_time_s=time.perf_counter() - loop_started)
+                    state.update(step=step, train_time_s=time.perf_counter() - loop_started,
+                                 wall_time_s=time.perf_counter() - started)
                     save_checkpoint(step)
                 bar.close()
                 raise TrainingInterrupted(f"stopped at step {step} of {total_steps}; checkpoint saved in "

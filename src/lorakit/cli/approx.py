@@ -30,7 +30,7 @@ def register(subparsers) -> None:
         description=(
             "Approximate a matrix by a rank-R product B·Cᵀ (truncated SVD) and print the singular "
             "values, the factors when small, the approximation, its error beside the Eckart–Young "
-            "bound, and the storage saved. Without --rank or --energy, R keeps 95%% of the energy."
+            "bound, and the storage saved. Without --rank or --energy, R keeps 95% of the energy."
         ),
     )
     approx.add_argument("file", nargs="?", help="matrix file: .npy, .npz, .csv/.txt/.tsv, or .safetensors")

@@ -58,7 +58,7 @@ def encode_classification(records: list[dict], tokenizer, max_length: int, label
         raise LorakitError(f"{first['_where']} has label {first['label']!r}, which the model does not know "
                            f"({len(unknown)} records like it); known labels: {sorted(label2id)}")
     texts = [r["text"] for r in records]
-    full = tokenizer(texts, truncation=False)["input_ids"] if texts else []
+    full = tokenizer(texts, truncation=False, verbose=False)["input_ids"] if texts else []
     cut = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
     encoded = Encoded()
     for record, ids, whole in zip(records, cut, full):

@@ -1,0 +1,198 @@
+"""lorakit.data: reading users' files (and every way they can be wrong), the embedded
+datasets and their splits, tokenization with the loss mask, truncation, batching."""
+
+import warnings
+
+import pytest
+import torch
+
+from lorakit import LorakitError
+from lorakit.data import (
+    DatasetSplits,
+    chatterbot_pairs,
+    collate,
+    encode_classification,
+    encode_language_modeling,
+    read_records,
+    rotten_tomatoes,
+    split_records,
+)
+from lorakit.data.encode import IGNORE_INDEX
+from lorakit.tasks import TruncationWarning, encode_splits, get_task
+from tiny_training import char_tokenizer, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def test_reads_classification_jsonl_and_csv(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"text": "good", "label": "pos"}, {"text": "bad", "label": 0}])
+    (tmp_path / "d.csv").write_text('text,label\ngood,pos\n"bad, really",neg\n\n')
+    jsonl = read_records(tmp_path / "d.jsonl", "classify")
+    csv = read_records(tmp_path / "d.csv", "classify")
+    assert [(r["text"], r["label"]) for r in jsonl] == [("good", "pos"), ("bad", "0")]
+    assert [(r["text"], r["label"]) for r in csv] == [("good", "pos"), ("bad, really", "neg")]
+    assert csv[1]["_where"] == "d.csv line 3"
+
+
+def test_missing_and_empty_files_are_named(tmp_path):
+    with pytest.raises(LorakitError, match="does not exist"):
+        read_records(tmp_path / "nope.jsonl", "classify")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(LorakitError, match="holds no records"):
+        read_records(tmp_path / "empty.jsonl", "classify")
+    (tmp_path / "header.csv").write_text("text,label\n")
+    with pytest.raises(LorakitError, match="holds no records"):
+        read_records(tmp_path / "header.csv", "classify")
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(LorakitError, match="suffix '.txt'"):
+        read_records(tmp_path / "d.txt", "classify")
+
+
+def test_a_line_that_does_not_parse_gives_its_number(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": "x"}\n\n{"text": "b", "label": \n')
+    with pytest.raises(LorakitError, match="d.jsonl line 3 is not valid JSON"):
+        read_records(path, "classify")
+    path.write_text('["text", "label"]\n')
+    with pytest.raises(LorakitError, match="line 1 holds a list"):
+        read_records(path, "classify")
+
+
+def test_missing_keys_list_the_keys_found(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": "x"}, {"sentence": "b", "label": "y"}])
+    with pytest.raises(LorakitError) as err:
+        read_records(tmp_path / "d.jsonl", "classify")
+    assert "line 2 lacks 'text'" in str(err.value) and "['label', 'sentence']" in str(err.value)
+    (tmp_path / "d.csv").write_text("review,stars\nfine,5\n")
+    with pytest.raises(LorakitError, match=r"lacks 'text', 'label'; it has keys \['review', 'stars'\]"):
+        read_records(tmp_path / "d.csv", "classify")
+
+
+def test_language_model_shapes_and_their_errors(tmp_path):
+    write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Q: 1+1?", "completion": " 2"}])
+    write_jsonl(tmp_path / "t.jsonl", [{"text": "plain words"}])
+    assert read_records(tmp_path / "pc.jsonl", "lm")[0]["completion"] == " 2"
+    assert read_records(tmp_path / "t.jsonl", "lm")[0]["text"] == "plain words"
+    write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "a", "completion": "b"}, {"text": "c"}])
+    with pytest.raises(LorakitError, match="line 2 lacks 'prompt', 'completion'.*first line uses prompt"):
+        read_records(tmp_path / "mixed.jsonl", "lm")
+    write_jsonl(tmp_path / "odd.jsonl", [{"question": "a"}])
+    with pytest.raises(LorakitError, match=r"has keys \['question'\]"):
+        read_records(tmp_path / "odd.jsonl", "lm")
+    write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(LorakitError, match="no assistant turn"):
+        read_records(tmp_path / "chat.jsonl", "lm")
+    write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "bot", "content": "hi"}]}])
+    with pytest.raises(LorakitError, match=r"messages\[0\]"):
+        read_records(tmp_path / "chat.jsonl", "lm")
+
+
+def test_unknown_label_names_its_line_and_the_known_labels(tok):
+    records = [{"text": "x", "label": "neutral", "_where": "val.jsonl line 4"}]
+    with pytest.raises(LorakitError, match=r"val.jsonl line 4 has label 'neutral'.*known labels: \['neg', 'pos'\]"):
+        encode_classification(records, tok, 16, {"neg": 0, "pos": 1})
+
+
+def test_a_validation_label_unseen_in_training_stops_before_training(tok):
+    splits = DatasetSplits(
+        train=[{"text": "a", "label": "pos", "_where": "t 1"}, {"text": "b", "label": "neg", "_where": "t 2"}],
+        validation=[{"text": "c", "label": "meh", "_where": "v 1"}], test=[], source="s")
+    with pytest.raises(LorakitError, match="v 1 has label 'meh'"):
+        encode_splits(get_task("classify"), splits, tok, 16)
+
+
+# ---------------------------------------------------------------- the embedded datasets
+
+
+def test_rotten_tomatoes_split_is_fixed_disjoint_and_without_plot_rows():
+    splits = rotten_tomatoes()
+    assert splits.sizes() == {"train": 10752, "validation": 1000, "test": 1000}
+    texts = [{r["text"] for r in part} for part in (splits.train, splits.validation, splits.test)]
+    assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
+    assert {r["label"] for r in splits.train} == {"fresh", "rotten"}
+    assert [r["text"] for r in rotten_tomatoes().validation[:5]] == [r["text"] for r in splits.validation[:5]]
+    small = rotten_tomatoes(limit=200)
+    assert small.sizes() == {"train": 160, "validation": 20, "test": 20}
+
+
+def test_chatterbot_pairs_leave_out_tech_support_and_coding_and_split_by_question():
+    splits = chatterbot_pairs()
+    every = splits.train + splits.validation + splits.test
+    assert len(every) > 1000
+    assert not {r["_where"] for r in every} & {"tech_support.yml", "coding.yml"}
+    assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in every)
+    train_questions = {r["question"] for r in splits.train}
+    assert not train_questions & {r["question"] for r in splits.validation + splits.test}
+
+
+def test_split_records_counts_and_fractions():
+    records = [{"i": i} for i in range(100)]
+    splits = split_records(records, 0.1, 5, source="s")
+    assert splits.sizes() == {"train": 85, "validation": 10, "test": 5}
+    assert sorted(r["i"] for r in splits.train + splits.validation + splits.test) == list(range(100))
+    with pytest.raises(LorakitError, match="too few"):
+        split_records(records[:3], 2, 1, source="s")
+
+
+# ---------------------------------------------------------------- tokens and the loss mask
+
+
+def test_prompt_tokens_are_masked_and_the_completion_ends_with_eos(tok):
+    records = [{"prompt": "Q: hi", "completion": " ok", "_where": "x"}]
+    example = encode_language_modeling(records, tok, 64).examples[0]
+    assert len(example.input_ids) == len("Q: hi") + len(" ok") + 1
+    assert example.label[:5] == [IGNORE_INDEX] * 5
+    assert tok.decode(example.label[5:]) == " ok</s>"
+    assert example.target_count() == 4
+
+
+def test_chat_trains_only_the_assistant_turns(tok):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]
+    example = encode_language_modeling([{"messages": messages, "_where": "x"}], tok, 128).examples[0]
+    assert tok.decode(example.input_ids) == "<user>hi</s><assistant>yo</s><user>bye</s><assistant>ciao</s>"
+    trained = [t for t in example.label if t != IGNORE_INDEX]
+    assert tok.decode(trained) == "yo</s>ciao</s>"
+
+
+def test_plain_text_trains_every_token(tok):
+    example = encode_language_modeling([{"text": "abc", "_where": "x"}], tok, 64).examples[0]
+    assert example.label == example.input_ids == tok("abc")["input_ids"] + [tok.eos_token_id]
+
+
+def test_over_long_examples_are_truncated_and_counted_in_one_warning(tok):
+    splits = DatasetSplits(
+        train=[{"text": "x" * n, "_where": "t"} for n in (5, 30, 40)],
+        validation=[{"text": "y" * 50, "_where": "v"}], test=[{"text": "z", "_where": "e"}], source="s")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = encode_splits(get_task("text"), splits, tok, max_length=20)
+    truncation = [w for w in caught if issubclass(w.category, TruncationWarning)]
+    assert len(truncation) == 1
+    assert "3 of 5 examples were longer than max_length=20" in str(truncation[0].message)
+    assert "longest: 51 tokens" in str(truncation[0].message)
+    assert max(len(e.input_ids) for e in data.train + data.validation) == 20
+
+
+def test_a_prompt_longer_than_max_length_drops_the_example(tok):
+    records = [{"prompt": "p" * 30, "completion": "c", "_where": "x"}, {"prompt": "p", "completion": "c", "_where": "y"}]
+    encoded = encode_language_modeling(records, tok, 10)
+    assert (encoded.truncated, encoded.dropped, len(encoded.examples)) == (1, 1, 1)
+
+
+def test_collate_pads_on_the_right(tok):
+    records = [{"prompt": "ab", "completion": "c", "_where": "x"}, {"prompt": "", "completion": "defg", "_where": "y"}]
+    examples = encode_language_modeling(records, tok, 64).examples
+    batch = collate(examples, pad_id=tok.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, 5)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert batch["labels"][0].tolist()[:2] == [IGNORE_INDEX] * 2 and batch["labels"][0, 4] == IGNORE_INDEX
+    classes = collate(encode_classification([{"text": "a b", "label": "p", "_where": "z"}], tok, 8, {"p": 1}).examples,
+                      pad_id=0)
+    assert classes["labels"].tolist() == [1] and classes["labels"].dtype == torch.long

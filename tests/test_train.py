@@ -1,0 +1,244 @@
+"""lorakit.train: the loop on tiny random-weight models (and one real-model smoke test).
+
+What is checked: only the adapter and the head change; the loss falls on a learnable
+task; gradient accumulation equals one big batch; an interrupted run resumed equals an
+uninterrupted one (dropout on, so the random state matters); a NaN stops training and
+keeps the last good checkpoint; the saved adapter / full model loads again and gives the
+trained model's outputs.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit import LorakitError
+from lorakit.checkpoint import existing_folder, replace_folder
+from lorakit.inference import evaluate_trained, generate, load_trained, predict
+from lorakit.report import read_metrics
+from lorakit.train import TrainConfig, TrainingDiverged, TrainingInterrupted, train, warmup_cosine
+from tiny_training import chat_records, save_tiny_classifier, save_tiny_llama, write_jsonl
+
+WORDS = ["great", "good", "fine", "bad", "dull", "awful"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"cls": str(save_tiny_classifier(root / "cls")), "cls_dropout": str(save_tiny_classifier(root / "cd", dropout=0.1)),
+            "llm": str(save_tiny_llama(root / "llm"))}
+
+
+@pytest.fixture(scope="module")
+def sentiment_file(tmp_path_factory):
+    """A learnable toy task: the label says whether the text holds a positive word."""
+    generator = torch.Generator().manual_seed(0)
+    records = []
+    for i in range(240):
+        word = WORDS[int(torch.randint(0, 6, (1,), generator=generator))]
+        filler = " ".join(["the film"] * int(torch.randint(0, 3, (1,), generator=generator)))
+        records.append({"text": f"{filler} {word} movie".strip(), "label": "pos" if WORDS.index(word) < 3 else "neg"})
+    return str(write_jsonl(tmp_path_factory.mktemp("data") / "sentiment.jsonl", records))
+
+
+def quick(models, tmp_path, **changes) -> TrainConfig:
+    settings = dict(model=models["cls"], data_limit=200, steps=6, batch_size=8, eval_every=3, max_length=48,
+                    out=str(tmp_path / "run"), progress=False)
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+def train_losses(out) -> list[float]:
+    return [line["loss"] for line in read_metrics(f"{out}/metrics.jsonl") if "lr" in line]
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def test_lora_trains_only_the_adapter_and_the_head_and_writes_its_files(models, tmp_path):
+    report = train(quick(models, tmp_path))
+    out = tmp_path / "run"
+    assert {p.name for p in out.iterdir()} >= {"adapter", "metrics.jsonl", "curves.png", "report.json", "state"}
+    assert {p.name for p in (out / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
+                                                              "lorakit_task.json"}
+    saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    lora = [k for k in saved if "lora_" in k]
+    assert lora and all(".query." in k or ".value." in k for k in lora)  # BERT's default targets
+    assert any(k.endswith("classifier.weight") for k in saved)  # the head, in full
+    assert any(float(saved[k].abs().max()) > 0 for k in lora if "lora_B" in k)  # B moved off zero
+    # 2 layers x (query, value) x (A: 8x32 + B: 32x8) + classifier 32x2 + 2
+    assert report["trainable_params"] == 2 * 2 * (8 * 32 + 32 * 8) + 32 * 2 + 2
+    assert report["trainable_percent"] == pytest.approx(100 * report["trainable_params"] / report["total_params"])
+    assert json.loads((out / "report.json").read_text())["test"]["examples"] == 20
+    assert len(train_losses(out)) == 6
+    assert set(report["validation_before"]) >= {"accuracy", "loss"}
+
+
+def test_the_loss_falls_on_a_learnable_task_lora_and_full(models, tmp_path, sentiment_file):
+    for method, lr in (("lora", 1e-2), ("full", 3e-3)):
+        report = train(quick(models, tmp_path, data=sentiment_file, data_limit=None, steps=40, eval_every=20,
+                             method=method, lr=lr, out=str(tmp_path / method)))
+        losses = train_losses(tmp_path / method)
+        assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, method
+        assert report["validation_after"]["accuracy"] >= 0.9, method
+
+
+def test_grad_accumulation_equals_one_big_batch(models, tmp_path):
+    big = train(quick(models, tmp_path, batch_size=8, out=str(tmp_path / "big")))
+    small = train(quick(models, tmp_path, batch_size=4, grad_accum=2, out=str(tmp_path / "acc")))
+    assert big["global_batch"] == small["global_batch"] == 8
+    assert train_losses(tmp_path / "acc") == pytest.approx(train_losses(tmp_path / "big"), abs=1e-6)
+    a = load_file(str(tmp_path / "big" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "acc" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_an_interrupted_run_resumed_matches_the_uninterrupted_one(models, tmp_path):
+    settings = dict(model=models["cls_dropout"], lora_dropout=0.2, steps=9, eval_every=3)
+    train(quick(models, tmp_path, out=str(tmp_path / "whole"), **settings))
+    with pytest.raises(TrainingInterrupted, match="stopped at step 4 of 9.*--resume"):
+        train(quick(models, tmp_path, out=str(tmp_path / "parts"), stop_after=4, **settings))
+    assert json.loads((tmp_path / "parts" / "state" / "last" / "state.json").read_text())["step"] == 4
+    report = train(quick(models, tmp_path, out=str(tmp_path / "parts"), resume=True, **settings))
+    assert train_losses(tmp_path / "parts") == pytest.approx(train_losses(tmp_path / "whole"), abs=1e-6)
+    whole = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
+    parts = load_file(str(tmp_path / "parts" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.allclose(whole[k], parts[k], atol=1e-6) for k in whole)
+    assert report["steps"] == 9
+
+
+def test_resume_with_other_settings_or_without_a_checkpoint_is_refused(models, tmp_path):
+    with pytest.raises(LorakitError, match="no checkpoint to resume"):
+        train(quick(models, tmp_path, resume=True))
+    with pytest.raises(TrainingInterrupted):
+        train(quick(models, tmp_path, stop_after=3))
+    with pytest.raises(LorakitError, match=r"other settings \(rank: 8 -> 4\)"):
+        train(quick(models, tmp_path, rank=4, resume=True))
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(models, tmp_path, monkeypatch):
+    import lorakit.train as loop
+
+    real = loop.batch_stats
+    calls = {"n": 0}
+
+    def poisoned(task, model, batch, label_smoothing=0.0):
+        calls["n"] += 1
+        stats = real(task, model, batch, label_smoothing)
+        if calls["n"] == 5:  # the fifth training step
+            stats["loss_sum"] = stats["loss_sum"] * float("nan")
+        return stats
+
+    monkeypatch.setattr(loop, "batch_stats", poisoned)
+    with pytest.raises(TrainingDiverged, match="diverged at step 5: loss nan.*checkpoint is at step 3.*lower --lr"):
+        train(quick(models, tmp_path))
+    state = tmp_path / "run" / "state" / "last"
+    assert json.loads((state / "state.json").read_text())["step"] == 3
+    assert all(torch.isfinite(t.float()).all() for t in load_file(str(state / "state.safetensors")).values())
+
+
+def test_bad_settings_are_refused_before_anything_loads(tmp_path):
+    with pytest.raises(LorakitError, match="not both"):
+        TrainConfig(steps=3, epochs=1)
+    with pytest.raises(LorakitError, match="batch_size must be a positive integer, got 0"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(LorakitError, match="method 'qlora' is unknown"):
+        TrainConfig(method="qlora")
+    with pytest.raises(LorakitError, match="does not exist"):
+        train(TrainConfig(data=str(tmp_path / "missing.jsonl"), out=str(tmp_path / "o")))
+
+
+def test_warmup_then_cosine_decay():
+    values = [warmup_cosine(s, 2, 10) for s in range(11)]
+    assert values[0] < values[1] < values[2] == 1.0
+    assert all(a >= b for a, b in zip(values[2:], values[3:]))
+    assert values[10] == pytest.approx(0.0) and values[6] == pytest.approx(0.5)
+
+
+def test_replace_folder_keeps_the_old_one_when_writing_fails(tmp_path):
+    dest = tmp_path / "ckpt"
+    replace_folder(dest, lambda d: (d / "a").write_text("1"))
+
+    def broken(d):
+        (d / "a").write_text("2")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        replace_folder(dest, broken)
+    assert (existing_folder(dest) / "a").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+# ---------------------------------------------------------------- using what was saved
+
+
+def test_full_fine_tuning_saves_a_model_folder_that_gives_the_same_outputs(models, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    report = train(quick(models, tmp_path, method="full", lr=1e-3, eval_every=6))
+    assert report["trainable_params"] == report["total_params"]
+    folder = tmp_path / "run" / "model"
+    reloaded = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    trained = load_trained([folder])
+    ids = torch.tensor([[2, 10, 11, 12, 3]])
+    assert torch.allclose(reloaded(input_ids=ids).logits, trained.model(input_ids=ids).logits, atol=1e-6)
+    assert predict(trained, ["great film"])["full"][0]["label"] in ("fresh", "rotten")
+
+
+def test_predict_eval_and_merge_agree(models, tmp_path, sentiment_file):
+    train(quick(models, tmp_path, data=sentiment_file, data_limit=None, steps=30, lr=1e-2, eval_every=30))
+    adapter = tmp_path / "run" / "adapter"
+    separate, merged = load_trained([adapter]), load_trained([adapter], merge=True)
+    texts = ["a great movie", "the film dull movie"]
+    a, b = predict(separate, texts), predict(merged, texts)
+    (rows_a,), (rows_b,) = a.values(), b.values()
+    assert [r["label"] for r in rows_a] == ["pos", "neg"]
+    for ra, rb in zip(rows_a, rows_b):
+        assert sum(ra["probabilities"].values()) == pytest.approx(1.0)
+        assert ra["probabilities"]["pos"] == pytest.approx(rb["probabilities"]["pos"], abs=1e-5)
+    scores = evaluate_trained(separate)
+    assert list(scores.values())[0]["accuracy"] >= 0.9
+    both = load_trained([adapter, adapter])
+    assert len(predict(both, texts)) == 2
+    with pytest.raises(LorakitError, match="own classifier head"):
+        load_trained([adapter, adapter], merge=True)
+
+
+def test_chat_lora_trains_on_assistant_turns_and_generates(models, tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(60))
+    report = train(TrainConfig(task="chat", model=models["llm"], data=str(data), steps=30, batch_size=8, lr=2e-2,
+                               rank=8, targets="all-linear", out=str(tmp_path / "chat"), progress=False))
+    assert report["metric"] == "loss"
+    assert report["validation_after"]["loss"] < report["validation_before"]["loss"]
+    adapter = tmp_path / "chat" / "adapter"
+    answers = generate(load_trained([adapter]), ["say cat"], max_new_tokens=5)
+    assert len(list(answers.values())[0][0]) <= 5  # one character a token
+    merged = generate(load_trained([adapter], merge=True), ["say cat"], max_new_tokens=5)
+    assert list(merged.values()) == list(answers.values())
+    with pytest.raises(LorakitError, match="use lorakit generate"):
+        predict(load_trained([adapter]), ["x"])
+
+
+@pytest.mark.slow
+def test_smoke_real_minilm_on_real_reviews(tmp_path):
+    """The embedded all-MiniLM-L6-v2 on 200 real reviews, a few steps: the default
+    path end to end, and PEFT loads the adapter it saved to the same outputs."""
+    from peft import PeftModel
+
+    report = train(TrainConfig(data_limit=200, steps=3, batch_size=8, eval_every=3, out=str(tmp_path / "real"),
+                               progress=False))
+    assert report["trainable_params"] == 6 * 2 * (8 * 384 + 384 * 8) + 384 * 2 + 2
+    assert report["trainable_percent"] < 0.5
+    assert 0 <= report["test"]["accuracy"] <= 1 and math.isfinite(report["validation_after"]["loss"])
+    trained = load_trained([tmp_path / "real" / "adapter"])
+    from lorakit.models import load_classifier
+
+    base, tokenizer = load_classifier("default", id2label=trained.info["labels"])
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "real" / "adapter")).eval()
+    batch = tokenizer(["a moving, funny film"], return_tensors="pt")
+    with torch.no_grad():
+        ours = trained.model(**batch).logits
+        theirs = peft_model(**batch).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
