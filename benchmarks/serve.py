@@ -89,7 +89,7 @@ def _cold_load_ms(service: Service, folder: Path, repeats: int) -> tuple[float, 
     for i in range(repeats):
         name = f"coldload{i}"
         start = time.perf_counter()
-        load_adapter(service.model, folder, name)
+        load_adapter(service.model, folder, name, activate=False)
         loads.append((time.perf_counter() - start) * 1000)
         start = time.perf_counter()
         with per_row_adapters(service.model, [name]):

@@ -122,14 +122,19 @@ class References:
         key = (adapter_dir, tuple(prompt_ids), max_tokens)
         if key not in self.cache:
             model, ids, new, cache = self.model(adapter_dir), torch.tensor([prompt_ids]), [], None
-            with torch.inference_mode():  # greedy decoding, batch of one, with a KV cache
-                for _ in range(max_tokens):
-                    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-                    cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
-                    if token == self.tokenizer.eos_token_id:
-                        break
-                    new.append(token)
-                    ids = torch.tensor([[token]])
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # tiny matmuls: more threads only wait on each other
+            try:
+                with torch.inference_mode():  # greedy decoding, batch of one, with a KV cache
+                    for _ in range(max_tokens):
+                        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+                        cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
+                        if token == self.tokenizer.eos_token_id:
+                            break
+                        new.append(token)
+                        ids = torch.tensor([[token]])
+            finally:
+                torch.set_num_threads(threads)
             self.cache[key] = self.tokenizer.decode(new, skip_special_tokens=True)
         return self.cache[key]
 

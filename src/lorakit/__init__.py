@@ -40,6 +40,18 @@ _EXPORTS = {
     "combine": "lorakit.combination",
     "per_row_adapters": "lorakit.per_row",
     "register_init": "lorakit.inits",
+    "subspace_similarity": "lorakit.analysis",
+    "compare_adapters": "lorakit.analysis",
+    "amplification": "lorakit.analysis",
+    "adapter_amplification": "lorakit.analysis",
+    "delta_spectrum": "lorakit.analysis",
+    "model_spectra": "lorakit.analysis",
+    "extract_lora": "lorakit.analysis",
+    "extract_adapter": "lorakit.analysis",
+    "run_sweep": "lorakit.sweep",
+    "attach_adalora": "lorakit.adalora",
+    "adalora_step": "lorakit.adalora",
+    "adalora_to_lora": "lorakit.adalora",
 }
 
 

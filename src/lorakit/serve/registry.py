@@ -212,7 +212,7 @@ class AdapterRegistry:
         slot = f"serve{self._slots}"
         start = time.perf_counter()
         try:
-            load_adapter(self.model, entry.path, slot)
+            load_adapter(self.model, entry.path, slot, activate=False)
         except Exception as err:  # noqa: BLE001 - reported to the client; the server goes on
             raise AdapterLoadError(f"adapter {entry.name!r} from {entry.path} failed to load: {err}") from err
         entry.last_load_s = time.perf_counter() - start

@@ -1,0 +1,353 @@
+"""What every side-by-side benchmark shares: the machine, interleaved timing, peak memory.
+
+- :func:`machine` describes where the figures come from (CPU model, cores, threads, torch;
+  the GPU when CUDA is used), :func:`machine_name` makes a file name of it.
+- :func:`interleaved` times contenders A B C A B C ... after a warm-up round, so that a
+  change in machine load hits all of them alike; :func:`median_ms` and :func:`ratio`
+  summarise.
+- :func:`peak_memory` measures one contender in a fresh subprocess: on CPU the peak
+  resident set size (the kernel's high-water mark ``VmHWM``, reset just before the
+  measured steps), on GPU ``torch.cuda.max_memory_allocated``. A fresh process per
+  contender is the honest way on CPU: the allocator keeps freed pages, so a second
+  contender in the same process would inherit the first one's heap.
+- :func:`tiny_classifier`, :func:`tiny_causal_lm`, :func:`classifier`, :func:`causal_lm`:
+  the models, tiny random ones for ``quick=True`` (the smoke test), else the embedded ones.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from importlib import import_module
+from typing import Callable
+
+import torch
+
+# ---------------------------------------------------------------------- the machine
+
+
+def device() -> str:
+    """``"cuda"`` when a GPU is usable (``LORAKIT_BENCH_DEVICE`` overrides), else ``"cpu"``."""
+    return os.environ.get("LORAKIT_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_model() -> str:
+    """The CPU's model name, e.g. ``Intel(R) Xeon(R) Processor``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine() -> dict:
+    """Where the figures come from: CPU model, logical cores, torch threads and version, GPU."""
+    import psutil
+
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "threads": torch.get_num_threads(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device(),
+    }
+    for package in ("transformers", "peft"):
+        try:
+            info[package] = import_module(package).__version__
+        except ImportError:
+            info[package] = None
+    if info["device"] == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def describe(info: dict) -> str:
+    """One line for BENCHMARKS.md: ``Intel Xeon, 2 cores, 2 torch threads, torch 2.13.0, ...``."""
+    where = info.get("gpu") or f"{info['cpu']}, {info['cores']} cores, {info['threads']} torch threads"
+    return (f"{where}, {info['memory_gb']} GB RAM; torch {info['torch']}, transformers {info['transformers']}, "
+            f"peft {info['peft']}, Python {info['python']}")
+
+
+def machine_name(info: dict | None = None) -> str:
+    """A file-name-safe name saying what the machine is: ``cpu-intel-xeon-processor-2c-2t``
+    or ``cuda-nvidia-h100-80gb-hbm3``. ``LORAKIT_BENCH_MACHINE`` overrides it."""
+    if os.environ.get("LORAKIT_BENCH_MACHINE"):
+        name = os.environ["LORAKIT_BENCH_MACHINE"]
+    else:
+        info = info or machine()
+        if info.get("gpu"):
+            name = f"cuda-{info['gpu']}"
+        else:
+            cpu = re.sub(r"\((r|tm)\)|\bcpu\b|@.*$", "", info["cpu"], flags=re.I)
+            name = f"cpu-{cpu}-{info['cores']}c-{info['threads']}t"
+    name = re.sub(r"[^A-Za-z0-9_.]+", "-", name.strip().lower())
+    return re.sub(r"-+", "-", name).strip("-") or "machine"
+
+
+# ---------------------------------------------------------------------- timing
+
+
+def sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call of ``fn`` takes (GPU work included)."""
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def interleaved(contenders: dict[str, Callable[[], object]], reps: int, warmup: int = 1,
+                inner: int = 1) -> dict[str, list[float]]:
+    """Time each contender ``reps`` times, alternating A B C A B C ..., after ``warmup`` rounds.
+
+    Each sample is the mean of ``inner`` back-to-back calls (for calls too short to time
+    alone). The order rotates each round so no contender always follows the same one.
+
+    Returns:
+        name -> list of ``reps`` samples, seconds per call.
+    """
+    names = list(contenders)
+    for _ in range(warmup):
+        for name in names:
+            contenders[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = contenders[name]
+            samples[name].append(timed(lambda: [fn() for _ in range(inner)]) / inner)
+    return samples
+
+
+def median_ms(samples: list[float]) -> float:
+    """Median of samples in seconds, as milliseconds (3 decimals)."""
+    return round(statistics.median(samples) * 1000, 3)
+
+
+def ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+def paired_overhead(samples: dict[str, list[float]], name: str, reference: str) -> float:
+    """Median over rounds of ``samples[name][i] - samples[reference][i]``, in ms.
+
+    The two were timed in the same round (see :func:`interleaved`), so the difference
+    of a pair cancels the load the machine had during that round better than the
+    difference of two medians does.
+    """
+    diffs = [a - b for a, b in zip(samples[name], samples[reference])]
+    return round(statistics.median(diffs) * 1000, 3)
+
+
+# ---------------------------------------------------------------------- peak memory
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux ≥ 4.0); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_peak_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class _Sampler:
+    """Polls the RSS every millisecond: the fallback where ``VmHWM`` cannot be reset."""
+
+    def __init__(self):
+        self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def measure_here(setup: Callable[[], Callable[[], object]], steps: int) -> dict:
+    """Peak memory of ``steps`` calls of the step function ``setup()`` returns, in this process.
+
+    Returns:
+        ``peak_mb`` (the peak during the steps: RSS on CPU, allocated on GPU),
+        ``before_mb`` (after setup, before the first step) and ``added_mb`` (their
+        difference: what the steps allocate: activations, gradients, optimizer state),
+        all in MiB, and ``method``.
+    """
+    step = setup()
+    gc.collect()
+    if device() == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        peak, method = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    else:
+        before = _rss_bytes()
+        if _reset_rss_peak():
+            for _ in range(steps):
+                step()
+            peak, method = _rss_peak_bytes(), "peak RSS (VmHWM, reset after setup)"
+        else:
+            with _Sampler() as sampler:
+                for _ in range(steps):
+                    step()
+            peak, method = sampler.peak, "peak RSS (sampled every 1 ms)"
+    mib = 2**20
+    return {"peak_mb": round(peak / mib, 1), "before_mb": round(before / mib, 1),
+            "added_mb": round((peak - before) / mib, 1), "method": method}
+
+
+def peak_memory(target: str, steps: int = 3, **kwargs) -> dict:
+    """Peak memory of one contender, measured in a fresh Python process.
+
+    Args:
+        target: ``"module:function"``; ``function(**kwargs)`` builds the contender
+            (model, optimizer, batch) and returns its zero-argument step function.
+        steps: steps run after setup (the first allocates gradients and optimizer state).
+        kwargs: JSON-serialisable arguments for ``function``.
+
+    Returns:
+        see :func:`measure_here`.
+
+    Raises:
+        RuntimeError: the subprocess failed (its stderr's tail is in the message).
+    """
+    spec = json.dumps({"target": target, "steps": steps, "kwargs": kwargs})
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.harness", spec], capture_output=True, text=True,
+                          env=env, cwd=root)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory measurement of {target} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _child(spec: str) -> None:
+    spec = json.loads(spec)
+    module, function = spec["target"].split(":")
+    setup = getattr(import_module(module), function)
+    print(json.dumps(measure_here(lambda: setup(**spec["kwargs"]), spec["steps"])))
+
+
+# ---------------------------------------------------------------------- models and inputs
+
+
+def tiny_classifier(seed: int = 0):
+    """A 2-layer random BERT classifier (hidden 32) with the module names of the real one."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=128, num_labels=2)
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_causal_lm(seed: int = 0):
+    """A 2-layer random Llama (hidden 32) with SmolLM2's module names and tied embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def classifier(quick: bool):
+    """The embedded MiniLM-L6 sequence classifier (2 labels), or the tiny one; eval mode, fp32."""
+    if quick:
+        return tiny_classifier()
+    from lorakit.models import load_classifier
+
+    return load_classifier("default", tokenizer=False)[0]
+
+
+def causal_lm(quick: bool):
+    """The embedded SmolLM2-135M-Instruct in fp32, or the tiny Llama; eval mode."""
+    if quick:
+        return tiny_causal_lm()
+    from lorakit.models import load_causal_lm
+
+    return load_causal_lm("default-chat", tokenizer=False)[0]
+
+
+def token_batch(model, batch: int, length: int, seed: int = 0) -> dict:
+    """Random token ids ``(batch, length)`` (below 1000 or the vocabulary) and an all-ones mask."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = min(model.config.vocab_size, 1000)
+    ids = torch.randint(0, vocab, (batch, length), generator=gen)
+    return {"input_ids": ids.to(device()), "attention_mask": torch.ones_like(ids).to(device())}
+
+
+def linear_flops_floor(model, r: int) -> dict:
+    """The unmerged LoRA forward's FLOP floor over the adapted layers, for rank ``r``.
+
+    ``Σ r(d+k) / Σ d·k`` over the LoRA layers of ``model`` (lorakit-wrapped), the extra
+    multiply-adds of ``B(Ax)`` against those of ``Wx`` (LoRA §4.1). Also the same extra
+    against every ``nn.Linear`` of the model (head included), a floor for the whole forward
+    without attention's own matmuls.
+    """
+    from lorakit.model import lora_layers
+
+    extra = base = 0
+    for _, layer in lora_layers(model):
+        d, k = layer.out_features, layer.in_features
+        extra += r * (d + k)
+        base += d * k
+    every = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    every += base  # the wrapped ones are no longer nn.Linear
+    return {"floor_adapted": round(extra / base, 4), "floor_all_linear": round(extra / every, 4),
+            "adapted_layers": sum(1 for _ in lora_layers(model))}
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])

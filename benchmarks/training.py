@@ -1,0 +1,128 @@
+"""One training step, lorakit beside PEFT and full fine-tuning: median time and peak memory.
+
+Two cases (issue 7, items 1 and 2), AdamW (lr 1e-4), LoRA rank 8, LoRA dropout 0, the
+model in train mode (its own dropout stays as it is for all three contenders):
+
+- ``minilm``: the embedded MiniLM-L6 classifier (2 labels), LoRA on query/value, the
+  classifier head trained in full (PEFT's ``task_type="SEQ_CLS"`` does the same), batch
+  32×64, cross-entropy on random labels.
+- ``smollm2``: the embedded SmolLM2-135M, LoRA on every linear layer of the blocks,
+  batch 4×128, the causal-LM loss on the input itself.
+
+A step is ``zero_grad; loss = model(**batch).loss; loss.backward(); optimizer.step()``.
+Time: the three contenders live in one process and alternate step by step; the median
+after warm-up counts. Memory: each contender alone in a fresh process (see
+:func:`benchmarks.harness.peak_memory`), ``added_mb`` being what the steps add to the
+loaded model (activations kept for backward, gradients, AdamW state).
+``python -m benchmarks training [--quick]``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from benchmarks import harness
+
+CONTENDERS = ("lorakit", "peft", "full")
+CASES = {
+    "minilm": dict(batch=32, length=64, targets=["query", "value"], head=["classifier"], reps=7),
+    "smollm2": dict(batch=4, length=128, targets="all-linear", head=None, reps=5),
+}
+QUICK = dict(batch=4, length=16, reps=1)
+RANK = 8
+
+
+def _model(case: str, quick: bool):
+    return harness.classifier(quick) if case == "minilm" else harness.causal_lm(quick)
+
+
+def _batch(case: str, model, quick: bool) -> dict:
+    spec = {**CASES[case], **(QUICK if quick else {})}
+    batch = harness.token_batch(model, spec["batch"], spec["length"])
+    if case == "minilm":
+        batch["labels"] = torch.randint(0, 2, (spec["batch"],), generator=torch.Generator().manual_seed(1))
+    else:
+        batch["labels"] = batch["input_ids"].clone()
+    return {k: v.to(harness.device()) for k, v in batch.items()}
+
+
+def wrap(model, case: str, contender: str):
+    """``model`` ready to train as ``contender``: lorakit- or PEFT-wrapped, or all trainable."""
+    spec = CASES[case]
+    if contender == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if contender == "lorakit":
+        from lorakit import LoraConfig
+        from lorakit.model import attach
+
+        return attach(model, LoraConfig(r=RANK, alpha=16, dropout=0.0, target_modules=spec["targets"],
+                                        modules_to_save=spec["head"]))
+    if contender == "peft":
+        import peft
+
+        config = peft.LoraConfig(r=RANK, lora_alpha=16, lora_dropout=0.0, target_modules=spec["targets"],
+                                 task_type="SEQ_CLS" if case == "minilm" else "CAUSAL_LM")
+        return peft.get_peft_model(model, config)
+    raise ValueError(f"unknown contender {contender!r}; choose from {CONTENDERS}")
+
+
+def setup(case: str, contender: str, quick: bool, model=None):
+    """Build one contender; return its step function (no arguments, returns the loss)."""
+    model = copy.deepcopy(model) if model is not None else _model(case, quick)
+    model = wrap(model.to(harness.device()), case, contender).train()
+    batch = _batch(case, model, quick)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    step.trainable = sum(p.numel() for p in params)
+    return step
+
+
+def run_case(case: str, quick: bool) -> dict:
+    reps = 1 if quick else CASES[case]["reps"]
+    base = _model(case, quick)
+    steps = {c: setup(case, c, quick, model=base) for c in CONTENDERS}
+    del base
+    samples = harness.interleaved(steps, reps=reps, warmup=0 if quick else 2)
+    memory = {c: harness.peak_memory("benchmarks.training:setup", steps=2 if quick else 3,
+                                     case=case, contender=c, quick=quick) for c in CONTENDERS}
+    ms = {c: harness.median_ms(samples[c]) for c in CONTENDERS}
+    spec = {**CASES[case], **(QUICK if quick else {})}
+    return {
+        "model": ("tiny BERT" if case == "minilm" else "tiny Llama") if quick else
+                 ("MiniLM-L6 classifier" if case == "minilm" else "SmolLM2-135M"),
+        "targets": spec["targets"], "rank": RANK, "batch": f"{spec['batch']}x{spec['length']}",
+        "reps": reps,
+        "trainable_params": {c: steps[c].trainable for c in CONTENDERS},
+        "step_ms": ms,
+        "step_all_ms": {c: [round(t * 1000, 2) for t in samples[c]] for c in CONTENDERS},
+        "memory": memory,
+        "time_vs_peft": harness.ratio(ms["lorakit"], ms["peft"]),
+        "peft_vs_full": harness.ratio(ms["peft"], ms["full"]),
+        "lorakit_vs_full": harness.ratio(ms["lorakit"], ms["full"]),
+        "peak_vs_peft": harness.ratio(memory["lorakit"]["peak_mb"], memory["peft"]["peak_mb"]),
+        "added_vs_peft": harness.ratio(memory["lorakit"]["added_mb"], memory["peft"]["added_mb"]),
+    }
+
+
+def run(quick: bool = False) -> dict:
+    """Both cases; returns ``{"machine": ..., "minilm": {...}, "smollm2": {...}}``."""
+    return {"machine": harness.machine(), **{case: run_case(case, quick) for case in CASES}}
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(run(quick="--quick" in sys.argv[1:]), indent=2))
