@@ -1,7 +1,11 @@
 """``python -m benchmarks [--quick] [NAME ...]``: run benchmarks, save results/<machine>.json.
 
 Results are merged into the machine's file by benchmark name, so running one benchmark
-keeps the others' last figures.
+keeps the others' last figures. ``<machine>`` says what the machine is (CPU model, cores,
+torch threads, or the GPU: :func:`benchmarks.harness.machine_name`). Each benchmark
+module with a ``markdown(result) -> str`` function (a ``## Title`` section with the
+machine line and the table) has its section written to ``results/<machine>.md`` and,
+after a full (not ``--quick``) run, into BENCHMARKS.md, replacing that section only.
 """
 
 from __future__ import annotations
@@ -9,23 +13,41 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
-import socket
 import time
 from importlib import import_module
 from pathlib import Path
 
+from benchmarks.harness import machine_name
+
 # Benchmark modules under benchmarks/, each with run(quick: bool) -> dict.
-BENCHMARKS = ["svd", "serve"]
+BENCHMARKS = ["svd", "serve", "training", "inference", "bottleneck", "adapters"]
 
 RESULTS = Path(__file__).parent / "results"
+DOC = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 
-def machine_name() -> str:
-    """A file-name-safe name for this machine (override with LORAKIT_BENCH_MACHINE)."""
-    name = os.environ.get("LORAKIT_BENCH_MACHINE") or socket.gethostname() or platform.node() or "machine"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+def write_section(section: str, path: Path = DOC) -> None:
+    """Replace the ``## Title`` section of ``path`` that ``section`` starts with (or append
+    it), leaving every other section as it is."""
+    title = section.splitlines()[0]
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text.rstrip("\n") + "\n")
+
+
+def sections(results: dict) -> list[str]:
+    """The Markdown sections of the benchmarks in ``results`` whose module has ``markdown``."""
+    out = []
+    for name in BENCHMARKS:
+        markdown = getattr(import_module(f"benchmarks.{name}"), "markdown", None)
+        if name in results and markdown is not None:
+            out.append(markdown(results[name]))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(results, indent=2) + "\n")
         os.replace(tmp, path)
-    print(f"results written to {path}")
+    ran = {name: results[name] for name in args.names or BENCHMARKS if name in results}
+    report = sections(results)
+    if report:
+        path.with_suffix(".md").write_text("\n".join(s.rstrip("\n") + "\n" for s in report))
+    if not args.quick:
+        for section in sections(ran):
+            write_section(section)
+    print(f"results written to {path} and {path.with_suffix('.md')}" + ("" if args.quick else f"; sections of {DOC}"))
     return 0
 
 

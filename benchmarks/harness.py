@@ -351,3 +351,27 @@ def linear_flops_floor(model, r: int) -> dict:
 
 if __name__ == "__main__":
     _child(sys.argv[1])
+
+
+# ---------------------------------------------------------------------- Markdown
+
+
+def verdict(value: float | None, goal: float) -> str:
+    """``yes`` / ``**no**`` for ``value ≤ goal`` (None: ``n/a``)."""
+    if value is None:
+        return "n/a"
+    return "yes" if value <= goal else "**no**"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table; floats are written with up to 3 significant decimals."""
+    def cell(v):
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return f"{v:,.3f}".rstrip("0").rstrip(".") if abs(v) < 10 else f"{v:,.1f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

@@ -10,6 +10,9 @@ model in train mode (its own dropout stays as it is for all three contenders):
   batch 4×128, the causal-LM loss on the input itself.
 
 A step is ``zero_grad; loss = model(**batch).loss; loss.backward(); optimizer.step()``.
+The fourth contender, ``floor``, is the frozen base model whose embedding output
+requires grad: forward and the backward to the inputs, no weight gradient at all. It is
+what any LoRA step must cost at least (plus the adapters' own small matmuls).
 Time: the three contenders live in one process and alternate step by step; the median
 after warm-up counts. Memory: each contender alone in a fresh process (see
 :func:`benchmarks.harness.peak_memory`), ``added_mb`` being what the steps add to the
@@ -25,7 +28,7 @@ import torch
 
 from benchmarks import harness
 
-CONTENDERS = ("lorakit", "peft", "full")
+CONTENDERS = ("lorakit", "peft", "full", "floor")
 CASES = {
     "minilm": dict(batch=32, length=64, targets=["query", "value"], head=["classifier"], reps=7),
     "smollm2": dict(batch=4, length=128, targets="all-linear", head=None, reps=5),
@@ -51,6 +54,11 @@ def _batch(case: str, model, quick: bool) -> dict:
 def wrap(model, case: str, contender: str):
     """``model`` ready to train as ``contender``: lorakit- or PEFT-wrapped, or all trainable."""
     spec = CASES[case]
+    if contender == "floor":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_())
+        return model
     if contender == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -76,13 +84,15 @@ def setup(case: str, contender: str, quick: bool, model=None):
     model = wrap(model.to(harness.device()), case, contender).train()
     batch = _batch(case, model, quick)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
         loss = model(**batch).loss
         loss.backward()
-        optimizer.step()
+        if optimizer is not None:
+            optimizer.step()
         return loss
 
     step.trainable = sum(p.numel() for p in params)
@@ -95,8 +105,11 @@ def run_case(case: str, quick: bool) -> dict:
     steps = {c: setup(case, c, quick, model=base) for c in CONTENDERS}
     del base
     samples = harness.interleaved(steps, reps=reps, warmup=0 if quick else 2)
-    memory = {c: harness.peak_memory("benchmarks.training:setup", steps=2 if quick else 3,
-                                     case=case, contender=c, quick=quick) for c in CONTENDERS}
+    if quick:  # the smoke run: in this process (a fresh one per contender costs seconds each)
+        memory = {c: harness.measure_here(lambda: steps[c], steps=1) for c in CONTENDERS}
+    else:
+        memory = {c: harness.peak_memory("benchmarks.training:setup", steps=3, case=case, contender=c,
+                                         quick=quick) for c in CONTENDERS}
     ms = {c: harness.median_ms(samples[c]) for c in CONTENDERS}
     spec = {**CASES[case], **(QUICK if quick else {})}
     return {
@@ -110,6 +123,9 @@ def run_case(case: str, quick: bool) -> dict:
         "memory": memory,
         "time_vs_peft": harness.ratio(ms["lorakit"], ms["peft"]),
         "peft_vs_full": harness.ratio(ms["peft"], ms["full"]),
+        "floor_vs_full": harness.ratio(ms["floor"], ms["full"]),
+        "lorakit_vs_floor": harness.ratio(ms["lorakit"], ms["floor"]),
+        "peft_vs_floor": harness.ratio(ms["peft"], ms["floor"]),
         "lorakit_vs_full": harness.ratio(ms["lorakit"], ms["full"]),
         "peak_vs_peft": harness.ratio(memory["lorakit"]["peak_mb"], memory["peft"]["peak_mb"]),
         "added_vs_peft": harness.ratio(memory["lorakit"]["added_mb"], memory["peft"]["added_mb"]),
@@ -119,6 +135,40 @@ def run_case(case: str, quick: bool) -> dict:
 def run(quick: bool = False) -> dict:
     """Both cases; returns ``{"machine": ..., "minilm": {...}, "smollm2": {...}}``."""
     return {"machine": harness.machine(), **{case: run_case(case, quick) for case in CASES}}
+
+
+GOAL_TIME = 0.85  # lorakit's step time / PEFT's (issue 7)
+GOAL_MEMORY = 0.85  # lorakit's peak memory / PEFT's (issue 7)
+
+
+def markdown(result: dict) -> str:
+    """The ``## Training step`` section of BENCHMARKS.md."""
+    rows = []
+    for case in CASES:
+        r = result[case]
+        ms, mem = r["step_ms"], r["memory"]
+        label = f"{r['model']}, {r['targets'] if isinstance(r['targets'], str) else '/'.join(r['targets'])}, {r['batch']}"
+        rows.append([f"{label}: step ms", ms["lorakit"], ms["peft"], r["time_vs_peft"], f"≤ {GOAL_TIME}",
+                     harness.verdict(r["time_vs_peft"], GOAL_TIME), ms["full"], ms["floor"]])
+        rows.append([f"{label}: peak RSS MiB" if "RSS" in mem["lorakit"]["method"] else f"{label}: peak MiB",
+                     mem["lorakit"]["peak_mb"], mem["peft"]["peak_mb"], r["peak_vs_peft"], f"≤ {GOAL_MEMORY}",
+                     harness.verdict(r["peak_vs_peft"], GOAL_MEMORY), mem["full"]["peak_mb"], mem["floor"]["peak_mb"]])
+        rows.append([f"{label}: MiB the steps add", mem["lorakit"]["added_mb"], mem["peft"]["added_mb"],
+                     r["added_vs_peft"], f"≤ {GOAL_MEMORY}", harness.verdict(r["added_vs_peft"], GOAL_MEMORY),
+                     mem["full"]["added_mb"], mem["floor"]["added_mb"]])
+    first = result[next(iter(CASES))]
+    return f"""## Training step
+
+`python -m benchmarks training`. Machine: {harness.describe(result['machine'])}.
+
+AdamW, LoRA rank {first['rank']}, LoRA dropout 0, model in train mode. Step time: median of
+{first['reps']}+ steps after 2 warm-up steps, the four contenders alternating step by step in one
+process. Memory: each contender alone in a fresh process, peak resident set during 3 steps
+("add": the peak minus the resident set of the loaded, wrapped model before the first step:
+activations, gradients, AdamW state). *floor*: the frozen model, backward to the inputs only,
+no weight gradient: the least a LoRA step can cost.
+
+{harness.table(["measure", "lorakit", "PEFT", "lorakit / PEFT", "goal", "met", "full FT", "floor"], rows)}"""
 
 
 if __name__ == "__main__":

@@ -186,8 +186,8 @@ def tiny_task(tmp_path_factory):
     for split, n in (("train", 64), ("validation", 16)):
         with open(root / f"{split}.jsonl", "w") as handle:
             for i in range(n):
-                word = words[i % 6]
-                handle.write(json.dumps({"text": f"a {word} film", "label": "fresh" if i % 2 == 0 else "rotten"}) + "\n")
+                record = {"text": f"a {words[i % 6]} film", "label": "fresh" if i % 2 == 0 else "rotten"}
+                handle.write(json.dumps(record) + "\n")
     return root
 
 

@@ -51,6 +51,7 @@ def test_random_baseline_is_seeded_and_near_its_expectation():
     assert a1.along_random == amplification(delta, W, 8, seed=5).along_random
     # E‖UᵀWV‖² = r²‖W‖²/(out·in) for random orthonormal U (out, r), V (in, r)
     expected = 8 * a1.weight_norm / (200 * 150) ** 0.5
+    assert a1.expected_random == pytest.approx(expected)
     assert 0.4 * expected < a1.along_random < 2.5 * expected
 
 

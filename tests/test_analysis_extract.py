@@ -63,7 +63,7 @@ def _fine_tune(model, rank, seed, head=True):
     """A 'full fine-tune' whose linear updates are rank ``rank`` (and a new classifier head)."""
     tuned = copy.deepcopy(model)
     with torch.no_grad():
-        for i, (path, w) in enumerate(linear_weights(tuned).items()):
+        for i, w in enumerate(linear_weights(tuned).values()):
             w += _low_rank(*w.shape, rank, seed + i)  # w is a view in (out, in) layout
         if head and hasattr(tuned, "classifier"):
             tuned.classifier.weight.normal_()

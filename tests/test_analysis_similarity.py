@@ -78,9 +78,9 @@ def test_adapter_similarity_by_module_with_pattern_and_factor_B():
     g = torch.Generator().manual_seed(8)
     f1 = {"l.0.query": (torch.randn(4, 16, generator=g), torch.randn(12, 4, generator=g)),
           "l.0.value": (torch.randn(4, 16, generator=g), torch.randn(12, 4, generator=g))}
-    f2 = {"l.0.query": (f1["l.0.query"][0], torch.randn(12, 8, generator=g) @ torch.zeros(8, 8)),
+    grown = torch.cat([f1["l.0.query"][0], torch.randn(4, 16, generator=g)])  # A1's rows plus 4 more
+    f2 = {"l.0.query": (grown, torch.randn(12, 8, generator=g)),
           "l.0.value": (torch.randn(8, 16, generator=g), f1["l.0.value"][1])}
-    f2["l.0.query"] = (torch.cat([f1["l.0.query"][0], torch.randn(4, 16, generator=g)]), torch.randn(12, 8, generator=g))
     res = adapter_similarity(f1, f2, module="query")
     assert [r.path for r in res] == ["l.0.query"]
     assert res[0].ranks == (4, 8)
@@ -92,3 +92,17 @@ def test_adapter_similarity_by_module_with_pattern_and_factor_B():
         adapter_similarity(f1, f2, module="key")
     with pytest.raises(LorakitError, match="factor 'C'"):
         adapter_similarity(f1, f2, factor="C")
+
+
+def test_delta_factor_orders_input_directions_by_how_much_the_update_uses_them():
+    Q = _orthonormal_rows(40, 3, seed=9)  # A's rows: three orthonormal input directions, equally strong
+    U = _orthonormal_rows(30, 3, seed=10).T  # (30, 3) orthonormal output directions
+    B1 = U * torch.tensor([1.0, 5.0, 2.0], dtype=torch.float64)  # ΔW uses Q[1] most, then Q[2], then Q[0]
+    f1 = {"m": (Q, B1)}
+    f2 = {"m": (Q[[1]], U[:, :1])}  # a rank-1 adapter along Q[1]
+    phi = adapter_similarity(f1, f2, factor="delta")[0].phi
+    assert phi.shape == (3, 1)
+    assert float(phi[0, 0]) == pytest.approx(1.0)  # both updates' top input direction is Q[1]
+    assert float(phi[2, 0]) == pytest.approx(1.0)
+    f3 = {"m": (Q[[0]], U[:, :1])}
+    assert float(adapter_similarity(f1, f3, factor="delta")[0].phi[0, 0]) == pytest.approx(0.0, abs=1e-12)

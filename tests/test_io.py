@@ -135,6 +135,19 @@ def test_loading_does_not_consume_the_random_stream(saved):
     assert torch.equal(torch.rand(3), after)
 
 
+def test_pissa_adapter_loads_as_saved_and_keeps_its_recorded_init(tmp_path):
+    model = trained(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init="pissa"))
+    save_adapter(model, tmp_path)
+    fresh = tiny_llama()
+    weight = fresh.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    with pytest.warns(UserWarning, match="PiSSA"):
+        load_adapter(fresh, tmp_path, "p")
+    layer = dict(lora_layers(fresh))[Q0]
+    assert torch.equal(layer.weight, weight)  # loading never runs the init, so W is left alone
+    assert torch.equal(layer.adapters["p"].A, dict(lora_layers(model))[Q0].adapters["default"].A)
+    assert lora_configs(fresh)["p"].init == "pissa"
+
+
 def test_read_and_write_adapter_without_a_model(saved, tmp_path):
     _, folder = saved
     config, tensors = read_adapter(folder)

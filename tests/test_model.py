@@ -11,6 +11,7 @@ from lorakit import (
     disable_adapters, lora_configs, lora_layers, merge, merge_and_unload, saved_modules, set_active,
     targetable_modules, trainable_report, unload, unmerge,
 )
+from lorakit.model import saved_paths, target_paths, walk
 from lorakit.layers import LoraLayer, SavedModule
 from tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
 
@@ -231,3 +232,134 @@ def test_add_adapter_without_init_leaves_weights_for_a_loader():
     layer = model.model.layers[0].self_attn.q_proj
     assert torch.equal(layer.weight, w)
     assert torch.count_nonzero(layer.adapters["file"].A) == 0 and lora_configs(model)["file"].init == "pissa"
+
+
+# ---------------------------------------------------------------------- target_paths / saved_paths
+
+
+def test_target_paths_are_what_attach_wraps_in_module_order():
+    model = tiny_llama()
+    config = LoraConfig(r=2, target_modules=["v_proj", "q_proj"], exclude_modules=["layers.1.self_attn.q_proj"])
+    paths = target_paths(model, config)
+    assert paths == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                     "model.layers.1.self_attn.v_proj"]
+    attach(model, config)
+    assert [p for p, _ in lora_layers(model)] == paths
+    assert target_paths(model, config) == paths  # wrapped layers are still selected
+    linear = target_paths(model, LoraConfig(target_modules="all-linear"))
+    assert len(linear) == 14 and "lm_head" not in linear
+    with pytest.raises(LorakitError, match="matched no module"):
+        target_paths(model, LoraConfig(target_modules=["query"]))
+
+
+def test_saved_paths_outermost_match_and_refuses_modules_holding_targets():
+    model = tiny_bert_classifier()
+    assert saved_paths(model, LoraConfig(target_modules=["query"])) == []
+    assert saved_paths(model, LoraConfig(target_modules=["query"], modules_to_save=["classifier"])) == ["classifier"]
+    assert saved_paths(model, LoraConfig(modules_to_save=["bert.encoder", "layer"])) == ["bert.encoder"]
+    with pytest.raises(LorakitError, match="matched no module.*top-level modules are: bert"):
+        saved_paths(model, LoraConfig(modules_to_save=["head"]))
+    before = [(p, type(m)) for p, m in model.named_modules()]
+    with pytest.raises(LorakitError, match="holding the target bert.encoder.layer.0.attention.self.query"):
+        attach(model, LoraConfig(target_modules=["query"], modules_to_save=["attention"]))
+    assert [(p, type(m)) for p, m in model.named_modules()] == before and not lora_configs(model)
+    attach(model, LoraConfig(target_modules=["query"]))
+    with pytest.raises(LorakitError, match="selects bert.encoder.layer.0.attention, which holds LoRA layers"):
+        saved_paths(model, LoraConfig(modules_to_save=["attention"]))
+
+
+def test_public_names_import_from_lorakit_model_and_lorakit():
+    import lorakit
+    import lorakit.merging
+    import lorakit.model
+
+    for name, module in lorakit._EXPORTS.items():
+        if module == "lorakit.model":
+            assert getattr(lorakit.model, name) is getattr(lorakit, name), name
+    for name in ("merge", "unmerge", "merge_and_unload", "unload"):
+        assert getattr(lorakit.model, name) is getattr(lorakit.merging, name)
+    assert lorakit.model.target_paths is lorakit.targets.target_paths
+    with pytest.raises(AttributeError):
+        lorakit.model.no_such_name
+
+
+def test_one_walk_per_add_and_walk_size_does_not_grow_with_adapters(monkeypatch):
+    import lorakit.model
+    import lorakit.targets
+
+    model = tiny_llama()
+    attach(model, LoraConfig(r=2, target_modules="all-linear"), "a")
+    size = len(walk(model))
+    calls = []
+    real_walk = lorakit.targets.walk
+    monkeypatch.setattr(lorakit.model, "walk", lambda m: calls.append(1) or real_walk(m))
+    for name in ("b", "c", "d"):
+        add_adapter(model, LoraConfig(r=2, target_modules="all-linear"), name)
+    assert len(calls) == 3
+    assert len(walk(model)) == size
+    assert sum(1 for _ in model.named_modules()) > size + 3 * 14  # named_modules grows with every adapter
+
+
+# ---------------------------------------------------------------------- layers whose parent never calls them
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.proj(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_bypassed_children_really_are_bypassed_by_torch():
+    """The premise of the guard: a LoRA layer put there by hand changes nothing."""
+    from lorakit.layers import LoraLinear
+
+    x = torch.randn(2, 5, 8)
+    model = _Attention().eval()
+    encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True).eval()
+    with torch.no_grad():
+        before = model(x), encoder(x)
+        for parent, child in ((model.attn, "out_proj"), (encoder, "linear1"), (encoder, "linear2")):
+            layer = LoraLinear(getattr(parent, child))
+            layer.add_adapter("a", r=2, alpha=2, scaling=1.0, init=None)
+            layer.adapters["a"].A.fill_(1.0)
+            layer.adapters["a"].B.fill_(1.0)
+            layer.set_active(["a"])
+            setattr(parent, child, layer)
+        assert torch.equal(model(x), before[0]) and torch.equal(encoder(x), before[1])
+
+
+def test_target_whose_parent_never_calls_it_is_refused():
+    model = _Attention()
+    before = [(p, type(m)) for p, m in model.named_modules()]
+    with pytest.raises(LorakitError, match=r"cannot target attn\.out_proj: nn\.MultiheadAttention .*"
+                                           r"F\.multi_head_attention_forward.*never run"):
+        attach(model, LoraConfig(target_modules=["out_proj", "proj"]))
+    assert [(p, type(m)) for p, m in model.named_modules()] == before and not lora_configs(model)
+    encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    with pytest.raises(LorakitError, match=r"cannot target linear1: .*fast path.*\(1 more like it\)"):
+        attach(encoder, LoraConfig(target_modules=["linear1", "linear2"]))
+
+
+def test_all_linear_leaves_bypassed_children_out():
+    model = attach(_Attention(), LoraConfig(target_modules="all-linear"))
+    assert [p for p, _ in lora_layers(model)] == ["proj"]
+    with pytest.raises(LorakitError, match=r"left out 3 whose parent never calls them, e\.g\. self_attn\.out_proj"):
+        attach(nn.TransformerEncoderLayer(8, 2, dim_feedforward=16), LoraConfig(target_modules="all-linear"))
+
+
+def test_subclass_with_its_own_forward_may_be_targeted():
+    class CallsOutProj(nn.MultiheadAttention):
+        def forward(self, x):
+            return self.out_proj(x)
+
+    model = nn.Sequential(CallsOutProj(8, 2))
+    x = torch.randn(3, 8)
+    attach(model, LoraConfig(target_modules=["out_proj"]))
+    _randomize_b(model)
+    with disable_adapters(model):
+        base = model(x)
+    assert not torch.allclose(model(x), base)

@@ -33,7 +33,8 @@ class FakeTrainer:
 
 def test_parse_ranks_and_targets():
     assert parse_ranks("16, 1,4,4") == [1, 4, 16]
-    assert parse_targets(["value,query", "query", "query,value", "all-linear"]) == ["query,value", "query", "all-linear"]
+    targets = parse_targets(["value,query", "query", "query,value", "all-linear"])
+    assert targets == ["query,value", "query", "all-linear"]
     with pytest.raises(LorakitError, match="'two' is not a positive integer"):
         parse_ranks("1,two")
     with pytest.raises(LorakitError, match="'0' is not a positive integer"):

@@ -76,13 +76,24 @@ def test_lora_trains_only_the_adapter_and_the_head_and_writes_its_files(models, 
     assert set(report["validation_before"]) >= {"accuracy", "loss"}
 
 
-def test_the_loss_falls_on_a_learnable_task_lora_and_full(models, tmp_path, sentiment_file):
-    for method, lr in (("lora", 1e-2), ("full", 3e-3)):
-        report = train(quick(models, tmp_path, data=sentiment_file, data_limit=None, steps=40, eval_every=20,
-                             method=method, lr=lr, out=str(tmp_path / method)))
-        losses = train_losses(tmp_path / method)
-        assert sum(losses[-5:]) < sum(losses[:5]), method
-        assert report["validation_before"]["accuracy"] < 0.6 and report["validation_after"]["accuracy"] >= 0.9, method
+@pytest.fixture(scope="module")
+def sentiment_runs(models, sentiment_file, tmp_path_factory):
+    """LoRA and full fine-tuning of the tiny classifier on the toy task: {method: (out, report)}."""
+    runs = {}
+    for method, lr in (("lora", 2e-2), ("full", 3e-3)):
+        out = tmp_path_factory.mktemp(method)
+        report = train(TrainConfig(model=models["cls"], data=sentiment_file, steps=40, batch_size=8, eval_every=20,
+                                   max_length=48, method=method, lr=lr, out=str(out), progress=False))
+        runs[method] = (out, report)
+    return runs
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_loss_falls_on_a_learnable_task(sentiment_runs, method):
+    out, report = sentiment_runs[method]
+    losses = train_losses(out)
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert report["validation_before"]["accuracy"] < 0.6 and report["validation_after"]["accuracy"] >= 0.9
 
 
 def test_grad_accumulation_equals_one_big_batch(models, tmp_path):
@@ -187,9 +198,8 @@ def test_full_fine_tuning_saves_a_model_folder_that_gives_the_same_outputs(model
     assert predict(trained, ["great film"])["full"][0]["label"] in ("fresh", "rotten")
 
 
-def test_predict_eval_and_merge_agree(models, tmp_path, sentiment_file):
-    train(quick(models, tmp_path, data=sentiment_file, data_limit=None, steps=30, lr=1e-2, eval_every=30))
-    adapter = tmp_path / "run" / "adapter"
+def test_predict_eval_and_merge_agree(sentiment_runs):
+    adapter = sentiment_runs["lora"][0] / "adapter"
     separate, merged = load_trained([adapter]), load_trained([adapter], merge=True)
     texts = ["a great movie", "the film dull movie"]
     a, b = predict(separate, texts), predict(merged, texts)

@@ -24,6 +24,11 @@ from lorakit.plots import plot_amplification, plot_delta_spectra, plot_similarit
 HERE = Path(__file__).parent
 
 
+def _short(path: str) -> str:
+    """``bert.encoder.layer.3.attention.self.value`` -> ``L3.value``."""
+    return path.replace("bert.encoder.layer.", "L").replace(".attention.self.", ".")
+
+
 def accuracy(model, tokenizer, records, order: list[str], batch=64) -> float:
     """Fraction of ``records`` whose label (``order[i]`` is class i's name) the classifier predicts."""
     index = {name: i for i, name in enumerate(order)}
@@ -43,22 +48,25 @@ def accuracy(model, tokenizer, records, order: list[str], batch=64) -> float:
 def similarity_section(study: Path, out: dict) -> None:
     sweep = study / "sweep"
     r8, r64 = sweep / "query+value-r8" / "adapter", sweep / "query+value-r64" / "adapter"
-    res = compare_adapters(r8, r64)
-    out["phi_r8_r64"] = summarize_phi(res)
-    plot_similarity([m for m in res if m.path.endswith(("layer.0.attention.self.query", "layer.0.attention.self.value",
-                                                         "layer.5.attention.self.query", "layer.5.attention.self.value"))],
-                    HERE / "choosing-rank-phi-r8-r64.png",
-                    title="φ(i, j) between A of r = 8 (i) and r = 64 (j) adapters, query+value")
-    curves = {"r=8 vs r=64 (seed 0)": res}
     seed1 = study / "sweep-seed1"
-    if (seed1 / "query+value-r8" / "adapter").is_dir():
-        s8 = compare_adapters(r8, seed1 / "query+value-r8" / "adapter")
-        s64 = compare_adapters(r64, seed1 / "query+value-r64" / "adapter")
-        out["phi_r8_seeds"] = summarize_phi(s8)
-        out["phi_r64_seeds"] = summarize_phi(s64)
-        curves["r=8 seed 0 vs seed 1"] = s8
-        curves["r=64 seed 0 vs seed 1"] = s64
-    plot_phi_curves(curves, HERE / "choosing-rank-phi-curves.png")
+    panels = {}
+    for factor in ("A", "B"):
+        res = compare_adapters(r8, r64, factor=factor)
+        out[f"phi_{factor}_r8_r64"] = summarize_phi(res)
+        shown = [m for m in res if m.path.endswith(("layer.0.attention.self.query", "layer.0.attention.self.value",
+                                                     "layer.5.attention.self.query", "layer.5.attention.self.value"))]
+        plot_similarity(shown, HERE / f"choosing-rank-phi-{factor}-r8-r64.png",
+                        title=f"φ(i, j) between the {factor} of the r = 8 (i) and r = 64 (j) query+value adapters")
+        curves = {"r = 8 vs r = 64": res}
+        if (seed1 / "query+value-r8" / "adapter").is_dir():
+            s8 = compare_adapters(r8, seed1 / "query+value-r8" / "adapter", factor=factor)
+            s64 = compare_adapters(r64, seed1 / "query+value-r64" / "adapter", factor=factor)
+            out[f"phi_{factor}_r8_seeds"] = summarize_phi(s8)
+            out[f"phi_{factor}_r64_seeds"] = summarize_phi(s64)
+            curves["r = 8, seed 0 vs seed 1"] = s8
+            curves["r = 64, seed 0 vs seed 1"] = s64
+        panels[factor] = curves
+    plot_phi_curves(panels, HERE / "choosing-rank-phi-curves.png")
 
 
 def summarize_phi(results) -> dict:
@@ -68,36 +76,40 @@ def summarize_phi(results) -> dict:
     mean = phi.mean(0)
     return {
         "modules": len(results), "k1": k1, "k2": k2, "n": n,
-        "phi_11_mean": float(mean[0, 0]), "phi_11_min": float(phi[:, 0, 0].min()), "phi_11_max": float(phi[:, 0, 0].max()),
+        "phi_11_mean": float(mean[0, 0]), "phi_11_min": float(phi[:, 0, 0].min()),
+        "phi_11_max": float(phi[:, 0, 0].max()),
         "phi_diag_mean": [round(float(mean[i, i]), 3) for i in range(min(k1, k2))],
         "phi_i_kmax_mean": [round(float(mean[i, -1]), 3) for i in range(k1)],
         "phi_1_j_mean": [round(float(mean[0, j]), 3) for j in (0, 1, 3, 7, min(15, k2 - 1), k2 - 1)],
         "random_diag": [round(random_baseline(i + 1, i + 1, n), 4) for i in range(min(k1, k2))],
-        "by_module_phi_11": {m.path.replace("bert.encoder.layer.", "L").replace(".attention.self.", "."): round(m.top, 3)
-                             for m in results},
+        "by_module_phi_11": {_short(m.path): round(m.top, 3) for m in results},
     }
 
 
-def plot_phi_curves(curves: dict, path: Path) -> None:
+def plot_phi_curves(panels: dict, path: Path) -> None:
+    """One panel per factor: mean φ(i, i) over modules against i, beside random subspaces (i/n)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 4.5))
-    ax = fig.add_subplot()
-    n = None
-    for i, (label, results) in enumerate(curves.items()):
-        phi = torch.stack([m.phi for m in results]).mean(0)
-        k = min(phi.shape)
-        n = results[0].dim
-        ax.plot(range(1, k + 1), phi.diagonal()[:k].numpy(), marker="o", ms=3, color=f"C{i}", label=label)
-    ks = np.arange(1, 65)
-    ax.plot(ks, ks / n, color="gray", linestyle="--", label="random subspaces (i/n)")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("i (leading directions compared)")
-    ax.set_ylabel("φ(i, i), mean over the 12 query/value modules")
-    ax.set_ylim(0, 1.02)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("How far the learned subspaces agree beyond the first directions")
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (factor, curves) in zip(axes, panels.items()):
+        n = None
+        for i, (label, results) in enumerate(curves.items()):
+            phi = torch.stack([m.phi for m in results]).mean(0)
+            k = min(phi.shape)
+            n = results[0].dim
+            ax.plot(range(1, k + 1), phi.diagonal()[:k].numpy(), marker="o", ms=3, color=f"C{i}", label=label)
+        ks = np.arange(1, 65)
+        ax.plot(ks, ks / n, color="gray", linestyle="--", label="random subspaces (i / n)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("i (leading directions compared)")
+        ax.set_ylabel("φ(i, i), mean over the 12 query/value modules")
+        ax.set_ylim(0, 1.02)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        what = "A: input directions" if factor == "A" else "B: output directions"
+        ax.set_title(f"{what}")
+    fig.suptitle("Agreement of learned subspaces beyond the first directions")
     save_figure(fig, path)
 
 
@@ -116,12 +128,13 @@ def amplification_section(study: Path, out: dict) -> None:
             "factor_median": float(np.median([a.factor for a in rows])),
             "factor_range": [float(min(a.factor for a in rows)), float(max(a.factor for a in rows))],
             "over_random_median": float(np.median([a.over_random for a in rows])),
+            "over_expected_random_median": float(np.median([a.along_delta / a.expected_random for a in rows])),
             "along_delta_over_along_weight_median": float(np.median([a.along_delta / a.along_weight for a in rows])),
             "delta_norm_median": float(np.median([a.delta_norm for a in rows])),
             "weight_norm_median": float(np.median([a.weight_norm for a in rows])),
-            "by_module": {p.replace("bert.encoder.layer.", "L").replace(".attention.self.", "."):
-                          {"r": a.rank, "dW": round(a.delta_norm, 3), "W_along_dW": round(a.along_delta, 3),
+            "by_module": {_short(p): {"r": a.rank, "dW": round(a.delta_norm, 3), "W_along_dW": round(a.along_delta, 3),
                            "W_along_W": round(a.along_weight, 3), "W_along_random": round(a.along_random, 3),
+                          "W_along_random_expected": round(a.expected_random, 3),
                            "factor": round(a.factor, 2)} for p, a in res.items()},
         }
         if name == "query+value-r8":
@@ -193,8 +206,7 @@ def adalora_section(study: Path, out: dict) -> None:
     out["adalora"] = {"accuracy": rep["validation_after"]["accuracy"], "best_step": rep["best_step"],
                       "trainable_params": rep["trainable_params"], "train_time_s": rep["train_time_s"],
                       "total_rank": sum(ranks.values()), "modules_kept": len(ranks),
-                      "ranks": {p.replace("bert.encoder.layer.", "L").replace(".attention.self.", "."): r
-                                for p, r in ranks.items()}}
+                      "ranks": {_short(p): r for p, r in ranks.items()}}
 
 
 def main(argv):

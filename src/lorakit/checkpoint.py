@@ -138,6 +138,19 @@ def save_checkpoint(folder, model, optimizer, scheduler, rng_states: list[dict],
     return replace_folder(folder, write)
 
 
+def read_meta(folder) -> dict:
+    """The ``state.json`` of the checkpoint in ``folder`` (to check settings before loading).
+
+    Raises:
+        LorakitError: no checkpoint in ``folder``.
+    """
+    found = existing_folder(folder)
+    if found is None or not (found / TENSORS).is_file() or not (found / META).is_file():
+        raise LorakitError(f"no checkpoint to resume in {folder}; run without --resume to start, "
+                           "or give the --out of the run to continue")
+    return json.loads((found / META).read_text())
+
+
 def load_checkpoint(folder, model, optimizer, scheduler, rank: int = 0) -> dict:
     """Restore what :func:`save_checkpoint` wrote into ``model``, ``optimizer``,
     ``scheduler`` and this process's random state; return the meta dict.
@@ -145,19 +158,17 @@ def load_checkpoint(folder, model, optimizer, scheduler, rank: int = 0) -> dict:
     Raises:
         LorakitError: no checkpoint in ``folder``, or it does not fit the model.
     """
+    meta = read_meta(folder)
     found = existing_folder(folder)
-    if found is None or not (found / TENSORS).is_file() or not (found / META).is_file():
-        raise LorakitError(f"no checkpoint to resume in {folder}; run without --resume to start, "
-                           "or give the --out of the run to continue")
     tensors = load_file(str(found / TENSORS))
-    meta = json.loads((found / META).read_text())
 
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     saved = {key[len("param."):] for key in tensors if key.startswith("param.")}
-    if saved != set(params):
+    misfit = [name for name in saved & set(params) if tensors[f"param.{name}"].shape != params[name].shape]
+    if saved != set(params) or misfit:
         missing, extra = sorted(set(params) - saved)[:5], sorted(saved - set(params))[:5]
         raise LorakitError(f"the checkpoint in {found} does not fit this model's trainable parameters "
-                           f"(missing {missing}, unexpected {extra}); resume with the settings it was made with")
+                           f"(missing {missing}, unexpected {extra}, other shape {misfit[:5]}); resume with the settings it was made with")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[f"param.{name}"])

@@ -31,7 +31,7 @@ class Trained:
         task: the task it was trained for.
         info: the contents of ``lorakit_task.json`` (of the first adapter).
         names: the adapter names, in the order given (``["merged"]`` after a merge,
-            ``["base"]`` for a model without adapters).
+            ``["full"]`` for a fully fine-tuned model, ``["base"]`` for the base model alone).
     """
 
     model: torch.nn.Module
@@ -41,12 +41,12 @@ class Trained:
     names: list[str]
 
     def use(self, name: str) -> None:
-        """Make adapter ``name`` the one the forward applies."""
-        if name in ("merged", "base"):
-            return
-        from lorakit.model import set_active
+        """Make adapter ``name`` the one the forward applies (no-op for a model without
+        separate adapters: ``"merged"``, ``"full"``, ``"base"``)."""
+        from lorakit.model import lora_configs, set_active
 
-        set_active(self.model, name)
+        if name in lora_configs(self.model):
+            set_active(self.model, name)
 
 
 def read_task_file(folder) -> dict:

@@ -198,7 +198,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             taken, or the file does not fit the model: the message lists every missing or
             unexpected key and every shape mismatch. The model is unchanged then.
     """
-    from lorakit.model import add_adapter, lora_configs, set_active
+    from lorakit.model import add_adapter, delete_adapter, lora_configs, set_active
 
     folder = Path(path)
     config, tensors, metadata = _read(folder)
@@ -209,19 +209,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if config.init == "pissa":
         warnings.warn(f"adapter {folder} was initialised with PiSSA; its factors are loaded as they are, so the "
                       "base model must already hold PiSSA's residual weights", stacklevel=2)
-    # Building the adapter draws its random init, then the file's values overwrite it:
-    # keep the caller's random stream as it was.
+    # add_adapter freezes the base (and bias modes unfreeze biases): undo that if copying fails.
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    cuda = sorted({p.device.index or 0 for p, _ in grad_flags if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=cuda):
-        add_adapter(model, config.replace(init="gaussian") if config.init == "pissa" else config, name)
+    # init_weights=False: zero factors, no random draw (the caller's random stream stays as it
+    # was) and no PiSSA rewrite of W; the config is recorded as the file gives it.
+    add_adapter(model, config, name, init_weights=False)
     try:
         apply_plan(model, plan, name)
-        if config.init == "pissa":
-            model._lora_configs[name] = config  # keep the recorded init for a later save
     except Exception:
-        from lorakit.model import delete_adapter
-
         delete_adapter(model, name)
         for param, flag in grad_flags:
             param.requires_grad_(flag)

@@ -74,18 +74,19 @@ def plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Ten
         LorakitError: anything does not fit; the message lists every missing or
             unexpected key and every shape mismatch with its module path.
     """
-    from lorakit.model import _saved_paths, _target_paths
+    from lorakit.model import saved_paths, target_paths, walk
 
+    modules = walk(model)
     try:
-        targets = _target_paths(model, config)
-        saved_paths = _saved_paths(model, config)
+        targets = target_paths(model, config, modules)
+        saved = saved_paths(model, config, modules)
     except LorakitError as err:
         raise_misfit(model, source, metadata, tensors, [str(err)])
     problems: list[str] = []
-    plan = LoadPlan(saved={p: {} for p in saved_paths})
+    plan = LoadPlan(saved={p: {} for p in saved})
     factors = _sort_keys(model, tensors, plan, problems)
-    plan.factors = _check_factors(model, config, name, targets, factors, problems)
-    _check_saved(model, plan.saved, problems)
+    plan.factors = _check_factors(model, modules, config, name, targets, factors, problems)
+    _check_saved(modules, plan.saved, problems)
     if problems:
         raise_misfit(model, source, metadata, tensors, problems)
     return plan
@@ -124,11 +125,11 @@ def _sort_keys(model, tensors, plan: LoadPlan, problems: list[str]) -> dict:
     return factors
 
 
-def _check_factors(model, config, name, targets, factors, problems) -> list:
+def _check_factors(model, modules, config, name, targets, factors, problems) -> list:
     planned = []
     for path in targets:
         found = factors.pop(path, {})
-        in_f, out_f, embedding = factor_dims(model.get_submodule(path))
+        in_f, out_f, embedding = factor_dims(modules[path])
         r = config.rank_for(path)
         if "A" not in found or "B" not in found:
             kind = "lora_embedding_" if embedding else "lora_"
@@ -153,9 +154,9 @@ def _check_factors(model, config, name, targets, factors, problems) -> list:
     return planned
 
 
-def _check_saved(model, saved: dict, problems: list[str]) -> None:
+def _check_saved(modules, saved: dict, problems: list[str]) -> None:
     for path, state in saved.items():
-        module = model.get_submodule(path)
+        module = modules[path]
         want = (module.original() if hasattr(module, "copies") else module).state_dict()
         problems.extend(f"missing modules_to_save weight {path}.{k}" for k in sorted(set(want) - set(state)))
         problems.extend(f"unexpected modules_to_save weight {path}.{k}" for k in sorted(set(state) - set(want)))

@@ -111,6 +111,18 @@ def _short(path: str, parts: int = 3) -> str:
     return ".".join(path.split(".")[-parts:])
 
 
+def _labels(paths) -> list[str]:
+    """Module paths without the dotted prefix they all share (``bert.encoder.layer.``), for tick labels."""
+    paths = list(paths)
+    if len(paths) < 2:
+        return [_short(p) for p in paths]
+    split = [p.split(".") for p in paths]
+    common = 0
+    while all(len(parts) > common + 1 and parts[common] == split[0][common] for parts in split):
+        common += 1
+    return [".".join(parts[common:]) for parts in split]
+
+
 def plot_similarity(results, path, title: str = "Subspace similarity φ(i, j)", max_panels: int = 12) -> Path:
     """Heatmaps of φ(i, j) (LoRA Figure 3), one panel per module, i down, j across, colour 0..1.
 
@@ -124,23 +136,25 @@ def plot_similarity(results, path, title: str = "Subspace similarity φ(i, j)", 
     results = list(results)[:max_panels]
     if not results:
         raise LorakitError("plot_similarity needs at least one module's φ")
-    cols = min(3, len(results))
+    cols = 2 if len(results) == 4 else min(3, len(results))
     rows = -(-len(results) // cols)
     k1, k2 = results[0].phi.shape
-    aspect = max(0.2, min(1.0, k1 / k2))
-    fig = Figure(figsize=(4.6 * cols, (4.6 * aspect + 1.0) * rows))
+    aspect = max(0.25, min(1.0, k1 / k2))
+    fig = Figure(figsize=(4.4 * cols, (4.0 * aspect + 1.1) * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     image = None
-    for ax, res in zip(axes.ravel(), results):
+    for n, (ax, res, label) in enumerate(zip(axes.ravel(), results, _labels(r.path for r in results))):
         phi = np.asarray(res.phi, dtype=np.float64)
         image = ax.imshow(phi, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest",
                           extent=(0.5, phi.shape[1] + 0.5, phi.shape[0] + 0.5, 0.5))
-        ax.set_title(_short(res.path), fontsize=9)
-        ax.set_xlabel("j (second adapter)")
-        ax.set_ylabel("i (first adapter)")
+        ax.set_title(label, fontsize=9)
+        if n // cols == rows - 1 or n + cols >= len(results):
+            ax.set_xlabel("j (second adapter)")
+        if n % cols == 0:
+            ax.set_ylabel("i (first adapter)")
     for ax in axes.ravel()[len(results):]:
         ax.set_visible(False)
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="φ(i, j)")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="φ(i, j)")
     fig.suptitle(title)
     return save_figure(fig, path)
 
@@ -180,7 +194,7 @@ def plot_delta_spectra(spectra, path, title: str = "Spectrum of ΔW = W_ft − W
         right.annotate(f"{100 * e:g}%", xy=(1, 100 * e), xytext=(2, 2), textcoords="offset points", fontsize=8)
     right.set_xscale("log")
     right.set_xlabel("rank r (log)")
-    right.set_ylabel("cumulative energy Σ_{i≤r} σ_i² / Σσ² (%)")
+    right.set_ylabel("share of Σσ² in the top r (%)")
     right.set_ylim(0, 102)
     right.grid(True, alpha=0.3)
     fig.suptitle(title)
@@ -199,7 +213,7 @@ def plot_amplification(results, path, title: str = "Projection of W onto r-dim s
     results = dict(results)
     if not results:
         raise LorakitError("plot_amplification needs at least one module")
-    names = [_short(p) for p in results]
+    names = _labels(results)
     x = np.arange(len(names))
     series = [("‖ΔW‖_F", "delta_norm", "tab:red"), ("W along ΔW's top-r", "along_delta", "tab:blue"),
               ("W along its own top-r", "along_weight", "tab:green"), ("W along random", "along_random", "tab:gray")]
@@ -210,8 +224,10 @@ def plot_amplification(results, path, title: str = "Projection of W onto r-dim s
         values = [max(getattr(a, attr), 1e-12) for a in results.values()]
         top.bar(x + (i - 1.5) * width, values, width, label=label, color=color)
     top.set_yscale("log")
+    highest = max(max(a.delta_norm, a.along_weight) for a in results.values())
+    top.set_ylim(top=highest * 8)  # room for the legend above the bars
     top.set_ylabel("Frobenius norm")
-    top.legend(fontsize=8, ncol=2)
+    top.legend(fontsize=8, ncol=4, loc="upper center")
     top.grid(True, axis="y", alpha=0.3)
     bottom.bar(x, [a.factor for a in results.values()], color="tab:purple")
     bottom.set_ylabel("amplification ‖ΔW‖_F / ‖UᵀWV‖_F")

@@ -202,8 +202,8 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     state_dir, best_file = out / "state" / "last", out / "state" / "best.safetensors"
     state = {"step": 0, "best": None, "best_step": None, "before": None, "train_time_s": 0.0, "wall_time_s": 0.0}
     if config.resume:
+        _check_same_settings(checkpoint.read_meta(state_dir)["settings"], config.settings(), state_dir)
         meta = checkpoint.load_checkpoint(state_dir, model, optimizer, scheduler, runtime.rank)
-        _check_same_settings(meta["settings"], config.settings(), state_dir)
         state.update({k: meta[k] for k in state})
         started -= state["wall_time_s"]  # report the time of all sessions together
         say(f"resuming from step {state['step']} of {total_steps} ({state_dir})")

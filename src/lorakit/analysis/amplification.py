@@ -37,12 +37,19 @@ class Amplification(NamedTuple):
     weight_norm: float  # ‖W‖_F
     along_delta: float  # ‖Uᵀ W V‖_F, U, V: top-r singular vectors of ΔW
     along_weight: float  # the same for W's own top-r singular vectors
-    along_random: float  # the same for random orthonormal U, V
+    along_random: float  # the same for random orthonormal U, V (one seeded draw, as the paper)
+    shape: tuple[int, int] = (0, 0)  # (out, in) of W
 
     @property
     def factor(self) -> float:
         """‖ΔW‖_F / ‖Uᵀ W V‖_F with ΔW's directions (inf when W is zero there)."""
         return self.delta_norm / self.along_delta if self.along_delta > 0 else float("inf")
+
+    @property
+    def expected_random(self) -> float:
+        """sqrt(E‖UᵀWV‖_F²) = r·‖W‖_F / sqrt(out·in) over uniformly random r-dim U, V: the noise-free baseline."""
+        out, inp = self.shape
+        return self.rank * self.weight_norm / (out * inp) ** 0.5 if out and inp else float("nan")
 
     @property
     def over_random(self) -> float:
@@ -94,6 +101,7 @@ def amplification(delta_w, W, r: int, seed: int = 0) -> Amplification:
         along_delta=float(along_delta),
         along_weight=float(along_weight),
         along_random=float(along_random),
+        shape=(int(d.shape[0]), int(d.shape[1])),
     )
 
 

@@ -19,7 +19,6 @@ beyond the top few directions; :func:`subspace_similarity` computes the whole
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +28,7 @@ from lorakit.lowrank import as_matrix
 
 __all__ = ["ModuleSimilarity", "adapter_similarity", "compare_adapters", "random_baseline", "subspace_similarity"]
 
-FACTORS = ("A", "B")
+FACTORS = ("A", "B", "delta")
 
 
 def _row_space_basis(M: torch.Tensor) -> torch.Tensor:
@@ -64,6 +63,13 @@ def subspace_similarity(A1, A2) -> torch.Tensor:
     i = torch.arange(1, captured.shape[0] + 1, dtype=torch.float64, device=a.device)[:, None]
     j = torch.arange(1, captured.shape[1] + 1, dtype=torch.float64, device=a.device)[None, :]
     return (captured / torch.minimum(i, j)).clamp(0.0, 1.0).cpu()
+
+
+def _delta_rows(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``(r, in)`` rows ``diag(σ_r) V_rᵀ`` of ``ΔW ∝ B·A``: its input directions, ordered by how much ΔW uses them."""
+    _, S, Vh = torch.linalg.svd(B.double() @ A.double(), full_matrices=False)
+    r = A.shape[0]
+    return S[:r, None] * Vh[:r]
 
 
 def random_baseline(i: int, j: int, n: int) -> float:
@@ -112,8 +118,11 @@ def adapter_similarity(factors_1: dict, factors_2: dict, module: str | None = No
         factors_1, factors_2: module path -> ``(A: (r, in), B: (out, r))``, as
             :func:`lorakit.analysis.weights.adapter_factors` reads them from a PEFT file.
         module: a regular expression; only paths it finds (``re.search``) are compared.
-        factor: ``"A"`` (right-singular vectors of A, the paper's choice) or ``"B"``
-            (left-singular vectors of B).
+        factor: ``"A"`` (right-singular vectors of A, the paper's choice), ``"B"``
+            (left-singular vectors of B), or ``"delta"`` (right-singular vectors of ΔW = B·A,
+            ordered by ΔW's singular values: the input directions the update actually uses;
+            A's own directions say little while A is still close to its random init, since
+            its gradient is zero until B has grown).
 
     Returns:
         one :class:`ModuleSimilarity` per module both adapters hold, in the first's order.
@@ -123,10 +132,9 @@ def adapter_similarity(factors_1: dict, factors_2: dict, module: str | None = No
     """
     if factor not in FACTORS:
         raise LorakitError(f"factor {factor!r} is not one of {list(FACTORS)}")
-    try:
-        pattern = re.compile(module) if module else None
-    except re.error as err:
-        raise LorakitError(f"--module {module!r} is not a valid regular expression ({err})") from None
+    from lorakit.analysis.weights import compile_pattern
+
+    pattern = compile_pattern(module)
     common = [p for p in factors_1 if p in factors_2 and (pattern is None or pattern.search(p))]
     if not common:
         only = f" matching {module!r}" if module else ""
@@ -137,7 +145,12 @@ def adapter_similarity(factors_1: dict, factors_2: dict, module: str | None = No
     results = []
     for path in common:
         (A1, B1), (A2, B2) = factors_1[path], factors_2[path]
-        m1, m2 = (A1, A2) if factor == "A" else (B1.T, B2.T)
+        if factor == "A":
+            m1, m2 = A1, A2
+        elif factor == "B":
+            m1, m2 = B1.T, B2.T
+        else:
+            m1, m2 = _delta_rows(A1, B1), _delta_rows(A2, B2)
         try:
             phi = subspace_similarity(m1, m2)
         except LorakitError as err:

@@ -42,8 +42,9 @@ def register(subparsers) -> None:
     sim.add_argument("adapter_1", metavar="ADAPTER_1", help="adapter folder (PEFT format), e.g. trained at r=8")
     sim.add_argument("adapter_2", metavar="ADAPTER_2", help="adapter folder, e.g. trained at r=64")
     sim.add_argument("--module", metavar="PATTERN", help="regular expression selecting module paths")
-    sim.add_argument("--factor", choices=("A", "B"), default="A",
-                     help="compare A's right-singular vectors (default, as the paper) or B's left ones")
+    sim.add_argument("--factor", choices=("A", "B", "delta"), default="A",
+                     help="compare A's right-singular vectors (default, as the paper), B's left ones, or the "
+                          "right-singular vectors of ΔW = B·A (the input directions the update uses)")
     sim.add_argument("--plot", metavar="OUT.png", help="draw the φ heatmaps (one panel per module, up to 12)")
     sim.set_defaults(func=run_similarity)
 
@@ -79,7 +80,6 @@ def run_similarity(args: argparse.Namespace) -> int:
     rows = []
     for res in results:
         k1, k2 = res.ranks
-        k = min(k1, k2)
         rows.append([res.path, k1, k2, f"{res.top:.3f}", f"{float(res.diagonal[-1]):.3f}",
                      f"{float(res.phi[0, -1]):.3f}", f"{float(res.phi[-1, -1]):.3f}",
                      f"{res.baseline(k1, k2):.3f}"])

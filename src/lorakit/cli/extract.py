@@ -25,7 +25,8 @@ def register(subparsers) -> None:
                      help="the fine-tuned model folder (e.g. from lorakit train --method full)")
     pick = ext.add_mutually_exclusive_group(required=True)
     pick.add_argument("--rank", "-r", type=int, metavar="R", help="rank of every module's factors")
-    pick.add_argument("--energy", type=float, metavar="E", help="per module, the smallest rank keeping E of Σσ² (e.g. 0.95)")
+    pick.add_argument("--energy", type=float, metavar="E",
+                      help="per module, the smallest rank keeping E of Σσ² (e.g. 0.95)")
     ext.add_argument("--out", required=True, metavar="DIR", help="adapter folder to write")
     ext.add_argument("--module", metavar="PATTERN", help="regular expression selecting module paths")
     ext.set_defaults(func=run)

@@ -8,6 +8,14 @@ Forward (LoRA §4.1, seeds 001–003)::
 computed as one base GEMM, then per adapter ``z = x Aᵀ : (..., r)`` and an in-place
 ``out += s · z Bᵀ`` (``addmm_`` with ``alpha = s``): the scaling costs nothing, no
 copy of ``x`` is made when dropout is 0, and no ``(…, out)`` temporary is allocated.
+
+Training with one adapter goes through :class:`_LoraLinearFunction`, whose backward is
+written out: ``g_z = s·g B`` once, ``∂x = g W + g_z A`` accumulated into one buffer,
+``∂A = g_zᵀ x``, ``∂B = s·gᵀ z``. It saves only ``x`` (the very tensor the caller
+holds) and ``z : (..., r)``. Autograd's own graph of the same forward would clone the
+whole ``(…, out)`` gradient for the in-place ``addmm_`` on a view (``CopySlices``) and
+add two ``(…, in)`` input gradients; PEFT's ``out + B(A x)·s`` adds an elementwise
+multiply and add of ``(…, out)`` tensors each way.
 """
 
 from __future__ import annotations
@@ -23,6 +31,59 @@ try:  # transformers is a dependency, but the layer must not fail without it
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
     Conv1D = None
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    """``out = x Wᵀ + b + s·(h Aᵀ) Bᵀ`` with a hand-written backward (see the module docstring).
+
+    ``h`` is ``dropout(x)`` or None when there is no dropout (then ``h = x``, saved once).
+    ``weight`` is ``(out, in)``, or ``(in, out)`` with ``fan_in_fan_out`` (Conv1D).
+    Shapes: ``x, h: (..., in)``, ``A: (r, in)``, ``B: (out, r)`` -> ``(..., out)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, h, weight, bias, A, B, scaling: float, fan_in_fan_out: bool):
+        x2 = x.reshape(-1, x.shape[-1])
+        h2 = x2 if h is None else h.reshape(-1, h.shape[-1])
+        if fan_in_fan_out:  # Conv1D's own computation, as in LoraLinear._base_forward
+            out = x2 @ weight if bias is None else torch.addmm(bias, x2, weight)
+        else:
+            out = F.linear(x2, weight, bias)
+        z = h2 @ A.t()  # (N, r)
+        out.addmm_(z, B.t(), alpha=scaling)
+        ctx.scaling, ctx.fan_in_fan_out, ctx.has_h = scaling, fan_in_fan_out, h is not None
+        ctx.x_shape, ctx.h_shape = x.shape, None if h is None else h.shape
+        need_x = weight.requires_grad or (h is None and A.requires_grad)
+        need_h = h is not None and A.requires_grad
+        ctx.save_for_backward(x2 if need_x else None, h2 if need_h else None, z if B.requires_grad else None,
+                              weight, A, B)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x2, h2, z, weight, A, B = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        need_x, need_h, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:6]
+        g_z = torch.mm(g, B).mul_(s) if (need_h or need_a or (need_x and not ctx.has_h)) else None  # (N, r)
+        grad_x = grad_h = grad_w = grad_b = grad_a = grad_bb = None
+        if need_x:
+            grad_x = torch.mm(g, weight.t() if ctx.fan_in_fan_out else weight)  # (N, in)
+            if not ctx.has_h:
+                grad_x.addmm_(g_z, A)
+            grad_x = grad_x.view(ctx.x_shape)
+        if need_h:
+            grad_h = torch.mm(g_z, A).view(ctx.h_shape)
+        if need_w:
+            grad_w = x2.t() @ g if ctx.fan_in_fan_out else g.t() @ x2
+        if need_b:
+            grad_b = g.sum(0)
+        if need_a:
+            grad_a = g_z.t() @ (x2 if h2 is None else h2)  # (r, in)
+        if need_bb:
+            grad_bb = torch.mm(g.t(), z).mul_(s)  # (out, r)
+        return grad_x, grad_h, grad_w, grad_b, grad_a, grad_bb, None, None
 
 
 class LoraLinear(LoraLayer):
@@ -56,19 +117,43 @@ class LoraLinear(LoraLayer):
         return out.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        run = self._run
+        if self._rows is None and len(run) == 1 and torch.is_grad_enabled() and self._one_function(x, run[0]):
+            ad = run[0]
+            h = None if ad.dropout is None else ad.dropout(x)
+            return _LoraLinearFunction.apply(x, None if h is x else h, self.weight, self.bias, ad.A, ad.B,
+                                             ad.scaling, self.fan_in_fan_out)
         out = self._base_forward(x)
         if self._rows is not None:
             return self._forward_rows(x, out)
-        for ad in self._run:
+        # In place only when autograd does not record it (an in-place op on a view would
+        # make it clone the whole output gradient in backward).
+        in_place = not (torch.is_grad_enabled() and (out.requires_grad or any(
+            ad.A.requires_grad or ad.B.requires_grad for ad in run)))
+        for ad in run:
             h = x if ad.dropout is None else ad.dropout(x)
             if h.dtype != ad.A.dtype:
                 h = h.to(ad.A.dtype)
             z = F.linear(h, ad.A)  # (..., r)
             if z.dtype == out.dtype and out.is_contiguous():
-                out.view(-1, self.out_features).addmm_(z.reshape(-1, z.shape[-1]), ad.B.T, alpha=ad.scaling)
+                z2 = z.reshape(-1, z.shape[-1])
+                if in_place:
+                    out.view(-1, self.out_features).addmm_(z2, ad.B.T, alpha=ad.scaling)
+                else:
+                    out = torch.addmm(out.view(-1, self.out_features), z2, ad.B.T, alpha=ad.scaling).view_as(out)
             else:
                 out = out + F.linear(z * ad.scaling, ad.B).to(out.dtype)
         return out
+
+    def _one_function(self, x: torch.Tensor, ad) -> bool:
+        """Whether :class:`_LoraLinearFunction` computes this forward: something needs a
+        gradient, one dtype throughout (no autocast, no fp32 adapter on a bf16 weight)."""
+        tensors = (x, self.weight, ad.A, ad.B) + (() if self.bias is None else (self.bias,))
+        if not any(t.requires_grad for t in tensors):
+            return False
+        dtype = x.dtype
+        return (all(t.dtype == dtype for t in tensors) and x.device == self.weight.device
+                and not torch.is_autocast_enabled(x.device.type))
 
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Row b of the batch gets adapter slot ``slots[b]``: one gather and two bmm."""

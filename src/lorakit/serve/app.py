@@ -131,7 +131,11 @@ def create_app(service: Service) -> FastAPI:
 
 
 async def _generate(service: Service, body: schemas._Sampling, ids: list[int], chat: bool):
-    max_tokens = body.max_tokens or (service.limits.max_tokens if chat else 16)  # OpenAI's defaults
+    if body.max_tokens is None:  # OpenAI's defaults: 16 for completions, "as long as fits" for chat
+        room = service.limits.context - len(ids)
+        max_tokens = max(1, min(service.limits.max_tokens if chat else 16, room))
+    else:
+        max_tokens = body.max_tokens
     max_tokens = service.check_max_tokens(ids, max_tokens)
     sampler = Sampler(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
     request, events = service.submit(ids, body.model, max_tokens, sampler, body.stop)

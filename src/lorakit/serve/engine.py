@@ -162,12 +162,12 @@ class Engine:
                     self._decode_step()
             except Exception as err:  # noqa: BLE001 - fail this batch, keep serving
                 log.exception("engine step failed")
+                self._held.close()
                 for row in self._rows:
                     row.finish_reason = "error"
                     self._retire(row, error=err)
                 self._rows = []
                 self._batch = BatchCache(getattr(self.model, "config", None))
-                self._held.close()
 
     def _take_inbox(self, block: bool) -> None:
         try:
@@ -191,7 +191,7 @@ class Engine:
 
     def _admit(self) -> None:
         """Move waiting requests into the batch while rows and adapter slots allow."""
-        if not self._waiting:
+        if not self._waiting or len(self._rows) >= self.max_batch:
             return
         self._held.close()  # admitting may load and evict adapters, and prefill uses its own rows
         admitted: list[_Row] = []

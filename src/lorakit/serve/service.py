@@ -183,6 +183,15 @@ def detect_task(spec: str) -> str:
     return GENERATE
 
 
+def _folder_labels(spec: str) -> dict | None:
+    """The ``id2label`` a model folder's config.json records (so its head keeps its size)."""
+    config = Path(spec).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    labels = json.loads(config.read_text()).get("id2label")
+    return {int(k): v for k, v in labels.items()} if labels else None
+
+
 def build_service(model: str = "default-chat", adapters: dict[str, str] | None = None,
                   adapter_root: str | None = None, max_loaded: int = 8, max_batch: int = 32,
                   max_prompt_tokens: int = 2048, max_tokens: int = 512, task: str | None = None) -> Service:
@@ -195,7 +204,7 @@ def build_service(model: str = "default-chat", adapters: dict[str, str] | None =
 
     task = task or detect_task(model)
     if task == CLASSIFY:
-        base, tokenizer = load_classifier(model)
+        base, tokenizer = load_classifier(model, id2label=_folder_labels(model))
     else:
         base, tokenizer = load_causal_lm(model)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

@@ -82,8 +82,9 @@ def write_random_adapter(model, folder: str | Path, seed: int, r: int = 8, alpha
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for path, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and path.rsplit(".", 1)[-1] in targets:
-            out_features, in_features = module.weight.shape
+        weight = getattr(module, "weight", None)  # nn.Linear, or lorakit's wrapper of one
+        if path.rsplit(".", 1)[-1] in targets and isinstance(weight, torch.Tensor) and weight.ndim == 2:
+            out_features, in_features = weight.shape
             a = torch.randn(r, in_features, generator=generator) * (scale / in_features**0.5)
             b = torch.randn(out_features, r, generator=generator) * (scale / r**0.5)
             tensors[f"base_model.model.{path}.lora_A.weight"] = a.contiguous()

@@ -1,0 +1,116 @@
+"""Inference forward: the base model, lorakit merged and unmerged, PEFT unmerged (and merged).
+
+The embedded SmolLM2-135M in fp32, LoRA rank 8 on every linear layer of the blocks
+(210 layers; B non-zero so nothing is skipped), one forward of ``batch × 128`` tokens
+under ``torch.inference_mode``, batch 1 and 16 (issue 7, item 3). Contenders alternate
+(each a model copy of its own) and the median after warm-up counts.
+
+The unmerged overhead is set beside its FLOP floor: the adapter path adds ``r(d+k)``
+multiply-adds per token to the ``d·k`` of each adapted ``W`` (LoRA §4.1), so
+``Σ r(d+k) / Σ d·k`` over the adapted layers (2.3% here) is what an unmerged forward
+must cost at least, were the adapted layers all of the forward's time. Merged, the
+adapter costs nothing: ``W' = W + s·B·A`` (LoRA §4.1, "no additional inference latency").
+``python -m benchmarks inference [--quick]``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from benchmarks import harness
+
+RANK = 8
+BATCHES = {"1x128": (1, 128, 9), "16x128": (16, 128, 5)}  # batch, tokens, repetitions
+QUICK_BATCHES = {"1x16": (1, 16, 1), "4x16": (4, 16, 1)}
+
+
+def contenders(base, targets="all-linear") -> dict:
+    """Model copies: ``base``, ``lorakit_merged``, ``lorakit_unmerged``, ``peft_unmerged``, ``peft_merged``."""
+    import peft
+
+    from lorakit import LoraConfig
+    from lorakit.model import attach, merge
+
+    models = {"base": base}
+    for name in ("lorakit_merged", "lorakit_unmerged"):
+        model = attach(copy.deepcopy(base), LoraConfig(r=RANK, alpha=16, target_modules=targets, init="random"))
+        if name == "lorakit_merged":
+            merge(model)
+        models[name] = model
+    for name in ("peft_unmerged", "peft_merged"):
+        config = peft.LoraConfig(r=RANK, lora_alpha=16, target_modules=targets, init_lora_weights=False)
+        model = peft.get_peft_model(copy.deepcopy(base), config)
+        if name == "peft_merged":
+            model.merge_adapter()
+        models[name] = model
+    return {name: model.eval() for name, model in models.items()}
+
+
+def run(quick: bool = False) -> dict:
+    """Median forward ms per contender and batch, ratios to the base, overheads beside the floor."""
+    base = harness.causal_lm(quick).to(harness.device())
+    models = contenders(base)
+    floor = harness.linear_flops_floor(models["lorakit_unmerged"], RANK)
+    results = {}
+    for label, (batch, length, reps) in (QUICK_BATCHES if quick else BATCHES).items():
+        inputs = harness.token_batch(base, batch, length)
+        calls = {name: (lambda m=m: m(**inputs)) for name, m in models.items()}
+        with torch.inference_mode():
+            samples = harness.interleaved(calls, reps=reps, warmup=0 if quick else 1)
+        ms = {name: harness.median_ms(s) for name, s in samples.items()}
+        overhead = {name: round(ms[name] / ms["base"] - 1, 4) for name in ms if name != "base"}
+        paired = {name: round(harness.paired_overhead(samples, name, "base") / ms["base"], 4)
+                  for name in ms if name != "base"}
+        results[label] = {
+            "reps": reps, "forward_ms": ms,
+            "all_ms": {name: [round(t * 1000, 2) for t in s] for name, s in samples.items()},
+            "overhead_vs_base": overhead, "paired_overhead_vs_base": paired,
+            "merged_vs_base": harness.ratio(ms["lorakit_merged"], ms["base"]),
+            "unmerged_overhead_minus_floor": round(overhead["lorakit_unmerged"] - floor["floor_adapted"], 4),
+            "peft_unmerged_overhead_minus_floor": round(overhead["peft_unmerged"] - floor["floor_adapted"], 4),
+        }
+    return {"machine": harness.machine(), "model": "tiny Llama" if quick else "SmolLM2-135M (fp32)",
+            "targets": "all-linear", "rank": RANK, **floor, "batches": results}
+
+
+GOAL_MERGED = 1.01  # lorakit merged forward / base forward
+GOAL_ABOVE_FLOOR = 0.02  # unmerged overhead minus the FLOP floor, as a fraction of the base forward
+
+
+def markdown(result: dict) -> str:
+    """The ``## Inference forward`` section of BENCHMARKS.md."""
+    floor = result["floor_adapted"]
+    rows = []
+    for label, r in result["batches"].items():
+        ms, over = r["forward_ms"], r["overhead_vs_base"]
+        rows.append([f"{label}: forward ms", ms["lorakit_unmerged"], ms["peft_unmerged"],
+                     harness.ratio(ms["lorakit_unmerged"], ms["peft_unmerged"]), "", "",
+                     ms["base"], ms["lorakit_merged"], ms["peft_merged"]])
+        rows.append([f"{label}: merged / base", r["merged_vs_base"],
+                     harness.ratio(ms["peft_merged"], ms["base"]), "", f"≤ {GOAL_MERGED}",
+                     harness.verdict(r["merged_vs_base"], GOAL_MERGED), "", "", ""])
+        rows.append([f"{label}: unmerged overhead (floor +{floor:.1%})", f"+{over['lorakit_unmerged']:.1%}",
+                     f"+{over['peft_unmerged']:.1%}", "", f"≤ +{floor + GOAL_ABOVE_FLOOR:.1%}",
+                     harness.verdict(r["unmerged_overhead_minus_floor"], GOAL_ABOVE_FLOOR), "", "", ""])
+    first = next(iter(result["batches"].values()))
+    return f"""## Inference forward
+
+`python -m benchmarks inference`. Machine: {harness.describe(result['machine'])}.
+
+{result['model']}, LoRA rank {result['rank']} on {result['adapted_layers']} linear layers (all-linear), B non-zero,
+one forward under `torch.inference_mode`, median of {first['reps']}+ runs after warm-up, the five contenders
+alternating. FLOP floor of the unmerged adapters: Σ r(d+k) / Σ dk over the adapted layers =
+{floor:.2%} ({result['floor_all_linear']:.2%} of all linear layers' multiply-adds, head included).
+Goals: merged ≤ {GOAL_MERGED}× the base; unmerged overhead at most {GOAL_ABOVE_FLOOR:.0%} points above the floor.
+
+{harness.table(["measure", "lorakit", "PEFT", "lorakit / PEFT", "goal", "met", "base", "lorakit merged",
+                "PEFT merged"], rows)}"""
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(run(quick="--quick" in sys.argv[1:]), indent=2))

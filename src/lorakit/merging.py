@@ -1,0 +1,91 @@
+"""Merge adapters into the base weights and take them out again; unload lorakit from a model.
+
+After training, ``ΔW = s·B·A`` can be added into ``W`` so inference costs nothing extra
+(LoRA §4.1). :func:`merge` / :func:`unmerge` do it in place and reversibly;
+:func:`merge_and_unload` and :func:`unload` hand back the plain model with its original
+module types. The per-layer arithmetic (fp32 ΔW, bit-exact unmerge for fp16/bf16) is
+:meth:`lorakit.layers.LoraLayer.merge`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+from torch import nn
+
+from lorakit.layers import LoraLayer, SavedModule
+from lorakit.model import _ACTIVE, _CONFIGS, active_adapters, check_names, tied_paths
+from lorakit.targets import replace_module, walk
+
+_PER_ROW_CACHE = "_lora_row_layers"  # lorakit.per_row's cache of the model's layers
+
+
+def merge(model: nn.Module, names: Iterable[str] | None = None) -> None:
+    """Add ``ΔW`` of ``names`` (default: the active adapters) into the base weights.
+
+    See :meth:`lorakit.layers.LoraLayer.merge` for precision and memory: ΔW in fp32;
+    fp16/bf16 weights keep their original copy while merged so unmerge is bit-exact.
+    Merging an adapter twice warns once and does nothing.
+
+    Raises:
+        LorakitError: an adapter name the model does not have.
+    """
+    names = tuple(active_adapters(model) if names is None else names)
+    check_names(model, names)
+    modules = walk(model)
+    layers = {p: m for p, m in modules.items() if isinstance(m, LoraLayer)}
+    again = [n for n in names if any(n in layer.merged for layer in layers.values())]
+    if again:
+        warnings.warn(f"adapter(s) {again} already merged; merging again does nothing", stacklevel=2)
+    todo = [n for n in names if n not in again]
+    tied = tied_paths(modules, [p for p, layer in layers.items() if any(n in layer.adapters for n in todo)])
+    if tied:
+        warnings.warn(f"merging into {tied}, whose weight is tied to another module (e.g. the output head): "
+                      "that module changes too; keep such adapters unmerged", stacklevel=2)
+    for layer in layers.values():
+        mine = [n for n in todo if n in layer.adapters]
+        if mine:
+            layer.merge(mine)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Take every merged ``ΔW`` out of the base weights again."""
+    for module in walk(model).values():
+        if isinstance(module, LoraLayer):
+            module.unmerge()
+
+
+def _unwrap(model: nn.Module, *, keep_merged: bool) -> nn.Module:
+    modules = walk(model)
+    for path, module in list(modules.items()):
+        if isinstance(module, LoraLayer):
+            if not keep_merged:
+                module.unmerge()
+            replace_module(model, modules, path, module.base_layer())
+        elif isinstance(module, SavedModule):
+            replace_module(model, modules, path, module.current() if keep_merged else module.original())
+    for attr in (_CONFIGS, _ACTIVE, _PER_ROW_CACHE):
+        model.__dict__.pop(attr, None)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the active adapters and return the plain model (original module types).
+
+    modules_to_save modules are replaced by the active adapter's trained copy.
+
+    Returns:
+        ``model`` itself, with no lorakit module left in it.
+    """
+    layers = [m for m in walk(model).values() if isinstance(m, LoraLayer)]
+    pending = [n for n in active_adapters(model)
+               if any(n in layer.adapters and n not in layer.merged for layer in layers)]
+    if pending:
+        merge(model, pending)
+    return _unwrap(model, keep_merged=True)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging (merged ones are unmerged): the original model back."""
+    return _unwrap(model, keep_merged=False)

@@ -1,0 +1,228 @@
+"""Which modules of a model a :class:`~lorakit.config.LoraConfig` selects, and where
+lorakit's own layers sit on a model.
+
+Everything here reads the model through :func:`walk`: one pass over its modules that
+does not descend into lorakit's own parts (a LoRA layer's ``adapters``, a saved
+module's ``copies``), so its cost grows with the base model's modules, not with the
+number of adapters loaded. An operation walks once and hands the result down.
+
+>>> target_paths(model, LoraConfig(target_modules=["q_proj", "v_proj"]))[:2]
+['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.v_proj']
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterator
+
+from torch import nn
+
+from lorakit.config import ALL_LINEAR, LoraConfig, name_matches
+from lorakit.errors import LorakitError
+from lorakit.layers import LINEAR_TYPES, LoraLayer, SavedModule, wrapper_for
+
+#: target_modules used when a config gives None, by ``model.config.model_type``
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"], "phi3": ["qkv_proj"], "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"],
+    "bert": ["query", "value"], "roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
+    "t5": ["q", "v"], "opt": ["q_proj", "v_proj"],
+}
+_HEAD_NAMES = ("classifier", "score")  # sequence-classification heads "all-linear" leaves out
+
+#: parent type -> {child name: why the parent's forward never calls that child's forward}.
+#: A LoRA layer there would do nothing, so explicit targets are refused and "all-linear"
+#: leaves them out. Applies only while the parent type's own ``forward`` is in use.
+BYPASSED_CHILDREN: dict[type, dict[str, str]] = {
+    nn.MultiheadAttention: {
+        "out_proj": "nn.MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward "
+                    "and never calls out_proj",
+    },
+    nn.TransformerEncoderLayer: {
+        name: f"nn.TransformerEncoderLayer's eval-mode fast path (torch._transformer_encoder_layer_fwd) "
+              f"reads {name}.weight directly and never calls {name}"
+        for name in ("linear1", "linear2")
+    },
+}
+
+
+# ---------------------------------------------------------------------- one walk
+
+
+def walk(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module of ``model`` by path, in module order (as ``named_modules``, shared
+    modules once), without a LoRA layer's ``adapters`` or a saved module's ``copies``."""
+    modules: dict[str, nn.Module] = {}
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        path, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        modules[path] = module
+        skip = "adapters" if isinstance(module, LoraLayer) else "copies" if isinstance(module, SavedModule) else None
+        prefix = path + "." if path else ""
+        children = [(prefix + n, c) for n, c in module._modules.items() if c is not None and n != skip]
+        stack.extend(reversed(children))
+    return modules
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """Every LoRA layer of ``model`` as ``(module path, layer)``, in module order."""
+    for path, module in walk(model).items():
+        if isinstance(module, LoraLayer):
+            yield path, module
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
+    """Every ``modules_to_save`` wrapper as ``(module path, wrapper)``; ``wrapper.copies[name]``
+    is adapter ``name``'s trainable copy."""
+    for path, module in walk(model).items():
+        if isinstance(module, SavedModule):
+            yield path, module
+
+
+def replace_module(model: nn.Module, modules: dict[str, nn.Module], path: str, new: nn.Module) -> None:
+    """Put ``new`` at ``path`` of ``model`` and in ``modules`` (a :func:`walk` of it)."""
+    parent_path, _, child = path.rpartition(".")
+    parent = modules.get(parent_path) if parent_path else model
+    if parent is None:
+        parent = model.get_submodule(parent_path)
+    setattr(parent, child, new)
+    modules[path] = new
+
+
+# ---------------------------------------------------------------------- what can be targeted
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    return module._base if isinstance(module, LoraLayer) else module
+
+
+def _candidates(modules: dict[str, nn.Module]) -> Iterator[tuple[str, nn.Module]]:
+    """Leaf modules lorakit can wrap (or has wrapped), outside modules_to_save wrappers."""
+    saved: list[str] = []
+    for path, module in modules.items():
+        if saved and any(path.startswith(s) for s in saved):
+            continue
+        if isinstance(module, LoraLayer):
+            yield path, module
+        elif isinstance(module, SavedModule):
+            saved.append(path + ".")
+        elif wrapper_for(module) is not None and not any(c is not None for c in module._modules.values()):
+            yield path, module
+
+
+def targetable_modules(model: nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:
+    """``(path, type name, weight shape)`` of every module ``target_modules`` can name."""
+    return [(path, type(_base_of(m)).__name__, tuple(_base_of(m).weight.shape))
+            for path, m in _candidates(walk(model))]
+
+
+def _targetable_summary(modules: dict[str, nn.Module]) -> str:
+    paths = [p for p, _ in _candidates(modules)]
+    if not paths:
+        return "none (lorakit wraps nn.Linear, transformers Conv1D and nn.Embedding)"
+    counts = Counter(p.rsplit(".", 1)[-1] for p in paths)
+    names = ", ".join(f"{n} (×{c})" if c > 1 else n for n, c in counts.items())
+    return f"{names}; e.g. {paths[0]!r}"
+
+
+def _output_heads(model: nn.Module, modules: dict[str, nn.Module]) -> set[str]:
+    paths = {id(m): p for p, m in modules.items()}
+    get_out = getattr(model, "get_output_embeddings", None)
+    heads = [get_out() if callable(get_out) else None] + [getattr(model, n, None) for n in _HEAD_NAMES]
+    return {paths[id(h)] for h in heads if isinstance(h, nn.Module) and id(h) in paths}
+
+
+def bypass_reason(modules: dict[str, nn.Module], path: str) -> str | None:
+    """Why the parent of ``path`` never calls its forward (see :data:`BYPASSED_CHILDREN`), or None."""
+    parent_path, _, child = path.rpartition(".")
+    parent = modules.get(parent_path)
+    for parent_type, children in BYPASSED_CHILDREN.items():
+        if child in children and isinstance(parent, parent_type) and type(parent).forward is parent_type.forward:
+            return children[child]
+    return None
+
+
+# ---------------------------------------------------------------------- what a config selects
+
+
+def target_paths(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Module] | None = None) -> list[str]:
+    """Module paths ``config.target_modules`` selects on ``model``, in module order.
+
+    ``"all-linear"`` takes every nn.Linear / Conv1D except the output head, the
+    classification head and layers whose parent never calls them (:data:`BYPASSED_CHILDREN`).
+
+    Args:
+        modules: a :func:`walk` of ``model`` the caller already has (saves a walk).
+
+    Raises:
+        LorakitError: nothing matches (the message lists what could be targeted),
+            target_modules is None and the model family has no default, or a selected
+            module's parent never calls its forward (e.g. ``nn.MultiheadAttention.out_proj``).
+    """
+    modules = walk(model) if modules is None else modules
+    spec = config.target_modules
+    if spec is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        spec = DEFAULT_TARGETS.get(model_type)
+        if spec is None:
+            raise LorakitError(
+                f"no target_modules given and no default for model type {model_type!r}; "
+                f"name some of: {_targetable_summary(modules)}")
+    if spec == ALL_LINEAR:
+        heads = tuple(h + "." for h in _output_heads(model, modules))
+        paths = [p for p, m in _candidates(modules)
+                 if isinstance(_base_of(m), LINEAR_TYPES) and not (p + ".").startswith(heads)]
+    else:
+        paths = [p for p, _ in _candidates(modules) if name_matches(spec, p)]
+    paths = [p for p in paths if not config.excludes(p)]
+    bypassed = {p: why for p in paths if (why := bypass_reason(modules, p)) is not None}
+    if spec == ALL_LINEAR:
+        paths = [p for p in paths if p not in bypassed]
+    if not paths:
+        left_out = ""
+        if bypassed:
+            path, why = next(iter(bypassed.items()))
+            left_out = f"; left out {len(bypassed)} whose parent never calls them, e.g. {path}: {why}"
+        raise LorakitError(
+            f"target_modules {spec!r} matched no module of {type(model).__name__}; "
+            f"targetable modules: {_targetable_summary(modules)}{left_out}")
+    if bypassed and spec != ALL_LINEAR:
+        path, why = next(iter(bypassed.items()))
+        more = f" ({len(bypassed) - 1} more like it)" if len(bypassed) > 1 else ""
+        raise LorakitError(f"cannot target {path}: {why}, so a LoRA adapter there would never run{more}; "
+                           f"exclude it (exclude_modules=[{path!r}]) or target other modules")
+    return paths
+
+
+def saved_paths(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Module] | None = None) -> list[str]:
+    """Module paths ``config.modules_to_save`` selects on ``model`` (outermost matches only).
+
+    Args:
+        modules: a :func:`walk` of ``model`` the caller already has (saves a walk).
+
+    Raises:
+        LorakitError: modules_to_save names modules but none matches (the message lists
+            the model's top-level modules), or a match holds a LoRA layer.
+    """
+    if not config.modules_to_save:
+        return []
+    modules = walk(model) if modules is None else modules
+    paths: list[str] = []
+    for path, module in modules.items():
+        if not path or isinstance(module, LoraLayer) or any(path.startswith(p + ".") for p in paths):
+            continue
+        if name_matches(config.modules_to_save, path):
+            paths.append(path)
+    holding = [p for p in paths for q, m in modules.items() if q.startswith(p + ".") and isinstance(m, LoraLayer)]
+    if holding:
+        raise LorakitError(f"modules_to_save selects {holding[0]}, which holds LoRA layers; save a module "
+                           "without adapters inside (e.g. the classification head)")
+    if not paths:
+        top = ", ".join(n for n, _ in model.named_children())
+        raise LorakitError(f"modules_to_save {config.modules_to_save!r} matched no module of "
+                           f"{type(model).__name__}; its top-level modules are: {top}")
+    return paths

@@ -1,0 +1,97 @@
+"""Smoke test of the side-by-side benchmarks: each runs once with quick=True on tiny
+random models (seconds, not the embedded models), so the scripts cannot rot.
+
+The figures are not checked (timings on a shared machine mean nothing at this size);
+what is checked is that every contender ran, produced positive times and memory, the
+ratios are computed and the Markdown section renders.
+"""
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+
+# benchmarks/ sits beside src/; plain `pytest` needs the repository root on the path.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import harness  # noqa: E402
+from benchmarks.__main__ import BENCHMARKS, write_section  # noqa: E402
+
+MINE = ["training", "inference", "bottleneck", "adapters"]
+
+
+@pytest.fixture(scope="module")
+def results():
+    return {name: importlib.import_module(f"benchmarks.{name}").run(quick=True) for name in MINE}
+
+
+def test_registered():
+    assert set(MINE) <= set(BENCHMARKS)
+
+
+def test_training(results):
+    r = results["training"]
+    for case in ("minilm", "smollm2"):
+        assert set(r[case]["step_ms"]) == {"lorakit", "peft", "full", "floor"}
+        assert all(ms > 0 for ms in r[case]["step_ms"].values())
+        assert all(m["peak_mb"] > 0 for m in r[case]["memory"].values())
+        # lorakit and PEFT train the same parameters; full fine-tuning trains everything
+        trainable = r[case]["trainable_params"]
+        assert trainable["lorakit"] == trainable["peft"] < trainable["full"]
+        assert trainable["floor"] == 0
+        assert r[case]["time_vs_peft"] > 0
+
+
+def test_inference(results):
+    r = results["inference"]
+    assert r["adapted_layers"] == 14  # 2 blocks × 7 linear layers, the head left out
+    for batch in r["batches"].values():
+        assert set(batch["forward_ms"]) == {"base", "lorakit_merged", "lorakit_unmerged", "peft_unmerged",
+                                            "peft_merged"}
+        assert batch["merged_vs_base"] > 0
+
+
+def test_bottleneck(results):
+    r = results["bottleneck"]
+    assert r["adapter_layers"] == 4  # after attention and after the MLP, 2 blocks
+    for inp in r["inputs"].values():
+        assert set(inp["forward_ms"]) == {"base", "lora_merged", "lora_unmerged", "bottleneck"}
+
+
+def test_adapters(results):
+    r = results["adapters"]
+    assert set(r["per_row"]["distinct"]) == {"1", "2", "8", "16", "32"}
+    ms = r["load_switch_merge"]["ms"]
+    for lib in ("lorakit", "peft"):
+        assert set(ms[lib]) == {"load", "switch", "merge", "unmerge"}
+        assert all(v > 0 for v in ms[lib].values())
+
+
+@pytest.mark.parametrize("name", MINE)
+def test_markdown(results, name, tmp_path):
+    section = importlib.import_module(f"benchmarks.{name}").markdown(results[name])
+    assert section.startswith("## ")
+    assert "| lorakit" in section or "LoRA merged" in section
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\n## Serving\n\nkept\n")
+    write_section(section, doc)
+    write_section(section, doc)  # replacing, not appending, the second time
+    text = doc.read_text()
+    assert text.count(section.splitlines()[0]) == 1
+    assert "## Serving\n\nkept" in text
+
+
+def test_peak_memory_in_a_fresh_process():
+    memory = harness.peak_memory("benchmarks.training:setup", steps=1, case="minilm", contender="lorakit",
+                                 quick=True)
+    assert memory["peak_mb"] >= memory["before_mb"] > 0
+
+
+def test_machine_name():
+    name = harness.machine_name()
+    assert name and "/" not in name and " " not in name

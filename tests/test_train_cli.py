@@ -1,0 +1,120 @@
+"""`lorakit train / eval / predict / generate` from the command line, including a run
+killed mid-way (SIGKILL, and Ctrl-C) and resumed to the same loss curve."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lorakit.cli import build_parser, main
+from lorakit.report import read_metrics
+from tiny_training import chat_records, save_tiny_classifier, save_tiny_llama, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return {"cls": str(save_tiny_classifier(root / "cls", dropout=0.1)), "llm": str(save_tiny_llama(root / "llm")),
+            "chat": str(write_jsonl(root / "chat.jsonl", chat_records(40))), "root": root}
+
+
+def args(tiny, out, *extra):
+    return ["train", "--model", tiny["cls"], "--data-limit", "200", "--batch-size", "8", "--max-length", "48",
+            "--out", str(out), *extra]
+
+
+def losses(out):
+    return [line["loss"] for line in read_metrics(f"{out}/metrics.jsonl") if "lr" in line]
+
+
+def test_train_has_exactly_the_issue_flags():
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices["train"]
+    flags = {option for action in sub._actions for option in action.option_strings}
+    assert flags >= {"--task", "--model", "--data", "--method", "--rank", "--alpha", "--targets", "--steps",
+                     "--epochs", "--batch-size", "--grad-accum", "--lr", "--max-length", "--eval-every", "--out",
+                     "--resume", "--seed"}
+    with pytest.raises(SystemExit):
+        main(["train", "--steps", "3", "--epochs", "1"])
+
+
+def test_train_then_eval_predict(tiny, tmp_path, capsys):
+    assert main(args(tiny, tmp_path / "run", "--steps", "4", "--eval-every", "2")) == 0
+    printed = capsys.readouterr().out
+    assert "validation accuracy" in printed and "trainable params" in printed and "saved to" in printed
+    adapter = str(tmp_path / "run" / "adapter")
+    assert main(["eval", "--adapter", adapter]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    assert main(["predict", "--adapter", adapter, "a great film", "dull"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all("fresh" in line and "rotten" in line for line in lines)
+    assert main(["predict", "--adapter", adapter, "--adapter", adapter, "ok"]) == 0
+    assert capsys.readouterr().out.count("[") == 2
+
+
+def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine", "label": "a"}\n{"text": "oops"\n')
+    assert main(["train", "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorakit train: error: bad.jsonl line 2 is not valid JSON") and err.count("\n") == 1
+    assert main(["eval", "--adapter", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_chat_train_and_generate(tiny, tmp_path, capsys):
+    assert main(["train", "--task", "chat", "--model", tiny["llm"], "--data", tiny["chat"], "--steps", "3",
+                 "--batch-size", "8", "--out", str(tmp_path / "chat")]) == 0
+    capsys.readouterr()
+    adapter = str(tmp_path / "chat" / "adapter")
+    assert main(["generate", "--adapter", adapter, "--prompt", "say red", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("[")
+    assert main(["generate", "--adapter", adapter, "--adapter", adapter, "--merge", "--prompt", "hi",
+                 "--max-new-tokens", "2"]) == 0
+    assert "[merged] hi" in capsys.readouterr().out
+
+
+def _run_until_checkpoint(command, out, sig):
+    """Start `lorakit train` in a subprocess, send ``sig`` once a checkpoint exists."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "lorakit", *command], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "state" / "last" / "state.json").exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.05)
+    process.send_signal(sig)
+    output, _ = process.communicate(timeout=240)
+    return process.returncode, output
+
+
+STEPS = ["--steps", "40", "--eval-every", "5", "--rank", "4", "--lr", "1e-2"]
+
+
+@pytest.fixture(scope="module")
+def whole_run(tiny):
+    out = tiny["root"] / "whole"
+    assert main(args(tiny, out, *STEPS)) == 0
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl-c"])
+def test_a_killed_run_resumed_matches_the_uninterrupted_curve(tiny, whole_run, tmp_path, sig):
+    parts = tmp_path / "parts"
+    code, output = _run_until_checkpoint(args(tiny, parts, *STEPS), parts, sig)
+    if sig == signal.SIGKILL:
+        assert code == -signal.SIGKILL
+    else:
+        assert code == 130 and "--resume" in output, output
+    stopped_at = json.loads((parts / "state" / "last" / "state.json").read_text())["step"]
+    assert 0 < stopped_at < 40
+    assert main(args(tiny, parts, *STEPS, "--resume")) == 0
+    assert losses(parts) == pytest.approx(losses(whole_run), abs=1e-6)
+    assert len(losses(parts)) == 40
+    report = json.loads((parts / "report.json").read_text())
+    assert report["test"] == pytest.approx(json.loads((whole_run / "report.json").read_text())["test"])
