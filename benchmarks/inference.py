@@ -53,6 +53,7 @@ def run(quick: bool = False) -> dict:
     base = harness.causal_lm(quick).to(harness.device())
     models = contenders(base)
     floor = harness.linear_flops_floor(models["lorakit_unmerged"], RANK)
+    floor["peft_adapted_layers"] = sum(1 for m in models["peft_unmerged"].modules() if hasattr(m, "lora_A"))
     results = {}
     for label, (batch, length, reps) in (QUICK_BATCHES if quick else BATCHES).items():
         inputs = harness.token_batch(base, batch, length)

@@ -31,7 +31,7 @@ from benchmarks import harness
 CONTENDERS = ("lorakit", "peft", "full", "floor")
 CASES = {
     "minilm": dict(batch=32, length=64, targets=["query", "value"], head=["classifier"], reps=7),
-    "smollm2": dict(batch=4, length=128, targets="all-linear", head=None, reps=5),
+    "smollm2": dict(batch=4, length=128, targets="all-linear", head=None, reps=5),  # a step: seconds
 }
 QUICK = dict(batch=4, length=16, reps=1)
 RANK = 8
@@ -104,7 +104,8 @@ def run_case(case: str, quick: bool) -> dict:
     base = _model(case, quick)
     steps = {c: setup(case, c, quick, model=base) for c in CONTENDERS}
     del base
-    samples = harness.interleaved(steps, reps=reps, warmup=0 if quick else 2)
+    # the first step allocates gradients and AdamW state; the second runs warm
+    samples = harness.interleaved(steps, reps=reps, warmup=0 if quick else (2 if case == "minilm" else 1))
     if quick:  # the smoke run: in this process (a fresh one per contender costs seconds each)
         memory = {c: harness.measure_here(lambda: steps[c], steps=1) for c in CONTENDERS}
     else:
@@ -162,11 +163,11 @@ def markdown(result: dict) -> str:
 `python -m benchmarks training`. Machine: {harness.describe(result['machine'])}.
 
 AdamW, LoRA rank {first['rank']}, LoRA dropout 0, model in train mode. Step time: median of
-{first['reps']}+ steps after 2 warm-up steps, the four contenders alternating step by step in one
-process. Memory: each contender alone in a fresh process, peak resident set during 3 steps
-("add": the peak minus the resident set of the loaded, wrapped model before the first step:
-activations, gradients, AdamW state). *floor*: the frozen model, backward to the inputs only,
-no weight gradient: the least a LoRA step can cost.
+{' / '.join(f"{result[c]['reps']} ({result[c]['model']})" for c in CASES)} steps after warm-up, the four
+contenders alternating step by step in one process. Memory: each contender alone in a fresh process,
+peak resident set during 3 steps; "add" is the peak minus the resident set of the loaded, wrapped
+model before the first step (activations, gradients, AdamW state). *floor*: the frozen model,
+backward to the inputs only, no weight gradient: the least any LoRA step can cost.
 
 {harness.table(["measure", "lorakit", "PEFT", "lorakit / PEFT", "goal", "met", "full FT", "floor"], rows)}"""
 

@@ -103,3 +103,10 @@ def test_bad_input_exits_2_with_one_line(pair, tmp_path, capsys, argv, message):
     assert main(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lorakit")]
     assert len(errors) == 1 and message in errors[0]
+
+
+def test_a_full_fine_tune_run_folder_stands_for_its_model(pair, tmp_path, capsys):
+    base, tuned = pair
+    shutil.copytree(tuned, tmp_path / "run" / "model")  # lorakit train --method full --out run
+    assert main(["spectrum", "--base", base, "--tuned", str(tmp_path / "run"), "--module", "layer.0.attention"]) == 0
+    assert _row(capsys.readouterr().out, "bert.encoder.layer.0.attention.self.query")[-1] == "1"

@@ -11,7 +11,7 @@ from lorakit import (
     disable_adapters, lora_configs, lora_layers, merge, merge_and_unload, saved_modules, set_active,
     targetable_modules, trainable_report, unload, unmerge,
 )
-from lorakit.model import saved_paths, target_paths, walk
+from lorakit.model import base_parameters, saved_paths, target_paths, walk
 from lorakit.layers import LoraLayer, SavedModule
 from tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
 
@@ -363,3 +363,13 @@ def test_subclass_with_its_own_forward_may_be_targeted():
     with disable_adapters(model):
         base = model(x)
     assert not torch.allclose(model(x), base)
+
+
+def test_base_parameters_are_the_models_own_whatever_is_attached():
+    model = tiny_bert_classifier()
+    own = {id(p) for p in model.parameters()}
+    attach(model, LoraConfig(r=2, target_modules="all-linear", modules_to_save=["classifier"]), "a")
+    add_adapter(model, LoraConfig(r=2, target_modules=["query"]), "b")
+    base = base_parameters(model)
+    assert {id(p) for p in base} == own and len(base) == len(own)
+    assert not any(p.requires_grad for p in base)

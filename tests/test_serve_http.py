@@ -192,8 +192,9 @@ def test_64_concurrent_greedy_requests_over_8_adapters_match_each_adapter_alone(
     assert len(set(first_prompt)) == N_ADAPTERS
     assert refs.text(None, tokenizer.encode(PROMPTS[0]), 8) not in first_prompt
     # 8 adapters, at most 6 resident: some were evicted and loaded again from disk
-    health = httpx.get(server.url + "/health").json()
-    assert health["adapters_resident"] <= 6
+    assert httpx.get(server.url + "/health").json()["adapters_resident"] <= 6
+    loads = {m["id"]: m["loads"] for m in httpx.get(server.url + "/v1/models").json()["data"][1:]}
+    assert max(loads.values()) >= 2, loads
 
 
 def test_base_model_answers_as_the_plain_model(server, toy):

@@ -12,6 +12,19 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
+    "TrainConfig": "lorakit.train",
+    "TrainingDiverged": "lorakit.train",
+    "TrainingInterrupted": "lorakit.train",
+    "load_trained": "lorakit.inference",
+    "evaluate_trained": "lorakit.inference",
+    "predict": "lorakit.inference",
+    "generate": "lorakit.inference",
+    "read_records": "lorakit.data",
+    "rotten_tomatoes": "lorakit.data",
+    "chatterbot_pairs": "lorakit.data",
+    "plot_training_curves": "lorakit.plots",
+    "register_method": "lorakit.methods",
+    "register_task": "lorakit.tasks",
     "save_adapter": "lorakit.io",
     "load_adapter": "lorakit.io",
     "read_adapter": "lorakit.io",

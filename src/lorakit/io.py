@@ -198,7 +198,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             taken, or the file does not fit the model: the message lists every missing or
             unexpected key and every shape mismatch. The model is unchanged then.
     """
-    from lorakit.model import add_adapter, delete_adapter, lora_configs, set_active
+    from lorakit.model import add_adapter, base_parameters, delete_adapter, lora_configs, set_active
 
     folder = Path(path)
     config, tensors, metadata = _read(folder)
@@ -210,7 +210,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         warnings.warn(f"adapter {folder} was initialised with PiSSA; its factors are loaded as they are, so the "
                       "base model must already hold PiSSA's residual weights", stacklevel=2)
     # add_adapter freezes the base (and bias modes unfreeze biases): undo that if copying fails.
-    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    grad_flags = [(p, p.requires_grad) for p in base_parameters(model)]
     # init_weights=False: zero factors, no random draw (the caller's random stream stays as it
     # was) and no PiSSA rewrite of W; the config is recorded as the file gives it.
     add_adapter(model, config, name, init_weights=False)

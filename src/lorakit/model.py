@@ -62,6 +62,17 @@ def active_adapters(model: nn.Module) -> tuple[str, ...]:
     return tuple(getattr(model, _ACTIVE, ()))
 
 
+def base_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The model's own parameters (shared ones once), without any adapter's A and B or
+    modules_to_save copy: the ones :func:`add_adapter` freezes."""
+    seen: dict[int, nn.Parameter] = {}
+    for module in walk(model).values():
+        for param in module._parameters.values():
+            if param is not None:
+                seen.setdefault(id(param), param)
+    return list(seen.values())
+
+
 def check_names(model: nn.Module, names: Iterable[str]) -> None:
     """Raise a LorakitError naming every one of ``names`` the model has no adapter for."""
     configs = getattr(model, _CONFIGS, {})
@@ -257,7 +268,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     configs = dict(getattr(model, _CONFIGS))
     del configs[name]
     object.__setattr__(model, _CONFIGS, configs)
-    _apply_active(model, tuple(n for n in active_adapters(model) if n != name), modules)
+    # Layers that held the adapter dropped it from their active set themselves; the rest hold no such name.
+    object.__setattr__(model, _ACTIVE, tuple(n for n in active_adapters(model) if n != name))
 
 
 # ---------------------------------------------------------------------- counting

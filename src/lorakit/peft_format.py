@@ -166,13 +166,16 @@ def _check_saved(modules, saved: dict, problems: list[str]) -> None:
 
 def apply_plan(model: nn.Module, plan: LoadPlan, name: str) -> None:
     """Copy a validated plan's tensors into adapter ``name`` (just added) and the base."""
+    from lorakit.model import walk
+
+    modules = walk(model)
     with torch.no_grad():
         for path, A, B in plan.factors:
-            adapter = model.get_submodule(path).adapters[name]
+            adapter = modules[path].adapters[name]
             adapter.A.copy_(A)
             adapter.B.copy_(B)
         for path, state in plan.saved.items():
-            model.get_submodule(path).copies[name].load_state_dict(state, strict=True)
+            modules[path].copies[name].load_state_dict(state, strict=True)
         model_params = dict(model.named_parameters(remove_duplicate=False)) if plan.params else {}
         for pname, tensor in plan.params:
             param = model_params[pname]

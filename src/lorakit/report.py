@@ -83,7 +83,7 @@ def format_report(report: dict) -> str:
     rows = [
         ("task", f"{report['task']} ({report['data']['source']}; train/validation/test = "
                  f"{report['data']['train']}/{report['data']['validation']}/{report['data']['test']})"),
-        ("method", f"{report['method']}" + (f" r={report['rank']} alpha={report['alpha']} on {report['targets']}"
+        ("method", f"{report['method']}" + (f" r={report['rank']} alpha={report['alpha']} on {','.join(report['targets'] or [])}"
                                             if report["method"] != "full" else "")),
         ("trainable params", f"{report['trainable_params']:,} of {report['total_params']:,} "
                              f"({report['trainable_percent']:.3f}%)"),

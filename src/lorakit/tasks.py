@@ -96,9 +96,12 @@ def _load_causal_lm(spec: str, labels):
 
 def _reviews_as_text():
     splits = lkdata.rotten_tomatoes(validation=200, test=200)
-    for part in (splits.train, splits.validation, splits.test):
-        part[:] = [{"text": r["text"], "_where": r["_where"]} for r in part]
-    return splits
+
+    def as_text(part):
+        return [{"text": r["text"], "_where": r["_where"]} for r in part]
+
+    return lkdata.DatasetSplits(as_text(splits.train), as_text(splits.validation), as_text(splits.test),
+                                f"{splits.source} as plain text")
 
 
 TASKS: dict[str, Task] = {}

@@ -303,7 +303,7 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     saved_to = out / method.saved_name
     report = {
         "task": task.name, "metric": task.metric, "method": config.method, "model": config.model,
-        "rank": config.rank, "alpha": config.alpha, "targets": config.targets or "default",
+        "rank": config.rank, "alpha": config.alpha, "targets": _adapted_modules(model) or config.targets,
         "data": {"source": data.source, **data.sizes(), "truncated": data.truncated},
         "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / total,
         "steps": total_steps, "global_batch": global_batch, "world_size": runtime.world_size,
@@ -386,6 +386,13 @@ def _restore(model, best_file: Path) -> None:
         for name, p in model.named_parameters():
             if name in best:
                 p.copy_(best[name])
+
+
+def _adapted_modules(model) -> list[str]:
+    """Names of the module kinds carrying LoRA factors (``["query", "value"]``), if any."""
+    from lorakit.model import lora_layers
+
+    return sorted({path.rsplit(".", 1)[-1] for path, _ in lora_layers(model)})
 
 
 def _check_same_settings(saved: dict, now: dict, where: Path) -> None:

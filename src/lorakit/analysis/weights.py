@@ -142,11 +142,15 @@ def load_model(spec: str, num_labels: int | None = None) -> nn.Module:
     ``"default"`` and folders whose ``config.json`` names a ``...ForSequenceClassification``
     architecture load as classifiers (:func:`lorakit.models.load_classifier`, with
     ``num_labels`` from the folder or the argument); everything else as a causal LM
-    (:func:`lorakit.models.load_causal_lm`). The classifier head of ``"default"`` starts
+    (:func:`lorakit.models.load_causal_lm`). A ``lorakit train --method full`` run folder
+    stands for the ``model/`` folder inside it. The classifier head of ``"default"`` starts
     random: compare heads only between fine-tunes.
     """
     from lorakit import models
 
+    run_model = Path(spec).expanduser() / "model"
+    if not (Path(spec).expanduser() / "config.json").is_file() and (run_model / "config.json").is_file():
+        spec = str(run_model)  # the run folder of `lorakit train --method full`: its model/ inside
     archs = _architectures(spec)
     if spec == "default" or any(a.endswith("ForSequenceClassification") for a in archs):
         labels = num_labels or num_labels_of(spec) or 2

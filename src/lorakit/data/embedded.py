@@ -13,6 +13,7 @@ from __future__ import annotations
 import bz2
 import csv
 import io
+from functools import lru_cache
 
 from lorakit.data.splits import DatasetSplits, split_records
 from lorakit.errors import LorakitError
@@ -32,6 +33,16 @@ def rotten_tomatoes(validation: int = 1000, test: int = 1000, limit: int | None 
     The full set: 12,808 reviews -> about 10,800 train, 1,000 validation, 1,000 test.
     """
     path = embedded_path(*ROTTEN_TOMATOES)
+    records = [dict(record) for record in _reviews(str(path))]
+    if limit is not None:
+        records = split_records(records, 0, 0, "rotten tomatoes").train[:limit]
+        validation = test = max(1, limit // 10)
+    return split_records(records, validation, test, source=f"Rotten Tomatoes ({path.name})")
+
+
+@lru_cache(maxsize=1)
+def _reviews(path: str) -> tuple:
+    """The labelled reviews of the file at ``path``, parsed once per process (~1 s)."""
     records, seen = [], set()
     with io.TextIOWrapper(bz2.open(path), encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
@@ -39,11 +50,8 @@ def rotten_tomatoes(validation: int = 1000, test: int = 1000, limit: int | None 
             if row.get("category") not in REVIEW_LABELS or not text or text in seen:
                 continue
             seen.add(text)
-            records.append({"text": text, "label": row["category"], "_where": f"{path.name} review {len(records)}"})
-    if limit is not None:
-        records = split_records(records, 0, 0, "rotten tomatoes").train[:limit]
-        validation = test = max(1, limit // 10)
-    return split_records(records, validation, test, source=f"Rotten Tomatoes ({path.name})")
+            records.append({"text": text, "label": row["category"], "_where": f"review {len(records)}"})
+    return tuple(records)
 
 
 def chatterbot_pairs(validation: float = 0.1, test: float = 0.1) -> DatasetSplits:

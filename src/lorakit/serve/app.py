@@ -98,7 +98,8 @@ def create_app(service: Service) -> FastAPI:
                  "root": service.model_name}]
         for a in service.registry.describe():
             data.append({"id": a["name"], "object": "model", "created": created, "owned_by": "lorakit",
-                         "parent": BASE, "root": service.model_name, "resident": a["resident"]})
+                         "parent": BASE, "root": service.model_name, "resident": a["resident"],
+                         "loads": a["loads"]})
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions")
