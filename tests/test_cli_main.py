@@ -13,3 +13,15 @@ def test_python_dash_m_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "lorakit", "--version"], capture_output=True, text=True)
     assert done.returncode == 0
     assert done.stdout.startswith("lorakit ")
+
+
+def test_every_verb_has_a_help_page(capsys):
+    import argparse
+
+    from lorakit.cli import build_parser
+
+    parser = build_parser()
+    parser.format_help()  # the verb summaries
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in verbs.choices.items():
+        assert f"usage: lorakit {name}" in sub.format_help()

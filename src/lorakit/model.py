@@ -34,7 +34,6 @@ from lorakit.targets import (  # noqa: F401  (re-exported: lorakit.model is wher
     DEFAULT_TARGETS, lora_layers, replace_module, saved_modules, saved_paths, target_paths, targetable_modules, walk,
 )
 
-_target_paths = target_paths  # old private name, still imported by lorakit.models.target_footprint
 
 _CONFIGS = "_lora_configs"  # model attribute: {adapter name: LoraConfig}, replaced (not mutated) on add/delete
 _ACTIVE = "_lora_active"  # model attribute: tuple of active adapter names

@@ -323,10 +323,10 @@ def target_footprint(model: nn.Module, rank: int = 8, targets=None) -> dict:
         LorakitError: a bad rank, or ``targets`` selects nothing (the message lists the names).
     """
     from lorakit.config import LoraConfig
-    from lorakit.model import _target_paths, targetable_modules
+    from lorakit.model import target_paths, targetable_modules
 
     config = LoraConfig(r=rank, target_modules=targets)
-    selected = set(_target_paths(model, config))
+    selected = set(target_paths(model, config))
     rows = []
     for path, kind, shape in targetable_modules(model):
         params = config.rank_for(path) * sum(shape)

@@ -14,7 +14,7 @@ from lorakit.cli.analyze import format_table
 def register(subparsers) -> None:
     spec = subparsers.add_parser(
         "spectrum",
-        help="singular values of ΔW = W_tuned − W_base per module, and the ranks keeping 90/95/99%",
+        help="singular values of ΔW = W_tuned − W_base per module, and the ranks keeping 90/95/99%% of the energy",
         description=(
             "SVD of the update a full fine-tune made to each linear weight (output heads left out), and "
             "the smallest rank holding 90, 95 and 99%% of its energy Σσ² (seed 003)."
