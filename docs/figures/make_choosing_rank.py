@@ -190,6 +190,11 @@ def sweep_section(study: Path, out: dict) -> None:
 
     plot_sweep([{**r, "metric": r["points"]} for r in rows], HERE / "choosing-rank-sweep.png",
                metric="validation accuracy (%)", chosen={**chosen, "metric": chosen["points"]})
+    longer = study / "sweep300" / "sweep.jsonl"
+    if longer.is_file():
+        rows300 = [json.loads(line) for line in longer.read_text().splitlines() if line.strip()]
+        out["sweep300"] = [{k: r[k] for k in ("targets", "rank", "trainable_params", "points", "train_time_s")}
+                           for r in rows300]
     seed1 = study / "sweep-seed1" / "sweep.jsonl"
     if seed1.is_file():
         out["sweep_seed1"] = [{k: json.loads(line)[k] for k in ("targets", "rank", "points")}

@@ -136,7 +136,7 @@ def _unique_names(folders: list[Path]) -> list[str]:
 # ---------------------------------------------------------------- the three uses
 
 
-def evaluate_trained(trained: Trained, data: str | None = None, batch_size: int = 64) -> dict:
+def evaluate_trained(trained: Trained, data: str | None = None, batch_size: int | None = None) -> dict:
     """Metrics of every adapter of ``trained`` on ``data``: ``{name: metrics}``.
 
     ``data`` None scores the test split of the data it was trained on; a file is
@@ -146,6 +146,7 @@ def evaluate_trained(trained: Trained, data: str | None = None, batch_size: int 
     from lorakit.tasks import encode_splits
 
     task, info = trained.task, trained.info
+    batch_size = batch_size or (64 if task.kind == "classify" else 8)
     max_length = info.get("max_length") or task.default_max_length
     if data is None:
         splits = read_splits(task, info.get("data", "default"), info.get("data_limit"))

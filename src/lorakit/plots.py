@@ -262,7 +262,7 @@ def plot_sweep(rows, path, metric: str = "validation metric", chosen=None,
         ys = [r["metric"] for r in group]
         ax.plot(xs, ys, marker="o", color=f"C{i % 10}", label=targets)
         for r in group:
-            ax.annotate(f"r={r['rank']}", xy=(r["trainable_params"], r["metric"]), xytext=(3, 4),
+            ax.annotate(f"r={r['rank']}", xy=(r["trainable_params"], r["metric"]), xytext=(3, 4 - 11 * i),
                         textcoords="offset points", fontsize=7)
     if chosen is not None:
         ax.scatter([chosen["trainable_params"]], [chosen["metric"]], s=220, facecolors="none",

@@ -63,6 +63,8 @@ class TrainConfig:
         method: ``"lora"`` or ``"full"`` (:data:`lorakit.methods.METHODS`).
         rank, alpha, targets, lora_dropout: the LoRA adapter (``targets`` None: the
             model family's default, ``query,value`` for BERT, ``q_proj,v_proj`` for Llama).
+        model_dropout: set every dropout of the model to this probability (None: keep
+            the model's own, 0.1 for BERT).
         steps / epochs: length of training in optimizer steps, or in passes over the
             training split (one of them; neither: the task's default).
         batch_size: examples per process per forward pass; the global batch of one
@@ -74,6 +76,7 @@ class TrainConfig:
         label_smoothing: of the classification cross-entropy (0 = none).
         max_length: tokens per example (None: the task's default); longer ones are cut.
         eval_every: steps between evaluations and checkpoints (None: 5 per run).
+        eval_batch_size: examples per evaluation forward pass (None: 64 classify, 8 lm).
         out: output folder (None: ``runs/<task>-<method>``).
         resume: continue from the checkpoint in ``out``.
         seed: seeds the data order, the adapter's init and dropout.
@@ -91,6 +94,7 @@ class TrainConfig:
     alpha: float = 16
     targets: list[str] | str | None = None
     lora_dropout: float = 0.0
+    model_dropout: float | None = None
     steps: int | None = None
     epochs: float | None = None
     batch_size: int = 32
@@ -102,7 +106,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     max_length: int | None = None
     eval_every: int | None = None
-    eval_batch_size: int = 64
+    eval_batch_size: int | None = None
     out: str | None = None
     resume: bool = False
     seed: int = 0
@@ -126,18 +130,23 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not low < value < high:
                 raise LorakitError(f"{name} must be in ({low}, {high}), got {value!r}")
-        for name in ("warmup", "label_smoothing", "lora_dropout"):
+        for name in ("warmup", "label_smoothing", "lora_dropout", "model_dropout"):
+            if getattr(self, name) is None:
+                continue
             if not 0 <= getattr(self, name) < 1:
                 raise LorakitError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if isinstance(self.targets, str) and self.targets != "all-linear":
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
         self.lr = self.lr if self.lr is not None else method.default_lr
         self.max_length = self.max_length or task.default_max_length
+        # a language model's logits are (batch, tokens, vocabulary): keep evaluation batches small
+        self.eval_batch_size = self.eval_batch_size or (64 if task.kind == "classify" else 8)
         self.out = self.out or f"runs/{self.task}-{self.method}"
 
     def settings(self) -> dict:
         """The settings a resume must share with the run it continues."""
-        keep = ("task", "model", "data", "method", "rank", "alpha", "targets", "lora_dropout", "steps", "epochs",
+        keep = ("task", "model", "data", "method", "rank", "alpha", "targets", "lora_dropout", "model_dropout",
+                "steps", "epochs",
                 "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "max_grad_norm", "label_smoothing",
                 "max_length", "eval_every", "seed", "data_limit", "adapter_name")
         return {k: v for k, v in asdict(self).items() if k in keep}
@@ -169,6 +178,10 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     splits = read_splits(task, config.data, config.data_limit)
     labels = sorted({r["label"] for r in splits.train}) if task.kind == "classify" else None
     model, tokenizer = task.load_model(config.model, labels)
+    if config.model_dropout is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = config.model_dropout
     data = encode_splits(task, splits, tokenizer, config.max_length, labels)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     say(f"data: {data.source}: {data.sizes()['train']} train, {data.sizes()['validation']} validation, "

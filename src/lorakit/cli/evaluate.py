@@ -14,7 +14,8 @@ def register(subparsers) -> None:
     parser.add_argument("--data", default=None, help=".jsonl/.csv file to score whole (default: the test split "
                                                      "of the data the adapter was trained on)")
     parser.add_argument("--merge", action="store_true", help="merge the adapter into the base weights first")
-    parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="examples per forward pass (default: 64 for a classifier, 8 for a language model)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.set_defaults(func=run)
 

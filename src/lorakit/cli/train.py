@@ -41,6 +41,8 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default=None, help="output folder (default: runs/<task>-<method>)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     parser.add_argument("--seed", type=int, default=0, help="seeds data order, adapter init and dropout")
+    parser.add_argument("--model-dropout", type=float, default=None,
+                        help="set every dropout of the model to this probability (default: the model's own)")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="classification label smoothing")
     parser.add_argument("--data-limit", type=int, default=None,
                         help="use only this many training examples (quick trials)")
@@ -58,7 +60,7 @@ def run(args) -> int:
         targets=args.targets, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, max_length=args.max_length, eval_every=args.eval_every,
         out=args.out, resume=args.resume, seed=args.seed, label_smoothing=args.label_smoothing, device=args.device,
-        data_limit=args.data_limit,
+        data_limit=args.data_limit, model_dropout=args.model_dropout,
     )
     try:
         train(config)
