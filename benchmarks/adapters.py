@@ -163,8 +163,38 @@ def load_switch_merge(quick: bool) -> dict:
     }
 
 
+def bf16_round_trip(quick: bool) -> dict:
+    """How many targeted weight tensors (and what fraction of their elements) a merge then
+    unmerge in bf16 leaves changed, lorakit against PEFT (MiniLM, query/value, rank 8)."""
+    import peft
+
+    from lorakit import LoraConfig
+    from lorakit.model import attach, lora_layers, merge, unmerge
+
+    base = harness.classifier(quick).to(torch.bfloat16)
+    lk = attach(copy.deepcopy(base), LoraConfig(r=RANK, alpha=16, target_modules=["query", "value"], init="random"))
+    pf = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=RANK, lora_alpha=16, target_modules=["query", "value"],
+                                                                  init_lora_weights=False))
+    before = {"lorakit": [layer.weight.detach().clone() for _, layer in lora_layers(lk)],
+              "peft": [m.weight.detach().clone() for m in pf.modules() if hasattr(m, "lora_A") and hasattr(m, "weight")]}
+    merge(lk)
+    unmerge(lk)
+    pf.merge_adapter()
+    pf.unmerge_adapter()
+    after = {"lorakit": [layer.weight for _, layer in lora_layers(lk)],
+             "peft": [m.weight for m in pf.modules() if hasattr(m, "lora_A") and hasattr(m, "weight")]}
+    out = {}
+    for lib in before:
+        changed = [int((a != b).sum()) for a, b in zip(before[lib], after[lib])]
+        total = sum(w.numel() for w in before[lib])
+        out[lib] = {"tensors": len(changed), "tensors_changed": sum(c > 0 for c in changed),
+                    "elements_changed": round(sum(changed) / total, 4)}
+    return out
+
+
 def run(quick: bool = False) -> dict:
-    return {"machine": harness.machine(), "per_row": per_row(quick), "load_switch_merge": load_switch_merge(quick)}
+    return {"machine": harness.machine(), "per_row": per_row(quick), "load_switch_merge": load_switch_merge(quick),
+            "bf16_merge_unmerge": bf16_round_trip(quick)}
 
 
 GOAL_ADDED_16 = 0.5  # time per-row adapters add over the base, lorakit / PEFT, 16 distinct
@@ -201,7 +231,17 @@ half of what PEFT adds; with 32 distinct, lorakit's forward ≤ {GOAL_32_VS_ONE}
 Load: the library's own call on a folder in PEFT's format (page cache warm) onto a model already holding two
 adapters; switch: make the other of two adapters active (mean of 20); merge / unmerge: the active adapter.
 
-{harness.table(["operation", "lorakit ms", "PEFT ms", "lorakit / PEFT"], ops)}"""
+{harness.table(["operation", "lorakit ms", "PEFT ms", "lorakit / PEFT"], ops)}{_round_trip_md(result)}"""
+
+
+def _round_trip_md(result: dict) -> str:
+    rt = result.get("bf16_merge_unmerge")
+    if not rt:
+        return ""
+    lk, pf = rt["lorakit"], rt["peft"]
+    return (f"\nA merge → unmerge cycle in bf16 (MiniLM, query/value) left {lk['tensors_changed']} of {lk['tensors']} "
+            f"targeted weight tensors changed with lorakit ({lk['elements_changed']:.0%} of their elements), "
+            f"{pf['tensors_changed']} of {pf['tensors']} with PEFT ({pf['elements_changed']:.0%}).\n")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -133,6 +134,7 @@ def _run(quick: bool, requests: int, max_tokens: int, repeats: int) -> dict:
                 for key, (distinct, serial) in scenarios.items():
                     jobs = [(names[i % distinct], prompts[i % len(prompts)]) for i in range(requests)]
                     measured[key].append(_throughput(service, jobs, max_tokens, serial))
+                    print(f"serve: {key} adapters: {measured[key][-1]:.1f} tokens/s", file=sys.stderr, flush=True)
             base_jobs = [(BASE, prompts[i % len(prompts)]) for i in range(requests)]
             base_tps = statistics.median(_throughput(service, base_jobs, max_tokens, False) for _ in range(repeats))
             load_ms, restack_ms = service.engine.call(

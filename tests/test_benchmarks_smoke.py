@@ -70,6 +70,9 @@ def test_adapters(results):
     for lib in ("lorakit", "peft"):
         assert set(ms[lib]) == {"load", "switch", "merge", "unmerge"}
         assert all(v > 0 for v in ms[lib].values())
+    round_trip = r["bf16_merge_unmerge"]
+    assert round_trip["lorakit"]["tensors"] == round_trip["peft"]["tensors"] == 4
+    assert round_trip["lorakit"]["tensors_changed"] == 0  # bf16 unmerge restores W bit for bit
 
 
 @pytest.mark.parametrize("name", MINE)

@@ -154,8 +154,9 @@ def load_model(spec: str, num_labels: int | None = None) -> nn.Module:
     archs = _architectures(spec)
     if spec == "default" or any(a.endswith("ForSequenceClassification") for a in archs):
         labels = num_labels or num_labels_of(spec) or 2
-        torch.manual_seed(0)  # the random head of "default" is then the same on every load
-        model, _ = models.load_classifier(spec, num_labels=labels)
+        with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
+            torch.manual_seed(0)  # the random head of "default" is then the same on every load
+            model, _ = models.load_classifier(spec, num_labels=labels)
         return model
     model, _ = models.load_causal_lm(spec)
     return model
