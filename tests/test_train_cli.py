@@ -93,7 +93,7 @@ def _run_until_checkpoint(command, out, sig):
     return process.returncode, output
 
 
-STEPS = ["--steps", "40", "--eval-every", "5", "--rank", "4", "--lr", "1e-2"]
+STEPS = ["--steps", "16", "--eval-every", "4", "--rank", "4", "--lr", "1e-2"]
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +112,9 @@ def test_a_killed_run_resumed_matches_the_uninterrupted_curve(tiny, whole_run, t
     else:
         assert code == 130 and "--resume" in output, output
     stopped_at = json.loads((parts / "state" / "last" / "state.json").read_text())["step"]
-    assert 0 < stopped_at < 40
+    assert 0 < stopped_at < 16
     assert main(args(tiny, parts, *STEPS, "--resume")) == 0
     assert losses(parts) == pytest.approx(losses(whole_run), abs=1e-6)
-    assert len(losses(parts)) == 40
+    assert len(losses(parts)) == 16
     report = json.loads((parts / "report.json").read_text())
     assert report["test"] == pytest.approx(json.loads((whole_run / "report.json").read_text())["test"])

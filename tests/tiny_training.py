@@ -16,7 +16,7 @@ import torch
 
 BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase,
               *(f"##{c}" for c in string.ascii_lowercase), *string.digits, *".,!?'-:;()\"",
-              "the", "a", "and", "of", "film", "movie", "good", "bad", "great", "dull"]
+              "the", "a", "and", "of", "film", "movie", "good", "bad", "great", "dull", "fine", "awful"]
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 

@@ -1,6 +1,7 @@
 """Figures and numbers of docs/choosing-rank.md, from the runs the study's commands leave in STUDY.
 
     python docs/figures/make_choosing_rank.py STUDY [DATA]
+    SECTIONS=sweep,similarity python docs/figures/make_choosing_rank.py STUDY   # only some
 
 STUDY holds ``sweep/`` (lorakit sweep), ``sweep-seed1/``, ``full/`` (lorakit train --method full)
 and ``adalora/``; DATA the folder with validation.jsonl the runs were scored on. Writes the
@@ -10,6 +11,7 @@ PNGs beside this script and prints every number the page quotes as JSON.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -58,13 +60,12 @@ def similarity_section(study: Path, out: dict) -> None:
         plot_similarity(shown, HERE / f"choosing-rank-phi-{factor}-r8-r64.png",
                         title=f"φ(i, j) between the {factor} of the r = 8 (i) and r = 64 (j) query+value adapters")
         curves = {"r = 8 vs r = 64": res}
-        if (seed1 / "query+value-r8" / "adapter").is_dir():
-            s8 = compare_adapters(r8, seed1 / "query+value-r8" / "adapter", factor=factor)
-            s64 = compare_adapters(r64, seed1 / "query+value-r64" / "adapter", factor=factor)
-            out[f"phi_{factor}_r8_seeds"] = summarize_phi(s8)
-            out[f"phi_{factor}_r64_seeds"] = summarize_phi(s64)
-            curves["r = 8, seed 0 vs seed 1"] = s8
-            curves["r = 64, seed 0 vs seed 1"] = s64
+        for rank, ours in (("8", r8), ("64", r64)):
+            other = seed1 / f"query+value-r{rank}" / "adapter"
+            if other.is_dir():
+                res_seeds = compare_adapters(ours, other, factor=factor)
+                out[f"phi_{factor}_r{rank}_seeds"] = summarize_phi(res_seeds)
+                curves[f"r = {rank}, seed 0 vs seed 1"] = res_seeds
         panels[factor] = curves
     plot_phi_curves(panels, HERE / "choosing-rank-phi-curves.png")
 
@@ -218,11 +219,13 @@ def main(argv):
     study = Path(argv[1])
     data = Path(argv[2]) if len(argv) > 2 else Path("/tmp/ek/rt")
     out: dict = {}
-    for section in (lambda: sweep_section(study, out), lambda: similarity_section(study, out),
-                    lambda: amplification_section(study, out), lambda: adalora_section(study, out),
-                    lambda: spectrum_section(study, data, out)):
+    sections = {"sweep": lambda: sweep_section(study, out), "similarity": lambda: similarity_section(study, out),
+                "amplification": lambda: amplification_section(study, out),
+                "adalora": lambda: adalora_section(study, out), "spectrum": lambda: spectrum_section(study, data, out)}
+    chosen = [s for s in os.environ.get("SECTIONS", ",".join(sections)).split(",") if s]
+    for name in chosen:
         try:
-            section()
+            sections[name]()
         except FileNotFoundError as err:  # a run not finished yet: leave its section out
             print(f"skipped: {err}", file=sys.stderr)
     print(json.dumps(out, indent=1))

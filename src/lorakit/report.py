@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,6 +25,54 @@ def peak_memory_bytes(device: torch.device | None = None) -> dict:
     if device is not None and device.type == "cuda":
         out["cuda_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
     return out
+
+
+class StepMemory:
+    """Peak resident memory while training steps run (evaluation and checkpoint writing
+    left out), sampled by a background thread every ``interval`` seconds.
+
+    ``ru_maxrss`` covers the whole process (model loading, saving); this isolates what
+    the optimizer steps need: weights, activations, gradients, optimizer state.
+    """
+
+    def __init__(self, interval: float = 0.005):
+        import psutil
+
+        self._process = psutil.Process()
+        self._interval = interval
+        self._active = threading.Event()
+        self._stop = threading.Event()
+        self.peak_bytes = 0
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self):
+        while not self._stop.is_set():
+            if self._active.wait(timeout=0.1):
+                self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+                self._stop.wait(self._interval)
+
+    @contextmanager
+    def measuring(self):
+        """Count the memory of the code inside the ``with`` block."""
+        self._active.set()
+        try:
+            yield
+        finally:
+            self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+            self._active.clear()
+
+    def close(self) -> int:
+        """Stop the sampling thread; return the peak in bytes."""
+        self._stop.set()
+        self._thread.join()
+        return self.peak_bytes
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def folder_size(path) -> int:
@@ -92,6 +142,8 @@ def format_report(report: dict) -> str:
         (f"test {metric}", show(test) if test else "n/a (no test split)"),
         ("wall time", f"{report['wall_time_s']:.1f} s (training loop {report['train_time_s']:.1f} s)"),
         ("peak memory", _mb(memory["peak_rss_bytes"]) + " RSS"
+         + (f" (training steps: {_mb(memory['train_steps_peak_rss_bytes'])})" if "train_steps_peak_rss_bytes" in memory
+            else "")
          + (f", {_mb(memory['cuda_peak_allocated_bytes'])} CUDA" if "cuda_peak_allocated_bytes" in memory else "")),
         ("saved to", f"{report['saved_to']} ({_mb(report['saved_bytes'])})"),
         ("report", f"{report['report_path']}, {report['metrics_path']}, {report['plot_path']}"),

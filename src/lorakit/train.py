@@ -27,7 +27,8 @@ import signal
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ from lorakit import checkpoint, distributed
 from lorakit.data.encode import collate
 from lorakit.errors import LorakitError
 from lorakit.methods import get_method, head_modules
-from lorakit.report import MetricsLog, folder_size, format_report, peak_memory_bytes, read_metrics
+from lorakit.report import MetricsLog, StepMemory, folder_size, format_report, peak_memory_bytes, read_metrics
 from lorakit.tasks import TASK_FILE, batch_stats, encode_splits, evaluate, get_task, read_splits
 
 DEFAULT_STEPS = {"classify": 300}  # tasks not listed train one epoch by default
@@ -69,6 +70,7 @@ class TrainConfig:
             training split (one of them; neither: the task's default).
         batch_size: examples per process per forward pass; the global batch of one
             optimizer step is ``batch_size * grad_accum * processes``.
+        group_by_length: batch examples of similar length together (less padding).
         lr: peak learning rate (None: the method's default); ``warmup``: fraction of
             the steps spent rising linearly to it, then cosine decay to 0.
         weight_decay: AdamW's decoupled weight decay on matrices (not on biases and norms).
@@ -99,6 +101,7 @@ class TrainConfig:
     epochs: float | None = None
     batch_size: int = 32
     grad_accum: int = 1
+    group_by_length: bool = True
     lr: float | None = None
     warmup: float = 0.06
     weight_decay: float = 0.01
@@ -147,7 +150,7 @@ class TrainConfig:
         """The settings a resume must share with the run it continues."""
         keep = ("task", "model", "data", "method", "rank", "alpha", "targets", "lora_dropout", "model_dropout",
                 "steps", "epochs",
-                "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "max_grad_norm", "label_smoothing",
+                "batch_size", "grad_accum", "group_by_length", "lr", "warmup", "weight_decay", "max_grad_norm", "label_smoothing",
                 "max_length", "eval_every", "seed", "data_limit", "adapter_name")
         return {k: v for k, v in asdict(self).items() if k in keep}
 
@@ -248,32 +251,35 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     bar = _progress(config.progress and runtime.is_main, state["step"], total_steps)
     loop_started = time.perf_counter() - state["train_time_s"]
     step = start_step = state["step"]
-    with _stop_on_signals() as stop_requested:
+    lengths = tuple(len(e.input_ids) for e in data.train)
+    with _stop_on_signals() as stop_requested, StepMemory() as memory:
         while step < total_steps:
-            examples = _global_batch(data.train, step, steps_per_epoch, global_batch, config.seed)
+            examples = _global_batch(data.train, lengths, step, steps_per_epoch, global_batch, config.seed,
+                                     config.group_by_length)
             count = sum(e.target_count() for e in examples)  # the whole global batch's
             mine = examples[runtime.rank::runtime.world_size]
             micro_batches = [mine[i::config.grad_accum] for i in range(config.grad_accum)]
             loss_sum = torch.zeros((), device=runtime.device)
-            for i, micro in enumerate(micro_batches):
-                batch = {k: v.to(runtime.device) for k, v in collate(micro, pad_id).items()}
-                last = i == len(micro_batches) - 1
-                with ddp_model.no_sync() if runtime.world_size > 1 and not last else nullcontext():
-                    stats = batch_stats(task, ddp_model, batch, config.label_smoothing)
-                    # DDP averages gradients over processes: scale back to a sum over the global batch
-                    (stats["loss_sum"] * runtime.world_size / count).backward()
-                loss_sum += stats["loss_sum"].detach()
-            loss = float(distributed.sum_over_ranks(loss_sum, runtime)) / count
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                kept = f"the last good checkpoint is at step {state['step']} in {state_dir}" \
-                    if checkpoint.existing_folder(state_dir) else "no checkpoint was written yet"
-                raise TrainingDiverged(f"training diverged at step {step + 1}: loss {loss}, gradient norm "
-                                       f"{grad_norm}; {kept}; lower --lr (now {config.lr:g})")
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            with memory.measuring():
+                for i, micro in enumerate(micro_batches):
+                    batch = {k: v.to(runtime.device) for k, v in collate(micro, pad_id).items()}
+                    last = i == len(micro_batches) - 1
+                    with ddp_model.no_sync() if runtime.world_size > 1 and not last else nullcontext():
+                        stats = batch_stats(task, ddp_model, batch, config.label_smoothing)
+                        # DDP averages gradients over processes: scale back to a sum over the global batch
+                        (stats["loss_sum"] * runtime.world_size / count).backward()
+                    loss_sum += stats["loss_sum"].detach()
+                loss = float(distributed.sum_over_ranks(loss_sum, runtime)) / count
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    kept = f"the last good checkpoint is at step {state['step']} in {state_dir}" \
+                        if checkpoint.existing_folder(state_dir) else "no checkpoint was written yet"
+                    raise TrainingDiverged(f"training diverged at step {step + 1}: loss {loss}, gradient norm "
+                                           f"{grad_norm}; {kept}; lower --lr (now {config.lr:g})")
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
             if method.on_step:
                 method.on_step(model, step, total_steps)
             step += 1
@@ -307,6 +313,7 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
                                           f"{state_dir}; run again with --resume to continue")
     bar.close()
     train_time = time.perf_counter() - loop_started
+    train_steps_peak = memory.peak_bytes
 
     # ---- 6. best weights back, test, report
     _restore(model, best_file)
@@ -323,7 +330,8 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
         "lr": config.lr, "max_length": config.max_length,
         "validation_before": state["before"], "validation_after": after, "best_step": state["best_step"],
         "test": test, "wall_time_s": time.perf_counter() - started, "train_time_s": train_time,
-        "memory": peak_memory_bytes(runtime.device), "device": str(runtime.device),
+        "memory": {**peak_memory_bytes(runtime.device), "train_steps_peak_rss_bytes": train_steps_peak},
+        "device": str(runtime.device),
         "saved_to": str(saved_to), "saved_bytes": folder_size(saved_to) if saved_to.exists() else 0,
         "metrics_path": str(out / "metrics.jsonl"), "plot_path": str(out / "curves.png"),
         "report_path": str(out / "report.json"), "settings": config.settings(),
@@ -360,15 +368,37 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _global_batch(train: list, step: int, steps_per_epoch: int, global_batch: int, seed: int) -> list:
-    """The examples of optimizer step ``step``: a slice of the epoch's seeded permutation.
+GROUP_BATCHES = 32  # global batches whose examples are sorted by length together
+
+
+@lru_cache(maxsize=2)
+def _epoch_batches(lengths: tuple, global_batch: int, seed: int, epoch: int, group: bool) -> list:
+    """Example indices of every global batch of ``epoch``, from a seeded permutation.
+
+    With ``group``, each run of ``GROUP_BATCHES`` batches is sorted by length before it
+    is cut, and the batches are then shuffled: a batch pads to a similar length, so a
+    step costs less (about 1.5x on the review snippets), while the data stays shuffled.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    order = order[:len(order) // global_batch * global_batch]
+    chunk = GROUP_BATCHES * global_batch if group else global_batch
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=lambda i: lengths[i]) if group else order[start:start + chunk]
+        batches += [part[j:j + global_batch] for j in range(0, len(part), global_batch)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist() if group else range(len(batches))
+    return [batches[i] for i in shuffled]
+
+
+def _global_batch(train: list, lengths: tuple, step: int, steps_per_epoch: int, global_batch: int, seed: int,
+                  group: bool) -> list:
+    """The examples of optimizer step ``step``.
 
     A pure function of its arguments: a resumed run sees the very same batches.
     """
     epoch, position = divmod(step, steps_per_epoch)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(train), generator=generator)
-    return [train[i] for i in order[position * global_batch:(position + 1) * global_batch].tolist()]
+    return [train[i] for i in _epoch_batches(lengths, global_batch, seed, epoch, group)[position]]
 
 
 def _save_trained(method, model, tokenizer, out: Path, config: TrainConfig, data, best_file: Path) -> None:

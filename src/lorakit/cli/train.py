@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 from lorakit.methods import METHODS
 from lorakit.tasks import TASKS
 
@@ -14,16 +12,15 @@ def register(subparsers) -> None:
         description="Fine-tune a pretrained model on a task. With no arguments: LoRA r=8 on the embedded "
                     "all-MiniLM-L6-v2 classifying the embedded Rotten Tomatoes reviews (a few minutes on a "
                     "laptop CPU). Runs under torchrun too: torchrun --nproc_per_node=N -m lorakit train ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--task", choices=sorted(TASKS), default="classify",
-                        help="classify (text -> label), chat (assistant turns) or text (language modelling)")
+                        help="classify (text -> label; the default), chat (assistant turns) or text (language modelling)")
     parser.add_argument("--model", default="default", help="'default' (the task's embedded model) or a model folder")
     parser.add_argument("--data", default="default",
                         help="'default' (embedded dataset), a .jsonl/.csv file, or a folder with train/validation files")
-    parser.add_argument("--method", choices=sorted(METHODS), default="lora", help="what trains")
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r")
-    parser.add_argument("--alpha", type=float, default=16, help="LoRA alpha; the update is scaled by alpha/r")
+    parser.add_argument("--method", choices=sorted(METHODS), default="lora", help="what trains (default: lora)")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: 8)")
+    parser.add_argument("--alpha", type=float, default=16, help="LoRA alpha; the update is scaled by alpha/r (default: 16)")
     parser.add_argument("--targets", default=None,
                         help="modules to adapt: names (query,value), a regex, or all-linear "
                              "(default: the model family's, e.g. query,value for BERT)")
@@ -31,8 +28,8 @@ def register(subparsers) -> None:
     length.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 300 for classify, "
                                                                  "else one epoch)")
     length.add_argument("--epochs", type=float, default=None, help="passes over the training split")
-    parser.add_argument("--batch-size", type=int, default=32, help="examples per process per forward pass")
-    parser.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimizer step")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per process per forward pass (default: 32)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimizer step (default: 1)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-3 lora, 5e-5 full)")
     parser.add_argument("--max-length", type=int, default=None,
                         help="tokens per example; longer ones are truncated (default: 64 classify, 256 chat, 128 text)")
@@ -40,13 +37,13 @@ def register(subparsers) -> None:
                         help="steps between evaluations and checkpoints (default: 5 per run)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/<task>-<method>)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    parser.add_argument("--seed", type=int, default=0, help="seeds data order, adapter init and dropout")
+    parser.add_argument("--seed", type=int, default=0, help="seeds data order, adapter init and dropout (default: 0)")
     parser.add_argument("--model-dropout", type=float, default=None,
                         help="set every dropout of the model to this probability (default: the model's own)")
-    parser.add_argument("--label-smoothing", type=float, default=0.0, help="classification label smoothing")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="classification label smoothing (default: 0)")
     parser.add_argument("--data-limit", type=int, default=None,
                         help="use only this many training examples (quick trials)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--device", default="auto", help="auto (GPU if any, the default), cpu or cuda")
     parser.set_defaults(func=run)
 
 
