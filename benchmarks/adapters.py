@@ -217,7 +217,7 @@ def markdown(result: dict) -> str:
            for op in ("load", "switch", "merge", "unmerge")]
     return f"""## Many adapters
 
-`python -m benchmarks adapters`. Machine: {harness.describe(result['machine'])}.
+`python -m benchmarks adapters`. Machine: {harness.describe(result['machine'])}
 
 **Per-row adapters**: {pr['model']}, {pr['adapters_loaded']} adapters of rank {pr['rank']} on {pr['targets']}, batch
 {pr['batch']}, row i using adapter i mod k; lorakit `per_row_adapters` against PEFT `adapter_names=`; time added over

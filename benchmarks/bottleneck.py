@@ -101,7 +101,7 @@ def markdown(result: dict) -> str:
                      f"{ms['bottleneck']} ({vs['bottleneck']:.3f}×)", r["bottleneck_vs_lora_merged"]])
     return f"""## Adapter layers against LoRA
 
-`python -m benchmarks bottleneck`. Machine: {harness.describe(result['machine'])}.
+`python -m benchmarks bottleneck`. Machine: {harness.describe(result['machine'])}
 
 {result['model']}: a Houlsby bottleneck adapter (size {result['bottleneck']}, GELU, residual) after the
 attention output projection and after the MLP of every block ({result['adapter_layers']} adapter layers),

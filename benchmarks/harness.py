@@ -34,6 +34,17 @@ import torch
 # ---------------------------------------------------------------------- the machine
 
 
+def clock() -> str:
+    """``"wall"`` (the default) or ``"cpu"``: ``LORAKIT_BENCH_CLOCK=cpu`` times this process's
+    CPU seconds (``time.process_time``) instead of wall seconds, for a CPU shared with other
+    jobs: time spent waiting for a core is not counted, the work is. Use it with one torch
+    thread (``OMP_NUM_THREADS=1``), where CPU time is the work of the one thread."""
+    value = os.environ.get("LORAKIT_BENCH_CLOCK", "wall")
+    if value not in ("wall", "cpu"):
+        raise ValueError(f"LORAKIT_BENCH_CLOCK must be 'wall' or 'cpu', got {value!r}")
+    return value
+
+
 def device() -> str:
     """``"cuda"`` when a GPU is usable (``LORAKIT_BENCH_DEVICE`` overrides), else ``"cpu"``."""
     return os.environ.get("LORAKIT_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,6 +75,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": device(),
+        "clock": clock(),
     }
     for package in ("transformers", "peft"):
         try:
@@ -78,8 +90,9 @@ def machine() -> dict:
 def describe(info: dict) -> str:
     """One line for BENCHMARKS.md: ``Intel Xeon, 2 cores, 2 torch threads, torch 2.13.0, ...``."""
     where = info.get("gpu") or f"{info['cpu']}, {info['cores']} cores, {info['threads']} torch threads"
+    timing = " Times are process CPU seconds, not wall seconds." if info.get("clock") == "cpu" else ""
     return (f"{where}, {info['memory_gb']} GB RAM; torch {info['torch']}, transformers {info['transformers']}, "
-            f"peft {info['peft']}, Python {info['python']}")
+            f"peft {info['peft']}, Python {info['python']}.{timing}")
 
 
 def machine_name(info: dict | None = None) -> str:
@@ -93,7 +106,7 @@ def machine_name(info: dict | None = None) -> str:
             name = f"cuda-{info['gpu']}"
         else:
             cpu = re.sub(r"\((r|tm)\)|\bcpu\b|@.*$", "", info["cpu"], flags=re.I)
-            name = f"cpu-{cpu}-{info['cores']}c-{info['threads']}t"
+            name = f"cpu-{cpu}-{info['cores']}c-{info['threads']}t" + ("-cputime" if info.get("clock") == "cpu" else "")
     name = re.sub(r"[^A-Za-z0-9_.]+", "-", name.strip().lower())
     return re.sub(r"-+", "-", name).strip("-") or "machine"
 
@@ -107,12 +120,13 @@ def sync() -> None:
 
 
 def timed(fn: Callable[[], object]) -> float:
-    """Seconds one call of ``fn`` takes (GPU work included)."""
+    """Seconds one call of ``fn`` takes (GPU work included); CPU seconds with :func:`clock` ``"cpu"``."""
+    now = time.process_time if clock() == "cpu" and device() == "cpu" else time.perf_counter
     sync()
-    start = time.perf_counter()
+    start = now()
     fn()
     sync()
-    return time.perf_counter() - start
+    return now() - start
 
 
 def interleaved(contenders: dict[str, Callable[[], object]], reps: int, warmup: int = 1,

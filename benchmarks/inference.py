@@ -98,7 +98,7 @@ def markdown(result: dict) -> str:
     first = next(iter(result["batches"].values()))
     return f"""## Inference forward
 
-`python -m benchmarks inference`. Machine: {harness.describe(result['machine'])}.
+`python -m benchmarks inference`. Machine: {harness.describe(result['machine'])}
 
 {result['model']}, LoRA rank {result['rank']} on {result['adapted_layers']} linear layers (all-linear), B non-zero,
 one forward under `torch.inference_mode`, median of {first['reps']}+ runs after warm-up, the five contenders

@@ -160,7 +160,7 @@ def markdown(result: dict) -> str:
     first = result[next(iter(CASES))]
     return f"""## Training step
 
-`python -m benchmarks training`. Machine: {harness.describe(result['machine'])}.
+`python -m benchmarks training`. Machine: {harness.describe(result['machine'])}
 
 AdamW, LoRA rank {first['rank']}, LoRA dropout 0, model in train mode. Step time: median of
 {' / '.join(f"{result[c]['reps']} ({result[c]['model']})" for c in CASES)} steps after warm-up, the four

@@ -21,6 +21,9 @@ import json
 import os
 import random
 import shutil
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -195,3 +198,25 @@ def _jsonable(value):
     if isinstance(value, (set, tuple)):
         return list(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+@contextmanager
+def stop_on_signals():
+    """An Event set by the first Ctrl-C or SIGTERM (the loop then stops after the
+    current step, with a checkpoint); a second signal stops at once."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+
+    def handler(signum, frame):
+        if event.is_set():
+            raise KeyboardInterrupt
+        event.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield event
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from lorakit import checkpoint, distributed
+from lorakit.data.batches import batch_of_step
 from lorakit.data.encode import collate
 from lorakit.errors import LorakitError
 from lorakit.methods import get_method, head_modules
@@ -252,9 +250,9 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     loop_started = time.perf_counter() - state["train_time_s"]
     step = start_step = state["step"]
     lengths = tuple(len(e.input_ids) for e in data.train)
-    with _stop_on_signals() as stop_requested, StepMemory() as memory:
+    with checkpoint.stop_on_signals() as stop_requested, StepMemory() as memory:
         while step < total_steps:
-            examples = _global_batch(data.train, lengths, step, steps_per_epoch, global_batch, config.seed,
+            examples = batch_of_step(data.train, lengths, step, steps_per_epoch, global_batch, config.seed,
                                      config.group_by_length)
             count = sum(e.target_count() for e in examples)  # the whole global batch's
             mine = examples[runtime.rank::runtime.world_size]
@@ -368,39 +366,6 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-GROUP_BATCHES = 32  # global batches whose examples are sorted by length together
-
-
-@lru_cache(maxsize=2)
-def _epoch_batches(lengths: tuple, global_batch: int, seed: int, epoch: int, group: bool) -> list:
-    """Example indices of every global batch of ``epoch``, from a seeded permutation.
-
-    With ``group``, each run of ``GROUP_BATCHES`` batches is sorted by length before it
-    is cut, and the batches are then shuffled: a batch pads to a similar length, so a
-    step costs less (about 1.5x on the review snippets), while the data stays shuffled.
-    """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    order = order[:len(order) // global_batch * global_batch]
-    chunk = GROUP_BATCHES * global_batch if group else global_batch
-    batches = []
-    for start in range(0, len(order), chunk):
-        part = sorted(order[start:start + chunk], key=lambda i: lengths[i]) if group else order[start:start + chunk]
-        batches += [part[j:j + global_batch] for j in range(0, len(part), global_batch)]
-    shuffled = torch.randperm(len(batches), generator=generator).tolist() if group else range(len(batches))
-    return [batches[i] for i in shuffled]
-
-
-def _global_batch(train: list, lengths: tuple, step: int, steps_per_epoch: int, global_batch: int, seed: int,
-                  group: bool) -> list:
-    """The examples of optimizer step ``step``.
-
-    A pure function of its arguments: a resumed run sees the very same batches.
-    """
-    epoch, position = divmod(step, steps_per_epoch)
-    return [train[i] for i in _epoch_batches(lengths, global_batch, seed, epoch, group)[position]]
-
-
 def _save_trained(method, model, tokenizer, out: Path, config: TrainConfig, data, best_file: Path) -> None:
     """Keep the best weights: the trainable tensors (to restore them at the end) and
     the exported adapter or model folder, with the task file that ``lorakit eval``,
@@ -458,25 +423,3 @@ def _progress(enabled: bool, initial: int, total: int):
 
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
                 desc="training")
-
-
-@contextmanager
-def _stop_on_signals():
-    """An Event set by the first Ctrl-C or SIGTERM (the loop then stops after the
-    current step, with a checkpoint); a second signal stops at once."""
-    event = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield event
-        return
-
-    def handler(signum, frame):
-        if event.is_set():
-            raise KeyboardInterrupt
-        event.set()
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield event
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)

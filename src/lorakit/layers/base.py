@@ -195,10 +195,10 @@ class LoraLayer(nn.Module):
             w = self.weight
             if w.dtype != torch.float32 and w.dtype != torch.float64 and self._premerge_weight is None:
                 self._premerge_weight = w.detach().clone()
-            delta = sum(self.delta_weight(n) for n in todo)
             if w.dtype in (torch.float32, torch.float64):
-                w.add_(delta)
+                self._add_deltas(todo, 1.0)
             else:
+                delta = sum(self.delta_weight(n) for n in todo)
                 w.copy_((w.float() + delta).to(w.dtype))
         self.merged = self.merged + tuple(todo)
         self._refresh()
@@ -212,9 +212,18 @@ class LoraLayer(nn.Module):
                 self.weight.copy_(self._premerge_weight)
                 self._premerge_weight = None
             else:
-                self.weight.sub_(sum(self.delta_weight(n) for n in self.merged).to(self.weight.dtype))
+                self._add_deltas(self.merged, -1.0)
         self.merged = ()
         self._refresh()
+
+    def _add_deltas(self, names: Iterable[str], sign: float) -> None:
+        """``W += sign · s·B·A`` for each adapter in ``names``, in place (a fp32/fp64 weight):
+        one ``addmm_`` each, so no ``(out, in)`` temporary is allocated (the same ΔW as
+        :meth:`delta_weight`, to rounding)."""
+        w = self.weight_out_in()  # a view: transposed for Conv1D and embeddings
+        for name in names:
+            ad = self.adapters[name]
+            w.addmm_(ad.B.to(w.dtype), ad.A.to(w.dtype), alpha=sign * ad.scaling)
 
     def base_layer(self) -> nn.Module:
         """The original module (its own type: nn.Linear, Conv1D, nn.Embedding) sharing
