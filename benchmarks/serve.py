@@ -100,17 +100,23 @@ def _cold_load_ms(service: Service, folder: Path, repeats: int) -> tuple[float, 
     return statistics.median(loads), statistics.median(restacks)
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, max_tokens: int | None = None, repeats: int | None = None,
+        threads: int | None = None) -> dict:
     """Tokens/s with 1, 8 and 32 adapters in the traffic, the one-after-another baseline,
-    and adapter cold-load time. Returns the figures as a dict."""
-    requests, max_tokens, repeats = (32, 4, 1) if quick else (32, 16, 2)
-    threads = torch.get_num_threads()
-    if quick:
-        torch.set_num_threads(1)  # the toy model's matmuls are too small to share
+    and adapter cold-load time. Returns the figures as a dict.
+
+    ``threads``: torch's CPU threads for the run (default: 1 with ``quick``, whose toy
+    matmuls are too small to share, else torch's own setting).
+    """
+    requests = 32
+    max_tokens = max_tokens or (4 if quick else 16)
+    repeats = repeats or (1 if quick else 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or (1 if quick else before))
     try:
         return _run(quick, requests, max_tokens, repeats)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def _run(quick: bool, requests: int, max_tokens: int, repeats: int) -> dict:
@@ -127,16 +133,16 @@ def _run(quick: bool, requests: int, max_tokens: int, repeats: int) -> dict:
         try:
             prompts = [service.tokenizer.encode(p) for p in PROMPTS]
             _drive(service, [(names[0], prompts[0])], 2)  # warm-up
-            scenarios = {"1": (1, False), "8": (8, False), "32": (32, False),
+            # distinct adapters in the traffic (0: the base model alone), one adapter at a time?
+            scenarios = {"base": (0, False), "1": (1, False), "8": (8, False), "32": (32, False),
                          "8-one-after-another": (8, True), "32-one-after-another": (32, True)}
             measured: dict[str, list[float]] = {key: [] for key in scenarios}
             for _ in range(repeats):
                 for key, (distinct, serial) in scenarios.items():
-                    jobs = [(names[i % distinct], prompts[i % len(prompts)]) for i in range(requests)]
+                    jobs = [(names[i % distinct] if distinct else BASE, prompts[i % len(prompts)])
+                            for i in range(requests)]
                     measured[key].append(_throughput(service, jobs, max_tokens, serial))
-                    print(f"serve: {key} adapters: {measured[key][-1]:.1f} tokens/s", file=sys.stderr, flush=True)
-            base_jobs = [(BASE, prompts[i % len(prompts)]) for i in range(requests)]
-            base_tps = statistics.median(_throughput(service, base_jobs, max_tokens, False) for _ in range(repeats))
+                    print(f"serve: {key}: {measured[key][-1]:.1f} tokens/s", file=sys.stderr, flush=True)
             load_ms, restack_ms = service.engine.call(
                 lambda: _cold_load_ms(service, tmp / names[0], 3 if quick else 7)).result()
         finally:
@@ -147,7 +153,6 @@ def _run(quick: bool, requests: int, max_tokens: int, repeats: int) -> dict:
         "adapters": "rank 8 on q,k,v,o,gate,up,down of every block",
         "requests": requests, "max_tokens": max_tokens, "repeats": repeats, "threads": torch.get_num_threads(),
         "tokens_per_s": tps,
-        "base_model_tokens_per_s": round(base_tps, 1),
         "ratio_vs_one_adapter": {k: round(tps[k] / tps["1"], 3) for k in ("8", "32")},
         "ratio_vs_one_after_another": {k: round(tps[k] / tps[f"{k}-one-after-another"], 2) for k in ("8", "32")},
         "cold_load_ms": round(load_ms, 2),
@@ -168,7 +173,7 @@ baseline is the same engine fed one adapter's requests at a time.
 
 | adapters in the traffic | tokens/s | vs 1 adapter (goal ≥ 0.9×) | vs one adapter after another (goal ≥ 2×) |
 |---|---|---|---|
-| base model, no adapter | {result['base_model_tokens_per_s']} | | |
+| none (base model alone) | {tps['base']} | | |
 | 1 | {tps['1']} | 1.00× | |
 | 8 | {tps['8']} | {ratio1['8']:.2f}× | {ratio_seq['8']:.2f}× ({tps['8-one-after-another']} tokens/s) |
 | 32 | {tps['32']} | {ratio1['32']:.2f}× | {ratio_seq['32']:.2f}× ({tps['32-one-after-another']} tokens/s) |

@@ -14,7 +14,7 @@ from benchmarks.__main__ import BENCHMARKS  # noqa: E402
 def test_serve_benchmark_runs_quick(tmp_path):
     result = serve.run(quick=True)
     assert "serve" in BENCHMARKS
-    assert set(result["tokens_per_s"]) == {"1", "8", "32", "8-one-after-another", "32-one-after-another"}
+    assert set(result["tokens_per_s"]) == {"base", "1", "8", "32", "8-one-after-another", "32-one-after-another"}
     assert all(v > 0 for v in result["tokens_per_s"].values())
     assert result["cold_load_ms"] > 0
     section = serve.markdown({**result, "repeats": 1})

@@ -12,7 +12,8 @@ A checkpoint is a folder of two files, never pickle:
 
 Folders are written whole under a temporary name and swapped in with ``os.replace``
 (:func:`replace_folder`), so a crash at any moment leaves either the old checkpoint or
-the new one, never half of one.
+the new one, never half of one. :func:`stop_on_signals` turns Ctrl-C and SIGTERM into a
+request to stop at the end of the current step, so that a checkpoint can be written.
 """
 
 from __future__ import annotations
