@@ -58,7 +58,7 @@ def per_row(quick: bool) -> dict:
     from lorakit.per_row import per_row_adapters
 
     spec = QUICK_PER_ROW if quick else PER_ROW
-    base = harness.classifier(quick).to(harness.device())
+    base = copy.deepcopy(harness.classifier(quick).to(harness.device()))  # a copy, as the others (see inference)
     lk, pf = _per_row_models(base, max(DISTINCT))
     inputs = harness.token_batch(base, spec["batch"], spec["length"])
     calls = {"base": lambda: base(**inputs), "lorakit_one": lambda: lk(**inputs), "peft_one": lambda: pf(**inputs)}

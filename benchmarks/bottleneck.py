@@ -64,7 +64,7 @@ def run(quick: bool = False) -> dict:
     from lorakit import LoraConfig
     from lorakit.model import attach, merge
 
-    base = harness.causal_lm(quick).to(harness.device())
+    base = copy.deepcopy(harness.causal_lm(quick).to(harness.device()))  # a copy, as the others (see inference)
     models = {"base": base}
     for name in ("lora_merged", "lora_unmerged"):
         model = attach(copy.deepcopy(base), LoraConfig(r=RANK, alpha=16, target_modules="all-linear", init="random"))

@@ -50,7 +50,9 @@ def contenders(base, targets="all-linear") -> dict:
 
 def run(quick: bool = False) -> dict:
     """Median forward ms per contender and batch, ratios to the base, overheads beside the floor."""
-    base = harness.causal_lm(quick).to(harness.device())
+    # every contender a copy, the base too: weights loaded from a file can sit in other
+    # pages (file-backed, no huge pages) than a copy's, which shows in the timings
+    base = copy.deepcopy(harness.causal_lm(quick).to(harness.device()))
     models = contenders(base)
     floor = harness.linear_flops_floor(models["lorakit_unmerged"], RANK)
     floor["peft_adapted_layers"] = sum(1 for m in models["peft_unmerged"].modules() if hasattr(m, "lora_A"))

@@ -168,7 +168,7 @@ def markdown(result: dict) -> str:
 
 `python -m benchmarks serve` ({result['model']}, {result['adapters']}; {result['requests']} greedy
 requests of {result['max_tokens']} tokens submitted at once, engine with max batch {result['requests']},
-{result['threads']} CPU threads, median of {result['repeats']} interleaved runs). The one-after-another
+torch threads: {result['threads']}, median of {result['repeats']} interleaved runs). The one-after-another
 baseline is the same engine fed one adapter's requests at a time.
 
 | adapters in the traffic | tokens/s | vs 1 adapter (goal ≥ 0.9×) | vs one adapter after another (goal ≥ 2×) |

@@ -102,4 +102,4 @@ def _export_full(model: nn.Module, tokenizer, folder: Path, config) -> None:
 
 
 register_method(Method("lora", _prepare_lora, _export_lora, default_lr=2e-3, saved_name="adapter"))
-register_method(Method("full", _prepare_full, _export_full, default_lr=5e-5, saved_name="model"))
+register_method(Method("full", _prepare_full, _export_full, default_lr=1e-4, saved_name="model"))

@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     length.add_argument("--epochs", type=float, default=None, help="passes over the training split")
     parser.add_argument("--batch-size", type=int, default=32, help="examples per process per forward pass (default: 32)")
     parser.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimizer step (default: 1)")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-3 lora, 5e-5 full)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-3 lora, 1e-4 full)")
     parser.add_argument("--max-length", type=int, default=None,
                         help="tokens per example; longer ones are truncated (default: 64 classify, 256 chat, 128 text)")
     parser.add_argument("--eval-every", type=int, default=None,

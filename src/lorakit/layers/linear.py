@@ -118,6 +118,8 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         run = self._run
+        if not run and self._rows is None:  # merged, disabled or no adapter active: the base alone
+            return self._base_forward(x)
         if self._rows is None and len(run) == 1 and torch.is_grad_enabled() and self._one_function(x, run[0]):
             ad = run[0]
             h = None if ad.dropout is None else ad.dropout(x)
