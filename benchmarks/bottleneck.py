@@ -96,9 +96,9 @@ def markdown(result: dict) -> str:
     rows = []
     for label, r in result["inputs"].items():
         ms, vs = r["forward_ms"], r["vs_base"]
-        rows.append([f"batch {label}", ms["base"], f"{ms['lora_merged']} ({vs['lora_merged']:.3f}×)",
-                     f"{ms['lora_unmerged']} ({vs['lora_unmerged']:.3f}×)",
-                     f"{ms['bottleneck']} ({vs['bottleneck']:.3f}×)", r["bottleneck_vs_lora_merged"]])
+        rows.append([f"batch {label}", ms["base"], f"{ms['lora_merged']:.1f} ({vs['lora_merged']:.3f}×)",
+                     f"{ms['lora_unmerged']:.1f} ({vs['lora_unmerged']:.3f}×)",
+                     f"{ms['bottleneck']:.1f} ({vs['bottleneck']:.3f}×)", r["bottleneck_vs_lora_merged"]])
     return f"""## Adapter layers against LoRA
 
 `python -m benchmarks bottleneck`. Machine: {harness.describe(result['machine'])}

@@ -89,7 +89,8 @@ def machine() -> dict:
 
 def describe(info: dict) -> str:
     """One line for BENCHMARKS.md: ``Intel Xeon, 2 cores, 2 torch threads, torch 2.13.0, ...``."""
-    where = info.get("gpu") or f"{info['cpu']}, {info['cores']} cores, {info['threads']} torch threads"
+    threads = f"{info['threads']} torch thread{'s' if info['threads'] != 1 else ''}"
+    where = info.get("gpu") or f"{info['cpu']}, {info['cores']} cores, {threads}"
     timing = " Times are process CPU seconds, not wall seconds." if info.get("clock") == "cpu" else ""
     return (f"{where}, {info['memory_gb']} GB RAM; torch {info['torch']}, transformers {info['transformers']}, "
             f"peft {info['peft']}, Python {info['python']}.{timing}")

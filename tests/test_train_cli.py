@@ -56,6 +56,27 @@ def test_train_then_eval_predict(tiny, tmp_path, capsys):
     assert capsys.readouterr().out.count("[") == 2
 
 
+def test_train_method_adalora_saves_the_rank_budget_and_loads(tiny, tmp_path):
+    from lorakit.io import load_adapter
+    from lorakit.model import lora_layers
+    from lorakit.models import load_classifier
+
+    out = tmp_path / "ada"
+    # one evaluation, at the last step: the saved adapter is the one pruned to the final budget
+    assert main(args(tiny, out, "--method", "adalora", "--init-rank", "4", "--target-rank", "2",
+                     "--steps", "8", "--eval-every", "8")) == 0
+    raw = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    ranks = {path: raw["rank_pattern"].get(path, raw["r"]) for path in raw["target_modules"]}
+    assert raw["peft_type"] == "LORA" and all(1 <= r <= 4 for r in ranks.values())
+    budget = 2 * 4  # target rank 2 x (query, value) in each of the tiny model's 2 layers
+    assert sum(ranks.values()) == budget
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "adalora" and (report["init_rank"], report["target_rank"]) == (4, 2)
+    model, _ = load_classifier(tiny["cls"])
+    load_adapter(model, out / "adapter")
+    assert {path for path, _ in lora_layers(model)} == set(ranks)
+
+
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine", "label": "a"}\n{"text": "oops"\n')

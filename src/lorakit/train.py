@@ -59,9 +59,13 @@ class TrainConfig:
         model: ``"default"`` (the task's embedded model) or a model folder.
         data: ``"default"`` (the task's embedded dataset), a .jsonl/.csv file, or a
             folder with ``train``/``validation``/``test`` files.
-        method: ``"lora"`` or ``"full"`` (:data:`lorakit.methods.METHODS`).
+        method: ``"lora"``, ``"full"`` or ``"adalora"`` (:data:`lorakit.methods.METHODS`).
         rank, alpha, targets, lora_dropout: the LoRA adapter (``targets`` None: the
             model family's default, ``query,value`` for BERT, ``q_proj,v_proj`` for Llama).
+        init_rank, target_rank: ``adalora`` only: every adapted matrix starts at rank
+            ``init_rank`` (None: ``rank``) and the run ends with ``target_rank`` directions
+            per matrix on average (None: ``init_rank // 3``, at least 1), the total budget
+            ``target_rank x matrices`` shared out by importance.
         model_dropout: set every dropout of the model to this probability (None: keep
             the model's own, 0.1 for BERT).
         steps / epochs: length of training in optimizer steps, or in passes over the
@@ -92,6 +96,8 @@ class TrainConfig:
     method: str = "lora"
     rank: int = 8
     alpha: float = 16
+    init_rank: int | None = None
+    target_rank: int | None = None
     targets: list[str] | str | None = None
     lora_dropout: float = 0.0
     model_dropout: float | None = None
@@ -121,7 +127,7 @@ class TrainConfig:
         task, method = get_task(self.task), get_method(self.method)
         if self.steps is not None and self.epochs is not None:
             raise LorakitError(f"give --steps ({self.steps}) or --epochs ({self.epochs}), not both")
-        for name in ("rank", "batch_size", "grad_accum", "steps", "max_length", "eval_every", "eval_batch_size",
+        for name in ("rank", "init_rank", "target_rank", "batch_size", "grad_accum", "steps", "max_length", "eval_every", "eval_batch_size",
                      "data_limit", "stop_after"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -136,6 +142,11 @@ class TrainConfig:
                 continue
             if not 0 <= getattr(self, name) < 1:
                 raise LorakitError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if (self.init_rank is not None or self.target_rank is not None) and self.method != "adalora":
+            raise LorakitError(f"--init-rank / --target-rank are for --method adalora, not {self.method!r}")
+        if self.target_rank is not None and self.target_rank > (self.init_rank or self.rank):
+            raise LorakitError(f"target_rank ({self.target_rank}) must be at most init_rank "
+                               f"({self.init_rank or self.rank})")
         if isinstance(self.targets, str) and self.targets != "all-linear":
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
         self.lr = self.lr if self.lr is not None else method.default_lr
@@ -146,7 +157,7 @@ class TrainConfig:
 
     def settings(self) -> dict:
         """The settings a resume must share with the run it continues."""
-        keep = ("task", "model", "data", "method", "rank", "alpha", "targets", "lora_dropout", "model_dropout",
+        keep = ("task", "model", "data", "method", "rank", "alpha", "init_rank", "target_rank", "targets", "lora_dropout", "model_dropout",
                 "steps", "epochs",
                 "batch_size", "grad_accum", "group_by_length", "lr", "warmup", "weight_decay", "max_grad_norm", "label_smoothing",
                 "max_length", "eval_every", "seed", "data_limit", "adapter_name")
@@ -321,7 +332,8 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     saved_to = out / method.saved_name
     report = {
         "task": task.name, "metric": task.metric, "method": config.method, "model": config.model,
-        "rank": config.rank, "alpha": config.alpha, "targets": _adapted_modules(model) or config.targets,
+        "rank": config.rank, "alpha": config.alpha, "init_rank": config.init_rank,
+        "target_rank": config.target_rank, "targets": _adapted_modules(model) or config.targets,
         "data": {"source": data.source, **data.sizes(), "truncated": data.truncated},
         "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / total,
         "steps": total_steps, "global_batch": global_batch, "world_size": runtime.world_size,

@@ -18,9 +18,15 @@ def register(subparsers) -> None:
     parser.add_argument("--model", default="default", help="'default' (the task's embedded model) or a model folder")
     parser.add_argument("--data", default="default",
                         help="'default' (embedded dataset), a .jsonl/.csv file, or a folder with train/validation files")
-    parser.add_argument("--method", choices=sorted(METHODS), default="lora", help="what trains (default: lora)")
+    parser.add_argument("--method", choices=sorted(METHODS), default="lora",
+                        help="what trains: lora (the default), full, or adalora (ranks pruned during training)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: 8)")
     parser.add_argument("--alpha", type=float, default=16, help="LoRA alpha; the update is scaled by alpha/r (default: 16)")
+    parser.add_argument("--init-rank", type=int, default=None,
+                        help="adalora: rank of every adapted matrix at the start (default: --rank)")
+    parser.add_argument("--target-rank", type=int, default=None,
+                        help="adalora: average rank per matrix at the end; the total budget is this times the "
+                             "number of adapted matrices (default: init rank // 3)")
     parser.add_argument("--targets", default=None,
                         help="modules to adapt: names (query,value), a regex, or all-linear "
                              "(default: the model family's, e.g. query,value for BERT)")
@@ -54,7 +60,8 @@ def run(args) -> int:
 
     config = TrainConfig(
         task=args.task, model=args.model, data=args.data, method=args.method, rank=args.rank, alpha=args.alpha,
-        targets=args.targets, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+        init_rank=args.init_rank, target_rank=args.target_rank, targets=args.targets, steps=args.steps,
+        epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, max_length=args.max_length, eval_every=args.eval_every,
         out=args.out, resume=args.resume, seed=args.seed, label_smoothing=args.label_smoothing, device=args.device,
         data_limit=args.data_limit, model_dropout=args.model_dropout,
