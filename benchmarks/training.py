@@ -1,7 +1,7 @@
 """One training step, lorakit beside PEFT and full fine-tuning: median time and peak memory.
 
 Two cases (issue 7, items 1 and 2), AdamW (lr 1e-4), LoRA rank 8, LoRA dropout 0, the
-model in train mode (its own dropout stays as it is for all three contenders):
+model in train mode (its own dropout stays as it is for all contenders):
 
 - ``minilm``: the embedded MiniLM-L6 classifier (2 labels), LoRA on query/value, the
   classifier head trained in full (PEFT's ``task_type="SEQ_CLS"`` does the same), batch
@@ -13,7 +13,7 @@ A step is ``zero_grad; loss = model(**batch).loss; loss.backward(); optimizer.st
 The fourth contender, ``floor``, is the frozen base model whose embedding output
 requires grad: forward and the backward to the inputs, no weight gradient at all. It is
 what any LoRA step must cost at least (plus the adapters' own small matmuls).
-Time: the three contenders live in one process and alternate step by step; the median
+Time: the contenders live in one process and alternate step by step; the median
 after warm-up counts. Memory: each contender alone in a fresh process (see
 :func:`benchmarks.harness.peak_memory`), ``added_mb`` being what the steps add to the
 loaded model (activations kept for backward, gradients, AdamW state).
