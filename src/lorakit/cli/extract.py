@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from lorakit.cli.analyze import format_table
+from lorakit.cli.tables import format_table
 
 
 def register(subparsers) -> None:
