@@ -31,6 +31,8 @@ from typing import Callable
 
 import torch
 
+from lorakit.report import peak_rss_since_reset, reset_peak_rss
+
 # ---------------------------------------------------------------------- the machine
 
 
@@ -182,27 +184,6 @@ def _rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def _reset_rss_peak() -> bool:
-    """Reset the kernel's peak-RSS mark of this process (Linux ≥ 4.0); False if not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_peak_bytes() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 class _Sampler:
     """Polls the RSS every millisecond: the fallback where ``VmHWM`` cannot be reset."""
 
@@ -246,10 +227,10 @@ def measure_here(setup: Callable[[], Callable[[], object]], steps: int) -> dict:
         peak, method = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
     else:
         before = _rss_bytes()
-        if _reset_rss_peak():
+        if reset_peak_rss():
             for _ in range(steps):
                 step()
-            peak, method = _rss_peak_bytes(), "peak RSS (VmHWM, reset after setup)"
+            peak, method = peak_rss_since_reset(), "peak RSS (VmHWM, reset after setup)"
         else:
             with _Sampler() as sampler:
                 for _ in range(steps):

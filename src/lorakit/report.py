@@ -27,6 +27,32 @@ def peak_memory_bytes(device: torch.device | None = None) -> dict:
     return out
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's resident-set high-water mark (Linux ``/proc/self/clear_refs``).
+
+    ``ru_maxrss`` covers the whole process life; after a reset, :func:`peak_rss_since_reset`
+    is the peak of what ran since. Returns False where the kernel offers no reset.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset() -> int | None:
+    """``VmHWM`` of ``/proc/self/status`` in bytes, or None where there is no such file."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class StepMemory:
     """Peak resident memory while training steps run (evaluation and checkpoint writing
     left out), sampled by a background thread every ``interval`` seconds.

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from lorakit.errors import LorakitError
+from lorakit.report import peak_rss_since_reset, reset_peak_rss
 
 __all__ = ["SWEEP_FILE", "SweepResult", "choose_smallest", "parse_ranks", "parse_targets", "run_sweep"]
 
@@ -125,32 +126,6 @@ def _append_row(path: Path, row: dict) -> None:
         os.fsync(handle.fileno())
 
 
-def _reset_peak_rss() -> bool:
-    """Reset this process's resident-set high-water mark (Linux ``/proc/self/clear_refs``).
-
-    ``ru_maxrss`` covers the whole process life, so in a sweep every row would report the
-    largest run so far; after a reset, ``VmHWM`` is the peak of the next run alone.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_since_reset() -> int | None:
-    """``VmHWM`` of ``/proc/self/status`` in bytes, or None where there is no such file."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def _row_from_report(report: dict, targets: str, rank: int, folder: Path) -> dict:
     metric = report["metric"]
     value = report["validation_after"][metric]
@@ -223,12 +198,12 @@ def run_sweep(ranks, targets, out, *, tolerance: float = 0.5, train_fn: Callable
                                "or the same flags to resume it")
         config.resume = checkpoint.existing_folder(folder / "state" / "last") is not None
         say(f"sweep {i}/{len(plan)}: targets {t}, rank {r}" + (" (resuming)" if config.resume else ""))
-        reset = _reset_peak_rss()
+        reset = reset_peak_rss()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()  # cuda_peak_allocated_bytes of this run alone
         report = train_fn(config)
         row = _row_from_report(report, t, r, folder)
-        peak = _peak_rss_since_reset() if reset else None
+        peak = peak_rss_since_reset() if reset else None
         if peak is not None and "cuda_peak_allocated_bytes" not in report["memory"]:
             row["peak_memory_bytes"] = peak  # this run's peak, not the process's
         _append_row(jsonl, row)
