@@ -76,10 +76,7 @@ def run(quick: bool = False) -> dict:
     results = {}
     for label, (batch, length, reps) in (QUICK_INPUTS if quick else INPUTS).items():
         inputs = harness.token_batch(base, batch, length)
-        calls = {name: (lambda m=m: m(**inputs)) for name, m in models.items()}
-        with torch.inference_mode():
-            samples = harness.interleaved(calls, reps=reps, warmup=0 if quick else 2)
-        ms = {name: harness.median_ms(s) for name, s in samples.items()}
+        samples, ms = harness.time_forwards(models, inputs, reps=reps, warmup=0 if quick else 2)
         results[label] = {
             "reps": reps, "forward_ms": ms,
             "all_ms": {name: [round(t * 1000, 2) for t in s] for name, s in samples.items()},

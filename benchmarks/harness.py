@@ -160,6 +160,17 @@ def median_ms(samples: list[float]) -> float:
     return round(statistics.median(samples) * 1000, 3)
 
 
+def time_forwards(models: dict, inputs: dict, reps: int, warmup: int) -> tuple[dict, dict]:
+    """Forward each model on ``inputs`` under inference mode, contenders interleaved.
+
+    Returns ``(samples, ms)``: the seconds of every repetition and the median in ms, by name.
+    """
+    calls = {name: (lambda m=m: m(**inputs)) for name, m in models.items()}
+    with torch.inference_mode():
+        samples = interleaved(calls, reps=reps, warmup=warmup)
+    return samples, {name: median_ms(s) for name, s in samples.items()}
+
+
 def ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
 
 from benchmarks import harness
 
@@ -59,10 +58,7 @@ def run(quick: bool = False) -> dict:
     results = {}
     for label, (batch, length, reps) in (QUICK_BATCHES if quick else BATCHES).items():
         inputs = harness.token_batch(base, batch, length)
-        calls = {name: (lambda m=m: m(**inputs)) for name, m in models.items()}
-        with torch.inference_mode():
-            samples = harness.interleaved(calls, reps=reps, warmup=0 if quick else 1)
-        ms = {name: harness.median_ms(s) for name, s in samples.items()}
+        samples, ms = harness.time_forwards(models, inputs, reps=reps, warmup=0 if quick else 1)
         overhead = {name: round(ms[name] / ms["base"] - 1, 4) for name in ms if name != "base"}
         paired = {name: round(harness.paired_overhead(samples, name, "base") / ms["base"], 4)
                   for name in ms if name != "base"}

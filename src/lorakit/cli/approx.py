@@ -184,7 +184,7 @@ def _report(A, r: int, split: str, digits: int, show_svd: bool = True):
     cost = lowrank.storage(m, n, r)
     print(_storage_table([cost]))
     if cost.saved < 0:
-        print(f"  (B and Cᵀ hold more than A here: factoring pays off when r·(m+n) < m·n, i.e. r ≪ min(m, n))")
+        print("  (B and Cᵀ hold more than A here: factoring pays off when r·(m+n) < m·n, i.e. r ≪ min(m, n))")
     return sigma
 
 

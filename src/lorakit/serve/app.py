@@ -26,7 +26,7 @@ from lorakit.serve import schemas
 from lorakit.serve.engine import Event
 from lorakit.serve.registry import BASE, AdapterConflict, AdapterForbidden, AdapterLoadError, UnknownAdapter
 from lorakit.serve.sampling import Sampler
-from lorakit.serve.service import CLASSIFY, GENERATE, LimitError, Service
+from lorakit.serve.service import CLASSIFY, GENERATE, Service
 
 # error class -> (HTTP status, OpenAI error type)
 _STATUS = [
