@@ -79,6 +79,15 @@ def test_local_folders_load(tmp_path):
     assert type(load_model(str(tmp_path / "bert"))[0]).__name__ == "BertForSequenceClassification"
 
 
+def test_a_classifier_folder_keeps_its_own_labels(tmp_path):
+    """A fine-tuned 3-class model loads with its 3 trained outputs, not a new 2-class head."""
+    three = tiny_bert_classifier(num_labels=3)
+    three.save_pretrained(tmp_path / "three")
+    loaded, _ = load_classifier(str(tmp_path / "three"), tokenizer=False)
+    assert loaded.config.num_labels == 3
+    assert torch.equal(loaded.classifier.weight, three.classifier.weight)
+
+
 def test_paths_that_are_not_models(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(LorakitError, match=r"is not a model folder: it has no config.json \(found: \['notes.txt'\]\)"):

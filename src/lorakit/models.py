@@ -75,14 +75,15 @@ def cache_dir() -> Path:
 # ---------------------------------------------------------------- classifiers
 
 
-def load_classifier(spec: str = "default", num_labels: int = 2, id2label: dict | list | None = None, *,
+def load_classifier(spec: str = "default", num_labels: int | None = None, id2label: dict | list | None = None, *,
                     tokenizer: bool = True):
     """A sequence classifier and its tokenizer: ``(model, tokenizer)``, model in eval mode.
 
     ``spec`` is ``"default"`` (the embedded MiniLM, whose classifier head starts
     random), a local model folder, or a model name already in the Hugging Face cache
-    (never downloaded). ``id2label`` (``{0: "rotten", 1: "fresh"}`` or a list of
-    names) sets the labels and overrides ``num_labels``. With ``tokenizer=False`` the
+    (never downloaded). ``num_labels`` None keeps the folder's own labels (two for a
+    plain encoder); ``id2label`` (``{0: "rotten", 1: "fresh"}`` or a list of names)
+    sets the labels and overrides ``num_labels``. With ``tokenizer=False`` the
     tokenizer is not loaded (None is returned in its place).
 
     Raises:
@@ -94,10 +95,10 @@ def load_classifier(spec: str = "default", num_labels: int = 2, id2label: dict |
         names = list(id2label) if not isinstance(id2label, dict) else [id2label[k] for k in sorted(id2label, key=int)]
         id2label = {i: str(name) for i, name in enumerate(names)}
         num_labels = len(id2label)
-    if num_labels < 1:
+    if num_labels is not None and num_labels < 1:
         raise LorakitError(f"num_labels must be at least 1, got {num_labels}")
     source = embedded_path(*DEFAULT_CLASSIFIER) if spec == "default" else _resolve(spec)
-    kwargs = {"num_labels": num_labels}
+    kwargs = {"num_labels": num_labels} if num_labels is not None else {}
     if id2label is not None:
         kwargs.update(id2label=id2label, label2id={name: i for i, name in id2label.items()})
     # The embedded encoder has no classifier head: transformers' report of a new head is expected.
