@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from lorakit import LoraConfig, LorakitError, add_adapter, attach, lora_layers, merge, per_row_adapters, set_active
+from lorakit import (
+    LoraConfig, LorakitError, add_adapter, attach, delete_adapter, lora_layers, merge, per_row_adapters, set_active,
+)
 from tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
 
 
@@ -42,7 +44,7 @@ def test_rows_equal_running_each_row_alone(make, targets):
         assert (mixed[b] - base[b]).abs().max() > 1e-3  # each adapter row really changed
 
 
-def test_stacks_are_cached_and_rebuilt_when_adapters_change():
+def test_stacks_are_cached_and_updated_when_adapters_change():
     model = _with_three_adapters(tiny_llama(), ["q_proj", "v_proj"])
     x = token_batch(batch=2)
     layer = dict(lora_layers(model))["model.layers.0.self_attn.q_proj"]
@@ -50,17 +52,48 @@ def test_stacks_are_cached_and_rebuilt_when_adapters_change():
         first = layer.row_stacks()
     with per_row_adapters(model, ["chat", None]):
         assert layer.row_stacks()[1] is first[1]  # no rebuild on re-entry
-    names, A_stack, B_stack = first
-    assert names == ("chat", "math", "sql") and A_stack.shape == (4, 32, 6) and B_stack.shape == (4, 6, 32)
+    slots, A_stack, B_stack = first
+    assert sorted(slots) == ["chat", "math", "sql"] and sorted(slots.values()) == [1, 2, 3]
+    assert A_stack.shape == (4, 32, 6) and B_stack.shape == (4, 6, 32)
     assert torch.count_nonzero(A_stack[0]) == 0 and torch.count_nonzero(B_stack[0]) == 0
-    assert torch.count_nonzero(A_stack[1, :, 2:]) == 0  # 'chat' has rank 2: zero-padded to 6
+    assert torch.count_nonzero(A_stack[slots["chat"], :, 2:]) == 0  # 'chat' has rank 2: zero-padded to 6
     with torch.no_grad():
         layer.adapters["sql"].B.mul_(2)  # e.g. an optimizer step
-    assert layer.row_stacks()[2] is not B_stack
+    sql = layer.adapters["sql"]
+    torch.testing.assert_close(layer.row_stacks()[2][slots["sql"], :4], (sql.B * sql.scaling).T)
     with torch.no_grad(), per_row_adapters(model, ["sql", "sql"]):
         mixed = model(x).logits
     set_active(model, "sql")
     torch.testing.assert_close(mixed, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_swapped_adapter_takes_the_freed_slot_and_nothing_else_moves():
+    """A server evicting one adapter and loading another rewrites one slot, not the stack."""
+    model = _with_three_adapters(tiny_llama(), ["q_proj", "v_proj"])
+    layer = dict(lora_layers(model))["model.layers.0.self_attn.q_proj"]
+    slots, A_stack, _ = layer.row_stacks()
+    before = {name: A_stack[slot].clone() for name, slot in slots.items()}
+    freed = slots["chat"]
+    delete_adapter(model, "chat")
+    add_adapter(model, LoraConfig(r=3, target_modules=["q_proj", "v_proj"], init="random"), "new")
+    slots_after, A_after, B_after = layer.row_stacks()
+    assert A_after is A_stack and layer._stack_cache.rebuilds == 1  # updated in place
+    assert slots_after["new"] == freed and "chat" not in slots_after
+    for name in ("sql", "math"):
+        assert slots_after[name] == slots[name] and torch.equal(A_after[slots[name]], before[name])
+    assert torch.count_nonzero(A_after[freed, :, 3:]) == 0  # the old rank-2 'chat' left nothing behind
+    x = token_batch(batch=3)
+    rows = ["new", "sql", None]
+    with torch.no_grad():
+        with per_row_adapters(model, rows):
+            mixed = model(x).logits
+        expected = _alone(model, x, rows)
+    assert (mixed - expected).abs().max() <= 1e-5
+    for extra in ("e1", "e2"):  # more adapters than slots: the stack doubles, old slots kept
+        add_adapter(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init="random"), extra)
+    slots_grown, A_grown, _ = layer.row_stacks()
+    assert A_grown.shape[0] == 8 and layer._stack_cache.rebuilds == 1
+    assert all(slots_grown[n] == slots_after[n] for n in slots_after)
 
 
 def test_modules_to_save_follow_the_rows():
@@ -90,3 +123,18 @@ def test_per_row_errors():
     with pytest.raises(LorakitError, match="unmerge"):
         with per_row_adapters(model, ["sql"]):
             pass
+
+
+def test_stacks_built_under_inference_mode_are_updated_outside_it():
+    """A server builds the stacks inside inference_mode and loads adapters outside it."""
+    model = _with_three_adapters(tiny_llama(), ["q_proj", "v_proj"])
+    x = token_batch(batch=2)
+    with torch.inference_mode(), per_row_adapters(model, ["sql", "chat"]):
+        model(x)
+    delete_adapter(model, "chat")
+    add_adapter(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init="random"), "new")
+    with torch.no_grad():
+        with per_row_adapters(model, ["new", "sql"]):
+            mixed = model(x).logits
+        expected = _alone(model, x, ["new", "sql"])
+    assert (mixed - expected).abs().max() <= 1e-5

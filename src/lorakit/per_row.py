@@ -3,10 +3,10 @@
 ``with per_row_adapters(model, ["sql", "chat", None]): model(x)`` gives row 0 adapter
 ``sql``, row 1 ``chat`` and row 2 the base model alone, in one forward pass.
 
-Every LoRA layer stacks its adapters once (:meth:`LoraLayer.row_stacks`:
-``A_rows: (n+1, in, r_max)``, ``B_rows: (n+1, r_max, out)``, i.e. ``Aᵀ`` and ``(s·B)ᵀ``,
-ranks zero-padded, slot 0 all zeros for the base) and caches the stacks until an
-adapter changes. A forward then does one gather of the rows' slots and two batched
+Every LoRA layer stacks its adapters (:meth:`LoraLayer.row_stacks`:
+``A_rows: (slots, in, r_max)``, ``B_rows: (slots, r_max, out)``, i.e. ``Aᵀ`` and ``(s·B)ᵀ``,
+ranks zero-padded, slot 0 all zeros for the base) and keeps the stacks, rewriting
+only the slot of an adapter added, deleted or changed (:mod:`lorakit.layers.stacks`). A forward then does one gather of the rows' slots and two batched
 matmuls per layer (BGMV-style), whatever the number of distinct adapters: no Python
 loop over adapters. Entering the context again (e.g. once per decode step with another
 row list) only builds the small ``(batch,)`` slot-index tensor.
@@ -64,15 +64,15 @@ def per_row_adapters(model: nn.Module, rows: Sequence[str | None]):
     if merged:
         raise LorakitError(f"adapters {merged} are merged into the weights; unmerge(model) before per-row adapters")
 
-    slot_cache: dict[tuple, torch.Tensor] = {}  # layers with the same adapters share one index tensor
+    slot_cache: dict[tuple, torch.Tensor] = {}  # layers with the same slot layout share one index tensor
     try:
         for layer in layers:
-            names, A_rows, B_rows = layer.row_stacks()
-            slots = slot_cache.get((names, A_rows.device))
+            position, A_rows, B_rows = layer.row_stacks()
+            key = (tuple(position.items()), A_rows.device)
+            slots = slot_cache.get(key)
             if slots is None:
-                position = {n: i for i, n in enumerate(names, start=1)}
                 slots = torch.tensor([position.get(r, 0) for r in rows], dtype=torch.long, device=A_rows.device)
-                slot_cache[(names, A_rows.device)] = slots
+                slot_cache[key] = slots
             layer.set_rows((slots, A_rows, B_rows))
         for module in saved:
             module.set_rows(rows)

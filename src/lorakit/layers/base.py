@@ -135,7 +135,6 @@ class LoraLayer(nn.Module):
                 if residual is not None:
                     self.weight.copy_(self.weight_to_layout(residual).to(wdtype))
         self.adapters[name] = adapter
-        self._stack_cache = None
         self._refresh()
         return adapter
 
@@ -145,7 +144,6 @@ class LoraLayer(nn.Module):
         if name in self.merged:
             self.unmerge()
         del self.adapters[name]
-        self._stack_cache = None
         self.active = tuple(n for n in self.active if n != name)
         self._refresh()
 
@@ -236,38 +234,23 @@ class LoraLayer(nn.Module):
 
     # ------------------------------------------------------------------ per-row stacks
 
-    def row_stacks(self) -> tuple[tuple[str, ...], torch.Tensor, torch.Tensor]:
-        """All adapters of this layer stacked for a per-row batch, cached until they change.
+    def row_stacks(self) -> tuple[dict[str, int], torch.Tensor, torch.Tensor]:
+        """All adapters of this layer stacked for a per-row batch (:mod:`lorakit.layers.stacks`).
 
         Returns:
-            ``(names, A_rows, B_rows)``: ``names`` sorted, adapter ``names[i]`` in slot
-            ``i + 1``; slot 0 is zeros (the base alone). ``A_rows: (n+1, in, r_max)`` holds
-            ``Aᵀ`` (for an embedding: a lookup table per slot), ``B_rows: (n+1, r_max, out)``
-            holds ``(s·B)ᵀ``, scaling folded in; smaller ranks are zero-padded. Stored
-            transposed so that the per-row matmuls read contiguous operands.
-            Memory: one more copy of this layer's adapters.
+            ``(slots, A_rows, B_rows)``: ``slots[name]`` is adapter ``name``'s slot (>= 1);
+            slot 0 is zeros (the base alone). ``A_rows: (slots, in, r_max)`` holds ``Aᵀ``
+            (for an embedding: a lookup table per slot), ``B_rows: (slots, r_max, out)``
+            holds ``(s·B)ᵀ``, scaling folded in; smaller ranks are zero-padded. Kept up to
+            date slot by slot: adding, deleting or changing one adapter rewrites its slot
+            alone. Memory: one more copy of this layer's adapters (up to twice, as the
+            stack grows by doubling).
         """
-        adapters = self.adapters
-        names = tuple(sorted(adapters))
-        key = []
-        for n in names:
-            A, B = adapters[n].A, adapters[n].B
-            key.append((n, A.data_ptr(), A._version, B.data_ptr(), B._version, adapters[n].scaling))
-        key = tuple(key)
-        if self._stack_cache is not None and self._stack_cache[0] == key:
-            return self._stack_cache[1]
-        r_max = max(adapters[n].r for n in names)
-        first = adapters[names[0]]
-        A_rows = torch.zeros(len(names) + 1, self.in_features, r_max, dtype=first.A.dtype, device=first.A.device)
-        B_rows = torch.zeros(len(names) + 1, r_max, self.out_features, dtype=first.B.dtype, device=first.B.device)
-        with torch.no_grad():
-            for i, n in enumerate(names, start=1):
-                ad = adapters[n]
-                A_rows[i, :, : ad.r] = ad.A.T
-                B_rows[i, : ad.r] = ad.B.T * ad.scaling
-        value = (names, A_rows, B_rows)
-        self._stack_cache = (key, value)
-        return value
+        if self._stack_cache is None:
+            from lorakit.layers.stacks import RowStacks
+
+            self._stack_cache = RowStacks(self.in_features, self.out_features)
+        return self._stack_cache.update(self.adapters)
 
     def set_rows(self, rows) -> None:
         """Per-row mode: ``rows = (slots: (batch,) long, A_rows, B_rows)`` (see
