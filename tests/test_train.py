@@ -45,7 +45,7 @@ def sentiment_file(tmp_path_factory):
 
 def quick(models, tmp_path, **changes) -> TrainConfig:
     settings = dict(model=models["cls"], data_limit=200, steps=6, batch_size=8, eval_every=3, max_length=48,
-                    out=str(tmp_path / "run"), progress=False)
+                    bf16=False, out=str(tmp_path / "run"), progress=False)  # fp32: runs compare to 1e-6
     settings.update(changes)
     return TrainConfig(**settings)
 
@@ -76,6 +76,60 @@ def test_lora_trains_only_the_adapter_and_the_head_and_writes_its_files(models, 
     assert set(report["validation_before"]) >= {"accuracy", "loss"}
 
 
+def test_init_reaches_the_adapter_and_its_file(models, tmp_path):
+    """--init kaiming starts A as PEFT does (uniform, bound 1/sqrt(in)) and is written as init_lora_weights."""
+    train(quick(models, tmp_path, init="kaiming", steps=1, lr=1e-9, out=str(tmp_path / "k")))
+    config = json.loads((tmp_path / "k" / "adapter" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True  # PEFT's name for the Kaiming-uniform init
+    saved = load_file(str(tmp_path / "k" / "adapter" / "adapter_model.safetensors"))
+    a = next(v for k, v in saved.items() if "lora_A" in k)
+    assert float(a.abs().max()) <= 1 / math.sqrt(32) + 1e-6  # hidden 32: the uniform bound
+    train(quick(models, tmp_path, init="gaussian", steps=1, lr=1e-9, out=str(tmp_path / "g")))
+    saved = load_file(str(tmp_path / "g" / "adapter" / "adapter_model.safetensors"))
+    a = next(v for k, v in saved.items() if "lora_A" in k)
+    assert float(a.std()) == pytest.approx(1 / 8, rel=0.15)  # the seeds' N(0, 1/r^2), r = 8
+    with pytest.raises(LorakitError, match="init 'xavier' is unknown"):
+        quick(models, tmp_path, init="xavier")
+    with pytest.raises(LorakitError, match="init 'pissa' cannot be trained here"):
+        quick(models, tmp_path, init="pissa")
+
+
+def test_bf16_mixed_precision_trains_fp32_weights(models, sentiment_file, tmp_path):
+    """--bf16: products in bfloat16 under autocast; the adapter stays fp32 and learns like fp32 does."""
+    settings = dict(model=models["cls"], data=sentiment_file, steps=40, batch_size=8, eval_every=20, max_length=48,
+                    lr=2e-2, progress=False)
+    report = train(TrainConfig(**settings, bf16=True, out=str(tmp_path / "bf16")))
+    assert report["bf16"] is True and report["validation_after"]["accuracy"] >= 0.9
+    saved = load_file(str(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    losses = train_losses(tmp_path / "bf16")
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_under_bf16_lora_keeps_frozen_weights_in_bf16_and_trains_fp32_factors(models):
+    """The frozen model is stored in bf16 (no fp32 copy of weights that never change);
+    A, B and the head stay fp32 and are the only ones to get gradients."""
+    from lorakit.config import LoraConfig
+    from lorakit.model import attach
+    from lorakit.models import load_classifier
+    from lorakit.train import _frozen_to_bf16
+
+    model, tokenizer = load_classifier(models["cls"])
+    attach(model, LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"], init="random"))
+    _frozen_to_bf16(model)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(dtypes[n] == torch.float32 for n in trainable)
+    assert all(dtypes[n] == torch.bfloat16 for n in dtypes if n not in trainable)
+    batch = tokenizer(["a great movie", "a dull film"], return_tensors="pt")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch, labels=torch.tensor([1, 0])).loss
+    loss.backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == trainable
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in model.parameters() if p.grad is not None)
+
+
 @pytest.fixture(scope="module")
 def sentiment_runs(models, sentiment_file, tmp_path_factory):
     """LoRA and full fine-tuning of the tiny classifier on the toy task: {method: (out, report)}."""
@@ -83,7 +137,7 @@ def sentiment_runs(models, sentiment_file, tmp_path_factory):
     for method, lr in (("lora", 2e-2), ("full", 3e-3)):
         out = tmp_path_factory.mktemp(method)
         report = train(TrainConfig(model=models["cls"], data=sentiment_file, steps=40, batch_size=8, eval_every=20,
-                                   max_length=48, method=method, lr=lr, out=str(out), progress=False))
+                                   max_length=48, method=method, lr=lr, bf16=False, out=str(out), progress=False))
         runs[method] = (out, report)
     return runs
 

@@ -35,6 +35,8 @@ class Method:
         saved_name: the folder name under ``--out`` (``adapter`` or ``model``).
         on_step: optional ``(model, step, total_steps)`` called after every optimizer
             step (an adaptive-rank method updates its budget there).
+        frozen_in_bf16: under bf16 mixed precision, store the parameters it leaves
+            frozen in bf16 (they never change, so they need no fp32 copy).
     """
 
     name: str
@@ -43,6 +45,7 @@ class Method:
     default_lr: float
     saved_name: str
     on_step: Callable | None = None
+    frozen_in_bf16: bool = False
 
 
 METHODS: dict[str, Method] = {}
@@ -77,7 +80,7 @@ def _prepare_lora(model: nn.Module, config, heads: list[str]) -> nn.Module:
     from lorakit.model import attach
 
     lora_config = LoraConfig(
-        r=config.rank, alpha=config.alpha, dropout=config.lora_dropout, target_modules=config.targets,
+        r=config.rank, alpha=config.alpha, dropout=config.lora_dropout, init=config.init, target_modules=config.targets,
         modules_to_save=heads or None, task_type="SEQ_CLS" if heads else "CAUSAL_LM",
     )
     return attach(model, lora_config, config.adapter_name)
@@ -103,7 +106,8 @@ def _export_full(model: nn.Module, tokenizer, folder: Path, config) -> None:
     tokenizer.save_pretrained(folder)
 
 
-register_method(Method("lora", _prepare_lora, _export_lora, default_lr=2e-3, saved_name="adapter"))
+register_method(Method("lora", _prepare_lora, _export_lora, default_lr=1e-3, saved_name="adapter",
+                       frozen_in_bf16=True))
 register_method(Method("full", _prepare_full, _export_full, default_lr=1e-4, saved_name="model"))
 
 # ---------------------------------------------------------------- adalora

@@ -163,7 +163,8 @@ def format_report(report: dict) -> str:
                                             if report["method"] != "full" else "")),
         ("trainable params", f"{report['trainable_params']:,} of {report['total_params']:,} "
                              f"({report['trainable_percent']:.3f}%)"),
-        ("steps", f"{report['steps']} x global batch {report['global_batch']} ({report['world_size']} process(es))"),
+        ("steps", f"{report['steps']} x global batch {report['global_batch']} ({report['world_size']} process(es), "
+                  f"{'bf16 mixed precision' if report.get('bf16') else 'fp32'})"),
         (f"validation {metric}", f"{show(before)} before -> {show(after)} after (best at step {report['best_step']})"),
         (f"test {metric}", show(test) if test else "n/a (no test split)"),
         ("wall time", f"{report['wall_time_s']:.1f} s (training loop {report['train_time_s']:.1f} s)"),

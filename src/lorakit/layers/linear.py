@@ -137,7 +137,7 @@ class LoraLinear(LoraLayer):
             if h.dtype != ad.A.dtype:
                 h = h.to(ad.A.dtype)
             z = F.linear(h, ad.A)  # (..., r)
-            if z.dtype == out.dtype and out.is_contiguous():
+            if z.dtype == out.dtype == ad.B.dtype and out.is_contiguous():  # not under autocast
                 z2 = z.reshape(-1, z.shape[-1])
                 if in_place:
                     out.view(-1, self.out_features).addmm_(z2, ad.B.T, alpha=ad.scaling)
@@ -168,7 +168,7 @@ class LoraLinear(LoraLayer):
             x3 = x3.to(A_rows.dtype)
         z = torch.bmm(x3, A_rows.index_select(0, slots))  # (batch, tokens, r_max)
         B = B_rows.index_select(0, slots)  # (batch, r_max, out), scaling folded in
-        if z.dtype == out.dtype and out.is_contiguous():
+        if z.dtype == out.dtype == B.dtype and out.is_contiguous():  # not under autocast
             out.view(batch, -1, self.out_features).baddbmm_(z, B)
             return out
         return out + torch.bmm(z, B).to(out.dtype).view_as(out)
