@@ -5,10 +5,10 @@
 
 Every LoRA layer stacks its adapters (:meth:`LoraLayer.row_stacks`:
 ``A_rows: (slots, in, r_max)``, ``B_rows: (slots, r_max, out)``, i.e. ``Aᵀ`` and ``(s·B)ᵀ``,
-ranks zero-padded, slot 0 all zeros for the base) and keeps the stacks, rewriting
-only the slot of an adapter added, deleted or changed (:mod:`lorakit.layers.stacks`). A forward then does one gather of the rows' slots and two batched
-matmuls per layer (BGMV-style), whatever the number of distinct adapters: no Python
-loop over adapters. Entering the context again (e.g. once per decode step with another
+ranks zero-padded, slot 0 all zeros for the base) and keeps the stacks, rewriting only
+the slot of an adapter added, deleted or changed (:mod:`lorakit.layers.stacks`). A
+forward then does one gather of the rows' slots and two batched matmuls per layer
+(BGMV-style), whatever the number of distinct adapters: no Python loop over adapters. Entering the context again (e.g. once per decode step with another
 row list) only builds the small ``(batch,)`` slot-index tensor.
 
 The rows choose the adapters: the active set is ignored inside the context. Dropout is

@@ -43,7 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show_warnings_briefly() -> None:
+    """Print warnings as one line ``warning: ...`` (without the source line Python adds)."""
+    import warnings
+
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    show_warnings_briefly()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

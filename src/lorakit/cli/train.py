@@ -69,8 +69,6 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from lorakit.train import TrainConfig, TrainingInterrupted, train
 
-    show_warnings_briefly()
-
     config = TrainConfig(
         task=args.task, model=args.model, data=args.data, method=args.method, rank=args.rank, alpha=args.alpha,
         init_rank=args.init_rank, target_rank=args.target_rank, targets=args.targets, steps=args.steps,
@@ -87,9 +85,3 @@ def run(args) -> int:
         return 130
     return 0
 
-
-def show_warnings_briefly() -> None:
-    """Print warnings as one line ``warning: ...`` (without the source line Python adds)."""
-    import warnings
-
-    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
