@@ -1,4 +1,5 @@
-"""AdaLoRA: SVD-form layer, orthogonality gradient, importance pruning on a cubic budget, LoRA export."""
+"""AdaLoRA: importance pruning on a cubic budget, attach through the LoRA path, export as plain LoRA,
+and ``--method adalora`` (the layer kind itself: tests/test_layers_adalora.py)."""
 
 import copy
 import json
@@ -7,9 +8,8 @@ import shutil
 import pytest
 import torch
 
-import lorakit.adalora  # noqa: F401  (registers --method adalora)
 from lorakit.adalora import (
-    AdaLoraLinear, RankAllocator, adalora_layers, adalora_step, adalora_to_lora, attach_adalora, budget_at,
+    AdaLoraAdapter, RankAllocator, adalora_adapters, adalora_step, adalora_to_lora, attach_adalora, budget_at,
 )
 from lorakit.errors import LorakitError
 from lorakit.io import load_adapter, write_adapter
@@ -26,20 +26,6 @@ def test_budget_is_flat_then_cubic_then_flat():
     assert b[10 + 70 // 4] == pytest.approx(40 + 80 * (1 - (70 // 4) / 70) ** 3, abs=1)
 
 
-def test_layer_starts_as_the_base_and_computes_s_P_lambda_Q():
-    torch.manual_seed(0)
-    base = torch.nn.Linear(6, 5)
-    layer = AdaLoraLinear(base, r=3, alpha=6)
-    x = torch.randn(2, 4, 6)
-    torch.testing.assert_close(layer(x), base(x))  # λ = 0
-    with torch.no_grad():
-        layer.lam.copy_(torch.tensor([1.0, -2.0, 0.5]))
-    delta = 2.0 * layer.P @ torch.diag(layer.lam) @ layer.Q  # s = 6 / 3
-    torch.testing.assert_close(layer.delta(), delta.detach())
-    torch.testing.assert_close(layer(x), base(x) + x @ delta.T)
-    assert layer.weight is base.weight and layer.bias is base.bias
-
-
 def test_conv1d_layout():
     model = tiny_gpt2()
     x = token_batch()
@@ -52,31 +38,14 @@ def test_conv1d_layout():
         torch.testing.assert_close(model(x).logits, want)
 
 
-def test_orthogonality_gradient_is_added_by_the_hooks():
-    torch.manual_seed(1)
-    layer = AdaLoraLinear(torch.nn.Linear(8, 7), r=3, alpha=3, orth_weight=0.5)
-    (0.0 * layer(torch.randn(2, 8)).sum()).backward()  # no data gradient: only the regularizer's
-    P, Q = layer.P.detach(), layer.Q.detach()
-    eye = torch.eye(3)
-    torch.testing.assert_close(layer.P.grad, 0.5 * 4 * P @ (P.T @ P - eye))
-    torch.testing.assert_close(layer.Q.grad, 0.5 * 4 * (Q @ Q.T - eye) @ Q)
-    # the same as autograd's gradient of γ·R
-    P2, Q2 = P.clone().requires_grad_(), Q.clone().requires_grad_()
-    R = (P2.T @ P2 - eye).square().sum() + (Q2 @ Q2.T - eye).square().sum()
-    (0.5 * R).backward()
-    torch.testing.assert_close(layer.P.grad, P2.grad)
-    torch.testing.assert_close(layer.Q.grad, Q2.grad)
-
-
 def _layers_with_importance(scores):
     """Layers whose λ sensitivities are set so the allocator's importance ranks by ``scores``."""
     layers = {}
     for i, s in enumerate(scores):
-        layer = AdaLoraLinear(torch.nn.Linear(16, 16), r=len(s), alpha=1, orth_weight=0.0)
+        layer = AdaLoraAdapter(16, 16, r=len(s), alpha=1, scaling=1 / len(s))
+        layer.orth_weight = 0.0
         with torch.no_grad():
             layer.lam.fill_(1.0)
-            layer.P.zero_()
-            layer.Q.zero_()
         layers[f"l{i}"] = layer
     return layers
 
@@ -129,13 +98,13 @@ def test_trained_adalora_exports_a_lora_adapter_that_loads_and_merges(tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert all(n.endswith((".P", ".lam", ".Q")) or n.startswith("classifier.") for n in trainable)
     _train_a_little(model)
-    ranks = {p: layer.rank for p, layer in adalora_layers(model).items()}
+    ranks = {p: adapter.rank for p, adapter in adalora_adapters(model).items()}
     assert sum(ranks.values()) == 2 * len(ranks)  # the final budget b_T = target_rank × layers
 
     config, tensors = adalora_to_lora(model)
     kept = {p: r for p, r in ranks.items() if r > 0}
     assert {p: config.rank_for(p) for p in config.target_modules} == {
-        p: int(((layer.mask > 0) & (layer.lam != 0)).sum()) for p, layer in adalora_layers(model).items()
+        p: int(((layer.mask > 0) & (layer.lam != 0)).sum()) for p, layer in adalora_adapters(model).items()
         if int(((layer.mask > 0) & (layer.lam != 0)).sum()) > 0}
     assert set(config.target_modules) <= set(kept)
     assert config.modules_to_save == ["classifier"]
@@ -153,18 +122,6 @@ def test_trained_adalora_exports_a_lora_adapter_that_loads_and_merges(tmp_path):
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad")).eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(x).logits, want, atol=1e-5, rtol=1e-5)
-
-
-def test_orthogonality_regularizer_makes_P_and_Q_near_orthonormal():
-    torch.manual_seed(2)
-    layer = AdaLoraLinear(torch.nn.Linear(32, 32), r=4, alpha=4, orth_weight=1.0)
-    opt = torch.optim.SGD([layer.P, layer.Q], lr=0.05)
-    before = float(layer.orthogonality_penalty().detach())
-    for _ in range(300):
-        (0.0 * layer(torch.randn(1, 32)).sum()).backward()
-        opt.step()
-        opt.zero_grad()
-    assert before > 7.0 and float(layer.orthogonality_penalty().detach()) < 1e-3
 
 
 @pytest.fixture(scope="module")

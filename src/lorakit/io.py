@@ -129,12 +129,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         LorakitError: ``model`` has no adapter ``name``.
     """
     from lorakit.models import model_fingerprint
-    from lorakit.model import lora_configs
+    from lorakit.model import export_config, lora_configs
 
     configs = lora_configs(model)
     if name not in configs:
         raise LorakitError(f"model has no adapter {name!r} to save; it has {sorted(configs) or 'none'}")
-    config = configs[name]
+    config = export_config(model, name)  # AdaLoRA: the ranks kept, in rank_pattern
     tensors = adapter_state_dict(model, name)
     changes = {}
     paths = sorted({parsed[0] for parsed in map(parse_factor_key, tensors) if parsed is not None})
@@ -160,9 +160,10 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     for path, layer in lora_layers(model):
         lora_paths.add(path)
         if name in layer.adapters:
-            adapter = layer.adapters[name]
-            out[factor_key(path, "A", layer.is_embedding)] = adapter.A
-            out[factor_key(path, "B", layer.is_embedding)] = adapter.B
+            A, B = layer.export_factors(name)  # AdaLoRA: the live directions only
+            if A.shape[0]:
+                out[factor_key(path, "A", layer.is_embedding)] = A
+                out[factor_key(path, "B", layer.is_embedding)] = B
     saved_paths = set()
     for path, saved in saved_modules(model):
         saved_paths.add(path)

@@ -14,11 +14,9 @@ from typing import Iterable
 
 from torch import nn
 
+from lorakit.adapter_records import active_adapters, check_names, forget_adapters
 from lorakit.layers import LoraLayer, SavedModule
-from lorakit.model import _ACTIVE, _CONFIGS, active_adapters, check_names, tied_paths
-from lorakit.targets import replace_module, walk
-
-_PER_ROW_CACHE = "_lora_row_layers"  # lorakit.per_row's cache of the model's layers
+from lorakit.targets import replace_module, tied_paths, walk
 
 
 def merge(model: nn.Module, names: Iterable[str] | None = None) -> None:
@@ -65,8 +63,7 @@ def _unwrap(model: nn.Module, *, keep_merged: bool) -> nn.Module:
             replace_module(model, modules, path, module.base_layer())
         elif isinstance(module, SavedModule):
             replace_module(model, modules, path, module.current() if keep_merged else module.original())
-    for attr in (_CONFIGS, _ACTIVE, _PER_ROW_CACHE):
-        model.__dict__.pop(attr, None)
+    forget_adapters(model)
     return model
 
 

@@ -3,10 +3,10 @@
 ``--method lora`` attaches a LoRA adapter (seeds 002-004: the pretrained weights frozen,
 only A and B trained, plus a classifier head when the task has one) and saves it in
 PEFT's format; ``--method full`` trains every weight and saves a whole model folder
-that ``from_pretrained`` loads; ``--method adalora`` (:mod:`lorakit.adalora`, registered
-at the end of this module) prunes ranks during training and saves a plain LoRA adapter
-with the ranks it kept in ``rank_pattern``. Another method registers a :class:`Method` under its
-name with :func:`register_method`.
+that ``from_pretrained`` loads; ``--method adalora`` (:mod:`lorakit.adalora`) prunes ranks
+during training and saves a plain LoRA adapter with the ranks it kept in ``rank_pattern``.
+The three are registered at the end of this module; another method registers a
+:class:`Method` under its name with :func:`register_method`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Callable
 
 from torch import nn
 
+from lorakit.adalora.method import export_adalora, on_adalora_step, prepare_adalora
 from lorakit.errors import LorakitError
 
 
@@ -106,11 +107,10 @@ def _export_full(model: nn.Module, tokenizer, folder: Path, config) -> None:
     tokenizer.save_pretrained(folder)
 
 
+# ---------------------------------------------------------------- the built-in methods
+
 register_method(Method("lora", _prepare_lora, _export_lora, default_lr=1e-3, saved_name="adapter",
                        frozen_in_bf16=True))
 register_method(Method("full", _prepare_full, _export_full, default_lr=1e-4, saved_name="model"))
-
-# ---------------------------------------------------------------- adalora
-# lorakit.adalora registers ``--method adalora`` when imported; it imports this module's
-# names lazily (inside its ``_register``), so importing it last here makes no cycle.
-import lorakit.adalora  # noqa: E402,F401
+register_method(Method("adalora", prepare_adalora, export_adalora, default_lr=2e-3, saved_name="adapter",
+                       on_step=on_adalora_step))

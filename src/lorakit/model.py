@@ -6,8 +6,9 @@ remembers each adapter's :class:`~lorakit.config.LoraConfig` on the model. Sever
 named adapters share one base model; ``set_active`` picks which ones the forward sums.
 
 Which modules a config selects lives in :mod:`lorakit.targets`, merging and unloading in
-:mod:`lorakit.merging`, weighted combination in :mod:`lorakit.combination`, per-row
-selection in :mod:`lorakit.per_row`. Their public names are importable from here too.
+:mod:`lorakit.merging`, what is recorded on the model (configs, active set) in
+:mod:`lorakit.adapter_records`; their public names are importable from here too.
+Weighted combination is :mod:`lorakit.combination`, per-row selection :mod:`lorakit.per_row`.
 
 Each operation walks the model's modules once (:func:`lorakit.targets.walk`), so loading
 an adapter costs the same however many adapters are already on the model.
@@ -19,46 +20,27 @@ trainable params: 73,728 || all params: 22,786,944 || trainable%: 0.3236
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections import Counter
 from contextlib import contextmanager
-from importlib import import_module
 from typing import Callable, Iterable
 
 from torch import nn
 
+from lorakit.adapter_records import (  # noqa: F401  (re-exported)
+    active_adapters, check_names, lora_configs, record_active, record_configs,
+)
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
-from lorakit.layers import LoraLayer, SavedModule, wrapper_for
+from lorakit.layers import LAYER_KINDS, LoraLayer, SavedModule, wrapper_for
+from lorakit.merging import merge, merge_and_unload, unload, unmerge  # noqa: F401  (re-exported)
 from lorakit.targets import (  # noqa: F401  (re-exported: lorakit.model is where users look)
-    DEFAULT_TARGETS, lora_layers, replace_module, saved_modules, saved_paths, target_paths, targetable_modules, walk,
+    DEFAULT_TARGETS, lora_layers, replace_module, saved_modules, saved_paths, target_paths, targetable_modules,
+    tied_paths, walk,
 )
 
 
-_CONFIGS = "_lora_configs"  # model attribute: {adapter name: LoraConfig}, replaced (not mutated) on add/delete
-_ACTIVE = "_lora_active"  # model attribute: tuple of active adapter names
-
-# names defined in lorakit.merging (which imports this module), handed out lazily by __getattr__
-_MERGING = ("merge", "unmerge", "merge_and_unload", "unload")
-
-
-def __getattr__(name: str):
-    if name in _MERGING:
-        return getattr(import_module("lorakit.merging"), name)
-    raise AttributeError(f"module 'lorakit.model' has no attribute {name!r}")
-
-
 # ---------------------------------------------------------------------- adapters on a model
-
-
-def lora_configs(model: nn.Module) -> dict[str, LoraConfig]:
-    """The config each adapter on ``model`` was made with, by adapter name (a copy of the dict)."""
-    return dict(getattr(model, _CONFIGS, {}))
-
-
-def active_adapters(model: nn.Module) -> tuple[str, ...]:
-    """Names of the adapters the forward currently sums."""
-    return tuple(getattr(model, _ACTIVE, ()))
 
 
 def base_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -70,24 +52,6 @@ def base_parameters(model: nn.Module) -> list[nn.Parameter]:
             if param is not None:
                 seen.setdefault(id(param), param)
     return list(seen.values())
-
-
-def check_names(model: nn.Module, names: Iterable[str]) -> None:
-    """Raise a LorakitError naming every one of ``names`` the model has no adapter for."""
-    configs = getattr(model, _CONFIGS, {})
-    unknown = [n for n in names if n not in configs]
-    if unknown:
-        raise LorakitError(f"unknown adapter(s) {unknown}; the model has {sorted(configs) or 'none'}")
-
-
-def tied_paths(modules: dict[str, nn.Module], paths: Iterable[str]) -> list[str]:
-    """Those of ``paths`` whose weight another module shares (e.g. GPT-2's wte / lm_head).
-
-    Args:
-        modules: a :func:`lorakit.targets.walk` of the model.
-    """
-    uses = Counter(id(p) for m in modules.values() for p in m._parameters.values() if p is not None)
-    return [p for p in paths if uses[id(modules[p].weight)] > 1]
 
 
 # ---------------------------------------------------------------------- bias modes
@@ -121,12 +85,16 @@ BIAS_MODES: dict[str, Callable[[dict[str, nn.Module]], None]] = {
 
 
 def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
-                init_weights: bool = True) -> nn.Module:
+                init_weights: bool = True, kind: str = "lora") -> nn.Module:
     """Add adapter ``name`` built from ``config``; it becomes active only if none is.
 
     With ``init_weights=False`` A and B start at zero and ``config.init`` is not run (so
     pissa does not rewrite the base weight), while ``config`` is recorded as given: for
     loading trained factors from a file.
+
+    ``kind`` is the layer kind that wraps the targets (:data:`lorakit.layers.LAYER_KINDS`):
+    ``"lora"`` (``ΔW = s·B·A``) or ``"adalora"`` (``ΔW = s·P·diag(λ)·Q``, see
+    :mod:`lorakit.adalora`); a layer holds adapters of one kind.
 
     Every parameter that is not an adapter's (A, B, a modules_to_save copy) is frozen,
     then ``config.bias`` decides which biases train.
@@ -137,13 +105,14 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
     Raises:
         LorakitError: ``config`` is not a LoraConfig, ``name`` is taken or empty, nothing
             matches ``target_modules`` or ``modules_to_save``, a target's parent never calls
-            it, a saved module holds a target. The model is unchanged then.
+            it, a saved module holds a target, a target that layer ``kind`` cannot wrap or
+            that holds adapters of another kind. The model is unchanged then.
     """
     if not isinstance(config, LoraConfig):
         raise LorakitError(f"config must be a lorakit LoraConfig, got {type(config).__name__}")
     if not isinstance(name, str) or not name or "." in name:
         raise LorakitError(f"adapter name {name!r} is not usable; give a non-empty name without dots")
-    configs = getattr(model, _CONFIGS, {})
+    configs = lora_configs(model)
     if name in configs:
         raise LorakitError(f"model already has an adapter {name!r} (has {sorted(configs)}); delete it or pick another name")
     modules = walk(model)
@@ -159,11 +128,12 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
     if init_weights and config.init == "pissa" and tied_paths(modules, paths):
         raise LorakitError(f"init 'pissa' rewrites the base weight, but {tied_paths(modules, paths)} share theirs "
                            "with another module (tied embeddings); exclude them or use init='gaussian'")
+    wrappers = _wrappers(modules, paths, kind, config.init if init_weights else None)
 
     for path in paths:
         module = modules[path]
         if not isinstance(module, LoraLayer):
-            module = wrapper_for(module)(module)
+            module = wrappers[path](module)
             replace_module(model, modules, path, module)
         module.add_adapter(name, r=config.rank_for(path), alpha=config.alpha_for(path),
                            scaling=config.scaling_for(path), dropout=config.dropout,
@@ -182,10 +152,35 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
                 param.requires_grad_(False)
     BIAS_MODES[config.bias](modules)
 
-    object.__setattr__(model, _CONFIGS, {**configs, name: config})
+    record_configs(model, {**configs, name: config})
     if not active_adapters(model):  # else nothing changes: the new adapter is not active anywhere
         _apply_active(model, (name,), modules)
     return model
+
+
+def _wrappers(modules: dict[str, nn.Module], paths: list[str], kind: str, init: str | None) -> dict[str, type]:
+    """The wrapper class of layer ``kind`` for each of ``paths`` (those wrapped already: their own).
+
+    Raises:
+        LorakitError: ``kind`` cannot wrap a target or does not start with ``init``, or a
+            target holds adapters of another kind.
+    """
+    wrappers = {}
+    for path in paths:
+        module = modules[path]
+        wrapper = type(module) if isinstance(module, LoraLayer) else wrapper_for(module, kind)
+        if wrapper is None:
+            wraps = ", ".join(sorted(t.__name__ for t in LAYER_KINDS[kind]))
+            raise LorakitError(f"{kind} layers wrap {wraps}; {path} is a {type(module).__name__}: "
+                               "leave it out of target_modules")
+        if wrapper.kind != kind:
+            raise LorakitError(f"{path} holds {wrapper.kind} adapters {sorted(module.adapters)}; a layer holds "
+                               f"adapters of one kind, so delete those before adding a {kind} adapter there")
+        if init is not None and wrapper.inits is not None and init not in wrapper.inits:
+            raise LorakitError(f"{kind} layers start with init {' or '.join(map(repr, wrapper.inits))}, "
+                               f"not {init!r}")
+        wrappers[path] = wrapper
+    return wrappers
 
 
 def attach(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Module:
@@ -210,7 +205,7 @@ def _apply_active(model: nn.Module, names: tuple[str, ...], modules: dict[str, n
     for module in (walk(model) if modules is None else modules).values():
         if isinstance(module, (LoraLayer, SavedModule)):
             module.set_active(names)
-    object.__setattr__(model, _ACTIVE, tuple(names))
+    record_active(model, names)
 
 
 def set_active(model: nn.Module, *names: str) -> None:
@@ -264,11 +259,49 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             module.delete_copy(name)
             if not module.copies:
                 replace_module(model, modules, path, module.original())
-    configs = dict(getattr(model, _CONFIGS))
+    configs = lora_configs(model)
     del configs[name]
-    object.__setattr__(model, _CONFIGS, configs)
+    record_configs(model, configs)
     # Layers that held the adapter dropped it from their active set themselves; the rest hold no such name.
-    object.__setattr__(model, _ACTIVE, tuple(n for n in active_adapters(model) if n != name))
+    record_active(model, (n for n in active_adapters(model) if n != name))
+
+
+# ---------------------------------------------------------------------- as a file holds it
+
+
+def export_config(model: nn.Module, name: str = "default") -> LoraConfig:
+    """Adapter ``name``'s config as its file holds it (what :func:`lorakit.io.save_adapter` writes).
+
+    A layer kind that prunes directions (AdaLoRA) exports fewer than the adapter's rank at
+    some modules (:meth:`lorakit.layers.LoraLayer.export_factors`): each such module gets its
+    rank k in ``rank_pattern`` and, in ``alpha_pattern``, the alpha that keeps its scaling
+    (``scaling·k``, or ``scaling·√k`` with rsLoRA); modules left with no direction are
+    dropped, and ``target_modules`` lists the module paths kept. A plain LoRA adapter's
+    config comes back as recorded.
+
+    Raises:
+        LorakitError: the model has no adapter ``name``, or it kept no direction anywhere.
+    """
+    check_names(model, [name])
+    config = lora_configs(model)[name]
+    ranks, pattern, alphas = {}, {}, {}
+    for path, layer in lora_layers(model):
+        if name in layer.adapters:
+            k = ranks[path] = layer.export_factors(name)[0].shape[0]
+            if k and k != config.rank_for(path):
+                pattern[path] = k
+                alphas[path] = layer.adapters[name].scaling * (math.sqrt(k) if config.use_rslora else k)
+    kept = [path for path, k in ranks.items() if k]
+    if not kept:
+        raise LorakitError(f"adapter {name!r} kept no direction in any module (every AdaLoRA λ is 0); "
+                           "train for more steps or with a larger target rank")
+    if not pattern and len(kept) == len(ranks):
+        return config
+    # pattern keys are matched first to last: the per-module entries go before the config's own
+    return config.replace(
+        target_modules=kept,
+        rank_pattern={**pattern, **{k: v for k, v in config.rank_pattern.items() if k not in pattern}},
+        alpha_pattern={**alphas, **{k: v for k, v in config.alpha_pattern.items() if k not in alphas}})
 
 
 # ---------------------------------------------------------------------- counting

@@ -23,21 +23,18 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from lorakit.adapter_records import cached_per_adapter_set, lora_configs
 from lorakit.errors import LorakitError
-from lorakit.model import _CONFIGS, lora_configs, lora_layers, saved_modules
-
-_LAYER_CACHE = "_lora_row_layers"  # model attribute: (configs dict it was built for, layers, saved modules)
+from lorakit.targets import lora_layers, saved_modules
 
 
 def _layers_of(model: nn.Module):
-    """The model's LoRA layers and saved modules, cached until an adapter is added or deleted
-    (both replace the model's configs dict), so re-entering the context skips a module walk."""
-    configs = getattr(model, _CONFIGS, None)
-    cached = model.__dict__.get(_LAYER_CACHE)
-    if cached is None or cached[0] is not configs:
-        cached = (configs, [layer for _, layer in lora_layers(model)], [s for _, s in saved_modules(model)])
-        object.__setattr__(model, _LAYER_CACHE, cached)
-    return cached[1], cached[2]
+    """The model's LoRA layers and saved modules, kept until an adapter is added or deleted,
+    so re-entering the context skips a module walk."""
+    def collect():
+        return [layer for _, layer in lora_layers(model)], [s for _, s in saved_modules(model)]
+
+    return cached_per_adapter_set(model, collect)
 
 
 @contextmanager

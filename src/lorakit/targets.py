@@ -13,7 +13,7 @@ number of adapters loaded. An operation walks once and hands the result down.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from torch import nn
 
@@ -226,3 +226,13 @@ def saved_paths(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Modu
         raise LorakitError(f"modules_to_save {config.modules_to_save!r} matched no module of "
                            f"{type(model).__name__}; its top-level modules are: {top}")
     return paths
+
+
+def tied_paths(modules: dict[str, nn.Module], paths: Iterable[str]) -> list[str]:
+    """Those of ``paths`` whose weight another module shares (e.g. GPT-2's wte / lm_head).
+
+    Args:
+        modules: a :func:`walk` of the model.
+    """
+    uses = Counter(id(p) for m in modules.values() for p in m._parameters.values() if p is not None)
+    return [p for p in paths if uses[id(modules[p].weight)] > 1]

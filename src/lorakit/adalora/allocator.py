@@ -48,11 +48,11 @@ def budget_at(step: int, total_steps: int, initial: int, target: int, warmup: in
 
 
 class RankAllocator:
-    """Scores every direction of every :class:`~lorakit.adalora.layer.AdaLoraLinear` and prunes to b(t).
+    """Scores every direction of every :class:`~lorakit.layers.adalora.AdaLoraAdapter` and prunes to b(t).
 
     Args:
-        layers: module path -> layer.
-        target_rank: average directions per layer at the end; b_T = target_rank · len(layers).
+        adapters: module path -> the adapter of one name at that module.
+        target_rank: average directions per module at the end; b_T = target_rank · len(adapters).
         total_steps: T.
         warmup_fraction, final_fraction: t_i / T and t_f / T (the paper's t_i and t_f).
         beta1, beta2: EMA factors of sensitivity and uncertainty (the paper uses 0.85).
@@ -61,13 +61,13 @@ class RankAllocator:
         history: ``(step, budget)`` after each :meth:`step` (for plots and tests).
     """
 
-    def __init__(self, layers: dict, target_rank: int, total_steps: int, warmup_fraction: float = 0.1,
+    def __init__(self, adapters: dict, target_rank: int, total_steps: int, warmup_fraction: float = 0.1,
                  final_fraction: float = 0.2, beta1: float = 0.85, beta2: float = 0.85):
-        if not layers:
+        if not adapters:
             raise LorakitError("AdaLoRA found no layer to allocate ranks to")
-        self.layers = dict(layers)
-        self.initial = sum(layer.r for layer in self.layers.values())
-        self.target = target_rank * len(self.layers)
+        self.adapters = dict(adapters)
+        self.initial = sum(adapter.r for adapter in self.adapters.values())
+        self.target = target_rank * len(self.adapters)
         if not 1 <= self.target <= self.initial:
             raise LorakitError(f"target rank {target_rank} must lie in [1, init rank]: the total budget "
                                f"{self.target} exceeds the {self.initial} directions there are")
@@ -87,10 +87,10 @@ class RankAllocator:
 
     @torch.no_grad()
     def _update_importance(self) -> None:
-        for path, layer in self.layers.items():
-            grads = layer.pop_grad_sums()
+        for path, adapter in self.adapters.items():
+            grads = adapter.pop_grad_sums()
             for name, grad in grads.items():
-                current = (getattr(layer, name) * grad).abs()
+                current = (getattr(adapter, name) * grad).abs()
                 key = (path, name)
                 if key not in self.sensitivity:
                     self.sensitivity[key] = torch.zeros_like(current)
@@ -107,10 +107,10 @@ class RankAllocator:
 
     @torch.no_grad()
     def importance(self) -> dict[str, torch.Tensor]:
-        """``S: (r,)`` per layer path (AdaLoRA Eq. 10); zeros before any gradient was seen."""
+        """``S: (r,)`` per module path (AdaLoRA Eq. 10); zeros before any gradient was seen."""
         scores = {}
-        for path, layer in self.layers.items():
-            total = torch.zeros(layer.r, dtype=torch.float32, device=layer.lam.device)
+        for path, adapter in self.adapters.items():
+            total = torch.zeros(adapter.r, dtype=torch.float32, device=adapter.lam.device)
             lam, P, Q = (self._score(path, n) for n in ("lam", "P", "Q"))
             if lam is not None:
                 total += lam.float()
@@ -137,20 +137,20 @@ class RankAllocator:
             return budget
         if not self.frozen:
             scores = self.importance()
-            flat = torch.cat([scores[p] for p in self.layers])
+            flat = torch.cat([scores[p] for p in self.adapters])
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(flat)  # every process must keep the same directions
             keep = torch.zeros_like(flat, dtype=torch.bool)
             keep[torch.topk(flat, budget).indices] = True
             offset = 0
-            for layer in self.layers.values():
-                layer.mask.copy_(keep[offset:offset + layer.r].to(layer.mask.dtype))
-                offset += layer.r
+            for adapter in self.adapters.values():
+                adapter.mask.copy_(keep[offset:offset + adapter.r].to(adapter.mask.dtype))
+                offset += adapter.r
             self.frozen = step >= self.total_steps - self.final
-        for layer in self.layers.values():
-            layer.lam.mul_(layer.mask.to(layer.lam.dtype))
+        for adapter in self.adapters.values():
+            adapter.lam.mul_(adapter.mask.to(adapter.lam.dtype))
         return budget
 
     def ranks(self) -> dict[str, int]:
-        """Directions each layer keeps now."""
-        return {path: layer.rank for path, layer in self.layers.items()}
+        """Directions each module keeps now."""
+        return {path: adapter.rank for path, adapter in self.adapters.items()}

@@ -1,6 +1,13 @@
-"""LoRA layer types, one file each, and the registry that maps a base module type to its wrapper.
+"""LoRA layer types, one file each, and the registry that maps a layer kind and a base
+module type to its wrapper.
+
+Kinds: ``"lora"`` (``ΔW = s·B·A``: :class:`LoraLinear`, :class:`LoraEmbedding`) and
+``"adalora"`` (``ΔW = s·P·diag(λ)·Q``: :class:`AdaLoraLinear`). Every wrapper is a
+:class:`LoraLayer`, so merging, per-row batches, saving and analysis see all kinds alike.
 
 >>> wrapper_for(nn.Linear(4, 4)) is LoraLinear
+True
+>>> wrapper_for(nn.Linear(4, 4), "adalora") is AdaLoraLinear
 True
 """
 
@@ -8,39 +15,51 @@ from __future__ import annotations
 
 from torch import nn
 
+from lorakit.errors import LorakitError
+from lorakit.layers.adalora import AdaLoraAdapter, AdaLoraLinear
 from lorakit.layers.base import LoraAdapter, LoraLayer
 from lorakit.layers.embedding import LoraEmbedding
 from lorakit.layers.linear import Conv1D, LoraLinear
 from lorakit.layers.saved import SavedModule
 
-#: base module type -> LoRA wrapper class; add a type with :func:`register_layer`.
-LAYER_TYPES: dict[type, type[LoraLayer]] = {}
+#: layer kind -> {base module type -> wrapper class}; add one with :func:`register_layer`.
+LAYER_KINDS: dict[str, dict[type, type[LoraLayer]]] = {}
 
 
 def register_layer(base_type: type, wrapper: type[LoraLayer]) -> None:
-    """Wrap modules of ``base_type`` (and its subclasses) with ``wrapper``."""
-    LAYER_TYPES[base_type] = wrapper
+    """Wrap modules of ``base_type`` (and its subclasses) with ``wrapper`` when an adapter
+    of ``wrapper.kind`` is added."""
+    LAYER_KINDS.setdefault(wrapper.kind, {})[base_type] = wrapper
 
 
 register_layer(nn.Linear, LoraLinear)
 register_layer(nn.Embedding, LoraEmbedding)
+register_layer(nn.Linear, AdaLoraLinear)
 if Conv1D is not None:
     register_layer(Conv1D, LoraLinear)
+    register_layer(Conv1D, AdaLoraLinear)
 
 #: the types ``"all-linear"`` selects
 LINEAR_TYPES: tuple[type, ...] = tuple(t for t in (nn.Linear, Conv1D) if t is not None)
 
 
-def wrapper_for(module: nn.Module) -> type[LoraLayer] | None:
-    """The LoRA wrapper class for ``module``, or None when lorakit cannot wrap it."""
-    wrapper = LAYER_TYPES.get(type(module))
+def wrapper_for(module: nn.Module, kind: str = "lora") -> type[LoraLayer] | None:
+    """The wrapper class of layer kind ``kind`` for ``module``, or None when that kind cannot wrap it.
+
+    Raises:
+        LorakitError: ``kind`` is not a registered layer kind.
+    """
+    types = LAYER_KINDS.get(kind)
+    if types is None:
+        raise LorakitError(f"layer kind {kind!r} is unknown; choose one of {sorted(LAYER_KINDS)}")
+    wrapper = types.get(type(module))
     if wrapper is not None:
         return wrapper
-    for base_type, wrapper in LAYER_TYPES.items():
+    for base_type, wrapper in types.items():
         if isinstance(module, base_type):
             return wrapper
     return None
 
 
-__all__ = ["LAYER_TYPES", "LINEAR_TYPES", "LoraAdapter", "LoraEmbedding", "LoraLayer", "LoraLinear",
-           "SavedModule", "register_layer", "wrapper_for"]
+__all__ = ["AdaLoraAdapter", "AdaLoraLinear", "LAYER_KINDS", "LINEAR_TYPES", "LoraAdapter", "LoraEmbedding",
+           "LoraLayer", "LoraLinear", "SavedModule", "register_layer", "wrapper_for"]

@@ -44,16 +44,31 @@ class LoraAdapter(nn.Module):
         """``s·B·A : (out_features, in_features)`` in fp32."""
         return (self.B.float() @ self.A.float()) * self.scaling
 
+    def export_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A: (r, in), B: (out, r))`` as an adapter file holds them (``ΔW = scaling·B·A``)."""
+        return self.A, self.B
+
+    def version(self) -> tuple:
+        """Changes whenever A, B or the scaling change (an optimizer step, a ``copy_``): what
+        :mod:`lorakit.layers.stacks` compares to keep a per-row slot up to date."""
+        A, B = self.A, self.B
+        return A.data_ptr(), A._version, B.data_ptr(), B._version, self.scaling, self.r
+
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
 
 
 class LoraLayer(nn.Module):
-    """Base of every wrapper: a frozen base module plus named :class:`LoraAdapter` s.
+    """Base of every wrapper: a frozen base module plus named adapters.
 
     Subclasses set ``in_features`` / ``out_features`` (the adapter's ``A: (r, in)``,
     ``B: (out, r)``) and implement :meth:`weight_to_layout` (how an ``(out, in)`` matrix
-    lies in ``self.weight``), ``forward`` and the per-row forward.
+    lies in ``self.weight``), ``forward`` and the per-row forward. A layer kind whose
+    update has another form (AdaLoRA's ``P·diag(λ)·Q``, :mod:`.adalora`) overrides
+    :meth:`new_adapter` and :meth:`init_adapter`; its adapters answer what a
+    :class:`LoraAdapter` answers (``A``, ``B``, ``r``, ``alpha``, ``scaling``, ``dropout``,
+    ``delta()``, ``export_factors()``, ``version()``), so forward, merge, per-row stacks
+    and saving work on every kind unchanged.
 
     Attributes:
         adapters: ``nn.ModuleDict`` name -> :class:`LoraAdapter`.
@@ -66,6 +81,10 @@ class LoraLayer(nn.Module):
     out_features: int
     #: initialisers treat this layer as an embedding (A = 0, B random for gaussian/kaiming)
     is_embedding = False
+    #: the layer kind (:data:`lorakit.layers.LAYER_KINDS`) this wrapper is registered under
+    kind = "lora"
+    #: the inits this kind can start an adapter with (None: every registered one)
+    inits: tuple[str, ...] | None = None
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -107,6 +126,16 @@ class LoraLayer(nn.Module):
         """
         return self.weight_to_layout(self._adapter(name).delta())
 
+    def export_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter ``name`` as the factors a plain LoRA file holds: ``A: (k, in)``, ``B: (out, k)``
+        with ``ΔW = scaling·B·A`` (the adapter's own scaling). ``k`` is the adapter's rank, or
+        fewer for a kind that prunes directions (AdaLoRA), 0 when none is left.
+
+        Raises:
+            LorakitError: this layer has no adapter ``name``.
+        """
+        return self._adapter(name).export_factors()
+
     # ------------------------------------------------------------------ adapters
 
     def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float = 0.0,
@@ -126,17 +155,25 @@ class LoraLayer(nn.Module):
             raise LorakitError("cannot add an adapter to a merged layer; unmerge first")
         wdtype = self.weight.dtype
         dtype = torch.float32 if wdtype in (torch.float16, torch.bfloat16) or not wdtype.is_floating_point else wdtype
-        adapter = LoraAdapter(self.in_features, self.out_features, r, alpha, scaling, dropout,
-                              dtype=dtype, device=self.weight.device)
+        adapter = self.new_adapter(r, alpha, scaling, dropout, dtype=dtype, device=self.weight.device)
         if init is not None:
             with torch.no_grad():
-                residual = get_init(init)(adapter.A, adapter.B, self.weight_out_in().float(), adapter.scaling,
-                                          embedding=self.is_embedding)
-                if residual is not None:
-                    self.weight.copy_(self.weight_to_layout(residual).to(wdtype))
+                self.init_adapter(adapter, init)
         self.adapters[name] = adapter
         self._refresh()
         return adapter
+
+    def new_adapter(self, r: int, alpha: float, scaling: float, dropout: float, *, dtype, device) -> nn.Module:
+        """A zero adapter of this layer's kind (a :class:`LoraAdapter` here)."""
+        return LoraAdapter(self.in_features, self.out_features, r, alpha, scaling, dropout, dtype=dtype, device=device)
+
+    def init_adapter(self, adapter: nn.Module, init: str) -> None:
+        """Start ``adapter``'s factors with the registered init ``init`` (under no_grad);
+        an init that rewrites the base weight (pissa) does it here."""
+        residual = get_init(init)(adapter.A, adapter.B, self.weight_out_in().float(), adapter.scaling,
+                                  embedding=self.is_embedding)
+        if residual is not None:
+            self.weight.copy_(self.weight_to_layout(residual).to(self.weight.dtype))
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (unmerging first if it is merged)."""

@@ -18,11 +18,6 @@ from __future__ import annotations
 import torch
 
 
-def _version(adapter) -> tuple:
-    A, B = adapter.A, adapter.B
-    return A.data_ptr(), A._version, B.data_ptr(), B._version, adapter.scaling, adapter.r
-
-
 class RowStacks:
     """The per-row stacks of one layer (see the module docstring)."""
 
@@ -36,7 +31,7 @@ class RowStacks:
         self.rebuilds = 0  # whole rebuilds (reallocations), for tests and benchmarks
 
     def update(self, adapters) -> tuple[dict[str, int], torch.Tensor, torch.Tensor]:
-        """Bring the stacks in line with ``adapters`` ({name: LoraAdapter}, not empty);
+        """Bring the stacks in line with ``adapters`` ({name: adapter}, not empty);
         returns ``(slots, A_rows, B_rows)``, the same tensors while nothing changed.
 
         The stacks are ordinary tensors even when this runs under ``torch.inference_mode``
@@ -57,7 +52,7 @@ class RowStacks:
             self.B_rows[slot].zero_()
             self._free.append(slot)
         for name, adapter in adapters.items():
-            version = _version(adapter)
+            version = adapter.version()
             if self._versions.get(name) == version:
                 continue
             slot = self.slots.get(name)
