@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import contextmanager
-from typing import Callable, Iterable
+from typing import Callable
 
 from torch import nn
 

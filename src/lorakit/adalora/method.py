@@ -117,11 +117,12 @@ def adalora_to_lora(model: nn.Module, base_model_name_or_path: str | None = None
                     name: str | None = None):
     """AdaLoRA adapter ``name``'s update as a plain LoRA adapter: ``(LoraConfig, tensors in PEFT keys)``.
 
-    The same as :func:`lorakit.io.save_adapter` writes: each module keeps its directions
-    with mask = 1 and λ ≠ 0, ``A = Q_K``, ``B = P_K·diag(λ_K)``, its rank in ``rank_pattern``
-    and ``alpha = s·rank`` in ``alpha_pattern`` (the scaling s unchanged); modules with none
-    left are dropped (:func:`lorakit.model.export_config`). The heads given to
-    :func:`attach_adalora` are saved whole as ``modules_to_save``.
+    The tensors and ranks :func:`lorakit.io.save_adapter` writes: each module keeps its
+    directions with mask = 1 and λ ≠ 0, ``A = Q_K``, ``B = P_K·diag(λ_K)``, its rank in
+    ``rank_pattern`` and ``alpha = s·rank`` in ``alpha_pattern`` (the scaling s unchanged);
+    modules with none left are dropped (:func:`lorakit.model.export_config`). The heads
+    given to :func:`attach_adalora` are saved whole as ``modules_to_save``; the config says
+    ``fan_in_fan_out`` when the layers wrap Conv1D (PEFT would otherwise set it with a warning).
 
     Raises:
         LorakitError: the model has no AdaLoRA adapter, or every direction was pruned.
