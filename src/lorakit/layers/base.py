@@ -71,7 +71,7 @@ class LoraLayer(nn.Module):
     and saving work on every kind unchanged.
 
     Attributes:
-        adapters: ``nn.ModuleDict`` name -> :class:`LoraAdapter`.
+        adapters: ``nn.ModuleDict`` name -> adapter (a :class:`LoraAdapter`, or the kind's own).
         active: names the forward applies (several sum), in order.
         merged: names whose ``ΔW`` is currently inside ``weight``.
         disabled: when True the forward runs the base alone.
