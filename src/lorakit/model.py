@@ -30,6 +30,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.layers import LoraLayer, SavedModule, wrapper_for
+from lorakit.peft_format import with_task_heads
 from lorakit.targets import (  # noqa: F401  (re-exported: lorakit.model is where users look)
     DEFAULT_TARGETS, lora_layers, replace_module, saved_modules, saved_paths, target_paths, targetable_modules, walk,
 )
@@ -126,7 +127,9 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
 
     With ``init_weights=False`` A and B start at zero and ``config.init`` is not run (so
     pissa does not rewrite the base weight), while ``config`` is recorded as given: for
-    loading trained factors from a file.
+    loading trained factors from a file. Otherwise ``config`` is recorded as PEFT would
+    attach it (:func:`lorakit.peft_format.with_task_heads`): ``task_type`` from the model
+    when None and, with ``SEQ_CLS``, the classification head in ``modules_to_save``.
 
     Every parameter that is not an adapter's (A, B, a modules_to_save copy) is frozen,
     then ``config.bias`` decides which biases train.
@@ -147,6 +150,8 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
     if name in configs:
         raise LorakitError(f"model already has an adapter {name!r} (has {sorted(configs)}); delete it or pick another name")
     modules = walk(model)
+    if init_weights:
+        config = with_task_heads(model, config, modules)
     paths = target_paths(model, config, modules)
     saved = saved_paths(model, config, modules)
     inside = [p for p in paths if any(p.startswith(s + ".") for s in saved)]

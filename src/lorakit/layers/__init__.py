@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from lorakit.dense import LINEAR_TYPES, Conv1D
 from lorakit.layers.base import LoraAdapter, LoraLayer
 from lorakit.layers.embedding import LoraEmbedding
-from lorakit.layers.linear import Conv1D, LoraLinear
+from lorakit.layers.linear import LoraLinear
 from lorakit.layers.saved import SavedModule
 
 #: base module type -> LoRA wrapper class; add a type with :func:`register_layer`.
@@ -26,9 +27,6 @@ register_layer(nn.Linear, LoraLinear)
 register_layer(nn.Embedding, LoraEmbedding)
 if Conv1D is not None:
     register_layer(Conv1D, LoraLinear)
-
-#: the types ``"all-linear"`` selects
-LINEAR_TYPES: tuple[type, ...] = tuple(t for t in (nn.Linear, Conv1D) if t is not None)
 
 
 def wrapper_for(module: nn.Module) -> type[LoraLayer] | None:
