@@ -121,7 +121,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     ``target_modules`` of ``"all-linear"`` or None is written as the explicit list of
     module names it resolved to on this model, so PEFT wraps exactly the same layers.
     ``task_type`` is the one the adapter was attached with
-    (:func:`lorakit.peft_format.with_task_heads`).
+    (:func:`lorakit.peft_format.with_task_heads`); ``fan_in_fan_out`` says whether the
+    targets are Conv1D layers (weight ``(in, out)``), as PEFT expects.
 
     Returns:
         the folder.
@@ -130,7 +131,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         LorakitError: ``model`` has no adapter ``name``.
     """
     from lorakit.model import lora_configs
-    from lorakit.targets import model_fingerprint
+    from lorakit.targets import is_conv1d, linear_leaves, model_fingerprint
 
     configs = lora_configs(model)
     if name not in configs:
@@ -141,6 +142,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     paths = sorted({parsed[0] for parsed in map(parse_factor_key, tensors) if parsed is not None})
     if config.target_modules is None or config.target_modules == "all-linear":
         changes["target_modules"] = _explicit_targets(model, paths)
+    leaves = linear_leaves(model, heads=True)
+    conv1d = any(p in leaves and is_conv1d(leaves[p]) for p in paths)
+    if config.fan_in_fan_out != conv1d:  # PEFT's flag says how the targets store their weight
+        changes["fan_in_fan_out"] = conv1d
     if config.base_model_name_or_path is None:
         changes["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     if changes:
