@@ -302,6 +302,20 @@ def test_a_sequence_classifier_saves_its_head_as_peft_does(tmp_path):
         with_task_heads(tiny_bert_classifier(), LoraConfig(target_modules=["query", "classifier"]))
 
 
+def test_an_empty_modules_to_save_keeps_the_head_out_and_peft_still_loads_the_file(tmp_path):
+    model = tiny_bert_classifier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attach(model, LoraConfig(r=2, target_modules=["query", "value"], modules_to_save=[]))
+    perturb_trainable(model, std=1.0)  # through the tiny frozen head only a large ΔW shows
+    assert lora_configs(model)["default"].task_type is None
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "classifier" in n)
+    save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path).eval()
+    assert_same(outputs(model.eval(), token_batch()), outputs(theirs, token_batch()),
+                outputs(tiny_bert_classifier(), token_batch()))
+
+
 def test_an_old_seq_cls_file_without_its_head_still_loads_with_a_warning(tmp_path):
     """Files from before the head was saved: lorakit loads them with the model's own head."""
     model = attach(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"], task_type="CAUSAL_LM",

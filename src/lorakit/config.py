@@ -152,7 +152,9 @@ class LoraConfig:
             ``"pissa"`` (top-r SVD of W, residual frozen), ``"random"`` (B non-zero; tests).
         bias: which biases train: ``"none"``, ``"all"``, or ``"lora_only"`` (of wrapped layers).
         modules_to_save: names of modules (e.g. a classifier head) trained in full as a
-            per-adapter copy.
+            per-adapter copy. On a sequence classifier the head is added to them, as PEFT
+            does for task_type SEQ_CLS, unless this is ``[]`` and task_type None
+            (:func:`lorakit.peft_format.with_task_heads`).
         fan_in_fan_out: the base weight is stored ``(in, out)`` (GPT-2's ``Conv1D``); lorakit
             detects Conv1D itself, this is kept for PEFT's file format.
         base_model_name_or_path, task_type: recorded for PEFT's ``adapter_config.json``.

@@ -25,7 +25,7 @@ from torch import nn
 from lorakit.config import LoraConfig, name_matches
 from lorakit.errors import LorakitError
 from lorakit.peft_format import (
-    apply_plan, factor_key, module_key, module_tensors, parse_factor_key, plan_load, wrapped_key,
+    apply_plan, base_model_name, factor_key, module_key, module_tensors, parse_factor_key, plan_load, wrapped_key,
 )
 
 CONFIG_NAME = "adapter_config.json"
@@ -147,7 +147,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if config.fan_in_fan_out != conv1d:  # PEFT's flag says how the targets store their weight
         changes["fan_in_fan_out"] = conv1d
     if config.base_model_name_or_path is None:
-        changes["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        changes["base_model_name_or_path"] = base_model_name(model)
     if changes:
         config = config.replace(**changes)
     metadata = {"lorakit_architecture": type(model).__name__, "lorakit_fingerprint": model_fingerprint(model)}

@@ -327,11 +327,7 @@ def _architectures(source) -> list[str]:
     """The ``architectures`` a model folder's (or cached model's) config names."""
     from transformers import AutoConfig
 
-    try:
-        config = AutoConfig.from_pretrained(str(source), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise LorakitError(f"cannot read the model config of {source}: {err}") from err
-    return list(config.architectures or [])
+    return list(_from_pretrained(AutoConfig, source).architectures or [])
 
 
 def target_footprint(model: nn.Module, rank: int = 8, targets=None) -> dict:

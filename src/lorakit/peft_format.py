@@ -105,6 +105,11 @@ def module_tensors(path: str, state: dict[str, torch.Tensor]) -> dict[str, torch
 # ---------------------------------------------------------------------- task_type and saved heads
 
 
+def base_model_name(model: nn.Module) -> str | None:
+    """What PEFT records as ``base_model_name_or_path``: the model's ``config._name_or_path``, or None."""
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
 def task_type_for(model: nn.Module) -> str | None:
     """The PEFT ``task_type`` of ``model``'s kind (``SEQ_CLS`` for a sequence classifier,
     ``CAUSAL_LM``, ``FEATURE_EXTRACTION`` for a bare encoder), else by its class name, else None."""
@@ -126,13 +131,17 @@ def with_task_heads(model: nn.Module, config: LoraConfig, modules: dict[str, nn.
     """``config`` as PEFT would attach it to ``model``: ``task_type`` filled in from the model
     (:func:`task_type_for`) when None, and with ``SEQ_CLS`` the classification head added to
     ``modules_to_save`` (PEFT does so, and then needs the head's weights in every file),
-    with a warning saying so. ``config`` itself is not changed. ``modules``: a walk of ``model``.
+    with a warning saying so. ``modules_to_save=[]`` (empty, not None) with no task_type on a
+    sequence classifier keeps the head out: task_type stays None, as PEFT's plain
+    ``PeftModel`` loads it. ``config`` itself is not changed. ``modules``: a walk of ``model``.
 
     Raises:
         LorakitError: the head to be saved whole is also a LoRA target.
     """
     changes = {}
     task_type = config.task_type or task_type_for(model)
+    if config.task_type is None and task_type == SEQ_CLS and config.modules_to_save == []:
+        task_type = None  # the user asked for no head
     if task_type != config.task_type:
         changes["task_type"] = task_type
     if task_type == SEQ_CLS:

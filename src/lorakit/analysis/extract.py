@@ -205,7 +205,7 @@ def extract_adapter(base, tuned, out, rank: int | None = None, energy: float | N
     """
     from lorakit.analysis.weights import compile_pattern, linear_weights, model_pair
     from lorakit.config import LoraConfig
-    from lorakit.peft_format import SEQ_CLS, seq_cls_heads, task_type_for
+    from lorakit.peft_format import SEQ_CLS, base_model_name, seq_cls_heads, task_type_for
     from lorakit.targets import is_conv1d, output_heads, saved_paths, walk
 
     _check_rank_or_energy(rank, energy)  # before the (slow) model loading
@@ -229,8 +229,7 @@ def extract_adapter(base, tuned, out, rank: int | None = None, energy: float | N
     saved = {}
     for path in saved_paths(tuned_model, LoraConfig(modules_to_save=names or None), modules):
         saved.update({f"{path}.{k}": v for k, v in modules[path].state_dict().items()})
-    config = getattr(tuned_model, "config", None)
     conv1d = any(is_conv1d(modules[p]) for p in extraction.modules)
     save_extraction(extraction, out, saved=saved, modules_to_save=names, fan_in_fan_out=conv1d,
-                    base_model_name_or_path=getattr(config, "_name_or_path", None) or None, task_type=task_type)
+                    base_model_name_or_path=base_model_name(base_model), task_type=task_type)
     return extraction
