@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from lorakit import LoraConfig, LorakitError, attach
+from lorakit import LorakitError
 from lorakit import models
 from lorakit.cli import main
 from lorakit.models import (

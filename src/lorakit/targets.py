@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from functools import lru_cache
 from typing import Iterator
 
 from torch import nn
@@ -206,6 +207,7 @@ def linear_leaves(model: nn.Module, *, heads: bool = False,
     return leaves
 
 
+@lru_cache(maxsize=None)
 def architecture_kind(name: str | None) -> str:
     """The kind (:data:`MODEL_KINDS`) of the transformers class called ``name``
     (``"BertModel"`` -> ``"bare"``, ``"GPT2LMHeadModel"`` -> ``"causal-lm"``), by
