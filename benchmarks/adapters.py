@@ -44,7 +44,9 @@ def _per_row_models(base, n: int, targets=("query", "value")):
 
     lk = copy.deepcopy(base)
     for i in range(n):
-        add_adapter(lk, LoraConfig(r=RANK, alpha=16, target_modules=list(targets), init="random"), f"a{i}")
+        # modules_to_save=[]: no per-adapter classifier head, as PEFT's config without task_type
+        add_adapter(lk, LoraConfig(r=RANK, alpha=16, target_modules=list(targets), init="random", modules_to_save=[]),
+                    f"a{i}")
     set_active(lk, "a0")
     config = peft.LoraConfig(r=RANK, lora_alpha=16, target_modules=list(targets), init_lora_weights=False)
     pf = peft.get_peft_model(copy.deepcopy(base), config, adapter_name="a0")
@@ -172,7 +174,8 @@ def bf16_round_trip(quick: bool) -> dict:
     from lorakit.model import attach, lora_layers, merge, unmerge
 
     base = harness.classifier(quick).to(torch.bfloat16)
-    lk = attach(copy.deepcopy(base), LoraConfig(r=RANK, alpha=16, target_modules=["query", "value"], init="random"))
+    lk = attach(copy.deepcopy(base), LoraConfig(r=RANK, alpha=16, target_modules=["query", "value"], init="random",
+                                                modules_to_save=[]))
     pf = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=RANK, lora_alpha=16, target_modules=["query", "value"],
                                                                   init_lora_weights=False))
     before = {"lorakit": [layer.weight.detach().clone() for _, layer in lora_layers(lk)],

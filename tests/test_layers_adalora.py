@@ -10,7 +10,7 @@ from torch import nn
 from lorakit import LoraConfig, LorakitError, add_adapter, load_adapter, lora_layers, per_row_adapters, save_adapter
 from lorakit.adalora import adalora_adapters, adalora_to_lora, attach_adalora
 from lorakit.layers import AdaLoraAdapter, AdaLoraLinear, LoraLayer, LoraLinear, wrapper_for
-from lorakit.layers.linear import Conv1D
+from lorakit.dense import Conv1D
 from lorakit.model import merge, merge_and_unload, set_active, unmerge
 from tiny_models import tiny_gpt2, tiny_llama, token_batch
 

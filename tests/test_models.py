@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from lorakit import LoraConfig, LorakitError, attach
+from lorakit import LorakitError
 from lorakit import models
 from lorakit.cli import main
 from lorakit.models import (
@@ -14,7 +14,7 @@ from lorakit.models import (
     load_causal_lm,
     load_classifier,
     load_model,
-    model_fingerprint,
+    spec_kind,
     target_footprint,
 )
 from tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
@@ -79,6 +79,27 @@ def test_local_folders_load(tmp_path):
     assert type(load_model(str(tmp_path / "bert"))[0]).__name__ == "BertForSequenceClassification"
 
 
+def test_load_model_loads_each_folder_as_the_kind_it_holds(tmp_path):
+    """One rule for every caller: a bare encoder stays bare, GPT-2 is a causal LM, a classifier a classifier."""
+    from transformers import BertModel
+
+    bare = BertModel(tiny_bert_classifier().config).eval()
+    bare.save_pretrained(tmp_path / "bare")
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    tiny_bert_classifier(num_labels=3).save_pretrained(tmp_path / "three")
+    loaded, tokenizer = load_model(str(tmp_path / "bare"), tokenizer=False)
+    assert type(loaded) is BertModel and tokenizer is None
+    assert torch.equal(loaded.encoder.layer[0].attention.self.query.weight,
+                       bare.encoder.layer[0].attention.self.query.weight)
+    assert type(load_model(str(tmp_path / "gpt2"), tokenizer=False)[0]).__name__ == "GPT2LMHeadModel"
+    assert load_model(str(tmp_path / "three"), tokenizer=False)[0].config.num_labels == 3
+    kinds = {name: spec_kind(str(tmp_path / name)) for name in ("bare", "gpt2", "three")}
+    assert kinds == {"bare": "bare", "gpt2": "causal-lm", "three": "classifier"}
+    assert spec_kind("default") == "classifier" and spec_kind("default-chat") == "causal-lm"
+    with pytest.raises(LorakitError, match="does not exist"):
+        spec_kind(str(tmp_path / "missing"))
+
+
 def test_a_classifier_folder_keeps_its_own_labels(tmp_path):
     """A fine-tuned 3-class model loads with its 3 trained outputs, not a new 2-class head."""
     three = tiny_bert_classifier(num_labels=3)
@@ -134,18 +155,7 @@ def test_default_chat_model_is_converted_once_then_read_from_the_cache(tmp_path,
         torch.testing.assert_close(again(**prompt).logits, first, atol=0, rtol=0)
 
 
-# ------------------------------------------------------------------ fingerprints and footprints
-
-
-def test_fingerprint_is_architecture_and_shapes_not_values():
-    assert model_fingerprint(tiny_llama(0)) == model_fingerprint(tiny_llama(1))
-    assert model_fingerprint(tiny_llama()) != model_fingerprint(tiny_gpt2())
-    assert model_fingerprint(tiny_bert_classifier(num_labels=2)) != model_fingerprint(tiny_bert_classifier(num_labels=3))
-    model = tiny_bert_classifier()
-    before = model_fingerprint(model)
-    attach(model, LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]))
-    assert model_fingerprint(model) == before
-    assert before.startswith("BertForSequenceClassification:")
+# ------------------------------------------------------------------ footprints
 
 
 def test_target_footprint_counts_r_times_in_plus_out():
@@ -164,6 +174,8 @@ def test_inspect_command_prints_modules_and_adapter_size(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "q_proj" in out and "32x32" in out and "down_proj" in out
     assert "adapter at rank 4 on q_proj,v_proj (4 modules): 896 parameters" in out
+    assert main(["inspect", str(tmp_path), "--rank", "4", "--targets", "q_proj|v_proj"]) == 0  # the same, as a regex
+    assert "adapter at rank 4 on q_proj,v_proj (4 modules): 896 parameters" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

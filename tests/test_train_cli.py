@@ -77,6 +77,16 @@ def test_train_method_adalora_saves_the_rank_budget_and_loads(tiny, tmp_path):
     assert {path for path, _ in lora_layers(model)} == set(ranks)
 
 
+def test_targets_given_as_a_regex_select_those_modules(tiny, tmp_path):
+    """`--targets "query|value"`: one full-match regex against a module's name or path (PEFT's string form)."""
+    from lorakit.io import read_adapter
+
+    assert main(args(tiny, tmp_path / "re", "--targets", "query|value", "--steps", "1", "--eval-every", "1")) == 0
+    config, tensors = read_adapter(tmp_path / "re" / "adapter")
+    adapted = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in tensors if ".lora_" in key}
+    assert adapted == {"query", "value"} and len(tensors) == 2 * 2 * 2 + 2  # A, B x 2 names x 2 layers + the head
+
+
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine", "label": "a"}\n{"text": "oops"\n')

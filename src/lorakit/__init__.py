@@ -32,7 +32,7 @@ _EXPORTS = {
     "lora_factors": "lorakit.io",
     "load_classifier": "lorakit.models",
     "load_causal_lm": "lorakit.models",
-    "model_fingerprint": "lorakit.models",
+    "model_fingerprint": "lorakit.targets",
     "LoraConfig": "lorakit.config",
     "attach": "lorakit.model",
     "add_adapter": "lorakit.model",

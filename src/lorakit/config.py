@@ -10,7 +10,13 @@ for PEFT targets the same modules here:
 - a list of names: a path matches ``name`` when it equals it or ends in ``"." + name``;
 - a string: a regular expression the whole path must match (``re.fullmatch``);
 - ``"all-linear"``: every ``nn.Linear`` / ``Conv1D`` except the output head (resolved by
-  :mod:`lorakit.model`, which knows the model).
+  :mod:`lorakit.targets`, which knows the model).
+
+``modules_to_save`` names match as PEFT matches them: a path ending in the name, with no
+dot boundary (``"classifier"`` also saves DistilBERT's ``pre_classifier``).
+
+Targets typed as one string (``--targets``, a settings file) are read by
+:func:`parse_targets`, the one rule for them.
 
 ``rank_pattern`` / ``alpha_pattern`` keys are regular expressions matched against the end
 of the path on a ``.`` boundary (``(.*\\.)?(key)$``), first key in order wins, as in PEFT.
@@ -78,6 +84,48 @@ def name_matches(spec, path: str) -> bool:
     return any(path == name or path.endswith("." + name) for name in spec)
 
 
+#: characters that make a ``--targets`` value a regular expression rather than a list of names
+TARGET_REGEX_CHARS = frozenset("|*()[]{}^$\\")
+_ANY_PREFIX = r"(?:.*\.)?"  # a module path's start, up to a dot
+
+
+def parse_targets(value):
+    """Targets written as one string -> a value for :attr:`LoraConfig.target_modules`.
+
+    - ``None`` stays None (the model family's default); ``"all-linear"`` stays as it is;
+    - a value holding any of ``| * ( ) [ ] { } ^ $ \\`` is one regular expression that must
+      match a module's whole path or the whole of its end after a dot (``"query|value"``
+      selects ``bert.encoder.layer.0.attention.self.query``); it is returned as the PEFT
+      string (full match of the path) ``(?:.*\\.)?(?:query|value)``;
+    - anything else is a comma-separated list of names (``"query, value"`` ->
+      ``["query", "value"]``: PEFT's list form). A list or tuple is taken as names.
+
+    Parsing the result again gives it back unchanged.
+
+    Raises:
+        LorakitError: the value names nothing, or its regular expression does not compile.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return _as_name_list(value, "targets")
+    text = value.strip()
+    if text == ALL_LINEAR:
+        return ALL_LINEAR
+    if any(ch in TARGET_REGEX_CHARS for ch in text):
+        try:
+            re.compile(text)
+        except re.error as err:
+            raise LorakitError(f"targets {value!r} is not a valid regular expression ({err}); "
+                               "give names separated by commas, or a valid regex such as 'query|value'") from None
+        return text if text.startswith(_ANY_PREFIX + "(?:") and text.endswith(")") else f"{_ANY_PREFIX}(?:{text})"
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise LorakitError(f"targets {value!r} names no module; give names such as query,value, "
+                           "a regex such as 'query|value', or all-linear")
+    return names
+
+
 def pattern_key(patterns: dict, path: str):
     """The first key of ``patterns`` that matches the end of ``path`` on a dot boundary, or None."""
     for key in patterns:
@@ -104,7 +152,9 @@ class LoraConfig:
             ``"pissa"`` (top-r SVD of W, residual frozen), ``"random"`` (B non-zero; tests).
         bias: which biases train: ``"none"``, ``"all"``, or ``"lora_only"`` (of wrapped layers).
         modules_to_save: names of modules (e.g. a classifier head) trained in full as a
-            per-adapter copy.
+            per-adapter copy. On a sequence classifier the head is added to them, as PEFT
+            does for task_type SEQ_CLS, unless this is ``[]`` and task_type None
+            (:func:`lorakit.peft_format.with_task_heads`).
         fan_in_fan_out: the base weight is stored ``(in, out)`` (GPT-2's ``Conv1D``); lorakit
             detects Conv1D itself, this is kept for PEFT's file format.
         base_model_name_or_path, task_type: recorded for PEFT's ``adapter_config.json``.
@@ -183,6 +233,11 @@ class LoraConfig:
 
     def excludes(self, path: str) -> bool:
         return name_matches(self.exclude_modules, path)
+
+    def saves(self, path: str) -> bool:
+        """True when ``modules_to_save`` names ``path``: PEFT's rule, the path ends in a name
+        (no dot boundary, so ``"classifier"`` matches ``pre_classifier`` too)."""
+        return any(path.endswith(name) for name in self.modules_to_save or ())
 
     # ------------------------------------------------------------------ PEFT's format
 

@@ -24,14 +24,13 @@ from torch import nn
 
 from lorakit.config import LoraConfig, name_matches
 from lorakit.errors import LorakitError
-from lorakit.peft_format import PREFIX, apply_plan, factor_key, parse_factor_key, plan_load
+from lorakit.peft_format import (
+    apply_plan, base_model_name, factor_key, module_key, module_tensors, parse_factor_key, plan_load, wrapped_key,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
-# transformers class-name ending -> PEFT task_type, so PEFT picks its matching model class
-_TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
-               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
 
 
 # ------------------------------------------------------------------ files without a model
@@ -121,6 +120,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
 
     ``target_modules`` of ``"all-linear"`` or None is written as the explicit list of
     module names it resolved to on this model, so PEFT wraps exactly the same layers.
+    ``task_type`` is the one the adapter was attached with
+    (:func:`lorakit.peft_format.with_task_heads`); ``fan_in_fan_out`` says whether the
+    targets are Conv1D layers (weight ``(in, out)``), as PEFT expects.
 
     Returns:
         the folder.
@@ -128,8 +130,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     Raises:
         LorakitError: ``model`` has no adapter ``name``.
     """
-    from lorakit.models import model_fingerprint
     from lorakit.model import export_config, lora_configs
+    from lorakit.targets import is_conv1d, linear_leaves, model_fingerprint
 
     configs = lora_configs(model)
     if name not in configs:
@@ -140,11 +142,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     paths = sorted({parsed[0] for parsed in map(parse_factor_key, tensors) if parsed is not None})
     if config.target_modules is None or config.target_modules == "all-linear":
         changes["target_modules"] = _explicit_targets(model, paths)
+    leaves = linear_leaves(model, heads=True)
+    conv1d = any(p in leaves and is_conv1d(leaves[p]) for p in paths)
+    if config.fan_in_fan_out != conv1d:  # PEFT's flag says how the targets store their weight
+        changes["fan_in_fan_out"] = conv1d
     if config.base_model_name_or_path is None:
-        changes["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    if config.task_type is None:
-        cls = type(model).__name__
-        changes["task_type"] = next((t for end, t in _TASK_TYPES.items() if cls.endswith(end)), None)
+        changes["base_model_name_or_path"] = base_model_name(model)
     if changes:
         config = config.replace(**changes)
     metadata = {"lorakit_architecture": type(model).__name__, "lorakit_fingerprint": model_fingerprint(model)}
@@ -168,8 +171,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     for path, saved in saved_modules(model):
         saved_paths.add(path)
         if name in saved.copies:
-            for key, tensor in saved.copies[name].state_dict().items():
-                out[f"{PREFIX}{path}.{key}"] = tensor
+            out.update(module_tensors(path, saved.copies[name].state_dict()))
     bias = lora_configs(model)[name].bias
     if bias != "none":
         for pname, param in model.named_parameters(remove_duplicate=False):
@@ -177,9 +179,9 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
             if leaf != "bias" or ".adapters." in pname or ".copies." in pname or owner in saved_paths:
                 continue
             if owner in lora_paths:
-                out[f"{PREFIX}{owner}.base_layer.bias"] = param
+                out[wrapped_key(owner, "bias")] = param
             elif bias == "all":
-                out[f"{PREFIX}{pname}"] = param
+                out[module_key(pname)] = param
     return out
 
 
@@ -214,7 +216,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     grad_flags = [(p, p.requires_grad) for p in base_parameters(model)]
     # init_weights=False: zero factors, no random draw (the caller's random stream stays as it
     # was) and no PiSSA rewrite of W; the config is recorded as the file gives it.
-    add_adapter(model, config, name, init_weights=False)
+    add_adapter(model, plan.config, name, init_weights=False)
     try:
         apply_plan(model, plan, name)
     except Exception:

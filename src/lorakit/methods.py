@@ -65,12 +65,10 @@ def get_method(name: str) -> Method:
 
 
 def head_modules(model: nn.Module) -> list[str]:
-    """Names of the task-head modules of a transformers model: its top-level children
-    with parameters other than the pretrained body (``["classifier"]`` for a BERT
-    sequence classifier)."""
-    body = getattr(model, "base_model_prefix", None)
-    return [name for name, child in model.named_children()
-            if name != body and any(True for _ in child.parameters())]
+    """The task-head modules trained in full: :func:`lorakit.targets.task_heads`."""
+    from lorakit.targets import task_heads
+
+    return task_heads(model)
 
 
 # ---------------------------------------------------------------- lora

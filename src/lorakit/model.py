@@ -34,6 +34,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.layers import LAYER_KINDS, LoraLayer, SavedModule, wrapper_for
 from lorakit.merging import merge, merge_and_unload, unload, unmerge  # noqa: F401  (re-exported)
+from lorakit.peft_format import with_task_heads
 from lorakit.targets import (  # noqa: F401  (re-exported: lorakit.model is where users look)
     DEFAULT_TARGETS, lora_layers, replace_module, saved_modules, saved_paths, target_paths, targetable_modules,
     tied_paths, walk,
@@ -90,7 +91,9 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
 
     With ``init_weights=False`` A and B start at zero and ``config.init`` is not run (so
     pissa does not rewrite the base weight), while ``config`` is recorded as given: for
-    loading trained factors from a file.
+    loading trained factors from a file. Otherwise ``config`` is recorded as PEFT would
+    attach it (:func:`lorakit.peft_format.with_task_heads`): ``task_type`` from the model
+    when None and, with ``SEQ_CLS``, the classification head in ``modules_to_save``.
 
     ``kind`` is the layer kind that wraps the targets (:data:`lorakit.layers.LAYER_KINDS`):
     ``"lora"`` (``ΔW = s·B·A``) or ``"adalora"`` (``ΔW = s·P·diag(λ)·Q``, see
@@ -116,6 +119,8 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
     if name in configs:
         raise LorakitError(f"model already has an adapter {name!r} (has {sorted(configs)}); delete it or pick another name")
     modules = walk(model)
+    if init_weights:
+        config = with_task_heads(model, config, modules)
     paths = target_paths(model, config, modules)
     saved = saved_paths(model, config, modules)
     inside = [p for p in paths if any(p.startswith(s + ".") for s in saved)]

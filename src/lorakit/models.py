@@ -264,49 +264,70 @@ def _from_pretrained(cls, source, **kwargs):
                            "(lorakit never downloads); give 'default', 'default-chat' or a folder") from err
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """``"<ClassName>:<hash>"``: the architecture and the shapes of its base weights.
+# ---------------------------------------------------------------- any model, as the kind it is
 
-    Two models with the same class and the same parameter names and shapes share a
-    fingerprint whatever their values; adapters attached by lorakit
-    (``.adapters.`` keys, and per-adapter copies of modules_to_save) are left out,
-    so the fingerprint is the same before and after :func:`lorakit.model.attach`.
+
+def spec_kind(spec: str) -> str:
+    """The kind of model ``spec`` names (:data:`lorakit.targets.MODEL_KINDS`), read from its
+    config without loading weights: ``"default"`` is a classifier (the embedded MiniLM with a
+    new head), ``"default-chat"`` and ``.gguf`` files are causal LMs, a folder or cached
+    model is what its ``config.json`` ``architectures`` names (none: a bare model).
+
+    Raises:
+        LorakitError: ``spec`` is neither a model folder, a GGUF file nor a cached model.
     """
-    digest = hashlib.sha1()
-    for name, tensor in model.state_dict().items():
-        if _is_lorakit_key(name):
-            continue
-        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
-    return f"{type(model).__name__}:{digest.hexdigest()[:16]}"
+    from lorakit.targets import BARE, CAUSAL_LM, CLASSIFIER, architecture_kind
 
-
-def _is_lorakit_key(name: str) -> bool:
-    return ".adapters." in name or ".copies." in name
-
-
-# ---------------------------------------------------------------- what can be adapted
-
-
-def load_model(spec: str = "default", *, tokenizer: bool = True):
-    """``(model, tokenizer)`` for any model spec: a classifier or a causal LM, whichever it is.
-
-    ``"default"`` is the embedded MiniLM classifier, ``"default-chat"`` and ``.gguf`` files
-    are causal LMs; a folder is a causal LM when its ``config.json`` names a
-    ``...ForCausalLM`` architecture, else a sequence classifier.
-    """
     if spec == "default":
-        return load_classifier(spec, tokenizer=tokenizer)
+        return CLASSIFIER
     source = spec if spec == "default-chat" else _resolve(spec)
     if source == "default-chat" or (isinstance(source, Path) and source.suffix == ".gguf"):
+        return CAUSAL_LM
+    architectures = _architectures(source)
+    return architecture_kind(architectures[0]) if architectures else BARE
+
+
+def load_model(spec: str = "default", *, tokenizer: bool = True, num_labels: int | None = None):
+    """``(model, tokenizer)`` for any model spec, loaded as the kind it is (:func:`spec_kind`), eval mode.
+
+    A classifier keeps its folder's labels (``num_labels`` sets them instead); the random
+    head of ``"default"`` is drawn from seed 0, the same on every load, without touching
+    the caller's random stream. A causal LM loads in fp32 (:func:`load_causal_lm`); a bare
+    model (``BertModel``) or any other loads as the class its ``config.json`` names. The
+    run folder of ``lorakit train --method full`` stands for the ``model/`` folder inside it.
+
+    Raises:
+        LorakitError: ``spec`` cannot be found or loaded.
+    """
+    from lorakit.targets import CAUSAL_LM, CLASSIFIER
+
+    inner = Path(spec).expanduser() / "model"
+    if not (Path(spec).expanduser() / "config.json").is_file() and (inner / "config.json").is_file():
+        spec = str(inner)
+    kind = spec_kind(spec)
+    if kind == CLASSIFIER:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return load_classifier(spec, num_labels=num_labels, tokenizer=tokenizer)
+    if kind == CAUSAL_LM:
         return load_causal_lm(spec, tokenizer=tokenizer)
+    import transformers
+
+    source = _resolve(spec)
+    architectures = _architectures(source)
+    cls = getattr(transformers, architectures[0], None) if architectures else transformers.AutoModel
+    if cls is None:
+        raise LorakitError(f"{spec} holds a {architectures[0]}, a class transformers does not have; "
+                           "load it yourself and pass the module")
+    model = _from_pretrained(cls, source, dtype=torch.float32)
+    return model.eval(), _from_pretrained(transformers.AutoTokenizer, source) if tokenizer else None
+
+
+def _architectures(source) -> list[str]:
+    """The ``architectures`` a model folder's (or cached model's) config names."""
     from transformers import AutoConfig
 
-    try:
-        config = AutoConfig.from_pretrained(str(source), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise LorakitError(f"cannot read the model config of {spec}: {err}") from err
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-    return load_causal_lm(spec, tokenizer=tokenizer) if causal else load_classifier(spec, tokenizer=tokenizer)
+    return list(_from_pretrained(AutoConfig, source).architectures or [])
 
 
 def target_footprint(model: nn.Module, rank: int = 8, targets=None) -> dict:
@@ -324,7 +345,7 @@ def target_footprint(model: nn.Module, rank: int = 8, targets=None) -> dict:
         LorakitError: a bad rank, or ``targets`` selects nothing (the message lists the names).
     """
     from lorakit.config import LoraConfig
-    from lorakit.model import target_paths, targetable_modules
+    from lorakit.targets import target_paths, targetable_modules
 
     config = LoraConfig(r=rank, target_modules=targets)
     selected = set(target_paths(model, config))

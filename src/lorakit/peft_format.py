@@ -1,6 +1,9 @@
-"""PEFT's adapter layout, and matching a file's tensors to a model before loading them.
+"""PEFT's adapter format, the one place that knows it: keys, task_type, saved heads,
+and matching a file's tensors to a model before loading them.
 
-Keys as PEFT 0.21 writes them (the adapter name never appears)::
+Keys as PEFT 0.21 writes them (the adapter name never appears), built and read only
+by :func:`factor_key`, :func:`parse_factor_key`, :func:`module_key`, :func:`wrapped_key`,
+:func:`parameter_name`::
 
     base_model.model.<path>.lora_A.weight          (r, in_features)      nn.Linear, Conv1D
     base_model.model.<path>.lora_B.weight          (out_features, r)
@@ -10,6 +13,10 @@ Keys as PEFT 0.21 writes them (the adapter name never appears)::
     base_model.model.<path>.base_layer.bias        bias="lora_only"/"all", of a LoRA layer
     base_model.model.<path>.bias                   bias="all", elsewhere
     base_model.model.<path>.base_layer.weight      the full embedding, when one is targeted
+
+``task_type`` picks PEFT's model class; with ``SEQ_CLS`` PEFT adds the heads named
+``classifier`` / ``score`` to ``modules_to_save`` and then requires their weights, so
+lorakit does the same when an adapter is attached (:func:`with_task_heads`).
 
 :func:`plan_load` checks every tensor against the model and raises one
 :class:`~lorakit.errors.LorakitError` listing every problem; only then does
@@ -26,16 +33,28 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
+from lorakit.targets import (
+    BARE, CAUSAL_LM, CLASSIFIER, CLASSIFIER_HEADS, LoraLayer, linear_features, model_fingerprint, model_kind,
+    saved_paths, target_paths, walk,
+)
 
 PREFIX = "base_model.model."
 FACTOR_SUFFIXES = {  # key suffix -> (factor, embedding?)
     ".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False),
     ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True),
 }
+SEQ_CLS = "SEQ_CLS"
+#: model kind (lorakit.targets) -> PEFT task_type, so PEFT picks its matching PeftModel class
+TASK_TYPES = {CLASSIFIER: SEQ_CLS, CAUSAL_LM: "CAUSAL_LM", BARE: "FEATURE_EXTRACTION"}
+#: transformers class-name ending -> PEFT task_type, for the kinds lorakit calls "other"
+_TASK_TYPE_ENDINGS = {"ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
 _MAX_LISTED = 20
 
 
-def factor_key(path: str, factor: str, embedding: bool) -> str:
+# ---------------------------------------------------------------------- keys
+
+
+def factor_key(path: str, factor: str, embedding: bool = False) -> str:
     """PEFT's key of factor ``"A"`` or ``"B"`` of the adapter at module ``path``."""
     return f"{PREFIX}{path}.lora_embedding_{factor}" if embedding else f"{PREFIX}{path}.lora_{factor}.weight"
 
@@ -50,6 +69,119 @@ def parse_factor_key(key: str):
     return None
 
 
+def module_key(name: str) -> str:
+    """PEFT's key of the model tensor ``name`` saved whole (``classifier.weight``, a bias)."""
+    return PREFIX + name
+
+
+def wrapped_key(path: str, param: str) -> str:
+    """PEFT's key of parameter ``param`` (``"bias"``) of the LoRA-wrapped module at ``path``:
+    PEFT keeps the original module as ``base_layer``."""
+    return f"{PREFIX}{path}.base_layer.{param}"
+
+
+def parameter_name(key: str) -> str | None:
+    """The model's own parameter name a whole-tensor key stands for (the inverse of
+    :func:`module_key` and :func:`wrapped_key`), or None when ``key`` lacks the prefix."""
+    if not key.startswith(PREFIX):
+        return None
+    return key[len(PREFIX):].replace(".base_layer.", ".")
+
+
+def factor_tensors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``{module path: (A: (r, in), B: (out, r))}`` of dense layers -> tensors under PEFT's keys."""
+    out = {}
+    for path, (A, B) in factors.items():
+        out[factor_key(path, "A")] = A.contiguous()
+        out[factor_key(path, "B")] = B.contiguous()
+    return out
+
+
+def module_tensors(path: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict of the module at ``path`` (modules_to_save) under PEFT's keys."""
+    return {module_key(f"{path}.{name}"): tensor for name, tensor in state.items()}
+
+
+# ---------------------------------------------------------------------- task_type and saved heads
+
+
+def base_model_name(model: nn.Module) -> str | None:
+    """What PEFT records as ``base_model_name_or_path``: the model's ``config._name_or_path``, or None."""
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
+def task_type_for(model: nn.Module) -> str | None:
+    """The PEFT ``task_type`` of ``model``'s kind (``SEQ_CLS`` for a sequence classifier,
+    ``CAUSAL_LM``, ``FEATURE_EXTRACTION`` for a bare encoder), else by its class name, else None."""
+    task_type = TASK_TYPES.get(model_kind(model))
+    if task_type is None:
+        name = type(model).__name__
+        task_type = next((t for end, t in _TASK_TYPE_ENDINGS.items() if name.endswith(end)), None)
+    return task_type
+
+
+def seq_cls_heads(model: nn.Module, modules: dict[str, nn.Module] | None = None) -> list[str]:
+    """Those of :data:`~lorakit.targets.CLASSIFIER_HEADS` that PEFT saves with task_type
+    ``SEQ_CLS`` on ``model``: the names that end some module path (PEFT's modules_to_save rule)."""
+    paths = [p for p in (walk(model) if modules is None else modules) if p]
+    return [name for name in CLASSIFIER_HEADS if any(p.endswith(name) for p in paths)]
+
+
+def with_task_heads(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Module] | None = None) -> LoraConfig:
+    """``config`` as PEFT would attach it to ``model``: ``task_type`` filled in from the model
+    (:func:`task_type_for`) when None, and with ``SEQ_CLS`` the classification head added to
+    ``modules_to_save`` (PEFT does so, and then needs the head's weights in every file),
+    with a warning saying so. ``modules_to_save=[]`` (empty, not None) with no task_type on a
+    sequence classifier keeps the head out: task_type stays None, as PEFT's plain
+    ``PeftModel`` loads it. ``config`` itself is not changed. ``modules``: a walk of ``model``.
+
+    Raises:
+        LorakitError: the head to be saved whole is also a LoRA target.
+    """
+    changes = {}
+    task_type = config.task_type or task_type_for(model)
+    if config.task_type is None and task_type == SEQ_CLS and config.modules_to_save == []:
+        task_type = None  # the user asked for no head
+    if task_type != config.task_type:
+        changes["task_type"] = task_type
+    if task_type == SEQ_CLS:
+        modules = walk(model) if modules is None else modules
+        added = [n for n in seq_cls_heads(model, modules) if n not in (config.modules_to_save or [])]
+        targeted = [p for p in modules if p and any(p.endswith(n) for n in added) and config.targets(p)]
+        if targeted:
+            raise LorakitError(f"task_type SEQ_CLS saves the classification head {targeted[0]} whole (as PEFT does), "
+                               "so it cannot be a LoRA target too; leave it out of target_modules")
+        if added:
+            warnings.warn(f"task_type SEQ_CLS: {added} added to modules_to_save (trained in full and saved with the "
+                          "adapter), as PEFT does, so the file loads in PEFT; name them in modules_to_save to "
+                          "silence this", stacklevel=4)
+            changes["modules_to_save"] = [*(config.modules_to_save or []), *added]
+    return config.replace(**changes) if changes else config
+
+
+def _with_file_heads(model: nn.Module, config: LoraConfig, tensors: dict, source,
+                     modules: dict[str, nn.Module]) -> LoraConfig:
+    """A file's config as PEFT loads it: with ``SEQ_CLS`` the classification heads join
+    ``modules_to_save``. A file without their weights (written by an older lorakit, which
+    PEFT refuses) loads as saved, its task_type cleared, with a warning."""
+    if config.task_type != SEQ_CLS:
+        return config
+    added = [n for n in seq_cls_heads(model, modules) if n not in (config.modules_to_save or [])]
+    if not added:
+        return config
+    names = {parameter_name(k) for k in tensors}
+    held = [n for n in added if any(p.endswith(n) and f"{p}.weight" in names for p in modules if p)]
+    if held == added:
+        return config.replace(modules_to_save=[*(config.modules_to_save or []), *added])
+    warnings.warn(f"adapter {source} has task_type SEQ_CLS but holds no weights for {added}, so PEFT cannot load "
+                  "it; lorakit loads it with the model's own head (save it again to write a file PEFT loads)",
+                  stacklevel=4)
+    return config.replace(task_type=None)
+
+
+# ---------------------------------------------------------------------- loading a file onto a model
+
+
 @dataclass
 class LoadPlan:
     """Where each validated tensor of a file goes.
@@ -59,8 +191,10 @@ class LoadPlan:
         saved: modules_to_save path -> its state dict from the file.
         params: ``(parameter name, tensor)`` written into the base model (biases, and
             full embeddings PEFT saves).
+        config: the file's config as it is added to the model (see :func:`with_task_heads`).
     """
 
+    config: LoraConfig | None = None
     factors: list = field(default_factory=list)
     saved: dict = field(default_factory=dict)
     params: list = field(default_factory=list)
@@ -74,16 +208,15 @@ def plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Ten
         LorakitError: anything does not fit; the message lists every missing or
             unexpected key and every shape mismatch with its module path.
     """
-    from lorakit.model import saved_paths, target_paths, walk
-
     modules = walk(model)
+    config = _with_file_heads(model, config, tensors, source, modules)
     try:
         targets = target_paths(model, config, modules)
         saved = saved_paths(model, config, modules)
     except LorakitError as err:
         raise_misfit(model, source, metadata, tensors, [str(err)])
     problems: list[str] = []
-    plan = LoadPlan(saved={p: {} for p in saved})
+    plan = LoadPlan(config=config, saved={p: {} for p in saved})
     factors = _sort_keys(model, tensors, plan, problems)
     plan.factors = _check_factors(model, modules, config, name, targets, factors, problems)
     _check_saved(modules, plan.saved, problems)
@@ -112,7 +245,7 @@ def _sort_keys(model, tensors, plan: LoadPlan, problems: list[str]) -> dict:
         if owner is not None:
             plan.saved[owner][local[len(owner) + 1:]] = tensor
             continue
-        pname = local.replace(".base_layer.", ".")
+        pname = parameter_name(key)
         if model_params is None:
             model_params = dict(model.named_parameters(remove_duplicate=False))
         if pname not in model_params:
@@ -166,8 +299,6 @@ def _check_saved(modules, saved: dict, problems: list[str]) -> None:
 
 def apply_plan(model: nn.Module, plan: LoadPlan, name: str) -> None:
     """Copy a validated plan's tensors into adapter ``name`` (just added) and the base."""
-    from lorakit.model import walk
-
     modules = walk(model)
     with torch.no_grad():
         for path, A, B in plan.factors:
@@ -189,8 +320,6 @@ def apply_plan(model: nn.Module, plan: LoadPlan, name: str) -> None:
 
 def raise_misfit(model, source, metadata, tensors, problems):
     """Raise the one error for a file that does not fit, naming the architecture when it differs."""
-    from lorakit.models import model_fingerprint
-
     arch = metadata.get("lorakit_architecture")
     file_paths = {parsed[0] for parsed in map(parse_factor_key, tensors) if parsed is not None}
     head = f"adapter {source} does not fit {type(model).__name__}"
@@ -208,18 +337,12 @@ def raise_misfit(model, source, metadata, tensors, problems):
 
 def factor_dims(layer: nn.Module) -> tuple[int, int, bool]:
     """``(in_features, out_features, is_embedding)`` of the adapter ``layer`` would hold."""
-    from lorakit.layers import LoraLayer
-
     if isinstance(layer, LoraLayer):
         return layer.in_features, layer.out_features, layer.is_embedding
     if isinstance(layer, nn.Embedding):
         num, dim = layer.weight.shape
         return num, dim, True
-    if type(layer).__name__ == "Conv1D":  # transformers' Conv1D: weight (in, out)
-        in_f, out_f = layer.weight.shape
-        return in_f, out_f, False
-    out_f, in_f = layer.weight.shape
-    return in_f, out_f, False
+    return (*linear_features(layer), False)
 
 
 def _has_module(model: nn.Module, path: str) -> bool:

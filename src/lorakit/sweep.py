@@ -52,17 +52,16 @@ def parse_ranks(text: str) -> list[int]:
 
 
 def parse_targets(values) -> list[str]:
-    """``["query", "query,value"]`` -> canonical target strings (names sorted inside each), unique, in order."""
+    """``["query", "value,query", "query|value"]`` -> canonical target strings, unique, in order:
+    names sorted inside each list, a regular expression kept as typed (the one rule for both is
+    :func:`lorakit.config.parse_targets`)."""
+    from lorakit.config import parse_targets as parse_one
+
     out = []
     for value in values or []:
         value = str(value).strip()
-        if value == "all-linear":
-            canon = value
-        else:
-            names = sorted({n.strip() for n in value.split(",") if n.strip()})
-            if not names:
-                raise LorakitError(f"--targets {value!r} names no module; give e.g. query or query,value")
-            canon = ",".join(names)
+        parsed = parse_one(value)
+        canon = ",".join(sorted(set(parsed))) if isinstance(parsed, list) else value
         if canon not in out:
             out.append(canon)
     return out

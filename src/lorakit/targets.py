@@ -1,5 +1,15 @@
-"""Which modules of a model a :class:`~lorakit.config.LoraConfig` selects, and where
-lorakit's own layers sit on a model.
+"""What lorakit knows about a model's structure, in one place.
+
+- which leaves are dense layers (``nn.Linear``, transformers ``Conv1D``; the type test
+  itself lives in the bottom module :mod:`lorakit.dense`, re-exported here) and their
+  weights as ``(out, in)``: :func:`linear_leaves`, :func:`weight_out_in`;
+- which modules are output or task heads: :data:`HEAD_NAMES`, :func:`output_heads`,
+  :func:`task_heads`;
+- what kind of model it is (bare encoder, sequence classifier, causal LM, other):
+  :func:`model_kind`, :func:`architecture_kind`;
+- which modules a :class:`~lorakit.config.LoraConfig` selects, where lorakit's own layers
+  sit, and replacing a module: :func:`target_paths`, :func:`saved_paths`, :func:`walk`,
+  :func:`replace_module`.
 
 Everything here reads the model through :func:`walk`: one pass over its modules that
 does not descend into lorakit's own parts (a LoRA layer's ``adapters``, a saved
@@ -12,14 +22,17 @@ number of adapters loaded. An operation walks once and hands the result down.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
+from functools import lru_cache
 from typing import Iterable, Iterator
 
 from torch import nn
 
 from lorakit.config import ALL_LINEAR, LoraConfig, name_matches
+from lorakit.dense import LINEAR_TYPES, Conv1D, is_conv1d, is_linear, linear_features, weight_out_in  # noqa: F401
 from lorakit.errors import LorakitError
-from lorakit.layers import LINEAR_TYPES, LoraLayer, SavedModule, wrapper_for
+from lorakit.layers import LoraLayer, SavedModule, wrapper_for
 
 #: target_modules used when a config gives None, by ``model.config.model_type``
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -28,7 +41,16 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "bert": ["query", "value"], "roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
     "t5": ["q", "v"], "opt": ["q_proj", "v_proj"],
 }
-_HEAD_NAMES = ("classifier", "score")  # sequence-classification heads "all-linear" leaves out
+
+#: attribute names of the heads transformers puts on a body; the first two are the
+#: sequence-classification heads (PEFT's names for them, saved whole with task_type SEQ_CLS)
+HEAD_NAMES = ("classifier", "score", "qa_outputs", "cls", "lm_head")
+CLASSIFIER_HEADS = HEAD_NAMES[:2]
+
+#: what a model is, by its head: a body alone (``BertModel``), a sequence classifier,
+#: a causal language model, or anything else (masked LM, seq2seq, a plain torch model)
+BARE, CLASSIFIER, CAUSAL_LM, OTHER = "bare", "classifier", "causal-lm", "other"
+MODEL_KINDS = (BARE, CLASSIFIER, CAUSAL_LM, OTHER)
 
 #: parent type -> {child name: why the parent's forward never calls that child's forward}.
 #: A LoRA layer there would do nothing, so explicit targets are refused and "all-linear"
@@ -129,13 +151,6 @@ def _targetable_summary(modules: dict[str, nn.Module]) -> str:
     return f"{names}; e.g. {paths[0]!r}"
 
 
-def _output_heads(model: nn.Module, modules: dict[str, nn.Module]) -> set[str]:
-    paths = {id(m): p for p, m in modules.items()}
-    get_out = getattr(model, "get_output_embeddings", None)
-    heads = [get_out() if callable(get_out) else None] + [getattr(model, n, None) for n in _HEAD_NAMES]
-    return {paths[id(h)] for h in heads if isinstance(h, nn.Module) and id(h) in paths}
-
-
 def bypass_reason(modules: dict[str, nn.Module], path: str) -> str | None:
     """Why the parent of ``path`` never calls its forward (see :data:`BYPASSED_CHILDREN`), or None."""
     parent_path, _, child = path.rpartition(".")
@@ -144,6 +159,99 @@ def bypass_reason(modules: dict[str, nn.Module], path: str) -> str | None:
         if child in children and isinstance(parent, parent_type) and type(parent).forward is parent_type.forward:
             return children[child]
     return None
+
+
+# ---------------------------------------------------------------------- heads, dense leaves, kinds
+
+
+def output_heads(model: nn.Module, modules: dict[str, nn.Module] | None = None) -> list[str]:
+    """Paths of ``model``'s heads, in module order: its output embeddings
+    (``get_output_embeddings()``) and the children named in :data:`HEAD_NAMES`.
+
+    ``"all-linear"`` and the weight analyses leave these out: a head is trained whole, not
+    adapted. ``modules``: a :func:`walk` of ``model`` the caller already has.
+    """
+    modules = walk(model) if modules is None else modules
+    get_out = getattr(model, "get_output_embeddings", None)
+    heads = {id(h) for h in [get_out() if callable(get_out) else None] + [getattr(model, n, None) for n in HEAD_NAMES]
+             if isinstance(h, nn.Module)}
+    return [path for path, module in modules.items() if path and id(module) in heads]
+
+
+def task_heads(model: nn.Module) -> list[str]:
+    """Names of the top-level children of a transformers model with parameters outside the
+    pretrained body (``base_model_prefix``): what a task adds, trained in full
+    (``["classifier"]`` for BERT, ``["pre_classifier", "classifier"]`` for DistilBERT)."""
+    body = getattr(model, "base_model_prefix", None)
+    return [name for name, child in model.named_children()
+            if name != body and any(True for _ in child.parameters())]
+
+
+def linear_leaves(model: nn.Module, *, heads: bool = False,
+                  modules: dict[str, nn.Module] | None = None) -> dict[str, nn.Module]:
+    """Every dense leaf of ``model`` (``nn.Linear`` / ``Conv1D`` without children) by path,
+    in module order; a LoRA layer stands for the base layer it wraps.
+
+    Args:
+        heads: keep the layers inside :func:`output_heads` too (left out by default).
+        modules: a :func:`walk` of ``model`` the caller already has.
+    """
+    modules = walk(model) if modules is None else modules
+    skip = () if heads else tuple(h + "." for h in output_heads(model, modules))
+    leaves = {}
+    for path, module in modules.items():
+        base = _base_of(module)
+        if is_linear(base) and not any(c is not None for c in base._modules.values()) \
+                and not (path + ".").startswith(skip):
+            leaves[path] = base
+    return leaves
+
+
+@lru_cache(maxsize=None)
+def architecture_kind(name: str | None) -> str:
+    """The kind (:data:`MODEL_KINDS`) of the transformers class called ``name``
+    (``"BertModel"`` -> ``"bare"``, ``"GPT2LMHeadModel"`` -> ``"causal-lm"``), by
+    transformers' own auto-class tables, else by the class name's ending."""
+    if not name:
+        return OTHER
+    from transformers.models.auto import modeling_auto as auto
+
+    def names(table) -> set[str]:
+        return {n for v in table.values() for n in ((v,) if isinstance(v, str) else v)}
+
+    if name in names(auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) or name.endswith("ForSequenceClassification"):
+        return CLASSIFIER
+    if name in names(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) or name.endswith("ForCausalLM"):
+        return CAUSAL_LM
+    if name in names(auto.MODEL_MAPPING_NAMES):
+        return BARE
+    return OTHER
+
+
+def model_kind(model: nn.Module) -> str:
+    """The kind (:data:`MODEL_KINDS`) of ``model``: by its class (:func:`architecture_kind`);
+    a transformers model whose ``base_model`` is itself is bare whatever its class name."""
+    kind = architecture_kind(type(model).__name__)
+    if kind == OTHER and getattr(model, "base_model_prefix", None) is not None and \
+            getattr(model, "base_model", None) is model:
+        return BARE
+    return kind
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """``"<ClassName>:<hash>"``: the architecture and the shapes of its base weights.
+
+    Two models with the same class and the same parameter names and shapes share a
+    fingerprint whatever their values; lorakit's adapters (``.adapters.`` keys) and
+    per-adapter copies of modules_to_save (``.copies.``) are left out, so the
+    fingerprint is the same before and after :func:`lorakit.model.attach`.
+    """
+    digest = hashlib.sha1()
+    for name, tensor in model.state_dict().items():
+        if ".adapters." in name or ".copies." in name:
+            continue
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+    return f"{type(model).__name__}:{digest.hexdigest()[:16]}"
 
 
 # ---------------------------------------------------------------------- what a config selects
@@ -173,7 +281,7 @@ def target_paths(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Mod
                 f"no target_modules given and no default for model type {model_type!r}; "
                 f"name some of: {_targetable_summary(modules)}")
     if spec == ALL_LINEAR:
-        heads = tuple(h + "." for h in _output_heads(model, modules))
+        heads = tuple(h + "." for h in output_heads(model, modules))
         paths = [p for p, m in _candidates(modules)
                  if isinstance(_base_of(m), LINEAR_TYPES) and not (p + ".").startswith(heads)]
     else:
@@ -215,7 +323,7 @@ def saved_paths(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Modu
     for path, module in modules.items():
         if not path or isinstance(module, LoraLayer) or any(path.startswith(p + ".") for p in paths):
             continue
-        if name_matches(config.modules_to_save, path):
+        if config.saves(path):
             paths.append(path)
     holding = [p for p in paths for q, m in modules.items() if q.startswith(p + ".") and isinstance(m, LoraLayer)]
     if holding:

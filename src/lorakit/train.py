@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit import checkpoint, distributed
+from lorakit.config import parse_targets
 from lorakit.data.batches import batch_of_step
 from lorakit.data.encode import collate
 from lorakit.errors import LorakitError
@@ -165,8 +166,7 @@ class TrainConfig:
         if self.init not in TRAINABLE_INITS:
             raise LorakitError(f"init {self.init!r} cannot be trained here: its adapter does not apply to the original "
                                f"base model; choose one of {sorted(TRAINABLE_INITS)}")
-        if isinstance(self.targets, str) and self.targets != "all-linear":
-            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        self.targets = parse_targets(self.targets)
         self.lr = self.lr if self.lr is not None else method.default_lr
         self.max_length = self.max_length or task.default_max_length
         # a language model's logits are (batch, tokens, vocabulary): keep evaluation batches small

@@ -148,7 +148,7 @@ def prepare_adalora(model: nn.Module, config, heads: list[str]) -> nn.Module:
     return attach_adalora(model, config.targets, init_rank=init_rank,
                           target_rank=config.target_rank or default_target_rank(init_rank), alpha=config.alpha,
                           heads=heads, grad_accum=config.grad_accum, dropout=config.lora_dropout,
-                          task_type="SEQ_CLS" if heads else "CAUSAL_LM", name=config.adapter_name)
+                          name=config.adapter_name)
 
 
 def on_adalora_step(model: nn.Module, step: int, total_steps: int) -> None:

@@ -112,7 +112,7 @@ def adapter_amplification(adapter, base, r: int | None = None, module: str | Non
     Args:
         adapter: an adapter folder (PEFT format) or ``(config, tensors)`` as
             :func:`lorakit.io.read_adapter` returns them.
-        base: the base model: a spec for :func:`lorakit.analysis.weights.load_model` or an ``nn.Module``.
+        base: the base model: a spec for :func:`lorakit.models.load_model` or an ``nn.Module``.
         r: directions compared; default each module's adapter rank (as the paper's Table 7).
         module: a regular expression selecting module paths (``re.search``).
 
@@ -123,12 +123,13 @@ def adapter_amplification(adapter, base, r: int | None = None, module: str | Non
     Raises:
         LorakitError: the adapter does not fit the base, or nothing matches ``module``.
     """
-    from lorakit.analysis.weights import adapter_deltas, compile_pattern, linear_weights, load_model
+    from lorakit.analysis.weights import adapter_deltas, compile_pattern, linear_weights
     from lorakit.io import read_adapter
+    from lorakit.models import load_model
 
     pattern = compile_pattern(module)
     config, tensors = read_adapter(adapter) if not isinstance(adapter, tuple) else adapter
-    model = base if isinstance(base, nn.Module) else load_model(str(base))
+    model = base if isinstance(base, nn.Module) else load_model(str(base), tokenizer=False)[0]
     weights = linear_weights(model, heads=True)
     results = {}
     for path, delta in adapter_deltas(config, tensors).items():

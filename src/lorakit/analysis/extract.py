@@ -25,8 +25,6 @@ from lorakit.lowrank import as_matrix, choose_rank, factors_from_svd
 
 __all__ = ["Extraction", "ExtractedModule", "extract_adapter", "extract_lora", "save_extraction"]
 
-PEFT_PREFIX = "base_model.model."
-
 
 @dataclass
 class ExtractedModule:
@@ -82,11 +80,9 @@ class Extraction:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The factors under PEFT's keys: ``base_model.model.<path>.lora_A.weight`` / ``lora_B.weight``."""
-        out = {}
-        for path, m in self.modules.items():
-            out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.A.contiguous()
-            out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.B.contiguous()
-        return out
+        from lorakit.peft_format import factor_tensors
+
+        return factor_tensors({path: (m.A, m.B) for path, m in self.modules.items()})
 
     @property
     def relative_error(self) -> float:
@@ -175,10 +171,11 @@ def save_extraction(extraction: Extraction, path, *, saved: dict[str, torch.Tens
         config_fields: passed to :meth:`Extraction.config` (``base_model_name_or_path``, ``task_type``).
     """
     from lorakit.io import write_adapter
+    from lorakit.peft_format import module_key
 
     tensors = extraction.tensors()
     for key, value in (saved or {}).items():
-        tensors[f"{PEFT_PREFIX}{key}"] = value.detach().float().contiguous()
+        tensors[module_key(key)] = value.detach().float().contiguous()
     config = extraction.config(modules_to_save=modules_to_save or None, **config_fields)
     return write_adapter(path, config, tensors,
                          metadata={"lorakit_extracted": "truncated SVD of W_tuned - W_base"})
@@ -190,9 +187,12 @@ def extract_adapter(base, tuned, out, rank: int | None = None, energy: float | N
 
     Every ``nn.Linear`` / ``Conv1D`` whose weight changed gets factors (module paths
     filtered by the regular expression ``module``); the output head(s) that changed (a
-    classifier trained from scratch) are copied whole into ``modules_to_save``. Biases,
+    classifier trained from scratch) are copied whole into ``modules_to_save``, and so is a
+    sequence classifier's head in any case (PEFT's ``SEQ_CLS`` needs it). Biases,
     LayerNorms and embeddings are not carried over: the adapter holds only ΔW of the
-    linear weights (and the head).
+    linear weights (and the heads). Module paths are those of the models as given: a
+    folder loads as the kind of model it holds (:func:`lorakit.models.load_model`), so an
+    adapter extracted from a ``BertModel`` loads onto a ``BertModel``.
 
     Args:
         base: the pretrained model: a spec (``"default"``, a folder) or an ``nn.Module``.
@@ -203,7 +203,10 @@ def extract_adapter(base, tuned, out, rank: int | None = None, energy: float | N
     Returns:
         the :class:`Extraction` that was written.
     """
-    from lorakit.analysis.weights import compile_pattern, is_conv1d, linear_weights, model_pair, output_heads
+    from lorakit.analysis.weights import compile_pattern, linear_weights, model_pair
+    from lorakit.config import LoraConfig
+    from lorakit.peft_format import SEQ_CLS, base_model_name, seq_cls_heads, task_type_for
+    from lorakit.targets import is_conv1d, output_heads, saved_paths, walk
 
     _check_rank_or_energy(rank, energy)  # before the (slow) model loading
     compile_pattern(module)
@@ -213,17 +216,20 @@ def extract_adapter(base, tuned, out, rank: int | None = None, energy: float | N
     if not base_w:
         raise LorakitError(f"no linear weight of {type(base_model).__name__} matches {module!r}")
     extraction = extract_lora(base_w, tuned_w, rank=rank, energy=energy)
-    saved, heads = {}, []
     base_state = base_model.state_dict()
-    for head in sorted(output_heads(tuned_model)):
-        state = {f"{head}.{k}": v for k, v in tuned_model.get_submodule(head).state_dict().items()}
+    modules = walk(tuned_model)
+    task_type = task_type_for(tuned_model)
+    names = [] if task_type != SEQ_CLS else seq_cls_heads(tuned_model, modules)
+    for head in output_heads(tuned_model, modules):
+        state = {f"{head}.{k}": v for k, v in modules[head].state_dict().items()}
         if any(k not in base_state or base_state[k].shape != v.shape or not torch.equal(base_state[k], v)
                for k, v in state.items()):
-            saved.update(state)
-            heads.append(head.rsplit(".", 1)[-1])
-    config = getattr(tuned_model, "config", None)
-    task = "SEQ_CLS" if type(tuned_model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
-    conv1d = any(is_conv1d(tuned_model.get_submodule(p)) for p in extraction.modules)
-    save_extraction(extraction, out, saved=saved, modules_to_save=heads, fan_in_fan_out=conv1d,
-                    base_model_name_or_path=getattr(config, "_name_or_path", None) or None, task_type=task)
+            names.append(head.rsplit(".", 1)[-1])
+    names = list(dict.fromkeys(names))
+    saved = {}
+    for path in saved_paths(tuned_model, LoraConfig(modules_to_save=names or None), modules):
+        saved.update({f"{path}.{k}": v for k, v in modules[path].state_dict().items()})
+    conv1d = any(is_conv1d(modules[p]) for p in extraction.modules)
+    save_extraction(extraction, out, saved=saved, modules_to_save=names, fan_in_fan_out=conv1d,
+                    base_model_name_or_path=base_model_name(base_model), task_type=task_type)
     return extraction

@@ -86,7 +86,7 @@ def model_spectra(base, tuned, module: str | None = None, energies=DEFAULT_ENERG
     """:func:`delta_spectrum` of every linear weight (output heads left out) of a fine-tune.
 
     Args:
-        base: the pretrained model: a spec for :func:`lorakit.analysis.weights.load_model`
+        base: the pretrained model: a spec for :func:`lorakit.models.load_model`
             (``"default"``, a folder) or an ``nn.Module``.
         tuned: the fine-tuned model, same kinds (e.g. a ``lorakit train --method full`` checkpoint).
         module: a regular expression selecting module paths (``re.search``).

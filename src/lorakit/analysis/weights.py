@@ -2,25 +2,20 @@
 
 Every matrix handed to the analyses is laid out ``(out_features, in_features)``, as
 ``nn.Linear`` stores it; a transformers ``Conv1D`` (GPT-2) stores ``(in, out)`` and is
-transposed here, so ``ΔW = s·B·A`` and ``W`` always line up.
+transposed (:func:`lorakit.targets.weight_out_in`), so ``ΔW = s·B·A`` and ``W`` always line up.
+Which leaves are dense layers and which are heads is :mod:`lorakit.targets`' to say.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
 
-__all__ = ["PEFT_PREFIX", "adapter_deltas", "adapter_factors", "compile_pattern", "load_model",
-           "is_conv1d", "linear_weights", "num_labels_of", "output_heads"]
-
-PEFT_PREFIX = "base_model.model."
-_HEAD_NAMES = ("classifier", "score", "lm_head", "cls", "qa_outputs")
+__all__ = ["adapter_deltas", "adapter_factors", "compile_pattern", "linear_weights", "model_pair"]
 
 
 def compile_pattern(module: str | None):
@@ -44,6 +39,7 @@ def adapter_factors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.T
             module's A and B disagree on the rank.
     """
     from lorakit.io import lora_factors
+    from lorakit.peft_format import factor_key
 
     factors = {}
     for path, (A, B) in lora_factors(tensors).items():
@@ -53,7 +49,7 @@ def adapter_factors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.T
         factors[path] = (A.float(), B.float())
     if not factors:
         raise LorakitError(f"no LoRA factors found among {len(tensors)} tensors; expected keys like "
-                           f"'{PEFT_PREFIX}<module>.lora_A.weight'")
+                           f"'{factor_key('<module>', 'A')}'")
     return factors
 
 
@@ -66,32 +62,9 @@ def adapter_deltas(config, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
     return {path: (B @ A) * config.scaling_for(path) for path, (A, B) in adapter_factors(tensors).items()}
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    """True for transformers' ``Conv1D`` (GPT-2), whose weight is stored ``(in, out)``."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(module, Conv1D)
-
-
-def output_heads(model: nn.Module) -> set[str]:
-    """Paths of the model's output head(s): the output embeddings and classifier-like heads."""
-    named = {id(m): p for p, m in model.named_modules()}
-    heads = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    if out is not None and id(out) in named:
-        heads.add(named[id(out)])
-    for name in _HEAD_NAMES:
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Module) and id(head) in named:
-            heads.add(named[id(head)])
-    return heads
-
-
 def linear_weights(model: nn.Module, module: str | None = None, heads: bool = False) -> dict[str, torch.Tensor]:
-    """Module path -> weight ``(out, in)`` of every ``nn.Linear`` / ``Conv1D`` leaf of ``model``.
+    """Module path -> weight ``(out, in)`` of every ``nn.Linear`` / ``Conv1D`` leaf of ``model``
+    (:func:`lorakit.targets.linear_leaves`).
 
     Args:
         model: any torch model (without lorakit adapters attached).
@@ -101,75 +74,27 @@ def linear_weights(model: nn.Module, module: str | None = None, heads: bool = Fa
     Returns:
         views of the weights (no copies), Conv1D ones transposed.
     """
+    from lorakit.targets import linear_leaves, weight_out_in
+
     pattern = compile_pattern(module)
-    skip = set() if heads else output_heads(model)
-    weights = {}
-    for path, mod in model.named_modules():
-        if path in skip or any(path.startswith(h + ".") for h in skip):
-            continue
-        if pattern is not None and not pattern.search(path):
-            continue
-        conv1d = is_conv1d(mod)
-        if (isinstance(mod, nn.Linear) or conv1d) and not any(True for _ in mod.children()):
-            weights[path] = mod.weight.detach().T if conv1d else mod.weight.detach()
-    return weights
-
-
-def _architectures(spec: str) -> list[str]:
-    config = Path(spec).expanduser() / "config.json"
-    if not config.is_file():
-        return []
-    try:
-        return list(json.loads(config.read_text()).get("architectures") or [])
-    except (OSError, ValueError) as err:
-        raise LorakitError(f"cannot read {config}: {err}") from None
-
-
-def num_labels_of(spec: str) -> int | None:
-    """Number of labels a classifier folder's config.json declares, else None."""
-    config = Path(spec).expanduser() / "config.json"
-    if not config.is_file():
-        return None
-    data = json.loads(config.read_text())
-    if "id2label" in data:
-        return len(data["id2label"])
-    return data.get("num_labels")
-
-
-def load_model(spec: str, num_labels: int | None = None) -> nn.Module:
-    """Load a base or fine-tuned model for analysis, in eval mode.
-
-    ``"default"`` and folders whose ``config.json`` names a ``...ForSequenceClassification``
-    architecture load as classifiers (:func:`lorakit.models.load_classifier`, with
-    ``num_labels`` from the folder or the argument); everything else as a causal LM
-    (:func:`lorakit.models.load_causal_lm`). A ``lorakit train --method full`` run folder
-    stands for the ``model/`` folder inside it. The classifier head of ``"default"`` starts
-    random: compare heads only between fine-tunes.
-    """
-    from lorakit import models
-
-    run_model = Path(spec).expanduser() / "model"
-    if not (Path(spec).expanduser() / "config.json").is_file() and (run_model / "config.json").is_file():
-        spec = str(run_model)  # the run folder of `lorakit train --method full`: its model/ inside
-    archs = _architectures(spec)
-    if spec == "default" or any(a.endswith("ForSequenceClassification") for a in archs):
-        labels = num_labels or num_labels_of(spec) or 2
-        with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
-            torch.manual_seed(0)  # the random head of "default" is then the same on every load
-            model, _ = models.load_classifier(spec, num_labels=labels)
-        return model
-    model, _ = models.load_causal_lm(spec)
-    return model
+    return {path: weight_out_in(leaf) for path, leaf in linear_leaves(model, heads=heads).items()
+            if pattern is None or pattern.search(path)}
 
 
 def model_pair(base, tuned) -> tuple[nn.Module, nn.Module]:
-    """``(base, tuned)`` models from specs or modules; a spec is loaded with :func:`load_model`.
+    """``(base, tuned)`` models from specs or modules; a spec is loaded with
+    :func:`lorakit.models.load_model`, as the kind of model its folder holds.
 
-    The tuned model is loaded first so that the base classifier gets the same number of labels.
+    The tuned model is loaded first so that a base classifier gets the same number of labels.
+
+    Raises:
+        LorakitError: a spec cannot be loaded, or the two models are of different classes.
     """
-    tuned_model = tuned if isinstance(tuned, nn.Module) else load_model(str(tuned))
+    from lorakit.models import load_model
+
+    tuned_model = tuned if isinstance(tuned, nn.Module) else load_model(str(tuned), tokenizer=False)[0]
     labels = getattr(getattr(tuned_model, "config", None), "num_labels", None)
-    base_model = base if isinstance(base, nn.Module) else load_model(str(base), num_labels=labels)
+    base_model = base if isinstance(base, nn.Module) else load_model(str(base), tokenizer=False, num_labels=labels)[0]
     if type(base_model) is not type(tuned_model):
         raise LorakitError(f"the base is a {type(base_model).__name__} but the tuned model a "
                            f"{type(tuned_model).__name__}; compare a model with its own fine-tune")

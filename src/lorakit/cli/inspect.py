@@ -23,21 +23,14 @@ def register(subparsers) -> None:
     parser.add_argument("model", nargs="?", default="default", help="default | default-chat | PATH")
     parser.add_argument("--rank", "-r", type=int, default=8, metavar="R", help="adapter rank (default 8)")
     parser.add_argument("--targets", metavar="NAMES",
-                        help="comma-separated module names (query,value), all-linear, or a regex")
+                        help="comma-separated module names (query,value), all-linear, or a regex matching a "
+                             "module's name or path (query|value)")
     parser.add_argument("--paths", action="store_true", help="list every module path instead of grouping by name")
     parser.set_defaults(func=run_inspect)
 
 
-def parse_targets(text: str | None):
-    """``"query,value"`` -> ``["query", "value"]``; ``all-linear`` and regexes stay strings."""
-    if text is None or text == "all-linear":
-        return text
-    if any(ch in text for ch in "*()[]|\\^$?+"):
-        return text
-    return [name.strip() for name in text.split(",") if name.strip()]
-
-
 def run_inspect(args) -> int:
+    from lorakit.config import parse_targets
     from lorakit.models import load_model, target_footprint
 
     model, _ = load_model(args.model, tokenizer=False)

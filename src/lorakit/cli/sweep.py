@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     )
     sweep.add_argument("--ranks", default="1,2,4,8,16,64", help="comma-separated ranks")
     sweep.add_argument("--targets", action="append", metavar="NAMES",
-                       help="a target set (query, query,value, all-linear); repeat for several "
+                       help="a target set (query, query,value, all-linear, a regex such as 'query|value'); "
+                            "repeat for several "
                             "(default: query and query,value)")
     sweep.add_argument("--out", default="runs/sweep", help="sweep folder (sweep.jsonl, sweep.png, one run per row)")
     sweep.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the task's)")

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from lorakit.dense import LINEAR_TYPES, Conv1D
 from lorakit.errors import LorakitError
 from lorakit.layers.adalora import AdaLoraAdapter, AdaLoraLinear
 from lorakit.layers.base import LoraAdapter, LoraLayer
 from lorakit.layers.embedding import LoraEmbedding
-from lorakit.layers.linear import Conv1D, LoraLinear
+from lorakit.layers.linear import LoraLinear
 from lorakit.layers.saved import SavedModule
 
 #: layer kind -> {base module type -> wrapper class}; add one with :func:`register_layer`.
@@ -38,9 +39,6 @@ register_layer(nn.Linear, AdaLoraLinear)
 if Conv1D is not None:
     register_layer(Conv1D, LoraLinear)
     register_layer(Conv1D, AdaLoraLinear)
-
-#: the types ``"all-linear"`` selects
-LINEAR_TYPES: tuple[type, ...] = tuple(t for t in (nn.Linear, Conv1D) if t is not None)
 
 
 def wrapper_for(module: nn.Module, kind: str = "lora") -> type[LoraLayer] | None:

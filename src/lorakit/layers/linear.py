@@ -24,13 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.dense import is_conv1d, linear_features
 from lorakit.errors import LorakitError
 from lorakit.layers.base import LoraLayer
-
-try:  # transformers is a dependency, but the layer must not fail without it
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = None
 
 
 class _LoraLinearFunction(torch.autograd.Function):
@@ -99,11 +95,8 @@ class LoraLinear(LoraLayer):
     def __init__(self, base: nn.Module):
         super().__init__(base)
         self.register_parameter("bias", base.bias)
-        self.fan_in_fan_out = Conv1D is not None and isinstance(base, Conv1D)
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = base.weight.shape
-        else:
-            self.out_features, self.in_features = base.weight.shape
+        self.fan_in_fan_out = is_conv1d(base)
+        self.in_features, self.out_features = linear_features(base)
 
     def weight_to_layout(self, matrix: torch.Tensor) -> torch.Tensor:
         return matrix.T if self.fan_in_fan_out else matrix

@@ -169,18 +169,12 @@ class Service:
 
 
 def detect_task(spec: str) -> str:
-    """``generate`` or ``classify`` for a ``--model`` value: "default" is the embedded
-    classifier, "default-chat" the chat model; a folder says so in its config.json."""
-    if spec == "default":
-        return CLASSIFY
-    if spec == "default-chat":
-        return GENERATE
-    config = Path(spec).expanduser() / "config.json"
-    if config.is_file():
-        architectures = json.loads(config.read_text()).get("architectures") or []
-        if any(a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in architectures):
-            return CLASSIFY
-    return GENERATE
+    """``classify`` for a ``--model`` value naming a sequence classifier ("default" is the
+    embedded one), else ``generate``; the kind is :func:`lorakit.models.spec_kind`'s."""
+    from lorakit.models import spec_kind
+    from lorakit.targets import CLASSIFIER
+
+    return CLASSIFY if spec_kind(spec) == CLASSIFIER else GENERATE
 
 
 def _folder_labels(spec: str) -> dict | None:

@@ -77,6 +77,8 @@ def write_random_adapter(model, folder: str | Path, seed: int, r: int = 8, alpha
     """
     from safetensors.torch import save_file
 
+    from lorakit.peft_format import factor_tensors
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
@@ -87,8 +89,7 @@ def write_random_adapter(model, folder: str | Path, seed: int, r: int = 8, alpha
             out_features, in_features = weight.shape
             a = torch.randn(r, in_features, generator=generator) * (scale / in_features**0.5)
             b = torch.randn(out_features, r, generator=generator) * (scale / r**0.5)
-            tensors[f"base_model.model.{path}.lora_A.weight"] = a.contiguous()
-            tensors[f"base_model.model.{path}.lora_B.weight"] = b.contiguous()
+            tensors.update(factor_tensors({path: (a, b)}))
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,

