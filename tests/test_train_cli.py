@@ -139,3 +139,30 @@ def test_a_killed_run_resumed_matches_the_uninterrupted_curve(tiny, whole_run, t
     assert len(losses(parts)) == 16
     report = json.loads((parts / "report.json").read_text())
     assert report["test"] == pytest.approx(json.loads((whole_run / "report.json").read_text())["test"])
+
+
+def test_a_folder_lorakit_did_not_write_is_refused_and_nothing_of_the_user_is_deleted(tiny, tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "adapter").mkdir(parents=True)
+    (out / "notes.txt").write_text("my notes")
+    (out / "adapter" / "mine.txt").write_text("keep me")
+    (out / "report.json").write_text("{}")
+    assert main(args(tiny, out, "--steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was not written by lorakit train" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "notes.txt", "report.json"]
+    assert (out / "report.json").read_text() == "{}"
+
+    assert main(args(tiny, out, "--steps", "2", "--overwrite")) == 0
+    assert (out / "notes.txt").read_text() == "my notes"
+    assert (out / "adapter" / "mine.txt").read_text() == "keep me"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "report.json").read_text())["steps"] == 2  # a file of lorakit's name: replaced
+
+    # the folder is now a run folder: reused without --overwrite, lorakit's files replaced, the user's kept
+    assert main(args(tiny, out, "--steps", "3")) == 0
+    assert json.loads((out / "report.json").read_text())["steps"] == 3
+    assert (out / "notes.txt").read_text() == "my notes"
+    assert (out / "adapter" / "mine.txt").read_text() == "keep me"
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "lorakit_task.json", "mine.txt"]

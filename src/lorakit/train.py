@@ -36,6 +36,7 @@ from lorakit.data.batches import batch_of_step
 from lorakit.data.encode import collate
 from lorakit.errors import LorakitError
 from lorakit.methods import get_method, head_modules
+from lorakit.run_folder import RunFolder
 from lorakit.report import MetricsLog, StepMemory, folder_size, format_report, peak_memory_bytes, read_metrics
 from lorakit.tasks import TASK_FILE, batch_stats, encode_splits, evaluate, get_task, read_splits
 
@@ -127,6 +128,7 @@ class TrainConfig:
     eval_batch_size: int | None = None
     out: str | None = None
     resume: bool = False
+    overwrite: bool = False
     seed: int = 0
     data_limit: int | None = None
     stop_after: int | None = None
@@ -201,6 +203,7 @@ def train(config: TrainConfig) -> dict:
 def _train(config: TrainConfig, runtime: distributed.Runtime, started: float) -> dict:
     task, method = get_task(config.task), get_method(config.method)
     out = Path(config.out)
+    run_folder = RunFolder.claim(out, config.overwrite)
     say = print if runtime.is_main else (lambda *a, **k: None)
 
     # ---- 1. model and data
@@ -258,6 +261,8 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     if runtime.rank > 0 and not config.resume:
         torch.manual_seed(config.seed + runtime.rank)  # each process its own dropout masks
     ddp_model = distributed.wrap(model, runtime)
+    if runtime.is_main:
+        run_folder.mark()
     log = MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"]) if runtime.is_main else None
 
     def autocast():
@@ -333,7 +338,7 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
                 if task.better(metrics[task.metric], state["best"]):
                     state.update(best=metrics[task.metric], best_step=step)
                     if runtime.is_main:
-                        _save_trained(method, model, tokenizer, out, config, data, best_file)
+                        _save_trained(method, model, tokenizer, run_folder, config, data, best_file)
                 state.update(step=step, train_time_s=time.perf_counter() - loop_started,
                              wall_time_s=time.perf_counter() - started)
                 save_checkpoint(step)
@@ -416,7 +421,7 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _save_trained(method, model, tokenizer, out: Path, config: TrainConfig, data, best_file: Path) -> None:
+def _save_trained(method, model, tokenizer, run_folder: RunFolder, config: TrainConfig, data, best_file: Path) -> None:
     """Keep the best weights: the trainable tensors (to restore them at the end) and
     the exported adapter or model folder, with the task file that ``lorakit eval``,
     ``predict`` and ``generate`` read."""
@@ -433,7 +438,7 @@ def _save_trained(method, model, tokenizer, out: Path, config: TrainConfig, data
         method.export(model, tokenizer, folder, config)
         (folder / TASK_FILE).write_text(json.dumps(task_info, indent=2) + "\n")
 
-    checkpoint.replace_folder(out / method.saved_name, write)
+    run_folder.save_result(method.saved_name, write)
 
 
 def _restore(model, best_file: Path) -> None:

@@ -56,6 +56,8 @@ def register(subparsers) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on matrices (default: 0.01)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/<task>-<method>)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an --out folder that lorakit did not write (files of other names are kept)")
     parser.add_argument("--seed", type=int, default=0, help="seeds data order, adapter init and dropout (default: 0)")
     parser.add_argument("--model-dropout", type=float, default=None,
                         help="set every dropout of the model to this probability (default: the model's own)")
@@ -74,7 +76,7 @@ def run(args) -> int:
         init_rank=args.init_rank, target_rank=args.target_rank, targets=args.targets, steps=args.steps,
         epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, max_length=args.max_length, eval_every=args.eval_every,
-        out=args.out, resume=args.resume, seed=args.seed, label_smoothing=args.label_smoothing, device=args.device,
+        out=args.out, resume=args.resume, overwrite=args.overwrite, seed=args.seed, label_smoothing=args.label_smoothing, device=args.device,
         data_limit=args.data_limit, model_dropout=args.model_dropout, init=args.init, lora_dropout=args.lora_dropout,
         warmup=args.warmup, weight_decay=args.weight_decay, bf16=args.bf16,
     )
