@@ -10,7 +10,8 @@ def register(subparsers) -> None:
                     "per token for a language model. Several --adapter flags are scored one after the other.",
     )
     parser.add_argument("--adapter", action="append", required=True, metavar="DIR",
-                        help="an adapter (or full model) folder written by lorakit train; repeat to compare")
+                        help="a run folder of lorakit train (--out), or the adapter (or full model) folder in it; "
+                             "repeat to compare")
     parser.add_argument("--data", default=None, help=".jsonl/.csv file to score whole (default: the test split "
                                                      "of the data the adapter was trained on)")
     parser.add_argument("--merge", action="store_true", help="merge the adapter into the base weights first")
