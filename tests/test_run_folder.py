@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lorakit import LorakitError
-from lorakit.run_folder import MARKER, TASK_FILE, RunFolder, trained_folder
+from lorakit.run_folder import MARKER, TASK_FILE, RunFolder, adapter_folder, trained_folder
 
 
 def test_new_and_empty_folders_are_claimed_and_a_foreign_one_only_with_overwrite(tmp_path):
@@ -65,3 +65,17 @@ def test_the_trained_result_of_a_run_folder_is_found_and_every_other_case_named(
     (tmp_path / "other" / "x.txt").write_text("x")
     with pytest.raises(LorakitError, match="holds neither lorakit_task.json nor a lorakit train run"):
         trained_folder(tmp_path / "other")
+
+
+def test_an_adapter_folder_is_itself_and_a_run_folder_its_adapter(tmp_path):
+    peft_folder = tmp_path / "peft"
+    peft_folder.mkdir()
+    (peft_folder / "adapter_config.json").write_text("{}")
+    assert adapter_folder(peft_folder) == peft_folder  # no lorakit_task.json: still an adapter folder
+    assert adapter_folder(tmp_path / "nowhere") == tmp_path / "nowhere"  # the reader names what is missing
+    run = RunFolder.claim(tmp_path / "run")
+    run.mark()
+    with pytest.raises(LorakitError, match="no trained result yet"):
+        adapter_folder(run.root)
+    run.save_result("adapter", lambda d: (d / TASK_FILE).write_text("{}"))
+    assert adapter_folder(run.root) == run.root / "adapter"

@@ -1,10 +1,10 @@
 """Using what ``lorakit train`` saved: evaluate it, classify texts, generate answers.
 
 A saved adapter folder (or, for ``--method full``, a whole model folder) holds
-``lorakit_task.json``: the task, the base model, the labels and the max length. A run
-folder (``lorakit train --out``) may be given in its place: its saved result is used
-(:func:`lorakit.run_folder.trained_folder`). From that, :func:`load_trained` rebuilds the model: the base model with one or several
-adapters loaded onto it (each under its own name; the forward applies one at a time),
+``lorakit_task.json``: the task, the base model, the labels and the max length; a run
+folder (``lorakit train --out``) may be given in its place, standing for its saved result
+(:func:`lorakit.run_folder.trained_folder`). From that, :func:`load_trained` rebuilds
+the model: the base model with one or several adapters loaded onto it (each under its own name; the forward applies one at a time),
 or merged into the base weights (``merge=True``: zero added latency; several adapters
 merged are summed, seed 002's "switch tasks by adding and subtracting BA").
 """
@@ -101,8 +101,8 @@ def load_trained(adapters: list, merge: bool = False, model: str | None = None, 
         net, tokenizer = found.load_model(str(folders[0]), first["labels"])
         return Trained(net.to(device).eval(), tokenizer, found, first, ["full"])
     if merge and found.trains_head and len(folders) > 1:
-        raise LorakitError("each classification adapter has its own classifier head, so several cannot be merged "
-                           "into one model; drop --merge to compare them, or give one adapter")
+        raise LorakitError(f"each adapter of task {found.name!r} has its own classifier head, so several cannot be "
+                           "merged into one model; drop --merge to compare them, or give one adapter")
 
     from lorakit.io import load_adapter
     from lorakit.model import merge_and_unload, set_active

@@ -164,3 +164,16 @@ def trained_folder(path) -> Path:
     held = sorted(p.name for p in path.iterdir())
     raise LorakitError(f"{path} holds neither {TASK_FILE} nor a lorakit train run (it holds {held[:8]}); give the "
                        "--out folder of lorakit train, or the adapter/ (model/) folder inside it")
+
+
+def adapter_folder(path) -> Path:
+    """The folder to read an adapter from: the saved result when ``path`` is a run
+    folder of lorakit train, else ``path`` itself (any adapter folder, PEFT's too).
+
+    Raises:
+        LorakitError: ``path`` is a run folder with no (or several) saved results.
+    """
+    path = Path(path)
+    if path.is_dir() and not (path / TASK_FILE).is_file() and RunFolder(path).is_run():
+        return trained_folder(path)
+    return path

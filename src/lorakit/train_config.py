@@ -15,7 +15,7 @@ from typing import Callable
 
 from lorakit.errors import LorakitError
 from lorakit.methods import METHODS, get_method
-from lorakit.tasks import TASKS, get_task
+from lorakit.tasks import TASKS, get_task, per_task
 
 TRAINABLE_INITS = ("gaussian", "kaiming")  # pissa rewrites W: its saved adapter needs that W (not converted yet)
 EVALUATIONS_PER_RUN = 5  # when eval_every is not given
@@ -40,7 +40,7 @@ def setting(help: str, *, choices: Callable[[], list] | None = None, default_hel
 
 def _per_task(attribute: str, lead: str = "the task's") -> Callable[[], str]:
     """``"the task's: classify 64, chat 256, text 128"`` from the registered tasks."""
-    return lambda: f"{lead}: " + ", ".join(f"{name} {getattr(task, attribute):g}" for name, task in TASKS.items())
+    return lambda: f"{lead}: {per_task(attribute)}"
 
 
 def _lr_per_method() -> str:

@@ -33,7 +33,7 @@ class Progress:
 
 @dataclass
 class Run:
-    """Everything :func:`set_up` made, which the other phases use."""
+    """Everything :func:`lorakit.train.set_up` made, which the other phases use."""
 
     config: TrainConfig
     runtime: distributed.Runtime
@@ -92,8 +92,6 @@ class Run:
         """Record ``step`` and the time spent so far in ``progress`` (before a checkpoint)."""
         now = time.perf_counter()
         progress.step, progress.train_time_s, progress.wall_time_s = step, now - self.loop_started, now - self.started
-
-
 
 
 def _progress_bar(enabled: bool, initial: int, total: int):

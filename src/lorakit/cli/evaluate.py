@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from lorakit.tasks import per_task
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -16,7 +18,7 @@ def register(subparsers) -> None:
                                                      "of the data the adapter was trained on)")
     parser.add_argument("--merge", action="store_true", help="merge the adapter into the base weights first")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="examples per forward pass (default: 64 for a classifier, 8 for a language model)")
+                        help=f"examples per forward pass (default: the task's: {per_task('default_eval_batch_size')})")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.set_defaults(func=run)
 
