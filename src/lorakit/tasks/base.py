@@ -111,13 +111,20 @@ class Task:
 
     def predict(self, model, tokenizer, texts: list[str], labels, max_length: int) -> list[dict]:
         """``[{"text", "label", "probabilities"}]`` of each text (classification)."""
-        raise LorakitError(f"predict needs a classification adapter; this one is for task {self.name!r}: "
-                           "use lorakit generate")
+        raise LorakitError(f"predict needs a classification adapter; this one is for task {self.name!r}"
+                           f"{self._other_verb('predict')}")
 
     def generate(self, model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
         """Greedy continuations of ``prompts`` (language models)."""
-        raise LorakitError(f"generate needs a language-model adapter; this one is for task {self.name!r}: "
-                           "use lorakit predict")
+        raise LorakitError(f"generate needs a language-model adapter; this one is for task {self.name!r}"
+                           f"{self._other_verb('generate')}")
+
+    def _other_verb(self, verb: str) -> str:
+        """``": use lorakit X"`` for the verb this task does define in place of ``verb``."""
+        for other in ("predict", "generate"):
+            if other != verb and getattr(type(self), other) is not getattr(Task, other):
+                return f": use lorakit {other}"
+        return ""
 
 
 # ---------------------------------------------------------------- data
