@@ -11,6 +11,7 @@ from lorakit.run_folder import MARKER, TASK_FILE, RunFolder, adapter_folder, tra
 def test_new_and_empty_folders_are_claimed_and_a_foreign_one_only_with_overwrite(tmp_path):
     RunFolder.claim(tmp_path / "new")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".DS_Store").write_text("x")  # hidden entries do not count
     RunFolder.claim(tmp_path / "empty").mark()
     assert (tmp_path / "empty" / MARKER).is_file()
     foreign = tmp_path / "foreign"

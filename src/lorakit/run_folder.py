@@ -12,9 +12,9 @@ Ownership, the rule a run follows before it writes anything:
 - a new or empty folder becomes a run folder (the marker is written first);
 - a folder holding the marker is an earlier run's and may be reused: lorakit replaces its
   own files there and keeps everything else (a user's notes beside or inside ``adapter/``);
-- a folder lorakit did not write (non-empty, no marker) is refused, unless the user says
-  ``overwrite``: lorakit then writes its files there, replacing files of the same names
-  only;
+- a folder lorakit did not write (no marker, and entries other than hidden ones such as
+  ``.DS_Store``) is refused, unless the user says ``overwrite``: lorakit then writes its
+  files there, replacing files of the same names only;
 - nothing lorakit did not write is ever deleted: the saved result's folder is swapped in
   whole (:func:`lorakit.atomic.replace_folder`) and the entries of the previous one that
   the marker does not list as lorakit's are moved into the new one.
@@ -70,8 +70,8 @@ class RunFolder:
         root = folder.root
         if root.exists() and not root.is_dir():
             raise LorakitError(f"--out {root} is a file; give a folder for the run")
-        if root.is_dir() and not overwrite and not folder.is_run() and any(root.iterdir()):
-            held = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+        if root.is_dir() and not overwrite and not folder.is_run() and _visible(root):
+            held = sorted(p.name + ("/" if p.is_dir() else "") for p in _visible(root))
             shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
             raise LorakitError(f"--out {root} is not empty and was not written by lorakit train (it holds {shown}); "
                                "give a new or empty folder, or add --overwrite to write the run's files there "
@@ -92,8 +92,7 @@ class RunFolder:
         if not self.root.is_dir():
             return False
         names = {METRICS, CURVES, REPORT, STATE}
-        entries = [p for p in self.root.iterdir() if not p.name.startswith(".")]
-        own = all(p.name in names or (p / TASK_FILE).is_file() for p in entries)
+        own = all(p.name in names or (p / TASK_FILE).is_file() for p in _visible(self.root))
         return own and (atomic.existing_folder(self.checkpoint) is not None or self.report.is_file())
 
     def has_checkpoint(self) -> bool:
@@ -129,10 +128,17 @@ class RunFolder:
             record = json.loads((self.root / MARKER).read_text())
         except (OSError, ValueError):
             record = {}
+        if not isinstance(record, dict):
+            record = {}
         record.setdefault("written_by", "lorakit train")
         if not isinstance(record.get("saved"), dict):
             record["saved"] = {}
         return record
+
+
+def _visible(folder: Path) -> list[Path]:
+    """The entries of ``folder`` but hidden ones (``.DS_Store``; lorakit's own temporaries)."""
+    return [p for p in folder.iterdir() if not p.name.startswith(".")]
 
 
 def trained_folder(path) -> Path:
