@@ -196,3 +196,48 @@ def test_collate_pads_on_the_right(tok):
     classes = collate(encode_classification([{"text": "a b", "label": "p", "_where": "z"}], tok, 8, {"p": 1}).examples,
                       pad_id=0)
     assert classes["labels"].tolist() == [1] and classes["labels"].dtype == torch.long
+
+
+# ---------------------------------------------------------------- what careless files get
+
+
+def test_a_broken_jsonl_line_names_the_column_of_the_break(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": "x"}\n{"text": "good", "label": 1\n')
+    with pytest.raises(LorakitError, match=r"d.jsonl line 2 is not valid JSON \(Expecting ',' delimiter at the end "
+                                           r"of the line\)"):
+        read_records(path, "classify")
+    path.write_text('{"text": "good" "label": 1}\r\n')
+    with pytest.raises(LorakitError, match=r"line 1 is not valid JSON \(Expecting ',' delimiter at column 17\)"):
+        read_records(path, "classify")
+
+
+def test_a_file_that_is_not_utf8_is_refused_naming_the_line_and_the_expected_encoding(tmp_path):
+    path = tmp_path / "latin.csv"
+    path.write_bytes("text,label\nfine film,pos\nun film trop lent,neg\nun caf\u00e9 triste,neg\n".encode("latin-1"))
+    with pytest.raises(LorakitError, match=r"latin.csv is not UTF-8 text: line 4 holds the byte 0xe9, which is not "
+                                           r"UTF-8 .*lorakit reads UTF-8: save it as UTF-8"):
+        read_records(path, "classify")
+    path.write_bytes('{"text": "caf\u00e9", "label": "a"}\n'.encode("latin-1"))
+    with pytest.raises(LorakitError, match="is not UTF-8 text: line 1"):
+        read_records(path.rename(tmp_path / "latin.jsonl"), "classify")
+
+
+def test_a_byte_order_mark_is_skipped(tmp_path):
+    (tmp_path / "bom.csv").write_bytes("text,label\ngood,pos\n".encode("utf-8-sig"))
+    assert read_records(tmp_path / "bom.csv", "classify")[0]["label"] == "pos"
+
+
+def test_training_data_of_a_single_class_is_refused(tok):
+    splits = DatasetSplits(train=[{"text": "a", "label": "pos", "_where": "t 1"},
+                                  {"text": "b", "label": "pos", "_where": "t 2"}], validation=[], test=[], source="d.csv")
+    with pytest.raises(LorakitError, match="the training split of d.csv has only the label 'pos'; a classifier needs "
+                                           "examples of at least two classes"):
+        encode_splits(get_task("classify"), splits, tok, 16)
+
+
+def test_a_number_label_of_another_split_finds_its_class(tok):
+    splits = DatasetSplits(train=[{"text": "a", "label": "0", "_where": "t 1"}, {"text": "b", "label": "1", "_where": "t 2"}],
+                           validation=[{"text": "c", "label": "1.0", "_where": "v 1"}], test=[], source="s")
+    data = encode_splits(get_task("classify"), splits, tok, 16)
+    assert data.labels == ["0", "1"] and data.validation[0].label == 1

@@ -128,19 +128,10 @@ def test_no_import_cycle_in_lorakit():
         "cycle:\n    " + _describe(graph, c) for c in cycles)
 
 
-# train.py is being split into named phases (issue 11); until then it is the one module allowed over the limit.
-LONG_FOR_NOW = {"lorakit.train"}
-
-
 def _line_counts() -> dict[str, int]:
     return {name: len(file.read_text().splitlines()) for name, file in _modules().items()}
 
 
 def test_no_module_is_over_400_lines():
-    over = {name: n for name, n in _line_counts().items() if n > MAX_LINES and name not in LONG_FOR_NOW}
+    over = {name: n for name, n in _line_counts().items() if n > MAX_LINES}
     assert not over, f"modules over {MAX_LINES} lines (split each along its jobs): {over}"
-
-
-@pytest.mark.xfail(reason="train.py is being split into named phases (issue 11)", strict=False)
-def test_train_is_under_400_lines():
-    assert _line_counts().get("lorakit.train", 0) <= MAX_LINES

@@ -42,6 +42,35 @@ def test_train_has_exactly_the_issue_flags():
         main(["train", "--steps", "3", "--epochs", "1"])
 
 
+OLD_FLAGS = {"--task", "--model", "--data", "--method", "--rank", "--alpha", "--init-rank", "--target-rank", "--targets",
+             "--steps", "--epochs", "--batch-size", "--grad-accum", "--lr", "--max-length", "--bf16", "--no-bf16",
+             "--eval-every", "--init", "--lora-dropout", "--warmup", "--weight-decay", "--out", "--resume", "--seed",
+             "--model-dropout", "--label-smoothing", "--data-limit", "--device"}
+
+
+def test_the_flags_are_made_from_the_config_fields_and_keep_their_names():
+    from dataclasses import fields
+
+    from lorakit.cli.train import config_from_args
+    from lorakit.train import TrainConfig
+
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices["train"]
+    actions = {a.dest: a for a in sub._actions if a.dest != "help"}
+    assert set(actions) == {f.name for f in fields(TrainConfig) if f.metadata["flag"]}
+    assert all(f.metadata["help"] for f in fields(TrainConfig))  # every field says what it does
+    assert {option for a in actions.values() for option in a.option_strings} == OLD_FLAGS | {"--overwrite"}
+    # a flag not given leaves the dataclass's default: the defaults are written once
+    assert config_from_args(parser.parse_args(["train"])) == TrainConfig()
+    assert "(default: 8)" in actions["rank"].help and "classify 64, chat 256, text 128" in actions["max_length"].help
+    config = config_from_args(parser.parse_args(["train", "--no-bf16", "--epochs", "2", "--targets", "query,value",
+                                                 "--overwrite", "--alpha", "4", "--init", "kaiming"]))
+    assert (config.bf16, config.epochs, config.targets, config.overwrite, config.alpha, config.init) == \
+        (False, 2.0, ["query", "value"], True, 4.0, "kaiming")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--init", "pissa"])
+
+
 def test_train_then_eval_predict(tiny, tmp_path, capsys):
     assert main(args(tiny, tmp_path / "run", "--steps", "4", "--eval-every", "2")) == 0
     printed = capsys.readouterr().out
@@ -54,6 +83,12 @@ def test_train_then_eval_predict(tiny, tmp_path, capsys):
     assert len(lines) == 2 and all("fresh" in line and "rotten" in line for line in lines)
     assert main(["predict", "--adapter", adapter, "--adapter", adapter, "ok"]) == 0
     assert capsys.readouterr().out.count("[") == 2
+    # the run folder (--out) stands for its adapter/
+    run = str(tmp_path / "run")
+    assert main(["eval", "--adapter", run]) == 0
+    assert capsys.readouterr().out.startswith("run_adapter: loss")
+    assert main(["predict", "--adapter", run, "a great film"]) == 0
+    assert "fresh" in capsys.readouterr().out
 
 
 def test_train_method_adalora_saves_the_rank_budget_and_loads(tiny, tmp_path):
@@ -95,6 +130,16 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys):
     assert err.startswith("lorakit train: error: bad.jsonl line 2 is not valid JSON") and err.count("\n") == 1
     assert main(["eval", "--adapter", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    one_class = tmp_path / "one.csv"
+    one_class.write_text("text,label\n" + "".join(f"review {i},pos\n" for i in range(30)))
+    assert main(["train", "--data", str(one_class), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "has only the label 'pos'" in err and err.count("\n") == 1
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,label\ncaf\u00e9,pos\nbad,neg\n".encode("latin-1"))
+    assert main(["train", "--data", str(latin), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "latin.csv is not UTF-8 text" in err and err.count("\n") == 1
 
 
 def test_chat_train_and_generate(tiny, tmp_path, capsys):
@@ -107,6 +152,8 @@ def test_chat_train_and_generate(tiny, tmp_path, capsys):
     assert main(["generate", "--adapter", adapter, "--adapter", adapter, "--merge", "--prompt", "hi",
                  "--max-new-tokens", "2"]) == 0
     assert "[merged] hi" in capsys.readouterr().out
+    assert main(["generate", "--adapter", str(tmp_path / "chat"), "--prompt", "say red", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("[chat_adapter] say red")
 
 
 def _run_until_checkpoint(command, out, sig):
@@ -149,3 +196,30 @@ def test_a_killed_run_resumed_matches_the_uninterrupted_curve(tiny, whole_run, t
     assert len(losses(parts)) == 16
     report = json.loads((parts / "report.json").read_text())
     assert report["test"] == pytest.approx(json.loads((whole_run / "report.json").read_text())["test"])
+
+
+def test_a_folder_lorakit_did_not_write_is_refused_and_nothing_of_the_user_is_deleted(tiny, tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "adapter").mkdir(parents=True)
+    (out / "notes.txt").write_text("my notes")
+    (out / "adapter" / "mine.txt").write_text("keep me")
+    (out / "report.json").write_text("{}")
+    assert main(args(tiny, out, "--steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was not written by lorakit train" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "notes.txt", "report.json"]
+    assert (out / "report.json").read_text() == "{}"
+
+    assert main(args(tiny, out, "--steps", "2", "--overwrite")) == 0
+    assert (out / "notes.txt").read_text() == "my notes"
+    assert (out / "adapter" / "mine.txt").read_text() == "keep me"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "report.json").read_text())["steps"] == 2  # a file of lorakit's name: replaced
+
+    # the folder is now a run folder: reused without --overwrite, lorakit's files replaced, the user's kept
+    assert main(args(tiny, out, "--steps", "3")) == 0
+    assert json.loads((out / "report.json").read_text())["steps"] == 3
+    assert (out / "notes.txt").read_text() == "my notes"
+    assert (out / "adapter" / "mine.txt").read_text() == "keep me"
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "lorakit_task.json", "mine.txt"]

@@ -10,85 +10,50 @@ A checkpoint is a folder of two files, never pickle:
   state, the optimizer's hyper-parameters, Python's random state per rank, and the
   settings of the run (a resume with different settings is refused).
 
-Folders are written whole under a temporary name and swapped in with ``os.replace``
-(:func:`replace_folder`), so a crash at any moment leaves either the old checkpoint or
-the new one, never half of one. :func:`stop_on_signals` turns Ctrl-C and SIGTERM into a
+The folder is written whole under a temporary name and swapped in
+(:func:`lorakit.atomic.replace_folder`), so a crash at any moment leaves either the old
+checkpoint or the new one, never half of one. :func:`stop_on_signals` turns Ctrl-C and SIGTERM into a
 request to stop at the end of the current step, so that a checkpoint can be written.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from lorakit import atomic
 from lorakit.errors import LorakitError
 
 TENSORS = "state.safetensors"
 META = "state.json"
 
 
-# ---------------------------------------------------------------- atomic files and folders
+# ---------------------------------------------------------------- tensors
 
 
-def replace_folder(dest, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` to fill a fresh temporary folder, then swap it in as ``dest``.
-
-    The previous ``dest`` is moved aside to ``.<name>.old`` first and removed last;
-    :func:`existing_folder` finds it if the process dies between the two renames.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-    old = dest.parent / f".{dest.name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dest.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-    return dest
+def save_tensors(tensors: dict, path) -> None:
+    """A safetensors file of ``tensors`` (moved to the CPU), written atomically."""
+    with atomic.writing(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
 
-def existing_folder(dest) -> Path | None:
-    """``dest`` if it exists, else the previous version a crash left aside, else None."""
-    dest = Path(dest)
-    old = dest.parent / f".{dest.name}.old"
-    if dest.is_dir():
-        return dest
-    return old if old.is_dir() else None
-
-
-def save_tensors_atomically(tensors: dict, path) -> None:
-    """safetensors file written to a temporary name, then renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def write_json_atomically(obj, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def load_tensors(model, path) -> None:
+    """Copy the tensors of the safetensors file ``path`` into ``model``'s parameters of
+    the same names (what :func:`save_tensors` wrote); nothing if there is no file."""
+    if not Path(path).is_file():
+        return
+    saved = load_file(str(path))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in saved:
+                p.copy_(saved[name])
 
 
 # ---------------------------------------------------------------- random states
@@ -136,10 +101,10 @@ def save_checkpoint(folder, model, optimizer, scheduler, rng_states: list[dict],
             "rng_python": pythons}
 
     def write(tmp: Path):
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
-        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=_jsonable) + "\n")
+        save_tensors(tensors, tmp / TENSORS)
+        atomic.write_json(tmp / META, meta, default=_jsonable)
 
-    return replace_folder(folder, write)
+    return atomic.replace_folder(folder, write)
 
 
 def read_meta(folder) -> dict:
@@ -148,11 +113,25 @@ def read_meta(folder) -> dict:
     Raises:
         LorakitError: no checkpoint in ``folder``.
     """
-    found = existing_folder(folder)
+    found = atomic.existing_folder(folder)
     if found is None or not (found / TENSORS).is_file() or not (found / META).is_file():
         raise LorakitError(f"no checkpoint to resume in {folder}; run without --resume to start, "
                            "or give the --out of the run to continue")
     return json.loads((found / META).read_text())
+
+
+def check_settings(folder, settings: dict) -> None:
+    """Refuse to resume the checkpoint in ``folder`` with other ``settings`` than it was made with.
+
+    Raises:
+        LorakitError: no checkpoint, or settings that differ (each change is listed).
+    """
+    saved = read_meta(folder)["settings"]
+    changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+    if changed:
+        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise LorakitError(f"the checkpoint in {folder} was made with other settings ({listed}); resume with the "
+                           "same flags, or drop --resume to start afresh")
 
 
 def load_checkpoint(folder, model, optimizer, scheduler, rank: int = 0) -> dict:
@@ -163,7 +142,7 @@ def load_checkpoint(folder, model, optimizer, scheduler, rank: int = 0) -> dict:
         LorakitError: no checkpoint in ``folder``, or it does not fit the model.
     """
     meta = read_meta(folder)
-    found = existing_folder(folder)
+    found = atomic.existing_folder(folder)
     tensors = load_file(str(found / TENSORS))
 
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}

@@ -1,9 +1,10 @@
 """Using what ``lorakit train`` saved: evaluate it, classify texts, generate answers.
 
 A saved adapter folder (or, for ``--method full``, a whole model folder) holds
-``lorakit_task.json``: the task, the base model, the labels and the max length. From
-that, :func:`load_trained` rebuilds the model: the base model with one or several
-adapters loaded onto it (each under its own name; the forward applies one at a time),
+``lorakit_task.json``: the task, the base model, the labels and the max length; a run
+folder (``lorakit train --out``) may be given in its place, standing for its saved result
+(:func:`lorakit.run_folder.trained_folder`). From that, :func:`load_trained` rebuilds
+the model: the base model with one or several adapters loaded onto it (each under its own name; the forward applies one at a time),
 or merged into the base weights (``merge=True``: zero added latency; several adapters
 merged are summed, seed 002's "switch tasks by adding and subtracting BA").
 """
@@ -18,7 +19,8 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import LorakitError
-from lorakit.tasks import TASK_FILE, Task, evaluate, get_task, read_splits
+from lorakit.run_folder import TASK_FILE, trained_folder
+from lorakit.tasks import Task, evaluate, get_task, read_splits
 
 
 @dataclass
@@ -50,20 +52,13 @@ class Trained:
 
 
 def read_task_file(folder) -> dict:
-    """``lorakit_task.json`` of a folder written by ``lorakit train``.
+    """``lorakit_task.json`` of a trained result (``folder``, or the saved result of the
+    run folder ``folder``).
 
     Raises:
-        LorakitError: the folder does not exist or was not written by ``lorakit train``.
+        LorakitError: see :func:`lorakit.run_folder.trained_folder`.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise LorakitError(f"adapter folder {folder} does not exist; give the adapter/ (or model/) folder "
-                           "that lorakit train wrote under its --out")
-    path = folder / TASK_FILE
-    if not path.is_file():
-        raise LorakitError(f"{folder} has no {TASK_FILE} (it holds {sorted(p.name for p in folder.iterdir())[:8]}); "
-                           "give a folder written by lorakit train")
-    return json.loads(path.read_text())
+    return json.loads((trained_folder(folder) / TASK_FILE).read_text())
 
 
 def load_trained(adapters: list, merge: bool = False, model: str | None = None, task: str | None = None,
@@ -71,8 +66,9 @@ def load_trained(adapters: list, merge: bool = False, model: str | None = None, 
     """Rebuild the trained model from one or more folders written by ``lorakit train``.
 
     Args:
-        adapters: adapter folders (PEFT format), or one full model folder; empty for the
-            base model alone (then ``task`` and ``model`` say which).
+        adapters: adapter folders (PEFT format), or one full model folder, or the run
+            folders (``--out``) holding them; empty for the base model alone (then
+            ``task`` and ``model`` say which).
         merge: fold the adapters into the base weights (several: their sum).
         model: override the base model recorded in the folders.
 
@@ -80,14 +76,15 @@ def load_trained(adapters: list, merge: bool = False, model: str | None = None, 
         LorakitError: the folders disagree on task, base model or labels, a full model
             folder is mixed with others, or several classifiers are to be merged.
     """
-    folders = [Path(a) for a in adapters]
-    infos = [read_task_file(f) for f in folders]
+    folders = [trained_folder(a) for a in adapters]
+    infos = [json.loads((f / TASK_FILE).read_text()) for f in folders]
     if not infos:
         info = {"task": task or "chat", "method": "none", "model": model or "default", "labels": None,
                 "max_length": None}
         found = get_task(info["task"])
-        if found.kind == "classify":
-            raise LorakitError("a classifier needs its trained head; give --adapter DIR")
+        if found.trains_head:
+            raise LorakitError(f"task {found.name!r} trains a head the base model lacks, so the base model alone "
+                               "cannot be used; give --adapter DIR")
         net, tokenizer = found.load_model(info["model"], None)
         return Trained(net.to(device).eval(), tokenizer, found, info, ["base"])
     first = infos[0]
@@ -103,9 +100,9 @@ def load_trained(adapters: list, merge: bool = False, model: str | None = None, 
                                "folders: give it alone")
         net, tokenizer = found.load_model(str(folders[0]), first["labels"])
         return Trained(net.to(device).eval(), tokenizer, found, first, ["full"])
-    if merge and found.kind == "classify" and len(folders) > 1:
-        raise LorakitError("each classification adapter has its own classifier head, so several cannot be merged "
-                           "into one model; drop --merge to compare them, or give one adapter")
+    if merge and found.trains_head and len(folders) > 1:
+        raise LorakitError(f"each adapter of task {found.name!r} has its own classifier head, so several cannot be "
+                           "merged into one model; drop --merge to compare them, or give one adapter")
 
     from lorakit.io import load_adapter
     from lorakit.model import merge_and_unload, set_active
@@ -146,7 +143,7 @@ def evaluate_trained(trained: Trained, data: str | None = None, batch_size: int 
     from lorakit.tasks import encode_splits
 
     task, info = trained.task, trained.info
-    batch_size = batch_size or (64 if task.kind == "classify" else 8)
+    batch_size = batch_size or task.default_eval_batch_size
     max_length = info.get("max_length") or task.default_max_length
     if data is None:
         splits = read_splits(task, info.get("data", "default"), info.get("data_limit"))
@@ -154,7 +151,7 @@ def evaluate_trained(trained: Trained, data: str | None = None, batch_size: int 
         if not splits.test:
             raise LorakitError(f"{splits.source} has no test split; give --data FILE to evaluate on")
     else:
-        records = lkdata.read_records(data, task.kind)
+        records = task.read_records(data)
         splits = lkdata.DatasetSplits([], [], records, str(data))
     encoded = encode_splits(task, splits, trained.tokenizer, max_length, info.get("labels"), allow_empty_train=True)
     pad_id = trained.tokenizer.pad_token_id if trained.tokenizer.pad_token_id is not None else 0
@@ -166,7 +163,6 @@ def evaluate_trained(trained: Trained, data: str | None = None, batch_size: int 
     return results
 
 
-@torch.no_grad()
 def predict(trained: Trained, texts: list[str]) -> dict:
     """Class and probabilities of each text, for every adapter.
 
@@ -176,51 +172,26 @@ def predict(trained: Trained, texts: list[str]) -> dict:
     Raises:
         LorakitError: the model is not a classifier.
     """
-    if trained.task.kind != "classify":
-        raise LorakitError(f"predict needs a classification adapter; this one is for task "
-                           f"{trained.task.name!r}: use lorakit generate")
-    labels = trained.info["labels"]
     max_length = trained.info.get("max_length") or trained.task.default_max_length
-    batch = trained.tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-    device = next(trained.model.parameters()).device
     results = {}
     for name in trained.names:
         trained.use(name)
-        logits = trained.model(input_ids=batch["input_ids"].to(device),
-                               attention_mask=batch["attention_mask"].to(device)).logits
-        probabilities = logits.float().softmax(-1).cpu()
-        results[name] = [
-            {"text": text, "label": labels[int(row.argmax())],
-             "probabilities": {label: float(p) for label, p in zip(labels, row)}}
-            for text, row in zip(texts, probabilities)
-        ]
+        results[name] = trained.task.predict(trained.model, trained.tokenizer, texts, trained.info["labels"],
+                                             max_length)
     return results
 
 
-@torch.no_grad()
 def generate(trained: Trained, prompts: list[str], max_new_tokens: int = 64) -> dict:
     """Greedy continuations of ``prompts`` for every adapter: ``{name: [answer, ...]}``.
 
     A chat model gets each prompt as a user turn through its chat template; the answer
     is the text it generates after it, special tokens removed.
+
+    Raises:
+        LorakitError: the model is not a language model.
     """
-    if trained.task.kind != "lm":
-        raise LorakitError("generate needs a language-model adapter (task chat or text); "
-                           "for a classifier use lorakit predict")
-    tokenizer, model = trained.tokenizer, trained.model
-    device = next(model.parameters()).device
-    chat = trained.task.name == "chat" and getattr(tokenizer, "chat_template", None)
     results = {}
     for name in trained.names:
         trained.use(name)
-        answers = []
-        for prompt in prompts:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True) if chat else prompt
-            ids = tokenizer(text, add_special_tokens=not chat, return_tensors="pt")["input_ids"].to(device)
-            output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-            answers.append(tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip())
-        results[name] = answers
+        results[name] = trained.task.generate(trained.model, trained.tokenizer, prompts, max_new_tokens)
     return results
-

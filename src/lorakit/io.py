@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lorakit import atomic
 from lorakit.config import LoraConfig, name_matches
 from lorakit.errors import LorakitError
 from lorakit.peft_format import (
@@ -88,9 +88,9 @@ def write_adapter(path: str | os.PathLike, config: LoraConfig | dict, tensors: d
         ready[key] = tensor
     folder.mkdir(parents=True, exist_ok=True)
     header = {"format": "pt", **(metadata or {})}
-    _write_atomic(folder / WEIGHTS_NAME, save(ready, metadata=header))
+    atomic.write_bytes(folder / WEIGHTS_NAME, save(ready, metadata=header))
     text = json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n"
-    _write_atomic(folder / CONFIG_NAME, text.encode())
+    atomic.write_bytes(folder / CONFIG_NAME, text.encode())
     return folder
 
 
@@ -297,17 +297,3 @@ def _read_pickle(file: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise LorakitError(f"{file} does not hold a dict of tensors; it is not an adapter")
     return state
-
-
-def _write_atomic(file: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; adapters are shared files
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -7,12 +7,11 @@ fast and figures render on machines without a display.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from lorakit import atomic
 from lorakit.errors import LorakitError
 
 __all__ = ["figure_format", "plot_spectrum", "save_figure"]
@@ -40,15 +39,8 @@ def save_figure(fig, path) -> Path:
     fmt = figure_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".{fmt}")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format=fmt, dpi=120, bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a figure is for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.writing(path, suffix=f".{fmt}") as tmp:
+        fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
     return path
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from lorakit import atomic
+
 
 def peak_memory_bytes(device: torch.device | None = None) -> dict:
     """Peak memory of this process so far, in bytes.
@@ -120,9 +122,7 @@ class MetricsLog:
         kept = []
         if keep_until_step is not None and self.path.is_file():
             kept = [line for line in read_metrics(self.path) if line["step"] <= keep_until_step]
-        with open(self.path, "w") as handle:
-            for line in kept:
-                handle.write(json.dumps(line) + "\n")
+        atomic.write_text(self.path, "".join(json.dumps(line) + "\n" for line in kept))
 
     def write(self, **fields) -> None:
         with open(self.path, "a") as handle:

@@ -163,7 +163,7 @@ def run_sweep(ranks, targets, out, *, tolerance: float = 0.5, train_fn: Callable
     """
     import torch
 
-    from lorakit import checkpoint
+    from lorakit.run_folder import RunFolder
     from lorakit.tasks import get_task
     from lorakit.train import TrainConfig, train
 
@@ -195,7 +195,7 @@ def run_sweep(ranks, targets, out, *, tolerance: float = 0.5, train_fn: Callable
             diff = {k: (clash["settings"].get(k), v) for k, v in shared.items() if clash["settings"].get(k) != v}
             raise LorakitError(f"{jsonl} holds a sweep made with other settings ({diff}); use another --out "
                                "or the same flags to resume it")
-        config.resume = checkpoint.existing_folder(folder / "state" / "last") is not None
+        config.resume = RunFolder(folder).has_checkpoint()
         say(f"sweep {i}/{len(plan)}: targets {t}, rank {r}" + (" (resuming)" if config.resume else ""))
         reset = reset_peak_rss()
         if torch.cuda.is_available():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from lorakit.tasks import per_task
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -10,12 +12,13 @@ def register(subparsers) -> None:
                     "per token for a language model. Several --adapter flags are scored one after the other.",
     )
     parser.add_argument("--adapter", action="append", required=True, metavar="DIR",
-                        help="an adapter (or full model) folder written by lorakit train; repeat to compare")
+                        help="a run folder of lorakit train (--out), or the adapter (or full model) folder in it; "
+                             "repeat to compare")
     parser.add_argument("--data", default=None, help=".jsonl/.csv file to score whole (default: the test split "
                                                      "of the data the adapter was trained on)")
     parser.add_argument("--merge", action="store_true", help="merge the adapter into the base weights first")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="examples per forward pass (default: 64 for a classifier, 8 for a language model)")
+                        help=f"examples per forward pass (default: the task's: {per_task('default_eval_batch_size')})")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.set_defaults(func=run)
 

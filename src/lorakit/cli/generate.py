@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from lorakit.tasks import TASKS
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -11,12 +13,13 @@ def register(subparsers) -> None:
                     "base weights and answer once. Without --adapter the base model answers.",
     )
     parser.add_argument("--adapter", action="append", default=[], metavar="DIR",
-                        help="an adapter (or full model) folder written by lorakit train; repeat for several")
+                        help="a run folder of lorakit train (--out), or the adapter (or full model) folder in it; "
+                             "repeat for several")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     parser.add_argument("--merge", action="store_true", help="merge the adapters into the base weights")
     parser.add_argument("--model", default=None, help="base model: 'default' or a folder (default: the adapter's)")
-    parser.add_argument("--task", choices=["chat", "text"], default="chat",
-                        help="how to prompt the base model when no --adapter is given")
+    parser.add_argument("--task", choices=[name for name, task in sorted(TASKS.items()) if not task.trains_head],
+                        default="chat", help="how to prompt the base model when no --adapter is given")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.set_defaults(func=run)

@@ -10,7 +10,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify")
     parser.add_argument("--adapter", action="append", required=True, metavar="DIR",
-                        help="a classification adapter (or full model) folder; repeat to compare")
+                        help="a classification run folder of lorakit train (--out), or the adapter (or full model) "
+                             "folder in it; repeat to compare")
     parser.add_argument("--merge", action="store_true", help="merge the adapter into the base weights first")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.set_defaults(func=run)

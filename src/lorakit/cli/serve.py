@@ -52,13 +52,15 @@ def parse_adapters(values: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorakit.run_folder import adapter_folder  # a run folder of lorakit train stands for its adapter/
     from lorakit.serve import build_service, run as serve
 
     if not _is_loopback(args.host):
         print(f"lorakit serve: warning: binding {args.host} exposes the server beyond this machine; "
               "it has no authentication", file=sys.stderr)
     service = build_service(
-        args.model, adapters=parse_adapters(args.adapter), adapter_root=args.adapter_root,
+        args.model, adapters={name: str(adapter_folder(path)) for name, path in parse_adapters(args.adapter).items()},
+        adapter_root=args.adapter_root,
         max_loaded=args.max_loaded, max_batch=args.max_batch, max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens, task=args.task)
     names = ", ".join(["base", *service.registry.names()])

@@ -8,6 +8,12 @@ from __future__ import annotations
 import argparse
 
 from lorakit.cli.tables import format_table
+from lorakit.cli.train import add_config_flags
+from lorakit.train_config import TrainConfig
+
+# TrainConfig fields offered as flags (their help and defaults are TrainConfig's)
+RUN_SETTINGS = ("steps", "task", "model", "data", "alpha", "lr", "batch_size", "max_length", "data_limit",
+                "eval_every", "seed", "device")
 
 
 def register(subparsers) -> None:
@@ -28,20 +34,9 @@ def register(subparsers) -> None:
                             "repeat for several "
                             "(default: query and query,value)")
     sweep.add_argument("--out", default="runs/sweep", help="sweep folder (sweep.jsonl, sweep.png, one run per row)")
-    sweep.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the task's)")
     sweep.add_argument("--tolerance", type=float, default=0.5,
                        help="metric points (percentage points for accuracy) from the best that still count")
-    sweep.add_argument("--task", default="classify", help="classify, chat or text")
-    sweep.add_argument("--model", default="default", help="'default' or a model folder")
-    sweep.add_argument("--data", default="default", help="'default', a .jsonl/.csv file or a folder")
-    sweep.add_argument("--alpha", type=float, default=16, help="LoRA alpha, the same for every rank (s = alpha/r)")
-    sweep.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's)")
-    sweep.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
-    sweep.add_argument("--max-length", type=int, default=None, help="tokens per example")
-    sweep.add_argument("--data-limit", type=int, default=None, help="use only this many training examples")
-    sweep.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
-    sweep.add_argument("--seed", type=int, default=0, help="seed of every run")
-    sweep.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_config_flags(sweep, TrainConfig, only=RUN_SETTINGS)  # the same for every run; alpha too (s = alpha/r)
     sweep.set_defaults(func=run)
 
 
@@ -49,9 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.sweep import run_sweep
     from lorakit.train import TrainingInterrupted
 
-    settings = dict(task=args.task, model=args.model, data=args.data, alpha=args.alpha, lr=args.lr,
-                    batch_size=args.batch_size, max_length=args.max_length, data_limit=args.data_limit,
-                    eval_every=args.eval_every, seed=args.seed, device=args.device, steps=args.steps)
+    settings = {name: getattr(args, name) for name in RUN_SETTINGS if hasattr(args, name)}  # the flags given
     try:
         result = run_sweep(args.ranks, args.targets or ["query", "query,value"], args.out,
                            tolerance=args.tolerance, **settings)

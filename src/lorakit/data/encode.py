@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lorakit.data.labels import find_label
 from lorakit.errors import LorakitError
 
 IGNORE_INDEX = -100
@@ -47,12 +48,14 @@ class Encoded:
 
 
 def encode_classification(records: list[dict], tokenizer, max_length: int, label2id: dict) -> Encoded:
-    """``{"text", "label"}`` records -> examples with the class index as label.
+    """``{"text", "label"}`` records -> examples with the class index as label (a label
+    spelling a number finds the class of that number: ``"1.0"`` is class ``"1"``).
 
     Raises:
         LorakitError: a record's label is not in ``label2id`` (its line is named).
     """
-    unknown = [r for r in records if r["label"] not in label2id]
+    ids = [find_label(label2id, r["label"]) for r in records]
+    unknown = [r for r, i in zip(records, ids) if i is None]
     if unknown:
         first = unknown[0]
         raise LorakitError(f"{first['_where']} has label {first['label']!r}, which the model does not know "
@@ -61,10 +64,10 @@ def encode_classification(records: list[dict], tokenizer, max_length: int, label
     full = tokenizer(texts, truncation=False, verbose=False)["input_ids"] if texts else []
     cut = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
     encoded = Encoded()
-    for record, ids, whole in zip(records, cut, full):
+    for label, tokens, whole in zip(ids, cut, full):
         encoded.longest = max(encoded.longest, len(whole))
-        encoded.truncated += len(whole) > len(ids)
-        encoded.examples.append(EncodedExample(list(ids), label2id[record["label"]]))
+        encoded.truncated += len(whole) > len(tokens)
+        encoded.examples.append(EncodedExample(list(tokens), label))
     return encoded
 
 

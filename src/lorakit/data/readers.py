@@ -3,8 +3,8 @@
 Formats (chosen by the file's suffix):
 
 - ``.jsonl`` (one JSON object a line; blank lines skipped) and ``.csv`` (a header row).
-- Classification (``kind="classify"``): every record has ``text`` and ``label``.
-- Language modelling (``kind="lm"``), one of three shapes, the same on every line:
+- Classification (:func:`read_classification`): every record has ``text`` and ``label``.
+- Language modelling (:func:`read_language_modeling`), one of three shapes, the same on every line:
   ``prompt`` + ``completion`` (the prompt is masked out of the loss), ``messages``
   (a chat: a list of ``{"role", "content"}``, rendered with the tokenizer's chat
   template, only assistant turns trained), or plain ``text`` (every token trained).
@@ -19,9 +19,11 @@ import csv
 import json
 from pathlib import Path
 
+from lorakit.data.labels import merge_number_spellings
 from lorakit.errors import LorakitError
 
 SUFFIXES = (".jsonl", ".csv")
+ENCODING = "utf-8-sig"  # UTF-8; a leading byte-order mark (Excel's "CSV UTF-8") is skipped
 CLASSIFY_KEYS = ("text", "label")
 LM_SHAPES = {  # shape name -> the keys it needs
     "prompt_completion": ("prompt", "completion"),
@@ -32,21 +34,45 @@ CHAT_ROLES = ("system", "user", "assistant")
 
 
 def read_records(path, kind: str) -> list[dict]:
-    """Records of ``path`` for a task ``kind`` (``"classify"`` or ``"lm"``).
+    """Records of ``path`` in the shape ``kind`` needs: ``"classify"`` or ``"lm"``
+    (:func:`read_classification`, :func:`read_language_modeling`)."""
+    if kind not in READERS:
+        raise LorakitError(f"kind must be one of {sorted(READERS)}, got {kind!r}")
+    return READERS[kind](path)
 
-    Returns:
-        A list of dicts: ``{"text", "label"}`` (label as a string) for classify;
-        ``{"prompt", "completion"}``, ``{"messages"}`` or ``{"text"}`` for lm; each
-        with ``"_where"``.
+
+def read_classification(path) -> list[dict]:
+    """``{"text", "label"}`` records of ``path`` (labels as strings; see :mod:`lorakit.data.labels`
+    for labels that spell one number several ways), each with ``"_where"``.
 
     Raises:
-        LorakitError: the file is missing or empty, has an unknown suffix, a line does
-            not parse (its number is given), or a record lacks the keys the task
-            needs (the keys found are listed).
+        LorakitError: see :func:`read_file`; a record without a text or a label.
     """
     path = Path(path)
-    if kind not in ("classify", "lm"):
-        raise LorakitError(f"kind must be 'classify' or 'lm', got {kind!r}")
+    return merge_number_spellings([_check_classify(record) for record in read_file(path)], path.name)
+
+
+def read_language_modeling(path) -> list[dict]:
+    """``{"prompt", "completion"}``, ``{"messages"}`` or ``{"text"}`` records of ``path``
+    (the shape of the first record, on every line), each with ``"_where"``.
+
+    Raises:
+        LorakitError: see :func:`read_file`; a record of another shape than the first.
+    """
+    raw = read_file(path)
+    check = _lm_checker(raw[0])
+    return [check(record) for record in raw]
+
+
+def read_file(path) -> list[dict]:
+    """The records of a ``.jsonl`` or ``.csv`` file as they are, each with ``"_where"``
+    (``"data.jsonl line 7"``). Text is UTF-8 (a byte-order mark is allowed).
+
+    Raises:
+        LorakitError: the file is missing, empty, not UTF-8, has an unknown suffix, or a
+            line does not parse (its number and column are given).
+    """
+    path = Path(path)
     if not path.exists():
         raise LorakitError(f"data file {path} does not exist; give a .jsonl or .csv file")
     if path.is_dir():
@@ -54,24 +80,41 @@ def read_records(path, kind: str) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise LorakitError(f"data file {path} has suffix {suffix!r}; lorakit reads {', '.join(SUFFIXES)}")
-    raw = _read_jsonl(path) if suffix == ".jsonl" else _read_csv(path)
+    try:
+        raw = _read_jsonl(path) if suffix == ".jsonl" else _read_csv(path)
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     if not raw:
         raise LorakitError(f"data file {path} holds no records; add at least one line of data")
-    check = _check_classify if kind == "classify" else _lm_checker(raw[0])
-    return [check(record) for record in raw]
+    return raw
+
+
+def _not_utf8(path: Path) -> LorakitError:
+    """The error for a file that is not UTF-8, naming the first bad line and byte."""
+    data = path.read_bytes()
+    try:
+        data.decode(ENCODING)
+        where = ""
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        where = f": line {line} holds the byte 0x{data[err.start]:02x}, which is not UTF-8"
+    return LorakitError(f"{path.name} is not UTF-8 text{where} (Latin-1 or Windows-1252, perhaps); lorakit reads "
+                        f"UTF-8: save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 {path.name}) and give that file")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     records = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding=ENCODING) as handle:
         for number, line in enumerate(handle, start=1):
+            line = line.rstrip("\r\n")
             if not line.strip():
                 continue
             where = f"{path.name} line {number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise LorakitError(f"{where} is not valid JSON ({err.msg} at column {err.colno}); "
+                at = "the end of the line" if err.pos >= len(line.rstrip()) else f"column {err.pos + 1}"
+                raise LorakitError(f"{where} is not valid JSON ({err.msg} at {at}); "
                                    "each line must be one JSON object") from None
             if not isinstance(record, dict):
                 raise LorakitError(f"{where} holds a {type(record).__name__}, not a JSON object like "
@@ -82,7 +125,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _read_csv(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as handle:
+    with open(path, encoding=ENCODING, newline="") as handle:
         reader = csv.DictReader(handle)
         try:
             rows = []
@@ -159,3 +202,6 @@ def _check_messages(messages, where: str) -> list[dict]:
     if not any(m["role"] == "assistant" for m in messages):
         raise LorakitError(f"{where}: 'messages' has no assistant turn, so there is nothing to train on")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+READERS = {"classify": read_classification, "lm": read_language_modeling}  # record shape -> reader

@@ -1,11 +1,11 @@
-"""What is being learned: a registry of tasks, each knowing its model, data, loss and metric.
+"""What every task has, and the work that is the same for all: reading the splits,
+encoding them, evaluating a model.
 
-- ``classify``: a sequence classifier (default: the embedded all-MiniLM-L6-v2 on the
-  embedded Rotten Tomatoes reviews, ``fresh`` / ``rotten``); metric: accuracy.
-- ``chat``: a causal LM on chat turns, only assistant tokens trained (default: the
-  embedded SmolLM2-135M-Instruct on the chatterbot corpus); metric: loss per token.
-- ``text``: a causal LM on plain text or prompt/completion pairs (default: the same
-  model on the review snippets as plain text); metric: loss per token.
+A :class:`Task` owns everything that differs between learning problems: which records
+it reads, the class labels, how records become token ids, which modules are trained in
+full (heads), the loss, the metrics, the defaults (max length, epochs, evaluation
+batch), and how a trained model is used (``predict`` or ``generate``). Code outside
+:mod:`lorakit.tasks` asks the task; it never asks which kind of task it is.
 
 Losses are returned as a *sum* and a *count* (examples, or trained tokens), so that a
 batch split across gradient-accumulation steps or processes is normalised once, by the
@@ -14,21 +14,16 @@ count of the whole batch: the gradients then do not depend on how it was split.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from lorakit import data as lkdata
-from lorakit.data.encode import IGNORE_INDEX, Encoded, EncodedExample, collate
+from lorakit.data.encode import Encoded, EncodedExample, collate
 from lorakit.errors import LorakitError
-
-
-TASK_FILE = "lorakit_task.json"  # written beside a trained adapter/model: how to load and use it again
 
 
 class TruncationWarning(UserWarning):
@@ -51,77 +46,85 @@ class TaskData:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Task:
-    """One kind of learning problem.
+    """One learning problem. Subclasses (:class:`~lorakit.tasks.classify.ClassificationTask`,
+    :class:`~lorakit.tasks.language.LanguageModelTask`) define the behaviour.
 
     Attributes:
         name: the ``--task`` value.
-        kind: ``"classify"`` or ``"lm"`` (which records and loss it uses).
         metric: the number that picks the best checkpoint (``"accuracy"`` or ``"loss"``).
         higher_is_better: whether a larger ``metric`` is better.
         default_max_length: tokens per example when ``--max-length`` is not given.
+        default_epochs: passes over the training split when neither ``--steps`` nor
+            ``--epochs`` is given.
+        default_eval_batch_size: examples per evaluation forward pass.
         load_model: ``(spec, labels or None) -> (model, tokenizer)``.
         default_data: ``() -> DatasetSplits`` of the embedded dataset.
+        trains_head: the model gets a new head that only training gives it (the base
+            model alone is not usable, and adapters with their own heads do not merge).
+        stats: the keys of :meth:`batch_stats`, summed over batches by :func:`evaluate`.
     """
 
     name: str
-    kind: str
     metric: str
     higher_is_better: bool
     default_max_length: int
+    default_epochs: float
+    default_eval_batch_size: int
     load_model: Callable
     default_data: Callable
+
+    trains_head: ClassVar[bool] = False
+    stats: ClassVar[tuple[str, ...]] = ("loss_sum", "count")
 
     def better(self, value: float, best: float | None) -> bool:
         if best is None:
             return True
         return value > best if self.higher_is_better else value < best
 
+    # ---- what a task kind defines
 
-def _load_classifier(spec: str, labels):
-    from lorakit.models import load_classifier
+    def read_records(self, path) -> list[dict]:
+        """The records of a user's file, checked (see :mod:`lorakit.data.readers`)."""
+        raise NotImplementedError
 
-    return load_classifier(spec, id2label=labels)
+    def labels(self, train: list[dict], source: str) -> list[str] | None:
+        """Class names by index, from the training records; None for a task without classes."""
+        return None
 
+    def encode(self, records: list[dict], tokenizer, max_length: int, labels: list[str] | None) -> Encoded:
+        """Records -> token ids with the training targets."""
+        raise NotImplementedError
 
-def _load_causal_lm(spec: str, labels):
-    from lorakit.models import load_causal_lm
+    def heads(self, model) -> list[str]:
+        """Names of the modules trained in full next to an adapter (a classifier's head)."""
+        return []
 
-    model, tokenizer = load_causal_lm("default-chat" if spec == "default" else spec)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    def batch_stats(self, model, batch: dict, label_smoothing: float = 0.0) -> dict:
+        """``{key: 0-d tensor}`` for the keys in :attr:`stats` (``loss_sum`` keeps its graph)."""
+        raise NotImplementedError
 
+    def metrics(self, sums: dict[str, float], examples: int) -> dict:
+        """The metrics of summed :meth:`batch_stats`: ``{"loss", "examples", ...}``."""
+        raise NotImplementedError
 
-def _reviews_as_text():
-    splits = lkdata.rotten_tomatoes(validation=200, test=200)
+    def predict(self, model, tokenizer, texts: list[str], labels, max_length: int) -> list[dict]:
+        """``[{"text", "label", "probabilities"}]`` of each text (classification)."""
+        raise LorakitError(f"predict needs a classification adapter; this one is for task {self.name!r}"
+                           f"{self._other_verb('predict')}")
 
-    def as_text(part):
-        return [{"text": r["text"], "_where": r["_where"]} for r in part]
+    def generate(self, model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of ``prompts`` (language models)."""
+        raise LorakitError(f"generate needs a language-model adapter; this one is for task {self.name!r}"
+                           f"{self._other_verb('generate')}")
 
-    return lkdata.DatasetSplits(as_text(splits.train), as_text(splits.validation), as_text(splits.test),
-                                f"{splits.source} as plain text")
-
-
-TASKS: dict[str, Task] = {}
-
-
-def register_task(task: Task) -> Task:
-    """Add ``task`` to :data:`TASKS` under ``task.name`` (what ``--task`` accepts)."""
-    TASKS[task.name] = task
-    return task
-
-
-register_task(Task("classify", "classify", "accuracy", True, 64, _load_classifier, lkdata.rotten_tomatoes))
-register_task(Task("chat", "lm", "loss", False, 256, _load_causal_lm, lkdata.chatterbot_pairs))
-register_task(Task("text", "lm", "loss", False, 128, _load_causal_lm, _reviews_as_text))
-
-
-def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise LorakitError(f"task {name!r} is unknown; choose one of {sorted(TASKS)}")
-    return TASKS[name]
+    def _other_verb(self, verb: str) -> str:
+        """``": use lorakit X"`` for the verb this task does define in place of ``verb``."""
+        for other in ("predict", "generate"):
+            if other != verb and getattr(type(self), other) is not getattr(Task, other):
+                return f": use lorakit {other}"
+        return ""
 
 
 # ---------------------------------------------------------------- data
@@ -140,9 +143,9 @@ def read_splits(task: Task, data: str, limit: int | None = None) -> lkdata.Datas
     else:
         path = Path(data)
         if path.is_dir():
-            splits = _read_folder(path, task.kind)
+            splits = _read_folder(path, task)
         else:
-            records = lkdata.read_records(path, task.kind)
+            records = task.read_records(path)
             group = "prompt" if records and "prompt" in records[0] else None
             splits = lkdata.split_records(records, 0.1, 0.1, source=str(path), group_key=group)
     if limit is not None:
@@ -152,14 +155,14 @@ def read_splits(task: Task, data: str, limit: int | None = None) -> lkdata.Datas
     return splits
 
 
-def _read_folder(folder: Path, kind: str) -> lkdata.DatasetSplits:
+def _read_folder(folder: Path, task: Task) -> lkdata.DatasetSplits:
     def find(stem, required=True):
         files = [folder / f"{stem}{suffix}" for suffix in lkdata.readers.SUFFIXES]
         found = [f for f in files if f.is_file()]
         if not found and required:
             raise LorakitError(f"data folder {folder} has no {stem}.jsonl or {stem}.csv; it holds "
                                f"{sorted(p.name for p in folder.iterdir())[:10]}")
-        return lkdata.read_records(found[0], kind) if found else []
+        return task.read_records(found[0]) if found else []
 
     return lkdata.DatasetSplits(find("train"), find("validation"), find("test", required=False), str(folder))
 
@@ -168,19 +171,14 @@ def encode_splits(task: Task, splits: lkdata.DatasetSplits, tokenizer, max_lengt
                   labels: list[str] | None = None, allow_empty_train: bool = False) -> TaskData:
     """Tokenize the three splits; warn once when examples were truncated.
 
-    For classification ``labels`` (class names by index) default to the sorted labels
-    of the training split.
+    ``labels`` (class names by index) default to the task's labels of the training split.
 
     Raises:
         LorakitError: a validation or test label absent from ``labels``; no training example.
     """
-    if task.kind == "classify":
-        labels = labels or sorted({r["label"] for r in splits.train})
-        label2id = {name: i for i, name in enumerate(labels)}
-        encode = lambda records: lkdata.encode_classification(records, tokenizer, max_length, label2id)  # noqa: E731
-    else:
-        encode = lambda records: lkdata.encode_language_modeling(records, tokenizer, max_length)  # noqa: E731
-    parts: list[Encoded] = [encode(p) for p in (splits.train, splits.validation, splits.test)]
+    labels = labels or task.labels(splits.train, splits.source)
+    parts: list[Encoded] = [task.encode(p, tokenizer, max_length, labels)
+                            for p in (splits.train, splits.validation, splits.test)]
     truncated = sum(p.truncated for p in parts)
     dropped = sum(p.dropped for p in parts)
     total = sum(len(p) for p in (splits.train, splits.validation, splits.test))
@@ -192,62 +190,39 @@ def encode_splits(task: Task, splits: lkdata.DatasetSplits, tokenizer, max_lengt
                       TruncationWarning, stacklevel=2)
     if not parts[0].examples and not allow_empty_train:
         raise LorakitError(f"{splits.source} leaves no training example after tokenization; check the data")
-    return TaskData(parts[0].examples, parts[1].examples, parts[2].examples, splits.source,
-                    labels if task.kind == "classify" else None, truncated, dropped)
+    return TaskData(parts[0].examples, parts[1].examples, parts[2].examples, splits.source, labels, truncated,
+                    dropped)
 
 
-# ---------------------------------------------------------------- loss and metric
-
-
-def batch_stats(task: Task, model, batch: dict, label_smoothing: float = 0.0) -> dict:
-    """``{"loss_sum", "count"}`` (+ ``"correct"`` for classify) of one batch, as tensors."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"]
-    if task.kind == "classify":
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing)
-        correct = (logits.argmax(-1) == labels).sum()
-        return {"loss_sum": loss, "count": torch.tensor(labels.numel()), "correct": correct}
-    # logits[:, t] predicts labels[:, t + 1]
-    targets = labels[:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum", label_smoothing=label_smoothing)
-    return {"loss_sum": loss, "count": (targets != IGNORE_INDEX).sum()}
+# ---------------------------------------------------------------- metrics
 
 
 @torch.no_grad()
 def evaluate(task: Task, model, examples: list[EncodedExample], pad_id: int, batch_size: int = 64,
              device="cpu", rank: int = 0, world_size: int = 1) -> dict:
-    """Mean loss (and accuracy for classify) of ``model`` on ``examples``.
+    """The task's metrics of ``model`` on ``examples`` (:meth:`Task.metrics`).
 
     Examples are batched in order of length (less padding). Under torch.distributed
     each process takes every ``world_size``-th batch and the sums are all-reduced, so
     every process returns the same numbers.
 
     Returns:
-        ``{"loss": nats per example or per token, "accuracy": fraction (classify),
-        "perplexity": exp(loss) (lm), "examples": n}``.
+        e.g. ``{"loss": nats per example, "examples": n, "accuracy": fraction}`` (classify)
+        or ``{"loss": nats per token, "examples": n, "perplexity": exp(loss)}`` (language models).
     """
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    totals = torch.zeros(3, dtype=torch.float64)  # loss_sum, count, correct
+    totals = torch.zeros(len(task.stats), dtype=torch.float64)
     for batch_indices in batches[rank::world_size]:
         batch = collate([examples[i] for i in batch_indices], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        stats = batch_stats(task, model, batch)
-        totals += torch.tensor([float(stats["loss_sum"]), float(stats["count"]), float(stats.get("correct", 0))],
-                               dtype=torch.float64)
+        stats = task.batch_stats(model, batch)
+        totals += torch.tensor([float(stats[key]) for key in task.stats], dtype=torch.float64)
     if world_size > 1:
         import torch.distributed as dist
 
         dist.all_reduce(totals)
     model.train(was_training)
-    loss_total, count, correct = totals.tolist()
-    loss = loss_total / max(count, 1)
-    result = {"loss": loss, "examples": len(examples)}
-    if task.kind == "classify":
-        result["accuracy"] = correct / max(count, 1)
-    else:
-        result["perplexity"] = math.exp(min(loss, 50.0))
-    return result
+    return task.metrics(dict(zip(task.stats, totals.tolist())), len(examples))

@@ -1,0 +1,68 @@
+"""Class labels: one class per label, even when a number is written two ways.
+
+A label is kept as the text the user wrote (``"fresh"``, ``"01"``). Labels that are the
+same number written differently (``0``, ``"0"``, ``0.0`` in one JSONL file, or ``1`` in
+train.csv and ``1.0`` in test.csv) are one class: within a file they are merged into
+the number's plain form with a warning (:func:`merge_number_spellings`), and across
+files a label is matched to the known label of the same number (:func:`find_label`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from decimal import Decimal, InvalidOperation
+
+
+class LabelWarning(UserWarning):
+    """Labels were changed: several spellings of one number became one class."""
+
+
+def number_value(label: str) -> Decimal | None:
+    """The number a label spells (``"1.0"`` -> 1), or None when it is not a finite number."""
+    try:
+        value = Decimal(label.strip())
+    except InvalidOperation:
+        return None
+    return value if value.is_finite() else None
+
+
+def plain_number(value: Decimal) -> str:
+    """A number written plainly: ``0``, ``12``, ``0.5`` (no exponent, no trailing zeros)."""
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def merge_number_spellings(records: list[dict], source: str) -> list[dict]:
+    """Give records whose labels spell the same number one label, and warn once if any did.
+
+    Labels that spell a number only one way are left as written (``"01"`` stays ``"01"``).
+    Changes ``records`` in place and returns them.
+    """
+    spellings: dict[Decimal, set[str]] = {}
+    for record in records:
+        value = number_value(record["label"])
+        if value is not None:
+            spellings.setdefault(value, set()).add(record["label"])
+    merged = {value: names for value, names in spellings.items() if len(names) > 1}
+    if not merged:
+        return records
+    renamed = {name: plain_number(value) for value, names in merged.items() for name in names}
+    for record in records:
+        record["label"] = renamed.get(record["label"], record["label"])
+    shown = "; ".join(f"{', '.join(sorted(names))} -> {plain_number(value)}" for value, names in sorted(merged.items()))
+    warnings.warn(f"{source}: labels that are the same number written differently are one class ({shown})",
+                  LabelWarning, stacklevel=3)
+    return records
+
+
+def find_label(label2id: dict[str, int], label: str) -> int | None:
+    """The class index of ``label`` in ``label2id``: by its text, else by the number it
+    spells (``"1.0"`` finds the class ``"1"``); None if unknown."""
+    if label in label2id:
+        return label2id[label]
+    value = number_value(label)
+    if value is None:
+        return None
+    matches = {i for name, i in label2id.items() if number_value(name) == value}
+    return matches.pop() if len(matches) == 1 else None

@@ -1,0 +1,52 @@
+"""What is being learned: a registry of tasks, each owning what differs between tasks.
+
+- ``classify``: a sequence classifier (default: the embedded all-MiniLM-L6-v2 on the
+  embedded Rotten Tomatoes reviews, ``fresh`` / ``rotten``); metric: accuracy.
+- ``chat``: a causal LM on chat turns, only assistant tokens trained (default: the
+  embedded SmolLM2-135M-Instruct on the chatterbot corpus); metric: loss per token.
+- ``text``: a causal LM on plain text or prompt/completion pairs (default: the same
+  model on the review snippets as plain text); metric: loss per token.
+
+A new task is a :class:`ClassificationTask` or :class:`LanguageModelTask` (or another
+:class:`Task` subclass) given to :func:`register_task`; the defaults written below are
+the only place each task's defaults are written.
+"""
+
+from __future__ import annotations
+
+from lorakit import data as lkdata
+from lorakit.errors import LorakitError
+from lorakit.tasks.base import Task, TaskData, TruncationWarning, encode_splits, evaluate, read_splits
+from lorakit.tasks.classify import ClassificationTask, load_classifier
+from lorakit.tasks.language import LanguageModelTask, load_causal_lm, reviews_as_text
+
+__all__ = ["TASKS", "ClassificationTask", "LanguageModelTask", "Task", "TaskData", "TruncationWarning",
+           "encode_splits", "evaluate", "get_task", "per_task", "read_splits", "register_task"]
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Add ``task`` to :data:`TASKS` under ``task.name`` (what ``--task`` accepts)."""
+    TASKS[task.name] = task
+    return task
+
+
+def per_task(attribute: str) -> str:
+    """A default of every registered task, for help texts: ``"classify 64, chat 256, text 128"``."""
+    return ", ".join(f"{name} {getattr(task, attribute):g}" for name, task in TASKS.items())
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise LorakitError(f"task {name!r} is unknown; choose one of {sorted(TASKS)}")
+    return TASKS[name]
+
+
+register_task(ClassificationTask(name="classify", load_model=load_classifier, default_data=lkdata.rotten_tomatoes,
+                                 default_max_length=64, default_epochs=3.0, default_eval_batch_size=64))
+# a language model's logits are (batch, tokens, vocabulary): evaluation batches are kept small
+register_task(LanguageModelTask(name="chat", chat=True, load_model=load_causal_lm, default_data=lkdata.chatterbot_pairs,
+                                default_max_length=256, default_epochs=1.0, default_eval_batch_size=8))
+register_task(LanguageModelTask(name="text", load_model=load_causal_lm, default_data=reviews_as_text,
+                                default_max_length=128, default_epochs=1.0, default_eval_batch_size=8))

@@ -1,0 +1,85 @@
+"""Language modelling: a causal LM learns to continue text, chats or completions.
+
+Records are prompt/completion pairs, chats (``messages``: only the assistant turns are
+trained) or plain text. Loss: cross-entropy per trained token; metric: that loss
+(perplexity is reported beside it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lorakit import data as lkdata
+from lorakit.data.encode import IGNORE_INDEX, Encoded
+from lorakit.tasks.base import Task
+
+
+@dataclass(frozen=True, kw_only=True)
+class LanguageModelTask(Task):
+    """A task whose model predicts the next token.
+
+    Attributes:
+        chat: prompts given to :meth:`generate` are a user's turn, rendered with the
+            tokenizer's chat template (when it has one); otherwise plain text to continue.
+    """
+
+    metric: str = "loss"
+    higher_is_better: bool = False
+    chat: bool = False
+
+    def read_records(self, path) -> list[dict]:
+        return lkdata.readers.read_language_modeling(path)
+
+    def encode(self, records, tokenizer, max_length, labels) -> Encoded:
+        return lkdata.encode_language_modeling(records, tokenizer, max_length)
+
+    def batch_stats(self, model, batch, label_smoothing=0.0) -> dict:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = batch["labels"][:, 1:]  # logits[:, t] predicts labels[:, t + 1]
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum", label_smoothing=label_smoothing)
+        return {"loss_sum": loss, "count": (targets != IGNORE_INDEX).sum()}
+
+    def metrics(self, sums, examples) -> dict:
+        loss = sums["loss_sum"] / max(sums["count"], 1)
+        return {"loss": loss, "examples": examples, "perplexity": math.exp(min(loss, 50.0))}
+
+    @torch.no_grad()
+    def generate(self, model, tokenizer, prompts, max_new_tokens) -> list[str]:
+        """Greedy answers; a chat task's prompt is a user turn through the chat template,
+        and the answer is the text generated after it, special tokens removed."""
+        device = next(model.parameters()).device
+        chat = self.chat and getattr(tokenizer, "chat_template", None)
+        answers = []
+        for prompt in prompts:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True) if chat else prompt
+            ids = tokenizer(text, add_special_tokens=not chat, return_tensors="pt")["input_ids"].to(device)
+            output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            answers.append(tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip())
+        return answers
+
+
+def load_causal_lm(spec: str, labels):
+    from lorakit.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm("default-chat" if spec == "default" else spec)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def reviews_as_text():
+    """The embedded review snippets as plain-text records (the ``text`` task's default data)."""
+    splits = lkdata.rotten_tomatoes(validation=200, test=200)
+
+    def as_text(part):
+        return [{"text": r["text"], "_where": r["_where"]} for r in part]
+
+    return lkdata.DatasetSplits(as_text(splits.train), as_text(splits.validation), as_text(splits.test),
+                                f"{splits.source} as plain text")

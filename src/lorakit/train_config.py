@@ -1,0 +1,169 @@
+"""Every setting of a training run, in one dataclass: :class:`TrainConfig`.
+
+Each field carries its help text beside it (``field(metadata=setting(...))``); the
+``lorakit train`` flags are generated from these fields (``--batch-size`` for
+``batch_size``), so a default is written once, here. Defaults that depend on the task
+or the method (max length, epochs, evaluation batch, learning rate) are written once
+in :mod:`lorakit.tasks` and :mod:`lorakit.methods`, and resolved in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
+
+from lorakit.config import parse_targets
+from lorakit.errors import LorakitError
+from lorakit.methods import METHODS, get_method
+from lorakit.tasks import TASKS, get_task, per_task
+
+TRAINABLE_INITS = ("gaussian", "kaiming")  # pissa rewrites W: its saved adapter needs that W (not converted yet)
+EVALUATIONS_PER_RUN = 5  # when eval_every is not given
+DEFAULT_OUT = "runs/{task}-{method}"
+
+
+def setting(help: str, *, choices: Callable[[], list] | None = None, default_help: str | Callable[[], str] | None = None,
+            group: str | None = None, flag: bool = True, shared: bool = True) -> dict:
+    """A field's metadata: what the flag generator and :meth:`TrainConfig.settings` read.
+
+    Args:
+        help: what the setting does (the flag's help, without its default).
+        choices: ``() -> allowed values``, read when the parser is built (registries).
+        default_help: what a None default means (text, or ``() -> text`` from a registry).
+        group: flags in the same group exclude each other (``--steps`` / ``--epochs``).
+        flag: False for a setting that is no ``lorakit train`` flag.
+        shared: whether a ``--resume`` must share it with the run it continues.
+    """
+    return {"help": help, "choices": choices, "default_help": default_help, "group": group, "flag": flag,
+            "shared": shared}
+
+
+def _per_task(attribute: str, lead: str = "the task's") -> Callable[[], str]:
+    """``"the task's: classify 64, chat 256, text 128"`` from the registered tasks."""
+    return lambda: f"{lead}: {per_task(attribute)}"
+
+
+def _lr_per_method() -> str:
+    return "the method's: " + ", ".join(f"{name} {method.default_lr:g}" for name, method in sorted(METHODS.items()))
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (the ``lorakit train`` flags, same names); the
+    help text of each field says what it does."""
+
+    task: str = field(default="classify", metadata=setting(
+        "what to learn: classify (text -> label), chat (assistant turns) or text (language modelling)",
+        choices=lambda: sorted(TASKS)))
+    model: str = field(default="default", metadata=setting("'default' (the task's embedded model) or a model folder"))
+    data: str = field(default="default", metadata=setting(
+        "'default' (embedded dataset), a .jsonl/.csv file, or a folder with train/validation(/test) files"))
+    method: str = field(default="lora", metadata=setting(
+        "what trains: lora, full (every weight), or adalora (ranks pruned during training)",
+        choices=lambda: sorted(METHODS)))
+    rank: int = field(default=8, metadata=setting("LoRA rank r"))
+    alpha: float = field(default=16, metadata=setting("LoRA alpha; the update is scaled by alpha/r"))
+    init_rank: int | None = field(default=None, metadata=setting(
+        "adalora: rank of every adapted matrix at the start", default_help="--rank"))
+    target_rank: int | None = field(default=None, metadata=setting(
+        "adalora: average rank per matrix at the end; the total budget, this times the number of adapted "
+        "matrices, is shared out by importance", default_help="init rank // 3, at least 1"))
+    targets: list[str] | str | None = field(default=None, metadata=setting(
+        "modules to adapt: names (query,value), a regex, or all-linear",
+        default_help="the model family's, e.g. query,value for BERT, q_proj,v_proj for Llama"))
+    lora_dropout: float = field(default=0.0, metadata=setting("dropout on the LoRA branch's input"))
+    init: str = field(default="gaussian", metadata=setting(
+        "how LoRA's A and B start: gaussian (the seeds' A ~ N(0, 1/r^2), B = 0) or kaiming (PEFT's default)",
+        choices=lambda: list(TRAINABLE_INITS)))
+    model_dropout: float | None = field(default=None, metadata=setting(
+        "set every dropout of the model to this probability", default_help="the model's own, 0.1 for BERT"))
+    steps: int | None = field(default=None, metadata=setting(
+        "optimizer steps", default_help=_per_task("default_epochs", "the task's epochs"),
+        group="length"))
+    epochs: float | None = field(default=None, metadata=setting(
+        "passes over the training split", default_help=_per_task("default_epochs"), group="length"))
+    batch_size: int = field(default=32, metadata=setting(
+        "examples per process per forward pass; an optimizer step's global batch is "
+        "batch_size x grad_accum x processes"))
+    grad_accum: int = field(default=1, metadata=setting("forward passes per optimizer step"))
+    group_by_length: bool = field(default=True, metadata=setting(
+        "batch examples of similar length together (less padding)", flag=False))
+    lr: float | None = field(default=None, metadata=setting(
+        "peak learning rate, reached after the warmup, then a cosine decay to 0", default_help=_lr_per_method))
+    warmup: float = field(default=0.06, metadata=setting("fraction of the steps spent warming the learning rate up"))
+    weight_decay: float = field(default=0.01, metadata=setting(
+        "AdamW's decoupled weight decay on matrices (not on biases and norms)"))
+    max_grad_norm: float = field(default=1.0, metadata=setting(
+        "gradients are clipped to this global L2 norm", flag=False))
+    label_smoothing: float = field(default=0.0, metadata=setting("label smoothing of the classification loss"))
+    max_length: int | None = field(default=None, metadata=setting(
+        "tokens per example; longer ones are truncated", default_help=_per_task("default_max_length")))
+    # bf16 on: forward and backward products in bfloat16 under torch.autocast; weights,
+    # gradients and AdamW state stay fp32 (a method that freezes the model, lora, then
+    # stores the frozen weights in bf16). Slower on CPUs without bfloat16 hardware.
+    bf16: bool | None = field(default=None, metadata=setting(
+        "mixed precision: matrix products in bfloat16, weights and optimizer in fp32; about 2x faster on GPUs "
+        "and on CPUs with AMX",
+        default_help="on where the hardware computes bfloat16, else off"))
+    eval_every: int | None = field(default=None, metadata=setting(
+        "steps between evaluations and checkpoints", default_help=f"{EVALUATIONS_PER_RUN} per run"))
+    eval_batch_size: int | None = field(default=None, metadata=setting(
+        "examples per evaluation forward pass", default_help=_per_task("default_eval_batch_size"), flag=False,
+        shared=False))
+    out: str | None = field(default=None, metadata=setting(
+        "output folder: a new or empty one, or an earlier run's", default_help=DEFAULT_OUT.format(task="<task>", method="<method>"),
+        shared=False))
+    resume: bool = field(default=False, metadata=setting("continue from the checkpoint in --out", shared=False))
+    overwrite: bool = field(default=False, metadata=setting(
+        "write into an --out folder that lorakit did not write (files of other names are kept)", shared=False))
+    seed: int = field(default=0, metadata=setting("seeds the data order, the adapter's init and dropout"))
+    data_limit: int | None = field(default=None, metadata=setting(
+        "use only this many training examples (quick trials)"))
+    stop_after: int | None = field(default=None, metadata=setting(
+        "stop (as if interrupted, checkpoint written) after this many steps", flag=False, shared=False))
+    device: str = field(default="auto", metadata=setting("auto (GPU if any), cpu or cuda", shared=False))
+    adapter_name: str = field(default="default", metadata=setting("the adapter's name in the model", flag=False))
+    progress: bool = field(default=True, metadata=setting("show the progress bar", flag=False, shared=False))
+
+    def __post_init__(self):
+        task, method = get_task(self.task), get_method(self.method)
+        if self.steps is not None and self.epochs is not None:
+            raise LorakitError(f"give --steps ({self.steps}) or --epochs ({self.epochs}), not both")
+        for name in ("rank", "init_rank", "target_rank", "batch_size", "grad_accum", "steps", "max_length", "eval_every", "eval_batch_size",
+                     "data_limit", "stop_after"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise LorakitError(f"{name} must be a positive integer, got {value!r}")
+        for name, low, high in (("alpha", 0, math.inf), ("epochs", 0, math.inf), ("lr", 0, 1.0),
+                                ("max_grad_norm", 0, math.inf)):
+            value = getattr(self, name)
+            if value is not None and not low < value < high:
+                raise LorakitError(f"{name} must be in ({low}, {high}), got {value!r}")
+        for name in ("warmup", "label_smoothing", "lora_dropout", "model_dropout", "weight_decay"):
+            if getattr(self, name) is None:
+                continue
+            if not 0 <= getattr(self, name) < 1:
+                raise LorakitError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if (self.init_rank is not None or self.target_rank is not None) and self.method != "adalora":
+            raise LorakitError(f"--init-rank / --target-rank are for --method adalora, not {self.method!r}")
+        if self.target_rank is not None and self.target_rank > (self.init_rank or self.rank):
+            raise LorakitError(f"target_rank ({self.target_rank}) must be at most init_rank "
+                               f"({self.init_rank or self.rank})")
+        from lorakit.inits import INITS
+
+        if self.init not in INITS:
+            raise LorakitError(f"init {self.init!r} is unknown; choose one of {sorted(TRAINABLE_INITS)}")
+        if self.init not in TRAINABLE_INITS:
+            raise LorakitError(f"init {self.init!r} cannot be trained here: its adapter does not apply to the original "
+                               f"base model; choose one of {sorted(TRAINABLE_INITS)}")
+        self.targets = parse_targets(self.targets)
+        self.lr = self.lr if self.lr is not None else method.default_lr
+        self.max_length = self.max_length or task.default_max_length
+        self.eval_batch_size = self.eval_batch_size or task.default_eval_batch_size
+        self.out = self.out or DEFAULT_OUT.format(task=self.task, method=self.method)
+
+    def settings(self) -> dict:
+        """The settings a resume must share with the run it continues (fields marked ``shared``)."""
+        shared = {f.name for f in fields(self) if f.metadata["shared"]}
+        return {k: v for k, v in asdict(self).items() if k in shared}

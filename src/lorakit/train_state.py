@@ -1,0 +1,101 @@
+"""The state of a training run: what set-up made (:class:`Run`) and how far it is (:class:`Progress`).
+
+:mod:`lorakit.train`'s phases pass these two between them; a checkpoint records a
+:class:`Progress` (with the run's settings) and ``--resume`` restores it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from lorakit import distributed
+from lorakit.methods import Method
+from lorakit.report import MetricsLog
+from lorakit.run_folder import RunFolder
+from lorakit.tasks import Task, TaskData, evaluate
+from lorakit.train_config import TrainConfig
+
+
+@dataclass
+class Progress:
+    """How far the run is: what a checkpoint records (with the settings) and resume restores."""
+
+    step: int = 0  # the step of the last checkpoint
+    best: float | None = None  # the best validation metric so far
+    best_step: int | None = None
+    before: dict | None = None  # validation metrics before training
+    train_time_s: float = 0.0  # seconds in the training loop, all sessions together
+    wall_time_s: float = 0.0  # seconds since the first session started
+
+
+@dataclass
+class Run:
+    """Everything :func:`lorakit.train.set_up` made, which the other phases use."""
+
+    config: TrainConfig
+    runtime: distributed.Runtime
+    task: Task
+    method: Method
+    folder: RunFolder
+    model: torch.nn.Module
+    tokenizer: object
+    data: TaskData
+    bf16: bool
+    params: list  # the trainable parameters
+    trainable: int  # their count
+    total: int  # parameters of the model
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    global_batch: int  # examples per optimizer step, all processes together
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int
+    started: float  # perf_counter() when the (first) session started
+    ddp_model: torch.nn.Module | None = None  # the model as the step calls it (DDP-wrapped under torchrun)
+    log: MetricsLog | None = None  # rank 0 only
+    bar: object = None
+    start_step: int = 0
+    loop_started: float = 0.0
+    lengths: tuple = field(default=(), repr=False)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def say(self, *args) -> None:
+        if self.runtime.is_main:
+            print(*args)
+
+    def autocast(self):
+        return torch.autocast(self.runtime.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def evaluate(self, examples) -> dict:
+        with self.autocast():
+            return evaluate(self.task, self.model, examples, self.pad_id, self.config.eval_batch_size,
+                            self.runtime.device, self.runtime.rank, self.runtime.world_size)
+
+    def start_loop(self, progress: Progress) -> None:
+        self.start_step = progress.step
+        self.loop_started = time.perf_counter() - progress.train_time_s
+        self.bar = _progress_bar(self.config.progress and self.runtime.is_main, progress.step, self.total_steps)
+
+    def log_step(self, step: int, **metrics) -> None:
+        if self.log:
+            self.log.write(step=step, **metrics, elapsed_s=round(time.perf_counter() - self.loop_started, 3))
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", refresh=False)
+        self.bar.update(1)
+
+    def clock(self, progress: Progress, step: int) -> None:
+        """Record ``step`` and the time spent so far in ``progress`` (before a checkpoint)."""
+        now = time.perf_counter()
+        progress.step, progress.train_time_s, progress.wall_time_s = step, now - self.loop_started, now - self.started
+
+
+def _progress_bar(enabled: bool, initial: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                desc="training")

@@ -1,0 +1,38 @@
+"""lorakit.data.labels: a number written several ways is one class, other labels stay as written."""
+
+import warnings
+
+import pytest
+
+from lorakit.data import read_records
+from lorakit.data.labels import LabelWarning, find_label, merge_number_spellings
+from tiny_training import write_jsonl
+
+
+def test_labels_spelling_one_number_become_one_class_with_one_warning(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": "0"},
+                                              {"text": "c", "label": 0.0}, {"text": "d", "label": 1},
+                                              {"text": "e", "label": "1.0"}, {"text": "f", "label": " 1 "}])
+    with pytest.warns(LabelWarning) as caught:
+        records = read_records(path, "classify")
+    assert [r["label"] for r in records] == ["0", "0", "0", "1", "1", "1"]
+    assert len(caught) == 1
+    assert str(caught[0].message) == ("d.jsonl: labels that are the same number written differently are one class "
+                                      "(0, 0.0 -> 0; 1, 1.0 -> 1)")
+
+
+def test_labels_that_spell_each_number_once_are_left_as_written(tmp_path):
+    (tmp_path / "d.csv").write_text("text,label\na,01\nb,02\nc,pos\nd,1e3\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        records = read_records(tmp_path / "d.csv", "classify")
+    assert [r["label"] for r in records] == ["01", "02", "pos", "1e3"]
+
+
+def test_a_number_finds_its_class_whatever_its_spelling():
+    records = [{"label": "0.50"}, {"label": "0.5"}, {"label": "nan"}, {"label": "NaN"}]
+    with pytest.warns(LabelWarning, match=r"0.5, 0.50 -> 0.5"):
+        merge_number_spellings(records, "x")
+    assert [r["label"] for r in records] == ["0.5", "0.5", "nan", "NaN"]  # nan is no number to merge
+    label2id = {"0": 0, "1": 1, "pos": 2}
+    assert [find_label(label2id, label) for label in ("1", "1.0", "0.0", "pos", "2", "Pos")] == [1, 1, 0, 2, None, None]
