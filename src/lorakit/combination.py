@@ -76,7 +76,8 @@ class Term:
 
 @dataclass(frozen=True)
 class Options:
-    """What a method may use besides the terms: ``rank`` (None: the largest input rank), ``density`` in (0, 1], ``majority_sign`` (``"total"`` | ``"frequency"``) and the
+    """What a method may use besides the terms: ``rank`` (None: the largest input rank),
+    ``density`` in (0, 1], ``majority_sign`` (``"total"`` | ``"frequency"``) and the
     ``generator`` of DARE's masks (None: torch's global one, as PEFT)."""
 
     rank: int | None = None

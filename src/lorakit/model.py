@@ -29,6 +29,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
+from lorakit.inits import REWRITES_WEIGHT
 from lorakit.layers import LoraLayer, SavedModule, wrapper_for
 from lorakit.targets import (  # noqa: F401  (re-exported: lorakit.model is where users look)
     DEFAULT_TARGETS, lora_layers, replace_module, saved_modules, saved_paths, target_paths, targetable_modules, walk,
@@ -156,9 +157,9 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
     merged = [p for p in paths if getattr(modules[p], "merged", ())]
     if merged:
         raise LorakitError(f"layers {merged[:3]} hold merged adapters; unmerge(model) before adding {name!r}")
-    if init_weights and config.init == "pissa" and tied_paths(modules, paths):
-        raise LorakitError(f"init 'pissa' rewrites the base weight, but {tied_paths(modules, paths)} share theirs "
-                           "with another module (tied embeddings); exclude them or use init='gaussian'")
+    if init_weights and config.init in REWRITES_WEIGHT and tied_paths(modules, paths):
+        raise LorakitError(f"init {config.init!r} rewrites the base weight, but {tied_paths(modules, paths)} share "
+                           "theirs with another module (tied embeddings); exclude them or use init='gaussian'")
 
     for path in paths:
         module = modules[path]

@@ -39,7 +39,7 @@ from lorakit.methods import get_method, head_modules
 from lorakit.report import MetricsLog, StepMemory, folder_size, format_report, peak_memory_bytes, read_metrics
 from lorakit.tasks import TASK_FILE, batch_stats, encode_splits, evaluate, get_task, read_splits
 
-TRAINABLE_INITS = ("gaussian", "kaiming")  # pissa rewrites W: its saved adapter needs that W (not converted yet)
+TRAINABLE_INITS = ("gaussian", "kaiming", "olora", "pissa")  # olora, pissa: saved converted for the original W
 DEFAULT_EPOCHS = {"classify": 3.0}  # tasks not listed train one epoch by default
 
 
