@@ -36,6 +36,7 @@ from lorakit.data.batches import batch_of_step
 from lorakit.data.encode import collate
 from lorakit.errors import LorakitError
 from lorakit.methods import get_method, head_modules
+from lorakit.optim import loraplus_param_groups
 from lorakit.report import MetricsLog, StepMemory, folder_size, format_report, peak_memory_bytes, read_metrics
 from lorakit.tasks import TASK_FILE, batch_stats, encode_splits, evaluate, get_task, read_splits
 
@@ -79,6 +80,7 @@ class TrainConfig:
         lr: peak learning rate (None: the method's default); ``warmup``: fraction of
             the steps spent rising linearly to it, then cosine decay to 0.
         weight_decay: AdamW's decoupled weight decay on matrices (not on biases and norms).
+        loraplus_ratio: LoRA+: B's learning rate is this times A's (:mod:`lorakit.optim`); None: one lr.
         max_grad_norm: gradients are clipped to this global L2 norm.
         label_smoothing: of the classification cross-entropy (0 = none).
         max_length: tokens per example (None: the task's default); longer ones are cut.
@@ -119,6 +121,7 @@ class TrainConfig:
     lr: float | None = None
     warmup: float = 0.06
     weight_decay: float = 0.01
+    loraplus_ratio: float | None = None
     max_grad_norm: float = 1.0
     label_smoothing: float = 0.0
     max_length: int | None = None
@@ -153,6 +156,9 @@ class TrainConfig:
                 continue
             if not 0 <= getattr(self, name) < 1:
                 raise LorakitError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.loraplus_ratio is not None and (self.method != "lora" or not self.loraplus_ratio > 0):
+            raise LorakitError(f"--loraplus-ratio must be a positive number with --method lora, got "
+                               f"{self.loraplus_ratio!r} with --method {self.method}")
         if (self.init_rank is not None or self.target_rank is not None) and self.method != "adalora":
             raise LorakitError(f"--init-rank / --target-rank are for --method adalora, not {self.method!r}")
         if self.target_rank is not None and self.target_rank > (self.init_rank or self.rank):
@@ -178,7 +184,7 @@ class TrainConfig:
         keep = ("task", "model", "data", "method", "rank", "alpha", "init_rank", "target_rank", "targets", "lora_dropout", "init", "model_dropout",
                 "steps", "epochs",
                 "batch_size", "grad_accum", "group_by_length", "lr", "warmup", "weight_decay", "max_grad_norm", "label_smoothing",
-                "max_length", "bf16", "eval_every", "seed", "data_limit", "adapter_name")
+                "max_length", "bf16", "eval_every", "seed", "data_limit", "adapter_name", "loraplus_ratio")
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
@@ -240,7 +246,10 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     else:
         total_steps = max(1, round(DEFAULT_EPOCHS.get(task.name, 1.0) * steps_per_epoch))
     eval_every = config.eval_every or max(1, total_steps // 5)
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
+    groups = _param_groups(model, config.weight_decay)
+    if config.loraplus_ratio is not None:  # LoRA+: B's learning rate loraplus_ratio times A's
+        groups = loraplus_param_groups(model, config.lr, config.loraplus_ratio, config.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
     warmup_steps = round(config.warmup * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup_steps, total_steps))
 

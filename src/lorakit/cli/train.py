@@ -49,11 +49,14 @@ def register(subparsers) -> None:
     parser.add_argument("--eval-every", type=int, default=None,
                         help="steps between evaluations and checkpoints (default: 5 per run)")
     parser.add_argument("--init", choices=TRAINABLE_INITS, default="gaussian",
-                        help="how LoRA's A and B start (default: gaussian, A ~ N(0, 1/r^2), B = 0)")
+                        help="how LoRA's A and B start (default: gaussian, A ~ N(0, 1/r^2), B = 0); pissa and olora "
+                             "start from W's top singular / QR directions (saved as a rank-2r adapter for the base)")
     parser.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA branch's input (default: 0)")
     parser.add_argument("--warmup", type=float, default=0.06,
                         help="fraction of the steps spent warming the learning rate up (default: 0.06)")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on matrices (default: 0.01)")
+    parser.add_argument("--loraplus-ratio", type=float, default=None,
+                        help="LoRA+: B's learning rate is this times A's (--lr), e.g. 16 (default: off, one rate)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/<task>-<method>)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     parser.add_argument("--seed", type=int, default=0, help="seeds data order, adapter init and dropout (default: 0)")
@@ -76,7 +79,7 @@ def run(args) -> int:
         grad_accum=args.grad_accum, lr=args.lr, max_length=args.max_length, eval_every=args.eval_every,
         out=args.out, resume=args.resume, seed=args.seed, label_smoothing=args.label_smoothing, device=args.device,
         data_limit=args.data_limit, model_dropout=args.model_dropout, init=args.init, lora_dropout=args.lora_dropout,
-        warmup=args.warmup, weight_decay=args.weight_decay, bf16=args.bf16,
+        warmup=args.warmup, weight_decay=args.weight_decay, bf16=args.bf16, loraplus_ratio=args.loraplus_ratio,
     )
     try:
         train(config)
