@@ -101,6 +101,8 @@ def test_combine_errors():
         combine(model, {"x": 1.0, "y": 1.0}, method="svd", density=0.5)
     with pytest.raises(LorakitError, match="majority_sign 'most' is unknown"):
         combine(model, {"x": 1.0, "y": 1.0}, method="ties", density=0.5, majority_sign="most")
+    with pytest.raises(LorakitError, match="adapter weights must be numbers, got {'x': 'half'}"):
+        combine(model, {"x": "half"})
     assert set(lora_configs(model)) == {"x", "y"}  # nothing was added by the failed calls
 
 

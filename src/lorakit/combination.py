@@ -36,6 +36,7 @@ election on A's entries says nothing about the sign of ΔW's.
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -268,6 +269,9 @@ def check_options(method: str, weights: dict, rank, density, majority_sign: str,
         raise LorakitError(f"combine method {method!r} is unknown; choose one of {sorted(COMBINE_METHODS)}")
     if not weights:
         raise LorakitError("combine needs at least one adapter weight, e.g. {'sql': 0.5, 'chat': 0.5}")
+    bad = {str(n): w for n, w in weights.items() if isinstance(w, bool) or not isinstance(w, numbers.Real)}
+    if bad:
+        raise LorakitError(f"adapter weights must be numbers, got {bad}")
     spec = COMBINE_METHODS[method]
     if rank is not None and not spec.truncates:
         raise LorakitError(f"rank does not apply to method {method!r}, which keeps the sum of the ranks; "
