@@ -101,9 +101,12 @@ def test_combine_errors():
         combine(model, {"x": 1.0, "y": 1.0}, method="svd", density=0.5)
     with pytest.raises(LorakitError, match="majority_sign 'most' is unknown"):
         combine(model, {"x": 1.0, "y": 1.0}, method="ties", density=0.5, majority_sign="most")
+    attach(model, LoraConfig(r=1, target_modules=["0"], init="pissa"), "p")
+    with pytest.raises(LorakitError, match=r"adapter\(s\) \['p'\] started from an init that rewrote .*\(pissa\)"):
+        combine(model, {"x": 1.0, "p": 1.0})
     with pytest.raises(LorakitError, match="adapter weights must be numbers, got {'x': 'half'}"):
         combine(model, {"x": "half"})
-    assert set(lora_configs(model)) == {"x", "y"}  # nothing was added by the failed calls
+    assert set(lora_configs(model)) == {"x", "y", "p"}  # nothing was added by the failed calls
 
 
 # ---------------------------------------------------------------------- the pruning methods

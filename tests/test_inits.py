@@ -12,6 +12,9 @@ peft = pytest.importorskip("peft")
 
 def test_registry_says_which_inits_rewrite_w():
     assert REWRITES_WEIGHT == {"olora", "pissa"} and REWRITES_WEIGHT <= set(INITS)
+    config = LoraConfig(init="olora")
+    assert config.to_peft_dict()["init_lora_weights"] == "olora"  # PEFT's name for it
+    assert LoraConfig.from_peft_dict(config.to_peft_dict()).init == "olora"
 
 
 @pytest.mark.parametrize("init", ["olora", "pissa"])

@@ -47,6 +47,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
+from lorakit.inits import initial_factors
 from lorakit.io import read_adapter, write_adapter
 from lorakit.lowrank import truncated_svd
 from lorakit.model import add_adapter, lora_configs, lora_layers
@@ -223,8 +224,9 @@ def combine(model: nn.Module, weights: dict[str, float], method: str = "cat", na
         ``model`` itself.
 
     Raises:
-        LorakitError: unknown method or adapter, empty weights, a taken name, or a rank,
-            density or majority sign the method does not take or that is out of range.
+        LorakitError: unknown method or adapter, empty weights, a taken name, an input whose
+            init rewrote the base weights (pissa, olora), or a rank, density or majority sign
+            the method does not take or that is out of range.
     """
     options = check_options(method, weights, rank, density, majority_sign, generator)
     configs = lora_configs(model)
@@ -233,6 +235,12 @@ def combine(model: nn.Module, weights: dict[str, float], method: str = "cat", na
         raise LorakitError(f"unknown adapter(s) {unknown}; the model has {sorted(configs) or 'none'}")
     if name in configs:
         raise LorakitError(f"model already has an adapter {name!r}; pick another name for the combination")
+    rewrote = sorted({n for _, layer in lora_layers(model) for n in weights
+                      if n in layer.adapters and initial_factors(layer.adapters[n]) is not None})
+    if rewrote:
+        raise LorakitError(f"adapter(s) {rewrote} started from an init that rewrote the base weights "
+                           f"({configs[rewrote[0]].init}): their ΔW is relative to the residual; save them "
+                           "(converted), load them onto the original model, then combine")
     by_path = {}
     for path, layer in lora_layers(model):
         terms = [Term(layer.adapters[n].A, layer.adapters[n].B, layer.adapters[n].scaling, float(w),
