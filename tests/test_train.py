@@ -89,8 +89,8 @@ def test_init_reaches_the_adapter_and_its_file(models, tmp_path):
     assert float(a.std()) == pytest.approx(1 / 8, rel=0.15)  # the seeds' N(0, 1/r^2), r = 8
     with pytest.raises(LorakitError, match="init 'xavier' is unknown"):
         quick(models, tmp_path, init="xavier")
-    with pytest.raises(LorakitError, match="init 'pissa' cannot be trained here"):
-        quick(models, tmp_path, init="pissa")
+    with pytest.raises(LorakitError, match="init 'random' cannot be trained here"):
+        quick(models, tmp_path, init="random")
 
 
 def test_bf16_mixed_precision_trains_fp32_weights(models, sentiment_file, tmp_path):

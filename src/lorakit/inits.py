@@ -7,6 +7,8 @@ Every init receives the adapter's factors and the frozen base weight, and makes
 - ``kaiming`` (PEFT's default, as ``nn.Linear`` inits its weight): A ~ kaiming-uniform(a=√5), B = 0;
 - ``pissa`` (Meng et al. 2024): A, B from the top-r SVD of W, so s·B·A = W_r, and the
   frozen weight becomes the residual ``W − s·B·A``; the model's output is unchanged;
+- ``olora`` (Büyükakyüz 2024, as PEFT's ``"olora"``): ``W = Q R`` (QR decomposition),
+  ``B = Q[:, :r]``, ``A = R[:r]``, and the frozen weight becomes ``W − s·B·A``;
 - ``random``: A and B both random (ΔW ≠ 0), for tests of merge and export.
 
 For embeddings ``gaussian`` and ``kaiming`` follow loralib/PEFT instead: A = 0 and
@@ -18,7 +20,11 @@ Signature of an init::
        scaling: float, *, embedding: bool) -> (out, in) fp32 Tensor | None
 
 It writes A and B in place (under ``torch.no_grad``) and returns the new base weight
-when it changes it (pissa), else None.
+when it changes it (pissa, olora: registered with ``rewrites_weight=True``), else None.
+
+An adapter whose init rewrote W keeps its initial factors (:func:`keep_initial_factors`):
+with them, :mod:`lorakit.init_conversion` saves the trained adapter as one that applies
+to the original W.
 """
 
 from __future__ import annotations
@@ -31,13 +37,18 @@ from torch import nn
 
 InitFn = Callable[..., "torch.Tensor | None"]
 INITS: dict[str, InitFn] = {}
+#: the inits that replace the frozen weight by a residual (their adapters need conversion to apply to W)
+REWRITES_WEIGHT: set[str] = set()
 
 
-def register_init(name: str):
-    """Decorator: register ``fn`` as the init called ``name`` (``LoraConfig(init=name)``)."""
+def register_init(name: str, *, rewrites_weight: bool = False):
+    """Decorator: register ``fn`` as the init called ``name`` (``LoraConfig(init=name)``);
+    ``rewrites_weight``: it returns a new frozen weight (see the module docstring)."""
 
     def add(fn: InitFn) -> InitFn:
         INITS[name] = fn
+        if rewrites_weight:
+            REWRITES_WEIGHT.add(name)
         return fn
 
     return add
@@ -90,7 +101,7 @@ def random(A, B, weight, scaling, *, embedding=False):
     return None
 
 
-@register_init("pissa")
+@register_init("pissa", rewrites_weight=True)
 def pissa(A, B, weight, scaling, *, embedding=False):
     """Principal singular values and vectors: ``s·B·A = U_r diag(S_r) V_rᵀ`` of W.
 
@@ -111,3 +122,35 @@ def pissa(A, B, weight, scaling, *, embedding=False):
     B.copy_(b)
     # s·B·A from the factors as stored (rounded to their dtype), so W_res + s·B·A = W exactly in fp32.
     return weight.float() - scaling * (B.float() @ A.float())
+
+
+@register_init("olora", rewrites_weight=True)
+def olora(A, B, weight, scaling, *, embedding=False):
+    """Orthonormal factors from the QR decomposition ``W = Q R`` (PEFT's ``"olora"``).
+
+    ``B = Q[:, :r] : (out, r)`` (orthonormal columns), ``A = R[:r] : (r, in)`` (upper
+    triangular), not rescaled by s; returns the residual ``W − s·B·A : (out, in)`` in fp32.
+    A rank above ``min(out, in)`` leaves the extra rows and columns zero.
+    """
+    Q, R = torch.linalg.qr(weight.detach().float())  # (out, k), (k, in) with k = min(out, in)
+    k = min(A.shape[0], Q.shape[1])
+    a = torch.zeros(A.shape, dtype=torch.float32, device=weight.device)
+    b = torch.zeros(B.shape, dtype=torch.float32, device=weight.device)
+    a[:k] = R[:k]
+    b[:, :k] = Q[:, :k]
+    A.copy_(a)
+    B.copy_(b)
+    return weight.float() - scaling * (B.float() @ A.float())
+
+
+def keep_initial_factors(adapter: nn.Module) -> None:
+    """Keep a copy of ``adapter.A`` and ``.B`` as they are now (right after an init that rewrote
+    W) as the buffers ``A0``, ``B0``: not saved in any state dict, moved with the adapter."""
+    adapter.register_buffer("A0", adapter.A.detach().clone(), persistent=False)
+    adapter.register_buffer("B0", adapter.B.detach().clone(), persistent=False)
+
+
+def initial_factors(adapter: nn.Module) -> "tuple[torch.Tensor, torch.Tensor] | None":
+    """``(A0: (r, in), B0: (out, r))`` kept by :func:`keep_initial_factors`, or None."""
+    A0, B0 = adapter._buffers.get("A0"), adapter._buffers.get("B0")
+    return None if A0 is None or B0 is None else (A0, B0)

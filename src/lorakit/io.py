@@ -24,6 +24,7 @@ from torch import nn
 from lorakit import atomic
 from lorakit.config import LoraConfig, name_matches
 from lorakit.errors import LorakitError
+from lorakit.inits import REWRITES_WEIGHT
 from lorakit.peft_format import (
     apply_plan, base_model_name, factor_key, module_key, module_tensors, parse_factor_key, plan_load, wrapped_key,
 )
@@ -115,7 +116,8 @@ def lora_factors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tens
 # ------------------------------------------------------------------ model <-> files
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *,
+                 original_base: bool = True) -> Path:
     """Save adapter ``name`` of ``model`` in PEFT's format (loads with ``PeftModel.from_pretrained``).
 
     ``target_modules`` of ``"all-linear"`` or None is written as the explicit list of
@@ -123,6 +125,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     ``task_type`` is the one the adapter was attached with
     (:func:`lorakit.peft_format.with_task_heads`); ``fan_in_fan_out`` says whether the
     targets are Conv1D layers (weight ``(in, out)``), as PEFT expects.
+    An adapter whose init rewrote the base weights (pissa, olora) is written, with
+    ``original_base``, as the rank-2r adapter that applies to the original weights
+    (:mod:`lorakit.init_conversion`); without, as its factors are (for the residual base).
 
     Returns:
         the folder.
@@ -138,6 +143,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         raise LorakitError(f"model has no adapter {name!r} to save; it has {sorted(configs) or 'none'}")
     config = export_config(model, name)  # AdaLoRA: the ranks kept, in rank_pattern
     tensors = adapter_state_dict(model, name)
+    if original_base:
+        from lorakit.init_conversion import to_original_base
+
+        config, tensors = to_original_base(model, name, config, tensors)
     changes = {}
     paths = sorted({parsed[0] for parsed in map(parse_factor_key, tensors) if parsed is not None})
     if config.target_modules is None or config.target_modules == "all-linear":
@@ -209,9 +218,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if name in taken:
         raise LorakitError(f"model already has an adapter {name!r}; delete_adapter it first or load under another name")
     plan = plan_load(model, config, tensors, name, folder, metadata)
-    if config.init == "pissa":
-        warnings.warn(f"adapter {folder} was initialised with PiSSA; its factors are loaded as they are, so the "
-                      "base model must already hold PiSSA's residual weights", stacklevel=2)
+    if config.init in REWRITES_WEIGHT:
+        warnings.warn(f"adapter {folder} was initialised with {config.init} (an init that rewrites the base weights, "
+                      "as PiSSA and OLoRA do); its factors are loaded as they are, so the base model must already "
+                      "hold that init's residual weights", stacklevel=2)
     # add_adapter freezes the base (and bias modes unfreeze biases): undo that if copying fails.
     grad_flags = [(p, p.requires_grad) for p in base_parameters(model)]
     # init_weights=False: zero factors, no random draw (the caller's random stream stays as it

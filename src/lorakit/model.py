@@ -32,6 +32,7 @@ from lorakit.adapter_records import (  # noqa: F401  (re-exported)
 )
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
+from lorakit.inits import REWRITES_WEIGHT
 from lorakit.layers import LAYER_KINDS, LoraLayer, SavedModule, wrapper_for
 from lorakit.merging import merge, merge_and_unload, unload, unmerge  # noqa: F401  (re-exported)
 from lorakit.peft_format import with_task_heads
@@ -130,9 +131,9 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
     merged = [p for p in paths if getattr(modules[p], "merged", ())]
     if merged:
         raise LorakitError(f"layers {merged[:3]} hold merged adapters; unmerge(model) before adding {name!r}")
-    if init_weights and config.init == "pissa" and tied_paths(modules, paths):
-        raise LorakitError(f"init 'pissa' rewrites the base weight, but {tied_paths(modules, paths)} share theirs "
-                           "with another module (tied embeddings); exclude them or use init='gaussian'")
+    if init_weights and config.init in REWRITES_WEIGHT and tied_paths(modules, paths):
+        raise LorakitError(f"init {config.init!r} rewrites the base weight, but {tied_paths(modules, paths)} share "
+                           "theirs with another module (tied embeddings); exclude them or use init='gaussian'")
     wrappers = _wrappers(modules, paths, kind, config.init if init_weights else None)
 
     for path in paths:

@@ -132,7 +132,8 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
                            f"{global_batch}; lower --batch-size or --grad-accum")
     epochs = config.epochs or task.default_epochs
     total_steps = config.steps or max(1, round(epochs * steps_per_epoch))
-    optimizer, scheduler = build_optimizer(model, config.lr, config.weight_decay, config.warmup, total_steps)
+    optimizer, scheduler = build_optimizer(model, config.lr, config.weight_decay, config.warmup, total_steps,
+                                           config.loraplus_ratio)
     return Run(config, runtime, task, method, folder, model, tokenizer, data, bf16, params, trainable, total,
                optimizer, scheduler,
                global_batch, steps_per_epoch, total_steps,

@@ -18,7 +18,7 @@ from lorakit.errors import LorakitError
 from lorakit.methods import METHODS, get_method
 from lorakit.tasks import TASKS, get_task, per_task
 
-TRAINABLE_INITS = ("gaussian", "kaiming")  # pissa rewrites W: its saved adapter needs that W (not converted yet)
+TRAINABLE_INITS = ("gaussian", "kaiming", "olora", "pissa")  # olora, pissa: saved converted for the original W
 EVALUATIONS_PER_RUN = 5  # when eval_every is not given
 DEFAULT_OUT = "runs/{task}-{method}"
 
@@ -74,7 +74,8 @@ class TrainConfig:
         default_help="the model family's, e.g. query,value for BERT, q_proj,v_proj for Llama"))
     lora_dropout: float = field(default=0.0, metadata=setting("dropout on the LoRA branch's input"))
     init: str = field(default="gaussian", metadata=setting(
-        "how LoRA's A and B start: gaussian (the seeds' A ~ N(0, 1/r^2), B = 0) or kaiming (PEFT's default)",
+        "how LoRA's A and B start: gaussian (the seeds' A ~ N(0, 1/r^2), B = 0), kaiming (PEFT's default), "
+        "pissa or olora (from W's top singular / QR directions; saved as a rank-2r adapter for the original base)",
         choices=lambda: list(TRAINABLE_INITS)))
     model_dropout: float | None = field(default=None, metadata=setting(
         "set every dropout of the model to this probability", default_help="the model's own, 0.1 for BERT"))
@@ -94,6 +95,8 @@ class TrainConfig:
     warmup: float = field(default=0.06, metadata=setting("fraction of the steps spent warming the learning rate up"))
     weight_decay: float = field(default=0.01, metadata=setting(
         "AdamW's decoupled weight decay on matrices (not on biases and norms)"))
+    loraplus_ratio: float | None = field(default=None, metadata=setting(
+        "LoRA+: B's learning rate is this times A's (--lr), e.g. 16", default_help="off, one learning rate"))
     max_grad_norm: float = field(default=1.0, metadata=setting(
         "gradients are clipped to this global L2 norm", flag=False))
     label_smoothing: float = field(default=0.0, metadata=setting("label smoothing of the classification loss"))
@@ -145,6 +148,9 @@ class TrainConfig:
                 continue
             if not 0 <= getattr(self, name) < 1:
                 raise LorakitError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.loraplus_ratio is not None and (self.method != "lora" or not self.loraplus_ratio > 0):
+            raise LorakitError(f"--loraplus-ratio must be a positive number with --method lora, got "
+                               f"{self.loraplus_ratio!r} with --method {self.method}")
         if (self.init_rank is not None or self.target_rank is not None) and self.method != "adalora":
             raise LorakitError(f"--init-rank / --target-rank are for --method adalora, not {self.method!r}")
         if self.target_rank is not None and self.target_rank > (self.init_rank or self.rank):

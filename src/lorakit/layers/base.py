@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.inits import get_init
+from lorakit.inits import get_init, keep_initial_factors
 
 
 class LoraAdapter(nn.Module):
@@ -174,6 +174,7 @@ class LoraLayer(nn.Module):
                                   embedding=self.is_embedding)
         if residual is not None:
             self.weight.copy_(self.weight_to_layout(residual).to(self.weight.dtype))
+            keep_initial_factors(adapter)  # so the saved adapter can apply to the original W
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (unmerging first if it is merged)."""
