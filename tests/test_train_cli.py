@@ -68,7 +68,7 @@ def test_the_flags_are_made_from_the_config_fields_and_keep_their_names():
     assert (config.bf16, config.epochs, config.targets, config.overwrite, config.alpha, config.init) == \
         (False, 2.0, ["query", "value"], True, 4.0, "kaiming")
     with pytest.raises(SystemExit):
-        parser.parse_args(["train", "--init", "pissa"])
+        parser.parse_args(["train", "--init", "random"])
 
 
 def test_train_then_eval_predict(tiny, tmp_path, capsys):
