@@ -34,14 +34,18 @@ def shown(path: Path, root: Path) -> str:
         return path.name or "."
 
 
-def resolve_under(root: Path, path: str | Path, what: str) -> Path:
+def resolve_under(root: Path, path: str | Path, what: str, as_shown: str | None = None) -> Path:
     """The real path of ``path`` (relative paths start at ``root``), which must lie under ``root``.
+
+    Messages call it ``what`` followed by ``as_shown`` (default: ``path`` as given, which
+    is the client's own words).
 
     Raises:
         PathForbidden: it resolves outside the root.
         LorakitError: the path is unusable (a NUL byte, too long, a symlink loop).
     """
     text = str(path)
+    named = f"{what} {as_shown}" if as_shown is not None else f"{what} {_short(text)!r}"
     if "\x00" in text:
         raise LorakitError(f"{what} contains a NUL byte; give a plain folder name under the adapter root")
     try:
@@ -50,11 +54,11 @@ def resolve_under(root: Path, path: str | Path, what: str) -> Path:
             candidate = root / candidate
         real = candidate.resolve()  # follows every symlink on the way
     except RuntimeError:  # Python < 3.13 reports a symlink loop so
-        raise LorakitError(f"{what} {_short(text)!r} is a symlink loop") from None
+        raise LorakitError(f"{named} is a symlink loop") from None
     except (OSError, ValueError) as err:
-        raise LorakitError(f"{what} {_short(text)!r} cannot be used: {_reason(err)}") from None
+        raise LorakitError(f"{named} cannot be used: {_reason(err)}") from None
     if not real.is_relative_to(root):
-        raise PathForbidden(f"{what} {_short(text)!r} lies outside the adapter root")
+        raise PathForbidden(f"{named} lies outside the adapter root")
     return real
 
 
@@ -72,7 +76,7 @@ def copy_confined(folder: Path, root: Path, names: tuple[str, ...], destination:
         if not os.path.lexists(link):
             continue
         where = shown(link, root)
-        real = resolve_under(root, link, f"adapter file {where}")
+        real = resolve_under(root, link, "adapter file", where)
         (destination / name).write_bytes(_read_checked(real, root, where))
         copied.append(name)
     return copied

@@ -68,6 +68,7 @@ class GenerationRequest:
         on_event: called on the engine thread with each :class:`Event`; must not block.
         logprobs: None for no log-probabilities; k >= 0 to report each token's and the
             top k alternatives'.
+        ignore_eos: go on past an end-of-sequence token, to ``max_tokens`` or a stop string.
     """
 
     prompt_ids: list[int]
@@ -77,6 +78,7 @@ class GenerationRequest:
     sampler: Sampler = field(default_factory=lambda: Sampler(temperature=0.0))
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None
+    ignore_eos: bool = False
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -313,7 +315,7 @@ class Engine:
         if request.cancelled:
             row.finish_reason = "cancelled"
             return
-        if token in self.eos_ids:
+        if token in self.eos_ids and not request.ignore_eos:
             row.finish_reason = "stop"
             return
         if request.logprobs is not None:

@@ -62,7 +62,8 @@ async def _generate(service: Service, metrics, http: Request, body: schemas._Sam
     samplers = [Sampler(temperature=body.temperature, top_p=body.top_p, seed=choice_seed(body.seed, i))
                 for i in range(body.n)]
     k = body.logprobs_k()
-    requests, events = service.submit(ids, body.model, max_tokens, samplers, body.stop, logprobs=k)
+    requests, events = service.submit(ids, body.model, max_tokens, samplers, body.stop, logprobs=k,
+                                      ignore_eos=body.ignore_eos)
     timeout = service.limits.request_timeout
     run = _Run(service, metrics, body, requests, events,
                None if timeout is None else asyncio.get_running_loop().time() + timeout)

@@ -50,6 +50,7 @@ class _Sampling(_Request):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: StrictInt = Field(default=1, ge=1, le=MAX_N, description="choices to generate for the prompt")
+    ignore_eos: StrictBool = Field(default=False, description="vLLM's extension: generate max_tokens whatever comes")
 
     @field_validator("stop")
     @classmethod

@@ -149,7 +149,8 @@ class Service:
                             f"{self.limits.max_queue}); retry in a second")
 
     def submit(self, prompt_ids: list[int], adapter: str, max_tokens: int, samplers: list[Sampler],
-               stop: list[str], logprobs: int | None = None) -> tuple[list[GenerationRequest], asyncio.Queue]:
+               stop: list[str], logprobs: int | None = None,
+               ignore_eos: bool = False) -> tuple[list[GenerationRequest], asyncio.Queue]:
         """Queue one generation per sampler (``n`` choices); their events arrive on the
         returned asyncio queue as ``(choice index, Event)``.
 
@@ -170,7 +171,8 @@ class Service:
             return deliver
 
         requests = [GenerationRequest(prompt_ids=prompt_ids, adapter=adapter, max_tokens=max_tokens,
-                                      on_event=deliver_to(i), sampler=sampler, stop=stop, logprobs=logprobs)
+                                      on_event=deliver_to(i), sampler=sampler, stop=stop, logprobs=logprobs,
+                                      ignore_eos=ignore_eos)
                     for i, sampler in enumerate(samplers)]
         for request in requests:
             self.engine.submit(request)
