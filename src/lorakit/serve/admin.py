@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 
 from lorakit.serve import schemas
 from lorakit.serve.confine import PathForbidden
-from lorakit.serve.registry import AdapterLoadError, MissingAdapter, UnknownAdapter, short
+from lorakit.serve.registry import AdapterConflict, AdapterLoadError, MissingAdapter, UnknownAdapter, short
 from lorakit.serve.responses import error_response, error_status
 from lorakit.serve.service import Service
 
@@ -53,11 +53,14 @@ def routes(service: Service) -> APIRouter:
         request.state.adapter = body.lora_name
         if not body.lora_name or not body.lora_path:
             return _vllm_error("Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput", 400)
-        if body.lora_name in service.registry.names() and not body.load_inplace:
-            return _vllm_error(f"The lora adapter '{body.lora_name}' has already been loaded. If you want to load "
-                               "the adapter in place, set 'load_inplace' to True.", "InvalidUserInput", 400)
+        taken = _vllm_error(f"The lora adapter '{body.lora_name}' has already been loaded. If you want to load "
+                            "the adapter in place, set 'load_inplace' to True.", "InvalidUserInput", 400)
+        if service.registry.knows(body.lora_name) and not body.load_inplace:
+            return taken
         try:
             await service.add_adapter(body.lora_name, body.lora_path, replace=body.load_inplace)
+        except AdapterConflict as err:  # loaded meanwhile by another request, or the reserved name "base"
+            return taken if service.registry.knows(body.lora_name) else _vllm_error(str(err), "InvalidUserInput", 400)
         except MissingAdapter:
             return _vllm_error(f"Loading lora {body.lora_name} failed: No adapter found for {short(body.lora_path)}",
                                "NotFoundError", 404)

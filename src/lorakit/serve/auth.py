@@ -23,6 +23,7 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass, field
 
+from lorakit.errors import LorakitError
 from lorakit.serve import schemas
 
 ADMIN_ROUTES = (("POST", "/v1/adapters"), ("DELETE", "/v1/adapters/"), ("POST", "/v1/load_lora_adapter"),
@@ -45,8 +46,6 @@ class Access:
     hosts: frozenset[str] | None = field(default=None)
 
     def __post_init__(self) -> None:
-        from lorakit.errors import LorakitError
-
         for flag, key in (("--api-key", self.api_key), ("--admin-key", self.admin_key)):
             if key is not None and (not key or not key.isprintable() or not key.isascii()):
                 raise LorakitError(f"{flag} must be a non-empty string of printable ASCII characters")

@@ -130,6 +130,10 @@ class AdapterRegistry:
         with self._lock:
             return len(self._resident)
 
+    def knows(self, name: str) -> bool:
+        """Whether an adapter is registered under ``name``."""
+        return name in self._entries
+
     def is_resident(self, name: str) -> bool:
         entry = self._entries.get(name)
         return entry is not None and entry.slot is not None

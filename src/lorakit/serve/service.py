@@ -57,11 +57,9 @@ class Limits:
     max_body_bytes: int = 1_000_000
 
     def __post_init__(self) -> None:
-        for name in ("max_prompt_tokens", "max_tokens", "max_body_bytes"):
+        for name in ("max_prompt_tokens", "max_tokens", "max_queue", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise LorakitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_queue < 0:
-            raise LorakitError(f"--max-queue must be 0 or more, got {self.max_queue}")
         if self.request_timeout is not None and not self.request_timeout > 0:
             raise LorakitError(f"--request-timeout must be a positive number of seconds, got {self.request_timeout}")
 
@@ -132,7 +130,7 @@ class Service:
         folder of that name directly under the adapter root is registered (and loaded, when
         a slot is free) first. Concurrent first requests for it load it once: the engine
         thread registers it for the first and finds it registered for the others."""
-        if name == BASE or name in self.registry.names():
+        if name == BASE or self.registry.knows(name):
             return
         if not (self.load_on_demand and self.registry.on_disk(name)):
             raise self.registry.unknown(name)
@@ -144,6 +142,9 @@ class Service:
 
     def check_room(self, count: int = 1) -> None:
         """Raise :class:`QueueFull` when ``count`` more waiting requests would pass --max-queue."""
+        if count > self.limits.max_queue:
+            raise LimitError(f"n is {count}; this server queues at most {self.limits.max_queue} requests "
+                             "(--max-queue): ask for fewer choices", "n")
         if self.queued() + count > self.limits.max_queue:
             raise QueueFull(f"the server has {self.queued()} requests waiting (--max-queue "
                             f"{self.limits.max_queue}); retry in a second")
@@ -214,7 +215,7 @@ class Service:
         if adapter != BASE:
             entry = self.registry.acquire(adapter)
             if entry is None:
-                raise LorakitError(f"all {self.registry.max_loaded} resident adapters are busy; retry shortly")
+                raise QueueFull(f"all {self.registry.max_loaded} resident adapters are busy; retry in a second")
         try:
             batch = self.tokenizer(texts, padding=True, truncation=True,
                                    max_length=self.limits.max_prompt_tokens, return_tensors="pt")
