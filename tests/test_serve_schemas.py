@@ -44,13 +44,17 @@ def test_lone_surrogates_are_refused_with_422(server):
     assert err["param"] == "model"
 
 
-def test_integers_must_be_json_integers(server):
+def test_numbers_must_be_json_numbers(server):
     for bad in ("2", True, 2.5):
         err = error_of(httpx.post(server.url + "/v1/completions",
                                   json={"model": "base", "prompt": "x", "max_tokens": bad}), 422)
         assert err["param"] == "max_tokens"
     err = error_of(httpx.post(server.url + "/v1/completions", json={"model": "base", "prompt": "x", "n": "2"}), 422)
     assert err["param"] == "n"
+    for field, bad in (("temperature", True), ("temperature", "0.5"), ("top_p", False), ("stream", "yes")):
+        err = error_of(httpx.post(server.url + "/v1/completions", json={"model": "base", "prompt": "x", field: bad}), 422)
+        assert err["param"] == field
+    complete(server.url, "base", "x", 2, temperature=1, top_p=1)  # JSON integers are numbers too
 
 
 def test_a_huge_model_name_is_not_echoed_whole(server):

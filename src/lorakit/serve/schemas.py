@@ -4,7 +4,7 @@ The generation routes follow OpenAI's wire format (``/v1/completions``,
 ``/v1/chat/completions`` and their server-sent-event chunks), so the official ``openai``
 client talks to the server unchanged. Fields a client may send that lorakit does not use
 (``user``, ``presence_penalty``, ...) are accepted and ignored; fields it uses are
-checked here, and a bad one answers 422 naming it: integers must be JSON integers (not
+checked here, and a bad one answers 422 naming it: numbers must be JSON numbers (not
 ``"2"`` or ``true``), a seed fits in 64 bits, and text holds no lone UTF-16 surrogate
 (``"\ud800"``, which no tokenizer can encode).
 """
@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 MAX_N = 16  # choices per request
 
@@ -43,8 +43,8 @@ class StreamOptions(BaseModel):
 class _Sampling(_Request):
     model: Text = Field(min_length=1, description="'base' or an adapter name")
     max_tokens: StrictInt | None = Field(default=None, ge=1, description="tokens to generate at most")
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="below 1e-5 is greedy")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: StrictFloat = Field(default=1.0, ge=0.0, le=2.0, description="below 1e-5 is greedy")
+    top_p: StrictFloat = Field(default=1.0, gt=0.0, le=1.0)
     stop: Text | list[Text] | None = None
     seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**63 - 1, description="a 64-bit integer")
     stream: StrictBool = False
