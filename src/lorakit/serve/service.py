@@ -44,8 +44,8 @@ class Limits:
         max_tokens: most tokens one request may generate.
         context: the model's context window (prompt + answer), in tokens.
         max_queue: most requests waiting for a row; more are refused (429).
-        request_timeout: seconds a request may take from arrival to its last token
-            (None: no limit); past it, 504.
+        request_timeout: seconds a generation may take from the moment it is queued to
+            its last token (None: no limit); past it, 504.
         max_body_bytes: largest request body, in bytes; larger ones are refused (413).
     """
 
