@@ -196,7 +196,8 @@ class AdapterRegistry:
             raise AdapterConflict(f"adapter {name!r} is already loaded from {old.shown}; "
                                   f"DELETE /v1/adapters/{name} first")
         real = self.resolve_path(path, trusted=trusted)
-        entry = AdapterEntry(name=name, path=real, shown=shown(real, self.adapter_root) if self.adapter_root else str(real))
+        # clients see a path relative to the root; a command-line adapter without a root, its folder's name
+        entry = AdapterEntry(name=name, path=real, shown=shown(real, self.adapter_root) if self.adapter_root else real.name)
         if load and self._make_room():
             self._load(entry)
         else:
