@@ -207,6 +207,40 @@ def linear_leaves(model: nn.Module, *, heads: bool = False,
     return leaves
 
 
+def transformer_blocks(model: nn.Module, modules: dict[str, nn.Module] | None = None) -> dict[str, nn.Module]:
+    """The repeated blocks of ``model``'s body by path, in module order
+    (``{"model.layers.0": LlamaDecoderLayer, ...}``): what FSDP shards one unit each.
+
+    A block is a child of an ``nn.ModuleList`` whose class a transformers model names in
+    ``_no_split_modules`` (``LlamaDecoderLayer``, ``GPT2Block``, ``BertLayer``); for other
+    models, the children of the ``nn.ModuleList`` holding the most parameters whose
+    children are all of one type (``nn.TransformerEncoder.layers``). Empty when there is none.
+
+    Args:
+        modules: a :func:`walk` of ``model`` the caller already has.
+    """
+    modules = walk(model) if modules is None else modules
+    lists = {path: m for path, m in modules.items() if isinstance(m, nn.ModuleList) and len(m)}
+    named = set(getattr(model, "_no_split_modules", None) or ())
+    found = {_join(path, str(i)): child for path, m in lists.items() for i, child in enumerate(m)
+             if type(child).__name__ in named}
+    if not found:
+        uniform = {path: sum(p.numel() for p in m.parameters()) for path, m in lists.items()
+                   if len({type(child) for child in m}) == 1}
+        if uniform and max(uniform.values()) > 0:
+            path = max(uniform, key=uniform.get)
+            found = {_join(path, str(i)): child for i, child in enumerate(lists[path])}
+    blocks: dict[str, nn.Module] = {}
+    for path, block in found.items():  # in module order, so an outer block comes before what it holds
+        if not any(path.startswith(outer + ".") for outer in blocks):
+            blocks[path] = block
+    return blocks
+
+
+def _join(path: str, child: str) -> str:
+    return f"{path}.{child}" if path else child
+
+
 @lru_cache(maxsize=None)
 def architecture_kind(name: str | None) -> str:
     """The kind (:data:`MODEL_KINDS`) of the transformers class called ``name``
