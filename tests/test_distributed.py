@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit.errors import LorakitError
 from lorakit.report import read_metrics
 from lorakit.train import TrainConfig, train
 from tiny_training import chat_records, save_tiny_classifier, save_tiny_llama, write_jsonl
@@ -139,8 +138,3 @@ def test_a_checkpoint_written_under_fsdp_resumes_to_the_same_adapter(chat_run, t
     assert_same_adapter(tmp_path / "fsdp", one)
     steps = [line["step"] for line in read_metrics(tmp_path / "fsdp" / "metrics.jsonl") if "lr" in line]
     assert steps == [1, 2, 3, 4]
-
-
-def test_adalora_refuses_fsdp():
-    with pytest.raises(LorakitError, match="--method adalora cannot train with --fsdp"):
-        TrainConfig(method="adalora", fsdp=True)
