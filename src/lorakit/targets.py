@@ -4,7 +4,7 @@
   itself lives in the bottom module :mod:`lorakit.dense`, re-exported here) and their
   weights as ``(out, in)``: :func:`linear_leaves`, :func:`weight_out_in`;
 - which modules are output or task heads: :data:`HEAD_NAMES`, :func:`output_heads`,
-  :func:`task_heads`;
+  :func:`task_heads`; which are the repeated transformer blocks: :func:`transformer_blocks`;
 - what kind of model it is (bare encoder, sequence classifier, causal LM, other):
   :func:`model_kind`, :func:`architecture_kind`;
 - which modules a :class:`~lorakit.config.LoraConfig` selects, where lorakit's own layers
