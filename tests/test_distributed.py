@@ -9,10 +9,16 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file
 
+from lorakit import LoraConfig, attach, distributed
+from lorakit.io import save_adapter
 from lorakit.report import read_metrics
+from lorakit.targets import CAUSAL_LM, architecture_name, model_fingerprint, model_kind
 from lorakit.train import TrainConfig, train
+from tiny_models import tiny_llama
 from tiny_training import chat_records, save_tiny_classifier, save_tiny_llama, write_jsonl
 
 
@@ -47,6 +53,39 @@ def test_two_cpu_processes_equal_one_with_the_same_global_batch(tmp_path):
 
 
 # ---------------------------------------------------------------- FSDP
+
+
+@pytest.fixture
+def process_group_of_one(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield distributed.Runtime(0, 1, torch.device("cpu"), sharded=True)
+    dist.destroy_process_group()
+
+
+def adapter_metadata(folder) -> dict:
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        return f.metadata()
+
+
+def test_a_sharded_model_is_saved_as_the_model_it_was(process_group_of_one, tmp_path):
+    model = attach(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init="random"))
+    fingerprint = model_fingerprint(model)
+    save_adapter(model, tmp_path / "plain")
+
+    assert distributed.shard(model, process_group_of_one) == ["model.layers.0", "model.layers.1"]
+    assert distributed.is_sharded(model) and type(model).__name__ == "FSDPLlamaForCausalLM"
+    assert (architecture_name(model), model_kind(model), model_fingerprint(model)) == \
+        ("LlamaForCausalLM", CAUSAL_LM, fingerprint)
+    sliced = model.model.layers[0].self_attn.q_proj.adapters["default"].A
+    assert type(sliced).__name__ == "DTensor"
+    with distributed.whole_trainable_parameters(model):
+        assert type(model.model.layers[0].self_attn.q_proj.adapters["default"].A) is torch.nn.Parameter
+        save_adapter(model, tmp_path / "sharded")
+    assert model.model.layers[0].self_attn.q_proj.adapters["default"].A is sliced  # the slice is back
+
+    saved, expected = (load_file(str(tmp_path / f / "adapter_model.safetensors")) for f in ("sharded", "plain"))
+    assert set(saved) == set(expected) and all(torch.equal(saved[k], expected[k]) for k in expected)
+    assert adapter_metadata(tmp_path / "sharded") == adapter_metadata(tmp_path / "plain")
 
 FSDP_RUN = {"task": "chat", "steps": 4, "eval_every": 2, "lr": 1e-2, "targets": "all-linear", "bf16": False,
             "progress": False}  # fp32: equal up to summation order
@@ -105,6 +144,7 @@ def test_fsdp_over_two_cpu_processes_equals_one_process(chat_run, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "fsdp: sharded over 2 processes, 2 blocks" in done.stdout
     assert_same_adapter(tmp_path / "fsdp", one)
+    assert adapter_metadata(tmp_path / "fsdp" / "adapter") == adapter_metadata(one / "adapter")
 
     lines = read_metrics(tmp_path / "fsdp" / "metrics.jsonl")  # only rank 0 wrote: each step once
     assert [line["step"] for line in lines if "lr" in line] == [1, 2, 3, 4]

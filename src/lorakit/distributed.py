@@ -184,8 +184,9 @@ def shard(model: nn.Module, runtime: Runtime) -> list[str]:
     only while it computes (gathered again in the backward), so a process holds about
     ``1/world_size`` of the model plus one block. Every process must start from the same
     weights (the same checkpoint and seed), as each keeps its own slice of them. Call it
-    after the model is on ``runtime.device`` and before the optimizer is built: the
-    parameters become new ``DTensor`` parameters.
+    before the optimizer is built (the parameters become new ``DTensor`` parameters); each
+    unit is moved to ``runtime.device`` as it is sharded, so a model loaded on the CPU
+    reaches a GPU one block at a time.
     """
     if not runtime.sharded:
         return []
@@ -223,13 +224,13 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     ``get_model_state_dict``, a collective every process must call; rank 0 receives copies
     on the CPU, the other processes an empty dict.
     """
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    trainable = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     if not is_sharded(model):
-        return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+        return trainable
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    whole = get_model_state_dict(model, options=_whole_options())
-    return {name: whole[name] for name in names if name in whole}
+    whole = get_model_state_dict(model, options=_whole_options())  # buffers too: keep the parameters
+    return {name: whole[name] for name in trainable if name in whole}
 
 
 def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -296,6 +297,7 @@ def whole_trainable_parameters(model: nn.Module):
     whole = trainable_state(model)
     replacement = {id(p): nn.Parameter(whole[name].to(p.device), requires_grad=True)
                    for name, p in model.named_parameters() if name in whole}
+    # every registration of each parameter (a tied weight sits in two modules), as FSDP itself finds them
     swapped = [(module, leaf, p) for module in model.modules() for leaf, p in module._parameters.items()
                if p is not None and id(p) in replacement]
     for module, leaf, p in swapped:

@@ -6,7 +6,7 @@
 - which modules are output or task heads: :data:`HEAD_NAMES`, :func:`output_heads`,
   :func:`task_heads`; which are the repeated transformer blocks: :func:`transformer_blocks`;
 - what kind of model it is (bare encoder, sequence classifier, causal LM, other):
-  :func:`model_kind`, :func:`architecture_kind`;
+  :func:`model_kind`, :func:`architecture_kind`, :func:`architecture_name`;
 - which modules a :class:`~lorakit.config.LoraConfig` selects, where lorakit's own layers
   sit, and replacing a module: :func:`target_paths`, :func:`saved_paths`, :func:`walk`,
   :func:`replace_module`.
@@ -23,6 +23,7 @@ number of adapters loaded. An operation walks once and hands the result down.
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections import Counter
 from functools import lru_cache
 from typing import Iterable, Iterator
@@ -262,10 +263,20 @@ def architecture_kind(name: str | None) -> str:
     return OTHER
 
 
+def architecture_name(model: nn.Module) -> str:
+    """The name of ``model``'s class (``"LlamaForCausalLM"``), also after FSDP sharded it
+    (``fully_shard`` swaps the class for a subclass named ``FSDPLlamaForCausalLM``)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing was sharded
+    cls = type(model)
+    if fsdp is not None and issubclass(cls, fsdp.FSDPModule):
+        cls = next(c for c in cls.__mro__ if not issubclass(c, fsdp.FSDPModule))
+    return cls.__name__
+
+
 def model_kind(model: nn.Module) -> str:
     """The kind (:data:`MODEL_KINDS`) of ``model``: by its class (:func:`architecture_kind`);
     a transformers model whose ``base_model`` is itself is bare whatever its class name."""
-    kind = architecture_kind(type(model).__name__)
+    kind = architecture_kind(architecture_name(model))
     if kind == OTHER and getattr(model, "base_model_prefix", None) is not None and \
             getattr(model, "base_model", None) is model:
         return BARE
@@ -285,7 +296,7 @@ def model_fingerprint(model: nn.Module) -> str:
         if ".adapters." in name or ".copies." in name:
             continue
         digest.update(f"{name}:{tuple(tensor.shape)};".encode())
-    return f"{type(model).__name__}:{digest.hexdigest()[:16]}"
+    return f"{architecture_name(model)}:{digest.hexdigest()[:16]}"
 
 
 # ---------------------------------------------------------------------- what a config selects
