@@ -87,6 +87,7 @@ def test_a_sharded_model_is_saved_as_the_model_it_was(process_group_of_one, tmp_
     assert set(saved) == set(expected) and all(torch.equal(saved[k], expected[k]) for k in expected)
     assert adapter_metadata(tmp_path / "sharded") == adapter_metadata(tmp_path / "plain")
 
+
 FSDP_RUN = {"task": "chat", "steps": 4, "eval_every": 2, "lr": 1e-2, "targets": "all-linear", "bf16": False,
             "progress": False}  # fp32: equal up to summation order
 LAUNCH = """import json, sys
