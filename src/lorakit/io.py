@@ -136,7 +136,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         LorakitError: ``model`` has no adapter ``name``.
     """
     from lorakit.model import export_config, lora_configs
-    from lorakit.targets import is_conv1d, linear_leaves, model_fingerprint
+    from lorakit.targets import architecture_name, is_conv1d, linear_leaves, model_fingerprint
 
     configs = lora_configs(model)
     if name not in configs:
@@ -159,7 +159,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         changes["base_model_name_or_path"] = base_model_name(model)
     if changes:
         config = config.replace(**changes)
-    metadata = {"lorakit_architecture": type(model).__name__, "lorakit_fingerprint": model_fingerprint(model)}
+    metadata = {"lorakit_architecture": architecture_name(model), "lorakit_fingerprint": model_fingerprint(model)}
     return write_adapter(path, config, tensors, metadata)
 
 

@@ -4,9 +4,9 @@
   itself lives in the bottom module :mod:`lorakit.dense`, re-exported here) and their
   weights as ``(out, in)``: :func:`linear_leaves`, :func:`weight_out_in`;
 - which modules are output or task heads: :data:`HEAD_NAMES`, :func:`output_heads`,
-  :func:`task_heads`;
+  :func:`task_heads`; which are the repeated transformer blocks: :func:`transformer_blocks`;
 - what kind of model it is (bare encoder, sequence classifier, causal LM, other):
-  :func:`model_kind`, :func:`architecture_kind`;
+  :func:`model_kind`, :func:`architecture_kind`, :func:`architecture_name`;
 - which modules a :class:`~lorakit.config.LoraConfig` selects, where lorakit's own layers
   sit, and replacing a module: :func:`target_paths`, :func:`saved_paths`, :func:`walk`,
   :func:`replace_module`.
@@ -23,6 +23,7 @@ number of adapters loaded. An operation walks once and hands the result down.
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections import Counter
 from functools import lru_cache
 from typing import Iterable, Iterator
@@ -207,6 +208,40 @@ def linear_leaves(model: nn.Module, *, heads: bool = False,
     return leaves
 
 
+def transformer_blocks(model: nn.Module, modules: dict[str, nn.Module] | None = None) -> dict[str, nn.Module]:
+    """The repeated blocks of ``model``'s body by path, in module order
+    (``{"model.layers.0": LlamaDecoderLayer, ...}``): what FSDP shards one unit each.
+
+    A block is a child of an ``nn.ModuleList`` whose class a transformers model names in
+    ``_no_split_modules`` (``LlamaDecoderLayer``, ``GPT2Block``, ``BertLayer``); for other
+    models, the children of the ``nn.ModuleList`` holding the most parameters whose
+    children are all of one type (``nn.TransformerEncoder.layers``). Empty when there is none.
+
+    Args:
+        modules: a :func:`walk` of ``model`` the caller already has.
+    """
+    modules = walk(model) if modules is None else modules
+    lists = {path: m for path, m in modules.items() if isinstance(m, nn.ModuleList) and len(m)}
+    named = set(getattr(model, "_no_split_modules", None) or ())
+    found = {_join(path, str(i)): child for path, m in lists.items() for i, child in enumerate(m)
+             if type(child).__name__ in named}
+    if not found:
+        uniform = {path: sum(p.numel() for p in m.parameters()) for path, m in lists.items()
+                   if len({type(child) for child in m}) == 1}
+        if uniform and max(uniform.values()) > 0:
+            path = max(uniform, key=uniform.get)
+            found = {_join(path, str(i)): child for i, child in enumerate(lists[path])}
+    blocks: dict[str, nn.Module] = {}
+    for path, block in found.items():  # in module order, so an outer block comes before what it holds
+        if not any(path.startswith(outer + ".") for outer in blocks):
+            blocks[path] = block
+    return blocks
+
+
+def _join(path: str, child: str) -> str:
+    return f"{path}.{child}" if path else child
+
+
 @lru_cache(maxsize=None)
 def architecture_kind(name: str | None) -> str:
     """The kind (:data:`MODEL_KINDS`) of the transformers class called ``name``
@@ -228,10 +263,20 @@ def architecture_kind(name: str | None) -> str:
     return OTHER
 
 
+def architecture_name(model: nn.Module) -> str:
+    """The name of ``model``'s class (``"LlamaForCausalLM"``), also after FSDP sharded it
+    (``fully_shard`` swaps the class for a subclass named ``FSDPLlamaForCausalLM``)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing was sharded
+    cls = type(model)
+    if fsdp is not None and issubclass(cls, fsdp.FSDPModule):
+        cls = next(c for c in cls.__mro__ if not issubclass(c, fsdp.FSDPModule))
+    return cls.__name__
+
+
 def model_kind(model: nn.Module) -> str:
     """The kind (:data:`MODEL_KINDS`) of ``model``: by its class (:func:`architecture_kind`);
     a transformers model whose ``base_model`` is itself is bare whatever its class name."""
-    kind = architecture_kind(type(model).__name__)
+    kind = architecture_kind(architecture_name(model))
     if kind == OTHER and getattr(model, "base_model_prefix", None) is not None and \
             getattr(model, "base_model", None) is model:
         return BARE
@@ -251,7 +296,7 @@ def model_fingerprint(model: nn.Module) -> str:
         if ".adapters." in name or ".copies." in name:
             continue
         digest.update(f"{name}:{tuple(tensor.shape)};".encode())
-    return f"{type(model).__name__}:{digest.hexdigest()[:16]}"
+    return f"{architecture_name(model)}:{digest.hexdigest()[:16]}"
 
 
 # ---------------------------------------------------------------------- what a config selects

@@ -126,6 +126,10 @@ class TrainConfig:
     stop_after: int | None = field(default=None, metadata=setting(
         "stop (as if interrupted, checkpoint written) after this many steps", flag=False, shared=False))
     device: str = field(default="auto", metadata=setting("auto (GPU if any), cpu or cuda", shared=False))
+    fsdp: bool = field(default=False, metadata=setting(
+        "under torchrun, shard the weights, gradients and optimizer state over the processes (FSDP2, one unit "
+        "per transformer block) instead of a whole model in each (DDP): for models one process cannot hold",
+        shared=False))
     adapter_name: str = field(default="default", metadata=setting("the adapter's name in the model", flag=False))
     progress: bool = field(default=True, metadata=setting("show the progress bar", flag=False, shared=False))
 
@@ -151,6 +155,9 @@ class TrainConfig:
         if self.loraplus_ratio is not None and (self.method != "lora" or not self.loraplus_ratio > 0):
             raise LorakitError(f"--loraplus-ratio must be a positive number with --method lora, got "
                                f"{self.loraplus_ratio!r} with --method {self.method}")
+        if self.fsdp and not method.shardable:
+            raise LorakitError(f"--method {self.method} cannot train with --fsdp (its rank budget reads whole "
+                               "tensors after each step); drop --fsdp to run it with a whole model in each process")
         if (self.init_rank is not None or self.target_rank is not None) and self.method != "adalora":
             raise LorakitError(f"--init-rank / --target-rank are for --method adalora, not {self.method!r}")
         if self.target_rank is not None and self.target_rank > (self.init_rank or self.rank):
