@@ -30,9 +30,11 @@ from typing import Iterable, Iterator
 from torch import nn
 
 from lorakit.config import ALL_LINEAR, LoraConfig, name_matches
-from lorakit.dense import LINEAR_TYPES, Conv1D, is_conv1d, is_linear, linear_features, weight_out_in  # noqa: F401
+from lorakit.dense import (  # noqa: F401  (re-exported: structure questions are asked here)
+    CONV_TYPES, LINEAR_TYPES, Conv1D, is_conv, is_conv1d, is_linear, linear_features, parameter_features, weight_out_in,
+)
 from lorakit.errors import LorakitError
-from lorakit.layers import LoraLayer, SavedModule, wrapper_for
+from lorakit.layers import LoraLayer, ParameterHost, SavedModule, wrapper_for
 
 #: target_modules used when a config gives None, by ``model.config.model_type``
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -91,9 +93,26 @@ def walk(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    """Every LoRA layer of ``model`` as ``(module path, layer)``, in module order."""
+    """Every LoRA layer of ``model`` as ``(path, layer)``, in module order: the module path, or
+    for LoRA on a parameter the parameter's name ``<module path>.<parameter>`` (what
+    ``target_parameters``, ``rank_pattern`` and ``alpha_pattern`` match)."""
     for path, module in walk(model).items():
         if isinstance(module, LoraLayer):
+            yield layer_path(path, module), module
+
+
+def layer_path(path: str, layer: LoraLayer) -> str:
+    """A LoRA layer's path from its module path in a walk (see :func:`lora_layers`)."""
+    if layer.in_place_of_module:
+        return path
+    return f"{path.rsplit('.', 2)[0]}.{layer.parameter_name}"  # <host>.lora_parameters.<name>
+
+
+def parameter_hosts(model: nn.Module) -> Iterator[tuple[str, ParameterHost]]:
+    """Every module holding LoRA on its parameters as ``(module path, host)``;
+    ``host.lora_parameters[name]`` is the :class:`~lorakit.layers.LoraParameter` of parameter ``name``."""
+    for path, module in walk(model).items():
+        if isinstance(module, ParameterHost):
             yield path, module
 
 
@@ -129,9 +148,12 @@ def _candidates(modules: dict[str, nn.Module]) -> Iterator[tuple[str, nn.Module]
         if saved and any(path.startswith(s) for s in saved):
             continue
         if isinstance(module, LoraLayer):
-            yield path, module
+            if module.in_place_of_module:
+                yield path, module
         elif isinstance(module, SavedModule):
             saved.append(path + ".")
+        elif isinstance(module, ParameterHost):
+            saved.append(path + ".lora_parameters.")
         elif wrapper_for(module) is not None and not any(c is not None for c in module._modules.values()):
             yield path, module
 
@@ -145,7 +167,7 @@ def targetable_modules(model: nn.Module) -> list[tuple[str, str, tuple[int, ...]
 def _targetable_summary(modules: dict[str, nn.Module]) -> str:
     paths = [p for p, _ in _candidates(modules)]
     if not paths:
-        return "none (lorakit wraps nn.Linear, transformers Conv1D and nn.Embedding)"
+        return "none (lorakit wraps nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv1d/2d/3d)"
     counts = Counter(p.rsplit(".", 1)[-1] for p in paths)
     names = ", ".join(f"{n} (×{c})" if c > 1 else n for n, c in counts.items())
     return f"{names}; e.g. {paths[0]!r}"
@@ -273,6 +295,8 @@ def target_paths(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Mod
     """
     modules = walk(model) if modules is None else modules
     spec = config.target_modules
+    if config.target_parameters and not spec:
+        return []  # the adapter targets parameters alone
     if spec is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         spec = DEFAULT_TARGETS.get(model_type)
@@ -344,3 +368,29 @@ def tied_paths(modules: dict[str, nn.Module], paths: Iterable[str]) -> list[str]
     """
     uses = Counter(id(p) for m in modules.values() for p in m._parameters.values() if p is not None)
     return [p for p in paths if uses[id(modules[p].weight)] > 1]
+
+
+def parameter_targets(model: nn.Module, config: LoraConfig,
+                      modules: dict[str, nn.Module] | None = None) -> list[tuple[str, str]]:
+    """``(module path, parameter name)`` of each parameter ``config.target_parameters`` selects, in
+    module order and, within a module, in its parameter order (PEFT's rule: ``<module path>.<name>``
+    equals an entry or ends in ``"." + entry``).
+
+    Raises:
+        LorakitError: an entry matches no parameter, or one of the model itself or of a LoRA target.
+    """
+    wanted, found, hit = config.target_parameters or [], [], set()
+    for path, module in (walk(model) if modules is None else modules).items() if wanted else ():
+        for name in (n for n, p in module._parameters.items() if p is not None):
+            key = f"{path}.{name}" if path else name
+            matched = [t for t in wanted if key == t or key.endswith("." + t)]
+            if matched and (not path or isinstance(module, LoraLayer)):
+                raise LorakitError(f"target_parameters selects {key}, a parameter of "
+                                   f"{'the model itself' if not path else 'a LoRA target module'}; adapt it "
+                                   "through target_modules or name another parameter")
+            hit.update(matched)
+            found += [(path, name)] if matched else []
+    if missing := [t for t in wanted if t not in hit]:
+        raise LorakitError(f"target_parameters {missing} matched no parameter of {type(model).__name__}; name "
+                           "parameters as <module path>.<name> or its end, e.g. 'experts.gate_up_proj'")
+    return found
