@@ -129,6 +129,9 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
         config = with_task_heads(model, config, modules)
     paths = target_paths(model, config, modules)
     params = parameter_targets(model, config, modules)
+    if both := [f"{host}.{pname}" for host, pname in params if host in paths]:
+        raise LorakitError(f"target_parameters selects {both[0]}, a parameter of a LoRA target module; "
+                           "adapt it through target_modules or name another parameter")
     if init_weights and params and config.init not in LoraParameter.inits:
         raise LorakitError(f"LoRA on parameters starts with init {' or '.join(map(repr, LoraParameter.inits))}, "
                            f"not {config.init!r}")

@@ -56,7 +56,8 @@ if Conv1D is not None:
 
 
 def wrapper_for(module: nn.Module, kind: str = "lora") -> type[LoraLayer] | None:
-    """The wrapper class of layer kind ``kind`` for ``module``, or None when that kind cannot wrap it.
+    """The wrapper class of layer kind ``kind`` for ``module``, or None when that kind cannot wrap it
+    (its type is not registered, or the wrapper refuses it: a convolution with ``groups > 1``).
 
     Raises:
         LorakitError: ``kind`` is not a registered layer kind.
@@ -65,12 +66,9 @@ def wrapper_for(module: nn.Module, kind: str = "lora") -> type[LoraLayer] | None
     if types is None:
         raise LorakitError(f"layer kind {kind!r} is unknown; choose one of {sorted(LAYER_KINDS)}")
     wrapper = types.get(type(module))
-    if wrapper is not None:
-        return wrapper
-    for base_type, wrapper in types.items():
-        if isinstance(module, base_type):
-            return wrapper
-    return None
+    if wrapper is None:
+        wrapper = next((w for base_type, w in types.items() if isinstance(module, base_type)), None)
+    return wrapper if wrapper is not None and wrapper.wraps(module) else None
 
 
 __all__ = ["AdaLoraAdapter", "AdaLoraLinear", "DoraAdapter", "DoraConv", "DoraEmbedding", "DoraLinear", "LAYER_KINDS",

@@ -102,6 +102,11 @@ class LoraLayer(nn.Module):
         self._rows = None  # (slots (batch,), A_rows, B_rows) while per_row_adapters is on
         self._stack_cache = None
 
+    @classmethod
+    def wraps(cls, module: nn.Module) -> bool:
+        """Whether this wrapper can take ``module``'s place (beyond its type: a grouped convolution cannot)."""
+        return True
+
     def _register_weight(self, base: nn.Module) -> None:
         """Register the adapted weight under its own name (the very same ``Parameter``)."""
         self.weight = base.weight

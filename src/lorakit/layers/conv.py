@@ -44,6 +44,10 @@ class LoraConv(LoraLayer):
             differs from the number of rows given.
     """
 
+    @classmethod
+    def wraps(cls, module: nn.Module) -> bool:
+        return module.groups == 1
+
     def __init__(self, base: nn.Module):
         if base.groups != 1:
             raise LorakitError(f"lorakit adapts convolutions with groups=1; this {type(base).__name__} has "

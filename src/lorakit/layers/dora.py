@@ -63,7 +63,7 @@ class DoraAdapter(LoraAdapter):
 
 def weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
                 weight_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """``‖W + s·B·A‖`` of each row: ``(out,)`` fp32, no gradient, never an inference tensor.
+    """``‖W + s·B·A‖`` of each row: ``(out,)`` fp32 (fp64 for a fp64 W), no gradient, never an inference tensor.
 
     ``weight: (out, in)`` (a view is fine), ``A: (r, in)``, ``B: (out, r)``; ``weight_sq``:
     ``‖W_i‖²`` when the caller has it. Computed without forming the ``(out, in)`` sum:
@@ -71,21 +71,24 @@ def weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling:
     product and ``r × r`` work (the product runs in W's dtype: bf16 for a bf16 base, as PEFT's norm).
     """
     with torch.inference_mode(False), torch.no_grad():
-        A32, B32 = A.detach().float(), B.detach().float()
+        acc = _accumulation(weight)
+        A32, B32 = A.detach().to(acc), B.detach().to(acc)
         if weight_sq is None:
             weight_sq = row_square_norms(weight)
-        WA = (weight @ A.detach().to(weight.dtype).T).float()  # (out, r)
+        WA = (weight @ A.detach().to(weight.dtype).T).to(acc)  # (out, r)
         cross = (B32 * WA).sum(1)
         lora_sq = ((B32 @ (A32 @ A32.T)) * B32).sum(1)
         return (weight_sq + (2 * scaling) * cross + (scaling * scaling) * lora_sq).clamp_min_(0).sqrt_()
 
 
 def row_square_norms(weight: torch.Tensor) -> torch.Tensor:
-    """``‖W_i‖²`` of each row of ``weight: (out, in)``: ``(out,)`` fp32, no gradient."""
+    """``‖W_i‖²`` of each row of ``weight: (out, in)``: ``(out,)`` fp32 (fp64 for a fp64 W), no gradient."""
     with torch.inference_mode(False), torch.no_grad():
-        if weight.dtype in (torch.float32, torch.float64):
-            return torch.linalg.vector_norm(weight, dim=1).float().square_()
-        return torch.linalg.vector_norm(weight.float(), dim=1).square_()
+        return torch.linalg.vector_norm(weight.to(_accumulation(weight)), dim=1).square_()
+
+
+def _accumulation(weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
 class _DoraLinearFunction(torch.autograd.Function):
@@ -229,7 +232,8 @@ class DoraMixin:
         self.weight_out_in().copy_(merged.to(self.weight.dtype))
 
     def _unmerge_weight(self) -> None:
-        """A fp32/fp64 weight: ``W = (W' − Σ c_i ⊙ s_i B_i A_i) / (1 + Σ (c_i − 1))`` (exact to rounding)."""
+        """A fp32/fp64 weight: ``W = (W' − Σ c_i ⊙ s_i B_i A_i) / (1 + Σ (c_i − 1))``, exact to rounding
+        while the divisor is not near 0 (each ``c_i`` near 1, as after training; one adapter: ``c``)."""
         self.weight_out_in().copy_(self._unmerged().to(self.weight.dtype))
 
     def unmerge(self) -> None:
