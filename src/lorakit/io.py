@@ -97,7 +97,8 @@ def write_adapter(path: str | os.PathLike, config: LoraConfig | dict, tensors: d
 
 
 def lora_factors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{module path: (A: (r, in), B: (out, r))}`` from an adapter's tensors (PEFT keys).
+    """``{module path: (A: (r, in), B: (out, r))}`` from an adapter's tensors (PEFT keys); a
+    convolution's kernels ``(r, in, *k)``, ``(out, r, 1, …)`` come as the matrices ``(r, in·∏k)``, ``(out, r)``.
 
     Raises:
         LorakitError: a module has A without B or B without A.
@@ -111,7 +112,7 @@ def lora_factors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tens
     lonely = [p for p, d in parts.items() if len(d) != 2]
     if lonely:
         raise LorakitError(f"the adapter holds only one of lora_A / lora_B for {lonely[:5]}")
-    return {path: (d["A"], d["B"]) for path, d in parts.items()}
+    return {path: (d["A"].flatten(1), d["B"].flatten(1)) for path, d in parts.items()}
 
 
 # ------------------------------------------------------------------ model <-> files
