@@ -192,16 +192,18 @@ class ParameterHost(nn.Module):
         del self.lora_parameters[parameter_name]
 
     def original(self) -> nn.Module:
-        """The module itself, holding the same parameters (merged updates stay in them)."""
+        """The module itself, with this wrapper's (possibly moved) parameters and buffers put back
+        (merged updates stay in them)."""
         host = self._host
-        for name, param in self._parameters.items():
-            if name in host._parameters:
-                host._parameters[name] = param
+        host._parameters.update(self._parameters)
+        host._buffers.update(self._buffers)
         host.train(self.training)
         return host
 
     def forward(self, *args, **kwargs):
         host = self._host
+        host._parameters.update(self._parameters)  # .to() may have replaced them here (buffers always)
+        host._buffers.update(self._buffers)
         host.training = self.training
         added = [(name, p) for name, layer in self.lora_parameters.items() if (p := layer.parametrization()) is not None]
         if not added:
