@@ -273,3 +273,21 @@ def test_lorakit_train_dora_writes_a_dora_adapter(tmp_path):
     assert sum(k.endswith("lora_magnitude_vector") for k in saved) == 4  # 2 layers x (query, value)
     with pytest.raises(LorakitError, match="--dora is for --method lora"):
         TrainConfig(model=str(model), dora=True, method="adalora")
+
+
+def test_a_bf16_base_with_fp32_factors_trains_through_the_composed_path():
+    """Mixed precision (the GPU recipe): weights bf16, A, B and m fp32, input bf16."""
+    torch.manual_seed(0)
+    layer = DoraLinear(nn.Linear(16, 8).to(torch.bfloat16).requires_grad_(False))
+    layer.add_adapter("default", r=4, alpha=8, scaling=2.0, init="random")
+    layer.set_active(["default"])
+    ad = layer.adapters["default"]
+    assert ad.magnitude.dtype == ad.A.dtype == torch.float32
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    reference = F.linear(x.double(), dora_weight(layer), layer.bias.double())
+    torch.testing.assert_close(out.double(), reference, atol=3e-2, rtol=3e-2)
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in (ad.A, ad.B, ad.magnitude))
+    assert layer.weight.grad is None

@@ -26,6 +26,21 @@ def _check_rows(slots: torch.Tensor, batch: int) -> None:
         raise LorakitError(f"per-row adapters were given for {slots.shape[0]} rows but the batch has {batch}")
 
 
+def _scaled(base: torch.Tensor, lora: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``scale ⊙ (base + lora) + bias`` (broadcasting), in place in ``base`` when autograd records nothing."""
+    lora, scale = lora.to(base.dtype), scale.to(base.dtype)
+    if torch.is_grad_enabled() and (base.requires_grad or lora.requires_grad or scale.requires_grad):
+        out = (base + lora) * scale
+        return out if bias is None else out + bias
+    out = base.add_(lora).mul_(scale)
+    return out if bias is None else out.add_(bias)
+
+
+def _added(out: torch.Tensor, hw: torch.Tensor, lora: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``out + (c − 1) ⊙ W x̃ + c ⊙ lora``: one adapter's change among several, or with dropout."""
+    return out + (c - 1).to(out.dtype) * hw + (c * lora).to(out.dtype)
+
+
 class DoraLinear(DoraMixin, LoraLinear):
     """DoRA on an ``nn.Linear`` or ``Conv1D``: ``x: (..., in)`` -> ``(..., out)``."""
 
@@ -46,16 +61,18 @@ class DoraLinear(DoraMixin, LoraLinear):
             return _DoraLinearFunction.apply(x, self.weight, self.bias, ad.A, ad.B, ad.magnitude,
                                              self.weight_norm(ad), ad.scaling, self.fan_in_fan_out)
         base = self._linear(x)
+        if len(run) == 1 and not ad.dropping():  # c ⊙ (W x + s·B A x) + b
+            return _scaled(base, self._lora(x, ad), self.dora_scale(ad), self.bias)
         out = base if self.bias is None else base + self.bias
         for ad in run:
             h = ad.dropout(x) if ad.dropping() else x
-            hw = base if h is x else self._linear(h)
-            if h.dtype != ad.A.dtype:
-                h = h.to(ad.A.dtype)
-            lora = F.linear(F.linear(h, ad.A), ad.B) * ad.scaling
-            c = self.dora_scale(ad)
-            out = out + (c - 1).to(out.dtype) * hw + (c * lora).to(out.dtype)
+            out = _added(out, base if h is x else self._linear(h), self._lora(h, ad), self.dora_scale(ad))
         return out
+
+    def _lora(self, h: torch.Tensor, ad) -> torch.Tensor:
+        """``s·B A h`` in the adapter's dtype."""
+        h = h if h.dtype == ad.A.dtype else h.to(ad.A.dtype)
+        return F.linear(F.linear(h, ad.A) * ad.scaling, ad.B)
 
     def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Row b: ``c_b ⊙ (x Wᵀ + z_b (s·B_b)ᵀ) + b`` with slot ``slots[b]``'s stacks."""
@@ -68,9 +85,8 @@ class DoraLinear(DoraMixin, LoraLinear):
             x3 = x3.to(A_rows.dtype)
         z = torch.bmm(x3, A_rows.index_select(0, slots))  # (batch, tokens, r_max)
         lora = torch.bmm(z, B_rows.index_select(0, slots))  # (batch, tokens, out)
-        y3 = (y.view(batch, -1, self.out_features) + lora.to(y.dtype)) * S_rows.index_select(0, slots)[:, None, :].to(y.dtype)
-        out = y3.view_as(y)
-        return out if self.bias is None else out + self.bias
+        out = _scaled(y.view(batch, -1, self.out_features), lora, S_rows.index_select(0, slots)[:, None, :], self.bias)
+        return out.view_as(y)
 
 
 class DoraEmbedding(DoraMixin, LoraEmbedding):
@@ -86,14 +102,18 @@ class DoraEmbedding(DoraMixin, LoraEmbedding):
             z = A_rows[slots[:, None], ids.reshape(batch, -1)]  # (batch, tokens, r_max)
             lora = torch.bmm(z, B_rows.index_select(0, slots))
             scale = S_rows.index_select(0, slots)[:, None, :]
-            return ((base.view(batch, -1, self.out_features) + lora.to(base.dtype)) * scale.to(base.dtype)).view_as(base)
+            return _scaled(base.view(batch, -1, self.out_features), lora, scale, None).view_as(base)
+        run = self._run
+        if len(run) == 1:
+            return _scaled(base, self._lora(ids, run[0]), self.dora_scale(run[0]), None)
         out = base
-        for ad in self._run:
-            z = F.embedding(ids, ad.A.T, self._base.padding_idx)  # (..., r)
-            lora = F.linear(z, ad.B) * ad.scaling
-            c = self.dora_scale(ad)
-            out = out + (c - 1).to(out.dtype) * base + (c * lora).to(out.dtype)
+        for ad in run:
+            out = _added(out, base, self._lora(ids, ad), self.dora_scale(ad))
         return out
+
+    def _lora(self, ids: torch.Tensor, ad) -> torch.Tensor:
+        """``s·B A[:, ids]`` (no dropout on token ids)."""
+        return F.linear(F.embedding(ids, ad.A.T, self._base.padding_idx) * ad.scaling, ad.B)
 
 
 class DoraConv(DoraMixin, LoraConv):
@@ -104,20 +124,25 @@ class DoraConv(DoraMixin, LoraConv):
         if self._rows is None and not self._run:
             return self._base_forward(x)
         base = self.conv(x, self.weight)
+        bias = None if self.bias is None else self.channel_view(self.bias)
         if self._rows is not None:
             slots, A_rows, B_rows, S_rows = self._rows
             z = self.rows_down(x, slots, A_rows)
             lora = torch.bmm(B_rows.index_select(0, slots).transpose(1, 2), z)  # (batch, out, spatial'·)
             scale = S_rows.index_select(0, slots)[:, :, None]
-            out = ((base.view(*lora.shape) + lora.to(base.dtype)) * scale.to(base.dtype)).view_as(base)
-            return out if self.bias is None else out + self.channel_view(self.bias)
-        out = base if self.bias is None else base + self.channel_view(self.bias)
-        for ad in self._run:
+            out = _scaled(base.view(*lora.shape), lora, scale, None).view_as(base)
+            return out if bias is None else out + bias
+        run = self._run
+        if len(run) == 1 and not run[0].dropping():
+            return _scaled(base, self._lora(x, run[0]), self.channel_view(self.dora_scale(run[0])), bias)
+        out = base if bias is None else base + bias
+        for ad in run:
             h = ad.dropout(x) if ad.dropping() else x
             hw = base if h is x else self.conv(h, self.weight)
-            if h.dtype != ad.A.dtype:
-                h = h.to(ad.A.dtype)
-            lora = self.up(self.down(h, ad.A) * ad.scaling, ad.B)
-            c = self.channel_view(self.dora_scale(ad))
-            out = out + (c - 1).to(out.dtype) * hw + (c * lora).to(out.dtype)
+            out = _added(out, hw, self._lora(h, ad), self.channel_view(self.dora_scale(ad)))
         return out
+
+    def _lora(self, h: torch.Tensor, ad) -> torch.Tensor:
+        """``s·B ⊛ (A ⊛ h)`` in the adapter's dtype."""
+        h = h if h.dtype == ad.A.dtype else h.to(ad.A.dtype)
+        return self.up(self.down(h, ad.A) * ad.scaling, ad.B)
