@@ -291,3 +291,15 @@ def test_a_bf16_base_with_fp32_factors_trains_through_the_composed_path():
     out.float().square().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in (ad.A, ad.B, ad.magnitude))
     assert layer.weight.grad is None
+
+
+def test_combine_refuses_dora_adapters(tmp_path):
+    from lorakit import combine
+    from lorakit.combination import combine_adapters
+
+    model = attach(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(LorakitError, match="use DoRA or target_parameters"):
+        combine(model, {"default": 1.0}, method="svd")
+    save_adapter(model, tmp_path / "a")
+    with pytest.raises(LorakitError, match="use DoRA or target_parameters"):
+        combine_adapters({tmp_path / "a": 1.0}, tmp_path / "out", method="svd")

@@ -192,6 +192,8 @@ def test_what_lora_on_a_parameter_refuses():
         attach(tiny_mixtral(), LoraConfig(target_modules=[], target_parameters=["experts.up"]))
     with pytest.raises(LorakitError, match="starts with init 'gaussian' or 'kaiming' or 'random', not 'pissa'"):
         attach(tiny_mixtral(), LoraConfig(target_modules=[], target_parameters=EXPERTS, init="pissa"))
+    with pytest.raises(LorakitError, match=r"input_layernorm.weight, a parameter of shape \(16,\), not \(out, in\)"):
+        attach(tiny_mixtral(), LoraConfig(target_modules=[], target_parameters=["input_layernorm.weight"]))
     with pytest.raises(LorakitError, match="a parameter of a LoRA target module"):
         attach(tiny_mixtral(), LoraConfig(target_modules=["q_proj"], target_parameters=["q_proj.weight"]))
     model = attach(tiny_mixtral(), LoraConfig(target_modules=[], target_parameters=EXPERTS))

@@ -377,17 +377,20 @@ def parameter_targets(model: nn.Module, config: LoraConfig,
     equals an entry or ends in ``"." + entry``).
 
     Raises:
-        LorakitError: an entry matches no parameter, or one of the model itself or of a LoRA target.
+        LorakitError: an entry matches no parameter, or one of the model itself, of a LoRA target,
+            or one that is neither a matrix nor a stack of them.
     """
     wanted, found, hit = config.target_parameters or [], [], set()
     for path, module in (walk(model) if modules is None else modules).items() if wanted else ():
-        for name in (n for n, p in module._parameters.items() if p is not None):
+        for name, param in ((n, p) for n, p in module._parameters.items() if p is not None):
             key = f"{path}.{name}" if path else name
             matched = [t for t in wanted if key == t or key.endswith("." + t)]
-            if matched and (not path or isinstance(module, LoraLayer)):
-                raise LorakitError(f"target_parameters selects {key}, a parameter of "
-                                   f"{'the model itself' if not path else 'a LoRA target module'}; adapt it "
-                                   "through target_modules or name another parameter")
+            why = ("of the model itself" if not path else "of a LoRA target module" if isinstance(module, LoraLayer)
+                   else f"of shape {tuple(param.shape)}, not (out, in) or (experts, out, in)" if param.dim() not in (2, 3)
+                   else None)
+            if matched and why:
+                raise LorakitError(f"target_parameters selects {key}, a parameter {why}; name another parameter "
+                                   "(a module's own weight is adapted through target_modules)")
             hit.update(matched)
             found += [(path, name)] if matched else []
     if missing := [t for t in wanted if t not in hit]:
