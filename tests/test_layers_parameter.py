@@ -201,3 +201,11 @@ def test_what_lora_on_a_parameter_refuses():
         with per_row_adapters(model, ["default", None]):
             pass
     assert isinstance(next(layer for _, layer in lora_layers(model)), LoraParameter)
+
+
+def test_the_module_comes_back_with_its_parameters_in_their_order():
+    model = attach(tiny_mixtral(), LoraConfig(r=2, target_modules=[], target_parameters=EXPERTS))
+    logits(model)  # a forward registers and removes the parametrizations
+    delete_adapter(model, "default")
+    assert list(model.model.layers[0].mlp.experts._parameters) == ["gate_up_proj", "down_proj"]
+    assert list(model.state_dict()) == list(tiny_mixtral().state_dict())

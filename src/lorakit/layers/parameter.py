@@ -194,16 +194,21 @@ class ParameterHost(nn.Module):
     def original(self) -> nn.Module:
         """The module itself, with this wrapper's (possibly moved) parameters and buffers put back
         (merged updates stay in them)."""
-        host = self._host
-        host._parameters.update(self._parameters)
-        host._buffers.update(self._buffers)
+        host = self._synced()
         host.train(self.training)
         return host
 
-    def forward(self, *args, **kwargs):
+    def _synced(self) -> nn.Module:
+        """The module with this wrapper's parameters and buffers (``.to()`` may have replaced them
+        here) in its own order (a parametrization removed re-registers its parameter last)."""
         host = self._host
-        host._parameters.update(self._parameters)  # .to() may have replaced them here (buffers always)
+        host._parameters.clear()
+        host._parameters.update(self._parameters)
         host._buffers.update(self._buffers)
+        return host
+
+    def forward(self, *args, **kwargs):
+        host = self._synced()
         host.training = self.training
         added = [(name, p) for name, layer in self.lora_parameters.items() if (p := layer.parametrization()) is not None]
         if not added:
