@@ -4,7 +4,6 @@ tiny conv net and a tiny ResNet from a transformers config."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import ConvNextConfig, ConvNextForImageClassification, ResNetConfig, ResNetForImageClassification
 

@@ -1,7 +1,6 @@
 """DoRA (lorakit.layers.dora, dora_layers): the formula, the hand-written backward, PEFT's
 gradients (which norm is detached), dropout, merge/unmerge, per-row batches and training."""
 
-import copy
 import json
 
 import pytest
@@ -303,3 +302,20 @@ def test_combine_refuses_dora_adapters(tmp_path):
     save_adapter(model, tmp_path / "a")
     with pytest.raises(LorakitError, match="use DoRA or target_parameters"):
         combine_adapters({tmp_path / "a": 1.0}, tmp_path / "out", method="svd")
+
+
+def test_per_row_on_gpt2s_conv1d_equals_one_adapter_at_a_time():
+    model = tiny_gpt2()
+    for name, r in (("a", 2), ("b", 4)):
+        add_adapter(model, LoraConfig(r=r, target_modules=["c_attn", "c_fc"], use_dora=True, init="random"), name)
+    perturb(model, std=0.02)
+    ids = token_batch(batch=3)
+    rows = ["b", "a", None]
+    single = {}
+    for name in ("a", "b", None):
+        set_active(model, *([name] if name else []))
+        single[name] = model(input_ids=ids).logits
+    with torch.no_grad(), per_row_adapters(model, rows):
+        mixed = model(input_ids=ids).logits
+    for b, name in enumerate(rows):
+        torch.testing.assert_close(mixed[b], single[name][b], atol=1e-5, rtol=0)
