@@ -158,15 +158,16 @@ def test_the_magnitude_starts_at_the_norm_so_the_model_is_unchanged():
     torch.testing.assert_close(model(input_ids=token_batch()).logits, before)
 
 
-def test_merge_and_unmerge_fp32():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_merge_and_unmerge_fp32(dtype):
     """fp32 keeps no copy: unmerge solves ``W' = (1 + Σ(c_i − 1)) ⊙ W + Σ c_i ⊙ ΔW_i`` for W (to rounding)."""
-    model = attach(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn", "c_proj"], use_dora=True))
+    model = attach(tiny_gpt2().to(dtype), LoraConfig(r=4, target_modules=["c_attn", "c_proj"], use_dora=True))
     add_adapter(model, LoraConfig(r=2, target_modules=["c_attn"], use_dora=True), "two")
     perturb(model, std=0.02)  # a trained adapter's size: ΔW a few percent of W, m a few percent off ‖W‖
     with torch.no_grad():  # (the division by 1 + Σ(c_i − 1) is well-conditioned while each c_i is near 1)
         for _, layer in lora_layers(model):
             for ad in layer.adapters.values():
-                ad.magnitude.copy_(layer.weight_norm(ad) * (1 + 0.05 * torch.randn(ad.magnitude.shape)))
+                ad.magnitude.copy_(layer.weight_norm(ad) * (1 + 0.05 * torch.randn(ad.magnitude.shape, dtype=dtype)))
     weights = {k: v.clone() for k, v in model.state_dict().items() if ".adapters." not in k}
     set_active(model, "default", "two")
     expected = model(input_ids=token_batch()).logits

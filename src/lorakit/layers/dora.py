@@ -190,42 +190,49 @@ class DoraMixin:
 
     # ------------------------------------------------------------------ ΔW and merging
 
-    def _update(self, name: str, base: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """``(c − 1) ⊙ W + c ⊙ s·B·A : (out, in)`` fp32 for adapter ``name`` and the unmerged ``base``
-        (fp32, ``(out, in)``); ``c`` from ``base`` unless ``scale`` gives it."""
+    def _lora_delta(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """``s·B·A : (out, in)`` of adapter ``name`` in ``dtype``."""
         ad = self._adapter(name)
-        delta = ad.delta()
-        if scale is None:
-            scale = ad.magnitude.detach().float() / torch.linalg.vector_norm(base + delta, dim=1)
-        return (scale - 1)[:, None] * base + scale[:, None] * delta
+        return (ad.B.detach().to(dtype) @ ad.A.detach().to(dtype)) * ad.scaling
+
+    def _scale_against(self, name: str, base: torch.Tensor) -> torch.Tensor:
+        """``c = m / ‖W + s·B·A‖`` against the unmerged ``base`` (computed directly, as PEFT's merge)."""
+        magnitude = self._adapter(name).magnitude.detach().to(base.dtype)
+        return magnitude / torch.linalg.vector_norm(base + self._lora_delta(name, base.dtype), dim=1)
+
+    def _update(self, name: str, base: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``(c − 1) ⊙ W + c ⊙ s·B·A : (out, in)`` for adapter ``name`` and the unmerged ``base``
+        (``(out, in)``, fp32 or fp64); ``c`` from ``base`` unless ``scale`` gives it."""
+        scale = self._scale_against(name, base) if scale is None else scale
+        return (scale - 1)[:, None] * base + scale[:, None] * self._lora_delta(name, base.dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """DoRA's ``ΔW = (c − 1) ⊙ W + c ⊙ s·B·A`` of adapter ``name`` in fp32, in the layout of
         ``weight``, against the unmerged weight: ``W + ΔW`` is the weight the adapter computes with."""
         with torch.no_grad():
-            return self.weight_to_layout(self._update(name, self._unmerged()))
+            return self.weight_to_layout(self._update(name, self._unmerged()).float())
 
     def _unmerged(self) -> torch.Tensor:
-        """The weight without any merged adapter, ``(out, in)`` fp32 (a copy)."""
+        """The weight without any merged adapter, ``(out, in)``, a fp32 copy (fp64 for a fp64 W)."""
+        acc = _accumulation(self.weight)
         if self._premerge_weight is not None:
-            return self.as_out_in(self._premerge_weight).float()
-        current = self.weight_out_in().float().clone()
+            return self.as_out_in(self._premerge_weight).to(acc)
+        current = self.weight_out_in().to(acc, copy=True)
         if not self.merged:
             return current
         scales = self._merged_scale
         gain = 1 + sum(scales[n] - 1 for n in self.merged)
         for n in self.merged:  # W' = gain ⊙ W + Σ c_i ⊙ s_i B_i A_i  ->  W
-            current -= scales[n][:, None] * self._adapter(n).delta()
+            current -= scales[n][:, None] * self._lora_delta(n, acc)
         return current / gain[:, None]
 
     def _merge_weight(self, names: list[str]) -> None:
         """``W ← W + Σ ΔW_i`` over the merged adapters and ``names``, every ΔW_i against the
-        unmerged W (rebuilt first when others are merged already), computed in fp32."""
+        unmerged W (rebuilt first when others are merged already), computed in fp32 (fp64 for fp64)."""
         base = self._unmerged()
         scales = self._merged_scale
         for n in names:
-            ad = self._adapter(n)
-            scales[n] = ad.magnitude.detach().float() / torch.linalg.vector_norm(base + ad.delta(), dim=1)
+            scales[n] = self._scale_against(n, base)
         merged = base.clone()
         for n in (*self.merged, *names):
             merged += self._update(n, base, scales[n])
