@@ -73,6 +73,8 @@ class TrainConfig:
         "modules to adapt: names (query,value), a regex, or all-linear",
         default_help="the model family's, e.g. query,value for BERT, q_proj,v_proj for Llama"))
     lora_dropout: float = field(default=0.0, metadata=setting("dropout on the LoRA branch's input"))
+    dora: bool = field(default=False, metadata=setting(
+        "DoRA: also train a magnitude per output feature, W' = m * (W + s*B*A) / ||W + s*B*A|| (method lora)"))
     init: str = field(default="gaussian", metadata=setting(
         "how LoRA's A and B start: gaussian (the seeds' A ~ N(0, 1/r^2), B = 0), kaiming (PEFT's default), "
         "pissa or olora (from W's top singular / QR directions; saved as a rank-2r adapter for the original base)",
@@ -158,6 +160,8 @@ class TrainConfig:
         if self.fsdp and not method.shardable:
             raise LorakitError(f"--method {self.method} cannot train with --fsdp (its rank budget reads whole "
                                "tensors after each step); drop --fsdp to run it with a whole model in each process")
+        if self.dora and self.method != "lora":
+            raise LorakitError(f"--dora is for --method lora, not {self.method!r}")
         if (self.init_rank is not None or self.target_rank is not None) and self.method != "adalora":
             raise LorakitError(f"--init-rank / --target-rank are for --method adalora, not {self.method!r}")
         if self.target_rank is not None and self.target_rank > (self.init_rank or self.rank):
