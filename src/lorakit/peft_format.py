@@ -218,6 +218,8 @@ def factor_dims(layer: nn.Module) -> tuple[int, int, bool]:
     if type(layer).__name__ == "Conv1D":  # transformers' Conv1D: weight (in, out)
         in_f, out_f = layer.weight.shape
         return in_f, out_f, False
+    if isinstance(layer, nn.Linear):  # a quantized subclass (bitsandbytes) packs its weight
+        return layer.in_features, layer.out_features, False
     out_f, in_f = layer.weight.shape
     return in_f, out_f, False
 
