@@ -27,6 +27,7 @@ layers (``Linear4bit``, ``Linear8bitLt``); :func:`is_quantized_linear` and
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import torch
@@ -48,8 +49,7 @@ def quantize_tensor(weight: torch.Tensor, kind: str) -> torch.Tensor:
         LorakitError: an unknown kind, or an nf4 weight whose size is not a multiple of 64.
     """
     if kind == "nf4":
-        from torchao.quantization import to_nf4
-
+        to_nf4 = _torchao_nf4()
         blocks = nf4_blocks(weight.numel())
         if blocks is None:
             raise LorakitError(f"nf4 stores blocks of {NF4_BLOCK} values; a weight of shape {tuple(weight.shape)} "
@@ -61,6 +61,23 @@ def quantize_tensor(weight: torch.Tensor, kind: str) -> torch.Tensor:
 
         return Int8Tensor.from_hp(weight.detach().contiguous(), PerRow())
     raise LorakitError(f"quantization {kind!r} is unknown; choose one of {list(QUANT_KINDS)}")
+
+
+def _torchao_nf4():
+    """torchao's ``to_nf4``, with ``NF4Tensor.clone`` (hence ``copy.deepcopy`` of a model) made
+    exact: torchao 0.18 clones by quantizing the dequantized values again with its default
+    block sizes, which rounds a second time and fails where 256 scales do not divide."""
+    from torchao.quantization import to_nf4
+    from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+
+    def clone(func, *args, **kwargs):
+        tensor = args[0][0]
+        names, _ = tensor.__tensor_flatten__()
+        copied = {n: getattr(tensor, n).clone() for n in names}
+        return nf4_tensor.NF4Tensor(*nf4_tensor.construct_nf4_args(tensor, copied))
+
+    nf4_tensor.NF4_OPS_TABLE[torch.ops.aten.clone.default] = clone
+    return to_nf4
 
 
 def nf4_blocks(numel: int) -> tuple[int, int] | None:
@@ -206,8 +223,9 @@ def dense_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch
     weight = module.weight
     if kind == "bnb-4bit":
         data, state = weight.data, weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):  # repacked by its first CPU forward
-            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
+        if getattr(state, "packing_format_for_cpu", False):  # repacked by an inference forward on CPU
+            # the inverse rewrites the state it is given: hand it a copy, the layer keeps its own
+            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
         return bnbf.dequantize_4bit(data, state).to(dtype).reshape(module.out_features, module.in_features)
     scales = weight.SCB if getattr(weight, "SCB", None) is not None else getattr(module.state, "SCB", None)
     if scales is None:
