@@ -178,3 +178,22 @@ def test_merge_into_a_bitsandbytes_base_matches_the_unmerged_model(saved_base):
     torch.testing.assert_close(merged_layer.weight.detach(), expected, atol=1e-6, rtol=1e-6)
     # bitsandbytes' CPU 4-bit matmul rounds more than fp32 does (~3e-3 here): close, not equal
     torch.testing.assert_close(logits(merged, x), want, atol=2e-2, rtol=0)
+
+
+def test_lorakit_train_on_an_nf4_base_saves_an_adapter_for_the_full_precision_base(tmp_path):
+    from lorakit.inference import evaluate_trained, load_trained
+    from lorakit.train import TrainConfig, train
+    from tiny_training import chat_records, save_tiny_llama, write_jsonl
+
+    model = str(save_tiny_llama(tmp_path / "llm"))
+    data = str(write_jsonl(tmp_path / "chat.jsonl", chat_records(60)))
+    report = train(TrainConfig(task="chat", model=model, data=data, steps=30, batch_size=8, lr=2e-2,
+                               targets="all-linear", bf16=False, out=str(tmp_path / "run"), progress=False,
+                               quantize="nf4"))
+    assert report["settings"]["quantize"] == "nf4"
+    before, after = report["validation_before"]["loss"], report["validation_after"]["loss"]
+    assert after < before - 0.2
+    trained = load_trained([tmp_path / "run" / "adapter"])  # onto the base as saved: full precision
+    assert not any(isinstance(m, QuantizedLinear) for m in trained.model.modules())
+    on_full = evaluate_trained(trained)[trained.names[0]]["loss"]
+    assert on_full < before - 0.2  # it helps there as much

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from lorakit import data as lkdata
-from lorakit.data.encode import IGNORE_INDEX, Encoded, EncodedExample, collate
+from lorakit.chunked_loss import causal_lm_loss
+from lorakit.data.encode import Encoded, EncodedExample, collate
 from lorakit.errors import LorakitError
 
 
@@ -201,17 +202,14 @@ def encode_splits(task: Task, splits: lkdata.DatasetSplits, tokenizer, max_lengt
 
 def batch_stats(task: Task, model, batch: dict, label_smoothing: float = 0.0) -> dict:
     """``{"loss_sum", "count"}`` (+ ``"correct"`` for classify) of one batch, as tensors."""
+    if task.kind == "lm":  # without the whole (tokens × vocabulary) logits at once
+        loss, count = causal_lm_loss(model, batch, label_smoothing)
+        return {"loss_sum": loss, "count": count}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"]
-    if task.kind == "classify":
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing)
-        correct = (logits.argmax(-1) == labels).sum()
-        return {"loss_sum": loss, "count": torch.tensor(labels.numel()), "correct": correct}
-    # logits[:, t] predicts labels[:, t + 1]
-    targets = labels[:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum", label_smoothing=label_smoothing)
-    return {"loss_sum": loss, "count": (targets != IGNORE_INDEX).sum()}
+    loss = F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing)
+    correct = (logits.argmax(-1) == labels).sum()
+    return {"loss_sum": loss, "count": torch.tensor(labels.numel()), "correct": correct}
 
 
 @torch.no_grad()

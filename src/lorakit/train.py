@@ -35,7 +35,9 @@ from lorakit import checkpoint, distributed
 from lorakit.data.batches import batch_of_step
 from lorakit.data.encode import collate
 from lorakit.errors import LorakitError
+from lorakit.checkpointing import enable_checkpointing
 from lorakit.methods import get_method, head_modules
+from lorakit.quantize import quantize_base
 from lorakit.report import MetricsLog, StepMemory, folder_size, format_report, peak_memory_bytes, read_metrics
 from lorakit.tasks import TASK_FILE, batch_stats, encode_splits, evaluate, get_task, read_splits
 
@@ -97,6 +99,10 @@ class TrainConfig:
         stop_after: stop (as if interrupted, checkpoint written) after this many steps.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         progress: show the tqdm progress bar.
+        quantize: store the frozen linear weights as ``"nf4"`` or ``"int8"`` (QLoRA,
+            :mod:`lorakit.quantize`); None keeps them as they are. Not with ``--method full``.
+        gradient_checkpointing: keep only each block's input for the backward and recompute
+            the block there (:mod:`lorakit.checkpointing`): less memory, about a third more time.
     """
 
     task: str = "classify"
@@ -133,6 +139,8 @@ class TrainConfig:
     device: str = "auto"
     adapter_name: str = "default"
     progress: bool = True
+    quantize: str | None = None
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         task, method = get_task(self.task), get_method(self.method)
@@ -153,6 +161,13 @@ class TrainConfig:
                 continue
             if not 0 <= getattr(self, name) < 1:
                 raise LorakitError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.quantize is not None:
+            from lorakit.layers.quantized import QUANT_KINDS
+
+            if self.quantize not in QUANT_KINDS:
+                raise LorakitError(f"quantize {self.quantize!r} is unknown; choose one of {list(QUANT_KINDS)}")
+            if self.method == "full":
+                raise LorakitError(f"--quantize {self.quantize} freezes the base weights; use it with --method lora")
         if (self.init_rank is not None or self.target_rank is not None) and self.method != "adalora":
             raise LorakitError(f"--init-rank / --target-rank are for --method adalora, not {self.method!r}")
         if self.target_rank is not None and self.target_rank > (self.init_rank or self.rank):
@@ -178,7 +193,7 @@ class TrainConfig:
         keep = ("task", "model", "data", "method", "rank", "alpha", "init_rank", "target_rank", "targets", "lora_dropout", "init", "model_dropout",
                 "steps", "epochs",
                 "batch_size", "grad_accum", "group_by_length", "lr", "warmup", "weight_decay", "max_grad_norm", "label_smoothing",
-                "max_length", "bf16", "eval_every", "seed", "data_limit", "adapter_name")
+                "max_length", "bf16", "eval_every", "seed", "data_limit", "adapter_name", "quantize")
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
@@ -223,6 +238,10 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     if bf16 and method.frozen_in_bf16:
         _frozen_to_bf16(model)
     model.to(runtime.device).train()
+    if config.quantize:
+        say(quantize_base(model, config.quantize).describe())
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable, total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     say(f"{config.method}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")

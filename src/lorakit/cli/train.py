@@ -63,6 +63,11 @@ def register(subparsers) -> None:
     parser.add_argument("--data-limit", type=int, default=None,
                         help="use only this many training examples (quick trials)")
     parser.add_argument("--device", default="auto", help="auto (GPU if any, the default), cpu or cuda")
+    parser.add_argument("--quantize", choices=["nf4", "int8"], default=None,
+                        help="store the frozen linear weights in nf4 (QLoRA) or int8; the adapter trains in full "
+                             "precision (default: not quantized)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute each block's activations in the backward: less memory, more time")
     parser.set_defaults(func=run)
 
 
@@ -77,6 +82,7 @@ def run(args) -> int:
         out=args.out, resume=args.resume, seed=args.seed, label_smoothing=args.label_smoothing, device=args.device,
         data_limit=args.data_limit, model_dropout=args.model_dropout, init=args.init, lora_dropout=args.lora_dropout,
         warmup=args.warmup, weight_decay=args.weight_decay, bf16=args.bf16,
+        quantize=args.quantize, gradient_checkpointing=args.gradient_checkpointing,
     )
     try:
         train(config)
