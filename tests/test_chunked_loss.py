@@ -69,6 +69,20 @@ def test_tied_head_and_conv1d_body():
     assert "transformer.wte.weight" in grads  # the embedding, tied to the head: both paths add up
 
 
+def test_keeping_the_ignored_positions_gives_the_same_loss_and_gradients():
+    for model in (attach(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init="random")),
+                  attach(tiny_llama(), LoraConfig(r=4, target_modules=["lm_head"], init="random"))):
+        results = []
+        for skip in (True, False):
+            model.zero_grad(set_to_none=True)
+            loss, _ = causal_lm_loss(model, lm_batch(), 0.1, 4 * VOCAB * 5, skip_ignored=skip)
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+        for name, grad in results[0][1].items():
+            torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
 def test_evaluation_without_gradients_equals_the_unchunked():
     model = tiny_llama().eval()
     with torch.no_grad():

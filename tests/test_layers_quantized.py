@@ -38,6 +38,13 @@ def test_nf4_rounding_is_within_the_stated_bound():
     assert stored_bytes(q.weight) <= 0.53 * w.numel()  # ~4.1 bits a value: half a byte plus scales
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_dequantization_is_torchaos_bit_for_bit(dtype):
+    base = linear(out_features=576, in_features=576)  # 5,184 blocks: scales in groups of 216
+    q = QuantizedLinear.from_linear(base.to(dtype), "nf4")
+    assert torch.equal(q.dense_weight(), q.weight.get_original_weight())
+
+
 def test_int8_rounding_is_within_half_a_step_per_row():
     base = linear()
     q = QuantizedLinear.from_linear(base, "int8")

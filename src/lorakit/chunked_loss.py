@@ -39,7 +39,7 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", 
 
 
 def causal_lm_loss(model: nn.Module, batch: dict, label_smoothing: float = 0.0,
-                   chunk_bytes: int | None = CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_bytes: int | None = CHUNK_BYTES, skip_ignored: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss_sum, count)`` of a causal LM on ``batch``: cross-entropy summed over the trained
     tokens (logits at position t predict ``labels[:, t + 1]``; label -100 is not trained) and
     their number.
@@ -48,6 +48,7 @@ def causal_lm_loss(model: nn.Module, batch: dict, label_smoothing: float = 0.0,
         model: a transformers causal LM (or one wrapped in ``DistributedDataParallel``).
         batch: ``input_ids``, ``attention_mask``, ``labels``: ``(batch, tokens)`` each.
         chunk_bytes: fp32 logits one chunk may hold; None computes the whole logits at once.
+        skip_ignored: see :func:`chunked_cross_entropy`.
 
     Returns:
         ``loss_sum`` (fp32 scalar, nats) and ``count`` (long scalar).
@@ -55,6 +56,8 @@ def causal_lm_loss(model: nn.Module, batch: dict, label_smoothing: float = 0.0,
     targets = batch["labels"][:, 1:]
     count = (targets != IGNORE_INDEX).sum()
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if getattr(getattr(_unwrapped(model), "config", None), "use_cache", None) is not None:
+        inputs["use_cache"] = False  # a loss needs no key/value cache kept for generation
     found = None if chunk_bytes is None else output_head(model)
     if found is None:
         logits = model(**inputs).logits
@@ -64,20 +67,28 @@ def causal_lm_loss(model: nn.Module, batch: dict, label_smoothing: float = 0.0,
     path, head = found
     with head_set_aside(_unwrapped(model), path):
         hidden = model(**inputs).logits  # (batch, tokens, hidden): the head was an identity
-    return chunked_cross_entropy(hidden[:, :-1], head, targets, label_smoothing, chunk_bytes), count
+    loss = chunked_cross_entropy(hidden[:, :-1], head, targets, label_smoothing, chunk_bytes, skip_ignored)
+    return loss, count
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
-                          label_smoothing: float = 0.0, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+                          label_smoothing: float = 0.0, chunk_bytes: int = CHUNK_BYTES,
+                          skip_ignored: bool = True) -> torch.Tensor:
     """``Σ cross_entropy(head(hidden), targets)`` over the positions whose target is not -100,
     with the logits made ``chunk_bytes`` (fp32) at a time.
+
+    Args:
+        skip_ignored: drop the positions whose target is -100 before applying the head (less
+            work); False applies it everywhere and masks them, so that no shape depends on
+            the targets' values (a shape-only run, such as :mod:`lorakit.memory`'s, needs that).
 
     Shapes: ``hidden: (..., hidden_size)``, ``targets: (...)`` -> a fp32 scalar (nats).
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)
-    kept = (t != IGNORE_INDEX).nonzero().squeeze(1)
-    h, t = h.index_select(0, kept), t.index_select(0, kept)
+    if skip_ignored:
+        kept = (t != IGNORE_INDEX).nonzero().squeeze(1)
+        h, t = h.index_select(0, kept), t.index_select(0, kept)
     vocab = getattr(head, "out_features", None) or head.weight.shape[0]
     chunk = max(1, chunk_bytes // (4 * vocab))
     if type(head) is nn.Linear:
@@ -93,7 +104,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.
 
 
 def _chunk_loss(head: nn.Module, h: torch.Tensor, t: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    return F.cross_entropy(head(h).float(), t, reduction="sum", label_smoothing=label_smoothing)
+    return F.cross_entropy(head(h).float(), t, ignore_index=IGNORE_INDEX, reduction="sum",
+                           label_smoothing=label_smoothing)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -115,19 +127,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk):
             hc, tc = h[start:start + chunk], targets[start:start + chunk]
+            trained = tc != IGNORE_INDEX  # all True unless the caller kept ignored positions
+            tc = tc.clamp_min(0)
             z = F.linear(hc, weight, bias)
             compute_dtype = z.dtype  # the head's output dtype (bf16 under autocast), as the plain loss has it
             z = z.float()
             lse = torch.logsumexp(z, dim=-1)  # (c,)
             nll = lse - z.gather(1, tc[:, None]).squeeze(1)
             loss = nll if not smoothing else (1 - smoothing) * nll + smoothing * (lse - z.mean(-1))
-            total += loss.sum()
+            total += (loss * trained).sum()
             if not (need_h or need_w or need_b):
                 continue
             g = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
             g[torch.arange(g.shape[0], device=g.device), tc] -= 1 - smoothing
             if smoothing:
                 g.sub_(smoothing / vocab)
+            g.mul_(trained[:, None])
             if need_b:
                 grad_b += g.sum(0)
             g = g.to(compute_dtype)
