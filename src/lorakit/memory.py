@@ -17,7 +17,8 @@ process's resident peak exceeds its tensors' peak: measured on MiniLM and SmolLM
 (``benchmarks/memory.py``), by about a fifth of the step's activations and temporaries plus
 a few tens of MiB (:data:`HEAP_SLACK`, :data:`FIXED_SLACK`). Padding is not modelled: every
 sequence is taken at ``max_length`` (the worst case; ``lorakit train`` pads each batch only to
-its longest example).
+its longest example). Where a model looks at values (transformers skips an all-ones attention
+mask), fake tensors take the general path (the mask is built): a slight overestimate.
 """
 
 from __future__ import annotations
@@ -47,8 +48,13 @@ class MemoryEstimate:
             for the backward and the temporaries of the operation running then.
         allocator: what the CPU allocator keeps beyond the live tensors (see the module docstring).
         runtime: the process without any model (torch, transformers, lorakit loaded).
+        tensors: the most bytes of tensors alive at once during the steps (the weights included).
         trainable: trainable parameters.
         tokens: ``batch_size × max_length``.
+
+    ``peak`` is ``max(tensors, weights + gradients + optimizer + activations)`` plus the
+    allocator's slack and the runtime; the parts need not all be at their largest at once
+    (gradients grow in the backward while activations are freed).
     """
 
     weights: int
@@ -57,12 +63,13 @@ class MemoryEstimate:
     activations: int
     allocator: int
     runtime: int
+    tensors: int
     trainable: int
     tokens: int
 
     @property
     def peak(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.allocator + self.runtime
+        return self.tensors + self.allocator + self.runtime
 
     def fits(self, budget: int) -> bool:
         return self.peak <= budget
@@ -99,7 +106,7 @@ def predict_peak(config) -> MemoryEstimate:
     activations = max(0, live.peak - weights - optimizer_bytes - gradients)
     return MemoryEstimate(weights=weights, gradients=gradients, optimizer=optimizer_bytes, activations=activations,
                           allocator=int(HEAP_SLACK * activations) + FIXED_SLACK, runtime=runtime_bytes(),
-                          trainable=sum(p.numel() for p in params),
+                          tensors=live.peak, trainable=sum(p.numel() for p in params),
                           tokens=config.batch_size * config.max_length)
 
 
