@@ -197,3 +197,31 @@ def test_lorakit_train_on_an_nf4_base_saves_an_adapter_for_the_full_precision_ba
     assert not any(isinstance(m, QuantizedLinear) for m in trained.model.modules())
     on_full = evaluate_trained(trained)[trained.names[0]]["loss"]
     assert on_full < before - 0.2  # it helps there as much
+
+
+def test_serving_on_an_nf4_base_gives_each_row_its_adapter(tmp_path):
+    from lorakit.per_row import per_row_adapters
+    from lorakit.serve.service import build_service
+    from tiny_training import save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "llm")
+    donor = AutoModelForCausalLM.from_pretrained(folder)
+    attach(donor, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init="random"))
+    save_adapter(donor, tmp_path / "ad")
+    service = build_service(str(folder), adapters={"ad": str(tmp_path / "ad")}, quantize="nf4", task="generate")
+    model = service.model
+    assert isinstance(model.get_submodule("model.layers.0.mlp.up_proj"), QuantizedLinear)
+    slot = service.registry.acquire("ad").slot
+    x = token_batch(2, 6)
+    with torch.no_grad(), per_row_adapters(model, [slot, None]):
+        rows = model(x).logits
+    from lorakit.model import disable_adapters, set_active
+
+    set_active(model, slot)
+    with torch.no_grad():
+        with_adapter = model(x).logits
+        with disable_adapters(model):
+            base = model(x).logits
+    torch.testing.assert_close(rows[0], with_adapter[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows[1], base[1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(with_adapter[0], base[0])

@@ -194,8 +194,10 @@ def _folder_labels(spec: str) -> dict | None:
 
 def build_service(model: str = "default-chat", adapters: dict[str, str] | None = None,
                   adapter_root: str | None = None, max_loaded: int = 8, max_batch: int = 32,
-                  max_prompt_tokens: int = 2048, max_tokens: int = 512, task: str | None = None) -> Service:
+                  max_prompt_tokens: int = 2048, max_tokens: int = 512, task: str | None = None,
+                  quantize: str | None = None) -> Service:
     """Load ``model``, register ``adapters`` ({name: folder}) and build the engine (not started).
+    ``quantize`` (``"nf4"``, ``"int8"``) stores the base's linear weights quantized (:mod:`lorakit.quantize`).
 
     Raises:
         LorakitError: a bad model spec, adapter name, path or file.
@@ -207,6 +209,10 @@ def build_service(model: str = "default-chat", adapters: dict[str, str] | None =
         base, tokenizer = load_classifier(model, id2label=_folder_labels(model))
     else:
         base, tokenizer = load_causal_lm(model)
+    if quantize:
+        from lorakit.quantize import quantize_base
+
+        quantize_base(base, quantize)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     context = int(getattr(base.config, "max_position_embeddings", None) or 2048)
