@@ -23,12 +23,12 @@ mask), fake tensors take the general path (the mask is built): a slight overesti
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten
 
 GiB = 2**30
@@ -84,9 +84,38 @@ def predict_peak(config) -> MemoryEstimate:
     """The peak memory of a training step of ``config`` (a :class:`lorakit.train.TrainConfig`)
     on the CPU, predicted on fake tensors (see the module docstring).
 
+    The prediction runs in a fresh Python process (about three seconds more): freeing the
+    fake tensors of a model with ``modules_to_save`` (a classifier) now and then crashes
+    PyTorch 2.13's garbage collector later in the process that made them, so that process
+    is one that ends right after. Its own resident size is the ``runtime`` part.
+
     Raises:
-        LorakitError: the model's config cannot be read, or a setting is invalid.
+        LorakitError: the model's config cannot be read, a setting is invalid, or the
+            prediction failed (the message holds its last words).
     """
+    import json
+    import os
+    import subprocess
+    import sys
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from lorakit.errors import LorakitError
+
+    source = str(Path(__file__).resolve().parent.parent)  # the folder holding the lorakit package
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-m", "lorakit.memory", json.dumps(asdict(config))], capture_output=True,
+                          text=True, env=env)
+    lines = done.stdout.strip().splitlines()
+    answer = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
+    if answer is None or "error" in answer:
+        why = answer["error"] if answer else (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LorakitError(f"the memory prediction for {config.model} failed: {why}")
+    return MemoryEstimate(**answer)
+
+
+def _predict_here(config) -> MemoryEstimate:
+    """:func:`predict_peak` in this process (the child :func:`predict_peak` starts)."""
     import warnings
 
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -198,38 +227,40 @@ def available_bytes() -> int:
 class LiveBytes(TorchDispatchMode):
     """Adds up the bytes of the tensor storages alive at each operation and keeps the highest sum.
 
-    Every output of an operation is counted once per storage when made and taken off when
+    Every output of an operation is counted once per storage when made and taken off once
     its storage is freed; a quantized tensor counts the tensors it holds. Tensors made
-    before the mode starts count only when :meth:`add` is given them.
+    before the mode starts count only when :meth:`add` is given them. Storages are watched
+    through PyTorch's own C++-level weak references (``StorageWeakRef``, what its fake-tensor
+    mode uses), never by keeping their Python objects: holding those for fake tensors trips
+    an internal assertion of PyTorch's garbage collection.
 
     Attributes:
-        now: bytes alive now. peak: the most alive at once. marks: free for the caller.
+        now: bytes alive now. peak: the most alive at once.
     """
 
     def __init__(self):
         super().__init__()
         self.now = 0
         self.peak = 0
-        self.marks: list[int] = []
-        self._alive: set[int] = set()
+        self._alive: dict[int, tuple[StorageWeakRef, int]] = {}  # storage address -> (weak reference, bytes)
 
     def add(self, tensor: torch.Tensor) -> None:
         for storage in _storages(tensor):
-            key = id(storage)
-            if key in self._alive:
+            ref = StorageWeakRef(storage)
+            if ref.cdata in self._alive:
                 continue
             size = storage.nbytes()
-            self._alive.add(key)
+            self._alive[ref.cdata] = (ref, size)
             self.now += size
-            weakref.finalize(storage, self._free, key, size)
         self.peak = max(self.peak, self.now)
 
-    def _free(self, key: int, size: int) -> None:
-        if key in self._alive:
-            self._alive.discard(key)
-            self.now -= size
+    def _drop_freed(self) -> None:
+        freed = [key for key, (ref, _) in self._alive.items() if ref.expired()]
+        for key in freed:
+            self.now -= self._alive.pop(key)[1]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self._drop_freed()
         out = func(*args, **(kwargs or {}))
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor):
@@ -242,3 +273,29 @@ def _storages(tensor: torch.Tensor) -> list:
         names, _ = tensor.__tensor_flatten__()
         return [s for n in names if isinstance(getattr(tensor, n), torch.Tensor) for s in _storages(getattr(tensor, n))]
     return [tensor.untyped_storage()]
+
+
+def _child(settings: str) -> None:
+    """Print :func:`_predict_here`'s estimate of ``TrainConfig(**json.loads(settings))`` as a JSON
+    line and leave at once (no teardown: see :func:`predict_peak`)."""
+    import gc
+    import json
+    import os
+    from dataclasses import asdict
+
+    from lorakit.errors import LorakitError
+    from lorakit.train import TrainConfig
+
+    gc.disable()  # the fake tensors are never collected: the process ends right after
+    try:
+        answer = asdict(_predict_here(TrainConfig(**json.loads(settings))))
+    except LorakitError as err:
+        answer = {"error": str(err)}
+    print(json.dumps(answer), flush=True)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _child(sys.argv[1])
