@@ -25,10 +25,10 @@ def test_memory_benchmark_runs_and_renders():
     assert all(m["peak_mb"] > 0 for m in levers["memory"].values())
     assert 0 < result["bytes"]["nf4_vs_bf16"] < 0.5
     assert set(result["qlora"]["2x8"]["step_ms"]) == {"lorakit-nf4", "peft-bnb"}
-    assert set(result["defaults"]) == set(memory.DEFAULT_RUNS)
+    assert set(result["defaults"]) <= set(memory.DEFAULT_RUNS) and len(result["defaults"]) == 2
     assert result["quality"]["plain"]["validation_loss"] > 0
     predicted = result["predicted"]
     assert all(abs(r["error"]) < 1 for r in predicted.values() if "error" in r)
-    assert "Llama-1B full 32x256" in predicted
+    assert "Llama-1B full 32x256" in predicted and "MiniLM LoRA" in predicted
     section = memory.markdown(result)
     assert section.startswith("## Memory levers") and "PEFT+bnb ms" in section

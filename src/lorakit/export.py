@@ -46,6 +46,8 @@ def export_merged(adapter, out, model: str | None = None, dtype: str | None = No
         raise LorakitError(f"{out} exists and is not an empty folder; give a new folder for the merged model")
     spec = model or recorded_base(adapter)
     net, tokenizer = _merged(adapter, spec, model)
+    if spec == "default" and type(net).__name__.endswith("ForCausalLM"):
+        spec = "default-chat"  # a language-model task's "default" is the embedded chat model
     target = DTYPES[dtype] if dtype else base_dtype(spec)
     net = net.to(target)
 

@@ -32,10 +32,10 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit import checkpoint, distributed
+from lorakit.checkpointing import enable_checkpointing
 from lorakit.data.batches import batch_of_step
 from lorakit.data.encode import collate
 from lorakit.errors import LorakitError
-from lorakit.checkpointing import enable_checkpointing
 from lorakit.methods import get_method, head_modules
 from lorakit.quantize import quantize_base
 from lorakit.report import MetricsLog, StepMemory, folder_size, format_report, peak_memory_bytes, read_metrics
@@ -100,9 +100,10 @@ class TrainConfig:
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         progress: show the tqdm progress bar.
         quantize: store the frozen linear weights as ``"nf4"`` or ``"int8"`` (QLoRA,
-            :mod:`lorakit.quantize`); None keeps them as they are. Not with ``--method full``.
+            :mod:`lorakit.quantize`); None keeps them as they are. ``--method lora`` only.
         gradient_checkpointing: keep only each block's input for the backward and recompute
-            the block there (:mod:`lorakit.checkpointing`): less memory, about a third more time.
+            the block there (:mod:`lorakit.checkpointing`): less memory, one more forward of
+            the model's body per step.
     """
 
     task: str = "classify"
@@ -166,8 +167,9 @@ class TrainConfig:
 
             if self.quantize not in QUANT_KINDS:
                 raise LorakitError(f"quantize {self.quantize!r} is unknown; choose one of {list(QUANT_KINDS)}")
-            if self.method == "full":
-                raise LorakitError(f"--quantize {self.quantize} freezes the base weights; use it with --method lora")
+            if self.method != "lora":
+                raise LorakitError(f"--quantize {self.quantize} is for --method lora (it freezes the base weights "
+                                   f"under LoRA layers), not {self.method!r}")
         if (self.init_rank is not None or self.target_rank is not None) and self.method != "adalora":
             raise LorakitError(f"--init-rank / --target-rank are for --method adalora, not {self.method!r}")
         if self.target_rank is not None and self.target_rank > (self.init_rank or self.rank):

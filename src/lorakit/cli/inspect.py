@@ -34,15 +34,17 @@ def _add_memory_flags(parser) -> None:
     import argparse
     from dataclasses import fields
 
+    from lorakit.methods import METHODS
+    from lorakit.tasks import TASKS
     from lorakit.train import TrainConfig
 
     default = {f.name: f.default for f in fields(TrainConfig)}
     group = parser.add_argument_group("--memory", "predict the peak memory of a training step (as lorakit train "
                                                   "would run it) from the model's config, before loading anything")
     group.add_argument("--memory", action="store_true", help="predict the training peak instead of listing modules")
-    group.add_argument("--task", choices=["classify", "chat", "text"], default=None,
+    group.add_argument("--task", choices=sorted(TASKS), default=None,
                        help="the task (default: chat for a causal LM, classify otherwise)")
-    group.add_argument("--method", choices=["lora", "full", "adalora"], default=default["method"],
+    group.add_argument("--method", choices=sorted(METHODS), default=default["method"],
                        help="what trains (default: lora)")
     group.add_argument("--quantize", choices=["nf4", "int8"], default=None, help="a quantized frozen base (QLoRA)")
     group.add_argument("--batch-size", type=int, default=default["batch_size"],
@@ -106,8 +108,7 @@ def run_memory(args) -> int:
 
     task = args.task or ("chat" if args.model == "default-chat" or (
         args.model != "default" and is_causal_lm(load_model_config(args.model))) else "classify")
-    model = "default" if args.model == "default-chat" and task != "classify" else args.model
-    config = TrainConfig(task=task, model=model, method=args.method, rank=args.rank, targets=parse_targets(args.targets),
+    config = TrainConfig(task=task, model=args.model, method=args.method, rank=args.rank, targets=parse_targets(args.targets),
                          quantize=args.quantize, batch_size=args.batch_size, max_length=args.max_length,
                          gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16)
     estimate = predict_peak(config)
