@@ -144,7 +144,7 @@ def evaluate_trained(trained: Trained, data: str | None = None, batch_size: int 
 
     task, info = trained.task, trained.info
     batch_size = batch_size or task.default_eval_batch_size
-    max_length = info.get("max_length") or task.default_max_length
+    max_length = info.get("max_length") or task.max_length_cap
     if data is None:
         splits = read_splits(task, info.get("data", "default"), info.get("data_limit"))
         splits = lkdata.DatasetSplits([], [], splits.test, splits.source)
@@ -172,7 +172,7 @@ def predict(trained: Trained, texts: list[str]) -> dict:
     Raises:
         LorakitError: the model is not a classifier.
     """
-    max_length = trained.info.get("max_length") or trained.task.default_max_length
+    max_length = trained.info.get("max_length") or trained.task.max_length_cap
     results = {}
     for name in trained.names:
         trained.use(name)

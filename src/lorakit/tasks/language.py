@@ -15,7 +15,11 @@ import torch.nn.functional as F
 
 from lorakit import data as lkdata
 from lorakit.data.encode import IGNORE_INDEX, Encoded
+from lorakit.data.readers import language_model_records, lm_checker
+from lorakit.data.stream import RecordStream
 from lorakit.tasks.base import Task
+
+NO_CUT = 1 << 30  # a max length that cuts nothing
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,8 +35,17 @@ class LanguageModelTask(Task):
     higher_is_better: bool = False
     chat: bool = False
 
-    def read_records(self, path) -> list[dict]:
-        return lkdata.readers.read_language_modeling(path)
+    def read_records(self, path, columns=None) -> list[dict]:
+        return lkdata.readers.read_language_modeling(path, columns)
+
+    def check_records(self, raw, source, columns=None) -> list[dict]:
+        return language_model_records(raw, columns)
+
+    def stream_records(self, path, columns, buffer, limit) -> RecordStream:
+        return RecordStream(path, lambda first: lm_checker(first, columns), buffer, limit)
+
+    def token_lengths(self, records, tokenizer) -> list[int]:
+        return [len(e.input_ids) for e in lkdata.encode_language_modeling(records, tokenizer, NO_CUT).examples]
 
     def encode(self, records, tokenizer, max_length, labels) -> Encoded:
         return lkdata.encode_language_modeling(records, tokenizer, max_length)
@@ -44,7 +57,7 @@ class LanguageModelTask(Task):
                                reduction="sum", label_smoothing=label_smoothing)
         return {"loss_sum": loss, "count": (targets != IGNORE_INDEX).sum()}
 
-    def metrics(self, sums, examples) -> dict:
+    def metrics(self, sums, examples, outputs=None, labels=None) -> dict:
         loss = sums["loss_sum"] / max(sums["count"], 1)
         return {"loss": loss, "examples": examples, "perplexity": math.exp(min(loss, 50.0))}
 
