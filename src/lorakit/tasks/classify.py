@@ -80,11 +80,11 @@ class ClassificationTask(Task):
         """
         if rule not in CLASS_WEIGHTS:
             raise LorakitError(f"--class-weights {rule!r} is unknown; choose one of {list(CLASS_WEIGHTS)}")
-        from sklearn.utils.class_weight import compute_class_weight
-
+        # the formula of sklearn's compute_class_weight("balanced"), from the counts alone: it
+        # would need every label of the split repeated, and a streamed split is not held
         counts = self.class_counts(train)
-        y = [name for name in labels for _ in range(counts[name])]
-        return torch.tensor(compute_class_weight("balanced", classes=labels, y=y), dtype=torch.float32)
+        n_c = torch.tensor([counts[name] for name in labels], dtype=torch.float64)
+        return (n_c.sum() / (len(labels) * n_c.clamp(min=1))).float()
 
     def token_lengths(self, records, tokenizer) -> list[int]:
         texts = [r["text"] for r in records]

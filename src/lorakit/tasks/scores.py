@@ -95,11 +95,12 @@ def rows(split: str, metrics: dict) -> list[tuple[str, str]]:
     if not classes:
         return out
     for name, c in classes["per_class"].items():
-        out.append((f"  {name}", f"precision {c['precision']:.3f}  recall {c['recall']:.3f}  f1 {c['f1']:.3f}  "
+        out.append((f"class {name}", f"precision {c['precision']:.3f}  recall {c['recall']:.3f}  f1 {c['f1']:.3f}  "
                                  f"({c['support']} examples)"))
     names = classes["confusion_matrix"]["labels"]
     width = max(max(len(str(n)) for n in names), max(len(str(v)) for r in classes["confusion_matrix"]["matrix"] for v in r))
-    out.append(("confusion", "rows: truth, columns: answer  " + " ".join(f"{n:>{width}}" for n in names)))
+    out.append(("confusion matrix", "rows: truth, columns: answer"))
+    out.append(("", " ".join(f"{n:>{width}}" for n in names)))
     for name, row in zip(names, classes["confusion_matrix"]["matrix"]):
         out.append((f"  {name}", " ".join(f"{v:>{width}}" for v in row)))
     return out
