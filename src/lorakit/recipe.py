@@ -74,7 +74,7 @@ def choose(config, task, method, train, tokenizer, model, world_size: int = 1):
     n = len(train)
     per_step = config.grad_accum * world_size
     if config.batch_size is None:
-        target, reason = global_batch_for(n, task, config)
+        target, reason = global_batch_for(n, task)
         changes["batch_size"] = max(1, math.ceil(target / per_step))
         shown = f" ({changes['batch_size']} per forward pass)" if per_step > 1 else ""
         choices.append(Choice("batch_size", target, reason + shown))
@@ -91,17 +91,18 @@ def choose(config, task, method, train, tokenizer, model, world_size: int = 1):
     return replace(config, **changes), choices
 
 
-def global_batch_for(n: int, task, config) -> tuple[int, str]:
-    """``(global batch, why)`` for ``n`` training examples."""
-    epochs = config.epochs or task.default_epochs
-    floor = 0 if config.steps or config.epochs else task.min_steps
+def global_batch_for(n: int, task) -> tuple[int, str]:
+    """``(global batch, why)`` for ``n`` training examples: the largest of :data:`BATCHES`
+    with which the task's epochs reach its step floor (whatever ``--steps`` or ``--epochs``
+    say, so that the batch depends on the data's size alone)."""
+    epochs, floor = task.default_epochs, task.min_steps
     for batch in BATCHES:
         if n // batch * epochs >= floor and batch <= n:
             why = f"{n:,} training examples" + (f": {epochs:g} epochs at batch {batch} reach the floor of {floor} "
                                                 f"steps" if floor else "")
             return batch, why
     batch = min(BATCHES[-1], n)
-    return batch, f"{n:,} training examples, too few for {task.min_steps} steps in {epochs:g} epochs at any larger batch"
+    return batch, f"{n:,} training examples, too few for {floor} steps in {epochs:g} epochs at a larger batch"
 
 
 def run_length(config, task, n: int, global_batch: int) -> tuple[int, Choice | None]:
