@@ -38,5 +38,6 @@ def test_a_200_row_real_slice_of_three_classes_keeps_its_shares():
     splits = split_records(rows, 0.1, 0.1, "debates", stratify_key="label")
     assert (len(splits.validation), len(splits.test)) == (20, 20)
     assert_shares_kept(splits, rows)
+    assert len({r["label"] for r in splits.test[:6]}) > 1  # each part shuffled: --data-limit's slice is mixed
     plain = split_records(rows, 0.1, 0.1, "debates")
     assert sorted(map(id, plain.train)) != sorted(map(id, splits.train))  # stratifying moved examples

@@ -56,7 +56,7 @@ def split_records(records: list, validation, test, source: str, group_key: str |
         raise LorakitError(f"{source} has {len(keys)} examples: too few for a validation split of {n_val} and a "
                            f"test split of {n_test} with any left to train on; give at least {n_val + n_test + 1}")
     if stratify_key:
-        keys = _stratified_order(keys, [groups[key][0][stratify_key] for key in keys], n_val, n_test)
+        keys = _stratified_order(keys, [groups[key][0][stratify_key] for key in keys], n_val, n_test, seed)
 
     def gather(part):
         return [record for key in part for record in groups[key]]
@@ -65,10 +65,11 @@ def split_records(records: list, validation, test, source: str, group_key: str |
                          test=gather(keys[n_val:n_val + n_test]), source=source)
 
 
-def _stratified_order(keys: list, classes: list, n_val: int, n_test: int) -> list:
+def _stratified_order(keys: list, classes: list, n_val: int, n_test: int, seed: int) -> list:
     """``keys`` (shuffled) reordered so that the first ``n_val`` hold each class's share of a
     validation part, the next ``n_test`` its share of a test part, and the rest is training;
-    within each part the shuffled order is kept.
+    each part shuffled again (a class that filled its validation share early would otherwise
+    lead the test part, and ``--data-limit`` takes the first examples of each part).
 
     Written here rather than with scikit-learn's ``train_test_split(stratify=...)``, which
     refuses a class of one example and rounds the two cuts one after the other."""
@@ -78,11 +79,14 @@ def _stratified_order(keys: list, classes: list, n_val: int, n_test: int) -> lis
     counts = {label: len(found) for label, found in members.items()}
     val = _quotas(counts, n_val, counts)
     test = _quotas(counts, n_test, {label: counts[label] - val[label] for label in counts})
-    part = {}
+    parts: list[list] = [[], [], []]
     for label, found in members.items():
         for i, key in enumerate(found):
-            part[key] = 0 if i < val[label] else 1 if i < val[label] + test[label] else 2
-    return sorted(keys, key=lambda key: part[key])  # a stable sort keeps the shuffled order
+            parts[0 if i < val[label] else 1 if i < val[label] + test[label] else 2].append(key)
+    shuffle = random.Random(seed + 1).shuffle
+    for part in parts:
+        shuffle(part)
+    return parts[0] + parts[1] + parts[2]
 
 
 def _quotas(counts: dict, total: int, room: dict) -> dict:
