@@ -21,24 +21,24 @@ def records(n: int, labels=("a", "b")) -> list[dict]:
 
 def plan(n: int, world_size: int = 1, **given):
     config = TrainConfig(max_length=64, **given)  # the length rule is tested on its own below
-    config, choices = recipe.choose(config, CLASSIFY, LORA, records(n), tokenizer=None, model=None,
+    config, choices = recipe.choose(config, CLASSIFY, get_method(config.method), records(n), tokenizer=None, model=None,
                                     world_size=world_size)
     global_batch = config.batch_size * config.grad_accum * world_size
     steps, length = recipe.run_length(config, CLASSIFY, n, global_batch)
     return config, global_batch, steps, {c.name: c for c in choices + ([length] if length else [])}
 
 
-@pytest.mark.parametrize("n, batch, steps, lr", [
-    (10_752, 32, 1_008, 1e-3),  # the default task: 3 epochs of 336 steps, as before the recipe
-    (4_000, 32, 375, 1e-3),     # 3 epochs of 125
-    (2_000, 16, 375, 7.1e-4),   # at 32, 3 epochs are 186 steps: under the floor
-    (480, 8, 300, 5e-4),        # 3 epochs of 60 = 180 steps: the floor adds two
-    (100, 8, 240, 5e-4),        # the floor would be 25 epochs: capped at 20
+@pytest.mark.parametrize("n, batch, steps", [
+    (10_752, 32, 1_008),  # the default task: 3 epochs of 336 steps, as before the recipe
+    (8_000, 32, 750),     # 3 epochs of 250
+    (4_000, 16, 750),     # at 32, 3 epochs are 375 steps: under the floor of 600
+    (2_000, 8, 750),
+    (480, 8, 600),        # 3 epochs of 60 = 180 steps: the floor makes it 10
+    (100, 8, 240),        # the floor would be 50 epochs: capped at 20
 ])
-def test_batch_steps_and_lr_follow_their_rule(n, batch, steps, lr):
+def test_batch_and_steps_follow_their_rule(n, batch, steps):
     config, global_batch, total, choices = plan(n)
-    assert (global_batch, total, config.lr) == (batch, steps, pytest.approx(lr, rel=1e-6))
-    assert config.lr == pytest.approx(float(f"{LORA.default_lr * math.sqrt(batch / 32):.2g}"))
+    assert (global_batch, total, config.lr) == (batch, steps, LORA.default_lr)
     # the floor: at least min_steps, or MAX_EPOCHS epochs when fewer
     assert total >= min(CLASSIFY.min_steps, recipe.MAX_EPOCHS * (n // batch))
     # the batch: the largest whose 3 epochs reach the floor (8 when none does)
@@ -54,8 +54,10 @@ def test_what_the_user_gives_is_kept_and_not_explained():
     assert choices == {}
     config, global_batch, total, choices = plan(480, steps=7)
     assert (global_batch, total) == (8, 7) and set(choices) == {"batch_size", "lr"}
-    config, global_batch, total, _ = plan(480, batch_size=32)  # a given batch still gets the floor
+    config, global_batch, total, _ = plan(480, batch_size=32)  # a given batch still gets the floor (at most 20 epochs)
     assert (global_batch, total, config.lr) == (32, 300, 1e-3)
+    config, _, _, _ = plan(480, method="full")
+    assert config.lr == get_method("full").default_lr
 
 
 def test_the_global_batch_is_shared_by_processes_and_accumulation():

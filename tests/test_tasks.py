@@ -18,7 +18,7 @@ def tiny(tmp_path_factory):
 def test_the_registered_tasks_keep_their_defaults():
     defaults = {name: (t.metric, t.max_length_cap, t.default_epochs, t.min_steps, t.default_eval_batch_size,
                        t.trains_head) for name, t in TASKS.items()}
-    assert defaults == {"classify": ("accuracy", 256, 3.0, 300, 64, True), "chat": ("loss", 512, 1.0, 0, 8, False),
+    assert defaults == {"classify": ("accuracy", 256, 3.0, 600, 64, True), "chat": ("loss", 512, 1.0, 0, 8, False),
                         "text": ("loss", 512, 1.0, 0, 8, False)}
 
 

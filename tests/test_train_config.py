@@ -24,7 +24,7 @@ def test_the_recipe_defaults_are_explained_in_the_flags_help():
     help_of = {f.name: f.metadata["default_help"] for f in fields(TrainConfig)}
     for name, method in METHODS.items():
         assert f"{name} {method.default_lr:g}" in help_of["lr"]()
-    assert "classify 300" in help_of["steps"]() and "classify 256" in help_of["max_length"]()
+    assert "classify 600" in help_of["steps"]() and "classify 256" in help_of["max_length"]()
 
 
 def test_every_field_says_what_it_does_and_whether_a_resume_shares_it():

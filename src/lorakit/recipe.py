@@ -10,11 +10,12 @@ and why. The rules, with their constants below:
   32, 16 and 8 with which the task's epochs reach its step floor; 8 when none does.
   Never more than the training examples.
 - **steps**: the task's epochs at that batch, but at least the task's floor
-  (``Task.min_steps``: 300 for classification, where the new head needs 50-100 steps
-  before it leaves the majority-class plateau, docs/training.md), unless the floor would
-  take more than :data:`MAX_EPOCHS` epochs.
-- **lr**: the method's rate, measured at batch 32, times ``sqrt(batch / 32)`` (the
-  square-root rule for Adam: the gradient noise grows as the batch shrinks).
+  (``Task.min_steps``: 600 for classification: a new head starts on the majority-class
+  plateau, 50-100 steps on the reviews, 300-400 on 480 drug reviews, docs/training.md),
+  unless the floor would take more than :data:`MAX_EPOCHS` epochs.
+- **lr**: the method's rate (``Method.default_lr``), at any of these batches: measured at
+  batch 32 on the reviews and at batch 8 on the drug reviews, where half of it (the
+  square-root rule for Adam, ``sqrt(8/32)``) had not left the plateau after 300 steps.
 - **max_length**: the 99th percentile of the training examples' token lengths (all of
   them, or a seeded sample of :data:`SAMPLE_SIZE`), rounded up to a multiple of 16; at
   most the model's limit and the task's cap (``Task.max_length_cap``: what longer
@@ -35,7 +36,6 @@ import numpy as np
 from lorakit.data.stream import RecordStream
 
 BATCHES = (32, 16, 8)  # global batch sizes the recipe picks from, largest first
-REFERENCE_BATCH = 32  # the batch the methods' learning rates were measured at
 MAX_EPOCHS = 20  # the step floor never asks for more epochs than this
 LENGTH_PERCENTILE = 99
 LENGTH_MULTIPLE = 16
@@ -78,13 +78,9 @@ def choose(config, task, method, train, tokenizer, model, world_size: int = 1):
         changes["batch_size"] = max(1, math.ceil(target / per_step))
         shown = f" ({changes['batch_size']} per forward pass)" if per_step > 1 else ""
         choices.append(Choice("batch_size", target, reason + shown))
-    global_batch = (changes.get("batch_size") or config.batch_size) * per_step
     if config.lr is None:
-        changes["lr"] = float(f"{method.default_lr * math.sqrt(global_batch / REFERENCE_BATCH):.2g}")
-        reason = (f"the {method.name} method's {method.default_lr:g} at batch {REFERENCE_BATCH}"
-                  + (f", times sqrt({global_batch}/{REFERENCE_BATCH}) for batch {global_batch}"
-                     if global_batch != REFERENCE_BATCH else ""))
-        choices.append(Choice("lr", changes["lr"], reason))
+        changes["lr"] = method.default_lr
+        choices.append(Choice("lr", method.default_lr, f"the {method.name} method's rate"))
     if config.max_length is None:
         changes["max_length"], reason = max_length_for(task, sample_records(train), tokenizer, model)
         choices.append(Choice("max_length", changes["max_length"], reason))

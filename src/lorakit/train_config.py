@@ -114,8 +114,7 @@ class TrainConfig:
         "batch examples of similar length together (less padding)", flag=False))
     lr: float | None = field(default=None, metadata=setting(
         "peak learning rate, reached after the warmup, then a cosine decay to 0",
-        default_help=lambda: "the recipe's: " + _lr_per_method()[len("the method's: "):] + " at batch 32, times "
-                             "sqrt(batch/32)"))
+        default_help=lambda: "the recipe's: the method's, " + _lr_per_method()[len("the method's: "):]))
     warmup: float = field(default=0.06, metadata=setting("fraction of the steps spent warming the learning rate up"))
     weight_decay: float = field(default=0.01, metadata=setting(
         "AdamW's decoupled weight decay on matrices (not on biases and norms)"))

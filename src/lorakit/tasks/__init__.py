@@ -44,9 +44,10 @@ def get_task(name: str) -> Task:
 
 
 # max_length_cap: what the recipe (lorakit.recipe) may choose at most; min_steps: its floor on optimizer steps
-# (a classifier's head needs 50-100 steps to leave the majority-class plateau: docs/training.md)
+# (a classifier's new head starts on the majority-class plateau: 50-100 steps on the reviews, 300-400 on
+# 480 drug reviews at batch 8; docs/training.md)
 register_task(ClassificationTask(name="classify", load_model=load_classifier, default_data=lkdata.rotten_tomatoes,
-                                 max_length_cap=256, default_epochs=3.0, default_eval_batch_size=64, min_steps=300))
+                                 max_length_cap=256, default_epochs=3.0, default_eval_batch_size=64, min_steps=600))
 # a language model's logits are (batch, tokens, vocabulary): evaluation batches are kept small
 register_task(LanguageModelTask(name="chat", chat=True, load_model=load_causal_lm, default_data=lkdata.chatterbot_pairs,
                                 max_length_cap=512, default_epochs=1.0, default_eval_batch_size=8))
