@@ -5,7 +5,6 @@ The figures are not checked: they are measured on a quiet machine."""
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
