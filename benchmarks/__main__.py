@@ -21,7 +21,7 @@ from pathlib import Path
 from benchmarks.harness import machine_name
 
 # Benchmark modules under benchmarks/, each with run(quick: bool) -> dict.
-BENCHMARKS = ["svd", "serve", "training", "inference", "bottleneck", "adapters", "combine", "memory_fsdp", "dora", "memory"]
+BENCHMARKS = ["svd", "serve", "training", "inference", "bottleneck", "adapters", "combine", "memory_fsdp", "dora", "memory", "own_data"]
 
 RESULTS = Path(__file__).parent / "results"
 DOC = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"

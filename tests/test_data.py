@@ -129,6 +129,10 @@ def test_chatterbot_pairs_leave_out_tech_support_and_coding_and_split_by_questio
     assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in every)
     train_questions = {r["question"] for r in splits.train}
     assert not train_questions & {r["question"] for r in splits.validation + splits.test}
+    # trivia.yml holds one entry that is a bare string, not a list of turns: it is no conversation
+    # (iterated, its characters became 80 pairs such as "w" -> "o", the whole first batch of a chat run)
+    assert not [r for r in every if len(r["messages"][0]["content"]) == 1 and len(r["messages"][1]["content"]) == 1]
+    assert len(every) == 1072
 
 
 def test_split_records_counts_and_fractions():

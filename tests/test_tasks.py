@@ -16,10 +16,10 @@ def tiny(tmp_path_factory):
 
 
 def test_the_registered_tasks_keep_their_defaults():
-    defaults = {name: (t.metric, t.default_max_length, t.default_epochs, t.default_eval_batch_size, t.trains_head)
-                for name, t in TASKS.items()}
-    assert defaults == {"classify": ("accuracy", 64, 3.0, 64, True), "chat": ("loss", 256, 1.0, 8, False),
-                        "text": ("loss", 128, 1.0, 8, False)}
+    defaults = {name: (t.metric, t.max_length_cap, t.default_epochs, t.min_steps, t.default_eval_batch_size,
+                       t.trains_head) for name, t in TASKS.items()}
+    assert defaults == {"classify": ("accuracy", 256, 3.0, 600, 64, True), "chat": ("loss", 512, 1.0, 0, 8, False),
+                        "text": ("loss", 512, 1.0, 0, 8, False)}
 
 
 def test_a_registered_task_brings_its_own_defaults_to_training(tiny, tmp_path):
@@ -31,15 +31,15 @@ def test_a_registered_task_brings_its_own_defaults_to_training(tiny, tmp_path):
     task = register_task(ClassificationTask(
         name="colours", load_model=lambda spec, labels: load_classifier(tiny["cls"], id2label=labels),
         default_data=lambda: DatasetSplits(records[:40], records[40:44], records[44:], "colours"),
-        default_max_length=12, default_epochs=2.0, default_eval_batch_size=3))
+        max_length_cap=12, default_epochs=2.0, default_eval_batch_size=3))
     try:
         config = TrainConfig(task="colours", batch_size=8, progress=False, bf16=False, out=str(tmp_path / "run"))
-        assert (config.max_length, config.eval_batch_size) == (12, 3)
+        assert config.eval_batch_size == 3
         report = train(config)
     finally:
         TASKS.pop(task.name)
     assert report["steps"] == 2 * (40 // 8)  # two epochs, the task's default
-    assert report["max_length"] == 12 and report["test"]["examples"] == 4
+    assert report["max_length"] == 12 and report["test"]["examples"] == 4  # the recipe kept to the task's cap
     # the head (3 classes) trained in full next to the adapter: the task's heads
     assert report["trainable_params"] == 2 * 2 * (8 * 32 + 32 * 8) + 32 * 3 + 3
 

@@ -134,24 +134,28 @@ def _unique_names(folders: list[Path]) -> list[str]:
 
 
 def evaluate_trained(trained: Trained, data: str | None = None, batch_size: int | None = None) -> dict:
-    """Metrics of every adapter of ``trained`` on ``data``: ``{name: metrics}``.
+    """Metrics of every adapter of ``trained`` on ``data``: ``{name: metrics}``; a
+    classifier's include the majority-class baseline and the breakdown by class
+    (:meth:`lorakit.tasks.Task.metrics`).
 
     ``data`` None scores the test split of the data it was trained on; a file is
-    scored whole (every record).
+    scored whole (every record), its columns named as in training (``--text-column``...).
     """
     from lorakit import data as lkdata
     from lorakit.tasks import encode_splits
 
     task, info = trained.task, trained.info
     batch_size = batch_size or task.default_eval_batch_size
-    max_length = info.get("max_length") or task.default_max_length
+    max_length = info.get("max_length") or task.max_length_cap
+    columns = info.get("columns") or None
     if data is None:
-        splits = read_splits(task, info.get("data", "default"), info.get("data_limit"))
+        splits = read_splits(task, info.get("data", "default"), info.get("data_limit"), columns, info.get("stream"),
+                             info.get("stream_buffer") or 10_000)
         splits = lkdata.DatasetSplits([], [], splits.test, splits.source)
         if not splits.test:
             raise LorakitError(f"{splits.source} has no test split; give --data FILE to evaluate on")
     else:
-        records = task.read_records(data)
+        records = task.read_records(data, columns)
         splits = lkdata.DatasetSplits([], [], records, str(data))
     encoded = encode_splits(task, splits, trained.tokenizer, max_length, info.get("labels"), allow_empty_train=True)
     pad_id = trained.tokenizer.pad_token_id if trained.tokenizer.pad_token_id is not None else 0
@@ -159,7 +163,8 @@ def evaluate_trained(trained: Trained, data: str | None = None, batch_size: int 
     results = {}
     for name in trained.names:
         trained.use(name)
-        results[name] = evaluate(task, trained.model, encoded.test, pad_id, batch_size, device)
+        results[name] = evaluate(task, trained.model, encoded.test, pad_id, batch_size, device,
+                                 labels=info.get("labels"))
     return results
 
 
@@ -172,7 +177,7 @@ def predict(trained: Trained, texts: list[str]) -> dict:
     Raises:
         LorakitError: the model is not a classifier.
     """
-    max_length = trained.info.get("max_length") or trained.task.default_max_length
+    max_length = trained.info.get("max_length") or trained.task.max_length_cap
     results = {}
     for name in trained.names:
         trained.use(name)

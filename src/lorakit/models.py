@@ -101,7 +101,9 @@ def load_classifier(spec: str = "default", num_labels: int | None = None, id2lab
     source = embedded_path(*DEFAULT_CLASSIFIER) if spec == "default" else _resolve(spec)
     kwargs = {"num_labels": num_labels} if num_labels is not None else {}
     if id2label is not None:
-        kwargs.update(id2label=id2label, label2id={name: i for i, name in id2label.items()})
+        # a folder whose head has another number of classes gets a new head of the right size
+        kwargs.update(id2label=id2label, label2id={name: i for i, name in id2label.items()},
+                      ignore_mismatched_sizes=True)
     # The embedded encoder has no classifier head: transformers' report of a new head is expected.
     with _transformers_quiet(spec == "default"):
         model = _from_pretrained(AutoModelForSequenceClassification, source, **kwargs)

@@ -306,3 +306,41 @@ def plot_training_curves(lines, path, metric: str = "accuracy", title: str = "Tr
     right.grid(True, alpha=0.3)
     fig.suptitle(title)
     return save_figure(fig, path)
+
+
+__all__ += ["plot_confusion_matrix"]
+
+
+def plot_confusion_matrix(matrix, labels, path, title: str = "Confusion matrix") -> Path:
+    """A confusion matrix as a heat map with its counts written in the cells.
+
+    Args:
+        matrix: ``(k, k)`` counts, ``matrix[i][j]`` = examples of class ``i`` answered ``j``
+            (rows: truth, columns: answer), as :func:`sklearn.metrics.confusion_matrix`.
+        labels: the ``k`` class names.
+        path: where to write the figure (.png, .pdf or .svg).
+    """
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(matrix, dtype=np.int64)
+    k = len(labels)
+    if counts.shape != (k, k):
+        raise LorakitError(f"a confusion matrix for {k} labels must be {k}x{k}, got shape {counts.shape}")
+    # each row as a share of its class, so a rare class's errors show as plainly as a common one's
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = min(12.0, 2.5 + 0.6 * k)
+    fig = Figure(figsize=(size + 1, size))
+    ax = fig.add_subplot(1, 1, 1)
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="share of the true class")
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), [str(name) for name in labels], rotation=45, ha="right")
+    ax.set_yticks(range(k), [str(name) for name in labels])
+    ax.set_xlabel("answer")
+    ax.set_ylabel("truth")
+    ax.set_title(title)
+    return save_figure(fig, path)

@@ -147,7 +147,9 @@ def _mb(n) -> str:
 
 
 def format_report(report: dict) -> str:
-    """The final report as a few aligned lines for the terminal."""
+    """The final report as a few aligned lines for the terminal: the task's own lines for
+    the scored split (``report_rows``: a classifier's beside its majority-class baseline),
+    and last the warning, if any, that the model did not beat that baseline."""
     metric = report["metric"]
     before, after, test = report["validation_before"], report["validation_after"], report.get("test") or {}
 
@@ -166,14 +168,16 @@ def format_report(report: dict) -> str:
         ("steps", f"{report['steps']} x global batch {report['global_batch']} ({report['world_size']} process(es), "
                   f"{'bf16 mixed precision' if report.get('bf16') else 'fp32'})"),
         (f"validation {metric}", f"{show(before)} before -> {show(after)} after (best at step {report['best_step']})"),
-        (f"test {metric}", show(test) if test else "n/a (no test split)"),
+        *(report.get("report_rows") or [(f"test {metric}", show(test) if test else "n/a (no test split)")]),
         ("wall time", f"{report['wall_time_s']:.1f} s (training loop {report['train_time_s']:.1f} s)"),
         ("peak memory", _mb(memory["peak_rss_bytes"]) + " RSS"
          + (f" (training steps: {_mb(memory['train_steps_peak_rss_bytes'])})" if "train_steps_peak_rss_bytes" in memory
             else "")
          + (f", {_mb(memory['cuda_peak_allocated_bytes'])} CUDA" if "cuda_peak_allocated_bytes" in memory else "")),
         ("saved to", f"{report['saved_to']} ({_mb(report['saved_bytes'])})"),
-        ("report", f"{report['report_path']}, {report['metrics_path']}, {report['plot_path']}"),
+        ("report", ", ".join(report[key] for key in ("report_path", "metrics_path", "plot_path", "confusion_path")
+                             if report.get(key))),
     ]
     width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines + ([report["warning"]] if report.get("warning") else []))

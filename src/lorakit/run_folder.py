@@ -5,7 +5,7 @@ Layout of a run folder::
     DIR/lorakit_run.json          the marker: this is a lorakit run; the files of each saved result
     DIR/adapter/  (or model/)     the trained result (``Method.saved_name``), with lorakit_task.json
     DIR/state/last/               the checkpoint (lorakit.checkpoint); DIR/state/best.safetensors
-    DIR/metrics.jsonl  DIR/curves.png  DIR/report.json
+    DIR/metrics.jsonl  DIR/curves.png  DIR/report.json  DIR/confusion.png (a classifier's)
 
 Ownership, the rule a run follows before it writes anything:
 
@@ -36,6 +36,7 @@ MARKER = "lorakit_run.json"
 TASK_FILE = "lorakit_task.json"  # in a saved result: how to load and use it again
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
+CONFUSION = "confusion.png"
 REPORT = "report.json"
 STATE = "state"
 
@@ -45,7 +46,8 @@ class RunFolder:
 
     Attributes:
         root: the folder (``--out``).
-        metrics, curves, report: the paths of ``metrics.jsonl``, ``curves.png``, ``report.json``.
+        metrics, curves, report, confusion: the paths of ``metrics.jsonl``, ``curves.png``,
+            ``report.json``, ``confusion.png``.
         checkpoint: the checkpoint folder, ``state/last``.
         best: the best trainable weights so far, ``state/best.safetensors``.
     """
@@ -54,6 +56,7 @@ class RunFolder:
         self.root = Path(root)
         self.metrics = self.root / METRICS
         self.curves = self.root / CURVES
+        self.confusion = self.root / CONFUSION
         self.report = self.root / REPORT
         self.checkpoint = self.root / STATE / "last"
         self.best = self.root / STATE / "best.safetensors"
@@ -91,7 +94,7 @@ class RunFolder:
             return True
         if not self.root.is_dir():
             return False
-        names = {METRICS, CURVES, REPORT, STATE}
+        names = {METRICS, CURVES, CONFUSION, REPORT, STATE}
         own = all(p.name in names or (p / TASK_FILE).is_file() for p in _visible(self.root))
         return own and (atomic.existing_folder(self.checkpoint) is not None or self.report.is_file())
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit import atomic, checkpoint, distributed
+from lorakit import atomic, checkpoint, distributed, recipe
 from lorakit.checkpointing import enable_checkpointing
 from lorakit.data.batches import batch_of_step
 from lorakit.data.encode import collate
@@ -112,15 +112,19 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     task, method = get_task(config.task), get_method(config.method)
     folder = RunFolder.claim(config.out, config.overwrite)
     torch.manual_seed(config.seed)
-    splits = read_splits(task, config.data, config.data_limit)
+    splits = read_splits(task, config.data, config.data_limit, config.columns(), config.stream, config.stream_buffer)
     labels = task.labels(splits.train, splits.source)
     model, tokenizer = task.load_model(config.model, labels)
     if config.model_dropout is not None:
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = config.model_dropout
+    config, choices = recipe.choose(config, task, method, splits.train, tokenizer, model, runtime.world_size)
     data = encode_splits(task, splits, tokenizer, config.max_length, labels)
     sizes = data.sizes()
+    loss_options = {}
+    if config.class_weights:
+        loss_options["class_weights"] = task.class_weights(splits.train, labels, config.class_weights)
     if runtime.is_main:
         print(f"data: {data.source}: {sizes['train']} train, {sizes['validation']} validation, "
               f"{sizes['test']} test examples")
@@ -152,15 +156,17 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     if steps_per_epoch == 0:
         raise LorakitError(f"the training split has {len(data.train)} examples, fewer than one global batch of "
                            f"{global_batch}; lower --batch-size or --grad-accum")
-    epochs = config.epochs or task.default_epochs
-    total_steps = config.steps or max(1, round(epochs * steps_per_epoch))
+    total_steps, length_choice = recipe.run_length(config, task, len(data.train), global_batch)
+    choices += [length_choice] if length_choice else []
+    if runtime.is_main:
+        print("\n".join(choice.line() for choice in choices))
     optimizer, scheduler = build_optimizer(model, config.lr, config.weight_decay, config.warmup, total_steps,
                                            config.loraplus_ratio)
     return Run(config, runtime, task, method, folder, model, tokenizer, data, bf16, params, trainable, total,
                optimizer, scheduler,
                global_batch, steps_per_epoch, total_steps,
                eval_every=config.eval_every or max(1, total_steps // EVALUATIONS_PER_RUN), started=started,
-               lengths=tuple(len(e.input_ids) for e in data.train))
+               lengths=data.train_lengths(), loss_options=loss_options, choices=choices)
 
 
 def frozen_to_bf16(model) -> None:
@@ -217,7 +223,7 @@ def train_step(run: Run, progress: Progress, step: int) -> tuple[float, float, f
     config, runtime = run.config, run.runtime
     examples = batch_of_step(run.data.train, run.lengths, step, run.steps_per_epoch, run.global_batch, config.seed,
                              config.group_by_length)
-    count = sum(e.target_count() for e in examples)  # the whole global batch's
+    count = run.task.batch_count(examples, **run.loss_options)  # the whole global batch's (summed class weights)
     mine = examples[runtime.rank::runtime.world_size]
     micro_batches = [mine[i::config.grad_accum] for i in range(config.grad_accum)]
     loss_sum = torch.zeros((), device=runtime.device)
@@ -226,7 +232,7 @@ def train_step(run: Run, progress: Progress, step: int) -> tuple[float, float, f
         last = i == len(micro_batches) - 1
         with distributed.gradient_sync(run.ddp_model, runtime, sync=last):
             with run.autocast():
-                stats = run.task.batch_stats(run.ddp_model, batch, config.label_smoothing)
+                stats = run.task.batch_stats(run.ddp_model, batch, config.label_smoothing, **run.loss_options)
             # DDP and FSDP average gradients over processes: scale back to a sum over the global batch
             (stats["loss_sum"] * runtime.world_size / count).backward()
         loss_sum += stats["loss_sum"].detach()
@@ -303,7 +309,8 @@ def _write_best(run: Run) -> None:
 
     task_info = {"task": config.task, "method": config.method, "model": absolute(config.model),
                  "adapter_name": config.adapter_name, "labels": run.data.labels, "max_length": config.max_length,
-                 "data": absolute(config.data), "data_limit": config.data_limit}
+                 "data": absolute(config.data), "data_limit": config.data_limit, "columns": config.columns(),
+                 "stream": config.stream, "stream_buffer": config.stream_buffer}
 
     def write(folder: Path):
         run.method.export(run.model, run.tokenizer, folder, config)
@@ -320,10 +327,11 @@ def report(run: Run, progress: Progress, train_time: float, train_peak: int) -> 
     report (``report.json``, ``curves.png``, printed)."""
     config, folder = run.config, run.folder
     checkpoint.load_tensors(run.model, folder.best)
-    after = run.evaluate(run.data.validation)
-    test = run.evaluate(run.data.test) if run.data.test else None
+    after = run.evaluate(run.data.validation, detail=True)
+    test = run.evaluate(run.data.test, detail=True) if run.data.test else None
     saved_to = folder.root / run.method.saved_name
     trainable, total = run.trainable, run.total
+    scored, split = (test, "test") if test else (after, "validation")
     result = {
         "task": run.task.name, "metric": run.task.metric, "method": config.method, "model": config.model,
         "rank": config.rank, "alpha": config.alpha, "init_rank": config.init_rank,
@@ -332,7 +340,8 @@ def report(run: Run, progress: Progress, train_time: float, train_peak: int) -> 
         "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / total,
         "steps": run.total_steps, "global_batch": run.global_batch, "world_size": run.runtime.world_size,
         "fsdp": run.runtime.sharded,
-        "lr": config.lr, "max_length": config.max_length, "bf16": run.bf16,
+        "lr": config.lr, "max_length": config.max_length, "bf16": run.bf16, "class_weights": config.class_weights,
+        "recipe": {c.name: {"value": c.value, "reason": c.reason} for c in run.choices},
         "validation_before": progress.before, "validation_after": after, "best_step": progress.best_step,
         "test": test, "wall_time_s": time.perf_counter() - run.started, "train_time_s": train_time,
         "memory": {**peak_memory_bytes(run.runtime.device), "train_steps_peak_rss_bytes": train_peak},
@@ -340,13 +349,18 @@ def report(run: Run, progress: Progress, train_time: float, train_peak: int) -> 
         "saved_to": str(saved_to), "saved_bytes": folder_size(saved_to) if saved_to.exists() else 0,
         "metrics_path": str(folder.metrics), "plot_path": str(folder.curves),
         "report_path": str(folder.report), "settings": config.settings(),
+        "report_rows": run.task.report_rows(split, scored), "warning": run.task.verdict(scored, split),
     }
     if run.runtime.is_main:
         if test is not None:
-            run.log.write(step=progress.step, split="test", **test)
-        from lorakit.plots import plot_training_curves
+            run.log.write(step=progress.step, split="test", **{k: v for k, v in test.items() if k != "classes"})
+        from lorakit.plots import plot_confusion_matrix, plot_training_curves
 
         plot_training_curves(read_metrics(folder.metrics), folder.curves, metric=run.task.metric)
+        if scored.get("classes"):
+            matrix = scored["classes"]["confusion_matrix"]
+            result["confusion_path"] = str(plot_confusion_matrix(matrix["matrix"], matrix["labels"], folder.confusion,
+                                                                 title=f"{split} confusion matrix"))
         atomic.write_json(folder.report, result)
         print(format_report(result))
     return result

@@ -2,9 +2,11 @@
 
 Each field carries its help text beside it (``field(metadata=setting(...))``); the
 ``lorakit train`` flags are generated from these fields (``--batch-size`` for
-``batch_size``), so a default is written once, here. Defaults that depend on the task
-or the method (max length, epochs, evaluation batch, learning rate) are written once
-in :mod:`lorakit.tasks` and :mod:`lorakit.methods`, and resolved in ``__post_init__``.
+``batch_size``), so a default is written once, here. A None default of the batch, the
+learning rate, the max length and the run's length means "the recipe chooses" from the
+data (:mod:`lorakit.recipe`, called when training sets up); what the recipe starts from
+per task or method (epochs, step floor, length cap, learning rate at batch 32) is
+written once in :mod:`lorakit.tasks` and :mod:`lorakit.methods`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from lorakit.errors import LorakitError
 from lorakit.layers.quantized import QUANT_KINDS
 from lorakit.methods import METHODS, get_method
 from lorakit.tasks import TASKS, get_task, per_task
+from lorakit.recipe import MAX_EPOCHS
+from lorakit.tasks.classify import CLASS_WEIGHTS
 
 TRAINABLE_INITS = ("gaussian", "kaiming", "olora", "pissa")  # olora, pissa: saved converted for the original W
 EVALUATIONS_PER_RUN = 5  # when eval_every is not given
@@ -59,7 +63,23 @@ class TrainConfig:
         choices=lambda: sorted(TASKS)))
     model: str = field(default="default", metadata=setting("'default' (the task's embedded model) or a model folder"))
     data: str = field(default="default", metadata=setting(
-        "'default' (embedded dataset), a .jsonl/.csv file, or a folder with train/validation(/test) files"))
+        "'default' (embedded dataset), a .jsonl/.csv/.parquet file, a folder saved by Hugging Face datasets "
+        "(save_to_disk), or a folder with train/validation(/test) files"))
+    text_column: str | None = field(default=None, metadata=setting(
+        "the column holding the text, when it is not 'text'", default_help="text"))
+    label_column: str | None = field(default=None, metadata=setting(
+        "the column holding the class, when it is not 'label'", default_help="label"))
+    prompt_column: str | None = field(default=None, metadata=setting(
+        "the column holding a prompt, when it is not 'prompt'", default_help="prompt"))
+    completion_column: str | None = field(default=None, metadata=setting(
+        "the column holding a completion, when it is not 'completion'", default_help="completion"))
+    messages_column: str | None = field(default=None, metadata=setting(
+        "the column holding a chat's messages, when it is not 'messages'", default_help="messages"))
+    stream: bool | None = field(default=None, metadata=setting(
+        "read a .jsonl/.parquet file as a stream of blocks instead of whole (for files larger than memory)",
+        default_help="for files over 1 GiB"))
+    stream_buffer: int = field(default=10_000, metadata=setting(
+        "records a streamed file's reader holds at most (its blocks, shuffled one at a time)"))
     method: str = field(default="lora", metadata=setting(
         "what trains: lora, full (every weight), or adalora (ranks pruned during training)",
         choices=lambda: sorted(METHODS)))
@@ -83,18 +103,21 @@ class TrainConfig:
     model_dropout: float | None = field(default=None, metadata=setting(
         "set every dropout of the model to this probability", default_help="the model's own, 0.1 for BERT"))
     steps: int | None = field(default=None, metadata=setting(
-        "optimizer steps", default_help=_per_task("default_epochs", "the task's epochs"),
-        group="length"))
+        "optimizer steps", default_help=lambda: _per_task("default_epochs", "the recipe's: the task's epochs")() +
+        f"; at least the task's floor ({per_task('min_steps')}), at most {MAX_EPOCHS} epochs", group="length"))
     epochs: float | None = field(default=None, metadata=setting(
-        "passes over the training split", default_help=_per_task("default_epochs"), group="length"))
-    batch_size: int = field(default=32, metadata=setting(
+        "passes over the training split", default_help=_per_task("default_epochs", "the recipe's: the task's"),
+        group="length"))
+    batch_size: int | None = field(default=None, metadata=setting(
         "examples per process per forward pass; an optimizer step's global batch is "
-        "batch_size x grad_accum x processes"))
+        "batch_size x grad_accum x processes",
+        default_help="the recipe's: a global batch of 32, 16 or 8, the largest that gives the task's step floor"))
     grad_accum: int = field(default=1, metadata=setting("forward passes per optimizer step"))
     group_by_length: bool = field(default=True, metadata=setting(
         "batch examples of similar length together (less padding)", flag=False))
     lr: float | None = field(default=None, metadata=setting(
-        "peak learning rate, reached after the warmup, then a cosine decay to 0", default_help=_lr_per_method))
+        "peak learning rate, reached after the warmup, then a cosine decay to 0",
+        default_help=lambda: "the recipe's: the method's, " + _lr_per_method()[len("the method's: "):]))
     warmup: float = field(default=0.06, metadata=setting("fraction of the steps spent warming the learning rate up"))
     weight_decay: float = field(default=0.01, metadata=setting(
         "AdamW's decoupled weight decay on matrices (not on biases and norms)"))
@@ -103,8 +126,13 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata=setting(
         "gradients are clipped to this global L2 norm", flag=False))
     label_smoothing: float = field(default=0.0, metadata=setting("label smoothing of the classification loss"))
+    class_weights: str | None = field(default=None, metadata=setting(
+        "weigh the classification loss by class: balanced gives class c the weight n/(k*n_c), so rare classes "
+        "count as much as common ones", choices=lambda: list(CLASS_WEIGHTS), default_help="every example alike"))
     max_length: int | None = field(default=None, metadata=setting(
-        "tokens per example; longer ones are truncated", default_help=_per_task("default_max_length")))
+        "tokens per example; longer ones are truncated",
+        default_help=lambda: "the recipe's: the 99th percentile of the training texts' token lengths, rounded up to "
+                             f"a multiple of 16, at most the model's limit and the task's cap ({per_task('max_length_cap')})"))
     # bf16 on: forward and backward products in bfloat16 under torch.autocast; weights,
     # gradients and AdamW state stay fp32 (a method that freezes the model, lora, then
     # stores the frozen weights in bf16). Slower on CPUs without bfloat16 hardware.
@@ -143,11 +171,12 @@ class TrainConfig:
     progress: bool = field(default=True, metadata=setting("show the progress bar", flag=False, shared=False))
 
     def __post_init__(self):
-        task, method = get_task(self.task), get_method(self.method)
+        task = get_task(self.task)
+        method = get_method(self.method)
         if self.steps is not None and self.epochs is not None:
             raise LorakitError(f"give --steps ({self.steps}) or --epochs ({self.epochs}), not both")
         for name in ("rank", "init_rank", "target_rank", "batch_size", "grad_accum", "steps", "max_length", "eval_every", "eval_batch_size",
-                     "data_limit", "stop_after"):
+                     "data_limit", "stop_after", "stream_buffer"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise LorakitError(f"{name} must be a positive integer, got {value!r}")
@@ -187,11 +216,18 @@ class TrainConfig:
         if self.init not in TRAINABLE_INITS:
             raise LorakitError(f"init {self.init!r} cannot be trained here: its adapter does not apply to the original "
                                f"base model; choose one of {sorted(TRAINABLE_INITS)}")
+        if self.class_weights is not None and not task.has_classes:
+            raise LorakitError(f"--class-weights is for a task with classes; task {self.task!r} has none")
+        if self.class_weights is not None and self.class_weights not in CLASS_WEIGHTS:
+            raise LorakitError(f"class_weights {self.class_weights!r} is unknown; choose one of {list(CLASS_WEIGHTS)}")
         self.targets = parse_targets(self.targets)
-        self.lr = self.lr if self.lr is not None else method.default_lr
-        self.max_length = self.max_length or task.default_max_length
         self.eval_batch_size = self.eval_batch_size or task.default_eval_batch_size
         self.out = self.out or DEFAULT_OUT.format(task=self.task, method=self.method)
+
+    def columns(self) -> dict:
+        """``{standard key: the user's column}`` of the ``--*-column`` flags given."""
+        return {key: getattr(self, f"{key}_column") for key in ("text", "label", "prompt", "completion", "messages")
+                if getattr(self, f"{key}_column")}
 
     def settings(self) -> dict:
         """The settings a resume must share with the run it continues (fields marked ``shared``)."""

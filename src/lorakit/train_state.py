@@ -60,6 +60,8 @@ class Run:
     start_step: int = 0
     loop_started: float = 0.0
     lengths: tuple = field(default=(), repr=False)
+    loss_options: dict = field(default_factory=dict)  # e.g. class_weights, given to Task.batch_stats / batch_count
+    choices: list = field(default_factory=list)  # what lorakit.recipe chose (recipe.Choice)
 
     @property
     def pad_id(self) -> int:
@@ -72,10 +74,12 @@ class Run:
     def autocast(self):
         return torch.autocast(self.runtime.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def evaluate(self, examples) -> dict:
+    def evaluate(self, examples, detail: bool = False) -> dict:
+        """The task's metrics on ``examples``; ``detail``: with the breakdown by class."""
         with self.autocast():
             return evaluate(self.task, self.model, examples, self.pad_id, self.config.eval_batch_size,
-                            self.runtime.device, self.runtime.rank, self.runtime.world_size)
+                            self.runtime.device, self.runtime.rank, self.runtime.world_size,
+                            labels=self.data.labels if detail else None)
 
     def start_loop(self, progress: Progress) -> None:
         self.start_step = progress.step

@@ -29,8 +29,18 @@ def run(args) -> int:
 
     trained = load_trained(args.adapter, merge=args.merge, device=pick_device(args.device))
     results = evaluate_trained(trained, args.data, args.batch_size)
+    split = "test" if args.data is None else "data"
+    warnings = []
     for name, metrics in results.items():
         shown = ", ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
-                          for key, value in metrics.items())
+                          for key, value in metrics.items() if not isinstance(value, dict))
         print(f"{name}: {shown}")
+        rows = trained.task.report_rows(split, metrics)
+        width = max(len(row_name) for row_name, _ in rows)
+        print("\n".join(f"  {row_name:<{width}}  {value}" for row_name, value in rows))
+        verdict = trained.task.verdict(metrics, split)
+        if verdict:
+            warnings.append(f"{name}: {verdict}" if len(results) > 1 else verdict)
+    for line in warnings:  # at the end, where they are seen
+        print(line)
     return 0

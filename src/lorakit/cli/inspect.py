@@ -96,7 +96,7 @@ def run_memory(args) -> int:
 
     from lorakit.config import parse_targets
     from lorakit.distributed import native_bf16
-    from lorakit.memory import GiB, available_bytes, predict_peak
+    from lorakit.memory import GiB, available_bytes, predict_peak, with_shape
     from lorakit.models import is_causal_lm, load_model_config
     from lorakit.train_config import TrainConfig
 
@@ -105,6 +105,7 @@ def run_memory(args) -> int:
     config = TrainConfig(task=task, model=args.model, method=args.method, rank=args.rank, targets=parse_targets(args.targets),
                          quantize=args.quantize, batch_size=args.batch_size, max_length=args.max_length,
                          gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16)
+    config = with_shape(config)
     estimate = predict_peak(config)
     budget = int(args.budget * GiB) if args.budget else available_bytes()
     bf16 = config.bf16 if config.bf16 is not None else native_bf16(torch.device("cpu"))

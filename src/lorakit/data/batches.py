@@ -11,6 +11,8 @@ from functools import lru_cache
 
 import torch
 
+from lorakit.data.stream import EncodedStream
+
 GROUP_BATCHES = 32  # global batches whose examples are sorted by length together
 
 
@@ -38,7 +40,11 @@ def batch_of_step(train: list, lengths: tuple, step: int, steps_per_epoch: int, 
                   group: bool) -> list:
     """The examples of optimizer step ``step``.
 
-    A pure function of its arguments: a resumed run sees the very same batches.
+    A pure function of its arguments: a resumed run sees the very same batches. A
+    streamed training split (:class:`~lorakit.data.stream.EncodedStream`) reads them
+    from its file, in its own seeded order (not grouped by length).
     """
+    if isinstance(train, EncodedStream):
+        return train.batch(step, steps_per_epoch, global_batch, seed)
     epoch, position = divmod(step, steps_per_epoch)
     return [train[i] for i in epoch_batches(lengths, global_batch, seed, epoch, group)[position]]

@@ -58,7 +58,7 @@ def chatterbot_pairs(validation: float = 0.1, test: float = 0.1) -> DatasetSplit
     """Question/answer pairs as chat records ``{"messages": [user, assistant]}``.
 
     A question with several answers gives several records; they all land in the same
-    split (split by question).
+    split (split by question). An entry that is not a list of turns is left out.
     """
     import yaml
 
@@ -73,6 +73,10 @@ def chatterbot_pairs(validation: float = 0.1, test: float = 0.1) -> DatasetSplit
             except yaml.YAMLError as err:
                 raise LorakitError(f"{path} does not parse as YAML ({err}); reinstall chatterbot-corpus") from None
         for conversation in document.get("conversations") or []:
+            if not isinstance(conversation, list):
+                # a bare string (one in trivia.yml) is one turn, not a list of turns: iterating it
+                # paired its characters ("w" -> "o") as 80 questions and answers
+                continue
             turns = [str(turn).strip() for turn in conversation if turn is not None and str(turn).strip()]
             for question, answer in zip(turns, turns[1:]):
                 records.append({

@@ -39,21 +39,28 @@ def merge_number_spellings(records: list[dict], source: str) -> list[dict]:
     Labels that spell a number only one way are left as written (``"01"`` stays ``"01"``).
     Changes ``records`` in place and returns them.
     """
-    spellings: dict[Decimal, set[str]] = {}
-    for record in records:
-        value = number_value(record["label"])
-        if value is not None:
-            spellings.setdefault(value, set()).add(record["label"])
-    merged = {value: names for value, names in spellings.items() if len(names) > 1}
-    if not merged:
-        return records
-    renamed = {name: plain_number(value) for value, names in merged.items() for name in names}
+    renamed = number_renames({record["label"] for record in records}, source)
     for record in records:
         record["label"] = renamed.get(record["label"], record["label"])
+    return records
+
+
+def number_renames(labels, source: str) -> dict[str, str]:
+    """``{spelling: plain number}`` for the labels among ``labels`` (distinct label texts)
+    that spell one number several ways; warns once, naming ``source``, when there are any.
+    (A streamed file collects its distinct labels in one pass and renames as it reads.)"""
+    spellings: dict[Decimal, set[str]] = {}
+    for label in labels:
+        value = number_value(label)
+        if value is not None:
+            spellings.setdefault(value, set()).add(label)
+    merged = {value: names for value, names in spellings.items() if len(names) > 1}
+    if not merged:
+        return {}
     shown = "; ".join(f"{', '.join(sorted(names))} -> {plain_number(value)}" for value, names in sorted(merged.items()))
     warnings.warn(f"{source}: labels that are the same number written differently are one class ({shown})",
-                  LabelWarning, stacklevel=3)
-    return records
+                  LabelWarning, stacklevel=4)
+    return {name: plain_number(value) for value, names in merged.items() for name in names}
 
 
 def find_label(label2id: dict[str, int], label: str) -> int | None:

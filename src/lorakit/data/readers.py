@@ -2,7 +2,12 @@
 
 Formats (chosen by the file's suffix):
 
-- ``.jsonl`` (one JSON object a line; blank lines skipped) and ``.csv`` (a header row).
+- ``.jsonl`` (one JSON object a line; blank lines skipped), ``.csv`` (a header row) and
+  ``.parquet`` (read with pyarrow; a row is a record). Folders saved by Hugging Face
+  ``datasets`` are read by :mod:`lorakit.data.arrow`; files larger than memory are
+  streamed by :mod:`lorakit.data.stream`. Both use the checks here.
+- Columns named otherwise (``review`` for ``text``) are given as ``columns``:
+  ``{"text": "review", "label": "rating"}`` (``--text-column review --label-column rating``).
 - Classification (:func:`read_classification`): every record has ``text`` and ``label``.
 - Language modelling (:func:`read_language_modeling`), one of three shapes, the same on every line:
   ``prompt`` + ``completion`` (the prompt is masked out of the loss), ``messages``
@@ -22,7 +27,7 @@ from pathlib import Path
 from lorakit.data.labels import merge_number_spellings
 from lorakit.errors import LorakitError
 
-SUFFIXES = (".jsonl", ".csv")
+SUFFIXES = (".jsonl", ".csv", ".parquet")
 ENCODING = "utf-8-sig"  # UTF-8; a leading byte-order mark (Excel's "CSV UTF-8") is skipped
 CLASSIFY_KEYS = ("text", "label")
 LM_SHAPES = {  # shape name -> the keys it needs
@@ -33,15 +38,15 @@ LM_SHAPES = {  # shape name -> the keys it needs
 CHAT_ROLES = ("system", "user", "assistant")
 
 
-def read_records(path, kind: str) -> list[dict]:
+def read_records(path, kind: str, columns: dict | None = None) -> list[dict]:
     """Records of ``path`` in the shape ``kind`` needs: ``"classify"`` or ``"lm"``
     (:func:`read_classification`, :func:`read_language_modeling`)."""
     if kind not in READERS:
         raise LorakitError(f"kind must be one of {sorted(READERS)}, got {kind!r}")
-    return READERS[kind](path)
+    return READERS[kind](path, columns)
 
 
-def read_classification(path) -> list[dict]:
+def read_classification(path, columns: dict | None = None) -> list[dict]:
     """``{"text", "label"}`` records of ``path`` (labels as strings; see :mod:`lorakit.data.labels`
     for labels that spell one number several ways), each with ``"_where"``.
 
@@ -49,24 +54,51 @@ def read_classification(path) -> list[dict]:
         LorakitError: see :func:`read_file`; a record without a text or a label.
     """
     path = Path(path)
-    return merge_number_spellings([_check_classify(record) for record in read_file(path)], path.name)
+    return classification_records(read_file(path), path.name, columns)
 
 
-def read_language_modeling(path) -> list[dict]:
+def read_language_modeling(path, columns: dict | None = None) -> list[dict]:
     """``{"prompt", "completion"}``, ``{"messages"}`` or ``{"text"}`` records of ``path``
     (the shape of the first record, on every line), each with ``"_where"``.
 
     Raises:
         LorakitError: see :func:`read_file`; a record of another shape than the first.
     """
-    raw = read_file(path)
-    check = _lm_checker(raw[0])
+    return language_model_records(read_file(path), columns)
+
+
+def classification_records(raw: list[dict], source: str, columns: dict | None = None) -> list[dict]:
+    """Raw rows (each with ``"_where"``) checked as classification records."""
+    check = classify_checker(columns)
+    return merge_number_spellings([check(record) for record in raw], source)
+
+
+def language_model_records(raw: list[dict], columns: dict | None = None) -> list[dict]:
+    """Raw rows (each with ``"_where"``) checked as language-model records of one shape."""
+    if not raw:
+        return []
+    check = lm_checker(raw[0], columns)
     return [check(record) for record in raw]
 
 
+def with_columns(record: dict, columns: dict | None) -> dict:
+    """``record`` with the user's column names (``columns``: standard name -> theirs) under
+    the standard names; a standard name the record lacks stays missing."""
+    if not columns:
+        return record
+    renamed = dict(record)
+    for standard, theirs in columns.items():
+        if theirs != standard:
+            renamed.pop(standard, None)
+            if theirs in record:
+                renamed[standard] = record[theirs]
+    return renamed
+
+
 def read_file(path) -> list[dict]:
-    """The records of a ``.jsonl`` or ``.csv`` file as they are, each with ``"_where"``
-    (``"data.jsonl line 7"``). Text is UTF-8 (a byte-order mark is allowed).
+    """The records of a ``.jsonl``, ``.csv`` or ``.parquet`` file as they are, each with
+    ``"_where"`` (``"data.jsonl line 7"``, ``"data.parquet row 7"``). Text is UTF-8 (a
+    byte-order mark is allowed).
 
     Raises:
         LorakitError: the file is missing, empty, not UTF-8, has an unknown suffix, or a
@@ -74,19 +106,38 @@ def read_file(path) -> list[dict]:
     """
     path = Path(path)
     if not path.exists():
-        raise LorakitError(f"data file {path} does not exist; give a .jsonl or .csv file")
+        raise LorakitError(f"data file {path} does not exist; give a .jsonl, .csv or .parquet file")
     if path.is_dir():
-        raise LorakitError(f"data path {path} is a folder; give a .jsonl or .csv file")
+        raise LorakitError(f"data path {path} is a folder; give a .jsonl, .csv or .parquet file")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise LorakitError(f"data file {path} has suffix {suffix!r}; lorakit reads {', '.join(SUFFIXES)}")
     try:
-        raw = _read_jsonl(path) if suffix == ".jsonl" else _read_csv(path)
+        raw = {".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}[suffix](path)
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
     if not raw:
         raise LorakitError(f"data file {path} holds no records; add at least one line of data")
     return raw
+
+
+def parquet_file(path: Path):
+    """``pyarrow.parquet.ParquetFile`` of ``path``, or LorakitError when it is not Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise LorakitError(f"{path.name} does not read as Parquet ({err}); give a Parquet file written by "
+                           "pandas, pyarrow or polars, or a .jsonl/.csv file") from None
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    rows = parquet_file(path).read().to_pylist()
+    for number, row in enumerate(rows, start=1):
+        row["_where"] = f"{path.name} row {number}"
+    return rows
 
 
 def _not_utf8(path: Path) -> LorakitError:
@@ -146,34 +197,50 @@ def _keys_found(record: dict) -> list[str]:
     return sorted(key for key in record if key != "_where")
 
 
-def _require(record: dict, keys, what: str) -> None:
-    missing = [key for key in keys if record.get(key) is None]
+def _require(record: dict, keys, what: str, columns: dict | None = None) -> None:
+    """Refuse ``record`` (as read, before renaming) when it lacks one of the standard
+    ``keys``, looked up under the user's name for it in ``columns``."""
+    columns = columns or {}
+    missing = [key for key in keys if record.get(columns.get(key, key)) is None]
     if missing:
-        raise LorakitError(f"{record['_where']} lacks {', '.join(map(repr, missing))}; it has keys "
+        named = [f"{columns[key]!r} (--{key}-column)" if columns.get(key, key) != key else repr(key)
+                 for key in missing]
+        raise LorakitError(f"{record['_where']} lacks {', '.join(named)}; it has keys "
                            f"{_keys_found(record)}; {what}")
 
 
-def _check_classify(record: dict) -> dict:
-    _require(record, CLASSIFY_KEYS, "classification data needs 'text' and 'label' on every line")
-    text, label = record["text"], record["label"]
-    if not isinstance(text, str) or not text.strip():
-        raise LorakitError(f"{record['_where']}: 'text' must be a non-empty string, got {text!r}")
-    if isinstance(label, (dict, list)) or str(label).strip() == "":
-        raise LorakitError(f"{record['_where']}: 'label' must be a string or a number, got {label!r}")
-    return {"text": text, "label": str(label).strip(), "_where": record["_where"]}
+def classify_checker(columns: dict | None = None):
+    """``raw row -> {"text", "label", "_where"}``, refusing a row without a text or a label."""
+    hint = "classification data needs 'text' and 'label' on every line (--text-column / --label-column " \
+           "name other columns)"
+
+    def check(record: dict) -> dict:
+        _require(record, CLASSIFY_KEYS, hint, columns)
+        record = with_columns(record, columns)
+        text, label = record["text"], record["label"]
+        if not isinstance(text, str) or not text.strip():
+            raise LorakitError(f"{record['_where']}: 'text' must be a non-empty string, got {text!r}")
+        if isinstance(label, (dict, list)) or str(label).strip() == "":
+            raise LorakitError(f"{record['_where']}: 'label' must be a string or a number, got {label!r}")
+        return {"text": text, "label": str(label).strip(), "_where": record["_where"]}
+
+    return check
 
 
-def _lm_checker(first: dict):
-    """The check for every record, from the shape of the first one."""
-    shape = next((name for name, keys in LM_SHAPES.items() if all(k in first for k in keys)), None)
+def lm_checker(first: dict, columns: dict | None = None):
+    """The check for every language-model record, from the shape of the first one."""
+    shape = next((name for name, keys in LM_SHAPES.items()
+                   if all((columns or {}).get(k, k) in first for k in keys)), None)
     if shape is None:
         raise LorakitError(f"{first['_where']} has keys {_keys_found(first)}; language-model data needs "
-                           "'prompt' and 'completion', or 'messages', or 'text' on every line")
+                           "'prompt' and 'completion', or 'messages', or 'text' on every line (--prompt-column, "
+                           "--completion-column, --messages-column, --text-column name other columns)")
     keys = LM_SHAPES[shape]
     hint = f"the first line uses {' + '.join(keys)}, so every line must"
 
     def check(record: dict) -> dict:
-        _require(record, keys, hint)
+        _require(record, keys, hint, columns)
+        record = with_columns(record, columns)
         if shape == "messages":
             return {"messages": _check_messages(record["messages"], record["_where"]), "_where": record["_where"]}
         for key in keys:

@@ -22,7 +22,9 @@ from typing import Callable, ClassVar
 import torch
 
 from lorakit import data as lkdata
+from lorakit.data import arrow
 from lorakit.data.encode import Encoded, EncodedExample, collate
+from lorakit.data.stream import EncodedStream, RecordStream, should_stream
 from lorakit.errors import LorakitError
 
 
@@ -45,6 +47,10 @@ class TaskData:
     def sizes(self) -> dict:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
 
+    def train_lengths(self) -> tuple:
+        """Tokens of each training example (``()`` for a stream, which is not batched by length)."""
+        return () if isinstance(self.train, EncodedStream) else tuple(len(e.input_ids) for e in self.train)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Task:
@@ -55,28 +61,38 @@ class Task:
         name: the ``--task`` value.
         metric: the number that picks the best checkpoint (``"accuracy"`` or ``"loss"``).
         higher_is_better: whether a larger ``metric`` is better.
-        default_max_length: tokens per example when ``--max-length`` is not given.
+        max_length_cap: the most tokens per example the recipe chooses (:mod:`lorakit.recipe`:
+            what a longer example would cost); also the length used where none was recorded.
         default_epochs: passes over the training split when neither ``--steps`` nor
             ``--epochs`` is given.
+        min_steps: the recipe's floor on optimizer steps when neither is given (0: none).
         default_eval_batch_size: examples per evaluation forward pass.
         load_model: ``(spec, labels or None) -> (model, tokenizer)``.
         default_data: ``() -> DatasetSplits`` of the embedded dataset.
         trains_head: the model gets a new head that only training gives it (the base
             model alone is not usable, and adapters with their own heads do not merge).
+        has_classes: examples have a class (``--class-weights`` applies).
         stats: the keys of :meth:`batch_stats`, summed over batches by :func:`evaluate`.
+        outputs: keys of :meth:`batch_stats` holding one value per example (``(B,)``),
+            gathered by :func:`evaluate` for :meth:`metrics`.
+        stratify_key: the record key a file is split by (each value keeps its share).
     """
 
     name: str
     metric: str
     higher_is_better: bool
-    default_max_length: int
+    max_length_cap: int
     default_epochs: float
     default_eval_batch_size: int
     load_model: Callable
     default_data: Callable
+    min_steps: int = 0
 
     trains_head: ClassVar[bool] = False
+    has_classes: ClassVar[bool] = False
     stats: ClassVar[tuple[str, ...]] = ("loss_sum", "count")
+    outputs: ClassVar[tuple[str, ...]] = ()
+    stratify_key: ClassVar[str | None] = None
 
     #: the model ``"default"`` stands for, and the transformers auto class a config is built
     #: into (what ``lorakit inspect --memory`` builds on fake tensors)
@@ -98,13 +114,26 @@ class Task:
 
     # ---- what a task kind defines
 
-    def read_records(self, path) -> list[dict]:
-        """The records of a user's file, checked (see :mod:`lorakit.data.readers`)."""
+    def read_records(self, path, columns: dict | None = None) -> list[dict]:
+        """The records of a user's file, checked (see :mod:`lorakit.data.readers`);
+        ``columns`` maps a standard key to the user's column name."""
         raise NotImplementedError
 
-    def labels(self, train: list[dict], source: str) -> list[str] | None:
+    def check_records(self, raw: list[dict], source: str, columns: dict | None = None) -> list[dict]:
+        """Raw rows (each with ``"_where"``, e.g. of a saved ``datasets`` folder) checked as records."""
+        raise NotImplementedError
+
+    def stream_records(self, path, columns: dict | None, buffer: int, limit: int | None) -> RecordStream:
+        """The training records of a file too large to hold (:mod:`lorakit.data.stream`)."""
+        raise NotImplementedError
+
+    def labels(self, train, source: str) -> list[str] | None:
         """Class names by index, from the training records; None for a task without classes."""
         return None
+
+    def token_lengths(self, records: list[dict], tokenizer) -> list[int]:
+        """Tokens of each record, uncut (what the recipe's length choice reads)."""
+        raise NotImplementedError
 
     def encode(self, records: list[dict], tokenizer, max_length: int, labels: list[str] | None) -> Encoded:
         """Records -> token ids with the training targets."""
@@ -115,12 +144,30 @@ class Task:
         return []
 
     def batch_stats(self, model, batch: dict, label_smoothing: float = 0.0) -> dict:
-        """``{key: 0-d tensor}`` for the keys in :attr:`stats` (``loss_sum`` keeps its graph)."""
+        """``{key: 0-d tensor}`` for the keys in :attr:`stats` (``loss_sum`` keeps its graph),
+        and ``(B,)`` tensors for the keys in :attr:`outputs`."""
         raise NotImplementedError
 
-    def metrics(self, sums: dict[str, float], examples: int) -> dict:
-        """The metrics of summed :meth:`batch_stats`: ``{"loss", "examples", ...}``."""
+    def batch_count(self, examples: list[EncodedExample], **loss_options) -> float:
+        """What a batch's summed loss is divided by: its examples or trained tokens (the
+        ``count`` that :meth:`batch_stats` returns, known before the forward pass)."""
+        return float(sum(e.target_count() for e in examples))
+
+    def metrics(self, sums: dict[str, float], examples: int, outputs: dict | None = None,
+                labels: list[str] | None = None) -> dict:
+        """The metrics of summed :meth:`batch_stats` and the gathered :attr:`outputs`:
+        ``{"loss", "examples", ...}``; with ``labels`` (class names) also a breakdown by class."""
         raise NotImplementedError
+
+    def verdict(self, metrics: dict, split: str) -> str | None:
+        """A warning line when ``metrics`` show the model learned nothing a trivial answer
+        would not do as well (a classifier against its majority class); else None."""
+        return None
+
+    def report_rows(self, split: str, metrics: dict) -> list[tuple[str, str]]:
+        """``(name, value)`` lines of the final report for ``metrics`` of ``split``."""
+        value = metrics.get(self.metric)
+        return [(f"{split} {self.metric}", "n/a" if value is None else f"{value:.4f}")]
 
     def predict(self, model, tokenizer, texts: list[str], labels, max_length: int) -> list[dict]:
         """``[{"text", "label", "probabilities"}]`` of each text (classification)."""
@@ -143,24 +190,32 @@ class Task:
 # ---------------------------------------------------------------- data
 
 
-def read_splits(task: Task, data: str, limit: int | None = None) -> lkdata.DatasetSplits:
+def read_splits(task: Task, data: str, limit: int | None = None, columns: dict | None = None,
+                stream: bool | None = None, stream_buffer: int = 10_000) -> lkdata.DatasetSplits:
     """The records of ``data``: ``"default"`` (the task's embedded set), a file (split
-    80/10/10 with a fixed seed), or a folder holding ``train``, ``validation`` and
-    optionally ``test`` files (``.jsonl`` or ``.csv``).
+    80/10/10 with a fixed seed, stratified by the task's :attr:`Task.stratify_key`), a
+    folder saved by Hugging Face ``datasets``, or a folder holding ``train``,
+    ``validation`` and optionally ``test`` files (``.jsonl``, ``.csv`` or ``.parquet``).
+
+    A JSONL or Parquet file larger than memory (or any, with ``stream``) is streamed:
+    its ``train`` is a :class:`~lorakit.data.stream.RecordStream`, read block by block.
 
     ``limit`` keeps the first ``limit`` training records and a tenth as many for
-    validation and test (for quick runs and tests).
+    validation and test (for quick runs and tests); a streamed file is read only up to
+    its first ``limit`` records.
     """
+    path = Path(data)
     if data == "default":
         splits = task.default_data()
+    elif path.is_dir() and arrow.is_saved_dataset(path):
+        splits = _read_saved_dataset(path, task, columns)
+    elif path.is_dir():
+        splits = _read_folder(path, task, columns)
+    elif should_stream(path, stream):
+        records = task.stream_records(path, columns, stream_buffer, limit)
+        return lkdata.DatasetSplits(records, records.validation, records.test, f"{path} (streamed)")
     else:
-        path = Path(data)
-        if path.is_dir():
-            splits = _read_folder(path, task)
-        else:
-            records = task.read_records(path)
-            group = "prompt" if records and "prompt" in records[0] else None
-            splits = lkdata.split_records(records, 0.1, 0.1, source=str(path), group_key=group)
+        splits = _split(task, task.read_records(path, columns), str(path))
     if limit is not None:
         small = max(1, limit // 10)
         splits = lkdata.DatasetSplits(splits.train[:limit], splits.validation[:small], splits.test[:small],
@@ -168,14 +223,42 @@ def read_splits(task: Task, data: str, limit: int | None = None) -> lkdata.Datas
     return splits
 
 
-def _read_folder(folder: Path, task: Task) -> lkdata.DatasetSplits:
+def _split(task: Task, records: list[dict], source: str, validation=0.1, test=0.1) -> lkdata.DatasetSplits:
+    group = "prompt" if records and "prompt" in records[0] else None
+    return lkdata.split_records(records, validation, test, source=source, group_key=group,
+                                stratify_key=task.stratify_key)
+
+
+def _read_saved_dataset(folder: Path, task: Task, columns) -> lkdata.DatasetSplits:
+    """A ``save_to_disk`` folder: a ``DatasetDict``'s train / validation / test (a missing
+    validation split is cut from train), or one ``Dataset`` split as a file is."""
+    names = arrow.split_names(folder)
+    if not names:
+        return _split(task, task.check_records(arrow.read_saved_split(folder), folder.name, columns), str(folder))
+    if "train" not in names:
+        raise LorakitError(f"the dataset saved in {folder} has splits {names} but no 'train'; name the training "
+                           "split train")
+
+    def read(name):
+        return task.check_records(arrow.read_saved_split(folder / name), f"{folder.name}/{name}", columns)
+
+    train = read("train")
+    validation_name = next((name for name in arrow.VALIDATION_NAMES if name in names), None)
+    test = read("test") if "test" in names else []
+    if validation_name is None:
+        cut = _split(task, train, str(folder), validation=0.1, test=0)
+        return lkdata.DatasetSplits(cut.train, cut.validation, test, f"{folder} (validation cut from train)")
+    return lkdata.DatasetSplits(train, read(validation_name), test, str(folder))
+
+
+def _read_folder(folder: Path, task: Task, columns) -> lkdata.DatasetSplits:
     def find(stem, required=True):
         files = [folder / f"{stem}{suffix}" for suffix in lkdata.readers.SUFFIXES]
         found = [f for f in files if f.is_file()]
         if not found and required:
-            raise LorakitError(f"data folder {folder} has no {stem}.jsonl or {stem}.csv; it holds "
-                               f"{sorted(p.name for p in folder.iterdir())[:10]}")
-        return task.read_records(found[0]) if found else []
+            raise LorakitError(f"data folder {folder} has no {stem}.jsonl, {stem}.csv or {stem}.parquet, nor is it "
+                               f"a folder saved by datasets; it holds {sorted(p.name for p in folder.iterdir())[:10]}")
+        return task.read_records(found[0], columns) if found else []
 
     return lkdata.DatasetSplits(find("train"), find("validation"), find("test", required=False), str(folder))
 
@@ -190,17 +273,25 @@ def encode_splits(task: Task, splits: lkdata.DatasetSplits, tokenizer, max_lengt
         LorakitError: a validation or test label absent from ``labels``; no training example.
     """
     labels = labels or task.labels(splits.train, splits.source)
+    streamed = isinstance(splits.train, RecordStream)
+    train = [] if streamed else splits.train
     parts: list[Encoded] = [task.encode(p, tokenizer, max_length, labels)
-                            for p in (splits.train, splits.validation, splits.test)]
+                            for p in (train, splits.validation, splits.test)]
     truncated = sum(p.truncated for p in parts)
     dropped = sum(p.dropped for p in parts)
-    total = sum(len(p) for p in (splits.train, splits.validation, splits.test))
+    total = sum(len(p) for p in (train, splits.validation, splits.test))
     if truncated:
         longest = max(p.longest for p in parts)
         note = f"; {dropped} of them had no trained token left and were dropped" if dropped else ""
         warnings.warn(f"{truncated} of {total} examples were longer than max_length={max_length} tokens and were "
                       f"truncated (longest: {longest} tokens){note}; raise --max-length to keep more",
                       TruncationWarning, stacklevel=2)
+    if streamed:
+        def encode(records):
+            return task.encode(records, tokenizer, max_length, labels).examples
+
+        return TaskData(EncodedStream(splits.train, encode), parts[1].examples, parts[2].examples, splits.source,
+                        labels, truncated, dropped)
     if not parts[0].examples and not allow_empty_train:
         raise LorakitError(f"{splits.source} leaves no training example after tokenization; check the data")
     return TaskData(parts[0].examples, parts[1].examples, parts[2].examples, splits.source, labels, truncated,
@@ -212,7 +303,7 @@ def encode_splits(task: Task, splits: lkdata.DatasetSplits, tokenizer, max_lengt
 
 @torch.no_grad()
 def evaluate(task: Task, model, examples: list[EncodedExample], pad_id: int, batch_size: int = 64,
-             device="cpu", rank: int = 0, world_size: int = 1) -> dict:
+             device="cpu", rank: int = 0, world_size: int = 1, labels: list[str] | None = None) -> dict:
     """The task's metrics of ``model`` on ``examples`` (:meth:`Task.metrics`).
 
     Examples are batched in order of length (less padding). Under torch.distributed
@@ -220,16 +311,23 @@ def evaluate(task: Task, model, examples: list[EncodedExample], pad_id: int, bat
     every process returns the same numbers; every process runs as many forward passes
     (one left without a batch runs the shortest one and does not count it), since a model
     sharded with FSDP gathers its weights from all processes in each forward.
+    The per-example outputs are gathered too.
+
+    Args:
+        labels: class names by index: the metrics then include a breakdown by class
+            (per-class precision and recall, the confusion matrix).
 
     Returns:
-        e.g. ``{"loss": nats per example, "examples": n, "accuracy": fraction}`` (classify)
-        or ``{"loss": nats per token, "examples": n, "perplexity": exp(loss)}`` (language models).
+        e.g. ``{"loss": nats per example, "examples": n, "accuracy", "macro_f1",
+        "majority_accuracy", "majority_macro_f1"}`` (classify) or ``{"loss": nats per
+        token, "examples": n, "perplexity": exp(loss)}`` (language models).
     """
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     totals = torch.zeros(len(task.stats), dtype=torch.float64)
+    outputs: dict[str, list] = {key: [] for key in task.outputs}
     mine, rounds = batches[rank::world_size], -(-len(batches) // world_size)
     for i in range(rounds):
         batch = collate([examples[j] for j in (mine[i] if i < len(mine) else batches[0])], pad_id)
@@ -237,9 +335,17 @@ def evaluate(task: Task, model, examples: list[EncodedExample], pad_id: int, bat
         stats = task.batch_stats(model, batch)
         if i < len(mine):
             totals += torch.tensor([float(stats[key]) for key in task.stats], dtype=torch.float64)
+            for key in task.outputs:
+                outputs[key].append(stats[key].detach().cpu())
+    gathered = {key: torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long) for key, parts in outputs.items()}
     if world_size > 1:
         import torch.distributed as dist
 
         dist.all_reduce(totals)
+        for key, values in gathered.items():
+            parts = [None] * world_size
+            dist.all_gather_object(parts, values)
+            gathered[key] = torch.cat(parts)
     model.train(was_training)
-    return task.metrics(dict(zip(task.stats, totals.tolist())), len(examples))
+    return task.metrics(dict(zip(task.stats, totals.tolist())), len(examples),
+                        {key: values.numpy() for key, values in gathered.items()}, labels)

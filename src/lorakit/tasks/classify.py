@@ -2,11 +2,15 @@
 
 The model is a sequence classifier whose head (``classifier``, ``score``) is new: it
 trains in full next to the adapter and is saved with it. Loss: cross-entropy per
-example; metric: accuracy.
+example (with ``class_weights``, PyTorch's weighted cross-entropy: each example counts
+its class's weight, and the sum is divided by the batch's summed weights); metric:
+accuracy, reported beside macro-F1 and the majority-class baseline
+(:mod:`lorakit.tasks.scores`).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -15,8 +19,14 @@ import torch.nn.functional as F
 
 from lorakit import data as lkdata
 from lorakit.data.encode import Encoded
+from lorakit.data.labels import number_renames
+from lorakit.data.readers import classification_records, classify_checker
+from lorakit.data.stream import RecordStream
 from lorakit.errors import LorakitError
+from lorakit.tasks import scores
 from lorakit.tasks.base import Task
+
+CLASS_WEIGHTS = ("balanced",)  # the --class-weights rules
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,23 +37,58 @@ class ClassificationTask(Task):
     higher_is_better: bool = True
 
     trains_head: ClassVar[bool] = True
+    has_classes: ClassVar[bool] = True
     stats: ClassVar[tuple[str, ...]] = ("loss_sum", "count", "correct")
+    outputs: ClassVar[tuple[str, ...]] = ("predicted", "target")
+    stratify_key: ClassVar[str | None] = "label"
 
-    def read_records(self, path) -> list[dict]:
-        return lkdata.readers.read_classification(path)
+    def read_records(self, path, columns=None) -> list[dict]:
+        return lkdata.readers.read_classification(path, columns)
 
-    def labels(self, train: list[dict], source: str) -> list[str]:
+    def check_records(self, raw, source, columns=None) -> list[dict]:
+        return classification_records(raw, source, columns)
+
+    def stream_records(self, path, columns, buffer, limit) -> RecordStream:
+        return RecordStream(path, lambda first: classify_checker(columns), buffer, limit, number_renames)
+
+    def class_counts(self, train) -> Counter:
+        """Training records per label (a stream counted them as it was opened)."""
+        if isinstance(train, RecordStream):
+            return Counter(train.label_counts)
+        return Counter(record["label"] for record in train)
+
+    def labels(self, train, source: str) -> list[str]:
         """The sorted labels of the training records.
 
         Raises:
             LorakitError: fewer than two classes (nothing to tell apart).
         """
-        names = sorted({record["label"] for record in train})
+        names = sorted(self.class_counts(train))
         if len(names) < 2:
             held = f"only the label {names[0]!r}" if names else "no label"
             raise LorakitError(f"the training split of {source} has {held}; a classifier needs examples of at "
                                "least two classes")
         return names
+
+    def class_weights(self, train, labels: list[str], rule: str) -> torch.Tensor:
+        """``(k,)`` weights of the classes by index: ``"balanced"`` gives class c the weight
+        ``n / (k * n_c)`` (scikit-learn's ``class_weight="balanced"``), so every class
+        carries the same total weight in an epoch.
+
+        Raises:
+            LorakitError: an unknown rule.
+        """
+        if rule not in CLASS_WEIGHTS:
+            raise LorakitError(f"--class-weights {rule!r} is unknown; choose one of {list(CLASS_WEIGHTS)}")
+        # the formula of sklearn's compute_class_weight("balanced"), from the counts alone: it
+        # would need every label of the split repeated, and a streamed split is not held
+        counts = self.class_counts(train)
+        n_c = torch.tensor([counts[name] for name in labels], dtype=torch.float64)
+        return (n_c.sum() / (len(labels) * n_c.clamp(min=1))).float()
+
+    def token_lengths(self, records, tokenizer) -> list[int]:
+        texts = [r["text"] for r in records]
+        return [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]] if texts else []
 
     def encode(self, records, tokenizer, max_length, labels) -> Encoded:
         return lkdata.encode_classification(records, tokenizer, max_length,
@@ -59,16 +104,43 @@ class ClassificationTask(Task):
 
         return head_modules(model)
 
-    def batch_stats(self, model, batch, label_smoothing=0.0) -> dict:
+    def batch_stats(self, model, batch, label_smoothing=0.0, class_weights=None) -> dict:
+        """Summed loss, count and correct answers of ``batch``; with ``class_weights`` (``(k,)``)
+        the loss sums ``w[y_i] * CE_i`` and the count is ``sum w[y_i]``, so that their ratio
+        is ``F.cross_entropy(weight=w)``'s mean."""
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"]
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing)
-        correct = (logits.argmax(-1) == labels).sum()
-        return {"loss_sum": loss, "count": torch.tensor(labels.numel()), "correct": correct}
+        weight = class_weights.to(logits.device) if class_weights is not None else None
+        loss = F.cross_entropy(logits.float(), labels, weight=weight, reduction="sum", label_smoothing=label_smoothing)
+        predicted = logits.argmax(-1)
+        count = weight[labels].sum() if weight is not None else torch.tensor(labels.numel())
+        return {"loss_sum": loss, "count": count, "correct": (predicted == labels).sum(), "predicted": predicted,
+                "target": labels}
 
-    def metrics(self, sums, examples) -> dict:
+    def batch_count(self, examples, class_weights=None, **loss_options) -> float:
+        if class_weights is None:
+            return float(len(examples))
+        return float(sum(float(class_weights[e.label]) for e in examples))
+
+    def metrics(self, sums, examples, outputs=None, labels=None) -> dict:
+        """Loss per example (unweighted in evaluation), accuracy and macro-F1 beside the
+        majority-class baseline (:func:`lorakit.tasks.scores.scores`); with ``labels``, the
+        per-class breakdown under ``"classes"``."""
         count = max(sums["count"], 1)
-        return {"loss": sums["loss_sum"] / count, "examples": examples, "accuracy": sums["correct"] / count}
+        metrics = {"loss": sums["loss_sum"] / count, "examples": examples, "accuracy": sums["correct"] / count}
+        if outputs is not None:
+            metrics.update(scores.scores(outputs["target"], outputs["predicted"]))
+            if labels is not None:
+                metrics["classes"] = scores.breakdown(outputs["target"], outputs["predicted"], labels)
+        return metrics
+
+    def verdict(self, metrics, split) -> str | None:
+        return scores.verdict(metrics, split) if "majority_accuracy" in metrics else None
+
+    def report_rows(self, split, metrics) -> list[tuple[str, str]]:
+        if "majority_accuracy" not in metrics:
+            return super().report_rows(split, metrics)
+        return scores.rows(split, metrics)
 
     @torch.no_grad()
     def predict(self, model, tokenizer, texts, labels, max_length) -> list[dict]:

@@ -16,7 +16,11 @@ import torch
 from lorakit import data as lkdata
 from lorakit.chunked_loss import causal_lm_loss
 from lorakit.data.encode import Encoded
+from lorakit.data.readers import language_model_records, lm_checker
+from lorakit.data.stream import RecordStream
 from lorakit.tasks.base import Task
+
+NO_CUT = 1 << 30  # a max length that cuts nothing
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,8 +36,17 @@ class LanguageModelTask(Task):
     higher_is_better: bool = False
     chat: bool = False
 
-    def read_records(self, path) -> list[dict]:
-        return lkdata.readers.read_language_modeling(path)
+    def read_records(self, path, columns=None) -> list[dict]:
+        return lkdata.readers.read_language_modeling(path, columns)
+
+    def check_records(self, raw, source, columns=None) -> list[dict]:
+        return language_model_records(raw, columns)
+
+    def stream_records(self, path, columns, buffer, limit) -> RecordStream:
+        return RecordStream(path, lambda first: lm_checker(first, columns), buffer, limit)
+
+    def token_lengths(self, records, tokenizer) -> list[int]:
+        return [len(e.input_ids) for e in lkdata.encode_language_modeling(records, tokenizer, NO_CUT).examples]
 
     def encode(self, records, tokenizer, max_length, labels) -> Encoded:
         return lkdata.encode_language_modeling(records, tokenizer, max_length)
@@ -54,7 +67,7 @@ class LanguageModelTask(Task):
         # every position trained: selecting the trained ones would need the (fake) values
         return causal_lm_loss(model, batch, skip_ignored=False)[0]
 
-    def metrics(self, sums, examples) -> dict:
+    def metrics(self, sums, examples, outputs=None, labels=None) -> dict:
         loss = sums["loss_sum"] / max(sums["count"], 1)
         return {"loss": loss, "examples": examples, "perplexity": math.exp(min(loss, 50.0))}
 

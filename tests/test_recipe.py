@@ -1,0 +1,126 @@
+"""lorakit.recipe: the batch, step floor, learning rate and max length chosen from the data,
+each by its rule, each kept when the user gives it."""
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from lorakit import recipe
+from lorakit.methods import get_method
+from lorakit.tasks import ClassificationTask, get_task
+from lorakit.train_config import TrainConfig
+
+CLASSIFY, LORA = get_task("classify"), get_method("lora")
+
+
+def records(n: int, labels=("a", "b")) -> list[dict]:
+    return [{"text": "x", "label": labels[i % len(labels)], "_where": f"r {i}"} for i in range(n)]
+
+
+def plan(n: int, world_size: int = 1, **given):
+    config = TrainConfig(max_length=64, **given)  # the length rule is tested on its own below
+    config, choices = recipe.choose(config, CLASSIFY, get_method(config.method), records(n), tokenizer=None, model=None,
+                                    world_size=world_size)
+    global_batch = config.batch_size * config.grad_accum * world_size
+    steps, length = recipe.run_length(config, CLASSIFY, n, global_batch)
+    return config, global_batch, steps, {c.name: c for c in choices + ([length] if length else [])}
+
+
+@pytest.mark.parametrize("n, batch, steps", [
+    (10_752, 32, 1_008),  # the default task: 3 epochs of 336 steps, as before the recipe
+    (8_000, 32, 750),     # 3 epochs of 250
+    (4_000, 16, 750),     # at 32, 3 epochs are 375 steps: under the floor of 600
+    (2_000, 8, 750),
+    (480, 8, 600),        # 3 epochs of 60 = 180 steps: the floor makes it 10
+    (100, 8, 240),        # the floor would be 50 epochs: capped at 20
+])
+def test_batch_and_steps_follow_their_rule(n, batch, steps):
+    config, global_batch, total, choices = plan(n)
+    assert (global_batch, total, config.lr) == (batch, steps, LORA.default_lr)
+    # the floor: at least min_steps, or MAX_EPOCHS epochs when fewer
+    assert total >= min(CLASSIFY.min_steps, recipe.MAX_EPOCHS * (n // batch))
+    # the batch: the largest whose 3 epochs reach the floor (8 when none does)
+    larger = [b for b in recipe.BATCHES if b > batch]
+    assert all(n // b * CLASSIFY.default_epochs < CLASSIFY.min_steps for b in larger)
+    assert set(choices) == {"batch_size", "lr", "steps"}
+    assert all(c.line().startswith(f"recipe: {c.name} ") and c.line().endswith("to set)") for c in choices.values())
+
+
+def test_what_the_user_gives_is_kept_and_not_explained():
+    config, global_batch, total, choices = plan(480, batch_size=16, lr=3e-3, epochs=2)
+    assert (global_batch, config.lr, total) == (16, 3e-3, 2 * 30)  # no floor under --epochs
+    assert choices == {}
+    config, global_batch, total, choices = plan(480, steps=7)
+    assert (global_batch, total) == (8, 7) and set(choices) == {"batch_size", "lr"}
+    config, global_batch, total, _ = plan(480, batch_size=32)  # a given batch still gets the floor (at most 20 epochs)
+    assert (global_batch, total, config.lr) == (32, 300, 1e-3)
+    config, _, _, _ = plan(480, method="full")
+    assert config.lr == get_method("full").default_lr
+
+
+def test_the_global_batch_is_shared_by_processes_and_accumulation():
+    config, global_batch, _, choices = plan(10_752, world_size=2, grad_accum=2)
+    assert (config.batch_size, global_batch) == (8, 32)
+    assert "(8 per forward pass)" in choices["batch_size"].reason
+
+
+class Lengths(ClassificationTask):
+    """A task whose token lengths are the records' ``n``."""
+
+    def token_lengths(self, records, tokenizer):
+        return [r["n"] for r in records]
+
+
+class Limited:
+    model_max_length = 64
+
+
+@pytest.mark.parametrize("lengths, cap, tokenizer, expected", [
+    (range(1, 101), 256, None, 112),  # p99 = 99.01 tokens -> 100 -> a multiple of 16
+    (range(1, 101), 48, None, 48),     # the task's cost cap
+    (range(1, 101), 256, Limited(), 64),  # the model's limit
+    ([3] * 50, 256, None, 16),         # never under 16
+    ([40] * 990 + [500] * 10, 256, None, 48),  # 1% of outliers do not set the length
+])
+def test_max_length_follows_its_rule(lengths, cap, tokenizer, expected):
+    task = Lengths(name="lengths", load_model=None, default_data=None, max_length_cap=cap, default_epochs=1,
+                   default_eval_batch_size=1)
+    chosen, reason = recipe.max_length_for(task, [{"n": n} for n in lengths], tokenizer, model=None)
+    assert chosen == expected
+    assert reason.startswith("99% of") and reason.endswith("fit whole")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from lorakit.models import load_classifier
+
+    return load_classifier("default", id2label=["fresh", "rotten"])
+
+
+@pytest.mark.slow
+def test_on_200_real_reviews_the_length_is_the_99th_percentile_rounded_up(minilm):
+    from lorakit.data import rotten_tomatoes
+
+    model, tokenizer = minilm
+    slice_ = rotten_tomatoes(limit=200).train
+    lengths = [len(ids) for ids in tokenizer([r["text"] for r in slice_])["input_ids"]]
+    chosen, _ = recipe.max_length_for(CLASSIFY, recipe.sample_records(slice_), tokenizer, model)
+    p99 = math.ceil(np.percentile(lengths, 99))
+    assert chosen % 16 == 0 and chosen - 16 < p99 <= chosen
+
+
+@pytest.mark.slow
+def test_the_default_task_keeps_the_measured_recipe(minilm):
+    """`lorakit train` with no flags: batch 32, lr 1e-3, max length 64, 3 epochs = 1,008 steps."""
+    from lorakit.data import rotten_tomatoes
+
+    model, tokenizer = minilm
+    train = rotten_tomatoes().train
+    config, choices = recipe.choose(TrainConfig(), CLASSIFY, LORA, train, tokenizer, model)
+    steps, _ = recipe.run_length(config, CLASSIFY, len(train), config.batch_size)
+    assert (config.batch_size, config.lr, config.max_length, steps) == (32, 1e-3, 64, 1_008)
+    assert len(recipe.sample_records(train)) == recipe.SAMPLE_SIZE
+    assert recipe.sample_records(train) == recipe.sample_records(train)  # seeded
+    assert replace(config, out="x").max_length == 64
