@@ -157,17 +157,19 @@ def test_state_dict_keys_and_copies_are_unchanged():
 def test_gradcheck_of_the_group_function():
     """Two members (a Conv1D-layout one without bias), two adapters each, float64."""
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
-    W1, b1 = torch.randn(4, 5, dtype=torch.float64, requires_grad=True), torch.randn(4, dtype=torch.float64, requires_grad=True)
-    W2 = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)  # (in, out): fan_in_fan_out
-    factors = [torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-               for shape in ((2, 5), (4, 2), (3, 5), (4, 3), (2, 5), (6, 2), (1, 5), (6, 1))]
-    spec = (((0.5, 2.0), (1.5, 0.25)), (False, True), (4, 6))
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 5, **f64)
+    A_cat = torch.randn(8, 5, **f64)  # ranks 2, 3 (member 1), 2, 1 (member 2)
+    W1, b1, B11, B12 = torch.randn(4, 5, **f64), torch.randn(4, **f64), torch.randn(4, 2, **f64), torch.randn(4, 3, **f64)
+    W2, B21, B22 = torch.randn(5, 6, **f64), torch.randn(6, 2, **f64), torch.randn(6, 1, **f64)  # W2 (in, out)
+    spec = (((0.5, 2.0), False, 4, 0, (2, 3), ((0, 2), (2, 5))),
+            ((1.5, 0.25), True, 6, 4, (6, 7), ((5, 7), (7, 8))))
 
-    def fn(x, W1, b1, W2, *f):
-        return _SharedInputFunction.apply(spec, x, W1, b1, f[0], f[1], f[2], f[3], W2, None, f[4], f[5], f[6], f[7])
+    def fn(x, A_cat, W1, b1, B11, B12, W2, B21, B22):
+        Bts = [B.detach().t() for B in (B11, B12, B21, B22)]
+        return _SharedInputFunction.apply((spec, Bts), x, A_cat, W1, b1, B11, B12, W2, None, B21, B22)
 
-    assert torch.autograd.gradcheck(fn, (x, W1, b1, W2, *factors))
+    assert torch.autograd.gradcheck(fn, (x, A_cat, W1, b1, B11, B12, W2, B21, B22))
 
 
 # ---------------------------------------------------------------------- where it does not apply

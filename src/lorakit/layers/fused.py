@@ -49,27 +49,6 @@ __all__ = ["SharedInputGroup", "group_shared_inputs", "shared_input_groups", "un
 _PROBING, _FUSED, _OFF = "probing", "fused", "off"
 
 
-def _plain(t: torch.Tensor | None) -> bool:
-    """A dense tensor of torch's own type (a Parameter of one too): no quantized weight, no DTensor."""
-    return t is None or (type(t) in (torch.Tensor, nn.Parameter) and type(t.data) is torch.Tensor)
-
-
-def _runnable(layer, adapters, x: torch.Tensor) -> bool:
-    """Whether ``layer``'s forward with ``adapters`` is ``x·Wᵀ + b + Σ s·(x·Aᵀ)·Bᵀ`` in one dtype."""
-    if not getattr(layer, "fuse_shared_input", False):
-        return False
-    w, b = layer.weight, layer.bias
-    if not (_plain(w) and _plain(b) and w.dtype == x.dtype and w.device == x.device):
-        return False
-    for ad in adapters:
-        if not getattr(ad, "fuse_shared_input", False) or ad.dropout is not None:
-            return False
-        A, B = ad.A, ad.B
-        if not (_plain(A) and _plain(B) and A.dtype == B.dtype == x.dtype):
-            return False
-    return True
-
-
 class SharedInputGroup:
     """Sibling LoRA layers that may read one input (see the module docstring).
 
@@ -93,6 +72,7 @@ class SharedInputGroup:
         self._first = None  # (layer, weakref to its input) of the probing pass
         self._same: list = []  # members that received the first's input in the probing pass
         self._seen: list = []  # every member called in the probing pass
+        self._plan: _Plan | None = None
         self._rows_cache = None
         self._clear()
 
@@ -127,7 +107,11 @@ class SharedInputGroup:
     def _probe(self, layer: nn.Module, x: torch.Tensor) -> bool:
         """Note who reads what in the first pass; True once the pass is over (decided)."""
         if any(m is layer for m in self._seen):  # called again: the probing pass is over
-            self._decide()
+            if self._same:
+                self.state, self.leader, self.followers = _FUSED, self._first[0], tuple(self._same)
+            else:
+                self.state = _OFF
+            self._first, self._same, self._seen = None, [], []
             return True
         self._seen.append(layer)
         if self._first is None:
@@ -136,28 +120,9 @@ class SharedInputGroup:
             self._same.append(layer)
         return False
 
-    def _decide(self) -> None:
-        if self._same:
-            self.state, self.leader, self.followers = _FUSED, self._first[0], tuple(self._same)
-        else:
-            self.state = _OFF
-        self._first, self._same, self._seen = None, [], []
-
-    def stacked_rows(self, A_rows: list[torch.Tensor]) -> torch.Tensor:
-        """The members' per-row stacks side by side, ``(slots, in, Σ r_max)``; kept until a
-        stack is reallocated or rewritten (compared by identity and version)."""
-        key = [(a, a._version) for a in A_rows]
-        cached = self._rows_cache
-        if cached is not None and len(cached[0]) == len(key) and all(
-                a is b and v == w for (a, v), (b, w) in zip(cached[0], key)):
-            return cached[1]
-        with torch.inference_mode(False), torch.no_grad():
-            stacked = torch.cat(A_rows, dim=2)
-        self._rows_cache = (key, stacked)
-        return stacked
-
     def _turn_off(self) -> None:
         self.state = _OFF
+        self._plan = self._rows_cache = None
         self._clear()
 
     def _follow(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -180,7 +145,15 @@ class SharedInputGroup:
             return None
         self._clear()
         members = (self.leader,) + self.followers
-        outs = _compute(self, members, x)
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        if members[0]._rows is not None:
+            outs = self._rows_forward(members, x)
+        else:
+            plan = self._plan
+            if plan is None or not plan.valid(members, x):
+                plan = self._plan = _Plan(members, x)
+            outs = plan.forward(x) if plan.ok else None
         if outs is None:
             return None
         self.fused_calls += 1
@@ -189,80 +162,159 @@ class SharedInputGroup:
         self._pending_version = None if x.is_inference() else x._version
         return outs[0]
 
+    # ------------------------------------------------------------------ per-row batches
+
+    def _rows_forward(self, members: tuple, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """Per-row batches (:func:`lorakit.per_row.per_row_adapters`): one gather of the members'
+        stacked ``Aᵀ`` and one ``bmm`` for all of them, when every member has the same row slots."""
+        rows = [m._rows for m in members]
+        if any(r is None for r in rows) or torch.is_grad_enabled():
+            return None
+        slots = rows[0][0]
+        if slots.shape[0] != x.shape[0] or any(r[0] is not slots for r in rows):
+            return None  # (a wrong batch size: the layer's own path says so)
+        if not all(_runnable(m, (), x) and r[1].dtype == x.dtype and r[1].shape[0] == rows[0][1].shape[0]
+                   for m, r in zip(members, rows)):
+            return None
+        batch = x.shape[0]
+        x3 = x.reshape(batch, -1, x.shape[-1])
+        Z = torch.bmm(x3, self._stacked_rows([r[1] for r in rows]).index_select(0, slots))  # (batch, tokens, R)
+        outs, start = [], 0
+        for m, (_, A_rows, B_rows) in zip(members, rows):
+            out = m._base_forward(x)
+            end = start + A_rows.shape[-1]
+            out.view(batch, -1, m.out_features).baddbmm_(Z[..., start:end], B_rows.index_select(0, slots))
+            outs.append(out)
+            start = end
+        return outs
+
+    def _stacked_rows(self, A_rows: list[torch.Tensor]) -> torch.Tensor:
+        """The members' per-row stacks side by side, ``(slots, in, Σ r_max)``; kept until a
+        stack is reallocated or rewritten (compared by identity and version)."""
+        key = [(a, a._version) for a in A_rows]
+        cached = self._rows_cache
+        if cached is not None and len(cached[0]) == len(key) and all(
+                a is b and v == w for (a, v), (b, w) in zip(cached[0], key)):
+            return cached[1]
+        with torch.inference_mode(False), torch.no_grad():
+            stacked = torch.cat(A_rows, dim=2)
+        self._rows_cache = (key, stacked)
+        return stacked
+
 
 # ---------------------------------------------------------------------- the computation
 
 
-def _compute(group: SharedInputGroup, members: tuple, x: torch.Tensor) -> list[torch.Tensor] | None:
-    """Every member's output for ``x``, or None where computing them together does not apply."""
-    if torch.is_autocast_enabled(x.device.type):
-        return None
-    rows = [m._rows for m in members]
-    if any(r is not None for r in rows):
-        return _compute_rows(group, members, x, rows)
-    runs = [m._run for m in members]
-    if not any(runs) or not all(_runnable(m, run, x) for m, run in zip(members, runs)):
-        return None
-    weights = [(m.weight, m.bias) for m in members]
-    adapters = [[(ad.A, ad.B) for ad in run] for run in runs]
-    spec = (tuple(tuple(ad.scaling for ad in run) for run in runs), tuple(m.fan_in_fan_out for m in members),
-            tuple(m.out_features for m in members))
-    flat = [t for (w, b), ads in zip(weights, adapters) for t in (w, b, *[f for ab in ads for f in ab])]
-    if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in flat)):
-        return list(_SharedInputFunction.apply(spec, x, *flat))
-    return _forward(spec, x, flat)[0]
+def _plain(t: torch.Tensor | None) -> bool:
+    """A dense tensor of torch's own type (a Parameter of one too): no quantized weight, no
+    DTensor (``nn.Parameter`` of a tensor subclass keeps the subclass's type)."""
+    return t is None or type(t) in (torch.Tensor, nn.Parameter)
 
 
-def _positions(spec) -> list[tuple[int, int, list[tuple[int, int]]]]:
-    """Where each member's ``W``, ``b`` and ``(A, B)`` pairs sit in the flat tensor list."""
-    out, i = [], 0
-    for scalings in spec[0]:
-        out.append((i, i + 1, [(i + 2 + 2 * j, i + 3 + 2 * j) for j in range(len(scalings))]))
-        i += 2 + 2 * len(scalings)
-    return out
+def _runnable(layer, adapters, x: torch.Tensor) -> bool:
+    """Whether ``layer``'s forward with ``adapters`` is ``x·Wᵀ + b + Σ s·(x·Aᵀ)·Bᵀ`` in one dtype,
+    with plain parameters registered as ``weight``, ``bias``, ``A``, ``B``."""
+    if not getattr(layer, "fuse_shared_input", False):
+        return False
+    w, b = layer._parameters.get("weight"), layer.bias
+    if w is None or not (_plain(w) and _plain(b) and w.dtype == x.dtype and w.device == x.device):
+        return False
+    for ad in adapters:
+        if not getattr(ad, "fuse_shared_input", False) or ad.dropout is not None:
+            return False
+        A, B = ad._parameters.get("A"), ad._parameters.get("B")
+        if A is None or B is None or not (_plain(A) and _plain(B) and A.dtype == B.dtype == x.dtype):
+            return False
+    return True
 
 
-def _unflatten(spec, flat):
-    """``[(W, b, [(A, B), ...]), ...]`` per member from the flat tensor list."""
-    return [(flat[w], flat[b], [(flat[a], flat[bb]) for a, bb in pairs]) for w, b, pairs in _positions(spec)]
+class _Plan:
+    """What the members compute, read once from their layers and adapters: kept while every
+    member's active list (a new list after any change), every parameter object and the input's
+    dtype and device stay the same.
+
+    ``spec`` (what :class:`_SharedInputFunction` needs besides tensors): per member its
+    scalings, ``fan_in_fan_out``, ``out_features``, where its ``W``, ``b``, ``B`` s sit in
+    ``flat``, and the columns of ``Z`` its adapters own.
+    """
+
+    def __init__(self, members: tuple, x: torch.Tensor):
+        self.runs = tuple(m._run for m in members)
+        self.dtype, self.device = x.dtype, x.device
+        self.ok = any(self.runs) and all(_runnable(m, run, x) for m, run in zip(members, self.runs))
+        self.params = [(m._parameters, "weight") for m in members] + [(m._parameters, "bias") for m in members]
+        self.params += [(ad._parameters, k) for run in self.runs for ad in run for k in ("A", "B")]
+        self.params = [(d, k, d.get(k)) for d, k in self.params]
+        if not self.ok:
+            return
+        self.As = [ad.A for run in self.runs for ad in run]
+        self.flat, layout, start = [], [], 0
+        for m, run in zip(members, self.runs):
+            at = len(self.flat)
+            self.flat += [m.weight, m.bias, *[ad.B for ad in run]]
+            cols = []
+            for ad in run:
+                cols.append((start, start + ad.r))
+                start += ad.r
+            layout.append((tuple(ad.scaling for ad in run), m.fan_in_fan_out, m.out_features, at,
+                           tuple(range(at + 2, at + 2 + len(run))), tuple(cols)))
+        self.spec = tuple(layout)
+        with torch.no_grad():  # views that follow in-place updates of B (an optimizer step)
+            self.Bts = [ad.B.detach().t() for run in self.runs for ad in run]
+        self._A_cat, self._A_versions = None, None
+
+    def valid(self, members: tuple, x: torch.Tensor) -> bool:
+        return (x.dtype == self.dtype and x.device == self.device
+                and all(m._run is run for m, run in zip(members, self.runs))
+                and all(d.get(k) is t for d, k, t in self.params))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad
+                                                               for t in (*self.As, *self.flat))):
+            A_cat = torch.cat(self.As)  # recorded by autograd: CatBackward splits ∂A_cat into the ∂A
+            return list(_SharedInputFunction.apply((self.spec, self.Bts), x, A_cat, *self.flat))
+        versions = [a._version for a in self.As]
+        if versions != self._A_versions:  # no gradient: [A_1; A_2; ...] kept until an A changes
+            with torch.no_grad():
+                self._A_cat, self._A_versions = torch.cat(self.As), versions
+        return _forward(self.spec, x, self._A_cat, self.flat, self.Bts)[0]
 
 
-def _forward(spec, x: torch.Tensor, flat) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, list]:
-    """``(outputs, Z: (N, R), A_cat: (R, in), column ranges)``, outputs shaped as ``x`` with each member's out."""
-    scalings, fan_in_fan_out, out_features = spec
-    members = _unflatten(spec, flat)
+def _forward(spec, x: torch.Tensor, A_cat: torch.Tensor, flat, Bts) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``(outputs shaped (..., out_i), Z: (N, R))`` for ``x: (..., in)``, ``A_cat: (R, in)`` and
+    ``Bts`` the ``Bᵀ`` of ``flat``'s B s (views, made once per plan)."""
     x2 = x.reshape(-1, x.shape[-1])
-    A_cat = torch.cat([A for _, _, pairs in members for A, _ in pairs])  # (R, in)
-    Z = x2 @ A_cat.t()  # (N, R): the one read of x for every adapter of every member
-    outs, cols, start = [], [], 0
-    for (w, b, pairs), s_i, fan, out_f in zip(members, scalings, fan_in_fan_out, out_features):
+    Z = torch.mm(x2, A_cat.t())  # (N, R): the one read of x for every adapter of every member
+    lead, outs, k = x.shape[:-1], [], 0
+    for scalings, fan, out_features, at, _, cols in spec:
+        w, b = flat[at], flat[at + 1]
         if fan:  # Conv1D's own computation, as LoraLinear._base_forward
-            out = x2 @ w if b is None else torch.addmm(b, x2, w)
+            out = torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
         else:
             out = F.linear(x2, w, b)
-        for (A, B), s in zip(pairs, s_i):
-            end = start + A.shape[0]
-            out.addmm_(Z[:, start:end], B.t(), alpha=s)
-            cols.append((start, end))
-            start = end
-        outs.append(out.view(*x.shape[:-1], out_f))
-    return outs, Z, A_cat, cols
+        for s, (start, end) in zip(scalings, cols):
+            out.addmm_(Z.narrow(1, start, end - start), Bts[k], alpha=s)
+            k += 1
+        outs.append(out.view(*lead, out_features))
+    return outs, Z
 
 
 class _SharedInputFunction(torch.autograd.Function):
     """The group's forward and hand-written backward (see the module docstring).
 
-    Inputs: ``spec`` (scalings per member, fan_in_fan_out flags, out_features), ``x: (..., in)``,
-    then per member ``W, b, A_1, B_1, A_2, B_2, ...``. Outputs: one ``(..., out_i)`` per member.
+    Inputs: ``(spec, Bts)`` (see :class:`_Plan`), ``x: (..., in)``, ``A_cat: (R, in)`` (every
+    adapter's ``A`` stacked), then per member ``W, b, B_1, B_2, ...``. Outputs: one ``(..., out_i)``
+    per member.
     """
 
     @staticmethod
-    def forward(ctx, spec, x, *flat):
-        outs, Z, A_cat, cols = _forward(spec, x, flat)
+    def forward(ctx, plan, x, A_cat, *flat):
+        spec, Bts = plan
+        outs, Z = _forward(spec, x, A_cat, flat, Bts)
         ctx.set_materialize_grads(False)  # a member whose output is unused sends None
-        ctx.spec, ctx.cols, ctx.x_shape = spec, cols, x.shape
-        need = ctx.needs_input_grad[2:]
-        x_needed = any(need[w] or any(need[a] for a, _ in pairs) for w, _, pairs in _positions(spec))
+        ctx.spec, ctx.x_shape = spec, x.shape
+        need = ctx.needs_input_grad
+        x_needed = need[2] or any(need[3 + at] for *_, at, _, _ in spec)
         ctx.save_for_backward(x.reshape(-1, x.shape[-1]) if x_needed else None, Z, A_cat, *flat)
         return tuple(outs)
 
@@ -270,65 +322,34 @@ class _SharedInputFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
         x2, Z, A_cat, *flat = ctx.saved_tensors
-        scalings, fan_in_fan_out, _ = ctx.spec
-        members = _unflatten(ctx.spec, flat)
-        need = ctx.needs_input_grad[2:]
+        need_x, need_A, need = ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
         g2 = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
-        N = Z.shape[0]
         # g_Z = [s·g_i·B_i] for every adapter of every member: (N, R)
         pieces = []
-        for g, (_, _, pairs), s_i in zip(g2, members, scalings):
-            for (A, B), s in zip(pairs, s_i):
-                pieces.append(Z.new_zeros(N, A.shape[0]) if g is None else torch.mm(g, B).mul_(s))
+        for g, (scalings, _, _, _, b_at, cols) in zip(g2, ctx.spec):
+            for s, i, (start, end) in zip(scalings, b_at, cols):
+                pieces.append(Z.new_zeros(Z.shape[0], end - start) if g is None else torch.mm(g, flat[i]).mul_(s))
         g_Z = torch.cat(pieces, dim=1)
         grad_x = None
-        if ctx.needs_input_grad[1]:
-            grad_x = torch.mm(g_Z, A_cat)  # (N, in)
-            for g, (w, _, _), fan in zip(g2, members, fan_in_fan_out):
+        if need_x:  # Σ g_i·W_i + g_Z·A_cat, one buffer
+            grad_x = torch.mm(g_Z, A_cat)
+            for g, (_, fan, _, at, _, _) in zip(g2, ctx.spec):
                 if g is not None:
-                    grad_x.addmm_(g, w.t() if fan else w)
+                    grad_x.addmm_(g, flat[at].t() if fan else flat[at])
             grad_x = grad_x.view(ctx.x_shape)
-        a_needed = any(need[a] for _, _, pairs in _positions(ctx.spec) for a, _ in pairs)
-        grad_A_cat = torch.mm(g_Z.t(), x2) if a_needed else None  # (R, in): every ∂A in one GEMM
-        out, k = [], 0
-        for g, (w_at, b_at, pairs), s_i, fan in zip(g2, _positions(ctx.spec), scalings, fan_in_fan_out):
-            gw = (x2.t() @ g if fan else g.t() @ x2) if g is not None and need[w_at] else None
-            gb = g.sum(0) if g is not None and need[b_at] else None
-            out += [gw, gb]
-            for (a_at, bb_at), s in zip(pairs, s_i):
-                start, end = ctx.cols[k]
-                out.append(grad_A_cat[start:end] if need[a_at] else None)
-                out.append(torch.mm(g.t(), Z[:, start:end]).mul_(s) if g is not None and need[bb_at] else None)
-                k += 1
-        return (None, grad_x, *out)
-
-
-
-def _compute_rows(group: SharedInputGroup, members: tuple, x: torch.Tensor, rows: list) -> list[torch.Tensor] | None:
-    """Per-row batches (:func:`lorakit.per_row.per_row_adapters`): one gather of the members'
-    stacked ``Aᵀ`` and one ``bmm`` for all of them, when every member has the same row slots."""
-    if any(r is None for r in rows) or torch.is_grad_enabled():
-        return None
-    slots = rows[0][0]
-    if any(r[0] is not slots for r in rows) or not all(_runnable(m, [], x) for m in members):
-        return None
-    A_rows = [r[1] for r in rows]
-    if any(a.dtype != x.dtype or a.shape[0] != A_rows[0].shape[0] for a in A_rows):
-        return None
-    batch = x.shape[0]
-    if slots.shape[0] != batch:
-        return None  # the layer's own path raises the error for it
-    A_cat = group.stacked_rows(A_rows)  # (slots, in, R)
-    x3 = x.reshape(batch, -1, x.shape[-1])
-    Z = torch.bmm(x3, A_cat.index_select(0, slots))  # (batch, tokens, R)
-    outs, start = [], 0
-    for m, (_, A_r, B_r) in zip(members, rows):
-        out = m._base_forward(x)
-        end = start + A_r.shape[-1]
-        out.view(batch, -1, m.out_features).baddbmm_(Z[..., start:end], B_r.index_select(0, slots))
-        outs.append(out)
-        start = end
-    return outs
+        grad_A_cat = torch.mm(g_Z.t(), x2) if need_A else None  # (R, in): every ∂A in one GEMM
+        out = [None] * len(flat)
+        for g, (scalings, fan, _, at, b_at, cols) in zip(g2, ctx.spec):
+            if g is None:
+                continue
+            if need[at]:
+                out[at] = x2.t() @ g if fan else g.t() @ x2
+            if need[at + 1]:
+                out[at + 1] = g.sum(0)
+            for s, i, (start, end) in zip(scalings, b_at, cols):
+                if need[i]:
+                    out[i] = torch.mm(g.t(), Z.narrow(1, start, end - start)).mul_(s)  # (out, r)
+        return (None, grad_x, grad_A_cat, *out)
 
 
 # ---------------------------------------------------------------------- grouping
