@@ -120,6 +120,8 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     if bf16 and method.frozen_in_bf16:
         frozen_to_bf16(model)
     model.to(runtime.device).train()
+    if config.compile:  # in place: the module, its paths and state-dict keys stay the user's
+        model.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable, total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     if runtime.is_main:
