@@ -14,7 +14,8 @@ from torch import nn
 
 from lorakit import LoraConfig
 from lorakit.layers import LoraLinear
-from lorakit.layers.fused import _runnable, _SharedInputFunction, shared_input_groups, ungroup
+from lorakit.layers.fused import shared_input_groups, ungroup
+from lorakit.layers.fused_ops import _SharedInputFunction, runnable
 from lorakit.model import add_adapter, attach, merge, set_active
 from lorakit.per_row import per_row_adapters
 from tiny_models import tiny_bert_classifier, tiny_llama, token_batch
@@ -298,11 +299,11 @@ def test_sharded_factors_fall_back(tmp_path):
         mesh = init_device_mesh("cpu", (1,))
         layer = lora_llama(targets=["q_proj"]).model.layers[0].self_attn.q_proj
         x = torch.randn(2, 5, 32)
-        assert _runnable(layer, layer._run, x)
+        assert runnable(layer, layer._run, x)
         ad = layer.adapters["a"]
         ad.A = nn.Parameter(distribute_tensor(ad.A.detach(), mesh, [Replicate()]))
-        assert not _runnable(layer, layer._run, x)
+        assert not runnable(layer, layer._run, x)
         layer.weight = nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [Replicate()]), requires_grad=False)
-        assert not _runnable(layer, [], x)
+        assert not runnable(layer, [], x)
     finally:
         dist.destroy_process_group()
