@@ -29,7 +29,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 bench: setup
-	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks --threads 2 --clock wall
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

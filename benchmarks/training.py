@@ -118,8 +118,10 @@ def run_case(case: str, quick: bool) -> dict:
     del base
     # the first step allocates gradients and AdamW state (and compiles); the second runs warm
     samples = harness.interleaved(steps, reps=reps, warmup=1 if quick else (2 if case == "minilm" else 1))
-    if quick:  # the smoke run: in this process (a fresh one per contender costs seconds each)
-        memory = {c: harness.measure_here(lambda: steps[c], steps=1) for c in CONTENDERS}
+    if quick or harness.device() == "cuda":
+        # the smoke run, and a GPU (whose allocated bytes are exact in one process): in this process,
+        # where the peak counts every contender's weights and only "added" compares them
+        memory = {c: harness.measure_here(lambda: steps[c], steps=1 if quick else 3) for c in CONTENDERS}
     else:
         memory = {c: harness.peak_memory("benchmarks.training:setup", steps=3, case=case, contender=c,
                                          quick=quick) for c in CONTENDERS}

@@ -307,3 +307,28 @@ def test_sharded_factors_fall_back(tmp_path):
         assert not runnable(layer, [], x)
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("adapters", [("a",), ("a", "b", "c")])
+def test_on_cuda_fused_equals_unfused(adapters):
+    fused, unfused = fused_and_unfused(lora_llama(adapters).cuda())
+    ids = token_batch().cuda()
+    assert_same(run(fused, ids), run(unfused, ids), tol=1e-5)
+    assert fused_calls(fused) == 4
+
+
+@pytest.mark.cuda
+def test_on_cuda_per_row_batches():
+    fused, unfused = fused_and_unfused(lora_llama(("a", "b", "c")).cuda())
+    ids = token_batch(batch=4).cuda()
+    with torch.no_grad():
+        outs = []
+        for model in (fused, unfused):
+            model.eval()
+            with per_row_adapters(model, ["a", "c", None, "b"]):
+                outs.append([model(input_ids=ids).logits for _ in range(2)][-1])
+    assert (outs[0] - outs[1]).abs().max() <= 1e-5 and fused_calls(fused) == 4

@@ -93,3 +93,17 @@ def test_a_compiled_lora_model_matches_eager():
     assert grads_e.keys() == grads_c.keys() and len(grads_e) == 6
     for name in grads_e:
         assert torch.allclose(grads_e[name], grads_c[name], atol=1e-5), name
+
+
+@pytest.mark.cuda
+def test_on_cuda_a_compiled_lora_model_matches_eager_and_switches_without_recompiling():
+    model = two_adapter_llama().cuda()
+    ids = token_batch().cuda()
+    compiled = torch.compile(lambda ids: model(input_ids=ids, labels=ids).loss)  # inductor: Triton kernels
+    for name in ("a", "b", "a"):
+        set_active(model, name)
+        loss = compiled(ids)
+        loss.backward()
+        eager = model(input_ids=ids, labels=ids).loss
+        assert abs(loss.item() - eager.item()) < 1e-4
+    assert sum(counters["recompiles"].values()) == 0

@@ -10,7 +10,7 @@ members together when the first of them is called:
 - forward: ``Z = x·[A_q; A_k; A_v]ᵀ : (N, Σr)`` in one GEMM (one read of ``x``), each
   member's ``out_i = x·W_iᵀ + b_i + Σ s·Z_i·B_iᵀ``; the other members' outputs are handed
   to them when they are called with the same tensor;
-- backward (one autograd node for the group, :class:`_SharedInputFunction`):
+- backward (one autograd node for the group, in :mod:`lorakit.layers.fused_ops`):
   ``g_Z = [s·g_i·B_i]`` once, ``∂x = Σ g_i·W_i + g_Z·A_cat`` written into one buffer (no
   autograd sum of three ``(N, in)`` gradients), ``∂A_cat = g_Zᵀ·x`` in one GEMM, split
   into the members' ``∂A``; ``∂B_i = s·g_iᵀ·Z_i``.
@@ -30,7 +30,13 @@ It does not apply (the members run on their own, exactly as without groups) unde
 draws its own mask), under autocast or with mixed dtypes, on a layer kind or adapter that
 does not set ``fuse_shared_input = True`` (AdaLoRA's adapters do not; DoRA can set it
 False), on a base weight or factor that is not a plain dense tensor (a quantized base, an
-FSDP-sharded ``DTensor``), and when all members are merged or disabled.
+FSDP-sharded ``DTensor``), and when all members are merged or disabled. Per-row batches
+(:func:`lorakit.per_row.per_row_adapters`) are computed together when every member has the
+same row slots: one gather of the members' stacked ``Aᵀ`` and one ``bmm``.
+
+Cost: the members' plan (which tensors, which scalings) is read once and kept while no
+member's active set or parameter object changes, so a call adds a few attribute reads; the
+first member holds the others' outputs only until they are called.
 """
 
 from __future__ import annotations
