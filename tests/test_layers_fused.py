@@ -144,6 +144,28 @@ def test_merged_adapters():
     assert fused_calls(fused) == calls
 
 
+def test_inference_then_training_then_inference_follow_every_optimizer_step():
+    """What the group keeps between calls (the plan, A stacked without gradient, Bᵀ views) must
+    see in-place updates of A and B."""
+    fused, unfused = fused_and_unfused(lora_llama())
+    ids = token_batch()
+    outs = []
+    for model in (fused, unfused):
+        with torch.inference_mode():
+            for _ in range(2):
+                model(input_ids=ids)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        with torch.inference_mode():
+            outs.append(model(input_ids=ids).logits)
+    assert (outs[0] - outs[1]).abs().max() <= 1e-5
+    assert fused_calls(fused) == 4 * 5  # 6 passes, the first probing
+
+
 def test_state_dict_keys_and_copies_are_unchanged():
     model = lora_llama()
     model(input_ids=token_batch())

@@ -71,7 +71,7 @@ class Plan:
             layout.append((tuple(ad.scaling for ad in run), m.fan_in_fan_out, m.out_features, at,
                            tuple(range(at + 2, at + 2 + len(run))), tuple(cols)))
         self.spec = tuple(layout)
-        with torch.no_grad():  # views that follow in-place updates of B (an optimizer step)
+        with torch.inference_mode(False), torch.no_grad():  # views that follow in-place updates of B
             self.Bts = [ad.B.detach().t() for run in self.runs for ad in run]
         self._A_cat, self._A_versions = None, None
 
