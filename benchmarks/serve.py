@@ -1,26 +1,35 @@
-"""Serving many adapters on one base model: throughput and adapter cold-load time.
+"""Serving many adapters on one base model: throughput against PEFT, cold loads, bursts.
 
-Throughput: the same traffic (``requests`` greedy completions of ``max_tokens`` tokens,
-all submitted at once) spread over 1, 8 and 32 distinct adapters, through the server's
-engine (continuous batching, per-row adapters, one forward of the base per step). The
-baseline "one adapter after another" is the same engine fed one adapter's requests at
-a time, waiting for them to finish before the next adapter's: what a server that can
-only batch requests of one adapter does. Scenarios are interleaved and repeated; the
-median counts.
+1. **Throughput** (one run each, same requests): ``requests`` greedy completions of
+   exactly ``new_tokens`` tokens (end-of-sequence ignored), two per adapter over
+   ``adapters`` adapters, all arriving at once:
 
-Cold load: ``lorakit.io.load_adapter`` of a rank-8 adapter from its folder into the
-model (the file is in the OS page cache after the first read), then the first per-row
-forward's rebuild of the stacked weights, reported separately.
+   - lorakit's engine (continuous batching, per-row adapters, one forward of the base
+     per step, at most ``max_batch`` rows);
+   - PEFT's best for mixed traffic: transformers' ``generate`` on a ``PeftModel`` with
+     ``adapter_names`` (one adapter per row), in batches of ``max_batch`` rows, left padded;
+   - lorakit's engine with the same requests all for one adapter (the cost of mixing).
 
-Full run: the embedded SmolLM2-135M-Instruct with random rank-8 adapters on every
-linear layer of its blocks. ``quick=True``: the toy model of :mod:`lorakit.serve.toy`.
-``python -m benchmarks.serve`` also writes the ``## Serving`` section of BENCHMARKS.md.
+   Goals (issue 14): lorakit ≥ 3× PEFT's tokens/s, and ≥ 0.9× its own one-adapter figure.
+2. **Load on demand**: time to the first token of a request for an adapter that is on disk
+   but not loaded (rank 8 on every linear layer of the blocks), minus the same for an
+   adapter already resident: the latency a cold adapter adds.
+3. **Burst**: a real ``lorakit serve`` in a subprocess with ``--max-queue N`` gets 4N
+   requests at once. Goals: none lost (each answered 200 or 429, no 5xx), every accepted
+   one completed, the 429s answered within 50 ms (p99, seen by the client), the server's
+   RSS after the burst within 10% of before.
+
+Full run: the embedded SmolLM2-135M-Instruct (fp32, CPU). ``quick=True``: the toy model of
+:mod:`lorakit.serve.toy` at tiny sizes, to check the code runs.
 """
 
 from __future__ import annotations
 
-import re
+import asyncio
+import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -30,7 +39,6 @@ from pathlib import Path
 import torch
 
 from lorakit.serve.engine import GenerationRequest
-from lorakit.serve.registry import BASE
 from lorakit.serve.service import Service, build_service
 from lorakit.serve.toy import write_random_adapter, write_toy_model
 
@@ -40,10 +48,9 @@ PROMPTS = [
     "What is the capital of France?",
     "Give three tips for writing clear code.",
 ]
-MAX_ADAPTERS = 32
 
 
-def _drive(service: Service, jobs: list[tuple[str, list[int]]], max_tokens: int) -> int:
+def _drive(service: Service, jobs: list[tuple[str, list[int]]], new_tokens: int) -> int:
     """Submit ``jobs`` (adapter, prompt ids) at once; wait for all; return tokens generated."""
     done = threading.Semaphore(0)
     counts: list[int] = []
@@ -58,8 +65,8 @@ def _drive(service: Service, jobs: list[tuple[str, list[int]]], max_tokens: int)
             done.release()
 
     for adapter, ids in jobs:
-        service.engine.submit(GenerationRequest(prompt_ids=ids, adapter=adapter, max_tokens=max_tokens,
-                                                on_event=on_event))
+        service.engine.submit(GenerationRequest(prompt_ids=ids, adapter=adapter, max_tokens=new_tokens,
+                                                on_event=on_event, ignore_eos=True))
     for _ in jobs:
         done.acquire()
     if errors:
@@ -67,137 +74,231 @@ def _drive(service: Service, jobs: list[tuple[str, list[int]]], max_tokens: int)
     return sum(counts)
 
 
-def _throughput(service: Service, jobs, max_tokens: int, one_adapter_at_a_time: bool) -> float:
-    """Generated tokens per second for ``jobs``, all at once or one adapter's group at a time."""
-    groups = [jobs]
-    if one_adapter_at_a_time:
-        by_adapter: dict[str, list] = {}
-        for job in jobs:
-            by_adapter.setdefault(job[0], []).append(job)
-        groups = list(by_adapter.values())
+def _lorakit_tps(service: Service, jobs, new_tokens: int) -> float:
     start = time.perf_counter()
-    tokens = sum(_drive(service, group, max_tokens) for group in groups)
+    tokens = _drive(service, jobs, new_tokens)
     return tokens / (time.perf_counter() - start)
 
 
-def _cold_load_ms(service: Service, folder: Path, repeats: int) -> tuple[float, float]:
-    """Median ms of load_adapter from disk, and of the first per-row forward's restacking."""
-    from lorakit.io import load_adapter
-    from lorakit.model import delete_adapter
-    from lorakit.per_row import per_row_adapters
+def _peft_tps(model_dir: str | None, folders: dict[str, Path], jobs, tokenizer, new_tokens: int, batch: int) -> float:
+    """transformers' generate on a PeftModel, ``adapter_names`` per row, batches of ``batch``."""
+    from peft import PeftModel
 
-    loads, restacks = [], []
-    for i in range(repeats):
-        name = f"coldload{i}"
-        start = time.perf_counter()
-        load_adapter(service.model, folder, name, activate=False)
-        loads.append((time.perf_counter() - start) * 1000)
-        start = time.perf_counter()
-        with per_row_adapters(service.model, [name]):
-            pass  # entering builds the stacks the next forward uses
-        restacks.append((time.perf_counter() - start) * 1000)
-        delete_adapter(service.model, name)
-    return statistics.median(loads), statistics.median(restacks)
+    base = _plain_model(model_dir)
+    names = list(folders)
+    model = PeftModel.from_pretrained(base, str(folders[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(folders[name]), adapter_name=name)
+    model.eval()
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.decode(ids) for _, ids in jobs]
+    start, tokens = time.perf_counter(), 0
+    with torch.inference_mode():
+        for at in range(0, len(jobs), batch):
+            inputs = tokenizer(texts[at:at + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(**inputs, adapter_names=[a for a, _ in jobs[at:at + batch]], do_sample=False,
+                                 min_new_tokens=new_tokens, max_new_tokens=new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id)
+            tokens += (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
+    return tokens / (time.perf_counter() - start)
 
 
-def run(quick: bool = False, max_tokens: int | None = None, repeats: int | None = None,
-        threads: int | None = None) -> dict:
-    """Tokens/s with 1, 8 and 32 adapters in the traffic, the one-after-another baseline,
-    and adapter cold-load time. Returns the figures as a dict.
+def _plain_model(model_dir: str | None):
+    if model_dir is not None:
+        from transformers import AutoModelForCausalLM
 
-    ``threads``: torch's CPU threads for the run (default: 1 with ``quick``, whose toy
-    matmuls are too small to share, else torch's own setting).
+        return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    from lorakit.models import load_causal_lm
+
+    return load_causal_lm("default-chat", tokenizer=False)[0].eval()
+
+
+def _first_token_s(service: Service, adapter: str, ids: list[int]) -> float:
+    """Seconds from asking for ``adapter`` (loading it if on disk only) to its first token."""
+    first = threading.Event()
+    start = time.perf_counter()
+    service.engine.call(lambda: service.registry.ensure(adapter)).result()
+    service.engine.submit(GenerationRequest(prompt_ids=ids, adapter=adapter, max_tokens=2, ignore_eos=True,
+                                            on_event=lambda event: first.set()))
+    first.wait()
+    elapsed = time.perf_counter() - start
+    while service.engine.running() or service.engine.queued():
+        time.sleep(0.001)
+    return elapsed
+
+
+def _cold_start(service: Service, cold: list[str], warm: str, ids: list[int]) -> dict:
+    warm_s = [_first_token_s(service, warm, ids) for _ in cold]
+    cold_s = [_first_token_s(service, name, ids) for name in cold]
+    loads = [service.registry._entries[name].last_load_s for name in cold]
+    return {"warm_first_token_ms": round(statistics.median(warm_s) * 1000, 1),
+            "cold_first_token_ms": round(statistics.median(cold_s) * 1000, 1),
+            "added_ms": round((statistics.median(cold_s) - statistics.median(warm_s)) * 1000, 1),
+            "load_adapter_ms": round(statistics.median(loads) * 1000, 1), "cold_adapters": len(cold)}
+
+
+def run(quick: bool = False, threads: int | None = None) -> dict:
+    """The three measurements; returns the figures as a dict.
+
+    ``threads``: torch's CPU threads (default: 1 with ``quick``, else torch's own setting).
     """
-    requests = 32
-    max_tokens = max_tokens or (4 if quick else 16)
-    repeats = repeats or (1 if quick else 2)
+    sizes = (dict(adapters=4, requests=8, new_tokens=4, max_batch=4, cold=2, queue=4) if quick else
+             dict(adapters=32, requests=64, new_tokens=64, max_batch=32, cold=5, queue=256))
     before = torch.get_num_threads()
     torch.set_num_threads(threads or (1 if quick else before))
     try:
-        return _run(quick, requests, max_tokens, repeats)
+        with tempfile.TemporaryDirectory(prefix="lorakit-bench-serve-") as tmp:
+            result = _run(quick, Path(tmp), **sizes)
     finally:
         torch.set_num_threads(before)
+    return {"model": "toy" if quick else "SmolLM2-135M-Instruct (fp32)", "threads": torch.get_num_threads(),
+            "adapters_desc": "rank 8 on q,k,v,o,gate,up,down of every block", **sizes, **result}
 
 
-def _run(quick: bool, requests: int, max_tokens: int, repeats: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="lorakit-bench-serve-") as tmp:
-        tmp = Path(tmp)
-        model_spec = str(write_toy_model(tmp / "toy")) if quick else "default-chat"
-        service = build_service(model_spec, adapter_root=tmp, max_loaded=MAX_ADAPTERS, max_batch=requests)
-        names = [f"a{i}" for i in range(MAX_ADAPTERS)]
-        for i, name in enumerate(names):
-            write_random_adapter(service.model, tmp / name, seed=i, r=8, scale=0.1)
-        for name in names:
-            service.registry.register(name, tmp / name)
-        service.start()
-        try:
-            prompts = [service.tokenizer.encode(p) for p in PROMPTS]
-            _drive(service, [(names[0], prompts[0])], 2)  # warm-up
-            # distinct adapters in the traffic (0: the base model alone), one adapter at a time?
-            scenarios = {"base": (0, False), "1": (1, False), "8": (8, False), "32": (32, False),
-                         "8-one-after-another": (8, True), "32-one-after-another": (32, True)}
-            measured: dict[str, list[float]] = {key: [] for key in scenarios}
-            for _ in range(repeats):
-                for key, (distinct, serial) in scenarios.items():
-                    jobs = [(names[i % distinct] if distinct else BASE, prompts[i % len(prompts)])
-                            for i in range(requests)]
-                    measured[key].append(_throughput(service, jobs, max_tokens, serial))
-                    print(f"serve: {key}: {measured[key][-1]:.1f} tokens/s", file=sys.stderr, flush=True)
-            load_ms, restack_ms = service.engine.call(
-                lambda: _cold_load_ms(service, tmp / names[0], 3 if quick else 7)).result()
-        finally:
-            service.stop()
-    tps = {key: round(statistics.median(values), 1) for key, values in measured.items()}
+def _run(quick: bool, tmp: Path, adapters: int, requests: int, new_tokens: int, max_batch: int, cold: int,
+         queue: int) -> dict:
+    model_dir = str(write_toy_model(tmp / "toy")) if quick else None
+    root = tmp / "adapters"
+    root.mkdir()
+    service = build_service(model_dir or "default-chat", adapter_root=str(root), max_loaded=adapters + cold + 1,
+                            max_batch=max_batch)
+    names = [f"a{i}" for i in range(adapters)]
+    for i, name in enumerate([*names, *(f"cold{i}" for i in range(cold))]):
+        write_random_adapter(service.model, root / name, seed=i, r=8, scale=0.1)
+    for name in names:
+        service.registry.register(name, name)
+    prompts = [service.tokenizer.encode(p) for p in PROMPTS]
+    mixed = [(names[i % adapters], prompts[i % len(prompts)]) for i in range(requests)]
+    single = [(names[0], ids) for _, ids in mixed]
+    service.start()
+    try:
+        _drive(service, mixed[:adapters], 2)  # warm-up: every adapter in the stacks once
+        lorakit_mixed = _lorakit_tps(service, mixed, new_tokens)
+        lorakit_one = _lorakit_tps(service, single, new_tokens)
+        print(f"serve: lorakit {lorakit_mixed:.1f} tokens/s with {adapters} adapters, {lorakit_one:.1f} with 1",
+              file=sys.stderr, flush=True)
+        cold_start = _cold_start(service, [f"cold{i}" for i in range(cold)], names[0], prompts[2])
+    finally:
+        service.stop()
+    peft = _peft_tps(model_dir, {n: root / n for n in names}, mixed, service.tokenizer, new_tokens, max_batch)
+    print(f"serve: PEFT generate {peft:.1f} tokens/s", file=sys.stderr, flush=True)
+    del service
+    burst = _burst(model_dir or "default-chat", queue, 8 if quick else 16, tmp / "burst.log")
     return {
-        "model": "toy" if quick else "SmolLM2-135M-Instruct (fp32)",
-        "adapters": "rank 8 on q,k,v,o,gate,up,down of every block",
-        "requests": requests, "max_tokens": max_tokens, "repeats": repeats, "threads": torch.get_num_threads(),
-        "tokens_per_s": tps,
-        "ratio_vs_one_adapter": {k: round(tps[k] / tps["1"], 3) for k in ("8", "32")},
-        "ratio_vs_one_after_another": {k: round(tps[k] / tps[f"{k}-one-after-another"], 2) for k in ("8", "32")},
-        "cold_load_ms": round(load_ms, 2),
-        "first_forward_restack_ms": round(restack_ms, 2),
+        "tokens_per_s": {"lorakit_mixed": round(lorakit_mixed, 1), "lorakit_one_adapter": round(lorakit_one, 1),
+                         "peft_generate_mixed": round(peft, 1)},
+        "ratio_vs_peft": round(lorakit_mixed / peft, 2),
+        "ratio_vs_one_adapter": round(lorakit_mixed / lorakit_one, 3),
+        "load_on_demand": cold_start,
+        "burst": burst,
     }
 
 
+# ---------------------------------------------------------------------------------- burst
+
+
+def _burst(model: str, queue: int, new_tokens: int, log: Path) -> dict:
+    """4 × ``queue`` requests at once against a real server with ``--max-queue queue``."""
+    import httpx
+    import psutil
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 16 * queue + 256)), hard))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--model", model, "--port", str(port),
+                             "--max-queue", str(queue), "--max-tokens", str(new_tokens), "--log-level", "warning"],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_ready(url, proc, log)
+        body = {"model": "base", "prompt": PROMPTS[0], "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
+        httpx.post(url + "/v1/completions", json=body, timeout=120).raise_for_status()  # warm-up
+        server = psutil.Process(proc.pid)
+        rss_before = server.memory_info().rss
+        answers = asyncio.run(_send_all(url, body, 4 * queue))
+        while httpx.get(url + "/health").json()["running"]:
+            time.sleep(0.05)
+        rss_after = server.memory_info().rss
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    statuses = [status for status, _, _ in answers]
+    refused_ms = sorted(ms for status, ms, _ in answers if status == 429)
+    completed = sum(1 for status, _, tokens in answers if status == 200 and tokens == new_tokens)
+    return {"sent": len(answers), "accepted": statuses.count(200), "refused_429": statuses.count(429),
+            "lost": len(answers) - statuses.count(200) - statuses.count(429),
+            "accepted_completed": completed,
+            "p99_429_ms": round(refused_ms[min(len(refused_ms) - 1, int(0.99 * len(refused_ms)))], 1)
+            if refused_ms else None,
+            "rss_before_mb": round(rss_before / 2**20, 1), "rss_after_mb": round(rss_after / 2**20, 1),
+            "rss_change": round(rss_after / rss_before - 1, 3)}
+
+
+async def _send_all(url: str, body: dict, count: int) -> list[tuple[int, float, int]]:
+    """``(status or -1, ms, completion tokens)`` of ``count`` requests sent at once."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=count)) as client:
+        async def one():
+            start = time.perf_counter()
+            try:
+                answer = await client.post(url + "/v1/completions", json=body)
+            except httpx.HTTPError:
+                return -1, (time.perf_counter() - start) * 1000, 0
+            ms = (time.perf_counter() - start) * 1000
+            tokens = answer.json().get("usage", {}).get("completion_tokens", 0) if answer.status_code == 200 else 0
+            return answer.status_code, ms, tokens
+
+        return await asyncio.gather(*(one() for _ in range(count)))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
+    import httpx
+
+    for _ in range(1200):
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited:\n{log.read_text()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"the server did not start:\n{log.read_text()}")
+
+
+# ---------------------------------------------------------------------------------- report
+
+
 def markdown(result: dict) -> str:
-    """The ``## Serving`` section of BENCHMARKS.md for a full run."""
-    tps = result["tokens_per_s"]
-    ratio1, ratio_seq = result["ratio_vs_one_adapter"], result["ratio_vs_one_after_another"]
+    """The ``## Serving`` section of BENCHMARKS.md."""
+    tps, cold, burst = result["tokens_per_s"], result["load_on_demand"], result["burst"]
     return f"""## Serving
 
-`python -m benchmarks serve` ({result['model']}, {result['adapters']}; {result['requests']} greedy
-requests of {result['max_tokens']} tokens submitted at once, engine with max batch {result['requests']},
-torch threads: {result['threads']}, median of {result['repeats']} interleaved runs). The one-after-another
-baseline is the same engine fed one adapter's requests at a time.
+`python -m benchmarks serve` ({result['model']}, {result['adapters_desc']}; torch threads: {result['threads']}).
+{result['requests']} greedy requests of exactly {result['new_tokens']} new tokens, two per adapter over
+{result['adapters']} adapters, all arriving at once; batches of at most {result['max_batch']} rows; one run each.
 
-| adapters in the traffic | tokens/s | vs 1 adapter (goal ≥ 0.9×) | vs one adapter after another (goal ≥ 2×) |
-|---|---|---|---|
-| none (base model alone) | {tps['base']} | | |
-| 1 | {tps['1']} | 1.00× | |
-| 8 | {tps['8']} | {ratio1['8']:.2f}× | {ratio_seq['8']:.2f}× ({tps['8-one-after-another']} tokens/s) |
-| 32 | {tps['32']} | {ratio1['32']:.2f}× | {ratio_seq['32']:.2f}× ({tps['32-one-after-another']} tokens/s) |
+| | tokens/s | lorakit with {result['adapters']} adapters against it |
+|---|---|---|
+| lorakit, {result['adapters']} adapters (engine, per-row adapters) | {tps['lorakit_mixed']} | |
+| PEFT: `generate` with `adapter_names`, mixed batches | {tps['peft_generate_mixed']} | {result['ratio_vs_peft']}× (goal ≥ 3×) |
+| lorakit, the same requests on 1 adapter | {tps['lorakit_one_adapter']} | {result['ratio_vs_one_adapter']}× (goal ≥ 0.9×) |
 
-Adapter cold load (rank 8, `lorakit.io.load_adapter` from its folder, file in the page cache; goal < 50 ms):
-{result['cold_load_ms']} ms, plus {result['first_forward_restack_ms']} ms restacking the per-row weights at the
-first forward after the load.
+Load on demand (`--load-on-demand`, {cold['cold_adapters']} cold adapters, median): a cold adapter's first
+token after {cold['cold_first_token_ms']} ms against {cold['warm_first_token_ms']} ms for a resident one:
+**{cold['added_ms']} ms added** (of which reading and attaching the adapter: {cold['load_adapter_ms']} ms).
+
+Burst of {burst['sent']} requests at once against `--max-queue {result['queue']}`: {burst['accepted']} accepted
+(all completed: {burst['accepted_completed'] == burst['accepted']}), {burst['refused_429']} answered 429,
+{burst['lost']} lost; 429 answered within {burst['p99_429_ms']} ms (p99, client-side; goal 50 ms); server RSS
+{burst['rss_before_mb']} MB before, {burst['rss_after_mb']} MB after ({burst['rss_change']:+.1%}; goal within 10%).
 """
-
-
-def write_section(section: str, path: Path = Path(__file__).resolve().parent.parent / "BENCHMARKS.md") -> None:
-    """Replace (or add) the ``## Serving`` section of BENCHMARKS.md, leaving the others alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Serving\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n")
-
-
-if __name__ == "__main__":
-    import json
-
-    figures = run(quick=False)
-    print(json.dumps(figures, indent=2))
-    write_section(markdown(figures))

@@ -127,7 +127,8 @@ def test_unknown_keys_warn_and_unsupported_features_raise():
     d["brand_new_option"] = 3
     with pytest.warns(UserWarning, match="brand_new_option"):
         LoraConfig.from_peft_dict(d)
-    with pytest.raises(LorakitError, match="use_dora"):
-        LoraConfig.from_peft_dict({**LoraConfig().to_peft_dict(), "use_dora": True})
+    for key, value in (("lora_bias", True), ("layers_to_transform", [0]), ("trainable_token_indices", [1])):
+        with pytest.raises(LorakitError, match=f"sets {key}=.*a PEFT feature lorakit does not support"):
+            LoraConfig.from_peft_dict({**LoraConfig().to_peft_dict(), key: value})
     with pytest.raises(LorakitError, match="IA3"):
         LoraConfig.from_peft_dict({"peft_type": "IA3"})

@@ -42,8 +42,8 @@ def test_registered_as_a_layer_kind_of_linear_and_conv1d():
     assert wrapper_for(nn.Embedding(4, 4), "adalora") is None
     assert wrapper_for(nn.Linear(4, 4)) is LoraLinear  # the default kind is plain LoRA
     assert issubclass(AdaLoraLinear, LoraLayer)
-    with pytest.raises(LorakitError, match="layer kind 'dora' is unknown"):
-        wrapper_for(nn.Linear(4, 4), "dora")
+    with pytest.raises(LorakitError, match="layer kind 'vera' is unknown"):
+        wrapper_for(nn.Linear(4, 4), "vera")
 
 
 def test_layer_starts_as_the_base_and_computes_s_P_lambda_Q():

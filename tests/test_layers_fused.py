@@ -246,8 +246,22 @@ def test_lora_dropout_falls_back():
     assert fused_calls(fused) == 0
 
 
+def test_dora_layers_are_never_grouped():
+    model = lora_llama(use_dora=True)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == "DoraLinear" and shared_input_groups(model) == []
+    mixed = lora_llama(targets=["k_proj", "v_proj"])  # LoRA on k and v, DoRA on q beside them
+    add_adapter(mixed, LoraConfig(r=4, alpha=8, target_modules=["q_proj"], init="random", use_dora=True), "d")
+    set_active(mixed, "a", "d")
+    fused, unfused = fused_and_unfused(mixed)
+    assert [len(g.members) for g in shared_input_groups(fused)] == [2, 2]  # k and v of each block
+    ids = token_batch()
+    assert_same(run(fused, ids), run(unfused, ids))
+    assert fused_calls(fused) == 2
+
+
 def test_a_layer_kind_or_adapter_that_opts_out_falls_back():
-    """DoRA sets ``fuse_shared_input = False`` on its layer kind or adapters."""
+    """A layer kind or adapter class sets ``fuse_shared_input = False`` (as DoRA's do)."""
     model = lora_llama()
     model.model.layers[0].self_attn.k_proj.fuse_shared_input = False  # the layer
     model.model.layers[0].mlp.up_proj.adapters["a"].fuse_shared_input = False  # an adapter
@@ -308,6 +322,26 @@ def test_a_quantized_base_falls_back():
         outs = [m(input_ids=ids).logits for m in (fused, fused, unfused)]
     assert (outs[1] - outs[2]).abs().max() <= TOL
     assert fused_calls(fused) == 1  # layer 1 (not quantized) alone
+
+
+def test_a_model_sharded_with_fsdp_computes_each_layer_on_its_own(tmp_path):
+    import torch.distributed as dist
+
+    from lorakit import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        model = lora_llama()
+        plain = copy.deepcopy(model)
+        assert shared_input_groups(model)
+        distributed.shard(model, distributed.Runtime(0, 1, torch.device("cpu"), sharded=True))
+        assert shared_input_groups(model) == []
+        ids = token_batch()
+        logits, _ = run(model, ids)
+        plain_logits, _ = run(plain, ids)
+        assert (logits - plain_logits).abs().max() <= TOL
+    finally:
+        dist.destroy_process_group()
 
 
 def test_sharded_factors_fall_back(tmp_path):

@@ -2,8 +2,8 @@
 
 The matrix crosses model kinds (bare encoder, sequence classifier with and without
 modules_to_save, causal LM, GPT-2's Conv1D, and the embedded MiniLM) with every producer
-of adapter files (``save_adapter``, ``extract_adapter``, ``combine`` cat and svd, AdaLoRA's
-export). Each cell: PEFT loads the file onto the same architecture and computes what
+of adapter files (``save_adapter`` of LoRA and of DoRA, ``extract_adapter``, ``combine`` cat
+and svd, AdaLoRA's export). Each cell: PEFT loads the file onto the same architecture and computes what
 lorakit computes (≤ 1e-5); and for each kind, lorakit loads PEFT's own adapter.
 Every adapter is moved off its init first, so equal outputs mean factors, scaling,
 placement and heads all agree.
@@ -107,11 +107,16 @@ def lora_config(row: Row, **changes) -> LoraConfig:
 # each: (row, folder) -> what lorakit computes with the adapter it wrote to folder
 
 
-def produce_save(row: Row, folder):
-    model = attach(row.make(), lora_config(row))
+def produce_save(row: Row, folder, **changes):
+    model = attach(row.make(), lora_config(row, **changes))
     perturb_trainable(model)
     save_adapter(model, folder)
     return outputs(model, row.inputs())
+
+
+def produce_save_dora(row: Row, folder):
+    """DoRA: the magnitude vectors travel under PEFT's key and PEFT's norm gives the same outputs."""
+    return produce_save(row, folder, use_dora=True)
 
 
 def produce_extract(row: Row, folder):
@@ -169,7 +174,8 @@ def produce_adalora(row: Row, folder):
     return outputs(model, row.inputs())
 
 
-PRODUCERS = {"save": produce_save, "extract": produce_extract, "combine-cat": produce_combine("cat"),
+PRODUCERS = {"save": produce_save, "save-dora": produce_save_dora, "extract": produce_extract,
+             "combine-cat": produce_combine("cat"),
              "combine-svd": produce_combine("svd"), "adalora": produce_adalora}
 
 
@@ -188,14 +194,15 @@ def test_every_file_lorakit_writes_loads_in_peft_with_the_same_outputs(row, prod
     torch.testing.assert_close(outputs(again, row.inputs()), ours, atol=TOL, rtol=0)
 
 
-def test_lorakit_loads_peft_own_adapter(row, tmp_path):
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_lorakit_loads_peft_own_adapter(row, dora, tmp_path):
     first, second = row.targets
     model = row.make()
     task_type = task_type_for(model)
     conv1d = any(is_conv1d(leaf) for leaf in linear_leaves(model).values())
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=row.targets, rank_pattern={first: 2},
                              alpha_pattern={second: 16}, use_rslora=True, bias="lora_only", fan_in_fan_out=conv1d,
-                             modules_to_save=row.saved, task_type=task_type, init_lora_weights=False)
+                             modules_to_save=row.saved, task_type=task_type, init_lora_weights=False, use_dora=dora)
     theirs = peft.get_peft_model(model, config)
     perturb_trainable(theirs)
     expected = outputs(theirs.eval(), row.inputs())

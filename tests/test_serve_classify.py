@@ -78,3 +78,26 @@ def test_classify_answers_labels_and_probabilities_per_adapter(classifier):
     assert not torch.allclose(expected["mood"], expected["base"], atol=1e-3)  # the adapter matters
     one = torch.tensor([single["data"][0]["probabilities"][label] for label in labels])
     assert torch.allclose(one, expected["mood"][0], atol=1e-5)  # a batch of one agrees with the batch
+
+
+def test_an_adapter_answers_with_the_labels_it_was_trained_with(classifier, tmp_path):
+    """``lorakit_task.json`` beside the adapter names its classes, as ``lorakit predict`` reads them."""
+    import json
+    import shutil
+
+    tmp, _ = classifier
+    root = tmp_path / "adapters"
+    shutil.copytree(tmp / "adapters" / "mood", root / "mood")
+    labels = ["sad", "flat", "happy"]
+    (root / "mood" / "lorakit_task.json").write_text(json.dumps(
+        {"task": "classify", "method": "lora", "model": str(tmp / "model"), "labels": labels, "max_length": 16}))
+    service = build_service(str(tmp / "model"), adapter_root=str(root), max_loaded=2)
+    with TestClient(create_app(service)) as client:
+        assert client.post("/v1/adapters", json={"name": "mood", "path": "mood"}).status_code == 201
+        mood = client.post("/v1/classify", json={"model": "mood", "input": TEXTS}).json()["data"]
+        base = client.post("/v1/classify", json={"model": "base", "input": TEXTS}).json()["data"]
+        surrogate = client.post("/v1/classify", content=b'{"model": "mood", "input": ["ok", "\\ud800"]}',
+                                headers={"content-type": "application/json"})
+    assert all(row["label"] in labels and set(row["probabilities"]) == set(labels) for row in mood)
+    assert all(row["label"] in ("neg", "neutral", "pos") for row in base)
+    assert surrogate.status_code == 422 and "surrogate" in surrogate.json()["error"]["message"]

@@ -1,12 +1,6 @@
 """`lorakit serve` end to end: a real server in a subprocess on a free loopback port,
-talked to with httpx and the official `openai` client.
-
-The base is a tiny random-weight Llama with a byte-level BPE tokenizer built offline
-(:mod:`lorakit.serve.toy`); the adapters are random rank-8 LoRA files in PEFT's format.
-What each adapter gives "alone" is computed here independently of lorakit: the adapter's
-ΔW = (α/r)·B·A is added into a plain transformers model's weights and
-``generate(do_sample=False)`` runs it.
-"""
+talked to with httpx and the official `openai` client (see ``serve_helpers``: a toy
+model, random adapters, and each adapter's answer computed without lorakit)."""
 
 from __future__ import annotations
 
@@ -15,128 +9,21 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from lorakit.serve.toy import write_random_adapter, write_toy_model
+from serve_helpers import PROMPTS, Server, make_toy
+from serve_helpers import complete as _complete
+from serve_helpers import error_of as _error
 
 N_ADAPTERS = 8
-PROMPTS = ["Customers can select", "The quick brown fox jumps over", "Hello!", "Write a SQL query that counts",
-           "One foundational model can exchange matrices for", "Low-rank", "Summarise this", "fox"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """``python -m lorakit serve ...`` in a subprocess; stopped (SIGINT, then kill) at the end."""
-
-    def __init__(self, args: list[str], log: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lorakit", "serve", "--port", str(self.port), "--log-level", "warning", *args],
-            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not start:\n{log.read_text()}")
-
-    def stop(self, sig=signal.SIGINT, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """A toy model folder, an adapter root with 8 adapters, and their "alone" references."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tmp = tmp_path_factory.mktemp("serve")
-    model_dir = write_toy_model(tmp / "model")
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    root = tmp / "adapters"
-    names = [f"task{i}" for i in range(N_ADAPTERS)]
-    for i, name in enumerate(names):
-        write_random_adapter(model, root / name, seed=100 + i, r=8)
-    broken = root / "broken"
-    broken.mkdir()
-    shutil.copy(root / "task0" / "adapter_config.json", broken)
-    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return {"tmp": tmp, "model_dir": model_dir, "root": root, "names": names, "tokenizer": tokenizer,
-            "refs": References(model_dir, tokenizer)}
-
-
-class References:
-    """Greedy answers of the base model with one adapter merged in, computed without lorakit."""
-
-    def __init__(self, model_dir: Path, tokenizer):
-        self.model_dir, self.tokenizer, self.models, self.cache = model_dir, tokenizer, {}, {}
-
-    def model(self, adapter_dir: Path | None):
-        from transformers import AutoModelForCausalLM
-
-        if adapter_dir not in self.models:
-            model = AutoModelForCausalLM.from_pretrained(self.model_dir).eval()
-            if adapter_dir is not None:
-                config = json.loads((adapter_dir / "adapter_config.json").read_text())
-                tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-                scaling = config["lora_alpha"] / config["r"]
-                with torch.no_grad():
-                    for key, a in tensors.items():
-                        if key.endswith(".lora_A.weight"):
-                            path = key[len("base_model.model."):-len(".lora_A.weight")]
-                            b = tensors[key.replace("lora_A", "lora_B")]
-                            model.get_submodule(path).weight += scaling * b @ a
-            self.models[adapter_dir] = model
-        return self.models[adapter_dir]
-
-    def text(self, adapter_dir: Path | None, prompt_ids: list[int], max_tokens: int) -> str:
-        key = (adapter_dir, tuple(prompt_ids), max_tokens)
-        if key not in self.cache:
-            model, ids, new, cache = self.model(adapter_dir), torch.tensor([prompt_ids]), [], None
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # tiny matmuls: more threads only wait on each other
-            try:
-                with torch.inference_mode():  # greedy decoding, batch of one, with a KV cache
-                    for _ in range(max_tokens):
-                        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-                        cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
-                        if token == self.tokenizer.eos_token_id:
-                            break
-                        new.append(token)
-                        ids = torch.tensor([[token]])
-            finally:
-                torch.set_num_threads(threads)
-            self.cache[key] = self.tokenizer.decode(new, skip_special_tokens=True)
-        return self.cache[key]
+    return make_toy(tmp_path_factory.mktemp("serve"), N_ADAPTERS)
 
 
 @pytest.fixture(scope="module")
@@ -151,13 +38,6 @@ def server(toy):
         assert answer.status_code == 201, answer.text
     yield srv
     assert srv.stop() == 0, toy["tmp"].joinpath("server.log").read_text()
-
-
-def _complete(url: str, model: str, prompt: str, max_tokens: int, **extra) -> dict:
-    answer = httpx.post(url + "/v1/completions", timeout=60,
-                        json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra})
-    assert answer.status_code == 200, answer.text
-    return answer.json()
 
 
 def test_health_and_models_list_the_base_and_each_adapter_with_its_parent(server, toy):
@@ -260,11 +140,6 @@ def test_sampling_with_a_seed_repeats_and_stop_strings_cut_the_answer(server, to
     streamed = _sse_events(server.url, "/v1/completions", {"model": "task1", "prompt": PROMPTS[4], "max_tokens": 20,
                                                            "temperature": 0, "stop": stop, "stream": True})
     assert "".join(json.loads(e)["choices"][0]["text"] for e in streamed[:-1]) == cut["text"]
-
-
-def _error(response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    return response.json()["error"]
 
 
 def test_bad_input_answers_400_or_422_naming_the_field(server, toy):

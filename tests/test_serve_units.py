@@ -12,7 +12,7 @@ from lorakit.errors import LorakitError
 from lorakit.serve.detokenize import TextStream
 from lorakit.serve.kv import BatchCache, cache_tensors
 from lorakit.serve.registry import AdapterConflict, AdapterForbidden, AdapterRegistry, check_name
-from lorakit.serve.sampling import Sampler, nucleus
+from lorakit.serve.sampling import NonFiniteLogits, Sampler, nucleus, pick_tokens, token_logprob
 
 
 class CharTokenizer:
@@ -68,6 +68,36 @@ def test_sampler_with_a_seed_repeats_and_greedy_takes_the_argmax():
     assert Sampler(temperature=0.0).sample(logits) == int(logits.argmax())
 
 
+def test_sampling_is_safe_for_every_accepted_temperature():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(1)) * 30
+    for temperature in (9e-38, 1e-40, 5e-324, 1e-6):
+        assert Sampler(temperature=temperature).greedy
+        assert Sampler(temperature=temperature).sample(logits) == int(logits.argmax())
+    for temperature in (1e-5, 1e-4, 0.01, 2.0):  # sampled: (logits - max) / t never overflows
+        token = Sampler(temperature=temperature, top_p=0.5, seed=3).sample(logits * 1e30)
+        assert 0 <= token < 50
+    assert Sampler(temperature=1e-5, seed=3).sample(logits) == int(logits.argmax())  # all mass on the max
+
+
+def test_a_row_with_non_finite_logits_fails_alone():
+    logits = torch.randn(4, 20, generator=torch.Generator().manual_seed(2))
+    logits[1, 3] = float("nan")
+    logits[2, 0] = float("inf")
+    picked = pick_tokens(logits, [Sampler(temperature=0.0), Sampler(temperature=0.0), Sampler(temperature=0.7),
+                                  Sampler(temperature=0.7, seed=1)])
+    assert picked[0] == int(logits[0].argmax()) and isinstance(picked[3], int)
+    assert isinstance(picked[1], NonFiniteLogits) and isinstance(picked[2], NonFiniteLogits)
+
+
+def test_token_logprobs_are_the_raw_log_softmax_and_its_top_k():
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    entry = token_logprob(logits, 2, 2)
+    expected = torch.log_softmax(logits, -1)
+    assert entry.token == 2 and abs(entry.logprob - float(expected[2])) < 1e-6
+    assert [t for t, _ in entry.top] == [1, 2] and abs(entry.top[0][1] - float(expected[1])) < 1e-6
+    assert token_logprob(logits, 0, 0).top == []
+
+
 def _row_cache(length: int, fill: float) -> DynamicCache:
     kv = torch.full((1, 2, length, 3), fill)
     return DynamicCache(ddp_cache_data=[(kv, kv + 100)])
@@ -95,7 +125,8 @@ def test_batch_cache_left_pads_joins_and_trims_after_leaves():
 
 def test_adapter_names_are_checked():
     assert check_name("sql-v1.2_x") == "sql-v1.2_x"
-    for bad in ["", "a b", "x" * 65, "../etc", "é"]:
+    assert check_name("org/name:v2") == "org/name:v2"  # names vLLM's clients use
+    for bad in ["", "a b", "x" * 129, "../etc", "é", "/abs", "-x"]:
         with pytest.raises(LorakitError, match="invalid"):
             check_name(bad)
     with pytest.raises(AdapterConflict, match="reserved"):

@@ -9,7 +9,7 @@ from transformers.pytorch_utils import Conv1D
 from lorakit import LoraConfig, attach
 from lorakit.targets import (
     BARE, CAUSAL_LM, CLASSIFIER, OTHER, architecture_kind, is_conv1d, linear_leaves, model_fingerprint, model_kind,
-    output_heads, task_heads, weight_out_in,
+    output_heads, task_heads, transformer_blocks, weight_out_in,
 )
 from tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama
 
@@ -77,3 +77,17 @@ def test_modules_to_save_match_as_peft_matches_them(saved, expected):
     from lorakit.targets import saved_paths
 
     assert saved_paths(tiny_distilbert(), LoraConfig(modules_to_save=saved, target_modules=["q_lin"])) == expected
+
+
+def test_transformer_blocks_are_the_repeated_layers_of_the_body():
+    assert list(transformer_blocks(tiny_llama())) == ["model.layers.0", "model.layers.1"]
+    assert list(transformer_blocks(tiny_gpt2())) == ["transformer.h.0", "transformer.h.1"]
+    bert = tiny_bert_classifier()  # _no_split_modules names BertEmbeddings too, which is no repeated block
+    assert list(transformer_blocks(bert)) == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
+    attach(bert, LoraConfig(target_modules=["query", "value"]))  # adapters inside change nothing
+    assert all(type(b).__name__ == "BertLayer" for b in transformer_blocks(bert).values())
+    # a plain torch model: the largest list of one module type
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, dim_feedforward=32), num_layers=3)
+    plain = nn.Sequential(nn.Embedding(10, 16), encoder, nn.ModuleList([nn.Linear(16, 2)]))
+    assert list(transformer_blocks(plain)) == ["1.layers.0", "1.layers.1", "1.layers.2"]
+    assert transformer_blocks(nn.Sequential(nn.Linear(2, 2))) == {}

@@ -23,7 +23,7 @@ def test_defaults_that_depend_on_the_task_or_the_method_come_from_their_registri
 def test_every_field_says_what_it_does_and_whether_a_resume_shares_it():
     assert all(f.metadata["help"] and {"flag", "shared"} <= set(f.metadata) for f in fields(TrainConfig))
     assert set(TrainConfig().settings()) == {f.name for f in fields(TrainConfig)} - {
-        "eval_batch_size", "out", "resume", "overwrite", "stop_after", "device", "progress", "compile"}
+        "eval_batch_size", "out", "resume", "overwrite", "stop_after", "device", "fsdp", "progress", "compile"}
 
 
 def test_bad_values_are_refused_with_their_name():
@@ -33,3 +33,5 @@ def test_bad_values_are_refused_with_their_name():
         TrainConfig(task="regression")
     with pytest.raises(LorakitError, match="for --method adalora"):
         TrainConfig(target_rank=2)
+    with pytest.raises(LorakitError, match="--method adalora cannot train with --fsdp"):
+        TrainConfig(method="adalora", fsdp=True)

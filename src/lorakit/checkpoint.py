@@ -10,7 +10,9 @@ A checkpoint is a folder of two files, never pickle:
   state, the optimizer's hyper-parameters, Python's random state per rank, and the
   settings of the run (a resume with different settings is refused).
 
-The folder is written whole under a temporary name and swapped in
+The tensors are whole whether the run was sharded with FSDP or not (the caller gathers
+them, :mod:`lorakit.distributed`), so a checkpoint resumes under DDP, FSDP or one process
+alike. The folder is written whole under a temporary name and swapped in
 (:func:`lorakit.atomic.replace_folder`), so a crash at any moment leaves either the old
 checkpoint or the new one, never half of one. :func:`stop_on_signals` turns Ctrl-C and SIGTERM into a
 request to stop at the end of the current step, so that a checkpoint can be written.
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorakit import atomic
+from lorakit import atomic, distributed
 from lorakit.errors import LorakitError
 
 TENSORS = "state.safetensors"
@@ -46,14 +48,13 @@ def save_tensors(tensors: dict, path) -> None:
 
 def load_tensors(model, path) -> None:
     """Copy the tensors of the safetensors file ``path`` into ``model``'s parameters of
-    the same names (what :func:`save_tensors` wrote); nothing if there is no file."""
+    the same names (what :func:`save_tensors` wrote); nothing if there is no file. A
+    model sharded with FSDP keeps each process's slice (every process calls it)."""
     if not Path(path).is_file():
         return
     saved = load_file(str(path))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in saved:
-                p.copy_(saved[name])
+    names = {name for name, _ in model.named_parameters()}
+    distributed.load_trainable_state(model, {name: t for name, t in saved.items() if name in names})
 
 
 # ---------------------------------------------------------------- random states
@@ -78,15 +79,20 @@ def set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------- save / load
 
 
-def save_checkpoint(folder, model, optimizer, scheduler, rng_states: list[dict], meta: dict) -> Path:
+def save_checkpoint(folder, params: dict, optimizer_state: dict, scheduler, rng_states: list[dict],
+                    meta: dict) -> Path:
     """Write the training state (see the module docstring) atomically to ``folder``.
 
     Args:
+        params: the trainable parameters by name, whole
+            (:func:`lorakit.distributed.trainable_state`).
+        optimizer_state: the optimizer's ``state_dict()`` with whole tensors
+            (:func:`lorakit.distributed.optimizer_state`).
         rng_states: :func:`rng_state` of every process, by rank.
         meta: JSON-able facts of the run (step, best metric, settings, ...).
     """
-    tensors = {f"param.{name}": p for name, p in model.named_parameters() if p.requires_grad}
-    opt = optimizer.state_dict()
+    tensors = {f"param.{name}": p for name, p in params.items()}
+    opt = optimizer_state
     for index, param_state in opt["state"].items():
         for key, value in param_state.items():
             tensors[f"optimizer.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
@@ -136,7 +142,8 @@ def check_settings(folder, settings: dict) -> None:
 
 def load_checkpoint(folder, model, optimizer, scheduler, rank: int = 0) -> dict:
     """Restore what :func:`save_checkpoint` wrote into ``model``, ``optimizer``,
-    ``scheduler`` and this process's random state; return the meta dict.
+    ``scheduler`` and this process's random state; return the meta dict. A model sharded
+    with FSDP takes its slice (every process calls it).
 
     Raises:
         LorakitError: no checkpoint in ``folder``, or it does not fit the model.
@@ -152,16 +159,15 @@ def load_checkpoint(folder, model, optimizer, scheduler, rank: int = 0) -> dict:
         missing, extra = sorted(set(params) - saved)[:5], sorted(saved - set(params))[:5]
         raise LorakitError(f"the checkpoint in {found} does not fit this model's trainable parameters "
                            f"(missing {missing}, unexpected {extra}, other shape {misfit[:5]}); resume with the settings it was made with")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[f"param.{name}"])
+    distributed.load_trainable_state(model, {name: tensors[f"param.{name}"] for name in params})
 
     opt_state: dict = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
             opt_state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta.pop("optimizer_param_groups")})
+    distributed.load_optimizer_state(model, optimizer, {"state": opt_state,
+                                                        "param_groups": meta.pop("optimizer_param_groups")})
     scheduler.load_state_dict(meta.pop("scheduler"))
 
     pythons = meta.pop("rng_python")

@@ -70,6 +70,7 @@ class Term:
     scaling: float
     weight: float
     to_layout: Callable[[torch.Tensor], torch.Tensor]
+    from_layout: Callable[[torch.Tensor], torch.Tensor] | None = None  # its inverse (None: to_layout itself)
 
     def delta(self) -> torch.Tensor:
         """``s·B·A`` in fp32, in the layout of the layer's weight (unweighted)."""
@@ -179,7 +180,7 @@ def truncated(rule: DeltaRule):
     def build(terms: list[Term], options: Options) -> tuple[torch.Tensor, torch.Tensor]:
         deltas = [t.delta() for t in terms]
         weights = torch.tensor([t.weight for t in terms], dtype=torch.float32, device=deltas[0].device)
-        delta = terms[0].to_layout(rule(deltas, weights, options))  # back to (out, in)
+        delta = (terms[0].from_layout or terms[0].to_layout)(rule(deltas, weights, options))  # back to (out, in)
         r = options.rank if options.rank is not None else max(t.A.shape[0] for t in terms)
         r = min(r, *delta.shape)
         if not bool(delta.abs().max() > 0):  # all-zero ΔW (e.g. untrained adapters): SVD is meaningless
@@ -241,10 +242,11 @@ def combine(model: nn.Module, weights: dict[str, float], method: str = "cat", na
         raise LorakitError(f"adapter(s) {rewrote} started from an init that rewrote the base weights "
                            f"({configs[rewrote[0]].init}): their ΔW is relative to the residual; save them "
                            "(converted), load them onto the original model, then combine")
+    _refuse_variants({n: configs[n] for n in weights})
     by_path = {}
     for path, layer in lora_layers(model):
         terms = [Term(layer.adapters[n].A, layer.adapters[n].B, layer.adapters[n].scaling, float(w),
-                      layer.weight_to_layout) for n, w in weights.items() if n in layer.adapters]
+                      layer.weight_to_layout, layer.as_out_in) for n, w in weights.items() if n in layer.adapters]
         if terms:
             by_path[path] = terms
     factors = _build(method, by_path, options)
@@ -348,7 +350,9 @@ def combine_adapters(adapters: dict[str | os.PathLike, float], out: str | os.Pat
     read = [(Path(folder), float(w), *read_adapter(folder)) for folder, w in adapters.items()]
     by_path: dict[str, list[Term]] = {}
     shapes: dict[str, tuple] = {}
+    kernels: dict[str, tuple] = {}  # a convolution's path -> (A's, B's kernel dims), to write them back
     for folder, w, config, tensors in read:
+        _refuse_variants({str(folder): config})
         factors: dict[str, dict] = {}
         for key, tensor in tensors.items():
             parsed = parse_factor_key(key)
@@ -360,6 +364,9 @@ def combine_adapters(adapters: dict[str | os.PathLike, float], out: str | os.Pat
         for path, f in factors.items():
             if "A" not in f or "B" not in f:
                 raise LorakitError(f"adapter {folder} holds only one of lora_A / lora_B for {path}")
+            if f["A"].dim() > 2:  # a convolution: kernels (r, in, *k) and (out, r, 1, …), as matrices
+                kernels[path] = (tuple(f["A"].shape[1:]), tuple(f["B"].shape[2:]))
+                f["A"], f["B"] = f["A"].flatten(1), f["B"].flatten(1)
             shape = (f["A"].shape[1], f["B"].shape[0], f["embedding"])
             if shapes.setdefault(path, shape) != shape:
                 raise LorakitError(f"adapter {folder} has {path} as (in, out, embedding) = {shape}, another input "
@@ -372,9 +379,17 @@ def combine_adapters(adapters: dict[str | os.PathLike, float], out: str | os.Pat
     tensors = {}
     for path, (A, B) in factors.items():
         embedding = shapes[path][2]
+        if path in kernels:
+            A, B = A.reshape(A.shape[0], *kernels[path][0]), B.reshape(*B.shape, *kernels[path][1])
         tensors[factor_key(path, "A", embedding)] = A.contiguous()
         tensors[factor_key(path, "B", embedding)] = B.contiguous()
     return write_adapter(out, config, tensors, {"lorakit_combined": f"{method} of {len(read)} adapters"})
+
+
+def _refuse_variants(configs: dict[str, LoraConfig]) -> None:
+    if other := sorted(n for n, c in configs.items() if c.use_dora or c.target_parameters):
+        raise LorakitError(f"{other} use DoRA or target_parameters; combine works on LoRA's ΔW = s·B·A of modules "
+                           "(a DoRA magnitude or an expert stack has no such sum)")
 
 
 def _identity(matrix: torch.Tensor) -> torch.Tensor:

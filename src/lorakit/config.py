@@ -47,8 +47,8 @@ _PEFT_BOOKKEEPING = {
     "monteclora_config", "arrow_config", "kasa_config", "qalora_group_size", "ensure_weight_tying",
 }
 _PEFT_UNSUPPORTED_OFF = {
-    "use_dora": False, "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
-    "layer_replication": None, "target_parameters": None, "trainable_token_indices": None,
+    "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
+    "layer_replication": None, "trainable_token_indices": None,
     "use_qalora": False, "alora_invocation_tokens": None, "use_bdlora": None,
 }
 
@@ -157,6 +157,14 @@ class LoraConfig:
             (:func:`lorakit.peft_format.with_task_heads`).
         fan_in_fan_out: the base weight is stored ``(in, out)`` (GPT-2's ``Conv1D``); lorakit
             detects Conv1D itself, this is kept for PEFT's file format.
+        use_dora: DoRA (Liu et al. 2024): ``W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖`` with a trained
+            magnitude ``m`` per output feature (:mod:`lorakit.layers.dora`); for linear,
+            Conv1D, embedding and convolution targets.
+        target_parameters: names of ``nn.Parameter`` s adapted directly, PEFT's key (e.g.
+            ``["experts.gate_up_proj", "experts.down_proj"]`` for fused mixture-of-experts
+            weights): a parameter ``<module path>.<name>`` matches when it equals an entry or
+            ends in ``"." + entry``. With them ``target_modules`` may be None or ``[]`` (no
+            module targets). See :mod:`lorakit.layers.parameter`.
         base_model_name_or_path, task_type: recorded for PEFT's ``adapter_config.json``.
 
     Raises:
@@ -177,6 +185,8 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     base_model_name_or_path: str | None = None
     task_type: str | None = None
+    use_dora: bool = False
+    target_parameters: list[str] | None = None
 
     def __post_init__(self):
         self.r = _check_rank(self.r, "r")
@@ -205,6 +215,19 @@ class LoraConfig:
             raise LorakitError(f"bias {self.bias!r} is unknown; choose one of {list(BIAS_MODES)}")
         self.use_rslora = bool(self.use_rslora)
         self.fan_in_fan_out = bool(self.fan_in_fan_out)
+        self.use_dora = bool(self.use_dora)
+        params = self.target_parameters
+        if params is not None:
+            if isinstance(params, str) or not all(isinstance(n, str) and n for n in params):
+                raise LorakitError(f"target_parameters must be a list of parameter names such as "
+                                   f"['experts.gate_up_proj'], got {params!r}")
+            self.target_parameters = sorted(set(params)) if isinstance(params, (set, frozenset)) else list(params)
+        if self.target_parameters and self.use_dora:
+            raise LorakitError("DoRA does not apply to target_parameters (a parameter has no single output axis, "
+                               "as in PEFT); use target_modules for DoRA or set use_dora=False")
+        if self.target_parameters and self.dropout:
+            raise LorakitError(f"dropout {self.dropout} cannot apply to target_parameters (the module's input is "
+                               "not the adapter's to drop out, as in PEFT); set dropout to 0")
 
     # ------------------------------------------------------------------ per-path values
 
@@ -260,7 +283,8 @@ class LoraConfig:
             "modules_to_save": self.modules_to_save,
             "fan_in_fan_out": self.fan_in_fan_out,
             "inference_mode": True,
-            "use_dora": False,
+            "use_dora": self.use_dora,
+            "target_parameters": self.target_parameters,
             "lora_bias": False,
             "layers_to_transform": None,
             "layers_pattern": None,
@@ -274,7 +298,7 @@ class LoraConfig:
 
         Raises:
             LorakitError: not a LoRA config, a PEFT feature lorakit cannot reproduce
-                (DoRA, lora_bias, layers_to_transform, ...) switched on, or a bad value.
+                (lora_bias, layers_to_transform, ...) switched on, or a bad value.
         """
         if not isinstance(d, dict):
             raise LorakitError(f"an adapter config must be a JSON object, got {type(d).__name__}")
@@ -301,10 +325,12 @@ class LoraConfig:
             "fan_in_fan_out": d.get("fan_in_fan_out", False),
             "base_model_name_or_path": d.get("base_model_name_or_path"),
             "task_type": d.get("task_type"),
+            "use_dora": d.get("use_dora") or False,
+            "target_parameters": d.get("target_parameters") or None,
         }
         peft_names = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "rank_pattern",
                       "alpha_pattern", "use_rslora", "init_lora_weights", "bias", "modules_to_save",
-                      "fan_in_fan_out", "base_model_name_or_path", "task_type"}
+                      "fan_in_fan_out", "base_model_name_or_path", "task_type", "use_dora", "target_parameters"}
         unknown = sorted(set(d) - peft_names - _PEFT_BOOKKEEPING - set(_PEFT_UNSUPPORTED_OFF))
         if unknown:
             warnings.warn(f"ignoring adapter config keys lorakit does not know: {unknown}", stacklevel=2)

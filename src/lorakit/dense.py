@@ -1,7 +1,9 @@
-"""Which torch module types are dense layers, and how each lays out its weight.
+"""Which torch module types are dense layers and convolutions, and how each lays out its weight.
 
 The one place that knows transformers' ``Conv1D`` (GPT-2): a dense layer whose weight is
-stored ``(in_features, out_features)``, the transpose of ``nn.Linear``'s ``(out, in)``.
+stored ``(in_features, out_features)``, the transpose of ``nn.Linear``'s ``(out, in)``; and
+the convolutions ``nn.Conv1d/2d/3d``, whose kernel ``(out, in, *kernel)`` is read as the
+``(out, in·∏kernel)`` matrix it applies to each patch of the input.
 It sits at the bottom of the package (torch and transformers only) so that
 :mod:`lorakit.layers` can ask it too; everything above asks :mod:`lorakit.targets`,
 which re-exports these names with the rest of what lorakit knows about a model's structure.
@@ -41,3 +43,33 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
     """The weight of a dense layer as ``(out_features, in_features)``: a view, Conv1D's transposed."""
     weight = module.weight.detach()
     return weight.T if is_conv1d(module) else weight
+
+
+#: the convolutions LoRA adapts (as PEFT: ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d``); ``"all-linear"`` leaves them out
+CONV_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_conv(module: nn.Module) -> bool:
+    """True for an ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d`` (and their subclasses; not transposed ones)."""
+    return isinstance(module, CONV_TYPES)
+
+
+def conv_features(module: nn.Module) -> tuple[int, int]:
+    """``(in_channels·∏kernel_size, out_channels)`` of a convolution with ``groups == 1``: the
+    ``(in, out)`` of the matrix ``weight.view(out, -1)`` it applies to each input patch."""
+    out_channels = module.weight.shape[0]
+    return module.weight[0].numel(), out_channels
+
+
+def parameter_features(host: nn.Module, name: str) -> tuple[int, int, int, bool]:
+    """``(experts, in_features, out_features, transposed)`` of parameter ``name`` of ``host`` read as
+    LoRA on a parameter reads it (PEFT's ``ParamWrapper``): a 2-D parameter is one ``(out, in)``
+    matrix; a 3-D one is ``E`` experts ``(E, out, in)``, or ``(E, in, out)`` when the module says
+    ``is_transposed = True`` (transformers' GPT-OSS experts). Other shapes give ``experts = 0``."""
+    shape = getattr(host, name).shape
+    if len(shape) == 2:
+        return 1, shape[1], shape[0], False
+    if len(shape) != 3:
+        return 0, 0, 0, False
+    transposed = bool(getattr(host, "is_transposed", False))
+    return (shape[0], shape[1], shape[2], True) if transposed else (shape[0], shape[2], shape[1], False)

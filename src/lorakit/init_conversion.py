@@ -58,9 +58,9 @@ def to_original_base(model: nn.Module, name: str, config: LoraConfig,
         kept.append(path)
         A0, B0 = initial
         key_a, key_b = factor_key(path, "A", layer.is_embedding), factor_key(path, "B", layer.is_embedding)
-        A, B = tensors[key_a].detach(), tensors[key_b].detach()
-        converted[key_a] = torch.cat([A, A0.to(A.dtype)], dim=0)
-        converted[key_b] = torch.cat([B, -B0.to(B.dtype)], dim=1)
+        A, B = tensors[key_a].detach(), tensors[key_b].detach()  # a convolution's: kernels
+        converted[key_a] = torch.cat([A, A0.to(A.dtype).reshape(-1, *A.shape[1:])], dim=0)
+        converted[key_b] = torch.cat([B, -B0.to(B.dtype).reshape(B.shape[0], -1, *B.shape[2:])], dim=1)
     if not kept:
         return config, tensors
     if lacking:

@@ -26,8 +26,9 @@ from lorakit.config import LoraConfig, name_matches
 from lorakit.errors import LorakitError
 from lorakit.inits import REWRITES_WEIGHT
 from lorakit.peft_format import (
-    apply_plan, base_model_name, factor_key, module_key, module_tensors, parse_factor_key, plan_load, wrapped_key,
+    base_model_name, key_paths, layer_tensors, module_key, module_tensors, parse_factor_key, wrapped_key,
 )
+from lorakit.peft_load import apply_plan, plan_load
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -96,7 +97,8 @@ def write_adapter(path: str | os.PathLike, config: LoraConfig | dict, tensors: d
 
 
 def lora_factors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{module path: (A: (r, in), B: (out, r))}`` from an adapter's tensors (PEFT keys).
+    """``{module path: (A: (r, in), B: (out, r))}`` from an adapter's tensors (PEFT keys); a
+    convolution's kernels ``(r, in, *k)``, ``(out, r, 1, …)`` come as the matrices ``(r, in·∏k)``, ``(out, r)``.
 
     Raises:
         LorakitError: a module has A without B or B without A.
@@ -110,7 +112,7 @@ def lora_factors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tens
     lonely = [p for p, d in parts.items() if len(d) != 2]
     if lonely:
         raise LorakitError(f"the adapter holds only one of lora_A / lora_B for {lonely[:5]}")
-    return {path: (d["A"], d["B"]) for path, d in parts.items()}
+    return {path: (d["A"].flatten(1), d["B"].flatten(1)) for path, d in parts.items()}
 
 
 # ------------------------------------------------------------------ model <-> files
@@ -136,7 +138,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         LorakitError: ``model`` has no adapter ``name``.
     """
     from lorakit.model import export_config, lora_configs
-    from lorakit.targets import is_conv1d, linear_leaves, model_fingerprint
+    from lorakit.targets import architecture_name, is_conv1d, linear_leaves, model_fingerprint
 
     configs = lora_configs(model)
     if name not in configs:
@@ -148,7 +150,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
 
         config, tensors = to_original_base(model, name, config, tensors)
     changes = {}
-    paths = sorted({parsed[0] for parsed in map(parse_factor_key, tensors) if parsed is not None})
+    on_parameters = set(key_paths(model, name).values())  # LoRA on parameters: target_parameters says where
+    paths = sorted({parsed[0] for parsed in map(parse_factor_key, tensors)
+                    if parsed is not None and parsed[0] not in on_parameters})
     if config.target_modules is None or config.target_modules == "all-linear":
         changes["target_modules"] = _explicit_targets(model, paths)
     leaves = linear_leaves(model, heads=True)
@@ -159,7 +163,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         changes["base_model_name_or_path"] = base_model_name(model)
     if changes:
         config = config.replace(**changes)
-    metadata = {"lorakit_architecture": type(model).__name__, "lorakit_fingerprint": model_fingerprint(model)}
+    metadata = {"lorakit_architecture": architecture_name(model), "lorakit_fingerprint": model_fingerprint(model)}
     return write_adapter(path, config, tensors, metadata)
 
 
@@ -169,13 +173,12 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
 
     out: dict[str, torch.Tensor] = {}
     lora_paths = set()
+    on_parameters = key_paths(model, name)  # LoRA on parameters: PEFT's nested key paths
     for path, layer in lora_layers(model):
-        lora_paths.add(path)
-        if name in layer.adapters:
-            A, B = layer.export_factors(name)  # AdaLoRA: the live directions only
-            if A.shape[0]:
-                out[factor_key(path, "A", layer.is_embedding)] = A
-                out[factor_key(path, "B", layer.is_embedding)] = B
+        if layer.in_place_of_module:
+            lora_paths.add(path)
+        if name in layer.adapters:  # AdaLoRA: the live directions only; DoRA: with the magnitude
+            out.update(layer_tensors(on_parameters.get(path, path), layer, name))
     saved_paths = set()
     for path, saved in saved_modules(model):
         saved_paths.add(path)

@@ -15,7 +15,7 @@ from typing import Iterable
 from torch import nn
 
 from lorakit.adapter_records import active_adapters, check_names, forget_adapters
-from lorakit.layers import LoraLayer, SavedModule
+from lorakit.layers import LoraLayer, ParameterHost, SavedModule
 from lorakit.targets import replace_module, tied_paths, walk
 
 
@@ -60,7 +60,10 @@ def _unwrap(model: nn.Module, *, keep_merged: bool) -> nn.Module:
         if isinstance(module, LoraLayer):
             if not keep_merged:
                 module.unmerge()
-            replace_module(model, modules, path, module.base_layer())
+            if module.in_place_of_module:
+                replace_module(model, modules, path, module.base_layer())
+        elif isinstance(module, ParameterHost):  # its LoRA parameters come next in the walk
+            replace_module(model, modules, path, module.original())
         elif isinstance(module, SavedModule):
             replace_module(model, modules, path, module.current() if keep_merged else module.original())
     forget_adapters(model)

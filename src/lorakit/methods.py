@@ -38,6 +38,8 @@ class Method:
             step (an adaptive-rank method updates its budget there).
         frozen_in_bf16: under bf16 mixed precision, store the parameters it leaves
             frozen in bf16 (they never change, so they need no fp32 copy).
+        shardable: it trains with ``--fsdp`` (each process holding a slice of every
+            parameter); False when ``on_step`` needs whole tensors.
     """
 
     name: str
@@ -47,6 +49,7 @@ class Method:
     saved_name: str
     on_step: Callable | None = None
     frozen_in_bf16: bool = False
+    shardable: bool = True
 
 
 METHODS: dict[str, Method] = {}
@@ -80,7 +83,7 @@ def _prepare_lora(model: nn.Module, config, heads: list[str]) -> nn.Module:
 
     lora_config = LoraConfig(
         r=config.rank, alpha=config.alpha, dropout=config.lora_dropout, init=config.init, target_modules=config.targets,
-        modules_to_save=heads or None, task_type="SEQ_CLS" if heads else "CAUSAL_LM",
+        modules_to_save=heads or None, task_type="SEQ_CLS" if heads else "CAUSAL_LM", use_dora=config.dora,
     )
     return attach(model, lora_config, config.adapter_name)
 
@@ -111,4 +114,4 @@ register_method(Method("lora", _prepare_lora, _export_lora, default_lr=1e-3, sav
                        frozen_in_bf16=True))
 register_method(Method("full", _prepare_full, _export_full, default_lr=1e-4, saved_name="model"))
 register_method(Method("adalora", prepare_adalora, export_adalora, default_lr=2e-3, saved_name="adapter",
-                       on_step=on_adalora_step))
+                       on_step=on_adalora_step, shardable=False))

@@ -33,13 +33,13 @@ from lorakit.adapter_records import (  # noqa: F401  (re-exported)
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.inits import REWRITES_WEIGHT
-from lorakit.layers import LAYER_KINDS, LoraLayer, SavedModule, wrapper_for
+from lorakit.layers import LAYER_KINDS, LoraLayer, LoraParameter, ParameterHost, SavedModule, wrapper_for
 from lorakit.layers.fused import group_shared_inputs
 from lorakit.merging import merge, merge_and_unload, unload, unmerge  # noqa: F401  (re-exported)
 from lorakit.peft_format import with_task_heads
 from lorakit.targets import (  # noqa: F401  (re-exported: lorakit.model is where users look)
-    DEFAULT_TARGETS, lora_layers, replace_module, saved_modules, saved_paths, target_paths, targetable_modules,
-    tied_paths, walk,
+    DEFAULT_TARGETS, lora_layers, parameter_targets, replace_module, saved_modules, saved_paths, target_paths,
+    targetable_modules, tied_paths, walk,
 )
 
 
@@ -98,8 +98,9 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
     when None and, with ``SEQ_CLS``, the classification head in ``modules_to_save``.
 
     ``kind`` is the layer kind that wraps the targets (:data:`lorakit.layers.LAYER_KINDS`):
-    ``"lora"`` (``ΔW = s·B·A``) or ``"adalora"`` (``ΔW = s·P·diag(λ)·Q``, see
-    :mod:`lorakit.adalora`); a layer holds adapters of one kind.
+    ``"lora"`` (``ΔW = s·B·A``; ``"dora"`` when ``config.use_dora``) or ``"adalora"``
+    (``ΔW = s·P·diag(λ)·Q``, see :mod:`lorakit.adalora`); a layer holds adapters of one kind.
+    ``config.target_parameters`` are adapted in place by :class:`~lorakit.layers.LoraParameter`.
 
     Every parameter that is not an adapter's (A, B, a modules_to_save copy) is frozen,
     then ``config.bias`` decides which biases train.
@@ -120,10 +121,21 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
     configs = lora_configs(model)
     if name in configs:
         raise LorakitError(f"model already has an adapter {name!r} (has {sorted(configs)}); delete it or pick another name")
+    if config.use_dora or config.target_parameters:
+        if kind != "lora":
+            raise LorakitError(f"{kind} adapters cannot use DoRA or target_parameters; use a plain LoRA config")
+        kind = "dora" if config.use_dora else kind
     modules = walk(model)
     if init_weights:
         config = with_task_heads(model, config, modules)
     paths = target_paths(model, config, modules)
+    params = parameter_targets(model, config, modules)
+    if both := [f"{host}.{pname}" for host, pname in params if host in paths]:
+        raise LorakitError(f"target_parameters selects {both[0]}, a parameter of a LoRA target module; "
+                           "adapt it through target_modules or name another parameter")
+    if init_weights and params and config.init not in LoraParameter.inits:
+        raise LorakitError(f"LoRA on parameters starts with init {' or '.join(map(repr, LoraParameter.inits))}, "
+                           f"not {config.init!r}")
     saved = saved_paths(model, config, modules)
     inside = [p for p in paths if any(p.startswith(s + ".") for s in saved)]
     if inside:
@@ -145,6 +157,15 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
         module.add_adapter(name, r=config.rank_for(path), alpha=config.alpha_for(path),
                            scaling=config.scaling_for(path), dropout=config.dropout,
                            init=config.init if init_weights else None)
+    for host_path, pname in params:
+        host = modules[host_path]
+        if not isinstance(host, ParameterHost):
+            host = ParameterHost(host)
+            replace_module(model, modules, host_path, host)
+        layer = modules[f"{host_path}.lora_parameters.{pname}"] = host.adapt(pname)
+        path = f"{host_path}.{pname}"
+        layer.add_adapter(name, r=config.rank_for(path), alpha=config.alpha_for(path),
+                          scaling=config.scaling_for(path), init=config.init if init_weights else None)
     for path in saved:
         module = modules[path]
         if not isinstance(module, SavedModule):
@@ -261,8 +282,16 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for path, module in list(modules.items()):
         if isinstance(module, LoraLayer) and name in module.adapters:
             module.delete_adapter(name)
-            if not module.adapters:
+            if module.adapters:
+                continue
+            if module.in_place_of_module:
                 replace_module(model, modules, path, module.base_layer())
+            else:  # LoRA on a parameter: its host forgets it, and becomes the module again when empty
+                host_path = path.rsplit(".", 2)[0]
+                host = modules[host_path]
+                host.release(module.parameter_name)
+                if not host.lora_parameters:
+                    replace_module(model, modules, host_path, host.original())
         elif isinstance(module, SavedModule):
             module.delete_copy(name)
             if not module.copies:
@@ -296,7 +325,7 @@ def export_config(model: nn.Module, name: str = "default") -> LoraConfig:
     ranks, pattern, alphas = {}, {}, {}
     for path, layer in lora_layers(model):
         if name in layer.adapters:
-            k = ranks[path] = layer.export_factors(name)[0].shape[0]
+            k = ranks[path] = layer.export_rank(name)
             if k and k != config.rank_for(path):
                 pattern[path] = k
                 alphas[path] = layer.adapters[name].scaling * (math.sqrt(k) if config.use_rslora else k)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import math
 import os
 import shutil
 import sys
@@ -351,7 +352,7 @@ def target_footprint(model: nn.Module, rank: int = 8, targets=None) -> dict:
     selected = set(target_paths(model, config))
     rows = []
     for path, kind, shape in targetable_modules(model):
-        params = config.rank_for(path) * sum(shape)
+        params = config.rank_for(path) * (shape[0] + math.prod(shape[1:]))  # r·(out + in); a conv's in is in·∏k
         rows.append((path, kind, tuple(shape), path in selected, params))
     return {
         "modules": rows,

@@ -1,32 +1,37 @@
-"""PEFT's adapter format, the one place that knows it: keys, task_type, saved heads,
-and matching a file's tensors to a model before loading them.
+"""PEFT's adapter format, the one place that knows it: keys, shapes, task_type, saved heads
+(matching a file's tensors to a model before loading them is :mod:`lorakit.peft_load`).
 
 Keys as PEFT 0.21 writes them (the adapter name never appears), built and read only
-by :func:`factor_key`, :func:`parse_factor_key`, :func:`module_key`, :func:`wrapped_key`,
-:func:`parameter_name`::
+by :func:`factor_key`, :func:`parse_factor_key`, :func:`magnitude_key`, :func:`parse_magnitude_key`,
+:func:`parameter_key_path`, :func:`module_key`, :func:`wrapped_key`, :func:`parameter_name`::
 
     base_model.model.<path>.lora_A.weight          (r, in_features)      nn.Linear, Conv1D
     base_model.model.<path>.lora_B.weight          (out_features, r)
+    base_model.model.<path>.lora_A.weight          (r, in, *kernel)      nn.Conv1d/2d/3d
+    base_model.model.<path>.lora_B.weight          (out, r, 1, …)
     base_model.model.<path>.lora_embedding_A       (r, num_embeddings)   nn.Embedding
     base_model.model.<path>.lora_embedding_B       (embedding_dim, r)
+    base_model.model.<path>.lora_magnitude_vector  (out,)                DoRA; (1, out, 1, …) for a conv
+    base_model.model.<module>[.base_layer…].lora_A.weight  (E·r, in)     target_parameters
+    base_model.model.<module>[.base_layer…].lora_B.weight  (out, E·r)
     base_model.model.<saved path>.<param>          modules_to_save, full (e.g. classifier.weight)
     base_model.model.<path>.base_layer.bias        bias="lora_only"/"all", of a LoRA layer
     base_model.model.<path>.bias                   bias="all", elsewhere
     base_model.model.<path>.base_layer.weight      the full embedding, when one is targeted
 
+A module with several adapted parameters gets one ``.base_layer`` per parameter after
+it in the module's parameter order (PEFT nests one wrapper per parameter, the first
+innermost): :func:`parameter_key_path`. :func:`layer_tensors` writes one layer of any
+kind in these keys and shapes; :func:`file_shapes` says what a file must hold.
+
 ``task_type`` picks PEFT's model class; with ``SEQ_CLS`` PEFT adds the heads named
 ``classifier`` / ``score`` to ``modules_to_save`` and then requires their weights, so
 lorakit does the same when an adapter is attached (:func:`with_task_heads`).
-
-:func:`plan_load` checks every tensor against the model and raises one
-:class:`~lorakit.errors.LorakitError` listing every problem; only then does
-:func:`apply_plan` write into the model. Used by :func:`lorakit.io.load_adapter`.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -34,8 +39,8 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.targets import (
-    BARE, CAUSAL_LM, CLASSIFIER, CLASSIFIER_HEADS, LoraLayer, linear_features, model_fingerprint, model_kind,
-    saved_paths, target_paths, walk,
+    BARE, CAUSAL_LM, CLASSIFIER, CLASSIFIER_HEADS, LoraLayer, is_conv, linear_features, model_kind, parameter_hosts,
+    walk,
 )
 
 PREFIX = "base_model.model."
@@ -48,7 +53,7 @@ SEQ_CLS = "SEQ_CLS"
 TASK_TYPES = {CLASSIFIER: SEQ_CLS, CAUSAL_LM: "CAUSAL_LM", BARE: "FEATURE_EXTRACTION"}
 #: transformers class-name ending -> PEFT task_type, for the kinds lorakit calls "other"
 _TASK_TYPE_ENDINGS = {"ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
-_MAX_LISTED = 20
+MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
 
 
 # ---------------------------------------------------------------------- keys
@@ -67,6 +72,82 @@ def parse_factor_key(key: str):
         if key.endswith(suffix):
             return key[len(PREFIX):-len(suffix)], factor, embedding
     return None
+
+
+def magnitude_key(path: str) -> str:
+    """PEFT's key of DoRA's magnitude vector of the adapter at module ``path``."""
+    return f"{PREFIX}{path}{MAGNITUDE_SUFFIX}"
+
+
+def parse_magnitude_key(key: str) -> str | None:
+    """The module path of a DoRA magnitude key, else None."""
+    if key.startswith(PREFIX) and key.endswith(MAGNITUDE_SUFFIX):
+        return key[len(PREFIX):-len(MAGNITUDE_SUFFIX)]
+    return None
+
+
+def parameter_key_path(module_path: str, later: int) -> str:
+    """The path PEFT's keys give LoRA on a parameter of the module at ``module_path`` when
+    ``later`` adapted parameters of that module follow it in the module's parameter order."""
+    return module_path + ".base_layer" * later
+
+
+def nested_key_paths(targets: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """``{(module path, parameter): key path}`` for parameter targets listed in module order and,
+    within a module, in parameter order (as :func:`lorakit.targets.parameter_targets` gives them)."""
+    per_module: dict[str, list[str]] = {}
+    for module_path, pname in targets:
+        per_module.setdefault(module_path, []).append(pname)
+    return {(m, p): parameter_key_path(m, len(names) - 1 - i)
+            for m, names in per_module.items() for i, p in enumerate(names)}
+
+
+def key_paths(model: nn.Module, name: str) -> dict[str, str]:
+    """``{layer path: key path}`` for adapter ``name``'s LoRA on parameters (layer paths as
+    :func:`lorakit.targets.lora_layers` gives them); module layers are keyed by their own path."""
+    targets = [(path, pname) for path, host in parameter_hosts(model)
+               for pname, layer in host.lora_parameters.items() if name in layer.adapters]
+    return {f"{m}.{p}": key for (m, p), key in nested_key_paths(targets).items()}
+
+
+def file_shapes(module: nn.Module, rank: int) -> tuple[tuple, tuple, tuple]:
+    """``(A, B, magnitude)`` shapes a PEFT file holds for an adapter of ``rank`` (rows of A) on
+    ``module`` (a base module or a LoRA layer): a convolution's factors are kernels."""
+    base = module._base if isinstance(module, LoraLayer) and module.in_place_of_module else module
+    if is_conv(base):
+        out, channels, *kernel = base.weight.shape
+        ones = (1,) * len(kernel)
+        return (rank, channels, *kernel), (out, rank, *ones), (1, out, *ones)
+    in_f, out_f, _ = factor_dims(module)
+    return (rank, in_f), (out_f, rank), (out_f,)
+
+
+def factor_dims(layer: nn.Module) -> tuple[int, int, bool]:
+    """``(in_features, out_features, is_embedding)`` of the adapter ``layer`` would hold (a
+    convolution's ``in`` is ``in_channels·∏kernel``)."""
+    if isinstance(layer, LoraLayer):
+        return layer.in_features, layer.out_features, layer.is_embedding
+    if isinstance(layer, nn.Embedding):
+        num, dim = layer.weight.shape
+        return num, dim, True
+    if is_conv(layer):
+        return layer.weight[0].numel(), layer.weight.shape[0], False
+    return (*linear_features(layer), False)
+
+
+def layer_tensors(key_path: str, layer: LoraLayer, name: str) -> dict[str, torch.Tensor]:
+    """Adapter ``name`` of ``layer`` under PEFT's keys at ``key_path``, in the file's shapes
+    (nothing when the layer kept no direction, as an AdaLoRA layer may)."""
+    A, B = layer.export_factors(name)
+    if not A.shape[0]:
+        return {}
+    a_shape, b_shape, m_shape = file_shapes(layer, A.shape[0])
+    out = {factor_key(key_path, "A", layer.is_embedding): A.reshape(a_shape),
+           factor_key(key_path, "B", layer.is_embedding): B.reshape(b_shape)}
+    magnitude = layer.export_magnitude(name)
+    if magnitude is not None:
+        out[magnitude_key(key_path)] = magnitude.reshape(m_shape)
+    return out
 
 
 def module_key(name: str) -> str:
@@ -157,197 +238,3 @@ def with_task_heads(model: nn.Module, config: LoraConfig, modules: dict[str, nn.
                           "silence this", stacklevel=4)
             changes["modules_to_save"] = [*(config.modules_to_save or []), *added]
     return config.replace(**changes) if changes else config
-
-
-def _with_file_heads(model: nn.Module, config: LoraConfig, tensors: dict, source,
-                     modules: dict[str, nn.Module]) -> LoraConfig:
-    """A file's config as PEFT loads it: with ``SEQ_CLS`` the classification heads join
-    ``modules_to_save``. A file without their weights (written by an older lorakit, which
-    PEFT refuses) loads as saved, its task_type cleared, with a warning."""
-    if config.task_type != SEQ_CLS:
-        return config
-    added = [n for n in seq_cls_heads(model, modules) if n not in (config.modules_to_save or [])]
-    if not added:
-        return config
-    names = {parameter_name(k) for k in tensors}
-    held = [n for n in added if any(p.endswith(n) and f"{p}.weight" in names for p in modules if p)]
-    if held == added:
-        return config.replace(modules_to_save=[*(config.modules_to_save or []), *added])
-    warnings.warn(f"adapter {source} has task_type SEQ_CLS but holds no weights for {added}, so PEFT cannot load "
-                  "it; lorakit loads it with the model's own head (save it again to write a file PEFT loads)",
-                  stacklevel=4)
-    return config.replace(task_type=None)
-
-
-# ---------------------------------------------------------------------- loading a file onto a model
-
-
-@dataclass
-class LoadPlan:
-    """Where each validated tensor of a file goes.
-
-    Attributes:
-        factors: ``(module path, A: (r, in), B: (out, r))`` per targeted module.
-        saved: modules_to_save path -> its state dict from the file.
-        params: ``(parameter name, tensor)`` written into the base model (biases, and
-            full embeddings PEFT saves).
-        config: the file's config as it is added to the model (see :func:`with_task_heads`).
-    """
-
-    config: LoraConfig | None = None
-    factors: list = field(default_factory=list)
-    saved: dict = field(default_factory=dict)
-    params: list = field(default_factory=list)
-
-
-def plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], name: str,
-              source, metadata: dict[str, str]) -> LoadPlan:
-    """Match every tensor to its place in ``model`` without changing the model.
-
-    Raises:
-        LorakitError: anything does not fit; the message lists every missing or
-            unexpected key and every shape mismatch with its module path.
-    """
-    modules = walk(model)
-    config = _with_file_heads(model, config, tensors, source, modules)
-    try:
-        targets = target_paths(model, config, modules)
-        saved = saved_paths(model, config, modules)
-    except LorakitError as err:
-        raise_misfit(model, source, metadata, tensors, [str(err)])
-    problems: list[str] = []
-    plan = LoadPlan(config=config, saved={p: {} for p in saved})
-    factors = _sort_keys(model, tensors, plan, problems)
-    plan.factors = _check_factors(model, modules, config, name, targets, factors, problems)
-    _check_saved(modules, plan.saved, problems)
-    if problems:
-        raise_misfit(model, source, metadata, tensors, problems)
-    return plan
-
-
-def _sort_keys(model, tensors, plan: LoadPlan, problems: list[str]) -> dict:
-    """Factors by module path (returned); saved-module and base tensors into ``plan``."""
-    factors: dict[str, dict] = {}
-    model_params = None  # built only when the file holds more than LoRA factors
-    for key, tensor in tensors.items():
-        if not key.startswith(PREFIX):
-            problems.append(f"unexpected key {key} (keys start with {PREFIX!r})")
-            continue
-        parsed = parse_factor_key(key)
-        if parsed is not None:
-            path, factor, embedding = parsed
-            factors.setdefault(path, {})[factor] = (tensor, embedding)
-            continue
-        local = key[len(PREFIX):]
-        if ".original_module." in local or ".modules_to_save." in local:
-            continue  # PEFT's wrapper internals (bias="all"): duplicates of keys it also writes plainly
-        owner = next((p for p in plan.saved if local.startswith(p + ".")), None)
-        if owner is not None:
-            plan.saved[owner][local[len(owner) + 1:]] = tensor
-            continue
-        pname = parameter_name(key)
-        if model_params is None:
-            model_params = dict(model.named_parameters(remove_duplicate=False))
-        if pname not in model_params:
-            problems.append(f"unexpected key {key}: the model has no parameter {pname}")
-        elif tuple(tensor.shape) != tuple(model_params[pname].shape):
-            problems.append(f"{pname}: the file holds shape {tuple(tensor.shape)}, "
-                            f"the model {tuple(model_params[pname].shape)}")
-        else:
-            plan.params.append((pname, tensor))
-    return factors
-
-
-def _check_factors(model, modules, config, name, targets, factors, problems) -> list:
-    planned = []
-    for path in targets:
-        found = factors.pop(path, {})
-        in_f, out_f, embedding = factor_dims(modules[path])
-        r = config.rank_for(path)
-        if "A" not in found or "B" not in found:
-            kind = "lora_embedding_" if embedding else "lora_"
-            problems.append(f"missing {' and '.join(kind + f for f in 'AB' if f not in found)} for {path}")
-            continue
-        (A, a_emb), (B, b_emb) = found["A"], found["B"]
-        if a_emb != embedding or b_emb != embedding:
-            have, want = ("an embedding", "a linear layer") if embedding else ("a linear layer", "an embedding")
-            problems.append(f"{path} is {have} in the model but the file stores it as {want}")
-        elif A.ndim != 2 or B.ndim != 2:
-            problems.append(f"{path}: A and B must be matrices, the file holds {tuple(A.shape)} and {tuple(B.shape)}")
-        elif A.shape[0] != r or B.shape[1] != r:
-            problems.append(f"adapter {name!r} has rank {r} but the file holds rank {A.shape[0]} for {path}")
-        elif tuple(A.shape) != (r, in_f) or tuple(B.shape) != (out_f, r):
-            problems.append(f"{path}: the file holds A {tuple(A.shape)} and B {tuple(B.shape)}, the model's layer "
-                            f"needs A {(r, in_f)} and B {(out_f, r)}")
-        else:
-            planned.append((path, A, B))
-    for path in sorted(factors):
-        why = "the config's target_modules do not select it" if _has_module(model, path) else "the model has no such module"
-        problems.append(f"unexpected LoRA factors for {path}: {why}")
-    return planned
-
-
-def _check_saved(modules, saved: dict, problems: list[str]) -> None:
-    for path, state in saved.items():
-        module = modules[path]
-        want = (module.original() if hasattr(module, "copies") else module).state_dict()
-        problems.extend(f"missing modules_to_save weight {path}.{k}" for k in sorted(set(want) - set(state)))
-        problems.extend(f"unexpected modules_to_save weight {path}.{k}" for k in sorted(set(state) - set(want)))
-        problems.extend(f"{path}.{k}: the file holds shape {tuple(state[k].shape)}, the model {tuple(want[k].shape)}"
-                        for k in sorted(set(state) & set(want)) if state[k].shape != want[k].shape)
-
-
-def apply_plan(model: nn.Module, plan: LoadPlan, name: str) -> None:
-    """Copy a validated plan's tensors into adapter ``name`` (just added) and the base."""
-    modules = walk(model)
-    with torch.no_grad():
-        for path, A, B in plan.factors:
-            adapter = modules[path].adapters[name]
-            adapter.A.copy_(A)
-            adapter.B.copy_(B)
-        for path, state in plan.saved.items():
-            modules[path].copies[name].load_state_dict(state, strict=True)
-        model_params = dict(model.named_parameters(remove_duplicate=False)) if plan.params else {}
-        for pname, tensor in plan.params:
-            param = model_params[pname]
-            if torch.equal(param, tensor.to(param.dtype)):
-                continue
-            if not pname.endswith("bias"):
-                warnings.warn(f"the adapter file replaces the base weight {pname} (PEFT saves full embeddings "
-                              "it adapted, e.g. after the vocabulary was resized)", stacklevel=3)
-            param.copy_(tensor)
-
-
-def raise_misfit(model, source, metadata, tensors, problems):
-    """Raise the one error for a file that does not fit, naming the architecture when it differs."""
-    arch = metadata.get("lorakit_architecture")
-    file_paths = {parsed[0] for parsed in map(parse_factor_key, tensors) if parsed is not None}
-    head = f"adapter {source} does not fit {type(model).__name__}"
-    if arch and arch != type(model).__name__:
-        head = f"adapter {source} was made for {arch}, not for {type(model).__name__}"
-    elif file_paths and not any(_has_module(model, p) for p in file_paths):
-        head = (f"adapter {source} was made for another architecture: none of its {len(file_paths)} module paths "
-                f"(e.g. {sorted(file_paths)[0]}) exist in {type(model).__name__}")
-    elif metadata.get("lorakit_fingerprint") not in (None, model_fingerprint(model)):
-        head += " (it was saved from a model with other parameter shapes)"
-    listed = problems[:_MAX_LISTED]
-    more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-    raise LorakitError(f"{head}; the model was not changed:\n  " + "\n  ".join(listed) + more)
-
-
-def factor_dims(layer: nn.Module) -> tuple[int, int, bool]:
-    """``(in_features, out_features, is_embedding)`` of the adapter ``layer`` would hold."""
-    if isinstance(layer, LoraLayer):
-        return layer.in_features, layer.out_features, layer.is_embedding
-    if isinstance(layer, nn.Embedding):
-        num, dim = layer.weight.shape
-        return num, dim, True
-    return (*linear_features(layer), False)
-
-
-def _has_module(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-    except AttributeError:
-        return False
-    return True

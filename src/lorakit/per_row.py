@@ -64,13 +64,14 @@ def per_row_adapters(model: nn.Module, rows: Sequence[str | None]):
     slot_cache: dict[tuple, torch.Tensor] = {}  # layers with the same slot layout share one index tensor
     try:
         for layer in layers:
-            position, A_rows, B_rows = layer.row_stacks()
-            key = (tuple(position.items()), A_rows.device)
+            position, *stacks = layer.row_stacks()  # A_rows, B_rows (and DoRA's S_rows)
+            device = stacks[0].device
+            key = (tuple(position.items()), device)
             slots = slot_cache.get(key)
             if slots is None:
-                slots = torch.tensor([position.get(r, 0) for r in rows], dtype=torch.long, device=A_rows.device)
+                slots = torch.tensor([position.get(r, 0) for r in rows], dtype=torch.long, device=device)
                 slot_cache[key] = slots
-            layer.set_rows((slots, A_rows, B_rows))
+            layer.set_rows((slots, *stacks))
         for module in saved:
             module.set_rows(rows)
         yield model

@@ -4,9 +4,9 @@
   itself lives in the bottom module :mod:`lorakit.dense`, re-exported here) and their
   weights as ``(out, in)``: :func:`linear_leaves`, :func:`weight_out_in`;
 - which modules are output or task heads: :data:`HEAD_NAMES`, :func:`output_heads`,
-  :func:`task_heads`;
+  :func:`task_heads`; which are the repeated transformer blocks: :func:`transformer_blocks`;
 - what kind of model it is (bare encoder, sequence classifier, causal LM, other):
-  :func:`model_kind`, :func:`architecture_kind`;
+  :func:`model_kind`, :func:`architecture_kind`, :func:`architecture_name`;
 - which modules a :class:`~lorakit.config.LoraConfig` selects, where lorakit's own layers
   sit, and replacing a module: :func:`target_paths`, :func:`saved_paths`, :func:`walk`,
   :func:`replace_module`.
@@ -22,17 +22,20 @@ number of adapters loaded. An operation walks once and hands the result down.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
-from functools import lru_cache
 from typing import Iterable, Iterator
 
 from torch import nn
 
 from lorakit.config import ALL_LINEAR, LoraConfig, name_matches
-from lorakit.dense import LINEAR_TYPES, Conv1D, is_conv1d, is_linear, linear_features, weight_out_in  # noqa: F401
+from lorakit.dense import (  # noqa: F401  (re-exported: structure questions are asked here)
+    CONV_TYPES, LINEAR_TYPES, Conv1D, is_conv, is_conv1d, is_linear, linear_features, parameter_features, weight_out_in,
+)
 from lorakit.errors import LorakitError
-from lorakit.layers import LoraLayer, SavedModule, wrapper_for
+from lorakit.model_kinds import (  # noqa: F401  (re-exported: structure questions are asked here)
+    BARE, CAUSAL_LM, CLASSIFIER, MODEL_KINDS, OTHER, architecture_kind, architecture_name, model_fingerprint, model_kind,
+)
+from lorakit.layers import LoraLayer, ParameterHost, SavedModule, wrapper_for
 
 #: target_modules used when a config gives None, by ``model.config.model_type``
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -47,10 +50,6 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 HEAD_NAMES = ("classifier", "score", "qa_outputs", "cls", "lm_head")
 CLASSIFIER_HEADS = HEAD_NAMES[:2]
 
-#: what a model is, by its head: a body alone (``BertModel``), a sequence classifier,
-#: a causal language model, or anything else (masked LM, seq2seq, a plain torch model)
-BARE, CLASSIFIER, CAUSAL_LM, OTHER = "bare", "classifier", "causal-lm", "other"
-MODEL_KINDS = (BARE, CLASSIFIER, CAUSAL_LM, OTHER)
 
 #: parent type -> {child name: why the parent's forward never calls that child's forward}.
 #: A LoRA layer there would do nothing, so explicit targets are refused and "all-linear"
@@ -91,9 +90,26 @@ def walk(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    """Every LoRA layer of ``model`` as ``(module path, layer)``, in module order."""
+    """Every LoRA layer of ``model`` as ``(path, layer)``, in module order: the module path, or
+    for LoRA on a parameter the parameter's name ``<module path>.<parameter>`` (what
+    ``target_parameters``, ``rank_pattern`` and ``alpha_pattern`` match)."""
     for path, module in walk(model).items():
         if isinstance(module, LoraLayer):
+            yield layer_path(path, module), module
+
+
+def layer_path(path: str, layer: LoraLayer) -> str:
+    """A LoRA layer's path from its module path in a walk (see :func:`lora_layers`)."""
+    if layer.in_place_of_module:
+        return path
+    return f"{path.rsplit('.', 2)[0]}.{layer.parameter_name}"  # <host>.lora_parameters.<name>
+
+
+def parameter_hosts(model: nn.Module) -> Iterator[tuple[str, ParameterHost]]:
+    """Every module holding LoRA on its parameters as ``(module path, host)``;
+    ``host.lora_parameters[name]`` is the :class:`~lorakit.layers.LoraParameter` of parameter ``name``."""
+    for path, module in walk(model).items():
+        if isinstance(module, ParameterHost):
             yield path, module
 
 
@@ -129,9 +145,12 @@ def _candidates(modules: dict[str, nn.Module]) -> Iterator[tuple[str, nn.Module]
         if saved and any(path.startswith(s) for s in saved):
             continue
         if isinstance(module, LoraLayer):
-            yield path, module
+            if module.in_place_of_module:
+                yield path, module
         elif isinstance(module, SavedModule):
             saved.append(path + ".")
+        elif isinstance(module, ParameterHost):
+            saved.append(path + ".lora_parameters.")
         elif wrapper_for(module) is not None and not any(c is not None for c in module._modules.values()):
             yield path, module
 
@@ -145,7 +164,7 @@ def targetable_modules(model: nn.Module) -> list[tuple[str, str, tuple[int, ...]
 def _targetable_summary(modules: dict[str, nn.Module]) -> str:
     paths = [p for p, _ in _candidates(modules)]
     if not paths:
-        return "none (lorakit wraps nn.Linear, transformers Conv1D and nn.Embedding)"
+        return "none (lorakit wraps nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv1d/2d/3d)"
     counts = Counter(p.rsplit(".", 1)[-1] for p in paths)
     names = ", ".join(f"{n} (×{c})" if c > 1 else n for n, c in counts.items())
     return f"{names}; e.g. {paths[0]!r}"
@@ -207,51 +226,38 @@ def linear_leaves(model: nn.Module, *, heads: bool = False,
     return leaves
 
 
-@lru_cache(maxsize=None)
-def architecture_kind(name: str | None) -> str:
-    """The kind (:data:`MODEL_KINDS`) of the transformers class called ``name``
-    (``"BertModel"`` -> ``"bare"``, ``"GPT2LMHeadModel"`` -> ``"causal-lm"``), by
-    transformers' own auto-class tables, else by the class name's ending."""
-    if not name:
-        return OTHER
-    from transformers.models.auto import modeling_auto as auto
+def transformer_blocks(model: nn.Module, modules: dict[str, nn.Module] | None = None) -> dict[str, nn.Module]:
+    """The repeated blocks of ``model``'s body by path, in module order
+    (``{"model.layers.0": LlamaDecoderLayer, ...}``): what FSDP shards one unit each.
 
-    def names(table) -> set[str]:
-        return {n for v in table.values() for n in ((v,) if isinstance(v, str) else v)}
+    A block is a child of an ``nn.ModuleList`` whose class a transformers model names in
+    ``_no_split_modules`` (``LlamaDecoderLayer``, ``GPT2Block``, ``BertLayer``); for other
+    models, the children of the ``nn.ModuleList`` holding the most parameters whose
+    children are all of one type (``nn.TransformerEncoder.layers``). Empty when there is none.
 
-    if name in names(auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) or name.endswith("ForSequenceClassification"):
-        return CLASSIFIER
-    if name in names(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) or name.endswith("ForCausalLM"):
-        return CAUSAL_LM
-    if name in names(auto.MODEL_MAPPING_NAMES):
-        return BARE
-    return OTHER
-
-
-def model_kind(model: nn.Module) -> str:
-    """The kind (:data:`MODEL_KINDS`) of ``model``: by its class (:func:`architecture_kind`);
-    a transformers model whose ``base_model`` is itself is bare whatever its class name."""
-    kind = architecture_kind(type(model).__name__)
-    if kind == OTHER and getattr(model, "base_model_prefix", None) is not None and \
-            getattr(model, "base_model", None) is model:
-        return BARE
-    return kind
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """``"<ClassName>:<hash>"``: the architecture and the shapes of its base weights.
-
-    Two models with the same class and the same parameter names and shapes share a
-    fingerprint whatever their values; lorakit's adapters (``.adapters.`` keys) and
-    per-adapter copies of modules_to_save (``.copies.``) are left out, so the
-    fingerprint is the same before and after :func:`lorakit.model.attach`.
+    Args:
+        modules: a :func:`walk` of ``model`` the caller already has.
     """
-    digest = hashlib.sha1()
-    for name, tensor in model.state_dict().items():
-        if ".adapters." in name or ".copies." in name:
-            continue
-        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
-    return f"{type(model).__name__}:{digest.hexdigest()[:16]}"
+    modules = walk(model) if modules is None else modules
+    lists = {path: m for path, m in modules.items() if isinstance(m, nn.ModuleList) and len(m)}
+    named = set(getattr(model, "_no_split_modules", None) or ())
+    found = {_join(path, str(i)): child for path, m in lists.items() for i, child in enumerate(m)
+             if type(child).__name__ in named}
+    if not found:
+        uniform = {path: sum(p.numel() for p in m.parameters()) for path, m in lists.items()
+                   if len({type(child) for child in m}) == 1}
+        if uniform and max(uniform.values()) > 0:
+            path = max(uniform, key=uniform.get)
+            found = {_join(path, str(i)): child for i, child in enumerate(lists[path])}
+    blocks: dict[str, nn.Module] = {}
+    for path, block in found.items():  # in module order, so an outer block comes before what it holds
+        if not any(path.startswith(outer + ".") for outer in blocks):
+            blocks[path] = block
+    return blocks
+
+
+def _join(path: str, child: str) -> str:
+    return f"{path}.{child}" if path else child
 
 
 # ---------------------------------------------------------------------- what a config selects
@@ -273,6 +279,8 @@ def target_paths(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Mod
     """
     modules = walk(model) if modules is None else modules
     spec = config.target_modules
+    if config.target_parameters and not spec:
+        return []  # the adapter targets parameters alone
     if spec is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         spec = DEFAULT_TARGETS.get(model_type)
@@ -344,3 +352,32 @@ def tied_paths(modules: dict[str, nn.Module], paths: Iterable[str]) -> list[str]
     """
     uses = Counter(id(p) for m in modules.values() for p in m._parameters.values() if p is not None)
     return [p for p in paths if uses[id(modules[p].weight)] > 1]
+
+
+def parameter_targets(model: nn.Module, config: LoraConfig,
+                      modules: dict[str, nn.Module] | None = None) -> list[tuple[str, str]]:
+    """``(module path, parameter name)`` of each parameter ``config.target_parameters`` selects, in
+    module order and, within a module, in its parameter order (PEFT's rule: ``<module path>.<name>``
+    equals an entry or ends in ``"." + entry``).
+
+    Raises:
+        LorakitError: an entry matches no parameter, or one of the model itself, of a LoRA target,
+            or one that is neither a matrix nor a stack of them.
+    """
+    wanted, found, hit = config.target_parameters or [], [], set()
+    for path, module in (walk(model) if modules is None else modules).items() if wanted else ():
+        for name, param in ((n, p) for n, p in module._parameters.items() if p is not None):
+            key = f"{path}.{name}" if path else name
+            matched = [t for t in wanted if key == t or key.endswith("." + t)]
+            why = ("of the model itself" if not path else "of a LoRA target module" if isinstance(module, LoraLayer)
+                   else f"of shape {tuple(param.shape)}, not (out, in) or (experts, out, in)" if param.dim() not in (2, 3)
+                   else None)
+            if matched and why:
+                raise LorakitError(f"target_parameters selects {key}, a parameter {why}; name another parameter "
+                                   "(a module's own weight is adapted through target_modules)")
+            hit.update(matched)
+            found += [(path, name)] if matched else []
+    if missing := [t for t in wanted if t not in hit]:
+        raise LorakitError(f"target_parameters {missing} matched no parameter of {type(model).__name__}; name "
+                           "parameters as <module path>.<name> or its end, e.g. 'experts.gate_up_proj'")
+    return found

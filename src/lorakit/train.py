@@ -19,7 +19,8 @@ Things a user can count on:
   optimizer step; the last good checkpoint is kept.
 - **Several processes** (``torchrun``): each takes its slice of every global batch;
   the loss is normalised by the whole global batch's count, so the gradients equal a
-  one-process run's with the same global batch. Only rank 0 writes.
+  one-process run's with the same global batch. Only rank 0 writes. Each process holds
+  the whole model (DDP), or, with ``--fsdp``, a slice of it (:func:`distributed.shard`).
 - **The user's files**: ``--out`` must be new, empty or an earlier run's (or
   ``--overwrite``), and nothing lorakit did not write there is deleted.
 """
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -66,7 +66,7 @@ def train(config: TrainConfig) -> dict:
         TrainingInterrupted: Ctrl-C, SIGTERM or ``stop_after``; the checkpoint is saved.
     """
     started = time.perf_counter()
-    runtime = distributed.setup(config.device)
+    runtime = distributed.setup(config.device, fsdp=config.fsdp)
     try:
         return _train(config, runtime, started)
     finally:
@@ -119,6 +119,8 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     bf16 = config.bf16 if config.bf16 is not None else distributed.native_bf16(runtime.device)
     if bf16 and method.frozen_in_bf16:
         frozen_to_bf16(model)
+    # FSDP: before the optimizer takes the parameters, and before .to(): a block at a time goes to the device
+    units = distributed.shard(model, runtime)
     model.to(runtime.device).train()
     if config.compile:  # in place: the module, its paths and state-dict keys stay the user's
         model.compile()
@@ -126,6 +128,10 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     trainable, total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     if runtime.is_main:
         print(f"{config.method}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
+        if runtime.sharded:
+            print(f"fsdp: sharded over {runtime.world_size} processes, {len(units)} blocks and the rest of the model")
+        elif config.fsdp:
+            print("note: --fsdp shards the model over the processes torchrun starts; alone, it trains as usual")
 
     global_batch = config.batch_size * config.grad_accum * runtime.world_size
     steps_per_epoch = len(data.train) // global_batch
@@ -204,10 +210,10 @@ def train_step(run: Run, progress: Progress, step: int) -> tuple[float, float, f
     for i, micro in enumerate(micro_batches):
         batch = {k: v.to(runtime.device) for k, v in collate(micro, run.pad_id).items()}
         last = i == len(micro_batches) - 1
-        with run.ddp_model.no_sync() if runtime.world_size > 1 and not last else nullcontext():
+        with distributed.gradient_sync(run.ddp_model, runtime, sync=last):
             with run.autocast():
                 stats = run.task.batch_stats(run.ddp_model, batch, config.label_smoothing)
-            # DDP averages gradients over processes: scale back to a sum over the global batch
+            # DDP and FSDP average gradients over processes: scale back to a sum over the global batch
             (stats["loss_sum"] * runtime.world_size / count).backward()
         loss_sum += stats["loss_sum"].detach()
     loss = float(distributed.sum_over_ranks(loss_sum, runtime)) / count
@@ -239,8 +245,7 @@ def evaluate_and_checkpoint(run: Run, progress: Progress, step: int) -> None:
         run.bar.write(f"step {step}: validation {_show(run.task, metrics)}")
     if run.task.better(metrics[run.task.metric], progress.best):
         progress.best, progress.best_step = metrics[run.task.metric], step
-        if run.runtime.is_main:
-            save_best(run)
+        save_best(run)
     run.clock(progress, step)
     save_checkpoint(run, progress)
 
@@ -257,16 +262,24 @@ def stop_with_checkpoint(run: Run, progress: Progress, step: int) -> None:
 
 def save_checkpoint(run: Run, progress: Progress) -> None:
     rng_states = distributed.gather_objects(checkpoint.rng_state(), run.runtime)
+    params = distributed.trainable_state(run.model)  # whole on rank 0 (gathered under FSDP)
+    optimizer_state = distributed.optimizer_state(run.model, run.optimizer)
     if run.runtime.is_main:
         meta = {**asdict(progress), "settings": run.config.settings(), "total_steps": run.total_steps}
-        checkpoint.save_checkpoint(run.folder.checkpoint, run.model, run.optimizer, run.scheduler, rng_states, meta)
+        checkpoint.save_checkpoint(run.folder.checkpoint, params, optimizer_state, run.scheduler, rng_states, meta)
     distributed.barrier(run.runtime)
 
 
 def save_best(run: Run) -> None:
     """Keep the best weights: the trainable tensors (to restore them at the end) and
     the exported adapter or model folder, with the task file that ``lorakit eval``,
-    ``predict`` and ``generate`` read."""
+    ``predict`` and ``generate`` read. Every process calls it; rank 0 writes."""
+    with distributed.whole_trainable_parameters(run.model):  # FSDP: gathered onto rank 0
+        if run.runtime.is_main:
+            _write_best(run)
+
+
+def _write_best(run: Run) -> None:
     config = run.config
     checkpoint.save_tensors({name: p for name, p in run.model.named_parameters() if p.requires_grad},
                             run.folder.best)
@@ -304,6 +317,7 @@ def report(run: Run, progress: Progress, train_time: float, train_peak: int) -> 
         "data": {"source": run.data.source, **run.data.sizes(), "truncated": run.data.truncated},
         "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / total,
         "steps": run.total_steps, "global_batch": run.global_batch, "world_size": run.runtime.world_size,
+        "fsdp": run.runtime.sharded,
         "lr": config.lr, "max_length": config.max_length, "bf16": run.bf16,
         "validation_before": progress.before, "validation_after": after, "best_step": progress.best_step,
         "test": test, "wall_time_s": time.perf_counter() - run.started, "train_time_s": train_time,

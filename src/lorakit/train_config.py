@@ -73,6 +73,8 @@ class TrainConfig:
         "modules to adapt: names (query,value), a regex, or all-linear",
         default_help="the model family's, e.g. query,value for BERT, q_proj,v_proj for Llama"))
     lora_dropout: float = field(default=0.0, metadata=setting("dropout on the LoRA branch's input"))
+    dora: bool = field(default=False, metadata=setting(
+        "DoRA: also train a magnitude per output feature, W' = m * (W + s*B*A) / ||W + s*B*A|| (method lora)"))
     init: str = field(default="gaussian", metadata=setting(
         "how LoRA's A and B start: gaussian (the seeds' A ~ N(0, 1/r^2), B = 0), kaiming (PEFT's default), "
         "pissa or olora (from W's top singular / QR directions; saved as a rank-2r adapter for the original base)",
@@ -129,6 +131,10 @@ class TrainConfig:
     stop_after: int | None = field(default=None, metadata=setting(
         "stop (as if interrupted, checkpoint written) after this many steps", flag=False, shared=False))
     device: str = field(default="auto", metadata=setting("auto (GPU if any), cpu or cuda", shared=False))
+    fsdp: bool = field(default=False, metadata=setting(
+        "under torchrun, shard the weights, gradients and optimizer state over the processes (FSDP2, one unit "
+        "per transformer block) instead of a whole model in each (DDP): for models one process cannot hold",
+        shared=False))
     adapter_name: str = field(default="default", metadata=setting("the adapter's name in the model", flag=False))
     progress: bool = field(default=True, metadata=setting("show the progress bar", flag=False, shared=False))
 
@@ -154,6 +160,11 @@ class TrainConfig:
         if self.loraplus_ratio is not None and (self.method != "lora" or not self.loraplus_ratio > 0):
             raise LorakitError(f"--loraplus-ratio must be a positive number with --method lora, got "
                                f"{self.loraplus_ratio!r} with --method {self.method}")
+        if self.fsdp and not method.shardable:
+            raise LorakitError(f"--method {self.method} cannot train with --fsdp (its rank budget reads whole "
+                               "tensors after each step); drop --fsdp to run it with a whole model in each process")
+        if self.dora and self.method != "lora":
+            raise LorakitError(f"--dora is for --method lora, not {self.method!r}")
         if (self.init_rank is not None or self.target_rank is not None) and self.method != "adalora":
             raise LorakitError(f"--init-rank / --target-rank are for --method adalora, not {self.method!r}")
         if self.target_rank is not None and self.target_rank > (self.init_rank or self.rank):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import sys
 
 from lorakit.errors import LorakitError
@@ -21,8 +22,11 @@ def register(subparsers) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="load the adapter in DIR under NAME (repeatable)")
     p.add_argument("--adapter-root", metavar="DIR",
-                   help="adapters loaded over HTTP (POST /v1/adapters) must lie under DIR; without it, "
-                        "loading over HTTP is refused")
+                   help="adapters loaded over HTTP (POST /v1/adapters, /v1/load_lora_adapter) must lie under DIR; "
+                        "without it, loading over HTTP is refused")
+    p.add_argument("--load-on-demand", action="store_true",
+                   help="a request whose model names a folder directly under --adapter-root that is not loaded "
+                        "loads it first")
     p.add_argument("--max-loaded", type=int, default=8, metavar="N",
                    help="most adapters resident at once; the least recently used is unloaded (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=32, metavar="B",
@@ -32,6 +36,21 @@ def register(subparsers) -> None:
                    help="cap on prompt length in tokens (default: %(default)s)")
     p.add_argument("--task", choices=["generate", "classify"],
                    help="what the model does (default: guessed from the model)")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="most requests waiting for a row; more are answered 429 with Retry-After: 1 "
+                        "(default: %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="S",
+                   help="seconds a request may take in all; past it, 504 (default: no limit)")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, metavar="BYTES",
+                   help="largest request body; larger ones are answered 413 (default: %(default)s)")
+    p.add_argument("--api-key", default=os.environ.get("LORAKIT_API_KEY"), metavar="KEY",
+                   help="every /v1/ route needs 'Authorization: Bearer KEY' (default: $LORAKIT_API_KEY; none: open)")
+    p.add_argument("--admin-key", default=os.environ.get("LORAKIT_ADMIN_KEY"), metavar="KEY",
+                   help="loading and unloading adapters needs this key instead (default: $LORAKIT_ADMIN_KEY; "
+                        "none: the API key)")
+    p.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                   help="comma-separated Host header names accepted besides the bound address, localhost, "
+                        "127.0.0.1 and ::1 ('*': any)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -53,19 +72,26 @@ def parse_adapters(values: list[str]) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     from lorakit.run_folder import adapter_folder  # a run folder of lorakit train stands for its adapter/
-    from lorakit.serve import build_service, run as serve
+    from lorakit.serve import Access, allowed_hosts, build_service, run as serve
 
+    hosts = [h for h in args.allowed_hosts.split(",") if h.strip()]
+    access = Access(api_key=args.api_key, admin_key=args.admin_key, hosts=allowed_hosts(args.host, hosts))
     if not _is_loopback(args.host):
-        print(f"lorakit serve: warning: binding {args.host} exposes the server beyond this machine; "
-              "it has no authentication", file=sys.stderr)
+        if access.api_key is None:
+            print(f"lorakit serve: warning: binding {args.host} exposes the server beyond this machine and it has "
+                  "no API key: give --api-key", file=sys.stderr)
+        if not hosts:
+            print(f"lorakit serve: warning: only the Host names {args.host}, localhost, 127.0.0.1 and ::1 are "
+                  "answered: give --allowed-hosts with the names clients use", file=sys.stderr)
     service = build_service(
         args.model, adapters={name: str(adapter_folder(path)) for name, path in parse_adapters(args.adapter).items()},
         adapter_root=args.adapter_root,
         max_loaded=args.max_loaded, max_batch=args.max_batch, max_prompt_tokens=args.max_prompt_tokens,
-        max_tokens=args.max_tokens, task=args.task)
+        max_tokens=args.max_tokens, task=args.task, load_on_demand=args.load_on_demand, max_queue=args.max_queue,
+        request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes)
     names = ", ".join(["base", *service.registry.names()])
     print(f"lorakit serve: {args.model} ({service.task}) with models: {names}", file=sys.stderr, flush=True)
-    serve(service, host=args.host, port=args.port, log_level=args.log_level)
+    serve(service, host=args.host, port=args.port, log_level=args.log_level, access=access)
     return 0
 
 

@@ -1,13 +1,17 @@
 """LoRA layer types, one file each, and the registry that maps a layer kind and a base
 module type to its wrapper.
 
-Kinds: ``"lora"`` (``ΔW = s·B·A``: :class:`LoraLinear`, :class:`LoraEmbedding`) and
-``"adalora"`` (``ΔW = s·P·diag(λ)·Q``: :class:`AdaLoraLinear`). Every wrapper is a
-:class:`LoraLayer`, so merging, per-row batches, saving and analysis see all kinds alike.
+Kinds: ``"lora"`` (``ΔW = s·B·A``: :class:`LoraLinear`, :class:`LoraEmbedding`,
+:class:`LoraConv`), ``"dora"`` (``W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖``: :class:`DoraLinear`,
+:class:`DoraEmbedding`, :class:`DoraConv`) and ``"adalora"`` (``ΔW = s·P·diag(λ)·Q``:
+:class:`AdaLoraLinear`). Every wrapper is a :class:`LoraLayer`, so merging, per-row
+batches, saving and analysis see all kinds alike. LoRA on a bare parameter
+(:class:`LoraParameter`, held by a :class:`ParameterHost` in its module's place) is chosen by
+parameter name, not by module type, so it is not in the registry.
 
 >>> wrapper_for(nn.Linear(4, 4)) is LoraLinear
 True
->>> wrapper_for(nn.Linear(4, 4), "adalora") is AdaLoraLinear
+>>> wrapper_for(nn.Conv2d(3, 4, 3), "dora") is DoraConv
 True
 """
 
@@ -15,12 +19,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from lorakit.dense import LINEAR_TYPES, Conv1D
+from lorakit.dense import CONV_TYPES, LINEAR_TYPES, Conv1D
 from lorakit.errors import LorakitError
 from lorakit.layers.adalora import AdaLoraAdapter, AdaLoraLinear
 from lorakit.layers.base import LoraAdapter, LoraLayer
+from lorakit.layers.conv import LoraConv
+from lorakit.layers.dora import DoraAdapter
+from lorakit.layers.dora_layers import DoraConv, DoraEmbedding, DoraLinear
 from lorakit.layers.embedding import LoraEmbedding
 from lorakit.layers.linear import LoraLinear
+from lorakit.layers.parameter import LoraParameter, ParameterHost
 from lorakit.layers.saved import SavedModule
 
 #: layer kind -> {base module type -> wrapper class}; add one with :func:`register_layer`.
@@ -36,13 +44,20 @@ def register_layer(base_type: type, wrapper: type[LoraLayer]) -> None:
 register_layer(nn.Linear, LoraLinear)
 register_layer(nn.Embedding, LoraEmbedding)
 register_layer(nn.Linear, AdaLoraLinear)
+register_layer(nn.Linear, DoraLinear)
+register_layer(nn.Embedding, DoraEmbedding)
+for _conv in CONV_TYPES:
+    register_layer(_conv, LoraConv)
+    register_layer(_conv, DoraConv)
 if Conv1D is not None:
     register_layer(Conv1D, LoraLinear)
     register_layer(Conv1D, AdaLoraLinear)
+    register_layer(Conv1D, DoraLinear)
 
 
 def wrapper_for(module: nn.Module, kind: str = "lora") -> type[LoraLayer] | None:
-    """The wrapper class of layer kind ``kind`` for ``module``, or None when that kind cannot wrap it.
+    """The wrapper class of layer kind ``kind`` for ``module``, or None when that kind cannot wrap it
+    (its type is not registered, or the wrapper refuses it: a convolution with ``groups > 1``).
 
     Raises:
         LorakitError: ``kind`` is not a registered layer kind.
@@ -51,13 +66,11 @@ def wrapper_for(module: nn.Module, kind: str = "lora") -> type[LoraLayer] | None
     if types is None:
         raise LorakitError(f"layer kind {kind!r} is unknown; choose one of {sorted(LAYER_KINDS)}")
     wrapper = types.get(type(module))
-    if wrapper is not None:
-        return wrapper
-    for base_type, wrapper in types.items():
-        if isinstance(module, base_type):
-            return wrapper
-    return None
+    if wrapper is None:
+        wrapper = next((w for base_type, w in types.items() if isinstance(module, base_type)), None)
+    return wrapper if wrapper is not None and wrapper.wraps(module) else None
 
 
-__all__ = ["AdaLoraAdapter", "AdaLoraLinear", "LAYER_KINDS", "LINEAR_TYPES", "LoraAdapter", "LoraEmbedding",
-           "LoraLayer", "LoraLinear", "SavedModule", "register_layer", "wrapper_for"]
+__all__ = ["AdaLoraAdapter", "AdaLoraLinear", "DoraAdapter", "DoraConv", "DoraEmbedding", "DoraLinear", "LAYER_KINDS",
+           "LINEAR_TYPES", "LoraAdapter", "LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear", "LoraParameter",
+           "ParameterHost", "SavedModule", "register_layer", "wrapper_for"]

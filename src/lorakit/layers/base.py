@@ -88,11 +88,14 @@ class LoraLayer(nn.Module):
     kind = "lora"
     #: the inits this kind can start an adapter with (None: every registered one)
     inits: tuple[str, ...] | None = None
+    #: the layer takes the place of its base module (False for LoRA on a parameter, whose
+    #: module is a :class:`~lorakit.layers.parameter.ParameterHost`)
+    in_place_of_module = True
 
     def __init__(self, base: nn.Module):
         super().__init__()
         object.__setattr__(self, "_base", base)  # kept aside: not a submodule, no duplicate keys
-        self.weight = base.weight
+        self._register_weight(base)
         self.adapters = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.merged: tuple[str, ...] = ()
@@ -101,6 +104,15 @@ class LoraLayer(nn.Module):
         self._premerge_weight: torch.Tensor | None = None
         self._rows = None  # (slots (batch,), A_rows, B_rows) while per_row_adapters is on
         self._stack_cache = None
+
+    @classmethod
+    def wraps(cls, module: nn.Module) -> bool:
+        """Whether this wrapper can take ``module``'s place (beyond its type: a grouped convolution cannot)."""
+        return True
+
+    def _register_weight(self, base: nn.Module) -> None:
+        """Register the adapted weight under its own name (the very same ``Parameter``)."""
+        self.weight = base.weight
 
     def __getattr__(self, name: str):
         try:
@@ -117,9 +129,13 @@ class LoraLayer(nn.Module):
         """An ``(out, in)`` matrix laid out as ``self.weight`` (identity for nn.Linear)."""
         return matrix
 
+    def as_out_in(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor in the layout of ``self.weight`` seen as ``(out_features, in_features)`` (a view)."""
+        return self.weight_to_layout(tensor)  # transposes are their own inverse
+
     def weight_out_in(self) -> torch.Tensor:
         """``self.weight`` seen as ``(out_features, in_features)`` (a view, no copy)."""
-        return self.weight_to_layout(self.weight)  # transposes are their own inverse
+        return self.as_out_in(self.weight)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s·B·A`` of adapter ``name`` in fp32, in the layout (and shape) of ``self.weight``.
@@ -138,6 +154,16 @@ class LoraLayer(nn.Module):
             LorakitError: this layer has no adapter ``name``.
         """
         return self._adapter(name).export_factors()
+
+    def export_rank(self, name: str) -> int:
+        """The rank adapter ``name`` has in a file: the rows of its exported A (LoRA on a parameter
+        of E experts: the rank of each expert's adapter)."""
+        return self.export_factors(name)[0].shape[0]
+
+    def export_magnitude(self, name: str) -> torch.Tensor | None:
+        """Adapter ``name``'s DoRA magnitude vector ``m: (out_features,)``, or None for a kind without one."""
+        self._adapter(name)
+        return None
 
     # ------------------------------------------------------------------ adapters
 
@@ -234,13 +260,19 @@ class LoraLayer(nn.Module):
             w = self.weight
             if w.dtype != torch.float32 and w.dtype != torch.float64 and self._premerge_weight is None:
                 self._premerge_weight = w.detach().clone()
-            if w.dtype in (torch.float32, torch.float64):
-                self._add_deltas(todo, 1.0)
-            else:
-                delta = sum(self.delta_weight(n) for n in todo)
-                w.copy_((w.float() + delta).to(w.dtype))
+            self._merge_weight(todo)
         self.merged = self.merged + tuple(todo)
         self._refresh()
+
+    def _merge_weight(self, names: list[str]) -> None:
+        """Add the ``ΔW`` of ``names`` (none of them merged yet) into ``weight``, under no_grad.
+        A kind whose update depends on W itself (DoRA) overrides this and :meth:`_unmerge_weight`."""
+        w = self.weight
+        if w.dtype in (torch.float32, torch.float64):
+            self._add_deltas(names, 1.0)
+        else:
+            delta = sum(self.delta_weight(n) for n in names)
+            w.copy_((w.float() + delta).to(w.dtype))
 
     def unmerge(self) -> None:
         """Take every merged ``ΔW`` out of ``weight`` again (see :meth:`merge` for exactness)."""
@@ -251,9 +283,13 @@ class LoraLayer(nn.Module):
                 self.weight.copy_(self._premerge_weight)
                 self._premerge_weight = None
             else:
-                self._add_deltas(self.merged, -1.0)
+                self._unmerge_weight()
         self.merged = ()
         self._refresh()
+
+    def _unmerge_weight(self) -> None:
+        """Take the ``ΔW`` of every merged adapter out of a fp32/fp64 ``weight`` (no copy was kept)."""
+        self._add_deltas(self.merged, -1.0)
 
     def _add_deltas(self, names: Iterable[str], sign: float) -> None:
         """``W += sign · s·B·A`` for each adapter in ``names``, in place (a fp32/fp64 weight):
@@ -275,7 +311,7 @@ class LoraLayer(nn.Module):
 
     # ------------------------------------------------------------------ per-row stacks
 
-    def row_stacks(self) -> tuple[dict[str, int], torch.Tensor, torch.Tensor]:
+    def row_stacks(self) -> tuple:
         """All adapters of this layer stacked for a per-row batch (:mod:`lorakit.layers.stacks`).
 
         Returns:
@@ -285,17 +321,22 @@ class LoraLayer(nn.Module):
             holds ``(s·B)ᵀ``, scaling folded in; smaller ranks are zero-padded. Kept up to
             date slot by slot: adding, deleting or changing one adapter rewrites its slot
             alone. Memory: one more copy of this layer's adapters (up to twice, as the
-            stack grows by doubling).
+            stack grows by doubling). A kind that scales whole outputs per adapter (DoRA) adds
+            ``S_rows: (slots, out)``, and its per-row forward reads it.
         """
         if self._stack_cache is None:
-            from lorakit.layers.stacks import RowStacks
-
-            self._stack_cache = RowStacks(self.in_features, self.out_features)
+            self._stack_cache = self._new_stacks()
         return self._stack_cache.update(self.adapters)
 
+    def _new_stacks(self):
+        """This layer's :class:`~lorakit.layers.stacks.RowStacks` (DoRA adds its per-row scale)."""
+        from lorakit.layers.stacks import RowStacks
+
+        return RowStacks(self.in_features, self.out_features)
+
     def set_rows(self, rows) -> None:
-        """Per-row mode: ``rows = (slots: (batch,) long, A_rows, B_rows)`` (see
-        :meth:`row_stacks`), or None to leave it.
+        """Per-row mode: ``rows = (slots: (batch,) long, *stacks)`` with the stacks of
+        :meth:`row_stacks`, or None to leave it.
 
         Raises:
             LorakitError: an adapter of this layer is merged (its ΔW would count twice).

@@ -11,6 +11,11 @@ Layout (what :class:`lorakit.layers.linear.LoraLinear` and ``LoraEmbedding`` rea
 ``A_rows: (slots, in, r_max)`` holds ``Aᵀ`` (for an embedding: a lookup table per slot),
 ``B_rows: (slots, r_max, out)`` holds ``(s·B)ᵀ``, scaling folded in, smaller ranks
 zero-padded. Slot 0 is all zeros: the base model alone.
+
+A kind whose adapters also scale each output feature of the whole layer (DoRA's
+``m / ‖W + s·B·A‖``) gives a ``row_scale``: then ``S_rows: (slots, out)`` holds each
+slot's factors (1 in slot 0 and in free slots), and the versions compared include the
+layer's ``context()`` (e.g. the base weight's version, which the factors depend on).
 """
 
 from __future__ import annotations
@@ -21,18 +26,23 @@ import torch
 class RowStacks:
     """The per-row stacks of one layer (see the module docstring)."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, row_scale=None, context=None):
+        """``row_scale(adapter) -> (out,)`` tensor: a per-output-feature factor of the whole layer
+        (None: none, no ``S_rows``); ``context() -> tuple``: what else the stacked values depend on."""
         self.in_features, self.out_features = in_features, out_features
+        self.row_scale, self.context = row_scale, context
         self.slots: dict[str, int] = {}  # adapter name -> slot (>= 1)
         self._versions: dict[str, tuple] = {}
         self._free: list[int] = []
         self.A_rows: torch.Tensor | None = None
         self.B_rows: torch.Tensor | None = None
+        self.S_rows: torch.Tensor | None = None
         self.rebuilds = 0  # whole rebuilds (reallocations), for tests and benchmarks
 
-    def update(self, adapters) -> tuple[dict[str, int], torch.Tensor, torch.Tensor]:
+    def update(self, adapters) -> tuple:
         """Bring the stacks in line with ``adapters`` ({name: adapter}, not empty);
-        returns ``(slots, A_rows, B_rows)``, the same tensors while nothing changed.
+        returns ``(slots, A_rows, B_rows)`` (and ``S_rows`` with a ``row_scale``), the same
+        tensors while nothing changed.
 
         The stacks are ordinary tensors even when this runs under ``torch.inference_mode``
         (a server's forward): inference tensors could not be updated in place later."""
@@ -50,9 +60,12 @@ class RowStacks:
             del self._versions[name]
             self.A_rows[slot].zero_()
             self.B_rows[slot].zero_()
+            if self.S_rows is not None:
+                self.S_rows[slot].fill_(1)
             self._free.append(slot)
+        context = () if self.context is None else self.context()
         for name, adapter in adapters.items():
-            version = adapter.version()
+            version = adapter.version() + context
             if self._versions.get(name) == version:
                 continue
             slot = self.slots.get(name)
@@ -61,11 +74,15 @@ class RowStacks:
                 self.slots[name] = slot
             self._write(slot, adapter)
             self._versions[name] = version
-        return self.slots, self.A_rows, self.B_rows
+        if self.S_rows is None:
+            return self.slots, self.A_rows, self.B_rows
+        return self.slots, self.A_rows, self.B_rows, self.S_rows
 
     def _allocate(self, capacity: int, r_max: int, dtype, device) -> None:
         self.A_rows = torch.zeros(capacity, self.in_features, r_max, dtype=dtype, device=device)
         self.B_rows = torch.zeros(capacity, r_max, self.out_features, dtype=dtype, device=device)
+        if self.row_scale is not None:
+            self.S_rows = torch.ones(capacity, self.out_features, dtype=dtype, device=device)
         self.slots, self._versions, self._free = {}, {}, list(range(capacity - 1, 0, -1))
         self.rebuilds += 1
 
@@ -77,6 +94,10 @@ class RowStacks:
         A_rows[:old] = self.A_rows
         B_rows[:old] = self.B_rows
         self.A_rows, self.B_rows = A_rows, B_rows
+        if self.S_rows is not None:
+            S_rows = self.S_rows.new_ones((2 * old, self.out_features))
+            S_rows[:old] = self.S_rows
+            self.S_rows = S_rows
         self._free.extend(range(2 * old - 1, old, -1))
         return old
 
@@ -85,3 +106,5 @@ class RowStacks:
         self.B_rows[slot].zero_()
         self.A_rows[slot, :, : adapter.r] = adapter.A.T
         self.B_rows[slot, : adapter.r] = adapter.B.T * adapter.scaling
+        if self.row_scale is not None:
+            self.S_rows[slot] = self.row_scale(adapter)

@@ -14,7 +14,9 @@ Each step of the loop
 
 A request that arrives during a step joins at the next one (continuous batching); a
 finished one leaves at once. Greedy answers equal the adapter's answer run alone: each
-row sees only its own tokens (left padding is masked, positions are per row).
+row sees only its own tokens (left padding is masked, positions are per row). A row whose
+logits are not finite fails alone (its request gets an error, the others go on), and a
+request cancelled while it waits leaves the queue at the next step.
 """
 
 from __future__ import annotations
@@ -33,14 +35,18 @@ from lorakit.errors import LorakitError
 from lorakit.serve.detokenize import TextStream
 from lorakit.serve.kv import BatchCache
 from lorakit.serve.registry import BASE, AdapterEntry, AdapterRegistry
-from lorakit.serve.sampling import Sampler, pick_tokens
+from lorakit.serve.sampling import Sampler, TokenLogprob, pick_tokens, token_logprob
 
 log = logging.getLogger("lorakit.serve")
 
 
 @dataclass
 class Event:
-    """What the engine reports about a request: ``kind`` is "text", "done" or "error"."""
+    """What the engine reports about a request: ``kind`` is "text", "done" or "error".
+
+    ``logprobs`` (only when the request asked for them) are those of the tokens whose
+    text this event completes; a "done" event carries the tokens not reported yet.
+    """
 
     kind: str
     text: str = ""
@@ -48,6 +54,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Exception | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -59,6 +66,9 @@ class GenerationRequest:
         adapter: an adapter name, or "base".
         max_tokens: most tokens to generate.
         on_event: called on the engine thread with each :class:`Event`; must not block.
+        logprobs: None for no log-probabilities; k >= 0 to report each token's and the
+            top k alternatives'.
+        ignore_eos: go on past an end-of-sequence token, to ``max_tokens`` or a stop string.
     """
 
     prompt_ids: list[int]
@@ -67,6 +77,8 @@ class GenerationRequest:
     on_event: Callable[[Event], None]
     sampler: Sampler = field(default_factory=lambda: Sampler(temperature=0.0))
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None
+    ignore_eos: bool = False
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -82,6 +94,8 @@ class _Row:
     next_token: int = -1
     generated: int = 0
     finish_reason: str | None = None
+    error: Exception | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet reported
 
     @property
     def slot(self) -> str | None:
@@ -109,6 +123,8 @@ class Engine:
         self.device = next(model.parameters()).device
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[GenerationRequest] = deque()
+        self._queued = 0  # submitted and not yet admitted, dropped or failed
+        self._queued_lock = threading.Lock()
         self._rows: list[_Row] = []
         self._batch = BatchCache(getattr(model, "config", None))
         self._held = _HeldRows(model)
@@ -133,7 +149,20 @@ class Engine:
     def submit(self, request: GenerationRequest) -> None:
         if self._stopping.is_set():
             raise LorakitError("the server is shutting down and accepts no new requests")
+        self._count_queued(+1)
         self._inbox.put(request)
+
+    def queued(self) -> int:
+        """Requests submitted and waiting for a row (not yet decoding)."""
+        return self._queued
+
+    def running(self) -> int:
+        """Requests decoding now (the batch size of the next step)."""
+        return len(self._rows)
+
+    def _count_queued(self, change: int) -> None:
+        with self._queued_lock:
+            self._queued += change
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run ``fn()`` on the engine thread between two steps; its result or error goes to the Future."""
@@ -142,7 +171,7 @@ class Engine:
         return future
 
     def stats(self) -> dict:
-        return {"running": len(self._rows), "waiting": len(self._waiting) + self._inbox.qsize(),
+        return {"running": len(self._rows), "waiting": self._queued,
                 "tokens_generated": self.tokens_generated, "steps": self.steps}
 
     # ---- the engine thread ------------------------------------------------------------
@@ -190,14 +219,16 @@ class Engine:
 
     def _admit(self) -> None:
         """Move waiting requests into the batch while rows and adapter slots allow."""
+        if any(request.cancelled for request in self._waiting):  # their clients went away
+            kept = deque(request for request in self._waiting if not request.cancelled)
+            self._count_queued(len(kept) - len(self._waiting))
+            self._waiting = kept
         if not self._waiting or len(self._rows) >= self.max_batch:
             return
         self._held.close()  # admitting may load and evict adapters, and prefill uses its own rows
         admitted: list[_Row] = []
         still_waiting: deque[GenerationRequest] = deque()
         for request in self._waiting:
-            if request.cancelled:
-                continue
             if len(self._rows) + len(admitted) >= self.max_batch:
                 still_waiting.append(request)
                 continue
@@ -213,6 +244,7 @@ class Engine:
                     continue
             stream = TextStream(self.tokenizer, request.stop)
             admitted.append(_Row(request=request, entry=entry, stream=stream))
+        self._count_queued(len(still_waiting) - len(self._waiting))
         self._waiting = still_waiting
         if admitted:
             try:
@@ -233,11 +265,12 @@ class Engine:
             ids = torch.tensor([row.request.prompt_ids for row in group], device=self.device)
             with torch.inference_mode(), self._adapters([row.slot for row in group]):
                 out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            tokens = pick_tokens(out.logits[:, -1, :], [row.request.sampler for row in group])
+            logits = out.logits[:, -1, :]
+            tokens = pick_tokens(logits, [row.request.sampler for row in group])
             caches.append(out.past_key_values)
             lengths.extend([length] * len(group))
-            for row, token in zip(group, tokens):
-                self._accept(row, token)
+            for i, (row, token) in enumerate(zip(group, tokens)):
+                self._accept(row, token, logits[i])
             joined.extend(group)
         self._batch.add_rows(caches, lengths)
         self._rows.extend(joined)
@@ -253,9 +286,10 @@ class Engine:
                              past_key_values=self._batch.cache, use_cache=True)
         self._batch.advance()
         self.steps += 1
-        tokens = pick_tokens(out.logits[:, -1, :], [row.request.sampler for row in self._rows])
-        for row, token in zip(self._rows, tokens):
-            self._accept(row, token)
+        logits = out.logits[:, -1, :]
+        tokens = pick_tokens(logits, [row.request.sampler for row in self._rows])
+        for i, (row, token) in enumerate(zip(self._rows, tokens)):
+            self._accept(row, token, logits[i])
         self._drop_finished()
 
     def _adapters(self, slots: list[str | None]):
@@ -265,21 +299,31 @@ class Engine:
 
         return per_row_adapters(self.model, slots)
 
-    def _accept(self, row: _Row, token: int) -> None:
-        """Record one sampled token for ``row`` and stream out any text it completes."""
+    def _accept(self, row: _Row, token: int | Exception, logits) -> None:
+        """Record one sampled token for ``row`` and stream out any text it completes.
+
+        ``token`` is an exception when this row could not be sampled (non-finite logits):
+        the row finishes with that error. ``logits: (vocab,)`` are the row's, for logprobs.
+        """
         request = row.request
+        if isinstance(token, Exception):
+            row.finish_reason, row.error, row.next_token = "error", token, 0
+            return
         row.next_token = token
         row.generated += 1
         self.tokens_generated += 1
         if request.cancelled:
             row.finish_reason = "cancelled"
             return
-        if token in self.eos_ids:
+        if token in self.eos_ids and not request.ignore_eos:
             row.finish_reason = "stop"
             return
+        if request.logprobs is not None:
+            row.logprobs.append(token_logprob(logits, token, request.logprobs))
         piece = row.stream.add(token)
         if piece:
-            request.on_event(Event("text", text=piece))
+            request.on_event(Event("text", text=piece, logprobs=row.logprobs))
+            row.logprobs = []
         if row.stream.stopped:
             row.finish_reason = "stop"
         elif row.generated >= request.max_tokens:
@@ -292,7 +336,7 @@ class Engine:
         self._held.close()  # releasing may unload a removed adapter
         for row in self._rows:
             if row.finish_reason is not None:
-                self._retire(row)
+                self._retire(row, error=row.error)
         self._batch.keep_rows(keep)
         self._rows = [self._rows[i] for i in keep]
 
@@ -306,9 +350,11 @@ class Engine:
             return
         rest = row.stream.finish()
         if rest:
-            request.on_event(Event("text", text=rest))
+            request.on_event(Event("text", text=rest, logprobs=row.logprobs))
+            row.logprobs = []
         request.on_event(Event("done", text=row.stream.text, finish_reason=row.finish_reason,
-                               prompt_tokens=len(request.prompt_ids), completion_tokens=row.generated))
+                               prompt_tokens=len(request.prompt_ids), completion_tokens=row.generated,
+                               logprobs=row.logprobs))
 
 
 class _HeldRows:

@@ -7,9 +7,16 @@ request holds is unloaded, and it is loaded again from disk the next time it is 
 for. Seeds 002/004: "all you require is one foundational model that can exchange
 matrices".
 
-Public names are users' words (``[A-Za-z0-9._-]{1,64}``); inside the model every load
-gets a fresh slot name (``serve<n>``), so an adapter removed and re-added under the same
-name while old requests still run on the old weights never collides with itself.
+Public names are users' words (letters, digits and ``. _ - : / @ +``, up to 128, such
+as vLLM's ``org/name``); inside the model every load gets a fresh slot name
+(``serve<n>``), so an adapter removed and re-added under the same name while old
+requests still run on the old weights never collides with itself. Messages speak of the
+public name and of paths relative to the adapter root, never of slots or server paths.
+
+With an adapter root, every file is read through :mod:`lorakit.serve.confine` (each one
+resolved and checked to lie under the root). An adapter whose weights hold NaN or
+infinity is refused at load. A classifier adapter's labels come from the
+``lorakit_task.json`` that ``lorakit train`` wrote beside it, as ``lorakit predict`` reads them.
 
 Reading (``names``, ``describe``) is safe from any thread; everything that touches the
 model (``register``, ``acquire``, ``release``, ``unregister``) runs on the engine thread.
@@ -18,16 +25,21 @@ model (``register``, ``acquire``, ``release``, ``unregister``) runs on the engin
 from __future__ import annotations
 
 import re
+import tempfile
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from lorakit.errors import LorakitError
+from lorakit.serve.confine import PathForbidden, copy_confined, resolve_under, shown
 
 BASE = "base"
-NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:/@+-]{0,127}")
+FOLDER_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")  # a folder directly under the root
 
 
 class UnknownAdapter(LorakitError):
@@ -38,18 +50,27 @@ class AdapterConflict(LorakitError):
     """An adapter name is already taken (HTTP 409)."""
 
 
-class AdapterForbidden(LorakitError):
-    """An adapter path lies outside the adapter root, or none was configured (HTTP 403)."""
+AdapterForbidden = PathForbidden  # an adapter path lies outside the adapter root, or none was configured (403)
 
 
 class AdapterLoadError(LorakitError):
     """An adapter's files could not be loaded into the model (HTTP 400)."""
 
 
+class MissingAdapter(LorakitError):
+    """No adapter folder at the path given (HTTP 400; vLLM's route answers 404)."""
+
+
+def short(text: str, limit: int = 64) -> str:
+    """``text`` cut to ``limit`` characters, for echoing a client's value in a message."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def check_name(name: str) -> str:
     """Return ``name`` if it is a valid adapter name, else raise naming it."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise LorakitError(f"adapter name {name!r} is invalid: use 1 to 64 of the characters A-Z a-z 0-9 . _ -")
+        raise LorakitError(f"adapter name {short(str(name))!r} is invalid: use 1 to 128 of the characters "
+                           "A-Z a-z 0-9 . _ - : / @ + (not starting with a punctuation mark)")
     if name == BASE:
         raise AdapterConflict(f"adapter name {name!r} is reserved for the base model; choose another name")
     return name
@@ -61,6 +82,8 @@ class AdapterEntry:
 
     name: str
     path: Path
+    shown: str = ""  # the path as clients may see it (relative to the root)
+    labels: list[str] | None = None  # class names of a classifier adapter, by index
     slot: str | None = None
     pins: int = 0  # running requests using it
     removed: bool = False  # unregistered; unloaded as soon as no request holds it
@@ -82,8 +105,9 @@ class AdapterRegistry:
         if max_loaded < 1:
             raise LorakitError(f"--max-loaded must be at least 1, got {max_loaded}")
         self.model = model
-        self.adapter_root = Path(adapter_root).resolve(strict=True) if adapter_root else None
+        self.adapter_root = _existing_root(adapter_root) if adapter_root else None
         self.max_loaded = max_loaded
+        self.on_load: Callable[[AdapterEntry], None] | None = None  # told of each load (metrics)
         self._entries: dict[str, AdapterEntry] = {}
         self._resident: OrderedDict[str, AdapterEntry] = OrderedDict()  # slot -> entry, LRU first
         self._slots = 0
@@ -106,14 +130,36 @@ class AdapterRegistry:
         with self._lock:
             return len(self._resident)
 
+    def knows(self, name: str) -> bool:
+        """Whether an adapter is registered under ``name``."""
+        return name in self._entries
+
+    def is_resident(self, name: str) -> bool:
+        entry = self._entries.get(name)
+        return entry is not None and entry.slot is not None
+
+    def labels(self, name: str) -> list[str] | None:
+        """The class names adapter ``name`` was trained with (None: the model's own)."""
+        entry = self._entries.get(name)
+        return entry.labels if entry is not None else None
+
     def unknown(self, name: str) -> UnknownAdapter:
         """The error for a name nobody registered, listing what is available."""
         available = ", ".join([BASE, *self.names()])
-        return UnknownAdapter(f"model {name!r} not found; available: {available}")
+        return UnknownAdapter(f"model {short(name)!r} not found; available: {short(available, 400)}")
 
     def check_known(self, name: str) -> None:
         if name != BASE and name not in self._entries:
             raise self.unknown(name)
+
+    def on_disk(self, name: str) -> bool:
+        """Whether ``name`` is a folder directly under the adapter root (load on demand)."""
+        if self.adapter_root is None or not FOLDER_PATTERN.fullmatch(name):
+            return False
+        try:
+            return (self.adapter_root / name / "adapter_config.json").is_file()
+        except OSError:
+            return False
 
     def resolve_path(self, path: str | Path, *, trusted: bool = False) -> Path:
         """The real folder for ``path``, which must lie under the adapter root.
@@ -126,40 +172,66 @@ class AdapterRegistry:
                 raise AdapterForbidden("this server loads no adapters over HTTP: start it with --adapter-root DIR")
             real = Path(path).expanduser().resolve()
         else:
-            candidate = Path(path).expanduser()
-            if not candidate.is_absolute():
-                candidate = self.adapter_root / candidate
-            real = candidate.resolve()  # follows symlinks, so a link cannot lead outside
-            if not real.is_relative_to(self.adapter_root):
-                raise AdapterForbidden(f"adapter path {str(path)!r} lies outside the adapter root {self.adapter_root}")
-        if not real.is_dir():
-            raise LorakitError(f"adapter path {str(path)!r} is not a folder")
-        if not (real / "adapter_config.json").is_file():
-            raise LorakitError(f"adapter path {str(path)!r} holds no adapter_config.json")
+            real = resolve_under(self.adapter_root, path, "adapter path")
+        try:
+            if not real.is_dir():
+                raise MissingAdapter(f"adapter path {short(str(path))!r} is not a folder")
+            if not (real / "adapter_config.json").is_file():
+                raise MissingAdapter(f"adapter path {short(str(path))!r} holds no adapter_config.json")
+        except OSError as err:
+            raise LorakitError(f"adapter path {short(str(path))!r} cannot be used: {err.strerror}") from None
         return real
 
     # ---- changing, on the engine thread -------------------------------------------
-    def register(self, name: str, path: str | Path, *, trusted: bool = False, load: bool = True) -> AdapterEntry:
+    def register(self, name: str, path: str | Path, *, trusted: bool = False, load: bool = True,
+                 replace: bool = False) -> AdapterEntry:
         """Add an adapter; with ``load`` it is loaded now (when a slot can be freed), so a
-        broken file is reported at once and never registered."""
+        broken file is reported at once and never registered. ``replace`` swaps a
+        registered adapter of that name for the new files once they loaded (requests
+        already running finish on the old weights); a failed load keeps the old one."""
         check_name(name)
         with self._lock:
-            if name in self._entries:
-                raise AdapterConflict(f"adapter {name!r} is already loaded from {self._entries[name].path}; "
-                                      f"DELETE /v1/adapters/{name} first")
-        entry = AdapterEntry(name=name, path=self.resolve_path(path, trusted=trusted))
+            old = self._entries.get(name)
+        if old is not None and not replace:
+            raise AdapterConflict(f"adapter {name!r} is already loaded from {old.shown}; "
+                                  f"DELETE /v1/adapters/{name} first")
+        real = self.resolve_path(path, trusted=trusted)
+        # clients see a path relative to the root; a command-line adapter without a root, its folder's name
+        entry = AdapterEntry(name=name, path=real, shown=shown(real, self.adapter_root) if self.adapter_root else real.name)
         if load and self._make_room():
             self._load(entry)
         else:
             from lorakit.io import read_adapter
 
-            try:
-                read_adapter(entry.path)
-            except Exception as err:  # noqa: BLE001 - any unreadable file is the user's error
-                raise AdapterLoadError(f"adapter {name!r} from {entry.path} cannot be read: {err}") from err
+            with self._staged(entry) as folder:
+                try:
+                    read_adapter(folder)
+                except Exception as err:  # noqa: BLE001 - any unreadable file is the user's error
+                    raise AdapterLoadError(self._scrub(f"adapter {name!r} from {entry.shown} cannot be read: {err}",
+                                                       entry, folder)) from None
+                entry.labels = _labels(folder)
         with self._lock:
             self._entries[name] = entry
+        if old is not None:
+            old.removed = True
+            if old.pins == 0:
+                self._unload(old)
         return entry
+
+    def ensure(self, name: str) -> AdapterEntry:
+        """Adapter ``name``, registered from the folder of that name under the root if it
+        is not yet (load on demand; concurrent callers on the engine thread load it once).
+
+        Raises:
+            UnknownAdapter: no such folder directly under the root.
+        """
+        with self._lock:
+            entry = self._entries.get(name)
+        if entry is not None:
+            return entry
+        if not self.on_disk(name):
+            raise self.unknown(name)
+        return self.register(name, name, load=True)
 
     def unregister(self, name: str) -> None:
         """Forget ``name``; requests already holding it finish on its weights first."""
@@ -211,15 +283,45 @@ class AdapterRegistry:
         self._slots += 1
         slot = f"serve{self._slots}"
         start = time.perf_counter()
-        try:
-            load_adapter(self.model, entry.path, slot, activate=False)
-        except Exception as err:  # noqa: BLE001 - reported to the client; the server goes on
-            raise AdapterLoadError(f"adapter {entry.name!r} from {entry.path} failed to load: {err}") from err
+        with self._staged(entry) as folder:
+            try:
+                load_adapter(self.model, folder, slot, activate=False)
+            except Exception as err:  # noqa: BLE001 - reported to the client; the server goes on
+                message = self._scrub(f"adapter {entry.name!r} from {entry.shown} failed to load: {err}", entry, folder)
+                raise AdapterLoadError(message.replace(repr(slot), repr(entry.name))
+                                       .replace(slot, entry.name)) from None
+            entry.labels = _labels(folder)
+        _refuse_non_finite(self.model, slot, entry)
         entry.last_load_s = time.perf_counter() - start
         entry.loads += 1
         entry.slot = slot
         with self._lock:
             self._resident[slot] = entry
+        if self.on_load is not None:
+            self.on_load(entry)
+
+    @contextmanager
+    def _staged(self, entry: AdapterEntry):
+        """The folder to read ``entry`` from: with an adapter root, a private copy of its
+        files, each checked to lie under the root; without one, the folder itself."""
+        if self.adapter_root is None:
+            yield entry.path
+            return
+        from lorakit.io import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
+        from lorakit.run_folder import TASK_FILE
+
+        with tempfile.TemporaryDirectory(prefix="lorakit-serve-") as tmp:
+            copy_confined(entry.path, self.adapter_root, (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME, TASK_FILE), Path(tmp))
+            yield Path(tmp)
+
+    def _scrub(self, message: str, entry: AdapterEntry, folder: Path) -> str:
+        """``message`` without absolute server paths: the staged copy and the real folder
+        become the path as the client gave it."""
+        for path in (str(folder), str(entry.path)):
+            message = message.replace(path, entry.shown)
+        if self.adapter_root is not None:
+            message = message.replace(str(self.adapter_root), "<adapter root>")
+        return message
 
     def _unload(self, entry: AdapterEntry) -> None:
         if entry.slot is None:
@@ -230,3 +332,44 @@ class AdapterRegistry:
             self._resident.pop(entry.slot, None)
         delete_adapter(self.model, entry.slot)
         entry.slot = None
+
+
+def _existing_root(path: str | Path) -> Path:
+    try:
+        root = Path(path).expanduser().resolve(strict=True)
+    except (OSError, RuntimeError, ValueError):
+        raise LorakitError(f"--adapter-root {path} does not exist; create the folder or give an existing one") from None
+    if not root.is_dir():
+        raise LorakitError(f"--adapter-root {path} is not a folder; give the folder that holds the adapter folders")
+    return root
+
+
+def _labels(folder: Path) -> list[str] | None:
+    """Class names from ``lorakit_task.json`` beside an adapter (None when there is none)."""
+    from lorakit.inference import read_task_file
+    from lorakit.run_folder import TASK_FILE
+
+    if not (folder / TASK_FILE).is_file():
+        return None
+    try:
+        labels = read_task_file(folder).get("labels")
+    except (ValueError, OSError):
+        return None
+    return [str(label) for label in labels] if isinstance(labels, list) and labels else None
+
+
+def _refuse_non_finite(model, slot: str, entry: AdapterEntry) -> None:
+    """Unload and refuse an adapter whose weights hold NaN or infinity: every request
+    through it would produce non-finite logits."""
+    import torch
+
+    from lorakit.io import adapter_state_dict
+    from lorakit.model import delete_adapter
+
+    bad = [key for key, tensor in adapter_state_dict(model, slot).items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        delete_adapter(model, slot)
+        raise AdapterLoadError(f"adapter {entry.name!r} from {entry.shown} holds NaN or infinite weights "
+                               f"({len(bad)} tensors, e.g. {bad[0].replace(slot, entry.name)}); "
+                               "every answer through it would be broken: retrain or re-save it")

@@ -4,31 +4,53 @@ The generation routes follow OpenAI's wire format (``/v1/completions``,
 ``/v1/chat/completions`` and their server-sent-event chunks), so the official ``openai``
 client talks to the server unchanged. Fields a client may send that lorakit does not use
 (``user``, ``presence_penalty``, ...) are accepted and ignored; fields it uses are
-checked here, and a bad one answers 422 naming it.
+checked here, and a bad one answers 422 naming it: numbers must be JSON numbers (not
+``"2"`` or ``true``), a seed fits in 64 bits, and text holds no lone UTF-16 surrogate
+(``"\ud800"``, which no tokenizer can encode).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
+
+MAX_N = 16  # choices per request
+
+
+def _no_surrogates(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"the text holds a lone UTF-16 surrogate at character {err.start}; "
+                         "send valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_no_surrogates)]
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
 class _Sampling(_Request):
-    model: str = Field(min_length=1, description="'base' or an adapter name")
-    max_tokens: int | None = Field(default=None, ge=1, description="tokens to generate at most")
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 is greedy")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    n: int = Field(default=1, ge=1, le=1, description="one choice per request")
+    model: Text = Field(min_length=1, description="'base' or an adapter name")
+    max_tokens: StrictInt | None = Field(default=None, ge=1, description="tokens to generate at most")
+    temperature: StrictFloat = Field(default=1.0, ge=0.0, le=2.0, description="below 1e-5 is greedy")
+    top_p: StrictFloat = Field(default=1.0, gt=0.0, le=1.0)
+    stop: Text | list[Text] | None = None
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**63 - 1, description="a 64-bit integer")
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    n: StrictInt = Field(default=1, ge=1, le=MAX_N, description="choices to generate for the prompt")
+    ignore_eos: StrictBool = Field(default=False, description="vLLM's extension: generate max_tokens whatever comes")
 
     @field_validator("stop")
     @classmethod
@@ -43,28 +65,56 @@ class _Sampling(_Request):
         return stops
 
 
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def logprobs_k(self) -> int | None:
+        """None: no logprobs; k >= 0: each token's logprob and the k most likely tokens'."""
+        return None
+
+
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
-    prompt: str
+    prompt: Text
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=5, description="top alternatives per token")
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: Text | list[TextPart]
+
+    def as_dict(self) -> dict:
+        """``{"role", "content"}`` with content as one string (text parts joined)."""
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": content}
 
 
 class ChatRequest(_Sampling):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
+
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class ClassifyRequest(_Request):
     """POST /v1/classify: one text or a list of texts."""
 
-    model: str = Field(default="base", min_length=1)
-    input: str | list[str]
+    model: Text = Field(default="base", min_length=1)
+    input: Text | list[Text]
 
     @field_validator("input")
     @classmethod
@@ -78,8 +128,23 @@ class ClassifyRequest(_Request):
 class AdapterLoadRequest(_Request):
     """POST /v1/adapters: load the adapter in folder ``path`` (under --adapter-root) as ``name``."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
-    path: str = Field(min_length=1)
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9._:/@+-]{0,127}$")
+    path: Text = Field(min_length=1, max_length=4096)
+
+
+class LoadLoraAdapterRequest(_Request):
+    """vLLM's POST /v1/load_lora_adapter."""
+
+    lora_name: str = ""
+    lora_path: str = ""
+    load_inplace: bool = False
+
+
+class UnloadLoraAdapterRequest(_Request):
+    """vLLM's POST /v1/unload_lora_adapter."""
+
+    lora_name: str = ""
+    lora_int_id: int | None = None
 
 
 def new_id(prefix: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,31 +26,49 @@ GENERATE, CLASSIFY = "generate", "classify"
 class LimitError(LorakitError):
     """A request exceeds one of the server's limits; ``param`` names the field."""
 
-    def __init__(self, message: str, param: str):
+    def __init__(self, message: str, param: str | None):
         super().__init__(message)
         self.param = param
 
 
+class QueueFull(LorakitError):
+    """More requests wait than ``--max-queue`` allows (HTTP 429, retry after a second)."""
+
+
 @dataclass
 class Limits:
-    """Caps on what one request may ask for.
+    """Caps on what one request may ask for, and on the server's queue.
 
     Attributes:
         max_prompt_tokens: longest prompt, in tokens.
         max_tokens: most tokens one request may generate.
         context: the model's context window (prompt + answer), in tokens.
+        max_queue: most requests waiting for a row; more are refused (429).
+        request_timeout: seconds a generation may take from the moment it is queued to
+            its last token (None: no limit); past it, 504.
+        max_body_bytes: largest request body, in bytes; larger ones are refused (413).
     """
 
     max_prompt_tokens: int = 2048
     max_tokens: int = 512
     context: int = 2048
+    max_queue: int = 256
+    request_timeout: float | None = None
+    max_body_bytes: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        for name in ("max_prompt_tokens", "max_tokens", "max_queue", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise LorakitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise LorakitError(f"--request-timeout must be a positive number of seconds, got {self.request_timeout}")
 
 
 class Service:
     """The model, tokenizer, adapter registry and engine of one server."""
 
     def __init__(self, model, tokenizer, task: str, model_name: str, registry: AdapterRegistry,
-                 engine: Engine, limits: Limits):
+                 engine: Engine, limits: Limits, load_on_demand: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.task = task
@@ -57,7 +76,10 @@ class Service:
         self.registry = registry
         self.engine = engine
         self.limits = limits
+        self.load_on_demand = load_on_demand
         self.stopped = False
+        self._calls_waiting = 0  # classify calls queued on the engine thread
+        self._calls_lock = threading.Lock()
 
     def start(self) -> None:
         self.engine.start()
@@ -67,7 +89,7 @@ class Service:
         self.engine.stop()
         self.stopped = True
 
-    # ---- prompts ----------------------------------------------------------------------
+    # ---- prompts (called off the event loop: a long text takes a while) -------------------
     def encode_prompt(self, prompt: str) -> list[int]:
         return self._check_prompt(self.tokenizer.encode(prompt), "prompt")
 
@@ -103,31 +125,88 @@ class Service:
             raise LimitError(f"this server runs a {self.task} model ({self.model_name}); "
                              f"start it with a {task} model for this route", "model")
 
-    def submit(self, prompt_ids: list[int], adapter: str, max_tokens: int, sampler: Sampler,
-               stop: list[str]) -> tuple[GenerationRequest, asyncio.Queue]:
-        """Queue a generation; its events arrive on the returned asyncio queue."""
+    async def ensure_model(self, name: str) -> None:
+        """Raise :class:`UnknownAdapter` unless ``name`` is served; with load on demand, a
+        folder of that name directly under the adapter root is registered (and loaded, when
+        a slot is free) first. Concurrent first requests for it load it once: the engine
+        thread registers it for the first and finds it registered for the others."""
+        if name == BASE or self.registry.knows(name):
+            return
+        if not (self.load_on_demand and self.registry.on_disk(name)):
+            raise self.registry.unknown(name)
+        await asyncio.wrap_future(self.engine.call(lambda: self.registry.ensure(name)))
+
+    def queued(self) -> int:
+        """Requests waiting: generations not yet decoding plus classify calls not yet run."""
+        return self.engine.queued() + self._calls_waiting
+
+    def check_room(self, count: int = 1) -> None:
+        """Raise :class:`QueueFull` when ``count`` more waiting requests would pass --max-queue."""
+        if count > self.limits.max_queue:
+            raise LimitError(f"n is {count}; this server queues at most {self.limits.max_queue} requests "
+                             "(--max-queue): ask for fewer choices", "n")
+        if self.queued() + count > self.limits.max_queue:
+            raise QueueFull(f"the server has {self.queued()} requests waiting (--max-queue "
+                            f"{self.limits.max_queue}); retry in a second")
+
+    def submit(self, prompt_ids: list[int], adapter: str, max_tokens: int, samplers: list[Sampler],
+               stop: list[str], logprobs: int | None = None,
+               ignore_eos: bool = False) -> tuple[list[GenerationRequest], asyncio.Queue]:
+        """Queue one generation per sampler (``n`` choices); their events arrive on the
+        returned asyncio queue as ``(choice index, Event)``.
+
+        Raises:
+            QueueFull: the waiting requests would pass ``max_queue``.
+        """
         self.registry.check_known(adapter)
+        self.check_room(len(samplers))
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
-        def deliver(event: Event) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-                pass
+        def deliver_to(index: int):
+            def deliver(event: Event) -> None:
+                try:
+                    loop.call_soon_threadsafe(events.put_nowait, (index, event))
+                except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                    pass
+            return deliver
 
-        request = GenerationRequest(prompt_ids=prompt_ids, adapter=adapter, max_tokens=max_tokens,
-                                    on_event=deliver, sampler=sampler, stop=stop)
-        self.engine.submit(request)
-        return request, events
+        requests = [GenerationRequest(prompt_ids=prompt_ids, adapter=adapter, max_tokens=max_tokens,
+                                      on_event=deliver_to(i), sampler=sampler, stop=stop, logprobs=logprobs,
+                                      ignore_eos=ignore_eos)
+                    for i, sampler in enumerate(samplers)]
+        for request in requests:
+            self.engine.submit(request)
+        return requests, events
+
+    def token_text(self, token: int) -> str:
+        """The text of one token (for logprobs)."""
+        return self.tokenizer.decode([token])
 
     async def classify(self, texts: list[str], adapter: str) -> list[dict]:
         """Label and class probabilities for each text, with ``adapter`` ("base" for none)."""
         self.registry.check_known(adapter)
         if len(texts) > 64:
             raise LimitError(f"input has {len(texts)} texts; send at most 64 per request", "input")
-        future = self.engine.call(lambda: self._classify_now(texts, adapter))
-        return await asyncio.wrap_future(future)
+        self.check_room()
+        self._count_calls(+1)
+        started = False
+
+        def run() -> list[dict]:
+            nonlocal started
+            started = True
+            self._count_calls(-1)
+            return self._classify_now(texts, adapter)
+
+        try:
+            return await asyncio.wrap_future(self.engine.call(run))
+        finally:
+            if not started:  # cancelled before it ran
+                self._count_calls(-1)
+
+    def _count_calls(self, change: int) -> None:
+        with self._calls_lock:
+            self._calls_waiting += change
 
     def _classify_now(self, texts: list[str], adapter: str) -> list[dict]:
         from lorakit.per_row import per_row_adapters
@@ -136,7 +215,7 @@ class Service:
         if adapter != BASE:
             entry = self.registry.acquire(adapter)
             if entry is None:
-                raise LorakitError(f"all {self.registry.max_loaded} resident adapters are busy; retry shortly")
+                raise QueueFull(f"all {self.registry.max_loaded} resident adapters are busy; retry in a second")
         try:
             batch = self.tokenizer(texts, padding=True, truncation=True,
                                    max_length=self.limits.max_prompt_tokens, return_tensors="pt")
@@ -146,16 +225,27 @@ class Service:
             if entry is not None:
                 self.registry.release(entry)
         probs = torch.softmax(logits.float(), dim=-1)
-        id2label = self.model.config.id2label
+        labels = self._labels(adapter, probs.shape[-1])
         return [
-            {"index": i, "label": id2label[int(row.argmax())],
-             "probabilities": {id2label[j]: float(p) for j, p in enumerate(row)}}
+            {"index": i, "label": labels[int(row.argmax())],
+             "probabilities": {labels[j]: float(p) for j, p in enumerate(row)}}
             for i, row in enumerate(probs)
         ]
 
-    async def add_adapter(self, name: str, path: str) -> dict:
-        """Load an adapter over HTTP (its path must lie under the adapter root)."""
-        entry = await asyncio.wrap_future(self.engine.call(lambda: self.registry.register(name, path)))
+    def _labels(self, adapter: str, count: int) -> list[str]:
+        """Class names: the adapter's own (its ``lorakit_task.json``, as ``lorakit predict``
+        uses them) when it has as many as the head has outputs, else the model's."""
+        own = self.registry.labels(adapter) if adapter != BASE else None
+        if own is not None and len(own) == count:
+            return own
+        id2label = self.model.config.id2label
+        return [str(id2label.get(i, f"LABEL_{i}")) for i in range(count)]
+
+    async def add_adapter(self, name: str, path: str, replace: bool = False) -> dict:
+        """Load an adapter over HTTP (its path must lie under the adapter root); ``replace``
+        swaps an adapter of that name for the new files."""
+        entry = await asyncio.wrap_future(
+            self.engine.call(lambda: self.registry.register(name, path, replace=replace)))
         load_ms = None if entry.last_load_s is None else round(entry.last_load_s * 1000, 2)
         return {"id": entry.name, "object": "model", "parent": BASE, "resident": entry.slot is not None,
                 "load_ms": load_ms}
@@ -188,14 +278,25 @@ def _folder_labels(spec: str) -> dict | None:
 
 def build_service(model: str = "default-chat", adapters: dict[str, str] | None = None,
                   adapter_root: str | None = None, max_loaded: int = 8, max_batch: int = 32,
-                  max_prompt_tokens: int = 2048, max_tokens: int = 512, task: str | None = None) -> Service:
+                  max_prompt_tokens: int = 2048, max_tokens: int = 512, task: str | None = None,
+                  load_on_demand: bool = False, max_queue: int = 256, request_timeout: float | None = None,
+                  max_body_bytes: int = 1_000_000) -> Service:
     """Load ``model``, register ``adapters`` ({name: folder}) and build the engine (not started).
 
+    ``load_on_demand``: a request naming a folder directly under ``adapter_root`` that is
+    not registered loads it first. The other arguments are :class:`Limits`.
+
     Raises:
-        LorakitError: a bad model spec, adapter name, path or file.
+        LorakitError: a bad model spec, adapter name, path or file, or a bad limit.
     """
     from lorakit.models import load_causal_lm, load_classifier
 
+    if load_on_demand and not adapter_root:
+        raise LorakitError("--load-on-demand needs --adapter-root DIR: adapters are loaded from folders under it")
+    # the limits and the root are checked before the model loads, so a bad flag fails at once
+    limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_queue=max_queue,
+                    request_timeout=request_timeout, max_body_bytes=max_body_bytes)
+    registry = AdapterRegistry(None, adapter_root=adapter_root, max_loaded=max_loaded)
     task = task or detect_task(model)
     if task == CLASSIFY:
         base, tokenizer = load_classifier(model, id2label=_folder_labels(model))
@@ -203,10 +304,10 @@ def build_service(model: str = "default-chat", adapters: dict[str, str] | None =
         base, tokenizer = load_causal_lm(model)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    context = int(getattr(base.config, "max_position_embeddings", None) or 2048)
-    limits = Limits(max_prompt_tokens=min(max_prompt_tokens, context), max_tokens=max_tokens, context=context)
-    registry = AdapterRegistry(base, adapter_root=adapter_root, max_loaded=max_loaded)
+    limits.context = int(getattr(base.config, "max_position_embeddings", None) or 2048)
+    limits.max_prompt_tokens = min(max_prompt_tokens, limits.context)
+    registry.model = base
     for name, path in (adapters or {}).items():
         registry.register(name, path, trusted=True, load=True)
     engine = Engine(base, tokenizer, registry, max_batch=max_batch)
-    return Service(base, tokenizer, task, model, registry, engine, limits)
+    return Service(base, tokenizer, task, model, registry, engine, limits, load_on_demand=load_on_demand)

@@ -204,7 +204,9 @@ def evaluate(task: Task, model, examples: list[EncodedExample], pad_id: int, bat
 
     Examples are batched in order of length (less padding). Under torch.distributed
     each process takes every ``world_size``-th batch and the sums are all-reduced, so
-    every process returns the same numbers.
+    every process returns the same numbers; every process runs as many forward passes
+    (one left without a batch runs the shortest one and does not count it), since a model
+    sharded with FSDP gathers its weights from all processes in each forward.
 
     Returns:
         e.g. ``{"loss": nats per example, "examples": n, "accuracy": fraction}`` (classify)
@@ -215,11 +217,13 @@ def evaluate(task: Task, model, examples: list[EncodedExample], pad_id: int, bat
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     totals = torch.zeros(len(task.stats), dtype=torch.float64)
-    for batch_indices in batches[rank::world_size]:
-        batch = collate([examples[i] for i in batch_indices], pad_id)
+    mine, rounds = batches[rank::world_size], -(-len(batches) // world_size)
+    for i in range(rounds):
+        batch = collate([examples[j] for j in (mine[i] if i < len(mine) else batches[0])], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         stats = task.batch_stats(model, batch)
-        totals += torch.tensor([float(stats[key]) for key in task.stats], dtype=torch.float64)
+        if i < len(mine):
+            totals += torch.tensor([float(stats[key]) for key in task.stats], dtype=torch.float64)
     if world_size > 1:
         import torch.distributed as dist
 

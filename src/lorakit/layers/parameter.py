@@ -1,0 +1,226 @@
+"""LoRA on a bare ``nn.Parameter`` (PEFT's ``target_parameters``): fused mixture-of-experts
+weights, or any weight a module uses without an ``nn.Linear``.
+
+Seed 001 adapts a weight tensor with ``torch.nn.utils.parametrize``: while registered,
+reading ``module.weight`` gives ``W + s·B·A``, so whatever the module computes with it is
+adapted. Here the parametrization is registered on the module only while it runs
+(:class:`ParameterHost` takes the module's place and wraps its forward), so the model's
+parameters and state-dict keys stay the module's own at all other times.
+
+Layouts, as PEFT 0.21 lays them out (its ``ParamWrapper``):
+
+- a 2-D parameter ``(out, in)``: one adapter, ``A: (r, in)``, ``B: (out, r)``, ``ΔW = s·B·A``;
+- a 3-D parameter of ``E`` experts, ``(E, out, in)`` (e.g. Mixtral's and Qwen3-MoE's fused
+  ``gate_up_proj``, ``down_proj``), or ``(E, in, out)`` when the module says
+  ``is_transposed = True`` (GPT-OSS): one rank-r adapter per expert, stored together as
+  ``A: (E·r, in)`` with expert e's rows at ``e·r … e·r + r − 1`` and ``B: (out, E·r)`` with
+  expert e's columns at ``e, e + E, e + 2E, …``; ``ΔW_e = s·B_e·A_e``.
+
+Dropout and DoRA are refused (PEFT refuses them too: the input is not the layer's to drop
+out, and the weight has no single output axis). Per-row adapters are refused: a
+parameter's update changes the module for every row of the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lorakit.dense import parameter_features
+from lorakit.errors import LorakitError
+from lorakit.inits import get_init
+from lorakit.layers.base import LoraAdapter, LoraLayer
+
+
+class _Added(nn.Module):
+    """The parametrization: ``W ↦ W + Σ_adapters s·lhs·rhs`` (``baddbmm`` for expert stacks)."""
+
+    def __init__(self, layer: "LoraParameter", adapters: list):
+        super().__init__()
+        object.__setattr__(self, "layer", layer)  # not a submodule of the host
+        self.adapters = adapters
+
+    def forward(self, W: torch.Tensor) -> torch.Tensor:
+        for ad in self.adapters:
+            lhs, rhs = self.layer.factors(ad, W.dtype)
+            W = torch.baddbmm(W, lhs, rhs, alpha=ad.scaling) if W.dim() == 3 else torch.addmm(W, lhs, rhs, alpha=ad.scaling)
+        return W
+
+
+class LoraParameter(LoraLayer):
+    """LoRA on parameter ``parameter_name`` of ``host`` (see the module docstring for layouts).
+
+    The parameter is not registered here (its host holds it); ``self.weight`` is the very
+    same ``Parameter``. Merging adds ``ΔW`` into it in place.
+
+    Attributes:
+        experts: E (1 for a 2-D parameter).
+        transposed: a 3-D parameter is stored ``(E, in, out)``.
+    """
+
+    #: this layer does not take the place of a module: its host is a :class:`ParameterHost`
+    in_place_of_module = False
+    inits = ("gaussian", "kaiming", "random")
+
+    def __init__(self, host: nn.Module, parameter_name: str):
+        self.parameter_name = parameter_name
+        super().__init__(host)
+        self.experts, self.in_features, self.out_features, self.transposed = parameter_features(host, parameter_name)
+        if not self.experts:
+            raise LorakitError(f"LoRA on a parameter needs a 2-D (out, in) or 3-D (experts, out, in) parameter; "
+                               f"{parameter_name} has shape {tuple(self.weight.shape)}")
+
+    def _register_weight(self, base: nn.Module) -> None:
+        object.__setattr__(self, "weight", getattr(base, self.parameter_name))
+
+    # ------------------------------------------------------------------ layout
+
+    def factors(self, ad, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lhs, rhs)`` with ``weight += s·lhs @ rhs`` (batched over experts for a 3-D parameter),
+        in ``dtype`` (default: the factors' own)."""
+        A, B = ad.A, ad.B
+        if dtype is not None and A.dtype != dtype:
+            A, B = A.to(dtype), B.to(dtype)
+        if self.experts == 1 and self.weight.dim() == 2:
+            return B, A
+        E = self.experts
+        A3 = A.view(E, -1, self.in_features)  # (E, r, in)
+        B3 = B.view(self.out_features, -1, E).permute(2, 0, 1)  # (E, out, r)
+        return (A3.transpose(1, 2), B3.transpose(1, 2)) if self.transposed else (B3, A3)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``s·B·A`` of adapter ``name`` in fp32, shaped as the parameter (per expert for a 3-D one)."""
+        ad = self._adapter(name)
+        lhs, rhs = self.factors(ad, torch.float32)
+        return (lhs @ rhs) * ad.scaling
+
+    def weight_out_in(self) -> torch.Tensor:
+        if self.weight.dim() != 2:
+            raise LorakitError(f"{self.parameter_name} is a stack of {self.experts} experts, not one (out, in) matrix")
+        return self.weight
+
+    def export_rank(self, name: str) -> int:
+        return self._adapter(name).r
+
+    # ------------------------------------------------------------------ adapters
+
+    def new_adapter(self, r: int, alpha: float, scaling: float, dropout: float, *, dtype, device) -> LoraAdapter:
+        if dropout:
+            raise LorakitError(f"LoRA on the parameter {self.parameter_name} cannot use dropout (the module's input "
+                               "is not the adapter's to drop out); set dropout to 0")
+        adapter = LoraAdapter(self.in_features, self.out_features, r * self.experts, alpha, scaling,
+                              dtype=dtype, device=device)
+        adapter.r = r  # per expert; A holds E·r rows
+        return adapter
+
+    def init_adapter(self, adapter: LoraAdapter, init: str) -> None:
+        """Each expert's ``(A_e, B_e)`` started by the registered init, as its own rank-r adapter."""
+        if init not in self.inits:
+            raise LorakitError(f"LoRA on a parameter starts with init {' or '.join(map(repr, self.inits))}, "
+                               f"not {init!r}")
+        r, E = adapter.r, self.experts
+        for e in range(E):
+            get_init(init)(adapter.A[e * r:(e + 1) * r], adapter.B[:, e::E], None, adapter.scaling)
+
+    def _add_deltas(self, names: Iterable[str], sign: float) -> None:
+        for name in names:
+            ad = self.adapters[name]
+            lhs, rhs = self.factors(ad, self.weight.dtype)
+            if self.weight.dim() == 3:
+                self.weight.baddbmm_(lhs, rhs, alpha=sign * ad.scaling)
+            else:
+                self.weight.addmm_(lhs, rhs, alpha=sign * ad.scaling)
+
+    def row_stacks(self):
+        raise LorakitError(f"per-row adapters cannot select LoRA on the parameter {self.parameter_name}: its update "
+                           "changes the module for every row; run one adapter per batch instead")
+
+    def parametrization(self) -> _Added | None:
+        """What the host's forward registers on the parameter now: the active adapters not merged, or None."""
+        return _Added(self, list(self._run)) if self._run else None
+
+    def forward(self, *args, **kwargs):
+        raise LorakitError("LoRA on a parameter runs inside its host module's forward, not on its own")
+
+    def extra_repr(self) -> str:
+        shape = "x".join(map(str, self.weight.shape))
+        return f"parameter={self.parameter_name} ({shape}, experts={self.experts}), active={list(self.active)}"
+
+
+class ParameterHost(nn.Module):
+    """Takes the place of a module some of whose parameters carry LoRA.
+
+    It registers the module's own parameters, buffers and children under their own names
+    (the very same objects), so the model's state-dict keys do not change, and holds one
+    :class:`LoraParameter` per adapted parameter in ``lora_parameters`` (in the module's
+    parameter order). Its forward registers each one's parametrization on the module, runs
+    the module, and removes them again.
+
+    Raises:
+        LorakitError: the module already has an attribute called ``lora_parameters``.
+    """
+
+    def __init__(self, host: nn.Module):
+        super().__init__()
+        if "lora_parameters" in host._modules or "lora_parameters" in host._parameters:
+            raise LorakitError(f"{type(host).__name__} already has an attribute 'lora_parameters'; "
+                               "lorakit cannot adapt its parameters")
+        object.__setattr__(self, "_host", host)
+        for name, param in host._parameters.items():
+            self.register_parameter(name, param)
+        for name, buffer in host._buffers.items():
+            self.register_buffer(name, buffer, persistent=name not in host._non_persistent_buffers_set)
+        for name, child in host._modules.items():
+            self.add_module(name, child)
+        self.lora_parameters = nn.ModuleDict()
+
+    def adapt(self, parameter_name: str) -> LoraParameter:
+        """The :class:`LoraParameter` of ``parameter_name``, made if new (kept in parameter order)."""
+        if parameter_name not in self.lora_parameters:
+            layers = dict(self.lora_parameters.items())
+            layers[parameter_name] = LoraParameter(self._host, parameter_name)
+            order = list(self._parameters)
+            self.lora_parameters = nn.ModuleDict(sorted(layers.items(), key=lambda kv: order.index(kv[0])))
+        return self.lora_parameters[parameter_name]
+
+    def release(self, parameter_name: str) -> None:
+        """Forget the :class:`LoraParameter` of ``parameter_name`` (it holds no adapter any more)."""
+        del self.lora_parameters[parameter_name]
+
+    def original(self) -> nn.Module:
+        """The module itself, with this wrapper's (possibly moved) parameters and buffers put back
+        (merged updates stay in them)."""
+        host = self._synced()
+        host.train(self.training)
+        return host
+
+    def _synced(self) -> nn.Module:
+        """The module with this wrapper's parameters and buffers (``.to()`` may have replaced them
+        here) in its own order (a parametrization removed re-registers its parameter last)."""
+        host = self._host
+        host._parameters.clear()
+        host._parameters.update(self._parameters)
+        host._buffers.update(self._buffers)
+        return host
+
+    def forward(self, *args, **kwargs):
+        host = self._synced()
+        host.training = self.training
+        added = [(name, p) for name, layer in self.lora_parameters.items() if (p := layer.parametrization()) is not None]
+        if not added:
+            return host(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for name, parametrization in added:
+                requires_grad = getattr(host, name).requires_grad
+                parametrize.register_parametrization(host, name, parametrization, unsafe=True)
+                host.parametrizations[name].original.requires_grad_(requires_grad)
+                stack.callback(parametrize.remove_parametrizations, host, name, leave_parametrized=False)
+            stack.enter_context(parametrize.cached())
+            return host(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{type(self._host).__name__} with LoRA on {list(self.lora_parameters)}"

@@ -1,0 +1,25 @@
+"""`lorakit serve` flags that are wrong fail at once with one line and exit 2, before the
+model loads."""
+
+import subprocess
+import sys
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorakit", "serve", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_missing_adapter_root_is_one_line_and_exit_2():
+    done = _serve("--adapter-root", "/nonexistent")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == ("lorakit serve: error: --adapter-root /nonexistent does not exist; "
+                                   "create the folder or give an existing one")
+    assert "Traceback" not in done.stderr
+
+
+def test_bad_limits_and_keys_are_refused_before_the_model_loads(tmp_path):
+    for args, words in [(["--max-queue", "-1"], "--max-queue"), (["--request-timeout", "0"], "--request-timeout"),
+                        (["--max-body-bytes", "0"], "--max-body-bytes"), (["--load-on-demand"], "--adapter-root"),
+                        (["--api-key", ""], "--api-key")]:
+        done = _serve("--model", str(tmp_path / "no-such-model"), *args)
+        assert done.returncode == 2 and words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

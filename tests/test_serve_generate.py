@@ -1,0 +1,114 @@
+"""OpenAI's generation options as the official client sends them, on a real server on
+loopback: ``n`` choices, ``logprobs`` / ``top_logprobs`` against a greedy reference
+computed by hand with plain transformers, seeds (same seed, same text; other seeds,
+other text), and usage in streamed answers (``stream_options.include_usage``)."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+import torch
+
+from serve_helpers import PROMPTS, Server, make_toy
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return make_toy(tmp_path_factory.mktemp("generate"), 2)
+
+
+@pytest.fixture(scope="module")
+def client(toy):
+    adapters = [f"--adapter={name}={toy['root'] / name}" for name in toy["names"]]
+    with Server(["--model", str(toy["model_dir"]), *adapters], toy["tmp"] / "generate.log") as srv:
+        yield openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+
+
+def greedy_steps(toy, adapter: str, prompt_ids: list[int], max_tokens: int, k: int) -> list[tuple]:
+    """``(token, logprob, [(id, logprob)] * k)`` per generated token, by hand: the adapter
+    merged into a plain transformers model, full forward each step, log_softmax."""
+    model = toy["refs"].model(toy["root"] / adapter)
+    ids, steps = list(prompt_ids), []
+    with torch.inference_mode():
+        for _ in range(max_tokens):
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].double(), -1)
+            token = int(logprobs.argmax())
+            if token == toy["tokenizer"].eos_token_id:
+                break
+            values, top = torch.topk(logprobs, k)
+            steps.append((token, float(logprobs[token]), list(zip(top.tolist(), values.tolist()))))
+            ids.append(token)
+    return steps
+
+
+def test_completion_logprobs_match_a_hand_computed_greedy_reference(client, toy):
+    tokenizer = toy["tokenizer"]
+    steps = greedy_steps(toy, "task0", tokenizer.encode(PROMPTS[3]), 8, 3)
+    answer = client.completions.create(model="task0", prompt=PROMPTS[3], max_tokens=8, temperature=0, logprobs=3)
+    logprobs = answer.choices[0].logprobs
+    assert logprobs.tokens == [tokenizer.decode([t]) for t, _, _ in steps]
+    assert logprobs.token_logprobs == pytest.approx([lp for _, lp, _ in steps], abs=1e-4)
+    for got, (_, _, top) in zip(logprobs.top_logprobs, steps):
+        expected = {tokenizer.decode([t]): lp for t, lp in top}  # a dict, as OpenAI's legacy field is
+        assert list(got) == list(expected) and list(got.values()) == pytest.approx(list(expected.values()), abs=1e-4)
+    assert "".join(logprobs.tokens) == answer.choices[0].text
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset[1] == len(logprobs.tokens[0])
+
+
+def test_chat_logprobs_streamed_and_whole_agree_with_the_reference(client, toy):
+    tokenizer = toy["tokenizer"]
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                                  add_special_tokens=False)
+    steps = greedy_steps(toy, "task1", prompt_ids, 6, 2)
+    whole = client.chat.completions.create(model="task1", messages=messages, max_tokens=6, temperature=0,
+                                           logprobs=True, top_logprobs=2)
+    content = whole.choices[0].logprobs.content
+    assert [c.token for c in content] == [tokenizer.decode([t]) for t, _, _ in steps]
+    assert [c.logprob for c in content] == pytest.approx([lp for _, lp, _ in steps], abs=1e-4)
+    assert [[t.token for t in c.top_logprobs] for c in content] == [
+        [tokenizer.decode([t]) for t, _ in top] for _, _, top in steps]
+    assert content[0].bytes == list(content[0].token.encode())
+    streamed = [entry for chunk in client.chat.completions.create(
+        model="task1", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2, stream=True)
+        if chunk.choices and chunk.choices[0].logprobs for entry in chunk.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(c.token, c.logprob) for c in content]
+
+
+def test_n_greedy_choices_are_the_reference_and_usage_counts_them_all(client, toy):
+    answer = client.completions.create(model="task0", prompt=PROMPTS[1], max_tokens=7, temperature=0, n=3)
+    expected = toy["refs"].text(toy["root"] / "task0", toy["tokenizer"].encode(PROMPTS[1]), 7)
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert [c.text for c in answer.choices] == [expected] * 3
+    steps = len(greedy_steps(toy, "task0", toy["tokenizer"].encode(PROMPTS[1]), 7, 1))
+    per_choice = steps if steps == 7 else steps + 1  # an end-of-sequence token counts as generated
+    assert answer.usage.completion_tokens == 3 * per_choice
+
+
+def test_seeds_repeat_and_differ(client):
+    def sample(seed, n=1):
+        answer = client.completions.create(model="task1", prompt=PROMPTS[4], max_tokens=12, temperature=1.0,
+                                           seed=seed, n=n)
+        return [c.text for c in answer.choices]
+
+    assert sample(11) == sample(11)
+    assert sample(11) != sample(12)
+    three = sample(11, n=3)
+    assert three == sample(11, n=3) and three[0] == sample(11)[0]
+    assert len(set(three)) == 3  # each choice draws its own tokens
+
+
+def test_streamed_choices_and_usage_when_asked(client, toy):
+    messages = [{"role": "user", "content": PROMPTS[2]}]
+    whole = client.chat.completions.create(model="task0", messages=messages, max_tokens=9, temperature=0, n=2)
+    chunks = list(client.chat.completions.create(model="task0", messages=messages, max_tokens=9, temperature=0, n=2,
+                                                 stream=True, stream_options={"include_usage": True}))
+    texts = {0: "", 1: ""}
+    for chunk in chunks[:-1]:
+        assert chunk.usage is None
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert [texts[0], texts[1]] == [c.message.content for c in whole.choices]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    plain = list(client.completions.create(model="task0", prompt="fox", max_tokens=3, temperature=0, stream=True))
+    assert all(getattr(c, "usage", None) is None for c in plain)  # not asked: no usage chunk
