@@ -25,9 +25,11 @@ those are computed together. A follower called with another tensor (or in anothe
 mode) runs on its own, and the group turns itself off for good: correct whatever the
 model does, and wasteful at most once.
 
-It does not apply (the members run on their own, exactly as without groups) under
-``torch.compile`` (the compiler sees the plain layers), with LoRA dropout (each adapter
-draws its own mask), under autocast or with mixed dtypes, on a layer kind or adapter that
+Under autocast every tensor is cast to the compute dtype first, as autocast would for each
+product (the casts are recorded, so fp32 factors get fp32 gradients). It does not apply (the
+members run on their own, exactly as without groups) under ``torch.compile`` (the compiler
+sees the plain layers), with LoRA dropout (each adapter draws its own mask), with mixed
+dtypes outside autocast, per-row batches under autocast, on a layer kind or adapter that
 does not set ``fuse_shared_input = True`` (AdaLoRA's adapters do not; DoRA can set it
 False), on a base weight or factor that is not a plain dense tensor (a quantized base, an
 FSDP-sharded ``DTensor``), and when all members are merged or disabled. Per-row batches
@@ -151,14 +153,14 @@ class SharedInputGroup:
             return None
         self._clear()
         members = (self.leader,) + self.followers
-        if torch.is_autocast_enabled(x.device.type):
-            return None
+        device = x.device.type
+        cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         if members[0]._rows is not None:
-            outs = self._rows_forward(members, x)
+            outs = None if cast is not None else self._rows_forward(members, x)
         else:
             plan = self._plan
-            if plan is None or not plan.valid(members, x):
-                plan = self._plan = Plan(members, x)
+            if plan is None or not plan.valid(members, x, cast):
+                plan = self._plan = Plan(members, x, cast)
             outs = plan.forward(x) if plan.ok else None
         if outs is None:
             return None

@@ -23,21 +23,23 @@ def _plain(t: torch.Tensor | None) -> bool:
     return t is None or type(t) in (torch.Tensor, nn.Parameter)
 
 
-def runnable(layer, adapters, x: torch.Tensor) -> bool:
-    """Whether ``layer``'s forward with ``adapters`` is ``x·Wᵀ + b + Σ s·(x·Aᵀ)·Bᵀ`` in one dtype,
-    with plain parameters registered as ``weight``, ``bias``, ``A``, ``B``."""
+def runnable(layer, adapters, x: torch.Tensor, cast: torch.dtype | None = None) -> bool:
+    """Whether ``layer``'s forward with ``adapters`` is ``x·Wᵀ + b + Σ s·(x·Aᵀ)·Bᵀ`` with plain
+    parameters registered as ``weight``, ``bias``, ``A``, ``B``: in one dtype, or under autocast
+    (``cast``, its compute dtype) with every tensor in that dtype or fp32, as autocast casts them."""
     if not getattr(layer, "fuse_shared_input", False):
         return False
     w, b = layer._parameters.get("weight"), layer.bias
-    if w is None or not (_plain(w) and _plain(b) and w.dtype == x.dtype and w.device == x.device):
-        return False
+    tensors = [x, w, b]
     for ad in adapters:
         if not getattr(ad, "fuse_shared_input", False) or ad.dropout is not None:
             return False
-        A, B = ad._parameters.get("A"), ad._parameters.get("B")
-        if A is None or B is None or not (_plain(A) and _plain(B) and A.dtype == B.dtype == x.dtype):
-            return False
-    return True
+        tensors += [ad._parameters.get("A"), ad._parameters.get("B")]
+    if w is None or any(t is None for t in tensors[3:]) or not all(_plain(t) for t in tensors[1:]):
+        return False
+    dtypes = {t.dtype for t in tensors if t is not None}
+    allowed = {x.dtype} if cast is None else {cast, torch.float32}
+    return dtypes <= allowed and w.device == x.device
 
 
 class Plan:
@@ -50,10 +52,10 @@ class Plan:
     ``flat``, and the columns of ``Z`` its adapters own.
     """
 
-    def __init__(self, members: tuple, x: torch.Tensor):
+    def __init__(self, members: tuple, x: torch.Tensor, cast: torch.dtype | None):
         self.runs = tuple(m._run for m in members)
-        self.dtype, self.device = x.dtype, x.device
-        self.ok = any(self.runs) and all(runnable(m, run, x) for m, run in zip(members, self.runs))
+        self.dtype, self.device, self.cast = x.dtype, x.device, cast
+        self.ok = any(self.runs) and all(runnable(m, run, x, cast) for m, run in zip(members, self.runs))
         self.params = [(m._parameters, "weight") for m in members] + [(m._parameters, "bias") for m in members]
         self.params += [(ad._parameters, k) for run in self.runs for ad in run for k in ("A", "B")]
         self.params = [(d, k, d.get(k)) for d, k in self.params]
@@ -75,14 +77,20 @@ class Plan:
             self.Bts = [ad.B.detach().t() for run in self.runs for ad in run]
         self._A_cat, self._A_versions = None, None
 
-    def valid(self, members: tuple, x: torch.Tensor) -> bool:
-        return (x.dtype == self.dtype and x.device == self.device
+    def valid(self, members: tuple, x: torch.Tensor, cast: torch.dtype | None) -> bool:
+        return (x.dtype == self.dtype and x.device == self.device and cast == self.cast
                 and all(m._run is run for m, run in zip(members, self.runs))
                 and all(d.get(k) is t for d, k, t in self.params))
 
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad
+                                                                   for t in (*self.As, *self.flat)))
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad
-                                                               for t in (*self.As, *self.flat))):
+        if self.cast is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                return self._cast_forward(x)
+        if self._needs_grad(x):
             A_cat = torch.cat(self.As)  # recorded by autograd: CatBackward splits ∂A_cat into the ∂A
             return list(_SharedInputFunction.apply((self.spec, self.Bts), x, A_cat, *self.flat))
         versions = [a._version for a in self.As]
@@ -90,6 +98,22 @@ class Plan:
             with torch.no_grad():
                 self._A_cat, self._A_versions = torch.cat(self.As), versions
         return _forward(self.spec, x, self._A_cat, self.flat, self.Bts)[0]
+
+    def _cast_forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Under autocast: every tensor in the compute dtype first, as autocast would cast them for
+        each product (the casts recorded by autograd, so fp32 factors get fp32 gradients), then the
+        same computation with autocast off."""
+        grad, c = self._needs_grad(x), self.cast
+
+        def to(t):
+            return t if t is None or t.dtype == c else t.to(c)
+
+        flat = [to(t) for t in self.flat]
+        Bts = [flat[i].detach().t() for *_, b_at, _ in self.spec for i in b_at]
+        A_cat, x = to(torch.cat(self.As)), to(x)
+        if grad:
+            return list(_SharedInputFunction.apply((self.spec, Bts), x, A_cat, *flat))
+        return _forward(self.spec, x, A_cat, flat, Bts)[0]
 
 
 def _forward(spec, x: torch.Tensor, A_cat: torch.Tensor, flat, Bts) -> tuple[list[torch.Tensor], torch.Tensor]:
