@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with a CUDA GPU and no network, within 8 minutes:
 #   1. the tests marked `cuda` (fused shared-input path, per-row batches, torch.compile, lowrank);
-#   2. the training, inference and per-row benchmarks against PEFT on the GPU, first without the
-#      compiled contenders (figures are certain), then again with them while time is left;
+#   2. the training (bf16 autocast), inference and per-row benchmarks (fp32) against PEFT on the GPU,
+#      first without the compiled contenders (figures are certain), then again with them while time is left;
 #   3. benchmarks/results/<gpu>.json, the "(GPU)" sections of BENCHMARKS.md and a "## GPU run" section.
 #
 #   benchmarks/gpu.sh [OUT_DIR]      copies the results, BENCHMARKS.md and the logs into OUT_DIR too
@@ -83,6 +83,7 @@ bench() {  # bench LOGNAME COMPILE NAMES...: one benchmark run within the time l
   return $rc
 }
 bench bench-adapters 0 adapters; adapters_rc=$?
+export LORAKIT_BENCH_AUTOCAST=bf16  # training as on a GPU: bf16 autocast, fp32 factors (inference stays fp32)
 bench bench-eager 0 inference training; eager_rc=$?
 compiled="not run"
 if bench bench-compiled inductor inference training; then compiled="run"; else compiled="not finished in time"; fi

@@ -376,6 +376,17 @@ def compile_backend() -> str | None:
     return None if value in ("", "0") else value
 
 
+def autocast_dtype() -> torch.dtype | None:
+    """``LORAKIT_BENCH_AUTOCAST=bf16``: the training steps run under bf16 autocast (as
+    ``lorakit train`` does where the hardware computes bf16: GPUs, AMX CPUs); default fp32."""
+    value = os.environ.get("LORAKIT_BENCH_AUTOCAST", "")
+    if value in ("", "0", "fp32"):
+        return None
+    if value != "bf16":
+        raise ValueError(f"LORAKIT_BENCH_AUTOCAST must be bf16 or fp32, got {value!r}")
+    return torch.bfloat16
+
+
 def compile_enabled() -> bool:
     return compile_backend() is not None
 

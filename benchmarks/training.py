@@ -97,10 +97,13 @@ def setup(case: str, contender: str, quick: bool, model=None):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
 
+    cast = harness.autocast_dtype()
+
     def step():
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
+        with torch.autocast(harness.device(), dtype=cast or torch.bfloat16, enabled=cast is not None):
+            loss = model(**batch).loss
         loss.backward()
         if optimizer is not None:
             optimizer.step()
@@ -131,7 +134,7 @@ def run_case(case: str, quick: bool) -> dict:
         "model": harness.model_name("MiniLM-L6 classifier" if case == "minilm" else "SmolLM2-135M", quick,
                                     "tiny BERT" if case == "minilm" else "tiny Llama"),
         "targets": spec["targets"], "rank": RANK, "batch": f"{spec['batch']}x{spec['length']}",
-        "reps": reps,
+        "reps": reps, "precision": "bf16 autocast" if harness.autocast_dtype() else "fp32",
         "trainable_params": {c: steps[c].trainable for c in timed},
         "step_ms": ms,
         "step_all_ms": {c: [round(t * 1000, 2) for t in samples[c]] for c in timed},
@@ -194,7 +197,7 @@ def markdown(result: dict) -> str:
 
 `python -m benchmarks training`. Machine: {harness.describe(result['machine'])}
 
-AdamW, LoRA rank {first['rank']}, LoRA dropout 0, model in train mode. Step time: median of
+AdamW, LoRA rank {first['rank']}, LoRA dropout 0, model in train mode, {first.get('precision', 'fp32')}. Step time: median of
 {' / '.join(f"{result[c]['reps']} ({result[c]['model']})" for c in CASES)} steps after warm-up, all
 contenders alternating step by step in one process. *lorakit*: layers reading one input (q/k/v, gate/up)
 computed together; *unfused*: every layer on its own; *compiled*: lorakit under `torch.compile` (compilation
