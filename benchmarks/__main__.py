@@ -28,7 +28,7 @@ from pathlib import Path
 from benchmarks.harness import machine_name
 
 # Benchmark modules under benchmarks/, each with run(quick: bool) -> dict.
-BENCHMARKS = ["svd", "serve", "training", "inference", "bottleneck", "adapters", "combine", "memory_fsdp", "dora"]
+BENCHMARKS = ["svd", "serve", "training", "inference", "bottleneck", "adapters", "combine", "memory_fsdp", "dora", "memory"]
 # the side-by-side ones whose sections name their threads and clock (--both runs them)
 SIDE_BY_SIDE = ["training", "inference", "bottleneck", "adapters"]
 PASSES = [("1", "cpu"), ("2", "wall")]  # --both: (torch threads, clock)

@@ -330,20 +330,18 @@ def test_mixed_dtypes_without_autocast_fall_back():
     assert torch.equal(outs[1], outs[2]) and fused_calls(fused) == 0
 
 
-def test_a_quantized_base_falls_back():
-    torchao = pytest.importorskip("torchao")
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_a_quantized_base_falls_back(kind):
+    pytest.importorskip("torchao")
+    from lorakit.quantize import quantize_base
 
-    model = tiny_llama()
-    quantize_(model.model.layers[0], Int8WeightOnlyConfig())
-    attach(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], init="random"))
-    assert type(model.model.layers[0].self_attn.q_proj.weight.data) is not torch.Tensor, torchao.__version__
+    model = lora_llama(targets=["q_proj", "k_proj", "v_proj"])
+    quantize_base(model.model.layers[0], kind)  # QLoRA: block 0's base weights quantized, block 1's dense
+    assert model.model.layers[0].self_attn.q_proj.base_is_quantized
     fused, unfused = fused_and_unfused(model)
     ids = token_batch()
-    with torch.no_grad():
-        outs = [m(input_ids=ids).logits for m in (fused, fused, unfused)]
-    assert (outs[1] - outs[2]).abs().max() <= TOL
-    assert fused_calls(fused) == 1  # layer 1 (not quantized) alone
+    assert_same(run(fused, ids), run(unfused, ids))
+    assert fused_calls(fused) == 1  # block 1's q/k/v alone
 
 
 def test_a_model_sharded_with_fsdp_computes_each_layer_on_its_own(tmp_path):

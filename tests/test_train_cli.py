@@ -59,7 +59,8 @@ def test_the_flags_are_made_from_the_config_fields_and_keep_their_names():
     actions = {a.dest: a for a in sub._actions if a.dest != "help"}
     assert set(actions) == {f.name for f in fields(TrainConfig) if f.metadata["flag"]}
     assert all(f.metadata["help"] for f in fields(TrainConfig))  # every field says what it does
-    added = {"--overwrite", "--loraplus-ratio", "--fsdp", "--dora", "--compile"}
+    added = {"--overwrite", "--loraplus-ratio", "--fsdp", "--dora", "--quantize", "--gradient-checkpointing",
+             "--compile"}
     assert {option for a in actions.values() for option in a.option_strings} == OLD_FLAGS | added
     # a flag not given leaves the dataclass's default: the defaults are written once
     assert config_from_args(parser.parse_args(["train"])) == TrainConfig()

@@ -4,9 +4,15 @@ Public names are imported lazily so that `lorakit --help` and the pure linear
 algebra in :mod:`lorakit.lowrank` start without loading transformers.
 """
 
+import logging
 from importlib import import_module
 
 from lorakit.errors import LorakitError
+
+# transformers imports torchao (lorakit's quantized base) whenever it is installed, and torchao
+# logs notes at import (kernels a CPU build lacks, a torch deprecation) that tell a user nothing.
+for _logger in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_logger).setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 

@@ -34,7 +34,11 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a dense layer, read from its weight's layout."""
+    """``(in_features, out_features)`` of a dense layer, read from its weight's layout (an
+    ``nn.Linear`` subclass that packs its weight, bitsandbytes' 4-bit and 8-bit layers, is
+    asked for its own features)."""
+    if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
+        return module.in_features, module.out_features
     rows, cols = module.weight.shape
     return (rows, cols) if is_conv1d(module) else (cols, rows)
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from lorakit.adapter_records import active_adapters, check_names, forget_adapters
 from lorakit.layers import LoraLayer, ParameterHost, SavedModule
+from lorakit.quantize import MergeRounding, merged_base
 from lorakit.targets import replace_module, tied_paths, walk
 
 
@@ -70,20 +71,44 @@ def _unwrap(model: nn.Module, *, keep_merged: bool) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, *, requantize: bool = False) -> nn.Module:
     """Merge the active adapters and return the plain model (original module types).
 
     modules_to_save modules are replaced by the active adapter's trained copy.
 
+    A LoRA layer on a quantized base (:mod:`lorakit.quantize`, bitsandbytes) is dequantized,
+    merged in fp32 and kept in the dtype the base computes in (bf16 for a base quantized from
+    bf16), or quantized again with ``requantize``; a :class:`QuantizedMergeWarning` says how
+    much rounding that introduced.
+
     Returns:
         ``model`` itself, with no lorakit module left in it.
     """
+    _merge_quantized(model, requantize)
     layers = [m for m in walk(model).values() if isinstance(m, LoraLayer)]
     pending = [n for n in active_adapters(model)
                if any(n in layer.adapters and n not in layer.merged for layer in layers)]
     if pending:
         merge(model, pending)
     return _unwrap(model, keep_merged=True)
+
+
+class QuantizedMergeWarning(UserWarning):
+    """A merge into a quantized base rounded the merged weights (the message says how much)."""
+
+
+def _merge_quantized(model: nn.Module, requantize: bool) -> None:
+    """Replace each LoRA layer on a quantized base by a base holding its merged weight."""
+    modules = walk(model)
+    names = active_adapters(model)
+    rounding = MergeRounding()
+    for path, layer in list(modules.items()):
+        if isinstance(layer, LoraLayer) and layer.base_is_quantized:
+            mine = [n for n in names if n in layer.adapters]
+            replace_module(model, modules, path, merged_base(layer, mine, rounding, requantize) if mine
+                           else layer.base_layer())
+    if rounding.layers:
+        warnings.warn(rounding.describe(), QuantizedMergeWarning, stacklevel=3)
 
 
 def unload(model: nn.Module) -> nn.Module:

@@ -331,6 +331,40 @@ def _architectures(source) -> list[str]:
     return list(_from_pretrained(AutoConfig, source).architectures or [])
 
 
+def load_model_config(spec: str = "default"):
+    """The transformers config of a model spec (as :func:`load_model` takes it), without
+    loading any weights. ``is_causal_lm(config)`` says which kind :func:`load_model` builds.
+
+    Raises:
+        LorakitError: the spec names no model, or its config cannot be read.
+    """
+    from transformers import AutoConfig
+
+    if spec == "default":
+        source, kwargs = embedded_path(*DEFAULT_CLASSIFIER), {}
+    else:
+        source, kwargs = (embedded_path(*DEFAULT_CHAT_GGUF) if spec == "default-chat" else _resolve(spec)), {}
+        if isinstance(source, Path) and source.suffix == ".gguf":
+            folder = converted_gguf_dir(source)
+            source, kwargs = (folder, {}) if folder.is_dir() else (source.parent, {"gguf_file": source.name})
+    try:
+        config = AutoConfig.from_pretrained(str(source), local_files_only=True, **kwargs)
+    except (OSError, ValueError) as err:
+        raise LorakitError(f"cannot read the model config of {spec}: {err}") from err
+    if kwargs and not config.architectures:  # a GGUF file is a causal LM (load_causal_lm)
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, "ForCausalLM")]
+    return config
+
+
+def is_causal_lm(config) -> bool:
+    """Whether :func:`load_model` loads a model of this config as a causal LM."""
+    from lorakit.targets import CAUSAL_LM, architecture_kind
+
+    return any(architecture_kind(a) == CAUSAL_LM for a in (config.architectures or []))
+
+
 def target_footprint(model: nn.Module, rank: int = 8, targets=None) -> dict:
     """Every module LoRA can target, which ones ``targets`` selects, and the adapter's size.
 

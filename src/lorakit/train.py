@@ -33,13 +33,23 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
 from lorakit import atomic, checkpoint, distributed
+from lorakit.checkpointing import enable_checkpointing
 from lorakit.data.batches import batch_of_step
 from lorakit.data.encode import collate
 from lorakit.errors import LorakitError
 from lorakit.methods import get_method
 from lorakit.optimizer import build_optimizer, warmup_cosine
-from lorakit.report import MetricsLog, StepMemory, folder_size, format_report, peak_memory_bytes, read_metrics
+from lorakit.quantize import quantize_base
+from lorakit.report import (
+    MetricsLog,
+    StepMemory,
+    folder_size,
+    format_report,
+    peak_memory_bytes,
+    read_metrics,
+)
 from lorakit.run_folder import TASK_FILE, RunFolder
 from lorakit.tasks import Task, encode_splits, get_task, read_splits
 from lorakit.train_config import EVALUATIONS_PER_RUN, TrainConfig
@@ -122,6 +132,12 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     # FSDP: before the optimizer takes the parameters, and before .to(): a block at a time goes to the device
     units = distributed.shard(model, runtime)
     model.to(runtime.device).train()
+    if config.quantize:
+        described = quantize_base(model, config.quantize).describe()
+        if runtime.is_main:
+            print(described)
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
     if config.compile:  # in place: the module, its paths and state-dict keys stay the user's
         model.compile()
     params = [p for p in model.parameters() if p.requires_grad]

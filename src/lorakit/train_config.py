@@ -15,6 +15,7 @@ from typing import Callable
 
 from lorakit.config import parse_targets
 from lorakit.errors import LorakitError
+from lorakit.layers.quantized import QUANT_KINDS
 from lorakit.methods import METHODS, get_method
 from lorakit.tasks import TASKS, get_task, per_task
 
@@ -131,6 +132,12 @@ class TrainConfig:
     stop_after: int | None = field(default=None, metadata=setting(
         "stop (as if interrupted, checkpoint written) after this many steps", flag=False, shared=False))
     device: str = field(default="auto", metadata=setting("auto (GPU if any), cpu or cuda", shared=False))
+    quantize: str | None = field(default=None, metadata=setting(
+        "store the frozen linear weights as nf4 (4-bit NormalFloat, double quantization) or int8 (QLoRA); "
+        "--method lora only", choices=lambda: list(QUANT_KINDS), default_help="not quantized"))
+    gradient_checkpointing: bool = field(default=False, metadata=setting(
+        "keep only each block's input for the backward and recompute the block there: less memory, "
+        "one more forward of compute"))
     fsdp: bool = field(default=False, metadata=setting(
         "under torchrun, shard the weights, gradients and optimizer state over the processes (FSDP2, one unit "
         "per transformer block) instead of a whole model in each (DDP): for models one process cannot hold",
@@ -163,6 +170,12 @@ class TrainConfig:
         if self.fsdp and not method.shardable:
             raise LorakitError(f"--method {self.method} cannot train with --fsdp (its rank budget reads whole "
                                "tensors after each step); drop --fsdp to run it with a whole model in each process")
+        if self.quantize is not None and self.quantize not in QUANT_KINDS:
+            raise LorakitError(f"quantize {self.quantize!r} is unknown; choose one of {list(QUANT_KINDS)}")
+        if self.quantize is not None and (self.method != "lora" or self.fsdp):
+            raise LorakitError(f"--quantize {self.quantize} is for --method lora in one process or under DDP "
+                               f"(it freezes the base weights in a packed form), not --method {self.method}"
+                               f"{' with --fsdp' if self.fsdp else ''}")
         if self.dora and self.method != "lora":
             raise LorakitError(f"--dora is for --method lora, not {self.method!r}")
         if (self.init_rank is not None or self.target_rank is not None) and self.method != "adalora":

@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "spectrum",
     "extract",
     "combine",
+    "export",
     "sweep",
 ]
 

@@ -26,10 +26,41 @@ def register(subparsers) -> None:
                         help="comma-separated module names (query,value), all-linear, or a regex matching a "
                              "module's name or path (query|value)")
     parser.add_argument("--paths", action="store_true", help="list every module path instead of grouping by name")
+    _add_memory_flags(parser)
     parser.set_defaults(func=run_inspect)
 
 
+def _add_memory_flags(parser) -> None:
+    """``--memory`` and the ``lorakit train`` flags it reads (defaults from TrainConfig)."""
+    import argparse
+    from dataclasses import fields
+
+    from lorakit.methods import METHODS
+    from lorakit.tasks import TASKS
+    from lorakit.train_config import TrainConfig
+
+    default = {f.name: f.default for f in fields(TrainConfig)}
+    group = parser.add_argument_group("--memory", "predict the peak memory of a training step (as lorakit train "
+                                                  "would run it) from the model's config, before loading anything")
+    group.add_argument("--memory", action="store_true", help="predict the training peak instead of listing modules")
+    group.add_argument("--task", choices=sorted(TASKS), default=None,
+                       help="the task (default: chat for a causal LM, classify otherwise)")
+    group.add_argument("--method", choices=sorted(METHODS), default=default["method"],
+                       help="what trains (default: lora)")
+    group.add_argument("--quantize", choices=["nf4", "int8"], default=None, help="a quantized frozen base (QLoRA)")
+    group.add_argument("--batch-size", type=int, default=default["batch_size"],
+                       help=f"examples per forward pass (default: {default['batch_size']})")
+    group.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the task's)")
+    group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
+    group.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                       help="mixed precision as lorakit train runs it (default: where the CPU computes bf16)")
+    group.add_argument("--budget", type=float, metavar="GIB", default=None,
+                       help="memory to fit in, GiB (default: this machine's)")
+
+
 def run_inspect(args) -> int:
+    if args.memory:
+        return run_memory(args)
     from lorakit.config import parse_targets
     from lorakit.models import load_model, target_footprint
 
@@ -57,4 +88,34 @@ def run_inspect(args) -> int:
     print(f"\n{type(model).__name__}: {len(rows)} targetable modules, {total:,} parameters")
     print(f"adapter at rank {args.rank} on {','.join(chosen)} ({sum(r[3] for r in rows)} modules): "
           f"{adapter:,} parameters ({100.0 * adapter / total:.4f}% of the model)")
+    return 0
+
+
+def run_memory(args) -> int:
+    import torch
+
+    from lorakit.config import parse_targets
+    from lorakit.distributed import native_bf16
+    from lorakit.memory import GiB, available_bytes, predict_peak
+    from lorakit.models import is_causal_lm, load_model_config
+    from lorakit.train_config import TrainConfig
+
+    task = args.task or ("chat" if args.model == "default-chat" or (
+        args.model != "default" and is_causal_lm(load_model_config(args.model))) else "classify")
+    config = TrainConfig(task=task, model=args.model, method=args.method, rank=args.rank, targets=parse_targets(args.targets),
+                         quantize=args.quantize, batch_size=args.batch_size, max_length=args.max_length,
+                         gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16)
+    estimate = predict_peak(config)
+    budget = int(args.budget * GiB) if args.budget else available_bytes()
+    bf16 = config.bf16 if config.bf16 is not None else native_bf16(torch.device("cpu"))
+    levers = [config.method + (f" r={config.rank}" if config.method != "full" else ""),
+              f"{config.batch_size}x{config.max_length} tokens", "bf16" if bf16 else "fp32",
+              *([config.quantize] if config.quantize else []),
+              *(["gradient checkpointing"] if config.gradient_checkpointing else [])]
+    print(f"training peak of {args.model} ({task}; {', '.join(levers)}), predicted on fake tensors:")
+    for name, size in estimate.rows():
+        print(f"  {name:<16} {size / GiB:8.2f} GiB")
+    verdict = "fits in" if estimate.fits(budget) else "does NOT fit in"
+    print(f"{verdict} {budget / GiB:.1f} GiB{'' if args.budget else ' (this machine)'}; "
+          f"{estimate.trainable:,} trainable parameters")
     return 0

@@ -19,6 +19,7 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.inits import get_init, keep_initial_factors
+from lorakit.layers.quantized import is_quantized_linear
 
 
 class LoraAdapter(nn.Module):
@@ -122,6 +123,12 @@ class LoraLayer(nn.Module):
             if base is None or name.startswith("_") or name in ("weight", "bias"):
                 raise
             return getattr(base, name)  # e.g. Conv1D.nf, Embedding.padding_idx
+
+    @property
+    def base_is_quantized(self) -> bool:
+        """Whether the base keeps its weight quantized (:mod:`lorakit.layers.quantized`): it then
+        computes its own output, and ΔW can be merged only by ``merge_and_unload``."""
+        return is_quantized_linear(self._base)
 
     # ------------------------------------------------------------------ layout
 
@@ -244,8 +251,11 @@ class LoraLayer(nn.Module):
         Merging an adapter that is already merged warns and does nothing.
 
         Raises:
-            LorakitError: an unknown adapter name.
+            LorakitError: an unknown adapter name, or the base weight is quantized.
         """
+        if self.base_is_quantized:
+            raise LorakitError("this layer's base weight is quantized and cannot hold ΔW in place; "
+                               "merge_and_unload(model) dequantizes and merges it")
         names = list(self.active if names is None else names)
         todo = []
         for name in names:

@@ -27,7 +27,7 @@ def runnable(layer, adapters, x: torch.Tensor, cast: torch.dtype | None = None) 
     """Whether ``layer``'s forward with ``adapters`` is ``x·Wᵀ + b + Σ s·(x·Aᵀ)·Bᵀ`` with plain
     parameters registered as ``weight``, ``bias``, ``A``, ``B``: in one dtype, or under autocast
     (``cast``, its compute dtype) with every tensor in that dtype or fp32, as autocast casts them."""
-    if not getattr(layer, "fuse_shared_input", False):
+    if not getattr(layer, "fuse_shared_input", False) or layer.base_is_quantized:
         return False
     w, b = layer._parameters.get("weight"), layer.bias
     tensors = [x, w, b]

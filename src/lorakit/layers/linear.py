@@ -106,6 +106,8 @@ class LoraLinear(LoraLayer):
         return matrix.T if self.fan_in_fan_out else matrix
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.base_is_quantized:  # it dequantizes its own weight (lorakit.layers.quantized)
+            return self._base(x)
         if not self.fan_in_fan_out:
             return F.linear(x, self.weight, self.bias)
         # Conv1D's own computation, so the base output is bit-identical to the unwrapped model.
@@ -149,10 +151,10 @@ class LoraLinear(LoraLayer):
         return out
 
     def _one_function(self, x: torch.Tensor, ad) -> bool:
-        """Whether :class:`_LoraLinearFunction` computes this forward: something needs a
-        gradient, one dtype throughout (no autocast, no fp32 adapter on a bf16 weight)."""
+        """Whether :class:`_LoraLinearFunction` computes this forward: a dense base, something
+        needs a gradient, one dtype throughout (no autocast, no fp32 adapter on a bf16 weight)."""
         tensors = (x, self.weight, ad.A, ad.B) + (() if self.bias is None else (self.bias,))
-        if not any(t.requires_grad for t in tensors):
+        if self.base_is_quantized or not any(t.requires_grad for t in tensors):
             return False
         dtype = x.dtype
         return (all(t.dtype == dtype for t in tensors) and x.device == self.weight.device

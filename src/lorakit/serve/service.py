@@ -280,8 +280,9 @@ def build_service(model: str = "default-chat", adapters: dict[str, str] | None =
                   adapter_root: str | None = None, max_loaded: int = 8, max_batch: int = 32,
                   max_prompt_tokens: int = 2048, max_tokens: int = 512, task: str | None = None,
                   load_on_demand: bool = False, max_queue: int = 256, request_timeout: float | None = None,
-                  max_body_bytes: int = 1_000_000) -> Service:
+                  max_body_bytes: int = 1_000_000, quantize: str | None = None) -> Service:
     """Load ``model``, register ``adapters`` ({name: folder}) and build the engine (not started).
+    ``quantize`` (``"nf4"``, ``"int8"``) stores the base's linear weights quantized (:mod:`lorakit.quantize`).
 
     ``load_on_demand``: a request naming a folder directly under ``adapter_root`` that is
     not registered loads it first. The other arguments are :class:`Limits`.
@@ -302,6 +303,10 @@ def build_service(model: str = "default-chat", adapters: dict[str, str] | None =
         base, tokenizer = load_classifier(model, id2label=_folder_labels(model))
     else:
         base, tokenizer = load_causal_lm(model)
+    if quantize:
+        from lorakit.quantize import quantize_base
+
+        quantize_base(base, quantize)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     limits.context = int(getattr(base.config, "max_position_embeddings", None) or 2048)

@@ -16,7 +16,14 @@ from __future__ import annotations
 
 from lorakit import data as lkdata
 from lorakit.errors import LorakitError
-from lorakit.tasks.base import Task, TaskData, TruncationWarning, encode_splits, evaluate, read_splits
+from lorakit.tasks.base import (
+    Task,
+    TaskData,
+    TruncationWarning,
+    encode_splits,
+    evaluate,
+    read_splits,
+)
 from lorakit.tasks.classify import ClassificationTask, load_classifier
 from lorakit.tasks.language import LanguageModelTask, load_causal_lm, reviews_as_text
 

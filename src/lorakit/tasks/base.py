@@ -78,6 +78,19 @@ class Task:
     trains_head: ClassVar[bool] = False
     stats: ClassVar[tuple[str, ...]] = ("loss_sum", "count")
 
+    #: the model ``"default"`` stands for, and the transformers auto class a config is built
+    #: into (what ``lorakit inspect --memory`` builds on fake tensors)
+    default_model: ClassVar[str] = "default"
+    auto_class: ClassVar[str] = "AutoModelForSequenceClassification"
+
+    def fake_batch(self, batch_size: int, length: int) -> dict:
+        """A ``(batch_size, length)`` batch of zeros shaped as :meth:`batch_stats` takes it."""
+        raise NotImplementedError
+
+    def fake_loss(self, model, batch: dict):
+        """The training loss of ``batch`` for a model on fake tensors (no value-dependent shapes)."""
+        return self.batch_stats(model, batch)["loss_sum"]
+
     def better(self, value: float, best: float | None) -> bool:
         if best is None:
             return True

@@ -49,6 +49,11 @@ class ClassificationTask(Task):
         return lkdata.encode_classification(records, tokenizer, max_length,
                                             {name: i for i, name in enumerate(labels)})
 
+    def fake_batch(self, batch_size, length) -> dict:
+        ids = torch.zeros(batch_size, length, dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "labels": torch.zeros(batch_size, dtype=torch.long)}
+
     def heads(self, model) -> list[str]:
         from lorakit.methods import head_modules
 

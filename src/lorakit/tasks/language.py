@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from lorakit import data as lkdata
-from lorakit.data.encode import IGNORE_INDEX, Encoded
+from lorakit.chunked_loss import causal_lm_loss
+from lorakit.data.encode import Encoded
 from lorakit.tasks.base import Task
 
 
@@ -38,11 +39,20 @@ class LanguageModelTask(Task):
         return lkdata.encode_language_modeling(records, tokenizer, max_length)
 
     def batch_stats(self, model, batch, label_smoothing=0.0) -> dict:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        targets = batch["labels"][:, 1:]  # logits[:, t] predicts labels[:, t + 1]
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum", label_smoothing=label_smoothing)
-        return {"loss_sum": loss, "count": (targets != IGNORE_INDEX).sum()}
+        # the output head applied chunk by chunk: the (tokens × vocabulary) logits never exist at once
+        loss, count = causal_lm_loss(model, batch, label_smoothing)
+        return {"loss_sum": loss, "count": count}
+
+    default_model: ClassVar[str] = "default-chat"
+    auto_class: ClassVar[str] = "AutoModelForCausalLM"
+
+    def fake_batch(self, batch_size, length) -> dict:
+        ids = torch.zeros(batch_size, length, dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def fake_loss(self, model, batch):
+        # every position trained: selecting the trained ones would need the (fake) values
+        return causal_lm_loss(model, batch, skip_ignored=False)[0]
 
     def metrics(self, sums, examples) -> dict:
         loss = sums["loss_sum"] / max(sums["count"], 1)
