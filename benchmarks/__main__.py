@@ -129,13 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(results, indent=2) + "\n")
         os.replace(tmp, path)
-    ran = {name: results[name] for name in args.names or BENCHMARKS if name in results}
+        if not args.quick:  # each section as soon as its benchmark is done (a run cut short keeps them)
+            for section in sections({name: result}):
+                write_section(section)
     report = sections(results)
     if report:
         path.with_suffix(".md").write_text("\n".join(s.rstrip("\n") + "\n" for s in report))
     if not args.quick:
-        for section in sections(ran):
-            write_section(section)
         if not os.environ.get("LORAKIT_BENCH_PASS"):  # a pass of --both: the parent writes the runs
             import torch
 

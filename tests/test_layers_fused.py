@@ -166,6 +166,20 @@ def test_inference_then_training_then_inference_follow_every_optimizer_step():
     assert fused_calls(fused) == 4 * 5  # 6 passes, the first probing
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_recomputes_blocks_as_their_forward_ran(reentrant):
+    """A checkpointed block is run again in the backward; non-reentrant checkpointing needs the
+    same tensors saved both times, also on the first step (the groups still probing) and after."""
+    fused, unfused = fused_and_unfused(lora_llama(("a", "b")))
+    for model in (fused, unfused):
+        model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        model.enable_input_require_grads()
+    ids = token_batch()
+    for passes in (1, 1, 2):  # probing, then computed together
+        assert_same(run(fused, ids, passes=passes), run(unfused, ids, passes=passes))
+    assert fused_calls(fused) > 0
+
+
 def test_state_dict_keys_and_copies_are_unchanged():
     model = lora_llama()
     model(input_ids=token_batch())

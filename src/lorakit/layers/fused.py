@@ -106,7 +106,9 @@ class SharedInputGroup:
         """``layer``'s output when the group computes it, else None (the layer runs on its own)."""
         if torch.compiler.is_compiling():
             return None
-        if self.state is _PROBING and not self._probe(layer, x):
+        # A block recomputed in the backward (activation checkpointing) must save what its
+        # forward saved: nothing is learnt there, so it runs as it ran then.
+        if self.state is _PROBING and (torch._C._current_autograd_node() is not None or not self._probe(layer, x)):
             return None
         if self.state is _FUSED:
             return self._lead(x) if layer is self.leader else self._follow(layer, x)
