@@ -44,7 +44,7 @@ first member holds the others' outputs only until they are called.
 from __future__ import annotations
 
 import weakref
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -52,7 +52,7 @@ from torch import nn
 from lorakit.layers.fused_ops import Plan, runnable
 from lorakit.layers.linear import LoraLinear
 
-__all__ = ["SharedInputGroup", "group_shared_inputs", "shared_input_groups", "ungroup"]
+__all__ = ["SharedInputGroup", "group_shared_inputs", "settle", "shared_input_groups", "ungroup"]
 
 _PROBING, _FUSED, _OFF = "probing", "fused", "off"
 
@@ -242,6 +242,17 @@ def group_shared_inputs(modules: dict[str, nn.Module]) -> list[SharedInputGroup]
                 m._group = group
             groups.append(group)
     return groups
+
+
+def settle(model: nn.Module, forward: Callable[[], object]) -> None:
+    """Run ``forward`` (a forward pass of ``model`` without gradient, e.g. on one example) twice
+    when a group of ``model`` is still probing, so that every group has decided before the
+    passes that count: a training run resumed from a checkpoint then computes every step as
+    the run it continues did (the probing pass computes the members on their own, which rounds
+    differently)."""
+    if any(g.state == _PROBING for g in shared_input_groups(model)):
+        forward()
+        forward()
 
 
 def ungroup(model: nn.Module) -> None:
