@@ -14,7 +14,7 @@ from torch import nn
 
 from lorakit import LoraConfig
 from lorakit.layers import LoraLinear
-from lorakit.layers.fused import shared_input_groups, ungroup
+from lorakit.layers.fused import settle, shared_input_groups, ungroup
 from lorakit.layers.fused_ops import _SharedInputFunction, runnable
 from lorakit.model import add_adapter, attach, merge, set_active
 from lorakit.per_row import per_row_adapters
@@ -178,6 +178,21 @@ def test_activation_checkpointing_recomputes_blocks_as_their_forward_ran(reentra
     for passes in (1, 1, 2):  # probing, then computed together
         assert_same(run(fused, ids, passes=passes), run(unfused, ids, passes=passes))
     assert fused_calls(fused) > 0
+
+
+def test_settle_decides_every_group_before_the_passes_that_count():
+    model = lora_llama()
+    calls = []
+
+    def forward():
+        calls.append(1)
+        with torch.no_grad():
+            model(input_ids=token_batch(batch=1, length=2))
+
+    settle(model, forward)
+    assert len(calls) == 2 and all(g.state == "fused" for g in shared_input_groups(model))
+    settle(model, forward)  # nothing left to decide: no forward
+    assert len(calls) == 2
 
 
 def test_state_dict_keys_and_copies_are_unchanged():
