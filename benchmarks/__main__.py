@@ -1,4 +1,11 @@
-"""``python -m benchmarks [--quick] [NAME ...]``: run benchmarks, save results/<machine>.json.
+"""``python -m benchmarks [--quick] [--threads N] [--clock cpu|wall] [--both] [NAME ...]``: run
+benchmarks, save results/<machine>.json.
+
+``--threads`` and ``--clock`` set the torch threads and what is timed (default: the
+environment's, ``OMP_NUM_THREADS`` and ``LORAKIT_BENCH_CLOCK``). ``--both`` runs the side-by-side
+benchmarks twice, each pass in a fresh process: at 1 thread in CPU seconds (the figures
+BENCHMARKS.md takes on a shared machine, ``## Title`` sections) and at 2 threads in wall seconds
+(``## Title (2 threads, wall clock)``), with each pass's total time in ``## Benchmark runs``.
 
 Results are merged into the machine's file by benchmark name, so running one benchmark
 keeps the others' last figures. ``<machine>`` says what the machine is (CPU model, cores,
@@ -22,6 +29,9 @@ from benchmarks.harness import machine_name
 
 # Benchmark modules under benchmarks/, each with run(quick: bool) -> dict.
 BENCHMARKS = ["svd", "serve", "training", "inference", "bottleneck", "adapters", "combine", "memory_fsdp", "dora", "memory", "own_data"]
+# the side-by-side ones whose sections name their threads and clock (--both runs them)
+SIDE_BY_SIDE = ["training", "inference", "bottleneck", "adapters"]
+PASSES = [("1", "cpu"), ("2", "wall")]  # --both: (torch threads, clock)
 
 RESULTS = Path(__file__).parent / "results"
 DOC = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
@@ -50,15 +60,63 @@ def sections(results: dict) -> list[str]:
     return out
 
 
+def runs_section(runs: list[dict]) -> str:
+    """The ``## Benchmark runs`` section: each pass of the last ``--both`` run and its total time."""
+    rows = "".join(f"| {r['pass']} | {', '.join(r['names'])} | `{r['results']}` | {r['total_s'] / 60:.1f} min |\n"
+                   for r in runs)
+    return ("## Benchmark runs\n\nThe last full run of `python -m benchmarks` (`make bench`: all of them at 2 threads, "
+            f"wall clock), {time.strftime('%Y-%m-%d')}; total {sum(r['total_s'] for r in runs) / 60:.1f} min.\n\n"
+            "| pass | benchmarks | results | total time |\n|---|---|---|---|\n" + rows)
+
+
+def both(names: list[str], quick: bool) -> int:
+    """Run ``names`` once per pass of :data:`PASSES`, each in a fresh process; write their times."""
+    import subprocess
+    import sys
+
+    runs = []
+    for threads, clock in PASSES:
+        env = dict(os.environ, OMP_NUM_THREADS=threads, LORAKIT_BENCH_CLOCK=clock, LORAKIT_BENCH_PASS="1")
+        started = time.perf_counter()
+        cmd = [sys.executable, "-m", "benchmarks", *(["--quick"] if quick else []), *names]
+        code = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parent.parent).returncode
+        if code:
+            return code
+        label = f"{threads} thread{'s' if threads != '1' else ''}, {'CPU seconds' if clock == 'cpu' else 'wall clock'}"
+        results = subprocess.run([sys.executable, "-c", "from benchmarks.harness import machine_name; print(machine_name())"],
+                                 env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+        runs.append({"pass": label, "names": names, "total_s": time.perf_counter() - started,
+                     "results": f"benchmarks/results/{results.stdout.strip()}{'-quick' if quick else ''}.json"})
+        print(f"== pass {label}: {runs[-1]['total_s'] / 60:.1f} min", flush=True)
+    if not quick:
+        write_section(runs_section(runs))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default all: {', '.join(BENCHMARKS)})")
     parser.add_argument("--quick", action="store_true", help="small sizes, one repetition: a smoke run")
+    parser.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS or torch's own)")
+    parser.add_argument("--clock", choices=["cpu", "wall"], help="time CPU seconds or wall seconds "
+                        "(default: LORAKIT_BENCH_CLOCK, else wall)")
+    parser.add_argument("--both", action="store_true", help=f"run {', '.join(SIDE_BY_SIDE)} (or NAME ...) at 1 thread "
+                        "in CPU seconds, then at 2 threads in wall seconds, and record each pass's total time")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.names) - set(BENCHMARKS))
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    if args.both:
+        return both(args.names or SIDE_BY_SIDE, args.quick)
+    if args.threads:
+        import torch
 
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the fresh processes that measure memory
+    if args.clock:
+        os.environ["LORAKIT_BENCH_CLOCK"] = args.clock
+
+    started = time.perf_counter()
     path = RESULTS / f"{machine_name()}{'-quick' if args.quick else ''}.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     for name in args.names or BENCHMARKS:
@@ -71,13 +129,20 @@ def main(argv: list[str] | None = None) -> int:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(results, indent=2) + "\n")
         os.replace(tmp, path)
-    ran = {name: results[name] for name in args.names or BENCHMARKS if name in results}
+        if not args.quick:  # each section as soon as its benchmark is done (a run cut short keeps them)
+            for section in sections({name: result}):
+                write_section(section)
     report = sections(results)
     if report:
         path.with_suffix(".md").write_text("\n".join(s.rstrip("\n") + "\n" for s in report))
     if not args.quick:
-        for section in sections(ran):
-            write_section(section)
+        if not os.environ.get("LORAKIT_BENCH_PASS"):  # a pass of --both: the parent writes the runs
+            import torch
+
+            clock = os.environ.get("LORAKIT_BENCH_CLOCK", "wall")
+            label = f"{torch.get_num_threads()} thread(s), {'CPU seconds' if clock == 'cpu' else 'wall clock'}"
+            write_section(runs_section([{"pass": label, "names": args.names or BENCHMARKS, "total_s":
+                                         time.perf_counter() - started, "results": f"benchmarks/results/{path.name}"}]))
     print(f"results written to {path} and {path.with_suffix('.md')}" + ("" if args.quick else f"; sections of {DOC}"))
     return 0
 

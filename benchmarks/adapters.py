@@ -59,22 +59,27 @@ def _per_row_models(base, n: int, targets=("query", "value")):
 def per_row(quick: bool) -> dict:
     from lorakit.per_row import per_row_adapters
 
+    from lorakit.layers.fused import ungroup
+
     spec = QUICK_PER_ROW if quick else PER_ROW
     base = copy.deepcopy(harness.classifier(quick).to(harness.device()))  # a copy, as the others (see inference)
     lk, pf = _per_row_models(base, max(DISTINCT))
+    unfused = copy.deepcopy(lk)  # query and value on their own (lk computes them together)
+    ungroup(unfused)
     inputs = harness.token_batch(base, spec["batch"], spec["length"])
     calls = {"base": lambda: base(**inputs), "lorakit_one": lambda: lk(**inputs), "peft_one": lambda: pf(**inputs)}
     for k in DISTINCT:
         rows = [f"a{i % k}" for i in range(spec["batch"])]
 
-        def lorakit_rows(rows=rows):
-            with per_row_adapters(lk, rows):
-                return lk(**inputs)
+        def lorakit_rows(model, rows=rows):
+            with per_row_adapters(model, rows):
+                return model(**inputs)
 
-        calls[f"lorakit_{k}"] = lorakit_rows
+        calls[f"lorakit_{k}"] = lambda rows=rows: lorakit_rows(lk, rows)
+        calls[f"lorakit_unfused_{k}"] = lambda rows=rows: lorakit_rows(unfused, rows)
         calls[f"peft_{k}"] = lambda rows=rows: pf(**inputs, adapter_names=rows)
     with torch.inference_mode():
-        samples = harness.interleaved(calls, reps=spec["reps"], warmup=0 if quick else 1)
+        samples = harness.interleaved(calls, reps=spec["reps"], warmup=1)
     ms = {name: harness.median_ms(s) for name, s in samples.items()}
     added = {name: harness.paired_overhead(samples, name, "base") for name in samples if name != "base"}
     by_k = {}
@@ -85,9 +90,11 @@ def per_row(quick: bool) -> dict:
             "lorakit_added_ms": lk_added, "peft_added_ms": pf_added,
             "added_vs_peft": round(lk_added / pf_added, 3) if pf_added > 0 else None,
             "lorakit_vs_one_adapter": harness.ratio(ms[f"lorakit_{k}"], ms["lorakit_one"]),
+            "lorakit_unfused_ms": ms[f"lorakit_unfused_{k}"],
+            "fused_vs_unfused": harness.ratio(ms[f"lorakit_{k}"], ms[f"lorakit_unfused_{k}"]),
         }
     return {
-        "model": "tiny BERT" if quick else "MiniLM-L6", "targets": "query, value", "rank": RANK,
+        "model": harness.model_name("MiniLM-L6", quick, "tiny BERT"), "targets": "query, value", "rank": RANK,
         "adapters_loaded": max(DISTINCT), "batch": f"{spec['batch']}x{spec['length']}", "reps": spec["reps"],
         "base_ms": ms["base"], "lorakit_one_ms": ms["lorakit_one"], "peft_one_ms": ms["peft_one"],
         "lorakit_one_added_ms": added["lorakit_one"], "peft_one_added_ms": added["peft_one"],
@@ -159,7 +166,7 @@ def load_switch_merge(quick: bool) -> dict:
                 samples[lib]["unmerge"].append(harness.timed(ops[lib]["unmerge"]))
     ms = {lib: {op: round(statistics.median(s) * 1000, 3) for op, s in by_op.items()} for lib, by_op in samples.items()}
     return {
-        "model": "tiny Llama" if quick else "SmolLM2-135M (fp32)", "targets": "all-linear", "rank": RANK,
+        "model": harness.model_name("SmolLM2-135M (fp32)", quick, "tiny Llama"), "targets": "all-linear", "rank": RANK,
         "reps": reps, "ms": ms,
         "vs_peft": {op: harness.ratio(ms["lorakit"][op], ms["peft"][op]) for op in ms["lorakit"]},
     }
@@ -207,28 +214,30 @@ GOAL_32_VS_ONE = 1.05  # lorakit's forward with 32 distinct adapters / with one 
 def markdown(result: dict) -> str:
     """The ``## Many adapters`` section of BENCHMARKS.md: per-row batches, load, switch, merge."""
     pr, lsm = result["per_row"], result["load_switch_merge"]
-    rows = [["1 adapter, plain forward", pr["lorakit_one_ms"], pr["peft_one_ms"], f"+{pr['lorakit_one_added_ms']:.1f}",
+    rows = [["1 adapter, plain forward", pr["lorakit_one_ms"], "", pr["peft_one_ms"], f"+{pr['lorakit_one_added_ms']:.1f}",
              f"+{pr['peft_one_added_ms']:.1f}", "", 1.0, "", ""]]
     for k, r in pr["distinct"].items():
         goal = f"added ≤ {GOAL_ADDED_16}× PEFT's" if k == "16" else (f"≤ {GOAL_32_VS_ONE}× one adapter" if k == "32" else "")
         met = (harness.verdict(r["added_vs_peft"], GOAL_ADDED_16) if k == "16" else
                harness.verdict(r["lorakit_vs_one_adapter"], GOAL_32_VS_ONE) if k == "32" else "")
-        rows.append([f"{k} distinct, per-row", r["lorakit_ms"], r["peft_ms"], f"+{r['lorakit_added_ms']:.1f}",
-                     f"+{r['peft_added_ms']:.1f}", r["added_vs_peft"], r["lorakit_vs_one_adapter"], goal, met])
+        rows.append([f"{k} distinct, per-row", r["lorakit_ms"], r.get("lorakit_unfused_ms"), r["peft_ms"],
+                     f"+{r['lorakit_added_ms']:.1f}", f"+{r['peft_added_ms']:.1f}", r["added_vs_peft"],
+                     r["lorakit_vs_one_adapter"], goal, met])
     ops = [[op, lsm["ms"]["lorakit"][op], lsm["ms"]["peft"][op], lsm["vs_peft"][op]]
            for op in ("load", "switch", "merge", "unmerge")]
-    return f"""## Many adapters
+    return f"""{harness.title("Many adapters", result["machine"])}
 
 `python -m benchmarks adapters`. Machine: {harness.describe(result['machine'])}
 
 **Per-row adapters**: {pr['model']}, {pr['adapters_loaded']} adapters of rank {pr['rank']} on {pr['targets']}, batch
-{pr['batch']}, row i using adapter i mod k; lorakit `per_row_adapters` against PEFT `adapter_names=`; time added over
+{pr['batch']}, row i using adapter i mod k; lorakit `per_row_adapters` (query and value computed together; *unfused*:
+each on its own) against PEFT `adapter_names=`; time added over
 the base forward ({pr['base_ms']:.1f} ms) is the median over rounds of (contender − base of the same round); median of
 {pr['reps']} rounds after warm-up, all contenders alternating. Goals: with 16 distinct adapters, lorakit adds at most
 half of what PEFT adds; with 32 distinct, lorakit's forward ≤ {GOAL_32_VS_ONE}× its plain one-adapter forward.
 
-{harness.table(["adapters in the batch", "lorakit ms", "PEFT ms", "lorakit adds ms", "PEFT adds ms",
-                "lorakit / PEFT added", "lorakit / its one-adapter forward", "goal", "met"], rows)}
+{harness.table(["adapters in the batch", "lorakit ms", "lorakit unfused ms", "PEFT ms", "lorakit adds ms",
+                "PEFT adds ms", "lorakit / PEFT added", "lorakit / its one-adapter forward", "goal", "met"], rows)}
 **Load, switch, merge**: {lsm['model']}, rank {lsm['rank']}, {lsm['targets']}; median of {lsm['reps']}, alternating.
 Load: the library's own call on a folder in PEFT's format (page cache warm) onto a model already holding two
 adapters; switch: make the other of two adapters active (mean of 20); merge / unmerge: the active adapter.

@@ -83,7 +83,7 @@ def run(quick: bool = False) -> dict:
             "vs_base": {name: harness.ratio(ms[name], ms["base"]) for name in ms},
             "bottleneck_vs_lora_merged": harness.ratio(ms["bottleneck"], ms["lora_merged"]),
         }
-    return {"machine": harness.machine(), "model": "tiny Llama" if quick else "SmolLM2-135M (fp32)",
+    return {"machine": harness.machine(), "model": harness.model_name("SmolLM2-135M (fp32)", quick, "tiny Llama"),
             "bottleneck": BOTTLENECK, "adapter_layers": wrapped, "lora": f"rank {RANK}, all-linear",
             "inputs": results}
 
@@ -96,7 +96,7 @@ def markdown(result: dict) -> str:
         rows.append([f"batch {label}", ms["base"], f"{ms['lora_merged']:.1f} ({vs['lora_merged']:.3f}×)",
                      f"{ms['lora_unmerged']:.1f} ({vs['lora_unmerged']:.3f}×)",
                      f"{ms['bottleneck']:.1f} ({vs['bottleneck']:.3f}×)", r["bottleneck_vs_lora_merged"]])
-    return f"""## Adapter layers against LoRA
+    return f"""{harness.title("Adapter layers against LoRA", result["machine"])}
 
 `python -m benchmarks bottleneck`. Machine: {harness.describe(result['machine'])}
 

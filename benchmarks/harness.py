@@ -89,6 +89,16 @@ def machine() -> dict:
     return info
 
 
+def title(name: str, info: dict) -> str:
+    """A section's heading: ``## Training step`` for the figures BENCHMARKS.md takes by default
+    (1 torch thread, CPU seconds, or a GPU), ``## Training step (2 threads, wall clock)`` else."""
+    if info.get("gpu"):
+        return f"## {name} (GPU)"
+    if info.get("clock") == "cpu" and info["threads"] == 1:
+        return f"## {name}"
+    return f"## {name} ({info['threads']} thread{'s' if info['threads'] != 1 else ''}, {info['clock']} clock)"
+
+
 def describe(info: dict) -> str:
     """One line for BENCHMARKS.md: ``Intel Xeon, 2 cores, 2 torch threads, torch 2.13.0, ...``."""
     threads = f"{info['threads']} torch thread{'s' if info['threads'] != 1 else ''}"
@@ -309,10 +319,39 @@ def tiny_causal_lm(seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def random_weights() -> bool:
+    """``LORAKIT_BENCH_RANDOM_WEIGHTS=1``: build the real models' architectures from their configs
+    (``benchmarks/configs/``) with random weights, where the embedded packages are not installed
+    (a GPU machine without network). Times do not depend on the weights' values."""
+    return os.environ.get("LORAKIT_BENCH_RANDOM_WEIGHTS", "0") not in ("", "0")
+
+
+def from_config(name: str, seed: int = 0):
+    """The model of ``configs/<name>.json`` with random weights (seeded), fp32, eval mode."""
+    from transformers import AutoConfig, BertForSequenceClassification, LlamaForCausalLM
+
+    with open(os.path.join(CONFIGS, f"{name}.json")) as f:
+        settings = json.load(f)
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    torch.manual_seed(seed)
+    model_class = BertForSequenceClassification if config.model_type == "bert" else LlamaForCausalLM
+    return model_class(config).eval()
+
+
+def model_name(real: str, quick: bool, tiny: str) -> str:
+    """How a result names its model: the tiny one, the real one, or its architecture with random weights."""
+    return tiny if quick else f"{real} (random weights)" if random_weights() else real
+
+
 def classifier(quick: bool):
     """The embedded MiniLM-L6 sequence classifier (2 labels), or the tiny one; eval mode, fp32."""
     if quick:
         return tiny_classifier()
+    if random_weights():
+        return from_config("minilm-l6")
     from lorakit.models import load_classifier
 
     return load_classifier("default", tokenizer=False)[0]
@@ -322,9 +361,34 @@ def causal_lm(quick: bool):
     """The embedded SmolLM2-135M-Instruct in fp32, or the tiny Llama; eval mode."""
     if quick:
         return tiny_causal_lm()
+    if random_weights():
+        return from_config("smollm2-135m")
     from lorakit.models import load_causal_lm
 
     return load_causal_lm("default-chat", tokenizer=False)[0]
+
+
+def compile_backend() -> str | None:
+    """The ``torch.compile`` backend of the compiled contenders: ``LORAKIT_BENCH_COMPILE`` (default
+    ``inductor``, what ``lorakit train --compile`` uses; ``0`` leaves them out: compiling a model
+    takes minutes on a small CPU; ``aot_eager`` captures the graphs without generating code)."""
+    value = os.environ.get("LORAKIT_BENCH_COMPILE", "inductor")
+    return None if value in ("", "0") else value
+
+
+def autocast_dtype() -> torch.dtype | None:
+    """``LORAKIT_BENCH_AUTOCAST=bf16``: the training steps run under bf16 autocast (as
+    ``lorakit train`` does where the hardware computes bf16: GPUs, AMX CPUs); default fp32."""
+    value = os.environ.get("LORAKIT_BENCH_AUTOCAST", "")
+    if value in ("", "0", "fp32"):
+        return None
+    if value != "bf16":
+        raise ValueError(f"LORAKIT_BENCH_AUTOCAST must be bf16 or fp32, got {value!r}")
+    return torch.bfloat16
+
+
+def compile_enabled() -> bool:
+    return compile_backend() is not None
 
 
 def token_batch(model, batch: int, length: int, seed: int = 0) -> dict:

@@ -10,6 +10,9 @@ multiply-adds per token to the ``d·k`` of each adapted ``W`` (LoRA §4.1), so
 ``Σ r(d+k) / Σ d·k`` over the adapted layers (2.3% here) is what an unmerged forward
 must cost at least, were the adapted layers all of the forward's time. Merged, the
 adapter costs nothing: ``W' = W + s·B·A`` (LoRA §4.1, "no additional inference latency").
+lorakit unmerged runs q/k/v and gate/up together (one read of x for their A's,
+:mod:`lorakit.layers.fused`); ``lorakit_unfused`` runs every layer on its own, and
+``lorakit_compiled`` is the unmerged model under ``torch.compile`` (unless ``LORAKIT_BENCH_COMPILE=0``).
 ``python -m benchmarks inference [--quick]``.
 """
 
@@ -25,18 +28,28 @@ BATCHES = {"1x128": (1, 128, 9), "16x128": (16, 128, 5)}  # batch, tokens, repet
 QUICK_BATCHES = {"1x16": (1, 16, 1), "4x16": (4, 16, 1)}
 
 
+LORAKIT = ("lorakit_merged", "lorakit_unmerged", "lorakit_unfused")
+
+
 def contenders(base, targets="all-linear") -> dict:
-    """Model copies: ``base``, ``lorakit_merged``, ``lorakit_unmerged``, ``peft_unmerged``, ``peft_merged``."""
+    """Model copies: ``base``, ``lorakit_merged``, ``lorakit_unmerged``, ``lorakit_unfused``,
+    (``lorakit_compiled``), ``peft_unmerged``, ``peft_merged``."""
     import peft
 
     from lorakit import LoraConfig
+    from lorakit.layers.fused import ungroup
     from lorakit.model import attach, merge
 
     models = {"base": base}
-    for name in ("lorakit_merged", "lorakit_unmerged"):
+    names = LORAKIT + (("lorakit_compiled",) if harness.compile_enabled() else ())
+    for name in names:
         model = attach(copy.deepcopy(base), LoraConfig(r=RANK, alpha=16, target_modules=targets, init="random"))
         if name == "lorakit_merged":
             merge(model)
+        if name == "lorakit_unfused":
+            ungroup(model)
+        if name == "lorakit_compiled":
+            model.compile(backend=harness.compile_backend())
         models[name] = model
     for name in ("peft_unmerged", "peft_merged"):
         config = peft.LoraConfig(r=RANK, lora_alpha=16, target_modules=targets, init_lora_weights=False)
@@ -58,7 +71,7 @@ def run(quick: bool = False) -> dict:
     results = {}
     for label, (batch, length, reps) in (QUICK_BATCHES if quick else BATCHES).items():
         inputs = harness.token_batch(base, batch, length)
-        samples, ms = harness.time_forwards(models, inputs, reps=reps, warmup=0 if quick else 1)
+        samples, ms = harness.time_forwards(models, inputs, reps=reps, warmup=1 if quick else 2)
         overhead = {name: round(ms[name] / ms["base"] - 1, 4) for name in ms if name != "base"}
         paired = {name: round(harness.paired_overhead(samples, name, "base") / ms["base"], 4)
                   for name in ms if name != "base"}
@@ -68,9 +81,10 @@ def run(quick: bool = False) -> dict:
             "overhead_vs_base": overhead, "paired_overhead_vs_base": paired,
             "merged_vs_base": harness.ratio(ms["lorakit_merged"], ms["base"]),
             "unmerged_overhead_minus_floor": round(overhead["lorakit_unmerged"] - floor["floor_adapted"], 4),
+            "unfused_overhead_minus_floor": round(overhead["lorakit_unfused"] - floor["floor_adapted"], 4),
             "peft_unmerged_overhead_minus_floor": round(overhead["peft_unmerged"] - floor["floor_adapted"], 4),
         }
-    return {"machine": harness.machine(), "model": "tiny Llama" if quick else "SmolLM2-135M (fp32)",
+    return {"machine": harness.machine(), "model": harness.model_name("SmolLM2-135M (fp32)", quick, "tiny Llama"),
             "targets": "all-linear", "rank": RANK, **floor, "batches": results}
 
 
@@ -84,28 +98,31 @@ def markdown(result: dict) -> str:
     rows = []
     for label, r in result["batches"].items():
         ms, over = r["forward_ms"], r["overhead_vs_base"]
-        rows.append([f"{label}: forward ms", ms["lorakit_unmerged"], ms["peft_unmerged"],
-                     harness.ratio(ms["lorakit_unmerged"], ms["peft_unmerged"]), "", "",
-                     ms["base"], ms["lorakit_merged"], ms["peft_merged"]])
-        rows.append([f"{label}: merged / base", r["merged_vs_base"],
-                     harness.ratio(ms["peft_merged"], ms["base"]), "", f"≤ {GOAL_MERGED}",
-                     harness.verdict(r["merged_vs_base"], GOAL_MERGED), "", "", ""])
-        rows.append([f"{label}: unmerged overhead (floor +{floor:.1%})", f"+{over['lorakit_unmerged']:.1%}",
-                     f"+{over['peft_unmerged']:.1%}", "", f"≤ +{floor + GOAL_ABOVE_FLOOR:.1%}",
-                     harness.verdict(r["unmerged_overhead_minus_floor"], GOAL_ABOVE_FLOOR), "", "", ""])
+        compiled = f"+{over['lorakit_compiled']:.1%}" if "lorakit_compiled" in over else ""
+        rows.append([label, ms["base"], ms["lorakit_merged"], ms["lorakit_unmerged"], ms["lorakit_unfused"],
+                     ms.get("lorakit_compiled"), ms["peft_unmerged"], ms["peft_merged"]])
+        rows.append([f"{label}: / base", 1.0, r["merged_vs_base"], harness.ratio(ms["lorakit_unmerged"], ms["base"]),
+                     harness.ratio(ms["lorakit_unfused"], ms["base"]),
+                     harness.ratio(ms["lorakit_compiled"], ms["base"]) if "lorakit_compiled" in ms else None,
+                     harness.ratio(ms["peft_unmerged"], ms["base"]), harness.ratio(ms["peft_merged"], ms["base"])])
+        rows.append([f"{label}: goals", "", f"≤ {GOAL_MERGED}: {harness.verdict(r['merged_vs_base'], GOAL_MERGED)}",
+                     f"≤ +{floor + GOAL_ABOVE_FLOOR:.1%}: {harness.verdict(r['unmerged_overhead_minus_floor'], GOAL_ABOVE_FLOOR)}",
+                     f"+{over['lorakit_unfused']:.1%}", compiled, f"+{over['peft_unmerged']:.1%}", ""])
     first = next(iter(result["batches"].values()))
-    return f"""## Inference forward
+    return f"""{harness.title("Inference forward", result["machine"])}
 
 `python -m benchmarks inference`. Machine: {harness.describe(result['machine'])}
 
 {result['model']}, LoRA rank {result['rank']} on {result['adapted_layers']} linear layers (all-linear), B non-zero,
-one forward under `torch.inference_mode`, median of {first['reps']}+ runs after warm-up, the five contenders
+one forward under `torch.inference_mode`, median of {first['reps']}+ runs after warm-up, all contenders
 alternating. FLOP floor of the unmerged adapters: Σ r(d+k) / Σ dk over the adapted layers =
 {floor:.2%} ({result['floor_all_linear']:.2%} of all linear layers' multiply-adds, head included).
-Goals: merged ≤ {GOAL_MERGED}× the base; unmerged overhead at most {GOAL_ABOVE_FLOOR:.0%} points above the floor.
+*unmerged*: q/k/v and gate/up computed together (one read of x for their A's); *unfused*: every layer on its
+own; *compiled*: unmerged under `torch.compile`. Goals: merged ≤ {GOAL_MERGED}× the base; unmerged overhead at
+most {GOAL_ABOVE_FLOOR:.0%} points above the floor.
 
-{harness.table(["measure", "lorakit", "PEFT", "lorakit / PEFT", "goal", "met", "base", "lorakit merged",
-                "PEFT merged"], rows)}"""
+{harness.table(["forward ms", "base", "lorakit merged", "lorakit unmerged", "lorakit unfused", "lorakit compiled",
+                "PEFT unmerged", "PEFT merged"], rows)}"""
 
 
 if __name__ == "__main__":

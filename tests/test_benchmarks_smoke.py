@@ -27,7 +27,10 @@ MINE = ["training", "inference", "bottleneck", "adapters"]
 
 @pytest.fixture(scope="module")
 def results():
-    return {name: importlib.import_module(f"benchmarks.{name}").run(quick=True) for name in MINE}
+    # the compiled contenders through aot_eager: graphs captured, no code generated (seconds, not minutes)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORAKIT_BENCH_COMPILE", "aot_eager")
+        return {name: importlib.import_module(f"benchmarks.{name}").run(quick=True) for name in MINE}
 
 
 def test_registered():
@@ -37,22 +40,23 @@ def test_registered():
 def test_training(results):
     r = results["training"]
     for case in ("minilm", "smollm2"):
-        assert set(r[case]["step_ms"]) == {"lorakit", "peft", "full", "floor"}
+        assert set(r[case]["step_ms"]) == {"lorakit", "lorakit_unfused", "lorakit_compiled", "peft", "full", "floor"}
         assert all(ms > 0 for ms in r[case]["step_ms"].values())
         assert all(m["peak_mb"] > 0 for m in r[case]["memory"].values())
         # lorakit and PEFT train the same parameters; full fine-tuning trains everything
         trainable = r[case]["trainable_params"]
-        assert trainable["lorakit"] == trainable["peft"] < trainable["full"]
+        assert trainable["lorakit"] == trainable["lorakit_unfused"] == trainable["lorakit_compiled"] == \
+            trainable["peft"] < trainable["full"]
         assert trainable["floor"] == 0
-        assert r[case]["time_vs_peft"] > 0
+        assert r[case]["time_vs_peft"] > 0 and r[case]["fused_vs_unfused"] > 0 and r[case]["compiled_vs_eager"] > 0
 
 
 def test_inference(results):
     r = results["inference"]
     assert r["adapted_layers"] == 14  # 2 blocks × 7 linear layers, the head left out
     for batch in r["batches"].values():
-        assert set(batch["forward_ms"]) == {"base", "lorakit_merged", "lorakit_unmerged", "peft_unmerged",
-                                            "peft_merged"}
+        assert set(batch["forward_ms"]) == {"base", "lorakit_merged", "lorakit_unmerged", "lorakit_unfused",
+                                            "lorakit_compiled", "peft_unmerged", "peft_merged"}
         assert batch["merged_vs_base"] > 0
 
 
@@ -66,6 +70,7 @@ def test_bottleneck(results):
 def test_adapters(results):
     r = results["adapters"]
     assert set(r["per_row"]["distinct"]) == {"1", "2", "8", "16", "32"}
+    assert all(d["lorakit_unfused_ms"] > 0 for d in r["per_row"]["distinct"].values())
     ms = r["load_switch_merge"]["ms"]
     for lib in ("lorakit", "peft"):
         assert set(ms[lib]) == {"load", "switch", "merge", "unmerge"}
@@ -98,3 +103,26 @@ def test_peak_memory_in_a_fresh_process():
 def test_machine_name():
     name = harness.machine_name()
     assert name and "/" not in name and " " not in name
+
+
+def test_section_titles_name_threads_and_clock_except_for_the_default_figures():
+    info = {"threads": 1, "clock": "cpu"}
+    assert harness.title("Training step", info) == "## Training step"
+    assert harness.title("Training step", {"threads": 2, "clock": "wall"}) == "## Training step (2 threads, wall clock)"
+    assert harness.title("Training step", {**info, "gpu": "NVIDIA H200"}) == "## Training step (GPU)"
+
+
+def test_runs_section_gives_each_pass_and_the_total():
+    from benchmarks.__main__ import runs_section
+
+    text = runs_section([{"pass": "1 thread, CPU seconds", "names": ["training"], "results": "a.json", "total_s": 600},
+                         {"pass": "2 threads, wall clock", "names": ["training"], "results": "b.json", "total_s": 300}])
+    assert text.startswith("## Benchmark runs") and "total 15.0 min" in text and "| 2 threads, wall clock |" in text
+
+
+def test_random_weight_models_have_the_real_architectures(monkeypatch):
+    monkeypatch.setenv("LORAKIT_BENCH_RANDOM_WEIGHTS", "1")
+    minilm = harness.from_config("minilm-l6")
+    assert type(minilm).__name__ == "BertForSequenceClassification" and minilm.config.num_hidden_layers == 6
+    assert sum(p.numel() for p in minilm.parameters()) == 22_713_986  # the embedded MiniLM-L6 with a 2-label head
+    assert harness.model_name("MiniLM-L6", False, "tiny BERT") == "MiniLM-L6 (random weights)"

@@ -155,7 +155,7 @@ def test_half_precision_is_computed_in_float32():
     assert B.dtype == torch.float32
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_tensors_stay_on_the_gpu():
     A = torch.tensor(SEED_A, device="cuda")
     B, C = lowrank.factorize(A, 2)

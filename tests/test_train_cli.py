@@ -61,7 +61,7 @@ def test_the_flags_are_made_from_the_config_fields_and_keep_their_names():
     assert all(f.metadata["help"] for f in fields(TrainConfig))  # every field says what it does
     added = {"--overwrite", "--loraplus-ratio", "--fsdp", "--dora", "--quantize", "--gradient-checkpointing", "--class-weights",
              "--text-column", "--label-column", "--prompt-column", "--completion-column", "--messages-column",
-             "--stream", "--no-stream", "--stream-buffer"}
+             "--stream", "--no-stream", "--stream-buffer", "--compile"}
     assert {option for a in actions.values() for option in a.option_strings} == OLD_FLAGS | added
     # a flag not given leaves the dataclass's default: the defaults are written once
     assert config_from_args(parser.parse_args(["train"])) == TrainConfig()
@@ -227,3 +227,18 @@ def test_a_folder_lorakit_did_not_write_is_refused_and_nothing_of_the_user_is_de
     assert (out / "adapter" / "mine.txt").read_text() == "keep me"
     assert sorted(p.name for p in (out / "adapter").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "lorakit_task.json", "mine.txt"]
+
+
+@pytest.mark.slow  # compiles the tiny model's training and evaluation graphs with inductor
+def test_compile_trains_to_the_eager_result(tiny, tmp_path):
+    """`--compile` compiles the model in place: the same losses, validation and saved keys as eager."""
+    common = ("--steps", "4", "--eval-every", "2", "--model-dropout", "0", "--no-bf16")
+    assert main(args(tiny, tmp_path / "eager", *common)) == 0
+    assert main(args(tiny, tmp_path / "compiled", *common, "--compile")) == 0
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), abs=1e-5)
+    reports = [json.loads((tmp_path / run / "report.json").read_text()) for run in ("eager", "compiled")]
+    assert reports[1]["validation_after"]["loss"] == pytest.approx(reports[0]["validation_after"]["loss"], abs=1e-5)
+    from safetensors.torch import load_file
+
+    files = [load_file(str(tmp_path / run / "adapter" / "adapter_model.safetensors")) for run in ("eager", "compiled")]
+    assert files[0].keys() == files[1].keys()

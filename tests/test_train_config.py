@@ -30,7 +30,7 @@ def test_the_recipe_defaults_are_explained_in_the_flags_help():
 def test_every_field_says_what_it_does_and_whether_a_resume_shares_it():
     assert all(f.metadata["help"] and {"flag", "shared"} <= set(f.metadata) for f in fields(TrainConfig))
     assert set(TrainConfig().settings()) == {f.name for f in fields(TrainConfig)} - {
-        "eval_batch_size", "out", "resume", "overwrite", "stop_after", "device", "fsdp", "progress"}
+        "eval_batch_size", "out", "resume", "overwrite", "stop_after", "device", "fsdp", "progress", "compile"}
 
 
 def test_bad_values_are_refused_with_their_name():

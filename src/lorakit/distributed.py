@@ -193,8 +193,10 @@ def shard(model: nn.Module, runtime: Runtime) -> list[str]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from lorakit.layers.fused import ungroup
     from lorakit.targets import transformer_blocks
 
+    ungroup(model)  # FSDP swaps each unit's parameters in and out around its forward: each layer on its own
     mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
     blocks = transformer_blocks(model)
     for block in blocks.values():

@@ -34,6 +34,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.inits import REWRITES_WEIGHT
 from lorakit.layers import LAYER_KINDS, LoraLayer, LoraParameter, ParameterHost, SavedModule, wrapper_for
+from lorakit.layers.fused import group_shared_inputs
 from lorakit.merging import merge, merge_and_unload, unload, unmerge  # noqa: F401  (re-exported)
 from lorakit.peft_format import with_task_heads
 from lorakit.targets import (  # noqa: F401  (re-exported: lorakit.model is where users look)
@@ -178,6 +179,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
             if param is not None:
                 param.requires_grad_(False)
     BIAS_MODES[config.bias](modules)
+    group_shared_inputs(modules)  # q/k/v, gate/up: computed together at run time
 
     record_configs(model, {**configs, name: config})
     if not active_adapters(model):  # else nothing changes: the new adapter is not active anywhere
@@ -294,6 +296,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             module.delete_copy(name)
             if not module.copies:
                 replace_module(model, modules, path, module.original())
+    group_shared_inputs(modules)
     configs = lora_configs(model)
     del configs[name]
     record_configs(model, configs)

@@ -39,6 +39,7 @@ from lorakit.checkpointing import enable_checkpointing
 from lorakit.data.batches import batch_of_step
 from lorakit.data.encode import collate
 from lorakit.errors import LorakitError
+from lorakit.layers.fused import settle
 from lorakit.methods import get_method
 from lorakit.optimizer import build_optimizer, warmup_cosine
 from lorakit.quantize import quantize_base
@@ -142,6 +143,8 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
             print(described)
     if config.gradient_checkpointing:
         enable_checkpointing(model)
+    if config.compile:  # in place: the module, its paths and state-dict keys stay the user's
+        model.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable, total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     if runtime.is_main:
@@ -199,6 +202,8 @@ def resume(run: Run) -> Progress:
     if runtime.rank > 0 and not config.resume:
         torch.manual_seed(config.seed + runtime.rank)  # each process its own dropout masks
     run.ddp_model = distributed.wrap(run.model, runtime)
+    # q/k/v, gate/up learn that they share an input here, so fresh and resumed runs compute alike
+    settle(run.model, lambda: run.evaluate(run.data.train[:1]))
     if runtime.is_main:
         folder.mark()
         run.log = MetricsLog(folder.metrics, keep_until_step=progress.step)

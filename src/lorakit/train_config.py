@@ -140,6 +140,9 @@ class TrainConfig:
         "mixed precision: matrix products in bfloat16, weights and optimizer in fp32; about 2x faster on GPUs "
         "and on CPUs with AMX",
         default_help="on where the hardware computes bfloat16, else off"))
+    compile: bool = field(default=False, metadata=setting(
+        "compile the model with torch.compile (needs a C++ compiler on CPU, Triton on GPU); the first steps and "
+        "evaluations take longer while it compiles", shared=False))
     eval_every: int | None = field(default=None, metadata=setting(
         "steps between evaluations and checkpoints", default_help=f"{EVALUATIONS_PER_RUN} per run"))
     eval_batch_size: int | None = field(default=None, metadata=setting(

@@ -30,6 +30,9 @@ class LoraAdapter(nn.Module):
     by :meth:`lorakit.config.LoraConfig.scaling_for`.
     """
 
+    #: its layer may compute it together with siblings' adapters on a shared input (layers/fused.py)
+    fuse_shared_input = True
+
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, scaling: float,
                  dropout: float = 0.0, *, dtype=None, device=None):
         super().__init__()

@@ -41,6 +41,8 @@ class DoraAdapter(LoraAdapter):
     groups); a PEFT file holds it as ``lora_magnitude_vector``.
     """
 
+    fuse_shared_input = False  # its output is rescaled per feature: not LoRA's (lorakit.layers.fused)
+
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, scaling: float,
                  dropout: float = 0.0, *, dtype=None, device=None):
         super().__init__(in_features, out_features, r, alpha, scaling, dropout, dtype=dtype, device=device)
@@ -147,6 +149,7 @@ class DoraMixin:
     ``ΔW = (c − 1) ⊙ W + c ⊙ s·B·A``, and the magnitude a file holds."""
 
     kind = "dora"
+    fuse_shared_input = False  # its own forward (lorakit.layers.fused groups LoRA layers only)
 
     def __init__(self, base: nn.Module):
         super().__init__(base)

@@ -92,8 +92,12 @@ class LoraLinear(LoraLayer):
         LorakitError: (per-row mode) the batch size differs from the number of rows given.
     """
 
+    #: siblings reading the same input may compute this layer's adapters with theirs (:mod:`.fused`)
+    fuse_shared_input = True
+
     def __init__(self, base: nn.Module):
         super().__init__(base)
+        self._group = None  # a layers.fused.SharedInputGroup, set by group_shared_inputs
         self.register_parameter("bias", base.bias)
         self.fan_in_fan_out = is_conv1d(base)
         self.in_features, self.out_features = linear_features(base)
@@ -112,6 +116,10 @@ class LoraLinear(LoraLayer):
         return out.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._group is not None:  # computed with its siblings when they read this same x
+            out = self._group.forward(self, x)
+            if out is not None:
+                return out
         run = self._run
         if not run and self._rows is None:  # merged, disabled or no adapter active: the base alone
             return self._base_forward(x)
