@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # benchmarks/ sits beside src/ (see test_bench_svd.py)
+if str(ROOT) not in sys.path:  # benchmarks/ sits beside src/ (see test_benchmarks_svd.py)
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import serve  # noqa: E402
