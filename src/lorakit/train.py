@@ -203,7 +203,7 @@ def resume(run: Run) -> Progress:
         torch.manual_seed(config.seed + runtime.rank)  # each process its own dropout masks
     run.ddp_model = distributed.wrap(run.model, runtime)
     # q/k/v, gate/up learn that they share an input here, so fresh and resumed runs compute alike
-    settle(run.model, lambda: run.evaluate(run.data.train[:1]))
+    settle(run.model, lambda: run.evaluate(run.data.validation[:1]))
     if runtime.is_main:
         folder.mark()
         run.log = MetricsLog(folder.metrics, keep_until_step=progress.step)
