@@ -1,5 +1,6 @@
 """``python -m benchmarks [--quick] [--threads N] [--clock cpu|wall] [--both] [NAME ...]``: run
-benchmarks, save results/<machine>.json.
+benchmarks, save results/<machine>.json. Without names: every benchmark but the long studies
+(:data:`STUDIES`, run by name).
 
 ``--threads`` and ``--clock`` set the torch threads and what is timed (default: the
 environment's, ``OMP_NUM_THREADS`` and ``LORAKIT_BENCH_CLOCK``). ``--both`` runs the side-by-side
@@ -29,6 +30,10 @@ from benchmarks.harness import machine_name
 
 # Benchmark modules under benchmarks/, each with run(quick: bool) -> dict.
 BENCHMARKS = ["svd", "serve", "training", "inference", "bottleneck", "adapters", "combine", "memory_fsdp", "dora", "memory", "own_data"]
+# Studies that train for many minutes each (the memory levers, runs on labelled datasets): run by name only, so
+# that ``make bench`` (the comparisons with the peers) stays within about half an hour on two cores.
+STUDIES = ["memory", "own_data"]
+DEFAULT = [name for name in BENCHMARKS if name not in STUDIES]
 # the side-by-side ones whose sections name their threads and clock (--both runs them)
 SIDE_BY_SIDE = ["training", "inference", "bottleneck", "adapters"]
 PASSES = [("1", "cpu"), ("2", "wall")]  # --both: (torch threads, clock)
@@ -64,8 +69,9 @@ def runs_section(runs: list[dict]) -> str:
     """The ``## Benchmark runs`` section: each pass of the last ``--both`` run and its total time."""
     rows = "".join(f"| {r['pass']} | {', '.join(r['names'])} | `{r['results']}` | {r['total_s'] / 60:.1f} min |\n"
                    for r in runs)
-    return ("## Benchmark runs\n\nThe last full run of `python -m benchmarks` (`make bench`: all of them at 2 threads, "
-            f"wall clock), {time.strftime('%Y-%m-%d')}; total {sum(r['total_s'] for r in runs) / 60:.1f} min.\n\n"
+    return ("## Benchmark runs\n\nThe last run of `python -m benchmarks` over several benchmarks (`make bench`: all but "
+            f"the studies, 2 threads, wall clock; or `--both`), {time.strftime('%Y-%m-%d')}; total "
+            f"{sum(r['total_s'] for r in runs) / 60:.1f} min.\n\n"
             "| pass | benchmarks | results | total time |\n|---|---|---|---|\n" + rows)
 
 
@@ -95,7 +101,8 @@ def both(names: list[str], quick: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("names", nargs="*", help=f"benchmarks to run (default all: {', '.join(BENCHMARKS)})")
+    parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: {', '.join(DEFAULT)}; by name only: "
+                        f"{', '.join(STUDIES)})")
     parser.add_argument("--quick", action="store_true", help="small sizes, one repetition: a smoke run")
     parser.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS or torch's own)")
     parser.add_argument("--clock", choices=["cpu", "wall"], help="time CPU seconds or wall seconds "
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     path = RESULTS / f"{machine_name()}{'-quick' if args.quick else ''}.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    for name in args.names or BENCHMARKS:
+    for name in args.names or DEFAULT:
         print(f"== {name}", flush=True)
         result = import_module(f"benchmarks.{name}").run(quick=args.quick)
         result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -136,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     if report:
         path.with_suffix(".md").write_text("\n".join(s.rstrip("\n") + "\n" for s in report))
     if not args.quick:
-        if not os.environ.get("LORAKIT_BENCH_PASS"):  # a pass of --both: the parent writes the runs
+        if len(args.names) != 1 and not os.environ.get("LORAKIT_BENCH_PASS"):  # one alone is no run; --both: the parent
             import torch
 
             clock = os.environ.get("LORAKIT_BENCH_CLOCK", "wall")
             label = f"{torch.get_num_threads()} thread(s), {'CPU seconds' if clock == 'cpu' else 'wall clock'}"
-            write_section(runs_section([{"pass": label, "names": args.names or BENCHMARKS, "total_s":
+            write_section(runs_section([{"pass": label, "names": args.names or DEFAULT, "total_s":
                                          time.perf_counter() - started, "results": f"benchmarks/results/{path.name}"}]))
     print(f"results written to {path} and {path.with_suffix('.md')}" + ("" if args.quick else f"; sections of {DOC}"))
     return 0

@@ -26,6 +26,7 @@ Full run: the embedded SmolLM2-135M-Instruct (fp32, CPU). ``quick=True``: the to
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import resource
 import statistics
@@ -84,21 +85,25 @@ def _peft_tps(model_dir: str | None, folders: dict[str, Path], jobs, tokenizer, 
     """transformers' generate on a PeftModel, ``adapter_names`` per row, batches of ``batch``."""
     from peft import PeftModel
 
-    base = _plain_model(model_dir)
     names = list(folders)
-    model = PeftModel.from_pretrained(base, str(folders[names[0]]), adapter_name=names[0])
+    model = PeftModel.from_pretrained(_plain_model(model_dir), str(folders[names[0]]), adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(str(folders[name]), adapter_name=name)
-    model.eval()
+    return _generate_tps(model.eval(), jobs, tokenizer, new_tokens, batch, per_row=True)
+
+
+def _generate_tps(model, jobs, tokenizer, new_tokens: int, batch: int, per_row: bool) -> float:
+    """Tokens/s of transformers' ``generate`` over ``jobs`` in left-padded batches of ``batch``;
+    ``per_row``: each row with its job's adapter (PEFT's ``adapter_names``), else the model as it is."""
     tokenizer.padding_side = "left"
     texts = [tokenizer.decode(ids) for _, ids in jobs]
     start, tokens = time.perf_counter(), 0
     with torch.inference_mode():
         for at in range(0, len(jobs), batch):
             inputs = tokenizer(texts[at:at + batch], return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(**inputs, adapter_names=[a for a, _ in jobs[at:at + batch]], do_sample=False,
-                                 min_new_tokens=new_tokens, max_new_tokens=new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id)
+            rows = {"adapter_names": [a for a, _ in jobs[at:at + batch]]} if per_row else {}
+            out = model.generate(**inputs, **rows, do_sample=False, min_new_tokens=new_tokens,
+                                 max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
             tokens += (out.shape[1] - inputs["input_ids"].shape[1]) * out.shape[0]
     return tokens / (time.perf_counter() - start)
 
@@ -181,12 +186,13 @@ def _run(quick: bool, tmp: Path, adapters: int, requests: int, new_tokens: int, 
     finally:
         service.stop()
     peft = _peft_tps(model_dir, {n: root / n for n in names}, mixed, service.tokenizer, new_tokens, max_batch)
-    print(f"serve: PEFT generate {peft:.1f} tokens/s", file=sys.stderr, flush=True)
+    base = _generate_tps(_plain_model(model_dir), mixed, service.tokenizer, new_tokens, max_batch, per_row=False)
+    print(f"serve: PEFT generate {peft:.1f} tokens/s; the base model's generate {base:.1f}", file=sys.stderr, flush=True)
     del service
     burst = _burst(model_dir or "default-chat", queue, 8 if quick else 16, tmp / "burst.log")
     return {
         "tokens_per_s": {"lorakit_mixed": round(lorakit_mixed, 1), "lorakit_one_adapter": round(lorakit_one, 1),
-                         "peft_generate_mixed": round(peft, 1)},
+                         "peft_generate_mixed": round(peft, 1), "base_generate": round(base, 1)},
         "ratio_vs_peft": round(lorakit_mixed / peft, 2),
         "ratio_vs_one_adapter": round(lorakit_mixed / lorakit_one, 3),
         "load_on_demand": cold_start,
@@ -236,21 +242,43 @@ def _burst(model: str, queue: int, new_tokens: int, log: Path) -> dict:
 
 
 async def _send_all(url: str, body: dict, count: int) -> list[tuple[int, float, int]]:
-    """``(status or -1, ms, completion tokens)`` of ``count`` requests sent at once."""
-    import httpx
+    """``(status or -1, ms, completion tokens)`` of ``count`` requests sent at once.
 
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=count)) as client:
-        async def one():
-            start = time.perf_counter()
-            try:
-                answer = await client.post(url + "/v1/completions", json=body)
-            except httpx.HTTPError:
-                return -1, (time.perf_counter() - start) * 1000, 0
-            ms = (time.perf_counter() - start) * 1000
-            tokens = answer.json().get("usage", {}).get("completion_tokens", 0) if answer.status_code == 200 else 0
-            return answer.status_code, ms, tokens
+    A bare HTTP/1.1 client on asyncio streams: every connection is opened first, then all
+    requests are written in one go, and each one's time runs from its request being written
+    to its whole answer read. (A client library's own per-request work, on the same two cores
+    as the server, would otherwise be counted as the server's latency.)"""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    request = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\ncontent-type: application/json\r\n"
+               f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n").encode() + payload
+    connections = [await asyncio.open_connection(host, int(port)) for _ in range(count)]
+    go = asyncio.Event()
 
-        return await asyncio.gather(*(one() for _ in range(count)))
+    async def one(reader, writer):
+        await go.wait()
+        start = time.perf_counter()
+        try:
+            writer.write(request)
+            await writer.drain()
+            answer = await reader.read()  # the server closes the connection after its answer
+        except OSError:
+            return -1, (time.perf_counter() - start) * 1000, 0
+        finally:
+            writer.close()
+        ms = (time.perf_counter() - start) * 1000
+        head, _, content = answer.partition(b"\r\n\r\n")
+        parts = head.split(b" ", 2)
+        if len(parts) < 2 or not parts[1].isdigit():
+            return -1, ms, 0
+        status = int(parts[1])
+        tokens = json.loads(content).get("usage", {}).get("completion_tokens", 0) if status == 200 else 0
+        return status, ms, tokens
+
+    tasks = [asyncio.create_task(one(reader, writer)) for reader, writer in connections]
+    await asyncio.sleep(0)
+    go.set()
+    return await asyncio.gather(*tasks)
 
 
 def _free_port() -> int:
@@ -292,6 +320,7 @@ def markdown(result: dict) -> str:
 | lorakit, {result['adapters']} adapters (engine, per-row adapters) | {tps['lorakit_mixed']} | |
 | PEFT: `generate` with `adapter_names`, mixed batches | {tps['peft_generate_mixed']} | {result['ratio_vs_peft']}× (goal ≥ 3×) |
 | lorakit, the same requests on 1 adapter | {tps['lorakit_one_adapter']} | {result['ratio_vs_one_adapter']}× (goal ≥ 0.9×) |
+| transformers: `generate` on the base model, no adapters (a ceiling for any adapter method on `generate`) | {tps.get('base_generate', '–')} | {round(tps['lorakit_mixed'] / tps['base_generate'], 2) if tps.get('base_generate') else '–'}× |
 
 Load on demand (`--load-on-demand`, {cold['cold_adapters']} cold adapters, median): a cold adapter's first
 token after {cold['cold_first_token_ms']} ms against {cold['warm_first_token_ms']} ms for a resident one:
@@ -299,6 +328,7 @@ token after {cold['cold_first_token_ms']} ms against {cold['warm_first_token_ms'
 
 Burst of {burst['sent']} requests at once against `--max-queue {result['queue']}`: {burst['accepted']} accepted
 (all completed: {burst['accepted_completed'] == burst['accepted']}), {burst['refused_429']} answered 429,
-{burst['lost']} lost; 429 answered within {burst['p99_429_ms']} ms (p99, client-side; goal 50 ms); server RSS
+{burst['lost']} lost; 429 answered within {burst['p99_429_ms']} ms (p99, from the request written to the answer
+read, client-side; goal 50 ms); server RSS
 {burst['rss_before_mb']} MB before, {burst['rss_after_mb']} MB after ({burst['rss_change']:+.1%}; goal within 10%).
 """

@@ -14,7 +14,7 @@ from benchmarks.__main__ import BENCHMARKS  # noqa: E402
 def test_serve_benchmark_runs_quick():
     result = serve.run(quick=True)
     assert "serve" in BENCHMARKS
-    assert set(result["tokens_per_s"]) == {"lorakit_mixed", "lorakit_one_adapter", "peft_generate_mixed"}
+    assert set(result["tokens_per_s"]) == {"lorakit_mixed", "lorakit_one_adapter", "peft_generate_mixed", "base_generate"}
     assert all(v > 0 for v in result["tokens_per_s"].values())
     cold = result["load_on_demand"]
     assert cold["load_adapter_ms"] > 0 and cold["cold_first_token_ms"] > 0

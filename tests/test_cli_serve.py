@@ -4,6 +4,11 @@ model loads."""
 import subprocess
 import sys
 
+import pytest
+
+from lorakit.cli.serve import parse_adapters
+from lorakit.errors import LorakitError
+
 
 def _serve(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lorakit", "serve", *args], capture_output=True, text=True, timeout=120)
@@ -23,3 +28,11 @@ def test_bad_limits_and_keys_are_refused_before_the_model_loads(tmp_path):
                         (["--api-key", ""], "--api-key")]:
         done = _serve("--model", str(tmp_path / "no-such-model"), *args)
         assert done.returncode == 2 and words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_parse_adapter_flags():
+    assert parse_adapters(["sql=a/b", "chat=c=d"]) == {"sql": "a/b", "chat": "c=d"}
+    with pytest.raises(LorakitError, match="NAME=DIR"):
+        parse_adapters(["nodir"])
+    with pytest.raises(LorakitError, match="twice"):
+        parse_adapters(["a=x", "a=y"])

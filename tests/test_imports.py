@@ -135,3 +135,19 @@ def _line_counts() -> dict[str, int]:
 def test_no_module_is_over_400_lines():
     over = {name: n for name, n in _line_counts().items() if n > MAX_LINES}
     assert not over, f"modules over {MAX_LINES} lines (split each along its jobs): {over}"
+
+
+# Tests that are about the package's shape rather than one module of it.
+SHAPE_TESTS = {"imports"}
+
+
+def test_every_test_file_is_named_after_a_module_or_folder():
+    """``tests/test_a_b.py`` tests ``lorakit/a/b.py`` or the folder ``lorakit/a/b/`` (or
+    ``benchmarks/b.py`` for ``test_benchmarks_b.py``), so a module's tests are found by its name."""
+    names = {"benchmarks"} | {f"benchmarks_{p.stem}" for p in (Path(__file__).parent.parent / "benchmarks").glob("*.py")}
+    for dotted in _modules():
+        parts = dotted.split(".")[1:]
+        names.update("_".join(parts[:i]) for i in range(1, len(parts) + 1))
+    tests = Path(__file__).parent.glob("test_*.py")
+    stray = sorted(t.name for t in tests if t.stem[len("test_"):] not in names | SHAPE_TESTS)
+    assert not stray, f"test files named after no module or folder of lorakit: {stray}"

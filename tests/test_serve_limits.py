@@ -121,3 +121,39 @@ def test_past_the_request_timeout_the_answer_is_504_and_the_row_is_freed(hurried
     assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "timeout_error"
     quick = httpx.post(hurried.url + "/v1/completions", json={**body, "max_tokens": 4}, timeout=60)
     assert quick.status_code == 200
+
+
+
+def _through_door(full: str | None, receive) -> tuple[list[dict], list[str]]:
+    """What :class:`BodyLimitMiddleware` sends for a POST to /v1/completions, and the routes reached."""
+    from lorakit.serve.limits import BodyLimitMiddleware
+
+    sent, reached = [], []
+
+    async def route(scope, receive, send):
+        reached.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def send(message):
+        sent.append(message)
+
+    door = BodyLimitMiddleware(route, max_bytes=100, queue_full=lambda: full)
+    asyncio.run(door({"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}, receive, send))
+    return sent, reached
+
+
+def test_a_full_queue_is_answered_429_at_the_door_before_the_body_is_read():
+    async def never():
+        raise AssertionError("the body was read")
+
+    sent, reached = _through_door("the server has 4 requests waiting (--max-queue 4); retry in a second", never)
+    assert sent[0]["status"] == 429 and (b"retry-after", b"1") in sent[0]["headers"] and not reached
+    error = json.loads(sent[1]["body"])["error"]
+    assert error["code"] == "rate_limit_exceeded" and "--max-queue 4" in error["message"]
+
+    async def body():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    sent, reached = _through_door(None, body)  # room in the queue: on to the route
+    assert sent[0]["status"] == 200 and reached == ["/v1/completions"]

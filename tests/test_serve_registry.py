@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit.errors import LorakitError
-from lorakit.serve.registry import AdapterConflict, AdapterForbidden, AdapterLoadError, AdapterRegistry
+from lorakit.serve.registry import AdapterConflict, AdapterForbidden, AdapterLoadError, AdapterRegistry, check_name
 from lorakit.serve.toy import write_random_adapter
 from serve_helpers import PROMPTS, Server, complete, error_of, make_toy
 
@@ -143,3 +143,45 @@ def test_nan_weights_over_http_are_refused(server, toy):
     err = error_of(httpx.post(server.url + "/v1/adapters", json={"name": "nan", "path": "nan"}), 400)
     assert "NaN or infinite" in err["message"]
     assert "nan" not in {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]}
+
+
+def test_adapter_names_are_checked():
+    assert check_name("sql-v1.2_x") == "sql-v1.2_x"
+    assert check_name("org/name:v2") == "org/name:v2"  # names vLLM's clients use
+    for bad in ["", "a b", "x" * 129, "../etc", "é", "/abs", "-x"]:
+        with pytest.raises(LorakitError, match="invalid"):
+            check_name(bad)
+    with pytest.raises(AdapterConflict, match="reserved"):
+        check_name("base")
+
+
+def _adapter_dir(path):
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text("{}")
+    return path
+
+
+def test_adapter_paths_must_lie_under_the_root_even_through_symlinks(tmp_path):
+    root = tmp_path / "root"
+    inside = _adapter_dir(root / "sql")
+    outside = _adapter_dir(tmp_path / "elsewhere")
+    os.symlink(outside, root / "sneaky")
+    registry = AdapterRegistry(model=None, adapter_root=root, max_loaded=2)
+    assert registry.resolve_path("sql") == inside.resolve()
+    assert registry.resolve_path(str(inside)) == inside.resolve()
+    for bad in ["../elsewhere", str(outside), "sneaky", "/etc"]:
+        with pytest.raises(AdapterForbidden, match="outside the adapter root"):
+            registry.resolve_path(bad)
+    with pytest.raises(LorakitError, match="not a folder"):
+        registry.resolve_path("missing")
+    (root / "empty").mkdir()
+    with pytest.raises(LorakitError, match="no adapter_config.json"):
+        registry.resolve_path("empty")
+
+
+def test_without_a_root_only_command_line_paths_are_allowed(tmp_path):
+    folder = _adapter_dir(tmp_path / "a")
+    registry = AdapterRegistry(model=None, adapter_root=None, max_loaded=1)
+    assert registry.resolve_path(folder, trusted=True) == folder.resolve()
+    with pytest.raises(AdapterForbidden, match="--adapter-root"):
+        registry.resolve_path(folder)

@@ -1,7 +1,10 @@
-"""Loading adapters on their first request (``--load-on-demand``), on a real server on
-loopback: 16 concurrent first requests for one adapter load it once and all get its
+"""The service behind the routes. Loading adapters on their first request
+(``--load-on-demand``), on a real server on loopback: 16 concurrent first requests for one adapter load it once and all get its
 answer; names that are not folders under the root stay 404; a folder that links outside
-the root is refused; the LRU keeps at most ``--max-loaded`` resident."""
+the root is refused; the LRU keeps at most ``--max-loaded`` resident. And ``POST /v1/classify``
+on a classification model: label and probabilities per text, with per-request adapters (LoRA on
+query/value plus a per-adapter classifier head), checked against the same adapter run through
+lorakit's ordinary (non-per-row) forward."""
 
 from __future__ import annotations
 
@@ -11,8 +14,14 @@ import shutil
 
 import httpx
 import pytest
+import torch
+from fastapi.testclient import TestClient
 
 from serve_helpers import PROMPTS, Server, error_of, make_toy
+from tiny_models import tiny_bert_classifier
+
+from lorakit.serve.app import create_app
+from lorakit.serve.service import CLASSIFY, build_service
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +78,95 @@ def test_on_demand_adapters_go_through_the_lru(server, toy):
         assert answer.json()["choices"][0]["text"] == refs.text(root / name, tokenizer.encode(PROMPTS[0]), 5)
     assert httpx.get(server.url + "/health").json()["adapters_resident"] <= 2
     assert _loads(server.url)["task0"] == 2  # evicted by task2, loaded again
+
+
+TEXTS = ["a fine film", "dull and slow", "the quick brown fox"]
+
+
+def _word_tokenizer(folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for text in TEXTS for w in text.split()} | {"more", "words"})
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]",
+                                        model_input_names=["input_ids", "attention_mask"])
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    from lorakit.config import LoraConfig
+    from lorakit.io import save_adapter
+    from lorakit.model import attach
+
+    tmp = tmp_path_factory.mktemp("classify")
+    model = tiny_bert_classifier(num_labels=3)
+    model.config.id2label = {0: "neg", 1: "neutral", 2: "pos"}
+    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+    model.save_pretrained(tmp / "model")
+    _word_tokenizer(tmp / "model")
+    attach(model, LoraConfig(r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]), "mood")
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:  # the adapter's A, B and its classifier copy
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    save_adapter(model, tmp / "adapters" / "mood", "mood")
+    return tmp, model
+
+
+def test_classify_answers_labels_and_probabilities_per_adapter(classifier):
+    tmp, reference = classifier
+    service = build_service(str(tmp / "model"), adapters={"mood": str(tmp / "adapters" / "mood")}, max_loaded=2)
+    assert service.task == CLASSIFY
+    with TestClient(create_app(service)) as client:
+        answers = {m: client.post("/v1/classify", json={"model": m, "input": TEXTS}).json() for m in ("base", "mood")}
+        single = client.post("/v1/classify", json={"model": "mood", "input": TEXTS[0]}).json()
+        assert client.post("/v1/completions", json={"model": "base", "prompt": "x"}).status_code == 400
+        assert client.post("/v1/classify", json={"model": "nope", "input": "x"}).status_code == 404
+        assert client.post("/v1/classify", json={"model": "mood", "input": []}).status_code == 422
+    from lorakit.model import disable_adapters, set_active
+
+    batch = service.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    set_active(reference, "mood")
+    with torch.no_grad():
+        expected = {"mood": torch.softmax(reference(**batch).logits, -1)}
+        with disable_adapters(reference):
+            expected["base"] = torch.softmax(reference(**batch).logits, -1)
+    labels = ["neg", "neutral", "pos"]
+    for model_name, answer in answers.items():
+        assert answer["model"] == model_name and len(answer["data"]) == len(TEXTS)
+        for row, probs in zip(answer["data"], expected[model_name]):
+            got = torch.tensor([row["probabilities"][label] for label in labels])
+            assert torch.allclose(got, probs, atol=1e-5), (model_name, row)
+            assert row["label"] == labels[int(probs.argmax())]
+    assert not torch.allclose(expected["mood"], expected["base"], atol=1e-3)  # the adapter matters
+    one = torch.tensor([single["data"][0]["probabilities"][label] for label in labels])
+    assert torch.allclose(one, expected["mood"][0], atol=1e-5)  # a batch of one agrees with the batch
+
+
+def test_an_adapter_answers_with_the_labels_it_was_trained_with(classifier, tmp_path):
+    """``lorakit_task.json`` beside the adapter names its classes, as ``lorakit predict`` reads them."""
+    import json
+    import shutil
+
+    tmp, _ = classifier
+    root = tmp_path / "adapters"
+    shutil.copytree(tmp / "adapters" / "mood", root / "mood")
+    labels = ["sad", "flat", "happy"]
+    (root / "mood" / "lorakit_task.json").write_text(json.dumps(
+        {"task": "classify", "method": "lora", "model": str(tmp / "model"), "labels": labels, "max_length": 16}))
+    service = build_service(str(tmp / "model"), adapter_root=str(root), max_loaded=2)
+    with TestClient(create_app(service)) as client:
+        assert client.post("/v1/adapters", json={"name": "mood", "path": "mood"}).status_code == 201
+        mood = client.post("/v1/classify", json={"model": "mood", "input": TEXTS}).json()["data"]
+        base = client.post("/v1/classify", json={"model": "base", "input": TEXTS}).json()["data"]
+        surrogate = client.post("/v1/classify", content=b'{"model": "mood", "input": ["ok", "\\ud800"]}',
+                                headers={"content-type": "application/json"})
+    assert all(row["label"] in labels and set(row["probabilities"]) == set(labels) for row in mood)
+    assert all(row["label"] in ("neg", "neutral", "pos") for row in base)
+    assert surrogate.status_code == 422 and "surrogate" in surrogate.json()["error"]["message"]

@@ -10,7 +10,8 @@ server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``),
 Around the routes, outermost first: :class:`~lorakit.serve.metrics.MetricsMiddleware`
 (counts every answer), :class:`~lorakit.serve.auth.AccessMiddleware` (``Host`` header
 and API keys), :class:`~lorakit.serve.limits.BodyLimitMiddleware` (413 past
-``--max-body-bytes``). Every error answers in OpenAI's shape (:mod:`lorakit.serve.responses`).
+``--max-body-bytes``, 429 while the queue is full). Every error answers in OpenAI's shape
+(:mod:`lorakit.serve.responses`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def create_app(service: Service, access: Access | None = None) -> FastAPI:
     app = FastAPI(title="lorakit serve", lifespan=lifespan)
     metrics = Metrics(service)
     app.state.service, app.state.metrics = service, metrics
-    app.add_middleware(BodyLimitMiddleware, max_bytes=service.limits.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=service.limits.max_body_bytes, queue_full=service.queue_full)
     app.add_middleware(AccessMiddleware, access=access or Access())
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 

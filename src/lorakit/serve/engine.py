@@ -33,7 +33,7 @@ import torch
 
 from lorakit.errors import LorakitError
 from lorakit.serve.detokenize import TextStream
-from lorakit.serve.kv import BatchCache
+from lorakit.serve.kv import BatchCache, release_freed_memory
 from lorakit.serve.registry import BASE, AdapterEntry, AdapterRegistry
 from lorakit.serve.sampling import Sampler, TokenLogprob, pick_tokens, token_logprob
 
@@ -132,6 +132,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.tokens_generated = 0
         self.steps = 0
+        self._steps_at_idle = 0
 
     # ---- the outside world (any thread) ---------------------------------------------
     def start(self) -> "Engine":
@@ -183,6 +184,9 @@ class Engine:
                 return
             if idle or not self._inbox.empty():
                 self._held.close()  # commands may load or unload adapters
+            if idle and self.steps != self._steps_at_idle:  # a batch has just drained
+                self._steps_at_idle = self.steps
+                release_freed_memory()
             self._take_inbox(block=idle)
             try:
                 self._admit()

@@ -140,14 +140,20 @@ class Service:
         """Requests waiting: generations not yet decoding plus classify calls not yet run."""
         return self.engine.queued() + self._calls_waiting
 
+    def queue_full(self) -> str | None:
+        """Why no request can wait now (the queue holds ``--max-queue``), or None."""
+        return self._full_message() if self.queued() >= self.limits.max_queue else None
+
+    def _full_message(self) -> str:
+        return f"the server has {self.queued()} requests waiting (--max-queue {self.limits.max_queue}); retry in a second"
+
     def check_room(self, count: int = 1) -> None:
         """Raise :class:`QueueFull` when ``count`` more waiting requests would pass --max-queue."""
         if count > self.limits.max_queue:
             raise LimitError(f"n is {count}; this server queues at most {self.limits.max_queue} requests "
                              "(--max-queue): ask for fewer choices", "n")
         if self.queued() + count > self.limits.max_queue:
-            raise QueueFull(f"the server has {self.queued()} requests waiting (--max-queue "
-                            f"{self.limits.max_queue}); retry in a second")
+            raise QueueFull(self._full_message())
 
     def submit(self, prompt_ids: list[int], adapter: str, max_tokens: int, samplers: list[Sampler],
                stop: list[str], logprobs: int | None = None,

@@ -1,0 +1,53 @@
+"""Sampling: nucleus, seeds, greedy, every accepted temperature safe, a row with non-finite
+logits failing alone, log-probabilities."""
+
+import pytest
+import torch
+
+from lorakit.serve.sampling import NonFiniteLogits, Sampler, nucleus, pick_tokens, token_logprob
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    kept = nucleus(probs.clone(), 0.8)
+    assert torch.allclose(kept, torch.tensor([0.625, 0.375, 0.0, 0.0]))
+    assert torch.allclose(nucleus(probs.clone(), 0.81), torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95)
+
+
+def test_sampler_with_a_seed_repeats_and_greedy_takes_the_argmax():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    draws = [Sampler(temperature=1.0, seed=7).sample(logits) for _ in range(3)]
+    assert draws[0] == draws[1] == draws[2]
+    sampler = Sampler(temperature=1.0, seed=7)
+    assert len({sampler.sample(logits) for _ in range(30)}) > 1  # it does sample
+    assert Sampler(temperature=0.0).sample(logits) == int(logits.argmax())
+
+
+def test_sampling_is_safe_for_every_accepted_temperature():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(1)) * 30
+    for temperature in (9e-38, 1e-40, 5e-324, 1e-6):
+        assert Sampler(temperature=temperature).greedy
+        assert Sampler(temperature=temperature).sample(logits) == int(logits.argmax())
+    for temperature in (1e-5, 1e-4, 0.01, 2.0):  # sampled: (logits - max) / t never overflows
+        token = Sampler(temperature=temperature, top_p=0.5, seed=3).sample(logits * 1e30)
+        assert 0 <= token < 50
+    assert Sampler(temperature=1e-5, seed=3).sample(logits) == int(logits.argmax())  # all mass on the max
+
+
+def test_a_row_with_non_finite_logits_fails_alone():
+    logits = torch.randn(4, 20, generator=torch.Generator().manual_seed(2))
+    logits[1, 3] = float("nan")
+    logits[2, 0] = float("inf")
+    picked = pick_tokens(logits, [Sampler(temperature=0.0), Sampler(temperature=0.0), Sampler(temperature=0.7),
+                                  Sampler(temperature=0.7, seed=1)])
+    assert picked[0] == int(logits[0].argmax()) and isinstance(picked[3], int)
+    assert isinstance(picked[1], NonFiniteLogits) and isinstance(picked[2], NonFiniteLogits)
+
+
+def test_token_logprobs_are_the_raw_log_softmax_and_its_top_k():
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    entry = token_logprob(logits, 2, 2)
+    expected = torch.log_softmax(logits, -1)
+    assert entry.token == 2 and abs(entry.logprob - float(expected[2])) < 1e-6
+    assert [t for t, _ in entry.top] == [1, 2] and abs(entry.top[0][1] - float(expected[1])) < 1e-6
+    assert token_logprob(logits, 0, 0).top == []
