@@ -310,7 +310,7 @@ def prediction_cases(quick: bool) -> dict:
     small = dict(batch_size=2, max_length=16) if quick else {}
     lm = {**dict(task="chat", batch_size=8, max_length=256, targets="all-linear"), **small}
     cases = {
-        "MiniLM LoRA": dict(task="classify", model="default", **small),
+        "MiniLM LoRA": dict(task="classify", model="default", **(small or dict(batch_size=32, max_length=64))),
         "SmolLM2 LoRA": dict(model=chat, **lm),
         "SmolLM2 LoRA nf4": dict(model=chat, quantize="nf4", **lm),
         "Llama-1B LoRA": dict(model=llama, **lm),

@@ -61,8 +61,10 @@ def test_each_lever_moves_its_own_part(llm):
 
 
 def test_full_fine_tuning_of_a_1b_llama_does_not_fit_24_gib(llama_1b):
-    # at lorakit train's default batch (32 x 256 tokens), in fp32
-    full = predict_peak(TrainConfig(task="chat", model=llama_1b, method="full", bf16=False))
+    # at the most the recipe chooses for the chat task (32 x 512 tokens), in fp32
+    from lorakit.recipe import with_shape
+
+    full = predict_peak(with_shape(TrainConfig(task="chat", model=llama_1b, method="full", bf16=False)))
     assert not full.fits(24 * GiB)
     assert full.weights > 4.5 * GiB and full.optimizer > 9 * GiB  # 1.24 B fp32 values, and AdamW's two moments
     assert full.gradients == pytest.approx(full.weights, rel=1e-6)  # every weight trains (buffers aside)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from lorakit import recipe
+from lorakit.memory import MemoryEstimate, predict_peak
 from lorakit.methods import get_method
+from lorakit.errors import LorakitError
 from lorakit.tasks import ClassificationTask, get_task
 from lorakit.train_config import TrainConfig
 
@@ -118,9 +120,65 @@ def test_the_default_task_keeps_the_measured_recipe(minilm):
 
     model, tokenizer = minilm
     train = rotten_tomatoes().train
-    config, choices = recipe.choose(TrainConfig(), CLASSIFY, LORA, train, tokenizer, model)
+    config, choices = recipe.choose(TrainConfig(), CLASSIFY, LORA, train, tokenizer, model, predict=predict_peak)
     steps, _ = recipe.run_length(config, CLASSIFY, len(train), config.batch_size)
-    assert (config.batch_size, config.lr, config.max_length, steps) == (32, 1e-3, 64, 1_008)
+    assert (config.batch_size, config.grad_accum, config.lr, config.max_length, steps) == (32, 1, 1e-3, 64, 1_008)
     assert len(recipe.sample_records(train)) == recipe.SAMPLE_SIZE
     assert recipe.sample_records(train) == recipe.sample_records(train)  # seeded
     assert replace(config, out="x").max_length == 64
+
+
+def _predictor(bytes_per_example: int, seen: list):
+    """A stand-in for predict_peak whose activations grow by ``bytes_per_example`` per example."""
+    def predict(config):
+        seen.append((config.batch_size, config.grad_accum, config.max_length))
+        return MemoryEstimate(weights=0, gradients=0, optimizer=0, allocator=0, runtime=0, tensors=0, trainable=0,
+                              activations=bytes_per_example * config.batch_size, tokens=0)
+    return predict
+
+
+@pytest.mark.parametrize("mib_per_example, passes", [(16, 1), (40, 2), (100, 4), (600, 32), (2048, 32)])
+def test_micro_batches_keep_one_pass_under_the_budget(mib_per_example, passes):
+    seen = []
+    config, choices = recipe.choose(TrainConfig(max_length=64), CLASSIFY, LORA, records(10_752), tokenizer=None,
+                                    model=None, predict=_predictor(mib_per_example * 2**20, seen))
+    assert seen == [(32, 1, 64)]  # one prediction, of one pass over the whole batch at the chosen length
+    assert (config.grad_accum, config.batch_size) == (passes, 32 // passes)  # the same global batch of 32
+    names = [c.name for c in choices]
+    assert ("grad_accum" in names) == (passes > 1) and names[0] == "batch_size"
+    if 1 < passes < 32:
+        assert mib_per_example * 32 / passes <= 1024 < mib_per_example * 64 / passes
+
+
+def test_micro_batches_are_not_chosen_where_the_user_set_the_batch_or_passes():
+    seen = []
+    for given in (dict(batch_size=32), dict(grad_accum=2)):
+        config, _ = recipe.choose(TrainConfig(max_length=64, **given), CLASSIFY, LORA, records(10_752), tokenizer=None,
+                                  model=None, predict=_predictor(2**30, seen))
+        assert config.grad_accum == given.get("grad_accum", 1)
+    assert seen == []
+
+
+def test_a_failed_prediction_leaves_one_pass_and_says_why():
+    def broken(config):
+        raise LorakitError("the memory prediction for m failed: no config")
+
+    config, choices = recipe.choose(TrainConfig(max_length=64), CLASSIFY, LORA, records(10_752), tokenizer=None,
+                                    model=None, predict=broken)
+    assert config.grad_accum == 1 and "no config" in {c.name: c for c in choices}["grad_accum"].reason
+
+
+@pytest.mark.slow
+def test_the_chat_task_trains_in_micro_batches_at_fp32():
+    """SmolLM2 on the chatterbot corpus, fp32: one pass of 32 x 80 tokens is predicted at ~3 GiB of
+    activations, so the step of 32 runs as 4 passes of 8."""
+    from lorakit.models import load_causal_lm
+    from lorakit.tasks import read_splits
+
+    chat = get_task("chat")
+    model, tokenizer = load_causal_lm("default-chat")
+    train = read_splits(chat, "default").train
+    config, choices = recipe.choose(TrainConfig(task="chat", bf16=False), chat, LORA, train, tokenizer, model,
+                                    predict=predict_peak)
+    assert (config.batch_size * config.grad_accum, config.grad_accum, config.max_length) == (32, 4, 80)
+    assert "GiB of activations" in {c.name: c for c in choices}["grad_accum"].reason

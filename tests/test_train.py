@@ -111,7 +111,7 @@ def test_under_bf16_lora_keeps_frozen_weights_in_bf16_and_trains_fp32_factors(mo
     from lorakit.config import LoraConfig
     from lorakit.model import attach
     from lorakit.models import load_classifier
-    from lorakit.train import frozen_to_bf16
+    from lorakit.methods import frozen_to_bf16
 
     model, tokenizer = load_classifier(models["cls"])
     attach(model, LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"], init="random"))

@@ -114,32 +114,14 @@ def predict_peak(config) -> MemoryEstimate:
     return MemoryEstimate(**answer)
 
 
-def with_shape(config):
-    """``config`` with a batch size and a length: where the recipe would choose them from
-    the data (None), the most it may choose (:data:`lorakit.recipe.BATCHES`' largest and
-    the task's ``max_length_cap``), so the prediction is an upper bound."""
-    from dataclasses import replace
-
-    from lorakit.recipe import BATCHES
-    from lorakit.tasks import get_task
-
-    from lorakit.models import load_model_config
-
-    if config.batch_size is not None and config.max_length is not None:
-        return config
-    task = get_task(config.task)
-    length = config.max_length
-    if length is None:
-        model_config = load_model_config(task.default_model if config.model == "default" else config.model)
-        length = min(task.max_length_cap, getattr(model_config, "max_position_embeddings", None) or task.max_length_cap)
-    return replace(config, batch_size=config.batch_size or BATCHES[0], max_length=length)
-
-
 def _predict_here(config) -> MemoryEstimate:
     """:func:`predict_peak` in this process (the child :func:`predict_peak` starts)."""
     import warnings
 
-    config = with_shape(config)
+    from lorakit.errors import LorakitError
+
+    if config.batch_size is None or config.max_length is None:
+        raise LorakitError("a memory prediction needs a batch size and a length (lorakit.recipe.with_shape fills them)")
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -196,7 +178,7 @@ def _prepared_model(config, bf16: bool):
     from lorakit.models import load_model_config
     from lorakit.quantize import quantize_base
     from lorakit.tasks import get_task
-    from lorakit.train import frozen_to_bf16
+    from lorakit.methods import frozen_to_bf16
 
     task, method = get_task(config.task), get_method(config.method)
     model_config = load_model_config(task.default_model if config.model == "default" else config.model)

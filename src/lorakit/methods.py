@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
 from lorakit.adalora.method import export_adalora, on_adalora_step, prepare_adalora
@@ -115,3 +116,14 @@ register_method(Method("lora", _prepare_lora, _export_lora, default_lr=1e-3, sav
 register_method(Method("full", _prepare_full, _export_full, default_lr=1e-4, saved_name="model"))
 register_method(Method("adalora", prepare_adalora, export_adalora, default_lr=2e-3, saved_name="adapter",
                        on_step=on_adalora_step, shardable=False))
+
+
+def frozen_to_bf16(model) -> None:
+    """Store the parameters that do not train in bfloat16: under bf16 autocast every
+    product reads them in bf16 anyway, and weights that never change need no fp32 master
+    copy. Halves the frozen model's memory, and no per-step bf16 casts of them are kept
+    for the backward pass. Trainable parameters (adapter, head) stay fp32."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.requires_grad and p.is_floating_point() and p.dtype != torch.bfloat16:
+                p.data = p.data.to(torch.bfloat16)

@@ -13,6 +13,10 @@ and why. The rules, with their constants below:
   (``Task.min_steps``: 600 for classification: a new head starts on the majority-class
   plateau, 50-100 steps on the reviews, 300-400 on 480 drug reviews, docs/training.md),
   unless the floor would take more than :data:`MAX_EPOCHS` epochs.
+- **micro-batches** (``grad_accum``): the global batch is split into 2, 4, ... forward
+  passes while one pass's activations, as :func:`lorakit.memory.predict_peak` predicts them
+  for this model, method and length, would pass :data:`ACTIVATION_BUDGET`: the same
+  optimizer step in less memory (SmolLM2's chat task: 4 passes of 8 instead of one of 32).
 - **lr**: the method's rate (``Method.default_lr``), at any of these batches: measured at
   batch 32 on the reviews and at batch 8 on the drug reviews, where half of it (the
   square-root rule for Adam, ``sqrt(8/32)``) had not left the plateau after 300 steps.
@@ -42,6 +46,7 @@ LENGTH_MULTIPLE = 16
 MIN_LENGTH = 16
 SAMPLE_SIZE = 2000  # training examples whose lengths are measured
 SAMPLE_SEED = 1234
+ACTIVATION_BUDGET = 2**30  # bytes one forward pass's activations (and allocator slack) may take: a laptop's share
 
 
 @dataclass(frozen=True)
@@ -57,8 +62,8 @@ class Choice:
         return f"recipe: {self.name} {value}: {self.reason} (--{self.name.replace('_', '-')} to set)"
 
 
-def choose(config, task, method, train, tokenizer, model, world_size: int = 1):
-    """``config`` with its batch, learning rate and max length filled in, and the choices made.
+def choose(config, task, method, train, tokenizer, model, world_size: int = 1, predict=None):
+    """``config`` with its batch, micro-batches, learning rate and max length filled in, and the choices made.
 
     Args:
         config: a :class:`~lorakit.train_config.TrainConfig` (None fields: the recipe's).
@@ -66,25 +71,54 @@ def choose(config, task, method, train, tokenizer, model, world_size: int = 1):
         train: the training records (a list, or a :class:`~lorakit.data.stream.RecordStream`).
         tokenizer, model: the model's, for token lengths and its length limit.
         world_size: processes; the batch is chosen for all of them together.
+        predict: :func:`lorakit.memory.predict_peak`, to choose the micro-batches (None: one
+            pass per step unless ``--grad-accum`` says otherwise).
 
     Returns:
         ``(config, [Choice, ...])``.
     """
-    choices, changes = [], {}
+    choices, changes = {}, {}
     n = len(train)
-    per_step = config.grad_accum * world_size
-    if config.batch_size is None:
-        target, reason = global_batch_for(n, task)
-        changes["batch_size"] = max(1, math.ceil(target / per_step))
-        shown = f" ({changes['batch_size']} per forward pass)" if per_step > 1 else ""
-        choices.append(Choice("batch_size", target, reason + shown))
-    if config.lr is None:
-        changes["lr"] = method.default_lr
-        choices.append(Choice("lr", method.default_lr, f"the {method.name} method's rate"))
     if config.max_length is None:
         changes["max_length"], reason = max_length_for(task, sample_records(train), tokenizer, model)
-        choices.append(Choice("max_length", changes["max_length"], reason))
-    return replace(config, **changes), choices
+        choices["max_length"] = Choice("max_length", changes["max_length"], reason)
+    if config.batch_size is None:
+        target, reason = global_batch_for(n, task)
+        per_pass = max(1, math.ceil(target / ((config.grad_accum or 1) * world_size)))
+        if config.grad_accum is None and predict is not None:  # the micro-batches (needs the length above)
+            changes["grad_accum"], why = micro_batches(replace(config, **changes), per_pass, predict)
+            if why:
+                choices["grad_accum"] = Choice("grad_accum", changes["grad_accum"], why)
+        changes["batch_size"] = per_pass // changes.get("grad_accum", 1)
+        shown = f" ({changes['batch_size']} per forward pass)" if changes["batch_size"] != target else ""
+        choices["batch_size"] = Choice("batch_size", target, reason + shown)
+    changes.setdefault("grad_accum", config.grad_accum or 1)
+    if config.lr is None:
+        changes["lr"] = method.default_lr
+        choices["lr"] = Choice("lr", method.default_lr, f"the {method.name} method's rate")
+    order = ("batch_size", "grad_accum", "lr", "max_length")
+    return replace(config, **changes), [choices[name] for name in order if name in choices]
+
+
+def micro_batches(config, batch: int, predict) -> tuple[int, str | None]:
+    """``(forward passes, why or None)``: ``batch`` examples per process split into halves while
+    one pass's activations, as ``predict`` (:func:`lorakit.memory.predict_peak`) predicts them,
+    would pass :data:`ACTIVATION_BUDGET` (None: one pass does)."""
+    from lorakit.errors import LorakitError
+
+    try:
+        estimate = predict(replace(config, batch_size=batch, grad_accum=1))
+    except LorakitError as err:  # a model the prediction cannot build: one pass, and say why
+        return 1, f"one pass of {batch}; {err}"
+    per_example = (estimate.activations + estimate.allocator) / batch
+    passes = 1
+    while per_example * batch / passes > ACTIVATION_BUDGET and batch % (2 * passes) == 0:
+        passes *= 2
+    if passes == 1:
+        return 1, None
+    gib = per_example * batch / 2**30
+    return passes, (f"{passes} passes of {batch // passes}: one pass of {batch} x {config.max_length} tokens would hold "
+                    f"{gib:.1f} GiB of activations (predicted), over the recipe's {ACTIVATION_BUDGET / 2**30:g} GiB")
 
 
 def global_batch_for(n: int, task) -> tuple[int, str]:
@@ -156,3 +190,20 @@ def sample_records(train, size: int = SAMPLE_SIZE, seed: int = SAMPLE_SEED) -> l
         return list(train.sample)
     train = list(train)
     return train if len(train) <= size else random.Random(seed).sample(train, size)
+
+
+def with_shape(config):
+    """``config`` with a batch size and a length: where the recipe would choose them from
+    the data (None), the most it may choose (:data:`BATCHES`' largest and the task's
+    ``max_length_cap``), so that a memory prediction of it is an upper bound."""
+    from lorakit.models import load_model_config
+    from lorakit.tasks import get_task
+
+    if config.batch_size is not None and config.max_length is not None:
+        return config
+    task = get_task(config.task)
+    length = config.max_length
+    if length is None:
+        model_config = load_model_config(task.default_model if config.model == "default" else config.model)
+        length = min(task.max_length_cap, getattr(model_config, "max_position_embeddings", None) or task.max_length_cap)
+    return replace(config, batch_size=config.batch_size or BATCHES[0], max_length=length)

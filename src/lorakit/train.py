@@ -40,7 +40,8 @@ from lorakit.data.batches import batch_of_step
 from lorakit.data.encode import collate
 from lorakit.errors import LorakitError
 from lorakit.layers.fused import settle
-from lorakit.methods import get_method
+from lorakit.memory import predict_peak
+from lorakit.methods import frozen_to_bf16, get_method
 from lorakit.optimizer import build_optimizer, warmup_cosine
 from lorakit.quantize import quantize_base
 from lorakit.report import (
@@ -120,7 +121,8 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = config.model_dropout
-    config, choices = recipe.choose(config, task, method, splits.train, tokenizer, model, runtime.world_size)
+    config, choices = recipe.choose(config, task, method, splits.train, tokenizer, model, runtime.world_size,
+                                    predict=predict_peak)
     data = encode_splits(task, splits, tokenizer, config.max_length, labels)
     sizes = data.sizes()
     loss_options = {}
@@ -170,17 +172,6 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
                global_batch, steps_per_epoch, total_steps,
                eval_every=config.eval_every or max(1, total_steps // EVALUATIONS_PER_RUN), started=started,
                lengths=data.train_lengths(), loss_options=loss_options, choices=choices)
-
-
-def frozen_to_bf16(model) -> None:
-    """Store the parameters that do not train in bfloat16: under bf16 autocast every
-    product reads them in bf16 anyway, and weights that never change need no fp32 master
-    copy. Halves the frozen model's memory, and no per-step bf16 casts of them are kept
-    for the backward pass. Trainable parameters (adapter, head) stay fp32."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.requires_grad and p.is_floating_point() and p.dtype != torch.bfloat16:
-                p.data = p.data.to(torch.bfloat16)
 
 
 # ---------------------------------------------------------------- phase 2: resume

@@ -112,7 +112,10 @@ class TrainConfig:
         "examples per process per forward pass; an optimizer step's global batch is "
         "batch_size x grad_accum x processes",
         default_help="the recipe's: a global batch of 32, 16 or 8, the largest that gives the task's step floor"))
-    grad_accum: int = field(default=1, metadata=setting("forward passes per optimizer step"))
+    grad_accum: int | None = field(default=None, metadata=setting(
+        "forward passes per optimizer step (micro-batches)",
+        default_help="the recipe's: 1, or as many as keep one pass's predicted activations under 1 GiB when "
+                     "--batch-size is not given; 1 when it is"))
     group_by_length: bool = field(default=True, metadata=setting(
         "batch examples of similar length together (less padding)", flag=False))
     lr: float | None = field(default=None, metadata=setting(

@@ -96,8 +96,9 @@ def run_memory(args) -> int:
 
     from lorakit.config import parse_targets
     from lorakit.distributed import native_bf16
-    from lorakit.memory import GiB, available_bytes, predict_peak, with_shape
+    from lorakit.memory import GiB, available_bytes, predict_peak
     from lorakit.models import is_causal_lm, load_model_config
+    from lorakit.recipe import with_shape
     from lorakit.train_config import TrainConfig
 
     task = args.task or ("chat" if args.model == "default-chat" or (
