@@ -174,11 +174,10 @@ def _prepared_model(config, bf16: bool):
     import transformers
 
     from lorakit.checkpointing import enable_checkpointing
-    from lorakit.methods import get_method
+    from lorakit.methods import frozen_to_bf16, get_method
     from lorakit.models import load_model_config
     from lorakit.quantize import quantize_base
     from lorakit.tasks import get_task
-    from lorakit.methods import frozen_to_bf16
 
     task, method = get_task(config.task), get_method(config.method)
     model_config = load_model_config(task.default_model if config.model == "default" else config.model)
