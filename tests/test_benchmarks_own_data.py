@@ -17,6 +17,9 @@ def test_the_builders_write_labelled_files(tmp_path):
     built = labelled_data.debates(tmp_path)
     assert labelled_data.describe(built) == {"examples": 1122, "classes": {"Republican": 454, "Democratic": 348,
                                                                             "Moderator": 320}}
+    reviews = labelled_data.reviews(tmp_path)  # the default task's own splits, as a user's folder of files
+    assert sorted(f.name for f in reviews.iterdir()) == ["test.csv", "train.csv", "validation.csv"]
+    assert labelled_data.describe(reviews) == {"examples": 12752, "classes": {"fresh": 7368, "rotten": 5384}}
     for name in ("drugs", "news"):
         try:
             path = labelled_data.BUILDERS[name](tmp_path)
@@ -29,10 +32,11 @@ def test_the_builders_write_labelled_files(tmp_path):
 
 
 def test_the_runner_runs_at_a_tiny_size(tmp_path):
-    result = own_data.run(quick=True, root=tmp_path)
+    result = own_data.run(quick=True, root=tmp_path, jobs=2)  # two runs at a time, a thread each
     runs = result["datasets"]["debates"]["0"]["runs"]
     assert set(runs) == {"default", "lora", "full"}
     assert all(r["steps"] == 2 and r["train_peak_mb"] > 0 and 0 <= r["test_accuracy"] <= 1 for r in runs.values())
     assert runs["full"]["lr"] < runs["lora"]["lr"]  # each method's own recipe rate
     table = own_data.markdown(result)
     assert "| debates | 1,122 / 3 | majority class |" in table and "full, best lr" in table
+    assert "2 runs at a time" in table and "- **debates**: the default is" in table

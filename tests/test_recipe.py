@@ -21,12 +21,12 @@ def records(n: int, labels=("a", "b")) -> list[dict]:
     return [{"text": "x", "label": labels[i % len(labels)], "_where": f"r {i}"} for i in range(n)]
 
 
-def plan(n: int, world_size: int = 1, **given):
+def plan(n: int, world_size: int = 1, bf16: bool = True, **given):
     config = TrainConfig(max_length=64, **given)  # the length rule is tested on its own below
     config, choices = recipe.choose(config, CLASSIFY, get_method(config.method), records(n), tokenizer=None, model=None,
-                                    world_size=world_size)
+                                    world_size=world_size, bf16=bf16)
     global_batch = config.batch_size * config.grad_accum * world_size
-    steps, length = recipe.run_length(config, CLASSIFY, n, global_batch)
+    steps, length = recipe.run_length(config, CLASSIFY, n, global_batch, bf16)
     return config, global_batch, steps, {c.name: c for c in choices + ([length] if length else [])}
 
 
@@ -48,6 +48,28 @@ def test_batch_and_steps_follow_their_rule(n, batch, steps):
     assert all(n // b * CLASSIFY.default_epochs < CLASSIFY.min_steps for b in larger)
     assert set(choices) == {"batch_size", "lr", "steps"}
     assert all(c.line().startswith(f"recipe: {c.name} ") and c.line().endswith("to set)") for c in choices.values())
+
+
+@pytest.mark.parametrize("n, batch, steps", [
+    (10_752, 32, 672),  # the default task in fp32: 2 epochs of 336 steps
+    (10_000, 32, 624),  # 2 epochs of 312
+    (8_000, 16, 1_000),  # at 32, 2 epochs are 500 steps: under the floor of 600
+    (480, 8, 600),      # the floor, whatever the precision
+])
+def test_in_fp32_the_classifier_takes_fewer_epochs(n, batch, steps):
+    config, global_batch, total, choices = plan(n, bf16=False)
+    assert (global_batch, total) == (batch, steps)
+    shortened = n // batch * CLASSIFY.epochs(False) >= CLASSIFY.min_steps  # the floor does not set the length
+    assert config.lr == (LORA.short_run_lr if shortened else LORA.default_lr) and LORA.short_run_lr == 1.5e-3
+    assert ("shortened in fp32" in choices["lr"].reason) == shortened
+    assert plan(n, bf16=False, lr=7e-4)[0].lr == 7e-4  # --lr wins
+    assert plan(n, bf16=False, method="full")[0].lr == get_method("full").default_lr  # no short-run rate of its own
+    assert CLASSIFY.epochs(False) == 2 and CLASSIFY.epochs(True) == CLASSIFY.default_epochs == 3
+    assert all(n // b * CLASSIFY.epochs(False) < CLASSIFY.min_steps for b in recipe.BATCHES if b > batch)
+    if total > CLASSIFY.min_steps:
+        assert "the task's 2 epochs" in choices["steps"].reason and "in fp32" in choices["steps"].reason
+    assert plan(n, bf16=False, epochs=3)[2] == 3 * (n // batch)  # --epochs wins
+    assert get_task("chat").epochs(False) == get_task("chat").epochs(True)  # a task without fp32 epochs
 
 
 def test_what_the_user_gives_is_kept_and_not_explained():

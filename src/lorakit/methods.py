@@ -34,6 +34,9 @@ class Method:
         export: ``(model, tokenizer, folder, config)``: write the trained result into
             the (empty, temporary) ``folder``.
         default_lr: the learning rate when ``--lr`` is not given.
+        short_run_lr: the rate in its place when the recipe shortens the run because its steps
+            compute in fp32 (``Task.fp32_epochs``): a shorter schedule takes a higher peak rate
+            (measured for LoRA on the default task, docs/training.md); None: ``default_lr``.
         saved_name: the folder name under ``--out`` (``adapter`` or ``model``).
         on_step: optional ``(model, step, total_steps)`` called after every optimizer
             step (an adaptive-rank method updates its budget there).
@@ -49,6 +52,7 @@ class Method:
     default_lr: float
     saved_name: str
     on_step: Callable | None = None
+    short_run_lr: float | None = None
     frozen_in_bf16: bool = False
     shardable: bool = True
 
@@ -112,7 +116,7 @@ def _export_full(model: nn.Module, tokenizer, folder: Path, config) -> None:
 # ---------------------------------------------------------------- the built-in methods
 
 register_method(Method("lora", _prepare_lora, _export_lora, default_lr=1e-3, saved_name="adapter",
-                       frozen_in_bf16=True))
+                       frozen_in_bf16=True, short_run_lr=1.5e-3))
 register_method(Method("full", _prepare_full, _export_full, default_lr=1e-4, saved_name="model"))
 register_method(Method("adalora", prepare_adalora, export_adalora, default_lr=2e-3, saved_name="adapter",
                        on_step=on_adalora_step, shardable=False))

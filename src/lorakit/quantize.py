@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.heap import release_freed_memory
 from lorakit.layers import LoraLayer, SavedModule
 from lorakit.layers.quantized import (
     QUANT_KINDS,
@@ -96,6 +97,7 @@ def quantize_base(model: nn.Module, kind: str = "nf4") -> QuantizeReport:
     if not report.layers:
         raise LorakitError(f"{type(model).__name__} has no nn.Linear to quantize"
                            + (f" (kept dense: {report.kept})" if report.kept else ""))
+    release_freed_memory()  # the dense weights just replaced: otherwise the process keeps their pages
     return report
 
 

@@ -9,7 +9,8 @@ and why. The rules, with their constants below:
 - **batch** (global: all processes and accumulation steps together): the largest of
   32, 16 and 8 with which the task's epochs reach its step floor; 8 when none does.
   Never more than the training examples.
-- **steps**: the task's epochs at that batch, but at least the task's floor
+- **steps**: the task's epochs at that batch (``Task.epochs``: the classifier's 3, or 2 where
+  the steps run in fp32, about twice as slow on a CPU without native bf16), but at least the task's floor
   (``Task.min_steps``: 600 for classification: a new head starts on the majority-class
   plateau, 50-100 steps on the reviews, 300-400 on 480 drug reviews, docs/training.md),
   unless the floor would take more than :data:`MAX_EPOCHS` epochs.
@@ -17,7 +18,8 @@ and why. The rules, with their constants below:
   passes while one pass's activations, as :func:`lorakit.memory.predict_peak` predicts them
   for this model, method and length, would pass :data:`ACTIVATION_BUDGET`: the same
   optimizer step in less memory (SmolLM2's chat task: 4 passes of 8 instead of one of 32).
-- **lr**: the method's rate (``Method.default_lr``), at any of these batches: measured at
+- **lr**: the method's rate (``Method.default_lr``; ``Method.short_run_lr`` where the run was
+  shortened for fp32: LoRA's 1.5e-3 at 2 epochs), at any of these batches: measured at
   batch 32 on the reviews and at batch 8 on the drug reviews, where half of it (the
   square-root rule for Adam, ``sqrt(8/32)``) had not left the plateau after 300 steps.
 - **max_length**: the 99th percentile of the training examples' token lengths (all of
@@ -26,7 +28,8 @@ and why. The rules, with their constants below:
   examples would cost), at least 16.
 
 For the default task (10,752 Rotten Tomatoes reviews) this gives what was measured
-before the recipe existed: batch 32, 3 epochs = 1,008 steps, lr 1e-3, max length 64.
+before the recipe existed: batch 32, 3 epochs = 1,008 steps, lr 1e-3, max length 64; in fp32,
+2 epochs = 672 steps at lr 1.5e-3.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ class Choice:
         return f"recipe: {self.name} {value}: {self.reason} (--{self.name.replace('_', '-')} to set)"
 
 
-def choose(config, task, method, train, tokenizer, model, world_size: int = 1, predict=None):
+def choose(config, task, method, train, tokenizer, model, world_size: int = 1, predict=None, bf16: bool = True):
     """``config`` with its batch, micro-batches, learning rate and max length filled in, and the choices made.
 
     Args:
@@ -73,6 +76,7 @@ def choose(config, task, method, train, tokenizer, model, world_size: int = 1, p
         world_size: processes; the batch is chosen for all of them together.
         predict: :func:`lorakit.memory.predict_peak`, to choose the micro-batches (None: one
             pass per step unless ``--grad-accum`` says otherwise).
+        bf16: whether the steps run in bf16 (the task's epochs at this precision set the batch).
 
     Returns:
         ``(config, [Choice, ...])``.
@@ -83,7 +87,7 @@ def choose(config, task, method, train, tokenizer, model, world_size: int = 1, p
         changes["max_length"], reason = max_length_for(task, sample_records(train), tokenizer, model)
         choices["max_length"] = Choice("max_length", changes["max_length"], reason)
     if config.batch_size is None:
-        target, reason = global_batch_for(n, task)
+        target, reason = global_batch_for(n, task, bf16)
         per_pass = max(1, math.ceil(target / ((config.grad_accum or 1) * world_size)))
         if config.grad_accum is None and predict is not None:  # the micro-batches (needs the length above)
             changes["grad_accum"], why = micro_batches(replace(config, **changes), per_pass, predict)
@@ -94,8 +98,12 @@ def choose(config, task, method, train, tokenizer, model, world_size: int = 1, p
         choices["batch_size"] = Choice("batch_size", target, reason + shown)
     changes.setdefault("grad_accum", config.grad_accum or 1)
     if config.lr is None:
-        changes["lr"] = method.default_lr
-        choices["lr"] = Choice("lr", method.default_lr, f"the {method.name} method's rate")
+        global_batch = changes.get("batch_size", config.batch_size) * changes["grad_accum"] * world_size
+        short = (method.short_run_lr is not None and
+                 run_length(config, task, n, global_batch, bf16)[0] < run_length(config, task, n, global_batch)[0])
+        changes["lr"] = method.short_run_lr if short else method.default_lr
+        choices["lr"] = Choice("lr", changes["lr"], f"the {method.name} method's rate" + (
+            f" for the run shortened in fp32 ({method.default_lr:g} at the task's full length)" if short else ""))
     order = ("batch_size", "grad_accum", "lr", "max_length")
     return replace(config, **changes), [choices[name] for name in order if name in choices]
 
@@ -121,11 +129,11 @@ def micro_batches(config, batch: int, predict) -> tuple[int, str | None]:
                     f"{gib:.1f} GiB of activations (predicted), over the recipe's {ACTIVATION_BUDGET / 2**30:g} GiB")
 
 
-def global_batch_for(n: int, task) -> tuple[int, str]:
+def global_batch_for(n: int, task, bf16: bool = True) -> tuple[int, str]:
     """``(global batch, why)`` for ``n`` training examples: the largest of :data:`BATCHES`
-    with which the task's epochs reach its step floor (whatever ``--steps`` or ``--epochs``
-    say, so that the batch depends on the data's size alone)."""
-    epochs, floor = task.default_epochs, task.min_steps
+    with which the task's epochs (at this precision) reach its step floor (whatever ``--steps``
+    or ``--epochs`` say, so that the batch depends on the data's size alone)."""
+    epochs, floor = task.epochs(bf16), task.min_steps
     for batch in BATCHES:
         if n // batch * epochs >= floor and batch <= n:
             why = f"{n:,} training examples" + (f": {epochs:g} epochs at batch {batch} reach the floor of {floor} "
@@ -135,26 +143,29 @@ def global_batch_for(n: int, task) -> tuple[int, str]:
     return batch, f"{n:,} training examples, too few for {floor} steps in {epochs:g} epochs at a larger batch"
 
 
-def run_length(config, task, n: int, global_batch: int) -> tuple[int, Choice | None]:
+def run_length(config, task, n: int, global_batch: int, bf16: bool = True) -> tuple[int, Choice | None]:
     """``(optimizer steps, the choice or None)`` of a run over ``n`` examples at ``global_batch``.
 
-    ``--steps`` is kept; ``--epochs`` is turned into steps; otherwise the task's epochs,
-    raised to the task's floor (at most :data:`MAX_EPOCHS` epochs).
+    ``--steps`` is kept; ``--epochs`` is turned into steps; otherwise the task's epochs at the
+    run's precision (``bf16``), raised to the task's floor (at most :data:`MAX_EPOCHS` epochs).
     """
     steps_per_epoch = max(1, n // global_batch)
     if config.steps:
         return config.steps, None
     if config.epochs:
         return max(1, round(config.epochs * steps_per_epoch)), None
-    by_epochs = max(1, round(task.default_epochs * steps_per_epoch))
+    epochs = task.epochs(bf16)
+    precision = (f" in fp32 ({task.default_epochs:g} with bf16, twice as fast where the CPU has it)"
+                 if epochs != task.default_epochs else "")
+    by_epochs = max(1, round(epochs * steps_per_epoch))
     floor = min(task.min_steps, MAX_EPOCHS * steps_per_epoch)
     if by_epochs >= floor:
-        return by_epochs, Choice("steps", by_epochs, f"the task's {task.default_epochs:g} epochs of {steps_per_epoch} "
-                                                     f"steps" + (f" (above the floor of {task.min_steps})"
-                                                                 if task.min_steps else ""))
+        return by_epochs, Choice("steps", by_epochs, f"the task's {epochs:g} epochs of {steps_per_epoch} steps"
+                                                     + precision + (f" (above the floor of {task.min_steps})"
+                                                                    if task.min_steps else ""))
     capped = f", capped at {MAX_EPOCHS} epochs" if floor < task.min_steps else ""
     return floor, Choice("steps", floor, f"{floor / steps_per_epoch:.1f} epochs: the task's "
-                                         f"{task.default_epochs:g} epochs would be only {by_epochs} steps, under the "
+                                         f"{epochs:g} epochs{precision} would be only {by_epochs} steps, under the "
                                          f"floor of {task.min_steps}{capped}")
 
 

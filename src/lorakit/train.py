@@ -121,8 +121,9 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = config.model_dropout
+    bf16 = config.bf16 if config.bf16 is not None else distributed.native_bf16(runtime.device)
     config, choices = recipe.choose(config, task, method, splits.train, tokenizer, model, runtime.world_size,
-                                    predict=predict_peak)
+                                    predict=predict_peak, bf16=bf16)
     data = encode_splits(task, splits, tokenizer, config.max_length, labels)
     sizes = data.sizes()
     loss_options = {}
@@ -133,7 +134,6 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
               f"{sizes['test']} test examples")
 
     model = method.prepare(model, config, task.heads(model))
-    bf16 = config.bf16 if config.bf16 is not None else distributed.native_bf16(runtime.device)
     if bf16 and method.frozen_in_bf16:
         frozen_to_bf16(model)
     # FSDP: before the optimizer takes the parameters, and before .to(): a block at a time goes to the device
@@ -161,7 +161,7 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     if steps_per_epoch == 0:
         raise LorakitError(f"the training split has {len(data.train)} examples, fewer than one global batch of "
                            f"{global_batch}; lower --batch-size or --grad-accum")
-    total_steps, length_choice = recipe.run_length(config, task, len(data.train), global_batch)
+    total_steps, length_choice = recipe.run_length(config, task, len(data.train), global_batch, bf16)
     choices += [length_choice] if length_choice else []
     if runtime.is_main:
         print("\n".join(choice.line() for choice in choices))
@@ -170,7 +170,8 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     return Run(config, runtime, task, method, folder, model, tokenizer, data, bf16, params, trainable, total,
                optimizer, scheduler,
                global_batch, steps_per_epoch, total_steps,
-               eval_every=config.eval_every or max(1, total_steps // EVALUATIONS_PER_RUN), started=started,
+               # ceil: the last evaluation falls on the last step, not a few steps before it as well
+               eval_every=config.eval_every or max(1, math.ceil(total_steps / EVALUATIONS_PER_RUN)), started=started,
                lengths=data.train_lengths(), loss_options=loss_options, choices=choices)
 
 

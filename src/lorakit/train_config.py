@@ -50,7 +50,9 @@ def _per_task(attribute: str, lead: str = "the task's") -> Callable[[], str]:
 
 
 def _lr_per_method() -> str:
-    return "the method's: " + ", ".join(f"{name} {method.default_lr:g}" for name, method in sorted(METHODS.items()))
+    short = ", ".join(f"{name} {m.short_run_lr:g}" for name, m in sorted(METHODS.items()) if m.short_run_lr)
+    return ("the method's: " + ", ".join(f"{name} {method.default_lr:g}" for name, method in sorted(METHODS.items()))
+            + (f" ({short} when the recipe shortens the run for fp32)" if short else ""))
 
 
 @dataclass
@@ -104,10 +106,11 @@ class TrainConfig:
         "set every dropout of the model to this probability", default_help="the model's own, 0.1 for BERT"))
     steps: int | None = field(default=None, metadata=setting(
         "optimizer steps", default_help=lambda: _per_task("default_epochs", "the recipe's: the task's epochs")() +
-        f"; at least the task's floor ({per_task('min_steps')}), at most {MAX_EPOCHS} epochs", group="length"))
+        f" (in fp32: {per_task('epochs', False)}); at least the task's floor ({per_task('min_steps')}), at most "
+        f"{MAX_EPOCHS} epochs", group="length"))
     epochs: float | None = field(default=None, metadata=setting(
-        "passes over the training split", default_help=_per_task("default_epochs", "the recipe's: the task's"),
-        group="length"))
+        "passes over the training split", default_help=lambda: _per_task("default_epochs", "the recipe's: the task's")()
+        + f" (in fp32: {per_task('epochs', False)})", group="length"))
     batch_size: int | None = field(default=None, metadata=setting(
         "examples per process per forward pass; an optimizer step's global batch is "
         "batch_size x grad_accum x processes",

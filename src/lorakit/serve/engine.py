@@ -32,8 +32,9 @@ from typing import Callable
 import torch
 
 from lorakit.errors import LorakitError
+from lorakit.heap import release_freed_memory
 from lorakit.serve.detokenize import TextStream
-from lorakit.serve.kv import BatchCache, release_freed_memory
+from lorakit.serve.kv import BatchCache
 from lorakit.serve.registry import BASE, AdapterEntry, AdapterRegistry
 from lorakit.serve.sampling import Sampler, TokenLogprob, pick_tokens, token_logprob
 

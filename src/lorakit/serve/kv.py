@@ -11,7 +11,6 @@ Only this module touches the inside of transformers' ``DynamicCache``.
 
 from __future__ import annotations
 
-import ctypes
 
 import torch
 from transformers import DynamicCache
@@ -98,15 +97,3 @@ class BatchCache:
     def advance(self) -> None:
         """Record that every row gained one token (the model appended its column)."""
         self.lengths = [n + 1 for n in self.lengths]
-
-
-def release_freed_memory() -> None:
-    """Hand the memory that finished rows' caches freed back to the operating system.
-
-    glibc's allocator keeps freed blocks for reuse, so after a burst the server's resident
-    memory would stay at the burst's level; ``malloc_trim`` returns them (a no-op where the
-    C library is not glibc)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -39,9 +39,11 @@ def register_task(task: Task) -> Task:
     return task
 
 
-def per_task(attribute: str) -> str:
-    """A default of every registered task, for help texts: ``"classify 3, chat 1, text 1"``."""
-    return ", ".join(f"{name} {getattr(task, attribute):g}" for name, task in TASKS.items())
+def per_task(attribute: str, *args) -> str:
+    """A default of every registered task, for help texts: ``"classify 3, chat 1, text 1"``
+    (``attribute`` a method: its value with ``args``)."""
+    values = {name: getattr(task, attribute) for name, task in TASKS.items()}
+    return ", ".join(f"{name} {(value(*args) if callable(value) else value):g}" for name, value in values.items())
 
 
 def get_task(name: str) -> Task:
@@ -52,9 +54,11 @@ def get_task(name: str) -> Task:
 
 # max_length_cap: what the recipe (lorakit.recipe) may choose at most; min_steps: its floor on optimizer steps
 # (a classifier's new head starts on the majority-class plateau: 50-100 steps on the reviews, 300-400 on
-# 480 drug reviews at batch 8; docs/training.md)
+# 480 drug reviews at batch 8; docs/training.md); fp32_epochs: 2 where the steps run in fp32, so that the
+# default run stays under 5 minutes on a 2-core CPU without bf16 (docs/training.md, "The default run in fp32")
 register_task(ClassificationTask(name="classify", load_model=load_classifier, default_data=lkdata.rotten_tomatoes,
-                                 max_length_cap=256, default_epochs=3.0, default_eval_batch_size=64, min_steps=600))
+                                 max_length_cap=256, default_epochs=3.0, default_eval_batch_size=64, min_steps=600,
+                                 fp32_epochs=2.0))
 # a language model's logits are (batch, tokens, vocabulary): evaluation batches are kept small
 register_task(LanguageModelTask(name="chat", chat=True, load_model=load_causal_lm, default_data=lkdata.chatterbot_pairs,
                                 max_length_cap=512, default_epochs=1.0, default_eval_batch_size=8))

@@ -65,6 +65,9 @@ class Task:
             what a longer example would cost); also the length used where none was recorded.
         default_epochs: passes over the training split when neither ``--steps`` nor
             ``--epochs`` is given.
+        fp32_epochs: the passes in place of ``default_epochs`` when the run computes in fp32
+            (no bf16: on a CPU without native bf16 a step takes about twice as long), so that
+            the default run keeps its time; None: ``default_epochs`` either way.
         min_steps: the recipe's floor on optimizer steps when neither is given (0: none).
         default_eval_batch_size: examples per evaluation forward pass.
         load_model: ``(spec, labels or None) -> (model, tokenizer)``.
@@ -87,6 +90,7 @@ class Task:
     load_model: Callable
     default_data: Callable
     min_steps: int = 0
+    fp32_epochs: float | None = None
 
     trains_head: ClassVar[bool] = False
     has_classes: ClassVar[bool] = False
@@ -106,6 +110,10 @@ class Task:
     def fake_loss(self, model, batch: dict):
         """The training loss of ``batch`` for a model on fake tensors (no value-dependent shapes)."""
         return self.batch_stats(model, batch)["loss_sum"]
+
+    def epochs(self, bf16: bool) -> float:
+        """Passes over the training split of a run whose length the recipe chooses, at this precision."""
+        return self.default_epochs if bf16 or self.fp32_epochs is None else self.fp32_epochs
 
     def better(self, value: float, best: float | None) -> bool:
         if best is None:
