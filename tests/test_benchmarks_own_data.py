@@ -38,5 +38,6 @@ def test_the_runner_runs_at_a_tiny_size(tmp_path):
     assert all(r["steps"] == 2 and r["train_peak_mb"] > 0 and 0 <= r["test_accuracy"] <= 1 for r in runs.values())
     assert runs["full"]["lr"] < runs["lora"]["lr"]  # each method's own recipe rate
     table = own_data.markdown(result)
-    assert "| debates | 1,122 / 3 | majority class |" in table and "full, best lr" in table
+    assert "| debates | 1,122 / 3 | majority class |" in table
+    assert "full, 1 lr tried" in table and "LoRA, 1 lr tried" in table  # the quick run tries one rate each
     assert "2 runs at a time" in table and "- **debates**: the default is" in table
