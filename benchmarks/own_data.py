@@ -19,8 +19,8 @@ seed), taken with the best validation checkpoint.
 
 ``python -m benchmarks.own_data [--datasets drugs,debates,news] [--seeds 0,1,2] [--jobs N] [--data-limit N --steps N]``;
 ``python -m benchmarks own_data`` runs it in full (``LORAKIT_BENCH_JOBS=2``: two runs at a time).
-``quick=True`` (the smoke test) runs a
-tiny random BERT with MiniLM's tokenizer on 64 examples for 2 steps.
+``quick=True`` (the smoke test) runs a tiny random BERT with MiniLM's tokenizer on 64 examples
+for 2 steps.
 """
 
 from __future__ import annotations
@@ -186,14 +186,13 @@ def markdown(result: dict) -> str:
         majority = [s["runs"]["default"] for s in seeds]
         lines.append(f"| {name} | {size} | majority class | – | – | {_mean(majority, 'majority_accuracy'):.3f} | "
                      f"{_mean(majority, 'majority_macro_f1'):.3f} | – | – |")
-        for run_name, label in (("default", "default (LoRA, recipe)"), ("lora", "LoRA, best lr"),
-                                ("full", "full, best lr")):
+        for run_name, label in (("default", "default (LoRA, recipe)"), ("lora", "LoRA"), ("full", "full")):
             rows = [s["runs"][run_name] for s in seeds]
             r = rows[0]
-            tried = r.get("lrs_tried") or []
-            if run_name != "default" and len(tried) != len(LR_FACTORS):
-                label = f"{label.split(',')[0]}, {len(tried)} lr tried" if len(tried) == 1 else \
-                    f"{label.split(',')[0]}, best of {len(tried)} lr"
+            if run_name != "default":
+                tried = len(r["lrs_tried"])
+                label += ", best lr" if tried == len(LR_FACTORS) else \
+                    (", 1 lr tried" if tried == 1 else f", best of {tried} lr")
             lines.append(f"| {name} | {size} | {label} | {r['lr']:.2g} | {r['steps']} × {r['global_batch']}, "
                          f"{r['max_length']} | {_mean(rows, 'test_accuracy'):.3f} | {_mean(rows, 'test_macro_f1'):.3f} | "
                          f"{_mean(rows, 'train_time_s'):.0f} s | {_mean(rows, 'train_peak_mb'):,.0f} MiB |")

@@ -179,3 +179,10 @@ def test_a_checkpoint_written_under_fsdp_resumes_to_the_same_adapter(chat_run, t
     assert_same_adapter(tmp_path / "fsdp", one)
     steps = [line["step"] for line in read_metrics(tmp_path / "fsdp" / "metrics.jsonl") if "lr" in line]
     assert steps == [1, 2, 3, 4]
+
+
+def test_the_flag_given_sets_the_precision_else_the_device_does():
+    cpu = torch.device("cpu")
+    assert distributed.run_in_bf16(True, cpu) is True and distributed.run_in_bf16(False, cpu) is False
+    assert distributed.run_in_bf16(None, cpu) == distributed.native_bf16(cpu)
+    assert distributed.run_in_bf16(None, torch.device("meta")) is False  # no bf16 arithmetic there

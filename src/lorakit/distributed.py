@@ -67,6 +67,12 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     return device
 
 
+def run_in_bf16(given: bool | None, device: torch.device) -> bool:
+    """Whether a run computes in bf16: ``--bf16`` / ``--no-bf16`` where given (``given``),
+    else whether ``device`` does it natively (:func:`native_bf16`)."""
+    return given if given is not None else native_bf16(device)
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bfloat16 matrix products in hardware: a GPU with bf16
     support, or a CPU with AMX or AVX512-BF16 (where bf16 autocast is about 2x faster than

@@ -150,9 +150,9 @@ def training_step(config):
     function running one AdamW step on a ``batch_size × max_length`` batch through the task's
     loss. On fake tensors under :func:`predict_peak`; on real ones it is what the prediction
     is checked against (``benchmarks/memory.py``)."""
-    from lorakit.distributed import native_bf16
+    from lorakit.distributed import run_in_bf16
 
-    bf16 = config.bf16 if config.bf16 is not None else native_bf16(torch.device("cpu"))
+    bf16 = run_in_bf16(config.bf16, torch.device("cpu"))
     model, task = _prepared_model(config, bf16)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)

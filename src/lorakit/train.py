@@ -121,7 +121,7 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = config.model_dropout
-    bf16 = config.bf16 if config.bf16 is not None else distributed.native_bf16(runtime.device)
+    bf16 = distributed.run_in_bf16(config.bf16, runtime.device)
     config, choices = recipe.choose(config, task, method, splits.train, tokenizer, model, runtime.world_size,
                                     predict=predict_peak, bf16=bf16)
     data = encode_splits(task, splits, tokenizer, config.max_length, labels)

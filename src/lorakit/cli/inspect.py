@@ -95,7 +95,7 @@ def run_memory(args) -> int:
     import torch
 
     from lorakit.config import parse_targets
-    from lorakit.distributed import native_bf16
+    from lorakit.distributed import run_in_bf16
     from lorakit.memory import GiB, available_bytes, predict_peak
     from lorakit.models import is_causal_lm, load_model_config
     from lorakit.recipe import with_shape
@@ -109,7 +109,7 @@ def run_memory(args) -> int:
     config = with_shape(config)
     estimate = predict_peak(config)
     budget = int(args.budget * GiB) if args.budget else available_bytes()
-    bf16 = config.bf16 if config.bf16 is not None else native_bf16(torch.device("cpu"))
+    bf16 = run_in_bf16(config.bf16, torch.device("cpu"))
     levers = [config.method + (f" r={config.rank}" if config.method != "full" else ""),
               f"{config.batch_size}x{config.max_length} tokens", "bf16" if bf16 else "fp32",
               *([config.quantize] if config.quantize else []),

@@ -11,7 +11,6 @@ Only this module touches the inside of transformers' ``DynamicCache``.
 
 from __future__ import annotations
 
-
 import torch
 from transformers import DynamicCache
 
