@@ -29,13 +29,14 @@ from pathlib import Path
 from benchmarks.harness import machine_name
 
 # Benchmark modules under benchmarks/, each with run(quick: bool) -> dict.
-BENCHMARKS = ["svd", "serve", "training", "inference", "bottleneck", "adapters", "combine", "memory_fsdp", "dora", "memory", "own_data"]
+BENCHMARKS = ["svd", "serve", "training", "inference", "bottleneck", "adapters", "products", "combine", "memory_fsdp", "dora",
+              "memory", "own_data"]
 # Studies that train for many minutes each (the memory levers, runs on labelled datasets): run by name only, so
 # that ``make bench`` (the comparisons with the peers) stays within about half an hour on two cores.
 STUDIES = ["memory", "own_data"]
 DEFAULT = [name for name in BENCHMARKS if name not in STUDIES]
 # the side-by-side ones whose sections name their threads and clock (--both runs them)
-SIDE_BY_SIDE = ["training", "inference", "bottleneck", "adapters"]
+SIDE_BY_SIDE = ["training", "inference", "bottleneck", "adapters", "products"]
 PASSES = [("1", "cpu"), ("2", "wall")]  # --both: (torch threads, clock)
 
 RESULTS = Path(__file__).parent / "results"
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     if report:
         path.with_suffix(".md").write_text("\n".join(s.rstrip("\n") + "\n" for s in report))
     if not args.quick:
-        if len(args.names) != 1 and not os.environ.get("LORAKIT_BENCH_PASS"):  # one alone is no run; --both: the parent
+        # the whole set (``make bench``) only: a few benchmarks run by name are no record of it; --both: the parent
+        if not args.names and not os.environ.get("LORAKIT_BENCH_PASS"):
             import torch
 
             clock = os.environ.get("LORAKIT_BENCH_CLOCK", "wall")

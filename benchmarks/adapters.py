@@ -62,6 +62,7 @@ def per_row(quick: bool) -> dict:
     from lorakit.layers.fused import ungroup
 
     spec = QUICK_PER_ROW if quick else PER_ROW
+    reps = spec["reps"] if quick else harness.reps(spec["reps"])
     base = copy.deepcopy(harness.classifier(quick).to(harness.device()))  # a copy, as the others (see inference)
     lk, pf = _per_row_models(base, max(DISTINCT))
     unfused = copy.deepcopy(lk)  # query and value on their own (lk computes them together)
@@ -79,7 +80,7 @@ def per_row(quick: bool) -> dict:
         calls[f"lorakit_unfused_{k}"] = lambda rows=rows: lorakit_rows(unfused, rows)
         calls[f"peft_{k}"] = lambda rows=rows: pf(**inputs, adapter_names=rows)
     with torch.inference_mode():
-        samples = harness.interleaved(calls, reps=spec["reps"], warmup=1)
+        samples = harness.interleaved(calls, reps=reps, warmup=1)
     ms = {name: harness.median_ms(s) for name, s in samples.items()}
     added = {name: harness.paired_overhead(samples, name, "base") for name in samples if name != "base"}
     by_k = {}
@@ -95,7 +96,7 @@ def per_row(quick: bool) -> dict:
         }
     return {
         "model": harness.model_name("MiniLM-L6", quick, "tiny BERT"), "targets": "query, value", "rank": RANK,
-        "adapters_loaded": max(DISTINCT), "batch": f"{spec['batch']}x{spec['length']}", "reps": spec["reps"],
+        "adapters_loaded": max(DISTINCT), "batch": f"{spec['batch']}x{spec['length']}", "reps": reps,
         "base_ms": ms["base"], "lorakit_one_ms": ms["lorakit_one"], "peft_one_ms": ms["peft_one"],
         "lorakit_one_added_ms": added["lorakit_one"], "peft_one_added_ms": added["peft_one"],
         "distinct": by_k,
@@ -147,7 +148,7 @@ def _library_ops(base, folder: Path) -> dict:
 
 
 def load_switch_merge(quick: bool) -> dict:
-    reps = 1 if quick else 7
+    reps = 1 if quick else harness.reps(7)
     base = harness.causal_lm(quick).to(harness.device())
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-adapters-") as tmp:
         ops = _library_ops(base, Path(tmp))

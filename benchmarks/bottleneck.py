@@ -76,6 +76,7 @@ def run(quick: bool = False) -> dict:
     results = {}
     for label, (batch, length, reps) in (QUICK_INPUTS if quick else INPUTS).items():
         inputs = harness.token_batch(base, batch, length)
+        reps = reps if quick else harness.reps(reps)
         samples, ms = harness.time_forwards(models, inputs, reps=reps, warmup=0 if quick else 2)
         results[label] = {
             "reps": reps, "forward_ms": ms,

@@ -47,6 +47,15 @@ def clock() -> str:
     return value
 
 
+def reps(n: int) -> int:
+    """``n`` repetitions times ``LORAKIT_BENCH_REPS`` (default 1): more samples for a noisy machine,
+    where one forward or step varies by more than the differences a table is after."""
+    value = os.environ.get("LORAKIT_BENCH_REPS", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"LORAKIT_BENCH_REPS must be a whole number of at least 1, got {value!r}")
+    return n * int(value)
+
+
 def device() -> str:
     """``"cuda"`` when a GPU is usable (``LORAKIT_BENCH_DEVICE`` overrides), else ``"cpu"``."""
     return os.environ.get("LORAKIT_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -71,6 +71,7 @@ def run(quick: bool = False) -> dict:
     results = {}
     for label, (batch, length, reps) in (QUICK_BATCHES if quick else BATCHES).items():
         inputs = harness.token_batch(base, batch, length)
+        reps = reps if quick else harness.reps(reps)
         samples, ms = harness.time_forwards(models, inputs, reps=reps, warmup=1 if quick else 2)
         overhead = {name: round(ms[name] / ms["base"] - 1, 4) for name in ms if name != "base"}
         paired = {name: round(harness.paired_overhead(samples, name, "base") / ms["base"], 4)

@@ -114,7 +114,7 @@ def setup(case: str, contender: str, quick: bool, model=None):
 
 
 def run_case(case: str, quick: bool) -> dict:
-    reps = 1 if quick else CASES[case]["reps"]
+    reps = 1 if quick else harness.reps(CASES[case]["reps"])
     base = _model(case, quick)
     timed = CONTENDERS + (COMPILED if harness.compile_enabled() else ())
     steps = {c: setup(case, c, quick, model=base) for c in timed}

@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
 from benchmarks import harness  # noqa: E402
 from benchmarks.__main__ import BENCHMARKS, write_section  # noqa: E402
 
-MINE = ["training", "inference", "bottleneck", "adapters"]
+MINE = ["training", "inference", "bottleneck", "adapters", "products"]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,15 @@ def test_bottleneck(results):
         assert set(inp["forward_ms"]) == {"base", "lora_merged", "lora_unmerged", "bottleneck"}
 
 
+def test_products(results):
+    r = results["products"]
+    assert set(r["shapes"]) == {"576->576", "576->1536", "1536->576"}
+    for products in r["shapes"].values():
+        assert set(products) == {"z = x·Aᵀ", "g_z = g·B", "∂B = gᵀ·z"}
+        assert all(p["plain_us"] > 0 and p["transposed_us"] > 0 and p["transposed_vs_plain"] > 0
+                   for p in products.values())
+
+
 def test_adapters(results):
     r = results["adapters"]
     assert set(r["per_row"]["distinct"]) == {"1", "2", "8", "16", "32"}
@@ -84,7 +93,7 @@ def test_adapters(results):
 def test_markdown(results, name, tmp_path):
     section = importlib.import_module(f"benchmarks.{name}").markdown(results[name])
     assert section.startswith("## ")
-    assert "| lorakit" in section or "LoRA merged" in section
+    assert "| lorakit" in section or "LoRA merged" in section or "as its transpose" in section
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text("# Benchmarks\n\n## Serving\n\nkept\n")
     write_section(section, doc)
@@ -126,3 +135,13 @@ def test_random_weight_models_have_the_real_architectures(monkeypatch):
     assert type(minilm).__name__ == "BertForSequenceClassification" and minilm.config.num_hidden_layers == 6
     assert sum(p.numel() for p in minilm.parameters()) == 22_713_986  # the embedded MiniLM-L6 with a 2-label head
     assert harness.model_name("MiniLM-L6", False, "tiny BERT") == "MiniLM-L6 (random weights)"
+
+
+def test_reps_are_multiplied_by_the_environment(monkeypatch):
+    monkeypatch.delenv("LORAKIT_BENCH_REPS", raising=False)
+    assert harness.reps(5) == 5
+    monkeypatch.setenv("LORAKIT_BENCH_REPS", "3")
+    assert harness.reps(5) == 15
+    monkeypatch.setenv("LORAKIT_BENCH_REPS", "0")
+    with pytest.raises(ValueError, match="LORAKIT_BENCH_REPS"):
+        harness.reps(5)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lorakit.layers.base import LoraAdapter
+from lorakit.layers.skinny import down, grad_down, grad_up
 
 
 class DoraAdapter(LoraAdapter):
@@ -107,7 +108,7 @@ class _DoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, A, B, magnitude, norm, scaling: float, fan_in_fan_out: bool):
         x2 = x.reshape(-1, x.shape[-1])
         y = x2 @ weight if fan_in_fan_out else x2 @ weight.t()  # (N, out)
-        z = x2 @ A.t()  # (N, r)
+        z = down(x2, A)  # (N, r)
         y.addmm_(z, B.t(), alpha=scaling)
         c = magnitude / norm.to(magnitude.dtype)
         out = y * c if bias is None else torch.addcmul(bias, y, c)
@@ -125,7 +126,7 @@ class _DoraLinearFunction(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         need_x, need_w, need_b, need_a, need_bb, need_m = ctx.needs_input_grad[:6]
         gc = g * c if (need_x or need_w or need_a or need_bb) else None
-        g_z = torch.mm(gc, B).mul_(s) if (need_x or need_a) else None  # (N, r)
+        g_z = grad_down(gc, B).mul_(s) if (need_x or need_a) else None  # (N, r)
         grad_x = grad_w = grad_b = grad_a = grad_bb = grad_m = None
         if need_x:
             grad_x = torch.mm(gc, weight.t() if ctx.fan_in_fan_out else weight).addmm_(g_z, A).view(ctx.x_shape)
@@ -136,7 +137,7 @@ class _DoraLinearFunction(torch.autograd.Function):
         if need_a:
             grad_a = g_z.t() @ x2
         if need_bb:
-            grad_bb = torch.mm(gc.t(), z).mul_(s)
+            grad_bb = grad_up(gc, z).mul_(s)
         if need_m:
             grad_m = (g * y).sum(0).div_(norm.to(y.dtype))
         return grad_x, grad_w, grad_b, grad_a, grad_bb, grad_m, None, None, None

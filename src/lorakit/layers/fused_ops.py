@@ -6,6 +6,7 @@ For members ``i`` (layers reading the same ``x: (..., in)``), each with adapters
 Backward (:class:`_SharedInputFunction`): ``g_Z = [s_ij·g_i·B_ij]``, ``∂x = Σ g_i·W_i + g_Z·A_cat``
 in one buffer, ``∂A_cat = g_Zᵀ·x`` (one GEMM; autograd's ``cat`` splits it into the ``∂A_ij``),
 ``∂B_ij = s_ij·g_iᵀ·Z_ij``. Saved for backward: ``x`` (the caller's tensor), ``Z`` and ``A_cat``.
+Products with R (or r) columns are computed as their transposes (:mod:`lorakit.layers.skinny`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lorakit.layers.skinny import down, grad_down, grad_up
 
 __all__ = ["Plan", "runnable"]
 
@@ -120,7 +123,7 @@ def _forward(spec, x: torch.Tensor, A_cat: torch.Tensor, flat, Bts) -> tuple[lis
     """``(outputs shaped (..., out_i), Z: (N, R))`` for ``x: (..., in)``, ``A_cat: (R, in)`` and
     ``Bts`` the ``Bᵀ`` of ``flat``'s B s (views, made once per plan)."""
     x2 = x.reshape(-1, x.shape[-1])
-    Z = torch.mm(x2, A_cat.t())  # (N, R): the one read of x for every adapter of every member
+    Z = down(x2, A_cat)  # (N, R): the one read of x for every adapter of every member
     lead, outs, k = x.shape[:-1], [], 0
     for scalings, fan, out_features, at, _, cols in spec:
         w, b = flat[at], flat[at + 1]
@@ -160,20 +163,21 @@ class _SharedInputFunction(torch.autograd.Function):
         x2, Z, A_cat, *flat = ctx.saved_tensors
         need_x, need_A, need = ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
         g2 = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
-        # g_Z = [s·g_i·B_i] for every adapter of every member: (N, R)
+        # g_Zᵀ = [s·g_i·B_i]ᵀ for every adapter of every member: (R, N), contiguous
         pieces = []
         for g, (scalings, _, _, _, b_at, cols) in zip(g2, ctx.spec):
             for s, i, (start, end) in zip(scalings, b_at, cols):
-                pieces.append(Z.new_zeros(Z.shape[0], end - start) if g is None else torch.mm(g, flat[i]).mul_(s))
-        g_Z = torch.cat(pieces, dim=1)
+                pieces.append(Z.new_zeros(end - start, Z.shape[0]) if g is None
+                              else grad_down(g, flat[i]).mul_(s).t())
+        g_Zt = torch.cat(pieces, dim=0)
         grad_x = None
         if need_x:  # Σ g_i·W_i + g_Z·A_cat, one buffer
-            grad_x = torch.mm(g_Z, A_cat)
+            grad_x = torch.mm(g_Zt.t(), A_cat)
             for g, (_, fan, _, at, _, _) in zip(g2, ctx.spec):
                 if g is not None:
                     grad_x.addmm_(g, flat[at].t() if fan else flat[at])
             grad_x = grad_x.view(ctx.x_shape)
-        grad_A_cat = torch.mm(g_Z.t(), x2) if need_A else None  # (R, in): every ∂A in one GEMM
+        grad_A_cat = torch.mm(g_Zt, x2) if need_A else None  # (R, in): every ∂A in one GEMM
         out = [None] * len(flat)
         for g, (scalings, fan, _, at, b_at, cols) in zip(g2, ctx.spec):
             if g is None:
@@ -184,5 +188,5 @@ class _SharedInputFunction(torch.autograd.Function):
                 out[at + 1] = g.sum(0)
             for s, i, (start, end) in zip(scalings, b_at, cols):
                 if need[i]:
-                    out[i] = torch.mm(g.t(), Z.narrow(1, start, end - start)).mul_(s)  # (out, r)
+                    out[i] = grad_up(g, Z.narrow(1, start, end - start)).mul_(s)  # (out, r)
         return (None, grad_x, grad_A_cat, *out)

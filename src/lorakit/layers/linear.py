@@ -8,6 +8,7 @@ Forward (LoRA §4.1, seeds 001–003)::
 computed as one base GEMM, then per adapter ``z = x Aᵀ : (..., r)`` and an in-place
 ``out += s · z Bᵀ`` (``addmm_`` with ``alpha = s``): the scaling costs nothing, no
 copy of ``x`` is made when dropout is 0, and no ``(…, out)`` temporary is allocated.
+Each product with r columns is computed as its transpose (:mod:`lorakit.layers.skinny`).
 
 Training with one adapter goes through :class:`_LoraLinearFunction`, whose backward is
 written out: ``g_z = s·g B`` once, ``∂x = g W + g_z A`` accumulated into one buffer,
@@ -27,6 +28,7 @@ from torch import nn
 from lorakit.dense import is_conv1d, linear_features
 from lorakit.errors import LorakitError
 from lorakit.layers.base import LoraLayer
+from lorakit.layers.skinny import down, grad_down, grad_up
 
 
 class _LoraLinearFunction(torch.autograd.Function):
@@ -45,7 +47,7 @@ class _LoraLinearFunction(torch.autograd.Function):
             out = x2 @ weight if bias is None else torch.addmm(bias, x2, weight)
         else:
             out = F.linear(x2, weight, bias)
-        z = h2 @ A.t()  # (N, r)
+        z = down(h2, A)  # (N, r)
         out.addmm_(z, B.t(), alpha=scaling)
         ctx.scaling, ctx.fan_in_fan_out, ctx.has_h = scaling, fan_in_fan_out, h is not None
         ctx.x_shape, ctx.h_shape = x.shape, None if h is None else h.shape
@@ -62,7 +64,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         s = ctx.scaling
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         need_x, need_h, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:6]
-        g_z = torch.mm(g, B).mul_(s) if (need_h or need_a or (need_x and not ctx.has_h)) else None  # (N, r)
+        g_z = grad_down(g, B).mul_(s) if (need_h or need_a or (need_x and not ctx.has_h)) else None  # (N, r)
         grad_x = grad_h = grad_w = grad_b = grad_a = grad_bb = None
         if need_x:
             grad_x = torch.mm(g, weight.t() if ctx.fan_in_fan_out else weight)  # (N, in)
@@ -78,7 +80,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         if need_a:
             grad_a = g_z.t() @ (x2 if h2 is None else h2)  # (r, in)
         if need_bb:
-            grad_bb = torch.mm(g.t(), z).mul_(s)  # (out, r)
+            grad_bb = grad_up(g, z).mul_(s)  # (out, r)
         return grad_x, grad_h, grad_w, grad_b, grad_a, grad_bb, None, None
 
 
@@ -139,15 +141,14 @@ class LoraLinear(LoraLayer):
             h = x if ad.dropout is None else ad.dropout(x)
             if h.dtype != ad.A.dtype:
                 h = h.to(ad.A.dtype)
-            z = F.linear(h, ad.A)  # (..., r)
-            if z.dtype == out.dtype == ad.B.dtype and out.is_contiguous():  # not under autocast
-                z2 = z.reshape(-1, z.shape[-1])
+            z2 = down(h.reshape(-1, self.in_features), ad.A)  # (N, r)
+            if z2.dtype == out.dtype == ad.B.dtype and out.is_contiguous():  # not under autocast
                 if in_place:
                     out.view(-1, self.out_features).addmm_(z2, ad.B.T, alpha=ad.scaling)
                 else:
                     out = torch.addmm(out.view(-1, self.out_features), z2, ad.B.T, alpha=ad.scaling).view_as(out)
             else:
-                out = out + F.linear(z * ad.scaling, ad.B).to(out.dtype)
+                out = out + F.linear(z2 * ad.scaling, ad.B).to(out.dtype).view_as(out)
         return out
 
     def _one_function(self, x: torch.Tensor, ad) -> bool:
