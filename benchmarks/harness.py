@@ -205,6 +205,16 @@ def paired_overhead(samples: dict[str, list[float]], name: str, reference: str) 
     return round(statistics.median(diffs) * 1000, 3)
 
 
+def paired_ratio(samples: dict[str, list[float]], name: str, reference: str) -> float | None:
+    """Median over rounds of ``samples[name][i] / samples[reference][i]`` (3 decimals).
+
+    On a machine whose speed drifts between rounds (a VM: one SmolLM2 step varies by ±12% in CPU
+    seconds here), the ratio within a round, where the contenders ran seconds apart, cancels the
+    drift that a ratio of two medians keeps."""
+    ratios = [a / b for a, b in zip(samples[name], samples[reference]) if b]
+    return round(statistics.median(ratios), 3) if ratios else None
+
+
 # ---------------------------------------------------------------------- peak memory
 
 

@@ -109,6 +109,12 @@ def markdown(result: dict) -> str:
         rows.append([f"{label}: goals", "", f"≤ {GOAL_MERGED}: {harness.verdict(r['merged_vs_base'], GOAL_MERGED)}",
                      f"≤ +{floor + GOAL_ABOVE_FLOOR:.1%}: {harness.verdict(r['unmerged_overhead_minus_floor'], GOAL_ABOVE_FLOOR)}",
                      f"+{over['lorakit_unfused']:.1%}", compiled, f"+{over['peft_unmerged']:.1%}", ""])
+    paired = []
+    for label, r in result["batches"].items():
+        names = [n for n in ("lorakit_merged", "lorakit_unmerged", "lorakit_unfused", "lorakit_compiled",
+                             "peft_unmerged", "peft_merged") if n in r["all_ms"]]
+        paired.append(f"{label}: " + ", ".join(
+            f"{n.replace('_', ' ').replace('peft', 'PEFT')} {harness.paired_ratio(r['all_ms'], n, 'base')}" for n in names))
     first = next(iter(result["batches"].values()))
     return f"""{harness.title("Inference forward", result["machine"])}
 
@@ -123,7 +129,10 @@ own; *compiled*: unmerged under `torch.compile`. Goals: merged ≤ {GOAL_MERGED}
 most {GOAL_ABOVE_FLOOR:.0%} points above the floor.
 
 {harness.table(["forward ms", "base", "lorakit merged", "lorakit unmerged", "lorakit unfused", "lorakit compiled",
-                "PEFT unmerged", "PEFT merged"], rows)}"""
+                "PEFT unmerged", "PEFT merged"], rows)}
+The ratios above are of medians. Each round's own ratio to the base, its median over the rounds (which cancels
+the drift of the machine's speed between rounds): {"; ".join(paired)}.
+"""
 
 
 if __name__ == "__main__":

@@ -192,6 +192,13 @@ def markdown(result: dict) -> str:
         memory.append([f"{label}: MiB the steps add", mem["lorakit"]["added_mb"], mem["peft"]["added_mb"],
                        r["added_vs_peft"], f"≤ {GOAL_MEMORY}", harness.verdict(r["added_vs_peft"], GOAL_MEMORY),
                        mem["full"]["added_mb"], mem["floor"]["added_mb"]])
+    paired = []
+    for case in CASES:
+        samples, r = result[case]["step_all_ms"], result[case]
+        pairs = [("lorakit", "floor"), ("lorakit", "peft"), ("lorakit", "lorakit_unfused")]
+        paired.append(f"{r['model']}: " + ", ".join(
+            f"{a.replace('lorakit_', '')} / {b.replace('lorakit_', '').replace('peft', 'PEFT')} "
+            f"{harness.paired_ratio(samples, a, b)}" for a, b in pairs))
     first = result[next(iter(CASES))]
     return f"""{harness.title("Training step", result["machine"])}
 
@@ -207,6 +214,9 @@ minus the memory of the loaded, wrapped model before the first step (activations
 
 {harness.table(["step ms", "lorakit", "unfused", "compiled", "PEFT", "floor", "full FT", "lorakit / floor",
                 "unfused / floor", "lorakit / PEFT", "compiled / lorakit", "goal", "met"], times)}
+The ratios above are of medians. Each round's own ratio, its median over the rounds (which cancels the drift
+of the machine's speed between rounds): {"; ".join(paired)}.
+
 {harness.table(["memory", "lorakit", "PEFT", "lorakit / PEFT", "goal", "met", "full FT", "floor"], memory)}"""
 
 

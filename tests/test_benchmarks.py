@@ -145,3 +145,9 @@ def test_reps_are_multiplied_by_the_environment(monkeypatch):
     monkeypatch.setenv("LORAKIT_BENCH_REPS", "0")
     with pytest.raises(ValueError, match="LORAKIT_BENCH_REPS"):
         harness.reps(5)
+
+
+def test_paired_ratio_is_the_median_of_each_rounds_ratio():
+    samples = {"a": [1.0, 2.2, 3.0], "b": [1.0, 2.0, 2.0]}
+    assert harness.paired_ratio(samples, "a", "b") == 1.1  # ratios 1.0, 1.1, 1.5
+    assert harness.paired_ratio(samples, "b", "b") == 1.0
