@@ -215,6 +215,13 @@ def paired_ratio(samples: dict[str, list[float]], name: str, reference: str) -> 
     return round(statistics.median(ratios), 3) if ratios else None
 
 
+def paired_note(parts: list[str]) -> str:
+    """The sentence under a table of ratios of medians that gives each round's own ratio
+    (:func:`paired_ratio`) for each part, e.g. ``"MiniLM: lorakit / floor 0.993"``."""
+    return ("The ratios above are of medians. Each round's own ratio, its median over the rounds (which cancels the "
+            f"drift of the machine's speed between rounds): {'; '.join(parts)}.")
+
+
 # ---------------------------------------------------------------------- peak memory
 
 

@@ -114,7 +114,8 @@ def markdown(result: dict) -> str:
         names = [n for n in ("lorakit_merged", "lorakit_unmerged", "lorakit_unfused", "lorakit_compiled",
                              "peft_unmerged", "peft_merged") if n in r["all_ms"]]
         paired.append(f"{label}: " + ", ".join(
-            f"{n.replace('_', ' ').replace('peft', 'PEFT')} {harness.paired_ratio(r['all_ms'], n, 'base')}" for n in names))
+            f"{n.replace('_', ' ').replace('peft', 'PEFT')} / base {harness.paired_ratio(r['all_ms'], n, 'base')}"
+            for n in names))
     first = next(iter(result["batches"].values()))
     return f"""{harness.title("Inference forward", result["machine"])}
 
@@ -130,8 +131,7 @@ most {GOAL_ABOVE_FLOOR:.0%} points above the floor.
 
 {harness.table(["forward ms", "base", "lorakit merged", "lorakit unmerged", "lorakit unfused", "lorakit compiled",
                 "PEFT unmerged", "PEFT merged"], rows)}
-The ratios above are of medians. Each round's own ratio to the base, its median over the rounds (which cancels
-the drift of the machine's speed between rounds): {"; ".join(paired)}.
+{harness.paired_note(paired)}
 """
 
 

@@ -21,7 +21,7 @@ from lorakit.layers.skinny import down, grad_down, grad_up
 
 SHAPES = [(576, 576), (576, 1536), (1536, 576)]  # (in, out)
 TOKENS, RANK, REPS, INNER = 512, 8, 9, 20
-QUICK = dict(tokens=32, reps=2, inner=2)
+QUICK_TOKENS, QUICK_REPS, QUICK_INNER = 32, 2, 2
 
 PRODUCTS = {  # name: (as written, as its transpose), each a function of (x, g, A, B, z)
     "z = x·Aᵀ": (lambda x, g, A, B, z: x @ A.t(), lambda x, g, A, B, z: down(x, A)),
@@ -31,7 +31,7 @@ PRODUCTS = {  # name: (as written, as its transpose), each a function of (x, g, 
 
 
 def run(quick: bool = False) -> dict:
-    tokens, reps, inner = (QUICK["tokens"], QUICK["reps"], QUICK["inner"]) if quick else (TOKENS, harness.reps(REPS), INNER)
+    tokens, reps, inner = (QUICK_TOKENS, QUICK_REPS, QUICK_INNER) if quick else (TOKENS, harness.reps(REPS), INNER)
     gen = torch.Generator().manual_seed(0)
     shapes = {}
     for d_in, d_out in SHAPES:

@@ -214,8 +214,7 @@ minus the memory of the loaded, wrapped model before the first step (activations
 
 {harness.table(["step ms", "lorakit", "unfused", "compiled", "PEFT", "floor", "full FT", "lorakit / floor",
                 "unfused / floor", "lorakit / PEFT", "compiled / lorakit", "goal", "met"], times)}
-The ratios above are of medians. Each round's own ratio, its median over the rounds (which cancels the drift
-of the machine's speed between rounds): {"; ".join(paired)}.
+{harness.paired_note(paired)}
 
 {harness.table(["memory", "lorakit", "PEFT", "lorakit / PEFT", "goal", "met", "full FT", "floor"], memory)}"""
 
