@@ -113,7 +113,7 @@ def describe(info: dict) -> str:
     threads = f"{info['threads']} torch thread{'s' if info['threads'] != 1 else ''}"
     where = info.get("gpu") or f"{info['cpu']}, {info['cores']} cores, {threads}"
     timing = " Times are process CPU seconds, not wall seconds." if info.get("clock") == "cpu" else ""
-    return (f"{where}, {info['memory_gb']} GB RAM; torch {info['torch']}, transformers {info['transformers']}, "
+    return (f"{where}, {info['memory_gb']} GiB RAM; torch {info['torch']}, transformers {info['transformers']}, "
             f"peft {info['peft']}, Python {info['python']}.{timing}")
 
 

@@ -151,3 +151,17 @@ def test_paired_ratio_is_the_median_of_each_rounds_ratio():
     samples = {"a": [1.0, 2.2, 3.0], "b": [1.0, 2.0, 2.0]}
     assert harness.paired_ratio(samples, "a", "b") == 1.1  # ratios 1.0, 1.1, 1.5
     assert harness.paired_ratio(samples, "b", "b") == 1.0
+
+
+def test_training_goals_are_judged_on_each_rounds_ratio():
+    from benchmarks import training
+
+    # lorakit's median over the floor's is 1.2 (the rounds drifted), but every round's own ratio is 1.01
+    rounds = {"lorakit": [101.0, 202.0, 303.0], "floor": [100.0, 200.0, 300.0], "peft": [200.0, 400.0, 600.0]}
+    case = {"lorakit_vs_floor": 1.2, "time_vs_peft": 0.6, "step_all_ms": rounds}
+    result = {"machine": {}, "smollm2": case}
+    assert training._goals(result, "smollm2")[1] == "yes"
+    rounds["lorakit"] = [110.0, 220.0, 330.0]  # 1.10 in every round: over the 1.05 goal
+    assert training._goals(result, "smollm2")[1] == "**no**"
+    del case["step_all_ms"]  # an older result without its rounds: the ratio of medians
+    assert training._goals(result, "smollm2")[1] == "**no**"

@@ -34,15 +34,16 @@ def plan(n: int, world_size: int = 1, bf16: bool = True, **given):
     (10_752, 32, 1_008),  # the default task: 3 epochs of 336 steps, as before the recipe
     (8_000, 32, 750),     # 3 epochs of 250
     (4_000, 16, 750),     # at 32, 3 epochs are 375 steps: under the floor of 600
-    (2_000, 8, 750),
-    (480, 8, 600),        # 3 epochs of 60 = 180 steps: the floor makes it 10
-    (100, 8, 240),        # the floor would be 50 epochs: capped at 20
+    (2_000, 8, 1_200),    # 3 epochs of 250 = 750 steps: the floor of 9,600 examples makes it 1,200
+    (480, 8, 1_200),      # 3 epochs of 60 = 180 steps: the floors make it 20
+    (100, 8, 240),        # the floor would be 120 epochs: capped at 20
 ])
 def test_batch_and_steps_follow_their_rule(n, batch, steps):
     config, global_batch, total, choices = plan(n)
     assert (global_batch, total, config.lr) == (batch, steps, LORA.default_lr)
-    # the floor: at least min_steps, or MAX_EPOCHS epochs when fewer
+    # the floors: at least min_steps and min_examples seen, or MAX_EPOCHS epochs when fewer
     assert total >= min(CLASSIFY.min_steps, recipe.MAX_EPOCHS * (n // batch))
+    assert total * batch >= min(CLASSIFY.min_examples, recipe.MAX_EPOCHS * (n // batch) * batch)
     # the batch: the largest whose 3 epochs reach the floor (8 when none does)
     larger = [b for b in recipe.BATCHES if b > batch]
     assert all(n // b * CLASSIFY.default_epochs < CLASSIFY.min_steps for b in larger)
@@ -54,22 +55,31 @@ def test_batch_and_steps_follow_their_rule(n, batch, steps):
     (10_752, 32, 672),  # the default task in fp32: 2 epochs of 336 steps
     (10_000, 32, 624),  # 2 epochs of 312
     (8_000, 16, 1_000),  # at 32, 2 epochs are 500 steps: under the floor of 600
-    (480, 8, 600),      # the floor, whatever the precision
+    (480, 8, 1_200),    # the floors, whatever the precision
 ])
 def test_in_fp32_the_classifier_takes_fewer_epochs(n, batch, steps):
     config, global_batch, total, choices = plan(n, bf16=False)
     assert (global_batch, total) == (batch, steps)
-    shortened = n // batch * CLASSIFY.epochs(False) >= CLASSIFY.min_steps  # the floor does not set the length
+    shortened = n // batch * CLASSIFY.epochs(False) >= recipe.step_floor(CLASSIFY, batch)[0]  # no floor sets it
     assert config.lr == (LORA.short_run_lr if shortened else LORA.default_lr) and LORA.short_run_lr == 1.5e-3
     assert ("shortened in fp32" in choices["lr"].reason) == shortened
     assert plan(n, bf16=False, lr=7e-4)[0].lr == 7e-4  # --lr wins
     assert plan(n, bf16=False, method="full")[0].lr == get_method("full").default_lr  # no short-run rate of its own
     assert CLASSIFY.epochs(False) == 2 and CLASSIFY.epochs(True) == CLASSIFY.default_epochs == 3
     assert all(n // b * CLASSIFY.epochs(False) < CLASSIFY.min_steps for b in recipe.BATCHES if b > batch)
-    if total > CLASSIFY.min_steps:
+    if total > recipe.step_floor(CLASSIFY, batch)[0]:
         assert "the task's 2 epochs" in choices["steps"].reason and "in fp32" in choices["steps"].reason
     assert plan(n, bf16=False, epochs=3)[2] == 3 * (n // batch)  # --epochs wins
     assert get_task("chat").epochs(False) == get_task("chat").epochs(True)  # a task without fp32 epochs
+
+
+def test_the_floor_of_examples_reads_in_steps_of_the_batch():
+    assert CLASSIFY.min_examples == 9_600 and CLASSIFY.min_steps == 600
+    assert recipe.step_floor(CLASSIFY, 8) == (1_200, "1200 steps (9,600 examples at batch 8)")
+    assert recipe.step_floor(CLASSIFY, 32) == (600, "600 steps")  # 300 steps see 9,600: the step floor is higher
+    assert recipe.step_floor(get_task("chat"), 8) == (0, "0 steps")  # a task without floors
+    _, _, total, choices = plan(900)  # 3 epochs of 112 steps at batch 8: raised to 1,200
+    assert total == 1_200 and "under the floor of 1200 steps (9,600 examples at batch 8)" in choices["steps"].reason
 
 
 def test_what_the_user_gives_is_kept_and_not_explained():

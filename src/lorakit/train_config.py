@@ -106,7 +106,8 @@ class TrainConfig:
         "set every dropout of the model to this probability", default_help="the model's own, 0.1 for BERT"))
     steps: int | None = field(default=None, metadata=setting(
         "optimizer steps", default_help=lambda: _per_task("default_epochs", "the recipe's: the task's epochs")() +
-        f" (in fp32: {per_task('epochs', False)}); at least the task's floor ({per_task('min_steps')}), at most "
+        f" (in fp32: {per_task('epochs', False)}); at least the task's floor of steps ({per_task('min_steps')}) and of examples seen "
+        f"({per_task('min_examples')}), at most "
         f"{MAX_EPOCHS} epochs", group="length"))
     epochs: float | None = field(default=None, metadata=setting(
         "passes over the training split", default_help=lambda: _per_task("default_epochs", "the recipe's: the task's")()

@@ -69,6 +69,8 @@ class Task:
             (no bf16: on a CPU without native bf16 a step takes about twice as long), so that
             the default run keeps its time; None: ``default_epochs`` either way.
         min_steps: the recipe's floor on optimizer steps when neither is given (0: none).
+        min_examples: the recipe's floor on training examples seen (steps × global batch)
+            when neither is given (0: none).
         default_eval_batch_size: examples per evaluation forward pass.
         load_model: ``(spec, labels or None) -> (model, tokenizer)``.
         default_data: ``() -> DatasetSplits`` of the embedded dataset.
@@ -90,6 +92,7 @@ class Task:
     load_model: Callable
     default_data: Callable
     min_steps: int = 0
+    min_examples: int = 0
     fp32_epochs: float | None = None
 
     trains_head: ClassVar[bool] = False
