@@ -36,3 +36,18 @@ def test_parse_adapter_flags():
         parse_adapters(["nodir"])
     with pytest.raises(LorakitError, match="twice"):
         parse_adapters(["a=x", "a=y"])
+
+
+def test_a_port_out_of_range_or_taken_is_one_line_before_the_model_loads(tmp_path):
+    import socket
+
+    done = _serve("--model", str(tmp_path / "no-such-model"), "--port", "99999")
+    assert done.returncode == 2 and done.stderr.strip() == (
+        "lorakit serve: error: --port 99999 is not a TCP port; give one from 0 (any free port) to 65535, e.g. 8000")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = _serve("--model", str(tmp_path / "no-such-model"), "--port", str(port))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "give another --port" in done.stderr

@@ -60,7 +60,7 @@ def test_a_line_that_does_not_parse_gives_its_number(tmp_path):
     with pytest.raises(LorakitError, match="d.jsonl line 3 is not valid JSON"):
         read_records(path, "classify")
     path.write_text('["text", "label"]\n')
-    with pytest.raises(LorakitError, match="line 1 holds a list"):
+    with pytest.raises(LorakitError, match="line 1 holds a JSON array"):
         read_records(path, "classify")
 
 

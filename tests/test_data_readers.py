@@ -45,3 +45,33 @@ def test_a_file_that_is_not_parquet_is_named(tmp_path):
     (tmp_path / "bad.parquet").write_text("text,label\n")
     with pytest.raises(LorakitError, match="bad.parquet does not read as Parquet"):
         read_records(tmp_path / "bad.parquet", "classify")
+
+
+def test_a_json_array_a_json_lines_file_and_a_tsv_read_as_records(tmp_path):
+    (tmp_path / "a.json").write_text('[{"text": "good", "label": 1},\n {"text": "bad", "label": 0}]')
+    assert read_records(tmp_path / "a.json", "classify") == [
+        {"text": "good", "label": "1", "_where": "a.json item 1"},
+        {"text": "bad", "label": "0", "_where": "a.json item 2"}]
+    (tmp_path / "l.json").write_text('{"text": "good", "label": 1}\n{"text": "bad", "label": 0}\n')
+    assert [r["_where"] for r in read_records(tmp_path / "l.json", "classify")] == ["l.json line 1", "l.json line 2"]
+    (tmp_path / "d.tsv").write_text('review\tstars\ngreat, really\t5\ndull\t1\n')
+    records = read_records(tmp_path / "d.tsv", "classify", columns={"text": "review", "label": "stars"})
+    assert [(r["text"], r["label"], r["_where"]) for r in records] == [("great, really", "5", "d.tsv line 2"),
+                                                                       ("dull", "1", "d.tsv line 3")]
+    alpaca = '[{"instruction": "Say hi", "input": "", "output": "Hi"}]'
+    (tmp_path / "alpaca.json").write_text(alpaca)
+    assert read_records(tmp_path / "alpaca.json", "lm", columns={"prompt": "instruction", "completion": "output"}
+                        )[0]["completion"] == "Hi"
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("o.json", '{"data": [{"text": "a", "label": 1}]}', r"o.json holds one JSON object \(keys \['data'\]\), not an array"),
+    ("b.json", '[{"text": "a", "label": 1},\n {"text": "b" "label": 0}]',
+     r"b.json is not valid JSON \(Expecting ',' delimiter at line 2 column 15\)"),
+    ("n.json", '[{"text": "a", "label": 1}, 3]', r"n.json item 2 holds a JSON number, not a JSON object"),
+    ("t.tsv", 'text\tlabel\na\t1\tx\n', r"t.tsv line 2 has more fields than the header .* contain tabs"),
+])
+def test_a_json_or_tsv_file_of_another_shape_is_named_with_where_it_breaks(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(LorakitError, match=message):
+        read_records(tmp_path / name, "classify")

@@ -41,3 +41,14 @@ def test_a_200_row_real_slice_of_three_classes_keeps_its_shares():
     assert len({r["label"] for r in splits.test[:6]}) > 1  # each part shuffled: --data-limit's slice is mixed
     plain = split_records(rows, 0.1, 0.1, "debates")
     assert sorted(map(id, plain.train)) != sorted(map(id, splits.train))  # stratifying moved examples
+
+
+def test_a_file_too_small_for_a_validation_example_is_refused_not_trained_unchecked():
+    from lorakit import LorakitError
+
+    records = [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}]
+    with pytest.raises(LorakitError, match="has 2 examples: too few for a validation split of 1 and a test split "
+                                           "of 1 with any left to train on; give at least 3"):
+        split_records(records, 0.1, 0.1, source="two.csv")
+    three = split_records(records + [{"text": "c", "label": "x"}], 0.1, 0.1, source="three.csv")
+    assert (len(three.train), len(three.validation), len(three.test)) == (1, 1, 1)

@@ -214,3 +214,27 @@ def test_the_chat_task_trains_in_micro_batches_at_fp32():
                                     predict=predict_peak)
     assert (config.batch_size * config.grad_accum, config.grad_accum, config.max_length) == (32, 4, 80)
     assert "GiB of activations" in {c.name: c for c in choices}["grad_accum"].reason
+
+
+def test_a_max_length_past_a_learned_position_table_is_refused_and_rotary_models_have_no_such_limit():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from lorakit.targets import position_limit
+    from tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama
+
+    bert = tiny_bert_classifier()
+    roberta = RobertaForSequenceClassification(RobertaConfig(  # 66 rows, 2 of them for the padding offset
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=66, pad_token_id=1))
+    assert (position_limit(bert), position_limit(tiny_gpt2()), position_limit(roberta), position_limit(tiny_llama())
+            ) == (64, 64, 64, None)
+    with pytest.raises(LorakitError, match="--max-length 65 is longer than BertForSequenceClassification takes: its "
+                                           "learned positions stop at 64 tokens; give --max-length 64 or less"):
+        recipe.choose(TrainConfig(max_length=65, batch_size=8, lr=1e-3), CLASSIFY, LORA, records(100),
+                      tokenizer=None, model=bert)
+    config, _ = recipe.choose(TrainConfig(max_length=64, batch_size=8, lr=1e-3), CLASSIFY, LORA, records(100),
+                              tokenizer=None, model=bert)
+    assert config.max_length == 64
+    config, _ = recipe.choose(TrainConfig(max_length=4096, batch_size=8, lr=1e-3), CLASSIFY, LORA, records(100),
+                              tokenizer=None, model=tiny_llama())
+    assert config.max_length == 4096  # rotary positions: longer than trained is the user's call, not a crash

@@ -91,3 +91,25 @@ def test_transformer_blocks_are_the_repeated_layers_of_the_body():
     plain = nn.Sequential(nn.Embedding(10, 16), encoder, nn.ModuleList([nn.Linear(16, 2)]))
     assert list(transformer_blocks(plain)) == ["1.layers.0", "1.layers.1", "1.layers.2"]
     assert transformer_blocks(nn.Sequential(nn.Linear(2, 2))) == {}
+
+
+def test_default_targets_are_peft_s_for_every_family_both_name():
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
+
+    from lorakit.targets import DEFAULT_TARGETS
+
+    shared = set(DEFAULT_TARGETS) & set(peft_defaults)
+    assert {"llama", "qwen3", "bert", "deberta-v2", "gpt2", "phi", "mixtral"} <= shared
+    assert {family: DEFAULT_TARGETS[family] for family in shared} == {family: peft_defaults[family] for family in shared}
+
+
+def test_a_deberta_v2_classifier_gets_query_and_value_by_default():
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    from lorakit.targets import lora_layers
+
+    model = DebertaV2ForSequenceClassification(DebertaV2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_labels=2))
+    attach(model, LoraConfig(r=2))
+    adapted = sorted({name.rsplit(".", 1)[-1] for name, _ in lora_layers(model)})
+    assert adapted == ["query_proj", "value_proj"]

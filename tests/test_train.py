@@ -259,6 +259,16 @@ def test_predict_eval_and_merge_agree(sentiment_runs):
         load_trained([adapter, adapter], merge=True)
 
 
+def test_an_input_longer_than_the_learned_positions_is_cut_to_them(sentiment_runs):
+    trained = load_trained([sentiment_runs["lora"][0] / "adapter"])
+    assert trained.max_length() == 48  # as trained
+    limit = trained.model.config.max_position_embeddings
+    trained.info["max_length"] = 100_000  # a folder written before lengths were checked, or by hand
+    assert trained.max_length() == limit
+    (rows,) = predict(trained, ["a great movie " * limit]).values()
+    assert sum(rows[0]["probabilities"].values()) == pytest.approx(1.0)
+
+
 def test_chat_lora_trains_on_assistant_turns_and_generates(models, tmp_path):
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(60))
     report = train(TrainConfig(task="chat", model=models["llm"], data=str(data), steps=30, batch_size=8, lr=2e-2,

@@ -50,6 +50,15 @@ class Trained:
         if name in lora_configs(self.model):
             set_active(self.model, name)
 
+    def max_length(self) -> int:
+        """Tokens an input is cut to: the length it was trained with (the task's cap when the
+        folder does not say), at most what the model's learned positions hold."""
+        from lorakit.targets import position_limit
+
+        length = self.info.get("max_length") or self.task.max_length_cap
+        limit = position_limit(self.model)
+        return min(length, limit) if limit is not None else length
+
 
 def read_task_file(folder) -> dict:
     """``lorakit_task.json`` of a trained result (``folder``, or the saved result of the
@@ -146,7 +155,7 @@ def evaluate_trained(trained: Trained, data: str | None = None, batch_size: int 
 
     task, info = trained.task, trained.info
     batch_size = batch_size or task.default_eval_batch_size
-    max_length = info.get("max_length") or task.max_length_cap
+    max_length = trained.max_length()
     columns = info.get("columns") or None
     if data is None:
         splits = read_splits(task, info.get("data", "default"), info.get("data_limit"), columns, info.get("stream"),
@@ -177,7 +186,7 @@ def predict(trained: Trained, texts: list[str]) -> dict:
     Raises:
         LorakitError: the model is not a classifier.
     """
-    max_length = trained.info.get("max_length") or trained.task.max_length_cap
+    max_length = trained.max_length()
     results = {}
     for name in trained.names:
         trained.use(name)

@@ -60,6 +60,24 @@ def model_kind(model: nn.Module) -> str:
     return kind
 
 
+#: the names a learned table of positions goes by (BERT and RoBERTa, GPT-2, OPT)
+POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The most tokens ``model`` can take when it looks positions up in a learned table
+    (BERT's ``position_embeddings``, GPT-2's ``wpe``): the table's rows less those a padding
+    offset uses, and at most the config's ``max_position_embeddings``; None for a model that
+    computes its positions (rotary, ALiBi), which has no hard limit."""
+    table = next((m for name, m in model.named_modules()
+                  if isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES), None)
+    if table is None:
+        return None
+    rows = table.num_embeddings - (table.padding_idx + 1 if table.padding_idx is not None else 0)
+    configured = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(rows, configured) if isinstance(configured, int) and configured > 0 else rows
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """``"<ClassName>:<hash>"``: the architecture and the shapes of its base weights.
 

@@ -86,6 +86,7 @@ def choose(config, task, method, train, tokenizer, model, world_size: int = 1, p
     """
     choices, changes = {}, {}
     n = len(train)
+    _check_max_length(config.max_length, model)
     if config.max_length is None:
         changes["max_length"], reason = max_length_for(task, sample_records(train), tokenizer, model)
         choices["max_length"] = Choice("max_length", changes["max_length"], reason)
@@ -180,6 +181,20 @@ def step_floor(task, global_batch: int) -> tuple[int, str]:
     if by_examples > task.min_steps:
         return by_examples, f"{by_examples} steps ({task.min_examples:,} examples at batch {global_batch})"
     return task.min_steps, f"{task.min_steps} steps"
+
+
+def _check_max_length(max_length: int | None, model) -> None:
+    """Refuse a ``--max-length`` past the positions a model's learned table holds (longer
+    inputs would fail inside its forward pass)."""
+    from lorakit.errors import LorakitError
+    from lorakit.targets import architecture_name, position_limit
+
+    if max_length is None or model is None:
+        return
+    limit = position_limit(model)
+    if limit is not None and max_length > limit:
+        raise LorakitError(f"--max-length {max_length} is longer than {architecture_name(model)} takes: its learned "
+                           f"positions stop at {limit} tokens; give --max-length {limit} or less")
 
 
 def max_length_for(task, records: list[dict], tokenizer, model) -> tuple[int, str]:

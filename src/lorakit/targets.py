@@ -34,15 +34,26 @@ from lorakit.dense import (  # noqa: F401  (re-exported: structure questions are
 from lorakit.errors import LorakitError
 from lorakit.model_kinds import (  # noqa: F401  (re-exported: structure questions are asked here)
     BARE, CAUSAL_LM, CLASSIFIER, MODEL_KINDS, OTHER, architecture_kind, architecture_name, model_fingerprint, model_kind,
+    position_limit,
 )
 from lorakit.layers import LoraLayer, ParameterHost, SavedModule, wrapper_for
 
-#: target_modules used when a config gives None, by ``model.config.model_type``
+_QV_PROJ = ["q_proj", "v_proj"]
+_QUERY_VALUE = ["query", "value"]
+
+#: target_modules used when a config gives None, by ``model.config.model_type``: PEFT's
+#: defaults for the families it names (so an adapter trained with defaults has the same
+#: modules either way), and query/value under their own names for a few more
 DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"], "phi3": ["qkv_proj"], "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"],
-    "bert": ["query", "value"], "roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
-    "t5": ["q", "v"], "opt": ["q_proj", "v_proj"],
+    **dict.fromkeys(["llama", "llama4", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+                     "gemma2", "gemma3_text", "olmo", "olmo2", "granite", "stablelm", "starcoder2", "opt", "bart",
+                     "gptj", "gpt_neo"], _QV_PROJ),
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "camembert", "electra", "layoutlm", "albert"], _QUERY_VALUE),
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"], "phi3": ["qkv_proj"], "codegen": ["qkv_proj"],
+    "gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"], "gpt_neox": ["query_key_value"], "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"], "mpt": ["Wqkv"], "modernbert": ["Wqkv"],
+    "distilbert": ["q_lin", "v_lin"], "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"],
+    "mpnet": ["q", "v"], "t5": ["q", "v"], "mt5": ["q", "v"],
 }
 
 #: attribute names of the heads transformers puts on a body; the first two are the

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 from lorakit.config import parse_targets
+from lorakit.data.readers import FORMATS
 from lorakit.errors import LorakitError
 from lorakit.layers.quantized import QUANT_KINDS
 from lorakit.methods import METHODS, get_method
@@ -65,7 +66,7 @@ class TrainConfig:
         choices=lambda: sorted(TASKS)))
     model: str = field(default="default", metadata=setting("'default' (the task's embedded model) or a model folder"))
     data: str = field(default="default", metadata=setting(
-        "'default' (embedded dataset), a .jsonl/.csv/.parquet file, a folder saved by Hugging Face datasets "
+        f"'default' (embedded dataset), a {FORMATS} file, a folder saved by Hugging Face datasets "
         "(save_to_disk), or a folder with train/validation(/test) files"))
     text_column: str | None = field(default=None, metadata=setting(
         "the column holding the text, when it is not 'text'", default_help="text"))

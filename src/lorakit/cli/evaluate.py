@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lorakit.data.readers import FORMATS
 from lorakit.tasks import per_task
 
 
@@ -14,7 +15,7 @@ def register(subparsers) -> None:
     parser.add_argument("--adapter", action="append", required=True, metavar="DIR",
                         help="a run folder of lorakit train (--out), or the adapter (or full model) folder in it; "
                              "repeat to compare")
-    parser.add_argument("--data", default=None, help=".jsonl/.csv file to score whole (default: the test split "
+    parser.add_argument("--data", default=None, help=f"a {FORMATS} file to score whole (default: the test split "
                                                      "of the data the adapter was trained on)")
     parser.add_argument("--merge", action="store_true", help="merge the adapter into the base weights first")
     parser.add_argument("--batch-size", type=int, default=None,

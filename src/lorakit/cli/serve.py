@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import os
+import socket
 import sys
 
 from lorakit.errors import LorakitError
@@ -59,6 +61,27 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse a port out of range, a host that does not resolve, or an address already in use,
+    in one line each, by binding it once (the server binds it again a moment later)."""
+    if not 0 <= port <= 65535:
+        raise LorakitError(f"--port {port} is not a TCP port; give one from 0 (any free port) to 65535, e.g. 8000")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise LorakitError(f"--host {host!r} does not resolve ({err.strerror}); give an address such as "
+                           "127.0.0.1 or 0.0.0.0") from None
+    with socket.socket(family, kind, proto) as probe:
+        if os.name != "nt":
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            fix = ("another server holds it: give another --port, or stop that server" if err.errno == errno.EADDRINUSE
+                   else "give an address of this machine as --host (127.0.0.1, or 0.0.0.0 for all)")
+            raise LorakitError(f"cannot listen on {host}:{port} ({err.strerror}); {fix}") from None
+
+
 def parse_adapters(values: list[str]) -> dict[str, str]:
     """``["sql=adapters/sql", ...]`` -> ``{"sql": "adapters/sql"}``."""
     adapters: dict[str, str] = {}
@@ -76,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.run_folder import adapter_folder  # a run folder of lorakit train stands for its adapter/
     from lorakit.serve import Access, allowed_hosts, build_service, run as serve
 
+    check_address(args.host, args.port)  # before the model loads: a taken port is known in a second, not a minute
     hosts = [h for h in args.allowed_hosts.split(",") if h.strip()]
     access = Access(api_key=args.api_key, admin_key=args.admin_key, hosts=allowed_hosts(args.host, hosts))
     if not _is_loopback(args.host):

@@ -2,8 +2,10 @@
 
 Formats (chosen by the file's suffix):
 
-- ``.jsonl`` (one JSON object a line; blank lines skipped), ``.csv`` (a header row) and
-  ``.parquet`` (read with pyarrow; a row is a record). Folders saved by Hugging Face
+- ``.jsonl`` (one JSON object a line; blank lines skipped), ``.json`` (an array of JSON
+  objects, as Alpaca-style files are, or one object a line as in ``.jsonl``), ``.csv`` and
+  ``.tsv`` (a header row; commas or tabs between fields) and ``.parquet`` (read with pyarrow;
+  a row is a record). Folders saved by Hugging Face
   ``datasets`` are read by :mod:`lorakit.data.arrow`; files larger than memory are
   streamed by :mod:`lorakit.data.stream`. Both use the checks here.
 - Columns named otherwise (``review`` for ``text``) are given as ``columns``:
@@ -27,7 +29,6 @@ from pathlib import Path
 from lorakit.data.labels import merge_number_spellings
 from lorakit.errors import LorakitError
 
-SUFFIXES = (".jsonl", ".csv", ".parquet")
 ENCODING = "utf-8-sig"  # UTF-8; a leading byte-order mark (Excel's "CSV UTF-8") is skipped
 CLASSIFY_KEYS = ("text", "label")
 LM_SHAPES = {  # shape name -> the keys it needs
@@ -96,9 +97,9 @@ def with_columns(record: dict, columns: dict | None) -> dict:
 
 
 def read_file(path) -> list[dict]:
-    """The records of a ``.jsonl``, ``.csv`` or ``.parquet`` file as they are, each with
-    ``"_where"`` (``"data.jsonl line 7"``, ``"data.parquet row 7"``). Text is UTF-8 (a
-    byte-order mark is allowed).
+    """The records of a data file (one of :data:`SUFFIXES`) as they are, each with
+    ``"_where"`` (``"data.jsonl line 7"``, ``"data.json item 7"``, ``"data.parquet row 7"``).
+    Text is UTF-8 (a byte-order mark is allowed).
 
     Raises:
         LorakitError: the file is missing, empty, not UTF-8, has an unknown suffix, or a
@@ -106,14 +107,14 @@ def read_file(path) -> list[dict]:
     """
     path = Path(path)
     if not path.exists():
-        raise LorakitError(f"data file {path} does not exist; give a .jsonl, .csv or .parquet file")
+        raise LorakitError(f"data file {path} does not exist; give a {FORMATS} file")
     if path.is_dir():
-        raise LorakitError(f"data path {path} is a folder; give a .jsonl, .csv or .parquet file")
+        raise LorakitError(f"data path {path} is a folder; give a {FORMATS} file")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise LorakitError(f"data file {path} has suffix {suffix!r}; lorakit reads {', '.join(SUFFIXES)}")
     try:
-        raw = {".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet}[suffix](path)
+        raw = READ_SUFFIX[suffix](path)
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
     if not raw:
@@ -167,23 +168,59 @@ def _read_jsonl(path: Path) -> list[dict]:
                 at = "the end of the line" if err.pos >= len(line.rstrip()) else f"column {err.pos + 1}"
                 raise LorakitError(f"{where} is not valid JSON ({err.msg} at {at}); "
                                    "each line must be one JSON object") from None
-            if not isinstance(record, dict):
-                raise LorakitError(f"{where} holds a {type(record).__name__}, not a JSON object like "
-                                   '{"text": ..., "label": ...}')
-            record["_where"] = where
-            records.append(record)
+            records.append(_an_object(record, where))
     return records
 
 
-def _read_csv(path: Path) -> list[dict]:
+def _an_object(record, where: str) -> dict:
+    """``record`` with ``"_where"``, or LorakitError when it is not a JSON object."""
+    if not isinstance(record, dict):
+        raise LorakitError(f"{where} holds a JSON {_json_kind(record)}, not a JSON object like "
+                           '{"text": ..., "label": ...}')
+    record["_where"] = where
+    return record
+
+
+def _json_kind(value) -> str:
+    """What JSON calls the kind of ``value``: array, number, string, boolean or null."""
+    return {list: "array", int: "number", float: "number", str: "string", bool: "boolean"}.get(type(value), "null")
+
+
+def _read_json(path: Path) -> list[dict]:
+    """A JSON array of objects (``[{"text": ..., "label": ...}, ...]``), or JSON lines in a
+    ``.json`` file (read as ``.jsonl``)."""
+    text = path.read_text(encoding=ENCODING)
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # one object a line, as in .jsonl
+            return _read_jsonl(path)
+        raise LorakitError(f"{path.name} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
+                           "a .json file holds an array of objects or one object a line") from None
+    if isinstance(whole, dict):
+        if not whole:
+            return []
+        raise LorakitError(f"{path.name} holds one JSON object (keys {sorted(whole)[:5]}), not an array of records; "
+                           'write [{"text": ..., "label": ...}, ...] or one object a line')
+    if not isinstance(whole, list):
+        raise LorakitError(f"{path.name} holds a JSON {_json_kind(whole)}, not an array of records")
+    return [_an_object(item, f"{path.name} item {number}") for number, item in enumerate(whole, start=1)]
+
+
+def _read_tsv(path: Path) -> list[dict]:
+    return _read_csv(path, delimiter="\t")
+
+
+def _read_csv(path: Path, delimiter: str = ",") -> list[dict]:
     with open(path, encoding=ENCODING, newline="") as handle:
-        reader = csv.DictReader(handle)
+        reader = csv.DictReader(handle, delimiter=delimiter)
         try:
             rows = []
             for row in reader:
                 if None in row:
+                    what = "tabs" if delimiter == "\t" else "commas"
                     raise LorakitError(f"{path.name} line {reader.line_num} has more fields than the header "
-                                       f"{reader.fieldnames}; quote values that contain commas")
+                                       f"{reader.fieldnames}; quote values that contain {what}")
                 if not any((value or "").strip() for value in row.values()):
                     continue
                 row["_where"] = f"{path.name} line {reader.line_num}"
@@ -191,6 +228,12 @@ def _read_csv(path: Path) -> list[dict]:
         except csv.Error as err:
             raise LorakitError(f"{path.name} line {reader.line_num} does not parse as CSV ({err})") from None
     return rows
+
+
+READ_SUFFIX = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_tsv,
+               ".parquet": _read_parquet}  # the formats lorakit reads, by suffix
+SUFFIXES = tuple(READ_SUFFIX)
+FORMATS = ", ".join(SUFFIXES[:-1]) + " or " + SUFFIXES[-1]  # ".jsonl, .json, .csv, .tsv or .parquet", for messages
 
 
 def _keys_found(record: dict) -> list[str]:

@@ -107,5 +107,5 @@ def _quotas(counts: dict, total: int, room: dict) -> dict:
 
 def _count(size, total: int) -> int:
     if isinstance(size, float) and size < 1:
-        return max(1, round(size * total)) if total > 2 else 0
+        return max(1, round(size * total)) if size > 0 else 0
     return int(size)

@@ -315,7 +315,9 @@ def build_service(model: str = "default-chat", adapters: dict[str, str] | None =
         quantize_base(base, quantize)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    limits.context = int(getattr(base.config, "max_position_embeddings", None) or 2048)
+    from lorakit.targets import position_limit
+
+    limits.context = int(position_limit(base) or getattr(base.config, "max_position_embeddings", None) or 2048)
     limits.max_prompt_tokens = min(max_prompt_tokens, limits.context)
     registry.model = base
     for name, path in (adapters or {}).items():

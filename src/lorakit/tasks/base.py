@@ -206,7 +206,7 @@ def read_splits(task: Task, data: str, limit: int | None = None, columns: dict |
     """The records of ``data``: ``"default"`` (the task's embedded set), a file (split
     80/10/10 with a fixed seed, stratified by the task's :attr:`Task.stratify_key`), a
     folder saved by Hugging Face ``datasets``, or a folder holding ``train``,
-    ``validation`` and optionally ``test`` files (``.jsonl``, ``.csv`` or ``.parquet``).
+    ``validation`` and optionally ``test`` files (any of :data:`lorakit.data.readers.SUFFIXES`).
 
     A JSONL or Parquet file larger than memory (or any, with ``stream``) is streamed:
     its ``train`` is a :class:`~lorakit.data.stream.RecordStream`, read block by block.
@@ -267,7 +267,7 @@ def _read_folder(folder: Path, task: Task, columns) -> lkdata.DatasetSplits:
         files = [folder / f"{stem}{suffix}" for suffix in lkdata.readers.SUFFIXES]
         found = [f for f in files if f.is_file()]
         if not found and required:
-            raise LorakitError(f"data folder {folder} has no {stem}.jsonl, {stem}.csv or {stem}.parquet, nor is it "
+            raise LorakitError(f"data folder {folder} has no {stem} file ({lkdata.readers.FORMATS}), nor is it "
                                f"a folder saved by datasets; it holds {sorted(p.name for p in folder.iterdir())[:10]}")
         return task.read_records(found[0], columns) if found else []
 
@@ -303,8 +303,11 @@ def encode_splits(task: Task, splits: lkdata.DatasetSplits, tokenizer, max_lengt
 
         return TaskData(EncodedStream(splits.train, encode), parts[1].examples, parts[2].examples, splits.source,
                         labels, truncated, dropped)
-    if not parts[0].examples and not allow_empty_train:
-        raise LorakitError(f"{splits.source} leaves no training example after tokenization; check the data")
+    if not allow_empty_train:  # training: examples to learn from, and to choose the best checkpoint on
+        for part, name in ((parts[0], "training"), (parts[1], "validation")):
+            if not part.examples:
+                raise LorakitError(f"{splits.source} leaves no {name} example after tokenization; give more data "
+                                   f"(or a {name} file in a data folder)")
     return TaskData(parts[0].examples, parts[1].examples, parts[2].examples, splits.source, labels, truncated,
                     dropped)
 
