@@ -94,6 +94,19 @@ def test_train_then_eval_predict(tiny, tmp_path, capsys):
     assert "fresh" in capsys.readouterr().out
 
 
+def test_predict_reads_texts_from_standard_input_and_refuses_an_empty_one(tiny, tmp_path, capsys, monkeypatch):
+    import io
+
+    assert main(args(tiny, tmp_path / "run", "--steps", "2")) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO("a great film\n\ndull and long\n"))
+    assert main(["predict", "--adapter", str(tmp_path / "run"), "-"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(")  ", 1)[1] for line in lines] == ["a great film", "dull and long"]
+    assert main(["predict", "--adapter", str(tmp_path / "run"), " "]) == 2
+    assert "a text to classify is empty" in capsys.readouterr().err
+
+
 def test_train_method_adalora_saves_the_rank_budget_and_loads(tiny, tmp_path):
     from lorakit.io import load_adapter
     from lorakit.model import lora_layers

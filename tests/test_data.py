@@ -1,6 +1,7 @@
 """lorakit.data: reading users' files (and every way they can be wrong), the embedded
 datasets and their splits, tokenization with the loss mask, truncation, batching."""
 
+import json
 import warnings
 
 import pytest
@@ -91,6 +92,21 @@ def test_language_model_shapes_and_their_errors(tmp_path):
     write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "bot", "content": "hi"}]}])
     with pytest.raises(LorakitError, match=r"messages\[0\]"):
         read_records(tmp_path / "chat.jsonl", "lm")
+
+
+def test_alpaca_records_read_as_a_prompt_and_a_completion(tmp_path):
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps([{"instruction": "Add 2 and 3", "input": "", "output": "5"},
+                                {"instruction": "Translate", "input": "chat", "output": "cat"}]))
+    first, second = read_records(path, "lm")
+    assert (first["prompt"], first["completion"]) == ("Add 2 and 3\n", "5")
+    assert (second["prompt"], second["completion"]) == ("Translate\n\nchat\n", "cat")
+    path.write_text(json.dumps([{"instruction": "Add", "output": "5"}, {"instruction": "Add", "input": 3, "output": "5"}]))
+    with pytest.raises(LorakitError, match="item 2: 'input' must be a string, got 3"):
+        read_records(path, "lm")
+    path.write_text(json.dumps([{"instruction": "Add", "output": "5"}, {"instruction": "Add", "output": " "}]))
+    with pytest.raises(LorakitError, match="item 2: 'output' must be a non-empty string"):
+        read_records(path, "lm")
 
 
 def test_unknown_label_names_its_line_and_the_known_labels(tok):
@@ -245,3 +261,11 @@ def test_a_number_label_of_another_split_finds_its_class(tok):
                            validation=[{"text": "c", "label": "1.0", "_where": "v 1"}], test=[], source="s")
     data = encode_splits(get_task("classify"), splits, tok, 16)
     assert data.labels == ["0", "1"] and data.validation[0].label == 1
+
+
+def test_a_label_column_with_a_value_per_line_is_refused_as_the_wrong_column(tmp_path):
+    rows = [{"text": f"text {i}", "label": f"id-{i}"} for i in range(120)]
+    splits = DatasetSplits(train=[{**r, "_where": f"d line {i}"} for i, r in enumerate(rows)], validation=[],
+                           test=[], source="d.csv")
+    with pytest.raises(LorakitError, match="holds 120 different values among 120 training records.*right column"):
+        get_task("classify").labels(splits.train, splits.source)

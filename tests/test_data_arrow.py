@@ -51,3 +51,15 @@ def test_missing_columns_and_splits_are_named(tmp_path):
     datasets.DatasetDict({"training": dataset(10)}).save_to_disk(tmp_path / "dd")
     with pytest.raises(LorakitError, match=r"has splits \['training'\] but no 'train'"):
         read_splits(get_task("classify"), str(tmp_path / "dd"))
+
+
+def test_a_val_split_is_the_validation_others_are_named_and_unlabelled_rows_refused(tmp_path):
+    datasets.DatasetDict({"train": dataset(30), "val": dataset(6, 100), "extra": dataset(3)}).save_to_disk(
+        tmp_path / "dd")
+    with pytest.warns(UserWarning, match=r"splits \['extra'\] that lorakit does not use"):
+        splits = read_splits(get_task("classify"), str(tmp_path / "dd"), columns={"text": "review", "label": "rating"})
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (30, 6, 0)
+    unlabelled = dataset(10).map(lambda row, i: {"rating": -1 if i == 4 else row["rating"]}, with_indices=True)
+    datasets.DatasetDict({"train": unlabelled}).save_to_disk(tmp_path / "minus")
+    with pytest.raises(LorakitError, match="train row 5 has no value for 'rating'"):
+        read_splits(get_task("classify"), str(tmp_path / "minus"), columns={"text": "review", "label": "rating"})

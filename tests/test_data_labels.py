@@ -36,3 +36,15 @@ def test_a_number_finds_its_class_whatever_its_spelling():
     assert [r["label"] for r in records] == ["0.5", "0.5", "nan", "NaN"]  # nan is no number to merge
     label2id = {"0": 0, "1": 1, "pos": 2}
     assert [find_label(label2id, label) for label in ("1", "1.0", "0.0", "pos", "2", "Pos")] == [1, 1, 0, 2, None, None]
+
+
+def test_labels_that_differ_only_in_case_stay_apart_with_a_warning(tmp_path):
+    (tmp_path / "d.csv").write_text("text,label\na,pos\nb,Pos\nc,neg\n")
+    with pytest.warns(LabelWarning, match=r"differ only in case are separate classes \(Pos / pos\)"):
+        records = read_records(tmp_path / "d.csv", "classify")
+    assert sorted({r["label"] for r in records}) == ["Pos", "neg", "pos"]
+
+
+def test_a_label_in_another_case_finds_its_class_when_only_one_fits():
+    assert find_label({"False": 0, "True": 1}, "false") == 0
+    assert find_label({"Pos": 0, "pos": 1, "neg": 2}, "POS") is None  # two classes fit: unknown

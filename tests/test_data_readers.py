@@ -75,3 +75,51 @@ def test_a_json_or_tsv_file_of_another_shape_is_named_with_where_it_breaks(tmp_p
     (tmp_path / name).write_text(content)
     with pytest.raises(LorakitError, match=message):
         read_records(tmp_path / name, "classify")
+
+
+# ---------------------------------------------------------------- what a careless user's files hold
+
+
+def test_a_column_named_twice_is_refused_in_csv_and_parquet(tmp_path):
+    (tmp_path / "d.csv").write_text("text,label,label\ngood,pos,x\nbad,neg,y\n")
+    with pytest.raises(LorakitError, match="d.csv names the column 'label' twice"):
+        read_records(tmp_path / "d.csv", "classify")
+    table = pa.Table.from_arrays([pa.array(["a", "b"]), pa.array(["p", "n"]), pa.array(["x", "y"])],
+                                 names=["text", "label", "label"])
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pytest.raises(LorakitError, match="d.parquet names the column 'label' twice"):
+        read_records(tmp_path / "d.parquet", "classify")
+
+
+def test_a_tsv_line_is_one_record_whatever_quotes_it_holds(tmp_path):
+    lines = ["text\tlabel"] + [f"review {i}\tpos" for i in range(10)]
+    lines[3] = '"so-called" hit, a "quoted\tneg'
+    (tmp_path / "q.tsv").write_text("\n".join(lines) + "\n")
+    records = read_records(tmp_path / "q.tsv", "classify")
+    assert len(records) == 10 and records[2]["text"] == '"so-called" hit, a "quoted' and records[2]["label"] == "neg"
+
+
+def test_missing_values_empty_labels_and_utf16_are_named_plainly(tmp_path):
+    (tmp_path / "n.jsonl").write_text('{"text": "a", "label": 1}\n{"text": "b", "label": NaN}\n')
+    with pytest.raises(LorakitError, match="n.jsonl line 2 has no value for 'label' \\(null or NaN\\); fill it in"):
+        read_records(tmp_path / "n.jsonl", "classify")
+    pq.write_table(pa.table({"text": ["a", "b"], "label": pa.array([1.0, float("nan")], from_pandas=False)}),
+                   tmp_path / "n.parquet")
+    with pytest.raises(LorakitError, match="n.parquet row 2 has no value for 'label'"):
+        read_records(tmp_path / "n.parquet", "classify")
+    (tmp_path / "e.csv").write_text("text,label\na,pos\nb,\n")
+    with pytest.raises(LorakitError, match="e.csv line 3: 'label' is empty; fill it in or remove the line"):
+        read_records(tmp_path / "e.csv", "classify")
+    (tmp_path / "u.csv").write_bytes("text,label\na,pos\n".encode("utf-16"))
+    with pytest.raises(LorakitError, match="u.csv is UTF-16 text .*iconv -f utf-16 -t utf-8"):
+        read_records(tmp_path / "u.csv", "classify")
+
+
+def test_a_data_folder_with_two_train_files_is_refused_and_upper_case_suffixes_are_found(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(8)))
+    (tmp_path / "validation.CSV").write_text("text,label\nv,a\nw,b\n")
+    splits = read_splits(get_task("classify"), str(tmp_path))
+    assert (len(splits.train), len(splits.validation)) == (8, 2)
+    (tmp_path / "train.jsonl").write_text('{"text": "x", "label": "a"}\n')
+    with pytest.raises(LorakitError, match="has 2 train files \\(train.csv, train.jsonl\\); keep one"):
+        read_splits(get_task("classify"), str(tmp_path))

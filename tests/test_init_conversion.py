@@ -78,8 +78,10 @@ def test_without_conversion_the_factors_are_saved_as_trained(tmp_path):
     layer = next(layer for _, layer in lora_layers(model))
     A = next(t for k, t in tensors.items() if "lora_A" in k)
     assert torch.equal(A, layer.adapters["default"].A.detach())
-    with pytest.warns(UserWarning, match="olora .*rewrites the base weights"):
-        load_adapter(tiny_llama(), tmp_path)
+    loaded = load_adapter(tiny_llama(), tmp_path).eval()  # the init runs again on the original base, as PEFT's does
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits, atol=1e-5, rtol=0)
 
 
 def test_adapters_that_did_not_rewrite_w_are_saved_as_they_are(tmp_path):

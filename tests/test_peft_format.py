@@ -81,6 +81,8 @@ def row(request):
 def outputs(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         out = model(**inputs) if isinstance(inputs, dict) else model(input_ids=inputs)
+    if hasattr(out, "start_logits"):  # question answering
+        return torch.stack([out.start_logits, out.end_logits])
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
@@ -301,7 +303,7 @@ def test_a_sequence_classifier_saves_its_head_as_peft_does(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing added, nothing said
         with_task_heads(tiny_bert_classifier(), LoraConfig(target_modules=["query"], modules_to_save=["classifier"]))
-    with pytest.raises(LorakitError, match="saves the classification head classifier whole"):
+    with pytest.raises(LorakitError, match="task_type SEQ_CLS saves the head classifier whole"):
         with_task_heads(tiny_bert_classifier(), LoraConfig(target_modules=["query", "classifier"]))
 
 
@@ -342,3 +344,123 @@ def test_lorakit_writes_the_keys_peft_writes(tmp_path):
     _, ours = read_adapter(tmp_path / "ours")
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
 
+
+# ------------------------------------------------------------------ what the fuzzing of PEFT's options found
+
+
+def _tiny_bert(cls_name: str, **config):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=64, **config)
+    return getattr(transformers, cls_name)(cfg).eval()
+
+
+@pytest.mark.parametrize("cls_name, task_type, head", [("BertForTokenClassification", "TOKEN_CLS", "classifier"),
+                                                        ("BertForQuestionAnswering", "QUESTION_ANS", "qa_outputs")])
+def test_token_and_question_heads_are_saved_as_peft_does_so_peft_loads_the_file(cls_name, task_type, head, tmp_path):
+    def make():
+        return _tiny_bert(cls_name)
+
+    with pytest.warns(UserWarning, match=rf"task_type {task_type}: \['{head}'\] added to modules_to_save"):
+        assert_same(*lorakit_to_peft(make, LoraConfig(r=4, target_modules=["query", "value"], init="random"),
+                                     tmp_path / "ours"))
+    config, tensors = read_adapter(tmp_path / "ours")
+    assert config.task_type == task_type and config.modules_to_save == [head]
+    assert module_key(f"{head}.weight") in tensors
+    cfg = peft.LoraConfig(r=4, target_modules=["query", "value"], task_type=task_type)
+    assert_same(*peft_to_lorakit(make, cfg, tmp_path / "peft"))
+
+
+def test_a_scaled_embedding_scales_its_adapter_as_peft_does(tmp_path):
+    """Gemma's embedding multiplies its lookup by sqrt(hidden); a new adapter changes nothing,
+    and PEFT's adapter gives PEFT's outputs (the scale applies to the adapter's share too)."""
+    import transformers
+
+    def make():
+        torch.manual_seed(0)
+        cfg = transformers.GemmaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+        return transformers.GemmaForCausalLM(cfg).eval()
+
+    assert float(make().model.embed_tokens.embed_scale) > 5
+    untouched = attach(make(), LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    torch.testing.assert_close(outputs(untouched, token_batch()), outputs(make(), token_batch()), atol=0, rtol=0)
+    cfg = peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT: "Setting save_embedding_layers to True ..."
+        assert_same(*peft_to_lorakit(make, cfg, tmp_path / "peft"))
+    for dora in (False, True):
+        ours = LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], init="random", use_dora=dora)
+        assert_same(*lorakit_to_peft(make, ours, tmp_path / f"ours{dora}"))
+
+
+def test_targets_inside_a_saved_module_are_left_to_it_as_peft_does(tmp_path):
+    """RoBERTa's head holds ``classifier.dense``: PEFT puts no LoRA inside a saved module, and
+    its own file, whose explicit list names ``dense``, loads in lorakit."""
+    import transformers
+
+    def make():
+        torch.manual_seed(0)
+        cfg = transformers.RobertaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=80, num_labels=3)
+        return transformers.RobertaForSequenceClassification(cfg).eval()
+
+    cfg = peft.LoraConfig(r=4, target_modules="all-linear", task_type="SEQ_CLS")
+    assert_same(*peft_to_lorakit(make, cfg, tmp_path / "peft"))
+    ours = attach(make(), LoraConfig(r=4, target_modules=["query", "value", "dense"], modules_to_save=["classifier"]))
+    from lorakit.targets import lora_layers
+
+    adapted = [path for path, _ in lora_layers(ours)]
+    assert len(adapted) == 10 and not any(p.startswith("classifier") for p in adapted)  # 2 layers x 5: q, v, 3 dense
+    assert_same(*lorakit_to_peft(make, LoraConfig(r=4, target_modules=["query", "value", "dense"],
+                                                  modules_to_save=["classifier"], init="random"), tmp_path / "ours"))
+    assert_same(*peft_to_lorakit(make, peft.LoraConfig(r=4, target_modules=["query", "dense"], task_type="SEQ_CLS"),
+                                 tmp_path / "again"))
+    with pytest.raises(LorakitError, match="left out 2 in modules_to_save"):
+        attach(make(), LoraConfig(r=4, target_modules=["out_proj", "classifier.dense"], modules_to_save=["classifier"]))
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "pissa", "olora", "pissa_niter_4"])
+def test_a_file_of_any_peft_start_gives_the_trained_model_on_the_original_base(init, tmp_path):
+    """PEFT loads a PiSSA/OLoRA file (not converted) onto the original base by running the init
+    again (the base becomes the residual the factors were trained on); lorakit does the same.
+    Starts lorakit lacks (orthogonal) load as their factors; a randomized-SVD PiSSA only approximately."""
+    cfg = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init, task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(tiny_llama(), cfg)
+    perturb_trainable(theirs)
+    trained = outputs(theirs.eval(), token_batch())
+    theirs.save_pretrained(tmp_path)
+    if init == "pissa_niter_4":
+        with pytest.warns(UserWarning, match="randomized SVD"):
+            ours = load_adapter(tiny_llama(), tmp_path)
+        difference = (outputs(ours.eval(), token_batch()) - trained).abs().max()
+        assert difference < 0.5 * (trained - outputs(tiny_llama(), token_batch())).abs().max()
+        return
+    ours = load_adapter(tiny_llama(), tmp_path)
+    assert_same(trained, outputs(ours.eval(), token_batch()), outputs(tiny_llama(), token_batch()))
+    again = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(outputs(again, token_batch()), trained, atol=TOL, rtol=0)
+
+
+def test_a_target_name_that_wrapped_nothing_is_not_written_for_peft_to_try(tmp_path):
+    """A grouped convolution is not targetable: a list naming it saves only what was wrapped."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.dwconv = torch.nn.Conv2d(4, 4, 3, padding=1, groups=4)
+            self.pwconv = torch.nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.pwconv(self.dwconv(x))
+
+    model = attach(Net(), LoraConfig(r=2, target_modules=["dwconv", "pwconv"], init="random"))
+    perturb_trainable(model)
+    save_adapter(model, tmp_path)
+    assert read_adapter(tmp_path)[0].target_modules == ["pwconv"]
+    x = torch.randn(2, 4, 5, 5)
+    theirs = peft.PeftModel.from_pretrained(Net(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), model.eval()(x), atol=TOL, rtol=0)

@@ -80,3 +80,10 @@ def test_an_adapter_folder_is_itself_and_a_run_folder_its_adapter(tmp_path):
         adapter_folder(run.root)
     run.save_result("adapter", lambda d: (d / TASK_FILE).write_text("{}"))
     assert adapter_folder(run.root) == run.root / "adapter"
+
+
+def test_an_out_folder_under_a_file_is_refused_before_anything_loads(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(LorakitError, match="lies under .*notes.txt, which is a file"):
+        RunFolder.claim(tmp_path / "notes.txt" / "run")
+    assert (tmp_path / "notes.txt").read_text() == "mine"

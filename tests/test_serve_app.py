@@ -135,6 +135,35 @@ def test_openai_client_chat_and_completions_streamed_and_not(server, toy):
         client.completions.create(model="nope", prompt="hi", max_tokens=2)
 
 
+def test_a_list_of_prompts_or_of_token_ids_answers_each_in_order(server, toy):
+    import openai
+
+    tokenizer = toy["tokenizer"]
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    prompts = [PROMPTS[0], PROMPTS[3], PROMPTS[1]]
+    batch = client.completions.create(model="task2", prompt=prompts, max_tokens=8, temperature=0, n=2)
+    expected = [toy["refs"].text(toy["root"] / "task2", tokenizer.encode(p), 8) for p in prompts]
+    assert [c.index for c in batch.choices] == list(range(6))
+    assert [c.text for c in batch.choices] == [text for text in expected for _ in range(2)]  # prompt i: 2i, 2i+1
+    assert batch.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in prompts)
+    ids = [tokenizer.encode(p) for p in prompts[:2]]
+    by_ids = client.completions.create(model="task2", prompt=ids, max_tokens=8, temperature=0)
+    assert [c.text for c in by_ids.choices] == expected[:2]
+    one = client.completions.create(model="task2", prompt=ids[1], max_tokens=8, temperature=0)
+    assert one.choices[0].text == expected[1]
+    streamed = _sse_events(server.url, "/v1/completions", {"model": "task2", "prompt": prompts, "max_tokens": 8,
+                                                           "temperature": 0, "stream": True})
+    texts = {}
+    for event in streamed[:-1]:
+        choice = json.loads(event)["choices"][0]
+        texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert [texts[i] for i in range(3)] == expected
+    err = _error(httpx.post(server.url + "/v1/completions", json={"model": "base", "prompt": [[1, 10**6]]}), 400)
+    assert err["param"] == "prompt" and "token id 1000000" in err["message"]
+    err = _error(httpx.post(server.url + "/v1/completions", json={"model": "base", "prompt": []}), 422)
+    assert err["param"] == "prompt"
+
+
 def test_sampling_with_a_seed_repeats_and_stop_strings_cut_the_answer(server, toy):
     sampled = [_complete(server.url, "task1", PROMPTS[4], 20, temperature=1.0, top_p=0.9, seed=42)["choices"][0]["text"]
                for _ in range(2)]

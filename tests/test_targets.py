@@ -113,3 +113,28 @@ def test_a_deberta_v2_classifier_gets_query_and_value_by_default():
     attach(model, LoraConfig(r=2))
     adapted = sorted({name.rsplit(".", 1)[-1] for name, _ in lora_layers(model)})
     assert adapted == ["query_proj", "value_proj"]
+
+
+def test_a_family_without_a_default_takes_the_first_known_names_it_has():
+    from transformers import BigBirdConfig, BigBirdForSequenceClassification
+
+    from lorakit.errors import LorakitError
+    from lorakit.targets import DEFAULT_TARGETS, default_targets, lora_layers, walk
+
+    model = BigBirdForSequenceClassification(BigBirdConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_labels=2, attention_type="original_full"))
+    assert "big_bird" not in DEFAULT_TARGETS
+    attach(model, LoraConfig(r=2))
+    assert sorted({name.rsplit(".", 1)[-1] for name, _ in lora_layers(model)}) == ["query", "value"]
+    assert len(list(lora_layers(model))) == 4
+
+    class Decoder(nn.Module):  # a custom model with the usual decoder names: q_proj/v_proj, not query/value
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj, self.value = (nn.Linear(8, 8) for _ in range(4))
+
+    assert default_targets("my-decoder", walk(Decoder())) == ["q_proj", "v_proj"]
+    assert default_targets("bert", walk(Decoder())) == ["query", "value"]  # a family's own default comes first
+    with pytest.raises(LorakitError, match="no default for model type None"):
+        attach(nn.Sequential(nn.Linear(4, 4)), LoraConfig(r=2))

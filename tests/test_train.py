@@ -284,6 +284,22 @@ def test_chat_lora_trains_on_assistant_turns_and_generates(models, tmp_path):
         predict(load_trained([adapter]), ["x"])
 
 
+def test_a_tokenizer_of_another_model_is_refused_before_training(models, tmp_path):
+    import shutil
+
+    from tiny_training import char_tokenizer
+
+    folder = tmp_path / "mismatched"
+    shutil.copytree(models["llm"], folder)
+    tokenizer = char_tokenizer()
+    tokenizer.add_tokens([f"<x{i}>" for i in range(40)])  # ids past the model's 128 rows
+    tokenizer.save_pretrained(folder)
+    data = write_jsonl(tmp_path / "x.jsonl", [{"prompt": f"<x39> say {i}", "completion": " cat"} for i in range(12)])
+    with pytest.raises(LorakitError, match=r"gives token id 1\d\d, but the model's embedding has 128 rows"):
+        train(TrainConfig(task="chat", model=str(folder), data=str(data), steps=1, out=str(tmp_path / "r"),
+                          progress=False))
+
+
 @pytest.mark.slow
 def test_smoke_real_minilm_on_real_reviews(tmp_path):
     """The embedded all-MiniLM-L6-v2 on 200 real reviews, a few steps: the default
@@ -305,3 +321,38 @@ def test_smoke_real_minilm_on_real_reviews(tmp_path):
         ours = trained.model(**batch).logits
         theirs = peft_model(**batch).logits
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_eval_refuses_to_split_again_a_data_file_that_changed_since_training(models, tmp_path):
+    data = tmp_path / "mine.jsonl"
+    records = [{"text": f"{WORDS[i % 6]} film {i}", "label": "pos" if i % 6 < 3 else "neg"} for i in range(60)]
+    write_jsonl(data, records)
+    train(quick(models, tmp_path, data=str(data), data_limit=None, steps=2))
+    trained = load_trained([tmp_path / "run"])
+    assert list(evaluate_trained(trained).values())[0]["examples"] == 6
+    with open(data, "a") as handle:
+        handle.write(json.dumps({"text": "one more", "label": "pos"}) + "\n")
+    with pytest.raises(LorakitError, match="mine.jsonl changed since this run trained on it"):
+        evaluate_trained(trained)
+    other = write_jsonl(tmp_path / "other.jsonl", [{"review": r["text"], "label": r["label"]} for r in records[:5]])
+    scored = evaluate_trained(trained, str(other), columns={"text": "review"})
+    assert list(scored.values())[0]["examples"] == 5
+
+
+def test_records_with_nothing_to_learn_are_dropped_with_a_warning(models, tmp_path):
+    """With no end-of-text token, a one-token completion after an empty prompt predicts nothing."""
+    import shutil
+
+    from lorakit.tasks.base import TruncationWarning
+    from tiny_training import char_tokenizer
+
+    folder = tmp_path / "no_eos"
+    shutil.copytree(models["llm"], folder)
+    tokenizer = char_tokenizer()
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(folder)
+    rows = [{"prompt": f"say {i}", "completion": f" ok {i}"} for i in range(30)] + [{"prompt": "", "completion": "x"}] * 5
+    data = write_jsonl(tmp_path / "c.jsonl", rows)
+    with pytest.warns(TruncationWarning, match="5 of 35 examples had no token to learn from and were dropped"):
+        train(TrainConfig(task="text", model=str(folder), data=str(data), steps=1, max_length=64,
+                          out=str(tmp_path / "c"), progress=False))

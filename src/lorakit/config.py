@@ -38,6 +38,23 @@ BIAS_MODES = ("none", "all", "lora_only")
 # PEFT's init_lora_weights value <-> our init name.
 _INIT_TO_PEFT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "random": False}
 _PEFT_TO_INIT = {True: "kaiming", False: "random", "gaussian": "gaussian", "pissa": "pissa"}
+# PEFT's other starts: the file holds their trained factors, which load like any others (PEFT
+# loads them the same way, onto the base the user gives); recorded as PEFT's default start.
+_PEFT_OTHER_INITS = ("orthogonal", "mica", "eva", "corda", "loftq", "lora_ga")
+
+
+def _init_from_peft(init):
+    if not isinstance(init, (bool, str)):
+        return init
+    if isinstance(init, str) and init.startswith("pissa_niter_"):  # PiSSA with a fast SVD
+        warnings.warn(f"init_lora_weights {init!r} (PiSSA from a randomized SVD) is loaded as 'pissa': the base's "
+                      "residual is taken from the exact SVD, which a randomized one only approximates, so outputs "
+                      "differ a little from the trained model's; save the adapter converted for the original base "
+                      "to load it exactly", stacklevel=4)
+        return "pissa"
+    if init in _PEFT_OTHER_INITS:
+        return "kaiming"
+    return _PEFT_TO_INIT.get(init, init)
 
 # PEFT config keys that carry no meaning for a LoRA adapter's maths (bookkeeping) and
 # PEFT features lorakit does not implement, with the value that means "feature off".
@@ -262,6 +279,15 @@ class LoraConfig:
         (no dot boundary, so ``"classifier"`` matches ``pre_classifier`` too)."""
         return any(path.endswith(name) for name in self.modules_to_save or ())
 
+    def within_saved(self, path: str) -> bool:
+        """True when ``path`` is, or lies inside, a module ``modules_to_save`` names: such a
+        module is trained and saved whole, so LoRA never targets it or anything in it (as PEFT,
+        which skips those targets; a RoBERTa head's ``classifier.dense`` is one)."""
+        if not self.modules_to_save:
+            return False
+        parts = path.split(".")
+        return any(self.saves(".".join(parts[:i])) for i in range(1, len(parts) + 1))
+
     # ------------------------------------------------------------------ PEFT's format
 
     def to_peft_dict(self) -> dict:
@@ -319,7 +345,7 @@ class LoraConfig:
             "rank_pattern": d.get("rank_pattern") or {},
             "alpha_pattern": d.get("alpha_pattern") or {},
             "use_rslora": d.get("use_rslora", False),
-            "init": _PEFT_TO_INIT.get(init, init) if isinstance(init, (bool, str)) else init,
+            "init": _init_from_peft(init),
             "bias": d.get("bias", "none"),
             "modules_to_save": d.get("modules_to_save"),
             "fan_in_fan_out": d.get("fan_in_fan_out", False),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.data.readers import file_fingerprint
 from lorakit.errors import LorakitError
 from lorakit.run_folder import TASK_FILE, trained_folder
 from lorakit.tasks import Task, evaluate, get_task, read_splits
@@ -142,13 +143,16 @@ def _unique_names(folders: list[Path]) -> list[str]:
 # ---------------------------------------------------------------- the three uses
 
 
-def evaluate_trained(trained: Trained, data: str | None = None, batch_size: int | None = None) -> dict:
+def evaluate_trained(trained: Trained, data: str | None = None, batch_size: int | None = None,
+                     columns: dict | None = None, progress: bool = False) -> dict:
     """Metrics of every adapter of ``trained`` on ``data``: ``{name: metrics}``; a
     classifier's include the majority-class baseline and the breakdown by class
     (:meth:`lorakit.tasks.Task.metrics`).
 
-    ``data`` None scores the test split of the data it was trained on; a file is
-    scored whole (every record), its columns named as in training (``--text-column``...).
+    ``data`` None scores the test split of the data it was trained on (refused when that
+    file changed since); a file is scored whole (every record), its columns named as in
+    training (``--text-column``...) unless ``columns`` names them (``{"label": "stars"}``).
+    ``progress`` shows a bar per adapter.
     """
     from lorakit import data as lkdata
     from lorakit.tasks import encode_splits
@@ -156,9 +160,14 @@ def evaluate_trained(trained: Trained, data: str | None = None, batch_size: int 
     task, info = trained.task, trained.info
     batch_size = batch_size or task.default_eval_batch_size
     max_length = trained.max_length()
-    columns = info.get("columns") or None
+    columns = {**(info.get("columns") or {}), **(columns or {})} or None
     if data is None:
-        splits = read_splits(task, info.get("data", "default"), info.get("data_limit"), columns, info.get("stream"),
+        source = info.get("data", "default")
+        recorded = info.get("data_fingerprint")
+        if recorded is not None and Path(source).is_file() and file_fingerprint(source) != recorded:
+            raise LorakitError(f"{source} changed since this run trained on it, so splitting it again would put "
+                               "training examples in the test split; give the examples to score with --data FILE")
+        splits = read_splits(task, source, info.get("data_limit"), columns, info.get("stream"),
                              info.get("stream_buffer") or 10_000)
         splits = lkdata.DatasetSplits([], [], splits.test, splits.source)
         if not splits.test:
@@ -173,7 +182,7 @@ def evaluate_trained(trained: Trained, data: str | None = None, batch_size: int 
     for name in trained.names:
         trained.use(name)
         results[name] = evaluate(task, trained.model, encoded.test, pad_id, batch_size, device,
-                                 labels=info.get("labels"))
+                                 labels=info.get("labels"), progress=f"evaluating {name}" if progress else None)
     return results
 
 

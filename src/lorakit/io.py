@@ -155,6 +155,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                     if parsed is not None and parsed[0] not in on_parameters})
     if config.target_modules is None or config.target_modules == "all-linear":
         changes["target_modules"] = _explicit_targets(model, paths)
+    elif isinstance(config.target_modules, list) and paths and any(
+            not any(name_matches([n], p) for p in paths) for n in config.target_modules):
+        # a name that selected nothing lorakit wraps (a grouped convolution): PEFT would try it
+        changes["target_modules"] = _explicit_targets(model, paths)
     leaves = linear_leaves(model, heads=True)
     conv1d = any(p in leaves and is_conv1d(leaves[p]) for p in paths)
     if config.fan_in_fan_out != conv1d:  # PEFT's flag says how the targets store their weight
@@ -221,18 +225,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if name in taken:
         raise LorakitError(f"model already has an adapter {name!r}; delete_adapter it first or load under another name")
     plan = plan_load(model, config, tensors, name, folder, metadata)
-    if config.init in REWRITES_WEIGHT:
-        warnings.warn(f"adapter {folder} was initialised with {config.init} (an init that rewrites the base weights, "
-                      "as PiSSA and OLoRA do); its factors are loaded as they are, so the base model must already "
-                      "hold that init's residual weights", stacklevel=2)
     # add_adapter freezes the base (and bias modes unfreeze biases): undo that if copying fails.
     grad_flags = [(p, p.requires_grad) for p in base_parameters(model)]
     # init_weights=False: zero factors, no random draw (the caller's random stream stays as it
     # was) and no PiSSA rewrite of W; the config is recorded as the file gives it.
     add_adapter(model, plan.config, name, init_weights=False)
+    rewritten = []
     try:
+        if config.init in REWRITES_WEIGHT:
+            rewritten = _rewrite_base_as_init(model, name, config.init)
         apply_plan(model, plan, name)
     except Exception:
+        with torch.no_grad():
+            for weight, original in rewritten:
+                weight.copy_(original)
         delete_adapter(model, name)
         for param, flag in grad_flags:
             param.requires_grad_(flag)
@@ -240,6 +246,22 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if activate:
         set_active(model, name)
     return model
+
+
+def _rewrite_base_as_init(model: nn.Module, name: str, init: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run ``init`` (pissa, olora: it rewrites each target's weight to the residual of its
+    starting factors) on adapter ``name``'s layers, as PEFT does when it loads such a file
+    onto the original base, so the file's trained factors apply to the residual they were
+    trained on. Returns ``(weight, its original values)`` pairs to undo it."""
+    from lorakit.targets import lora_layers
+
+    rewritten = []
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            if name in layer.adapters and layer.in_place_of_module:
+                rewritten.append((layer.weight, layer.weight.detach().clone()))
+                layer.init_adapter(layer.adapters[name], init)
+    return rewritten
 
 
 def _explicit_targets(model: nn.Module, paths: list[str]):

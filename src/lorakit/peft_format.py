@@ -49,6 +49,8 @@ FACTOR_SUFFIXES = {  # key suffix -> (factor, embedding?)
     ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True),
 }
 SEQ_CLS = "SEQ_CLS"
+#: PEFT task_type -> the heads PEFT adds to modules_to_save for it (and then needs in every file)
+TASK_HEADS = {SEQ_CLS: CLASSIFIER_HEADS, "TOKEN_CLS": CLASSIFIER_HEADS, "QUESTION_ANS": ("qa_outputs",)}
 #: model kind (lorakit.targets) -> PEFT task_type, so PEFT picks its matching PeftModel class
 TASK_TYPES = {CLASSIFIER: SEQ_CLS, CAUSAL_LM: "CAUSAL_LM", BARE: "FEATURE_EXTRACTION"}
 #: transformers class-name ending -> PEFT task_type, for the kinds lorakit calls "other"
@@ -201,40 +203,45 @@ def task_type_for(model: nn.Module) -> str | None:
     return task_type
 
 
-def seq_cls_heads(model: nn.Module, modules: dict[str, nn.Module] | None = None) -> list[str]:
-    """Those of :data:`~lorakit.targets.CLASSIFIER_HEADS` that PEFT saves with task_type
-    ``SEQ_CLS`` on ``model``: the names that end some module path (PEFT's modules_to_save rule)."""
+def task_heads(model: nn.Module, task_type: str | None, modules: dict[str, nn.Module] | None = None) -> list[str]:
+    """Those of the heads PEFT saves with ``task_type`` (:data:`TASK_HEADS`: the classifier with
+    ``SEQ_CLS`` and ``TOKEN_CLS``, ``qa_outputs`` with ``QUESTION_ANS``) that ``model`` has: the
+    names that end some module path (PEFT's modules_to_save rule)."""
+    names = TASK_HEADS.get(task_type, ())
+    if not names:
+        return []
     paths = [p for p in (walk(model) if modules is None else modules) if p]
-    return [name for name in CLASSIFIER_HEADS if any(p.endswith(name) for p in paths)]
+    return [name for name in names if any(p.endswith(name) for p in paths)]
 
 
 def with_task_heads(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Module] | None = None) -> LoraConfig:
     """``config`` as PEFT would attach it to ``model``: ``task_type`` filled in from the model
-    (:func:`task_type_for`) when None, and with ``SEQ_CLS`` the classification head added to
+    (:func:`task_type_for`) when None, and with a task type PEFT saves heads for
+    (:data:`TASK_HEADS`: ``SEQ_CLS``, ``TOKEN_CLS``, ``QUESTION_ANS``) the task head added to
     ``modules_to_save`` (PEFT does so, and then needs the head's weights in every file),
-    with a warning saying so. ``modules_to_save=[]`` (empty, not None) with no task_type on a
-    sequence classifier keeps the head out: task_type stays None, as PEFT's plain
-    ``PeftModel`` loads it. ``config`` itself is not changed. ``modules``: a walk of ``model``.
+    with a warning saying so. ``modules_to_save=[]`` (empty, not None) with no task_type on
+    such a model keeps the head out: task_type stays None, as PEFT's plain ``PeftModel``
+    loads it. ``config`` itself is not changed. ``modules``: a walk of ``model``.
 
     Raises:
         LorakitError: the head to be saved whole is also a LoRA target.
     """
     changes = {}
     task_type = config.task_type or task_type_for(model)
-    if config.task_type is None and task_type == SEQ_CLS and config.modules_to_save == []:
+    if config.task_type is None and task_type in TASK_HEADS and config.modules_to_save == []:
         task_type = None  # the user asked for no head
     if task_type != config.task_type:
         changes["task_type"] = task_type
-    if task_type == SEQ_CLS:
+    if task_type in TASK_HEADS:
         modules = walk(model) if modules is None else modules
-        added = [n for n in seq_cls_heads(model, modules) if n not in (config.modules_to_save or [])]
+        added = [n for n in task_heads(model, task_type, modules) if n not in (config.modules_to_save or [])]
         targeted = [p for p in modules if p and any(p.endswith(n) for n in added) and config.targets(p)]
         if targeted:
-            raise LorakitError(f"task_type SEQ_CLS saves the classification head {targeted[0]} whole (as PEFT does), "
+            raise LorakitError(f"task_type {task_type} saves the head {targeted[0]} whole (as PEFT does), "
                                "so it cannot be a LoRA target too; leave it out of target_modules")
         if added:
-            warnings.warn(f"task_type SEQ_CLS: {added} added to modules_to_save (trained in full and saved with the "
-                          "adapter), as PEFT does, so the file loads in PEFT; name them in modules_to_save to "
+            warnings.warn(f"task_type {task_type}: {added} added to modules_to_save (trained in full and saved with "
+                          "the adapter), as PEFT does, so the file loads in PEFT; name them in modules_to_save to "
                           "silence this", stacklevel=4)
             changes["modules_to_save"] = [*(config.modules_to_save or []), *added]
     return config.replace(**changes) if changes else config

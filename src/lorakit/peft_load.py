@@ -18,8 +18,8 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.peft_format import (
-    PREFIX, SEQ_CLS, factor_dims, file_shapes, nested_key_paths, parameter_name, parse_factor_key,
-    parse_magnitude_key, seq_cls_heads,
+    PREFIX, factor_dims, file_shapes, nested_key_paths, parameter_name, parse_factor_key,
+    parse_magnitude_key, task_heads,
 )
 from lorakit.targets import (
     ParameterHost, model_fingerprint, parameter_features, parameter_targets, saved_paths, target_paths, walk,
@@ -30,21 +30,19 @@ _MAX_LISTED = 20
 
 def _with_file_heads(model: nn.Module, config: LoraConfig, tensors: dict, source,
                      modules: dict[str, nn.Module]) -> LoraConfig:
-    """A file's config as PEFT loads it: with ``SEQ_CLS`` the classification heads join
-    ``modules_to_save``. A file without their weights (written by an older lorakit, which
-    PEFT refuses) loads as saved, its task_type cleared, with a warning."""
-    if config.task_type != SEQ_CLS:
-        return config
-    added = [n for n in seq_cls_heads(model, modules) if n not in (config.modules_to_save or [])]
+    """A file's config as PEFT loads it: with ``SEQ_CLS``, ``TOKEN_CLS`` or ``QUESTION_ANS``
+    the task heads join ``modules_to_save``. A file without their weights (written by an
+    older lorakit, which PEFT refuses) loads as saved, its task_type cleared, with a warning."""
+    added = [n for n in task_heads(model, config.task_type, modules) if n not in (config.modules_to_save or [])]
     if not added:
         return config
     names = {parameter_name(k) for k in tensors}
     held = [n for n in added if any(p.endswith(n) and f"{p}.weight" in names for p in modules if p)]
     if held == added:
         return config.replace(modules_to_save=[*(config.modules_to_save or []), *added])
-    warnings.warn(f"adapter {source} has task_type SEQ_CLS but holds no weights for {added}, so PEFT cannot load "
-                  "it; lorakit loads it with the model's own head (save it again to write a file PEFT loads)",
-                  stacklevel=4)
+    warnings.warn(f"adapter {source} has task_type {config.task_type} but holds no weights for {added}, so PEFT "
+                  "cannot load it; lorakit loads it with the model's own head (save it again to write a file PEFT "
+                  "loads)", stacklevel=4)
     return config.replace(task_type=None)
 
 

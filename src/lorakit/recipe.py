@@ -246,3 +246,22 @@ def with_shape(config):
         model_config = load_model_config(task.default_model if config.model == "default" else config.model)
         length = min(task.max_length_cap, getattr(model_config, "max_position_embeddings", None) or task.max_length_cap)
     return replace(config, batch_size=config.batch_size or BATCHES[0], max_length=length)
+
+
+def check_vocabulary(model, tokenizer, data, name) -> None:
+    """Refuse a tokenizer that gives ids past the model's embedding rows (a tokenizer of another
+    model, or tokens added without resizing), which would otherwise fail inside the forward."""
+    from lorakit.errors import LorakitError
+
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is None:
+        return
+    parts = [data.validation, data.test] + ([data.train] if isinstance(data.train, list) else [])
+    top = max((max(example.input_ids, default=-1) for part in parts for example in part), default=-1)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else -1
+    if max(top, pad) >= rows:
+        raise LorakitError(
+            f"the tokenizer of model {name!r} ({type(tokenizer).__name__}, {len(tokenizer):,} tokens) gives token id "
+            f"{max(top, pad):,}, but the model's embedding has {rows:,} rows; the tokenizer files do not belong to "
+            "this model: give the model's own tokenizer (or resize its embeddings to the tokenizer)")

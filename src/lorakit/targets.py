@@ -37,24 +37,8 @@ from lorakit.model_kinds import (  # noqa: F401  (re-exported: structure questio
     position_limit,
 )
 from lorakit.layers import LoraLayer, ParameterHost, SavedModule, wrapper_for
-
-_QV_PROJ = ["q_proj", "v_proj"]
-_QUERY_VALUE = ["query", "value"]
-
-#: target_modules used when a config gives None, by ``model.config.model_type``: PEFT's
-#: defaults for the families it names (so an adapter trained with defaults has the same
-#: modules either way), and query/value under their own names for a few more
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    **dict.fromkeys(["llama", "llama4", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
-                     "gemma2", "gemma3_text", "olmo", "olmo2", "granite", "stablelm", "starcoder2", "opt", "bart",
-                     "gptj", "gpt_neo"], _QV_PROJ),
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "camembert", "electra", "layoutlm", "albert"], _QUERY_VALUE),
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"], "phi3": ["qkv_proj"], "codegen": ["qkv_proj"],
-    "gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"], "gpt_neox": ["query_key_value"], "bloom": ["query_key_value"],
-    "falcon": ["query_key_value"], "mpt": ["Wqkv"], "modernbert": ["Wqkv"],
-    "distilbert": ["q_lin", "v_lin"], "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"],
-    "mpnet": ["q", "v"], "t5": ["q", "v"], "mt5": ["q", "v"],
-}
+from lorakit.target_defaults import DEFAULT_TARGETS  # noqa: F401  (re-exported)
+from lorakit.target_defaults import default_targets as _family_targets
 
 #: attribute names of the heads transformers puts on a body; the first two are the
 #: sequence-classification heads (PEFT's names for them, saved whole with task_type SEQ_CLS)
@@ -271,6 +255,13 @@ def _join(path: str, child: str) -> str:
     return f"{path}.{child}" if path else child
 
 
+def default_targets(model_type: str | None, modules: dict[str, nn.Module]) -> list[str] | None:
+    """The targets a config without any takes on the model of walk ``modules``
+    (:func:`lorakit.target_defaults.default_targets` with the model's linear leaf names)."""
+    names = {p.rsplit(".", 1)[-1] for p, m in _candidates(modules) if isinstance(_base_of(m), LINEAR_TYPES)}
+    return _family_targets(model_type, names)
+
+
 # ---------------------------------------------------------------------- what a config selects
 
 
@@ -294,7 +285,7 @@ def target_paths(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Mod
         return []  # the adapter targets parameters alone
     if spec is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        spec = DEFAULT_TARGETS.get(model_type)
+        spec = default_targets(model_type, modules)
         if spec is None:
             raise LorakitError(
                 f"no target_modules given and no default for model type {model_type!r}; "
@@ -305,7 +296,8 @@ def target_paths(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Mod
                  if isinstance(_base_of(m), LINEAR_TYPES) and not (p + ".").startswith(heads)]
     else:
         paths = [p for p, _ in _candidates(modules) if name_matches(spec, p)]
-    paths = [p for p in paths if not config.excludes(p)]
+    saved_inside = [p for p in paths if config.within_saved(p)]
+    paths = [p for p in paths if not config.excludes(p) and not config.within_saved(p)]
     bypassed = {p: why for p in paths if (why := bypass_reason(modules, p)) is not None}
     if spec == ALL_LINEAR:
         paths = [p for p in paths if p not in bypassed]
@@ -314,6 +306,9 @@ def target_paths(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Mod
         if bypassed:
             path, why = next(iter(bypassed.items()))
             left_out = f"; left out {len(bypassed)} whose parent never calls them, e.g. {path}: {why}"
+        if saved_inside:
+            left_out += (f"; left out {len(saved_inside)} in modules_to_save (saved whole, so not LoRA targets), "
+                         f"e.g. {saved_inside[0]}")
         raise LorakitError(
             f"target_modules {spec!r} matched no module of {type(model).__name__}; "
             f"targetable modules: {_targetable_summary(modules)}{left_out}")

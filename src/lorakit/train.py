@@ -38,6 +38,7 @@ from lorakit import atomic, checkpoint, distributed, recipe
 from lorakit.checkpointing import enable_checkpointing
 from lorakit.data.batches import batch_of_step
 from lorakit.data.encode import collate
+from lorakit.data.readers import file_fingerprint
 from lorakit.errors import LorakitError
 from lorakit.layers.fused import settle
 from lorakit.memory import predict_peak
@@ -53,6 +54,7 @@ from lorakit.report import (
     read_metrics,
 )
 from lorakit.run_folder import TASK_FILE, RunFolder
+from lorakit.targets import lora_layers
 from lorakit.tasks import Task, encode_splits, get_task, read_splits
 from lorakit.train_config import EVALUATIONS_PER_RUN, TrainConfig
 from lorakit.train_state import Progress, Run
@@ -115,6 +117,7 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     folder = RunFolder.claim(config.out, config.overwrite)
     torch.manual_seed(config.seed)
     splits = read_splits(task, config.data, config.data_limit, config.columns(), config.stream, config.stream_buffer)
+    fingerprint = file_fingerprint(config.data)  # eval without --data re-splits the file: only if unchanged
     labels = task.labels(splits.train, splits.source)
     model, tokenizer = task.load_model(config.model, labels)
     if config.model_dropout is not None:
@@ -125,6 +128,7 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     config, choices = recipe.choose(config, task, method, splits.train, tokenizer, model, runtime.world_size,
                                     predict=predict_peak, bf16=bf16)
     data = encode_splits(task, splits, tokenizer, config.max_length, labels)
+    recipe.check_vocabulary(model, tokenizer, data, config.model)
     sizes = data.sizes()
     loss_options = {}
     if config.class_weights:
@@ -150,7 +154,8 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     params = [p for p in model.parameters() if p.requires_grad]
     trainable, total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     if runtime.is_main:
-        print(f"{config.method}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
+        print(f"{config.method}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)"
+              f"{_adapted(model, config)}")
         if runtime.sharded:
             print(f"fsdp: sharded over {runtime.world_size} processes, {len(units)} blocks and the rest of the model")
         elif config.fsdp:
@@ -172,7 +177,8 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
                global_batch, steps_per_epoch, total_steps,
                # ceil: the last evaluation falls on the last step, not a few steps before it as well
                eval_every=config.eval_every or max(1, math.ceil(total_steps / EVALUATIONS_PER_RUN)), started=started,
-               lengths=data.train_lengths(), loss_options=loss_options, choices=choices)
+               lengths=data.train_lengths(), loss_options=loss_options, choices=choices,
+               data_fingerprint=fingerprint)
 
 
 # ---------------------------------------------------------------- phase 2: resume
@@ -307,7 +313,7 @@ def _write_best(run: Run) -> None:
     task_info = {"task": config.task, "method": config.method, "model": absolute(config.model),
                  "adapter_name": config.adapter_name, "labels": run.data.labels, "max_length": config.max_length,
                  "data": absolute(config.data), "data_limit": config.data_limit, "columns": config.columns(),
-                 "stream": config.stream, "stream_buffer": config.stream_buffer}
+                 "stream": config.stream, "stream_buffer": config.stream_buffer, "data_fingerprint": run.data_fingerprint}
 
     def write(folder: Path):
         run.method.export(run.model, run.tokenizer, folder, config)
@@ -375,3 +381,14 @@ def _show(task: Task, metrics: dict) -> str:
     if task.metric != "loss":
         parts.append(f"loss {metrics['loss']:.4f}")
     return ", ".join(parts)
+
+
+def _adapted(model: torch.nn.Module, config: TrainConfig) -> str:
+    """``": LoRA on query, value in 12 layers (the model family's; --targets to set)"`` for a run
+    with LoRA layers, so a user sees what the default targets chose; "" for full fine-tuning."""
+    paths = [path for path, _ in lora_layers(model)]
+    if not paths:
+        return ""
+    names = ", ".join(dict.fromkeys(path.rsplit(".", 1)[-1] for path in paths))
+    chosen = "; --targets to change" if config.targets is None else ""
+    return f": LoRA on {names} ({len(paths)} layers{chosen})"

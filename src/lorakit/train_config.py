@@ -95,7 +95,8 @@ class TrainConfig:
         "matrices, is shared out by importance", default_help="init rank // 3, at least 1"))
     targets: list[str] | str | None = field(default=None, metadata=setting(
         "modules to adapt: names (query,value), a regex, or all-linear",
-        default_help="the model family's, e.g. query,value for BERT, q_proj,v_proj for Llama"))
+        default_help="the model family's, e.g. query,value for BERT, q_proj,v_proj for Llama; for a "
+                     "family without one, the first such pair the model has"))
     lora_dropout: float = field(default=0.0, metadata=setting("dropout on the LoRA branch's input"))
     dora: bool = field(default=False, metadata=setting(
         "DoRA: also train a magnitude per output feature, W' = m * (W + s*B*A) / ||W + s*B*A|| (method lora)"))

@@ -205,7 +205,7 @@ def extract_adapter(base, tuned, out, rank: int | None = None, energy: float | N
     """
     from lorakit.analysis.weights import compile_pattern, linear_weights, model_pair
     from lorakit.config import LoraConfig
-    from lorakit.peft_format import SEQ_CLS, base_model_name, seq_cls_heads, task_type_for
+    from lorakit.peft_format import base_model_name, task_heads, task_type_for
     from lorakit.targets import is_conv1d, output_heads, saved_paths, walk
 
     _check_rank_or_energy(rank, energy)  # before the (slow) model loading
@@ -219,7 +219,7 @@ def extract_adapter(base, tuned, out, rank: int | None = None, energy: float | N
     base_state = base_model.state_dict()
     modules = walk(tuned_model)
     task_type = task_type_for(tuned_model)
-    names = [] if task_type != SEQ_CLS else seq_cls_heads(tuned_model, modules)
+    names = task_heads(tuned_model, task_type, modules)
     for head in output_heads(tuned_model, modules):
         state = {f"{head}.{k}": v for k, v in modules[head].state_dict().items()}
         if any(k not in base_state or base_state[k].shape != v.shape or not torch.equal(base_state[k], v)

@@ -17,6 +17,10 @@ def register(subparsers) -> None:
                              "repeat to compare")
     parser.add_argument("--data", default=None, help=f"a {FORMATS} file to score whole (default: the test split "
                                                      "of the data the adapter was trained on)")
+    for key in ("text", "label", "prompt", "completion", "messages"):
+        parser.add_argument(f"--{key}-column", default=None, metavar="NAME",
+                            help=f"the column of --data holding the {key}, when it is named otherwise than in "
+                                 "training")
     parser.add_argument("--merge", action="store_true", help="merge the adapter into the base weights first")
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"examples per forward pass (default: the task's: {per_task('default_eval_batch_size')})")
@@ -29,7 +33,9 @@ def run(args) -> int:
     from lorakit.inference import evaluate_trained, load_trained
 
     trained = load_trained(args.adapter, merge=args.merge, device=pick_device(args.device))
-    results = evaluate_trained(trained, args.data, args.batch_size)
+    columns = {key: getattr(args, f"{key}_column") for key in ("text", "label", "prompt", "completion", "messages")
+               if getattr(args, f"{key}_column")}
+    results = evaluate_trained(trained, args.data, args.batch_size, columns=columns, progress=True)
     split = "test" if args.data is None else "data"
     warnings = []
     for name, metrics in results.items():

@@ -8,7 +8,8 @@ def register(subparsers) -> None:
         "predict", help="classify texts with a trained classification adapter",
         description="Print the predicted label and the probability of every label for each text.",
     )
-    parser.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify")
+    parser.add_argument("texts", nargs="+", metavar="TEXT",
+                        help="texts to classify; '-' reads one text a line from standard input")
     parser.add_argument("--adapter", action="append", required=True, metavar="DIR",
                         help="a classification run folder of lorakit train (--out), or the adapter (or full model) "
                              "folder in it; repeat to compare")
@@ -21,8 +22,9 @@ def run(args) -> int:
     from lorakit.distributed import pick_device
     from lorakit.inference import load_trained, predict
 
+    texts = _texts(args.texts)
     trained = load_trained(args.adapter, merge=args.merge, device=pick_device(args.device))
-    results = predict(trained, args.texts)
+    results = predict(trained, texts)
     for name, rows in results.items():
         if len(results) > 1:
             print(f"[{name}]")
@@ -30,3 +32,24 @@ def run(args) -> int:
             probabilities = "  ".join(f"{label} {p:.3f}" for label, p in row["probabilities"].items())
             print(f"{row['label']:<10} ({probabilities})  {row['text']}")
     return 0
+
+
+def _texts(given: list[str]) -> list[str]:
+    """The texts: as given, with '-' read from standard input one text a line (blank lines
+    skipped); an empty text is refused."""
+    import sys
+
+    from lorakit.errors import LorakitError
+
+    texts = []
+    for text in given:
+        if text == "-":
+            texts.extend(line.rstrip("\r\n") for line in sys.stdin if line.strip())
+        elif not text.strip():
+            raise LorakitError("a text to classify is empty; give some words (or '-' to read texts from "
+                               "standard input)")
+        else:
+            texts.append(text)
+    if not texts:
+        raise LorakitError("standard input held no text to classify; give one text a line")
+    return texts

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lorakit.errors import LorakitError
 
-VALIDATION_NAMES = ("validation", "valid", "dev")  # what a DatasetDict may call its validation split
+VALIDATION_NAMES = ("validation", "valid", "val", "dev")  # what a DatasetDict may call its validation split
 
 
 def is_saved_dataset(folder) -> bool:
@@ -64,6 +64,8 @@ def read_saved_split(folder) -> list[dict]:
         for column, classes in names.items():
             if isinstance(row.get(column), int) and 0 <= row[column] < len(classes):
                 row[column] = classes[row[column]]
+            elif row.get(column) == -1:  # datasets' ClassLabel for "no label" (an unlabelled test split)
+                row[column] = None
         row["_where"] = f"{folder.name} row {number}"
     return rows
 

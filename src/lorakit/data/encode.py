@@ -58,8 +58,12 @@ def encode_classification(records: list[dict], tokenizer, max_length: int, label
     unknown = [r for r, i in zip(records, ids) if i is None]
     if unknown:
         first = unknown[0]
+        alike = sum(r["label"] == first["label"] for r in unknown)
+        others = f", and {len(unknown) - alike} with other unknown labels" if len(unknown) > alike else ""
+        known = sorted(label2id)
+        shown = f"{known[:20]} and {len(known) - 20} more" if len(known) > 20 else f"{known}"
         raise LorakitError(f"{first['_where']} has label {first['label']!r}, which the model does not know "
-                           f"({len(unknown)} records like it); known labels: {sorted(label2id)}")
+                           f"({alike} records like it{others}); known labels: {shown}")
     texts = [r["text"] for r in records]
     full = tokenizer(texts, truncation=False, verbose=False)["input_ids"] if texts else []
     cut = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []

@@ -39,10 +39,25 @@ def merge_number_spellings(records: list[dict], source: str) -> list[dict]:
     Labels that spell a number only one way are left as written (``"01"`` stays ``"01"``).
     Changes ``records`` in place and returns them.
     """
-    renamed = number_renames({record["label"] for record in records}, source)
+    labels = {record["label"] for record in records}
+    renamed = number_renames(labels, source)
     for record in records:
         record["label"] = renamed.get(record["label"], record["label"])
+    warn_case_variants(labels, source)
     return records
+
+
+def warn_case_variants(labels, source: str) -> None:
+    """Warn once when labels differ only in case or surrounding space (``Pos`` and ``pos``):
+    they stay separate classes, as written, but are more often one class typed two ways."""
+    variants: dict[str, set[str]] = {}
+    for label in labels:
+        variants.setdefault(label.strip().casefold(), set()).add(label)
+    alike = [sorted(names) for names in variants.values() if len(names) > 1]
+    if alike:
+        shown = "; ".join(" / ".join(names) for names in sorted(alike))
+        warnings.warn(f"{source}: labels that differ only in case are separate classes ({shown}); "
+                      "if they are one class, write them one way", LabelWarning, stacklevel=4)
 
 
 def number_renames(labels, source: str) -> dict[str, str]:
@@ -65,11 +80,13 @@ def number_renames(labels, source: str) -> dict[str, str]:
 
 def find_label(label2id: dict[str, int], label: str) -> int | None:
     """The class index of ``label`` in ``label2id``: by its text, else by the number it
-    spells (``"1.0"`` finds the class ``"1"``); None if unknown."""
+    spells (``"1.0"`` finds the class ``"1"``), else by its text in any case when one class
+    alone fits (``"false"`` finds ``"False"``); None if unknown."""
     if label in label2id:
         return label2id[label]
     value = number_value(label)
-    if value is None:
-        return None
-    matches = {i for name, i in label2id.items() if number_value(name) == value}
+    if value is not None:
+        matches = {i for name, i in label2id.items() if number_value(name) == value}
+    else:  # "false" in a CSV finds the class "False" a JSON boolean gave, when no other label fits
+        matches = {i for name, i in label2id.items() if name.casefold() == label.casefold()}
     return matches.pop() if len(matches) == 1 else None

@@ -11,10 +11,12 @@ Formats (chosen by the file's suffix):
 - Columns named otherwise (``review`` for ``text``) are given as ``columns``:
   ``{"text": "review", "label": "rating"}`` (``--text-column review --label-column rating``).
 - Classification (:func:`read_classification`): every record has ``text`` and ``label``.
-- Language modelling (:func:`read_language_modeling`), one of three shapes, the same on every line:
-  ``prompt`` + ``completion`` (the prompt is masked out of the loss), ``messages``
-  (a chat: a list of ``{"role", "content"}``, rendered with the tokenizer's chat
-  template, only assistant turns trained), or plain ``text`` (every token trained).
+- Language modelling (:func:`read_language_modeling`), one of four shapes, the same on every line:
+  ``prompt`` + ``completion`` (the prompt is masked out of the loss), Alpaca's ``instruction``
+  + ``output`` with an optional ``input`` (read as a prompt, ``instruction`` and then ``input``
+  after a blank line, and a completion), ``messages`` (a chat: a list of ``{"role", "content"}``,
+  rendered with the tokenizer's chat template, only assistant turns trained), or plain
+  ``text`` (every token trained).
 
 Every record keeps where it came from in ``record["_where"]`` (``"data.jsonl line 7"``),
 so later checks (an unknown label) can point at the line.
@@ -33,6 +35,7 @@ ENCODING = "utf-8-sig"  # UTF-8; a leading byte-order mark (Excel's "CSV UTF-8")
 CLASSIFY_KEYS = ("text", "label")
 LM_SHAPES = {  # shape name -> the keys it needs
     "prompt_completion": ("prompt", "completion"),
+    "instruction": ("instruction", "output"),  # Alpaca's; an "input" beside them is optional
     "messages": ("messages",),
     "text": ("text",),
 }
@@ -122,6 +125,25 @@ def read_file(path) -> list[dict]:
     return raw
 
 
+def file_fingerprint(spec: str) -> str | None:
+    """A short fingerprint of data file ``spec`` (its size and a hash of its first and last
+    MiB), to tell later whether the file changed; None for ``"default"`` or a folder, whose
+    splits are fixed."""
+    import hashlib
+
+    path = Path(spec)
+    if spec == "default" or not path.is_file():
+        return None
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(1 << 20))
+        if size > 2 << 20:
+            handle.seek(size - (1 << 20))
+        digest.update(handle.read(1 << 20))
+    return f"{size}:{digest.hexdigest()[:16]}"
+
+
 def parquet_file(path: Path):
     """``pyarrow.parquet.ParquetFile`` of ``path``, or LorakitError when it is not Parquet."""
     import pyarrow as pa
@@ -135,15 +157,31 @@ def parquet_file(path: Path):
 
 
 def _read_parquet(path: Path) -> list[dict]:
-    rows = parquet_file(path).read().to_pylist()
+    table = parquet_file(path).read()
+    _no_duplicate_columns(path, table.column_names)
+    rows = table.to_pylist()
     for number, row in enumerate(rows, start=1):
         row["_where"] = f"{path.name} row {number}"
     return rows
 
 
+def _no_duplicate_columns(path: Path, names) -> None:
+    """Refuse a header naming a column twice (which of the two is meant cannot be known)."""
+    seen, twice = set(), []
+    for name in names or ():
+        if name in seen and name not in twice:
+            twice.append(name)
+        seen.add(name)
+    if twice:
+        raise LorakitError(f"{path.name} names the column {twice[0]!r} twice; rename or remove one of them")
+
+
 def _not_utf8(path: Path) -> LorakitError:
     """The error for a file that is not UTF-8, naming the first bad line and byte."""
     data = path.read_bytes()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return LorakitError(f"{path.name} is UTF-16 text (it starts with a UTF-16 byte-order mark); lorakit reads "
+                            f"UTF-8: save it as UTF-8 (e.g. iconv -f utf-16 -t utf-8 {path.name}) and give that file")
     try:
         data.decode(ENCODING)
         where = ""
@@ -208,13 +246,16 @@ def _read_json(path: Path) -> list[dict]:
 
 
 def _read_tsv(path: Path) -> list[dict]:
-    return _read_csv(path, delimiter="\t")
+    # Tab-separated values have no quoting: a field holds no tab or line break, and a quote
+    # is text ('"so-called" ...'), so one line is one record whatever quotes it holds.
+    return _read_csv(path, delimiter="\t", quoting=csv.QUOTE_NONE)
 
 
-def _read_csv(path: Path, delimiter: str = ",") -> list[dict]:
+def _read_csv(path: Path, delimiter: str = ",", quoting: int = csv.QUOTE_MINIMAL) -> list[dict]:
     with open(path, encoding=ENCODING, newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
+        reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
         try:
+            _no_duplicate_columns(path, reader.fieldnames)
             rows = []
             for row in reader:
                 if None in row:
@@ -244,12 +285,21 @@ def _require(record: dict, keys, what: str, columns: dict | None = None) -> None
     """Refuse ``record`` (as read, before renaming) when it lacks one of the standard
     ``keys``, looked up under the user's name for it in ``columns``."""
     columns = columns or {}
-    missing = [key for key in keys if record.get(columns.get(key, key)) is None]
+    missing = [key for key in keys if _absent(record.get(columns.get(key, key)))]
     if missing:
         named = [f"{columns[key]!r} (--{key}-column)" if columns.get(key, key) != key else repr(key)
                  for key in missing]
+        empty = [columns.get(key, key) for key in missing if columns.get(key, key) in record]
+        if empty:  # the key is there, its value is null or NaN
+            raise LorakitError(f"{record['_where']} has no value for {empty[0]!r} (null or NaN); fill it in or "
+                               "remove the line")
         raise LorakitError(f"{record['_where']} lacks {', '.join(named)}; it has keys "
                            f"{_keys_found(record)}; {what}")
+
+
+def _absent(value) -> bool:
+    """Whether a field holds nothing: missing, null, or a float NaN (pandas' empty cell, JSON's NaN)."""
+    return value is None or (isinstance(value, float) and value != value)
 
 
 def classify_checker(columns: dict | None = None):
@@ -263,8 +313,11 @@ def classify_checker(columns: dict | None = None):
         text, label = record["text"], record["label"]
         if not isinstance(text, str) or not text.strip():
             raise LorakitError(f"{record['_where']}: 'text' must be a non-empty string, got {text!r}")
-        if isinstance(label, (dict, list)) or str(label).strip() == "":
-            raise LorakitError(f"{record['_where']}: 'label' must be a string or a number, got {label!r}")
+        if isinstance(label, str) and not label.strip():
+            raise LorakitError(f"{record['_where']}: 'label' is empty; fill it in or remove the line")
+        if isinstance(label, (dict, list)):
+            raise LorakitError(f"{record['_where']}: 'label' must be a string or a number, got {label!r} "
+                               "(one class per text: lorakit does not train multi-label classifiers)")
         return {"text": text, "label": str(label).strip(), "_where": record["_where"]}
 
     return check
@@ -276,8 +329,9 @@ def lm_checker(first: dict, columns: dict | None = None):
                    if all((columns or {}).get(k, k) in first for k in keys)), None)
     if shape is None:
         raise LorakitError(f"{first['_where']} has keys {_keys_found(first)}; language-model data needs "
-                           "'prompt' and 'completion', or 'messages', or 'text' on every line (--prompt-column, "
-                           "--completion-column, --messages-column, --text-column name other columns)")
+                           "'prompt' and 'completion', 'instruction' and 'output', or 'messages', or 'text' on "
+                           "every line (--prompt-column, --completion-column, --messages-column, --text-column "
+                           "name other columns)")
     keys = LM_SHAPES[shape]
     hint = f"the first line uses {' + '.join(keys)}, so every line must"
 
@@ -289,9 +343,21 @@ def lm_checker(first: dict, columns: dict | None = None):
         for key in keys:
             if not isinstance(record[key], str) or (key != "prompt" and not record[key].strip()):
                 raise LorakitError(f"{record['_where']}: {key!r} must be a non-empty string, got {record[key]!r}")
+        if shape == "instruction":
+            return {**instruction_prompt(record), "_where": record["_where"]}
         return {**{key: record[key] for key in keys}, "_where": record["_where"]}
 
     return check
+
+
+def instruction_prompt(record: dict) -> dict:
+    """An Alpaca record (``instruction``, ``output``, optionally ``input``) as a prompt and a
+    completion: the instruction, then the input after a blank line where there is one."""
+    extra = record.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise LorakitError(f"{record['_where']}: 'input' must be a string, got {extra!r}")
+    prompt = record["instruction"] + (f"\n\n{extra}" if extra and extra.strip() else "")
+    return {"prompt": prompt + "\n", "completion": record["output"]}
 
 
 def _check_messages(messages, where: str) -> list[dict]:

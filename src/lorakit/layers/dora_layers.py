@@ -93,7 +93,7 @@ class DoraEmbedding(DoraMixin, LoraEmbedding):
     """DoRA on an ``nn.Embedding``: ``ids: (...)`` -> ``(..., dim)``; ``m`` and the norm are per
     embedding dimension (over all rows of the table), as PEFT."""
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def _unscaled(self, ids: torch.Tensor) -> torch.Tensor:  # LoraEmbedding.forward applies embed_scale
         base = self._base_forward(ids)
         if self._rows is not None:
             slots, A_rows, B_rows, S_rows = self._rows

@@ -7,6 +7,10 @@ maps them through B::
     h = W[ids] + Σ_active s · A[:, ids]ᵀ Bᵀ
 
 Dropout is not applied to token ids (as in PEFT).
+
+A scaled embedding (transformers' ``...ScaledWordEmbedding`` of Gemma, BART and others: an
+``nn.Embedding`` whose forward multiplies by ``embed_scale``) scales the whole output, the
+adapters' share too, as PEFT does: ``h = c · (W[ids] + Σ ...)``, so a merged ΔW gives the same.
 """
 
 from __future__ import annotations
@@ -38,10 +42,26 @@ class LoraEmbedding(LoraLayer):
         return matrix.T
 
     def _base_forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``W[ids]``, without the base's ``embed_scale`` (:meth:`forward` applies it to the sum)."""
         b = self._base
         return F.embedding(ids, self.weight, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
 
+    def embed_scale(self) -> torch.Tensor | float | None:
+        """The factor the base embedding's own forward multiplies its lookup by, or None."""
+        scale = getattr(self._base, "embed_scale", None)
+        if isinstance(scale, torch.Tensor):
+            if scale.numel() != 1:
+                raise LorakitError(f"{type(self._base).__name__}.embed_scale has shape {tuple(scale.shape)}; "
+                                   "LoRA on an embedding takes a single scale factor")
+            return scale.to(self.weight.dtype if self.weight.is_floating_point() else torch.float32)
+        return scale if isinstance(scale, (int, float)) and scale != 1 else None
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self._unscaled(ids)
+        scale = self.embed_scale()
+        return out if scale is None else out * scale
+
+    def _unscaled(self, ids: torch.Tensor) -> torch.Tensor:
         out = self._base_forward(ids)
         if self._rows is not None:
             return self._forward_rows(ids, out)

@@ -3,7 +3,8 @@ OpenAI's answer, whole or streamed as server-sent events.
 
 One request with ``n`` choices becomes ``n`` engine requests decoding side by side (choice
 i > 0 samples with a seed derived from ``seed`` and i, so a seeded request repeats and its
-choices differ). While a request is being answered:
+choices differ); a completion request with several prompts, ``n`` for each, choice
+``i * n + j`` being prompt ``i``'s ``j``-th (each prompt's choices seeded as if it came alone). While a request is being answered:
 
 - a client that goes away (streaming or not) cancels its engine requests, which leave the
   batch at the next decode step (a waiting one leaves the queue);
@@ -35,12 +36,13 @@ async def complete(service: Service, metrics, http: Request, body: schemas._Samp
     """The whole route: check, tokenize off the event loop, generate, answer."""
     http.state.adapter = body.model
     service.require_task(GENERATE)
-    service.check_room(body.n)  # before the tokenizer's work: a full queue answers at once
+    prompts = None if chat else body.prompts()
+    service.check_room(body.n * (1 if chat else len(prompts)))  # before the tokenizer's work: a full queue answers at once
     await service.ensure_model(body.model)
     if chat:
-        ids = await asyncio.to_thread(service.encode_chat, [m.as_dict() for m in body.messages])
+        ids = [await asyncio.to_thread(service.encode_chat, [m.as_dict() for m in body.messages])]
     else:
-        ids = await asyncio.to_thread(service.encode_prompt, body.prompt)
+        ids = await asyncio.to_thread(lambda: [service.encode_prompt(prompt) for prompt in prompts])
     return await _generate(service, metrics, http, body, ids, chat)
 
 
@@ -52,23 +54,27 @@ def choice_seed(seed: int | None, index: int) -> int | None:
     return int.from_bytes(digest[:8], "little") - 2**63
 
 
-async def _generate(service: Service, metrics, http: Request, body: schemas._Sampling, ids: list[int], chat: bool):
+async def _generate(service: Service, metrics, http: Request, body: schemas._Sampling, prompts: list[list[int]],
+                    chat: bool):
+    """Generate ``n`` choices for each prompt (token ids); choice ``i * n + j`` is prompt ``i``'s ``j``-th."""
+    longest = max(prompts, key=len)
     if body.max_tokens is None:  # OpenAI's defaults: 16 for completions, "as long as fits" for chat
-        room = service.limits.context - len(ids)
+        room = service.limits.context - len(longest)
         max_tokens = max(1, min(service.limits.max_tokens if chat else 16, room))
     else:
         max_tokens = body.max_tokens
-    max_tokens = service.check_max_tokens(ids, max_tokens)
-    samplers = [Sampler(temperature=body.temperature, top_p=body.top_p, seed=choice_seed(body.seed, i))
-                for i in range(body.n)]
+    max_tokens = service.check_max_tokens(longest, max_tokens)
+    samplers = [Sampler(temperature=body.temperature, top_p=body.top_p, seed=choice_seed(body.seed, j))
+                for _ in prompts for j in range(body.n)]
     k = body.logprobs_k()
-    requests, events = service.submit(ids, body.model, max_tokens, samplers, body.stop, logprobs=k,
-                                      ignore_eos=body.ignore_eos)
+    requests, events = service.submit([ids for ids in prompts for _ in range(body.n)], body.model, max_tokens,
+                                      samplers, body.stop, logprobs=k, ignore_eos=body.ignore_eos)
     timeout = service.limits.request_timeout
     run = _Run(service, metrics, body, requests, events,
                None if timeout is None else asyncio.get_running_loop().time() + timeout)
     fmt_type = ChatFormat if chat else CompletionFormat
     fmt = fmt_type(body.model, service.token_text, logprobs=k is not None, include_usage=body.include_usage)
+    prompt_tokens = sum(len(ids) for ids in prompts)
     watcher = asyncio.create_task(_on_disconnect(http, run.cancel))
     streaming = False
     try:
@@ -78,9 +84,9 @@ async def _generate(service: Service, metrics, http: Request, body: schemas._Sam
             return error_response(first[1].error)
         if body.stream:
             streaming = True
-            return StreamingResponse(_sse(run, first, fmt, len(ids)), media_type="text/event-stream",
+            return StreamingResponse(_sse(run, first, fmt, prompt_tokens), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return _whole(await run.collect(first), fmt, len(ids))
+        return _whole(await run.collect(first), fmt, prompt_tokens)
     except RequestTimeout as err:
         run.cancel()
         return error_response(err)

@@ -80,11 +80,19 @@ def validation_response(err: RequestValidationError) -> JSONResponse:
         detail = "; ".join(str(p.get("ctx", {}).get("error", p.get("msg"))) for p in problems)
         return JSONResponse(schemas.error_body(f"the request body is not valid JSON: {detail}",
                                                "invalid_request_error"), status_code=400)
-    parts, params = [], []
+    by_field: dict[str, list[str]] = {}
     for p in problems:
-        loc = [str(x) for x in p.get("loc", ()) if x != "body"]
-        field = ".".join(loc) or "body"
-        params.append(field)
-        parts.append(f"field '{field}': {p.get('msg')}")
-    return JSONResponse(schemas.error_body("; ".join(parts), "invalid_request_error", params[0] if params else None),
+        # a field of several types (prompt: a text or token ids) reports one error per type, each
+        # under the type's tag (``function-after[...]``, ``list[int]``); the field's name is the rest
+        loc = [str(x) for x in p.get("loc", ()) if x != "body" and not _type_tag(x)]
+        messages = by_field.setdefault(".".join(loc) or "body", [])
+        if p.get("msg") not in messages:
+            messages.append(p.get("msg"))
+    parts = [f"field '{field}': {'; or '.join(messages)}" for field, messages in by_field.items()]
+    return JSONResponse(schemas.error_body("; ".join(parts), "invalid_request_error", next(iter(by_field), None)),
                         status_code=422)
+
+
+def _type_tag(part) -> bool:
+    """Whether a pydantic error location part names a member type of a union, not a field."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "dict"))

@@ -74,14 +74,52 @@ class _Sampling(_Request):
         return None
 
 
-class CompletionRequest(_Sampling):
-    """POST /v1/completions."""
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+_PROMPT_KINDS = "a text, a list of texts, a list of token ids (integers from 0), or a list of such lists"
 
-    prompt: Text
+
+def _token_ids(value) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _one_prompt(value, where: str) -> str | list[int]:
+    if isinstance(value, str):
+        return _no_surrogates(value)
+    if _token_ids(value):
+        if not value:
+            raise ValueError(f"{where} is an empty list of token ids")
+        if min(value) < 0:
+            raise ValueError(f"{where} holds token id {min(value)}; token ids start at 0")
+        return value
+    raise ValueError(f"{where} is {type(value).__name__}; a prompt is {_PROMPT_KINDS}")
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions. ``prompt`` is a text, a list of texts, a list of token ids, or a
+    list of such lists, as OpenAI takes it; choice ``i * n + j`` is prompt ``i``'s ``j``-th."""
+
+    prompt: str | list
     logprobs: StrictInt | None = Field(default=None, ge=0, le=5, description="top alternatives per token")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_kinds(cls, value):
+        if isinstance(value, str) or (_token_ids(value) and value):
+            return _one_prompt(value, "the prompt")
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"the prompt must be {_PROMPT_KINDS}" + (", not an empty list" if value == [] else ""))
+        if len(value) > MAX_PROMPTS:
+            raise ValueError(f"{len(value)} prompts in one request; at most {MAX_PROMPTS}")
+        return [_one_prompt(item, f"prompt {i}") for i, item in enumerate(value)]
 
     def logprobs_k(self) -> int | None:
         return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a text or token ids."""
+        if isinstance(self.prompt, str) or _token_ids(self.prompt):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class TextPart(BaseModel):

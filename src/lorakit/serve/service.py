@@ -90,8 +90,15 @@ class Service:
         self.stopped = True
 
     # ---- prompts (called off the event loop: a long text takes a while) -------------------
-    def encode_prompt(self, prompt: str) -> list[int]:
-        return self._check_prompt(self.tokenizer.encode(prompt), "prompt")
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """A text's token ids, or token ids as given (each checked against the vocabulary)."""
+        if isinstance(prompt, str):
+            return self._check_prompt(self.tokenizer.encode(prompt), "prompt")
+        vocabulary = self.model.get_input_embeddings().num_embeddings
+        if max(prompt) >= vocabulary:
+            raise LimitError(f"prompt holds token id {max(prompt)}; this model's vocabulary has ids 0 to "
+                             f"{vocabulary - 1}", "prompt")
+        return self._check_prompt(list(prompt), "prompt")
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Token ids of a chat through the tokenizer's chat template, ready for the answer."""
@@ -150,16 +157,17 @@ class Service:
     def check_room(self, count: int = 1) -> None:
         """Raise :class:`QueueFull` when ``count`` more waiting requests would pass --max-queue."""
         if count > self.limits.max_queue:
-            raise LimitError(f"n is {count}; this server queues at most {self.limits.max_queue} requests "
-                             "(--max-queue): ask for fewer choices", "n")
+            raise LimitError(f"the request asks for {count} choices (n for each prompt); this server queues at "
+                             f"most {self.limits.max_queue} requests (--max-queue): ask for fewer choices", "n")
         if self.queued() + count > self.limits.max_queue:
             raise QueueFull(self._full_message())
 
-    def submit(self, prompt_ids: list[int], adapter: str, max_tokens: int, samplers: list[Sampler],
-               stop: list[str], logprobs: int | None = None,
+    def submit(self, prompt_ids: list[int] | list[list[int]], adapter: str, max_tokens: int,
+               samplers: list[Sampler], stop: list[str], logprobs: int | None = None,
                ignore_eos: bool = False) -> tuple[list[GenerationRequest], asyncio.Queue]:
         """Queue one generation per sampler (``n`` choices); their events arrive on the
-        returned asyncio queue as ``(choice index, Event)``.
+        returned asyncio queue as ``(choice index, Event)``. ``prompt_ids`` is one prompt
+        for every sampler, or one prompt per sampler (a list of id lists, as long as ``samplers``).
 
         Raises:
             QueueFull: the waiting requests would pass ``max_queue``.
@@ -177,9 +185,10 @@ class Service:
                     pass
             return deliver
 
-        requests = [GenerationRequest(prompt_ids=prompt_ids, adapter=adapter, max_tokens=max_tokens,
-                                      on_event=deliver_to(i), sampler=sampler, stop=stop, logprobs=logprobs,
-                                      ignore_eos=ignore_eos)
+        per_sampler = bool(prompt_ids) and isinstance(prompt_ids[0], list)
+        requests = [GenerationRequest(prompt_ids=prompt_ids[i] if per_sampler else prompt_ids, adapter=adapter,
+                                      max_tokens=max_tokens, on_event=deliver_to(i), sampler=sampler, stop=stop,
+                                      logprobs=logprobs, ignore_eos=ignore_eos)
                     for i, sampler in enumerate(samplers)]
         for request in requests:
             self.engine.submit(request)

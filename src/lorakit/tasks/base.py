@@ -256,6 +256,11 @@ def _read_saved_dataset(folder: Path, task: Task, columns) -> lkdata.DatasetSpli
     train = read("train")
     validation_name = next((name for name in arrow.VALIDATION_NAMES if name in names), None)
     test = read("test") if "test" in names else []
+    unused = [name for name in names if name not in ("train", "test", validation_name)]
+    if unused:
+        warnings.warn(f"the dataset saved in {folder} has splits {unused} that lorakit does not use; it reads "
+                      f"train, test and one validation split named {' or '.join(arrow.VALIDATION_NAMES)}",
+                      stacklevel=3)
     if validation_name is None:
         cut = _split(task, train, str(folder), validation=0.1, test=0)
         return lkdata.DatasetSplits(cut.train, cut.validation, test, f"{folder} (validation cut from train)")
@@ -263,12 +268,16 @@ def _read_saved_dataset(folder: Path, task: Task, columns) -> lkdata.DatasetSpli
 
 
 def _read_folder(folder: Path, task: Task, columns) -> lkdata.DatasetSplits:
+    entries = sorted(folder.iterdir())
+
     def find(stem, required=True):
-        files = [folder / f"{stem}{suffix}" for suffix in lkdata.readers.SUFFIXES]
-        found = [f for f in files if f.is_file()]
+        found = [f for f in entries if f.is_file() and f.stem == stem and f.suffix.lower() in lkdata.readers.SUFFIXES]
         if not found and required:
             raise LorakitError(f"data folder {folder} has no {stem} file ({lkdata.readers.FORMATS}), nor is it "
-                               f"a folder saved by datasets; it holds {sorted(p.name for p in folder.iterdir())[:10]}")
+                               f"a folder saved by datasets; it holds {[p.name for p in entries][:10]}")
+        if len(found) > 1:
+            raise LorakitError(f"data folder {folder} has {len(found)} {stem} files ({', '.join(f.name for f in found)}); "
+                               "keep one of them there")
         return task.read_records(found[0], columns) if found else []
 
     return lkdata.DatasetSplits(find("train"), find("validation"), find("test", required=False), str(folder))
@@ -297,6 +306,10 @@ def encode_splits(task: Task, splits: lkdata.DatasetSplits, tokenizer, max_lengt
         warnings.warn(f"{truncated} of {total} examples were longer than max_length={max_length} tokens and were "
                       f"truncated (longest: {longest} tokens){note}; raise --max-length to keep more",
                       TruncationWarning, stacklevel=2)
+    elif dropped:
+        warnings.warn(f"{dropped} of {total} examples had no token to learn from and were dropped (each token is "
+                      "predicted from those before it, so a completion needs a prompt or a second token)",
+                      TruncationWarning, stacklevel=2)
     if streamed:
         def encode(records):
             return task.encode(records, tokenizer, max_length, labels).examples
@@ -317,7 +330,8 @@ def encode_splits(task: Task, splits: lkdata.DatasetSplits, tokenizer, max_lengt
 
 @torch.no_grad()
 def evaluate(task: Task, model, examples: list[EncodedExample], pad_id: int, batch_size: int = 64,
-             device="cpu", rank: int = 0, world_size: int = 1, labels: list[str] | None = None) -> dict:
+             device="cpu", rank: int = 0, world_size: int = 1, labels: list[str] | None = None,
+             progress: str | None = None) -> dict:
     """The task's metrics of ``model`` on ``examples`` (:meth:`Task.metrics`).
 
     Examples are batched in order of length (less padding). Under torch.distributed
@@ -330,6 +344,7 @@ def evaluate(task: Task, model, examples: list[EncodedExample], pad_id: int, bat
     Args:
         labels: class names by index: the metrics then include a breakdown by class
             (per-class precision and recall, the confusion matrix).
+        progress: a progress bar's title (shown on stderr), or None for none.
 
     Returns:
         e.g. ``{"loss": nats per example, "examples": n, "accuracy", "macro_f1",
@@ -343,7 +358,12 @@ def evaluate(task: Task, model, examples: list[EncodedExample], pad_id: int, bat
     totals = torch.zeros(len(task.stats), dtype=torch.float64)
     outputs: dict[str, list] = {key: [] for key in task.outputs}
     mine, rounds = batches[rank::world_size], -(-len(batches) // world_size)
-    for i in range(rounds):
+    steps = range(rounds)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc=progress, unit="batch", leave=False, disable=None)
+    for i in steps:
         batch = collate([examples[j] for j in (mine[i] if i < len(mine) else batches[0])], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         stats = task.batch_stats(model, batch)

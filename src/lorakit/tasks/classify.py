@@ -61,9 +61,16 @@ class ClassificationTask(Task):
         """The sorted labels of the training records.
 
         Raises:
-            LorakitError: fewer than two classes (nothing to tell apart).
+            LorakitError: fewer than two classes (nothing to tell apart), or more classes than
+                half the examples (past 50: an id or text column given as the label).
         """
-        names = sorted(self.class_counts(train))
+        counts = self.class_counts(train)
+        names = sorted(counts)
+        examples = sum(counts.values())
+        if len(names) > max(50, examples // 2):
+            raise LorakitError(f"the label column of {source} holds {len(names):,} different values among "
+                               f"{examples:,} training records (e.g. {names[0][:40]!r}), so most classes have one "
+                               "example; is it the right column? (--label-column names another)")
         if len(names) < 2:
             held = f"only the label {names[0]!r}" if names else "no label"
             raise LorakitError(f"the training split of {source} has {held}; a classifier needs examples of at "
