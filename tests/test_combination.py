@@ -104,7 +104,7 @@ def test_combine_errors():
     attach(model, LoraConfig(r=1, target_modules=["0"], init="pissa"), "p")
     with pytest.raises(LorakitError, match=r"adapter\(s\) \['p'\] started from an init that rewrote .*\(pissa\)"):
         combine(model, {"x": 1.0, "p": 1.0})
-    with pytest.raises(LorakitError, match="adapter weights must be numbers, got {'x': 'half'}"):
+    with pytest.raises(LorakitError, match="adapter weights must be finite numbers, got {'x': 'half'}"):
         combine(model, {"x": "half"})
     assert set(lora_configs(model)) == {"x", "y", "p"}  # nothing was added by the failed calls
 
@@ -240,12 +240,20 @@ def test_folders_that_do_not_combine(tmp_path):
     wide = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2))
     save_adapter(attach(wide, LoraConfig(r=4, target_modules=["q_proj"])), tmp_path / "wide")
-    with pytest.raises(LorakitError, match="not trained on the same base model"):
+    with pytest.raises(LorakitError, match="made for different models"):
         combine_adapters({tmp_path / "a": 1.0, tmp_path / "wide": 1.0}, tmp_path / "out", "svd")
     head = attach(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]))
     save_adapter(head, tmp_path / "head")
-    with pytest.raises(LorakitError, match="holds the full tensor .*classifier.*LoRA factors only"):
+    with pytest.raises(LorakitError, match="made for different models"):  # a BERT's adapter and a Llama's
         combine_adapters({tmp_path / "head": 1.0, tmp_path / "a": 1.0}, tmp_path / "out", "svd")
+    plain = attach(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"], modules_to_save=[]))
+    save_adapter(plain, tmp_path / "plain")
+    with pytest.raises(LorakitError, match="holds the full tensor .*classifier.*LoRA factors only"):
+        combine_adapters({tmp_path / "head": 1.0, tmp_path / "plain": 1.0}, tmp_path / "out", "svd")
+    with pytest.raises(LorakitError, match="--out .*/a is not an empty folder"):  # never over an input
+        combine_adapters({tmp_path / "a": 1.0, tmp_path / "b": 1.0}, tmp_path / "a", "svd")
+    with pytest.raises(LorakitError, match="finite numbers"):
+        combine_adapters({tmp_path / "a": float("nan"), tmp_path / "b": 1.0}, tmp_path / "out", "svd")
     with pytest.raises(LorakitError, match="needs a density"):
         combine_adapters({tmp_path / "a": 1.0, tmp_path / "b": 1.0}, tmp_path / "out", "ties")
     assert not (tmp_path / "out").exists()

@@ -185,3 +185,21 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert models.cache_dir() == tmp_path
     monkeypatch.delenv("LORAKIT_CACHE")
     assert models.cache_dir().name == "lorakit"
+
+
+def test_a_decoder_classifier_without_a_padding_id_gets_the_tokenizers(tmp_path):
+    """Llama's config has no pad_token_id; its classifier must know padding to read a batch."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from tiny_training import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=3)
+    assert config.pad_token_id is None
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, tok = load_classifier(str(tmp_path))
+    assert model.config.pad_token_id == tok.pad_token_id == 0
+    batch = tok(["a longer text", "short"], padding=True, return_tensors="pt")
+    assert model(**batch).logits.shape == (2, 3)

@@ -99,6 +99,24 @@ def test_replacing_an_adapter_keeps_the_old_one_when_the_new_files_fail(toy, tmp
     assert registry._entries["a"] is new and old.slot is None and new.slot is not None
 
 
+def test_a_broken_adapter_never_evicts_another_users_resident_one(toy, tmp_path):
+    for name in ("task0", "task1"):
+        shutil.copytree(toy["root"] / name, tmp_path / name)
+    shutil.copytree(toy["root"] / "task1", tmp_path / "cut")
+    weights = tmp_path / "cut" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])  # truncated
+    registry = AdapterRegistry(_model(toy), adapter_root=tmp_path, max_loaded=1)
+    resident = registry.register("a", "task0")
+    with pytest.raises(AdapterLoadError, match="'cut'"):
+        registry.register("cut", "cut")
+    assert resident.slot is not None and registry.is_resident("a")
+    later = registry.register("b", "task1", load=False)  # registered, not resident
+    shutil.copyfile(weights, tmp_path / "task1" / "adapter_model.safetensors")  # its files break meanwhile
+    with pytest.raises(AdapterLoadError):
+        registry.acquire("b")
+    assert resident.slot is not None and later.slot is None
+
+
 def test_a_missing_adapter_root_is_one_clear_error():
     with pytest.raises(LorakitError, match="--adapter-root /nonexistent does not exist"):
         AdapterRegistry(None, adapter_root="/nonexistent")
@@ -185,3 +203,18 @@ def test_without_a_root_only_command_line_paths_are_allowed(tmp_path):
     assert registry.resolve_path(folder, trusted=True) == folder.resolve()
     with pytest.raises(AdapterForbidden, match="--adapter-root"):
         registry.resolve_path(folder)
+
+
+def test_command_line_adapters_are_read_from_the_current_folder_or_the_root(tmp_path, monkeypatch):
+    """`serve --adapter sql=adapters/sql --adapter-root adapters` (the README's example) works:
+    the operator's own paths are taken as given, then under the root; HTTP paths stay confined."""
+    root = tmp_path / "adapters"
+    sql = _adapter_dir(root / "sql")
+    elsewhere = _adapter_dir(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path)
+    registry = AdapterRegistry(model=None, adapter_root=root, max_loaded=2)
+    assert registry.resolve_path("adapters/sql", trusted=True) == sql.resolve()
+    assert registry.resolve_path("sql", trusted=True) == sql.resolve()
+    assert registry.resolve_path(str(elsewhere), trusted=True) == elsewhere.resolve()
+    with pytest.raises(AdapterForbidden, match="outside the adapter root"):
+        registry.resolve_path(str(elsewhere))

@@ -170,3 +170,44 @@ def test_an_adapter_answers_with_the_labels_it_was_trained_with(classifier, tmp_
     assert all(row["label"] in labels and set(row["probabilities"]) == set(labels) for row in mood)
     assert all(row["label"] in ("neg", "neutral", "pos") for row in base)
     assert surrogate.status_code == 422 and "surrogate" in surrogate.json()["error"]["message"]
+
+
+def test_a_gpt2_classifier_adapter_answers_as_lorakit_predict(tmp_path):
+    """The server reads a text as predict does: cut to the adapter's training length, ids and mask
+    only (GPT-2 adds token_type_ids through its word embeddings, so passing them changes answers)."""
+    import json
+
+    from transformers import BertTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    from lorakit.config import LoraConfig
+    from lorakit.inference import load_trained, predict
+    from lorakit.io import save_adapter
+    from lorakit.model import attach
+    from tiny_training import BERT_VOCAB
+
+    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(BERT_VOCAB)}, model_max_length=64)
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(BERT_VOCAB), n_embd=32, n_layer=2, n_head=4,
+                                                     n_positions=64, num_labels=2,
+                                                     pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    attach(model, LoraConfig(r=4, target_modules=["c_attn"], modules_to_save=["score"]), "mood")
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    save_adapter(model, tmp_path / "mood", "mood")
+    (tmp_path / "mood" / "lorakit_task.json").write_text(json.dumps(
+        {"task": "classify", "method": "lora", "model": str(tmp_path / "model"), "labels": ["neg", "pos"],
+         "max_length": 6}))
+    texts = [" ".join(BERT_VOCAB[5:8]), " ".join(BERT_VOCAB[5:20])]  # the second is cut to 6 tokens
+    expected = list(predict(load_trained([tmp_path / "mood"]), texts).values())[0]
+    service = build_service(str(tmp_path / "model"), adapters={"mood": str(tmp_path / "mood")}, task=CLASSIFY)
+    with TestClient(create_app(service)) as client:
+        served = client.post("/v1/classify", json={"model": "mood", "input": texts}).json()["data"]
+    for want, got in zip(expected, served):
+        assert got["label"] == want["label"]
+        for label in ("neg", "pos"):
+            assert abs(got["probabilities"][label] - want["probabilities"][label]) < 1e-5

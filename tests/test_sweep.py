@@ -29,7 +29,13 @@ class FakeTrainer:
         params = 2 * 384 * config.rank * 6 * len(config.targets) + 770
         return {"metric": "accuracy", "validation_after": {"accuracy": ACCURACY[(targets, config.rank)], "loss": 0.5},
                 "trainable_params": params, "train_time_s": 1.5, "wall_time_s": 2.0,
-                "memory": {"peak_rss_bytes": 2**40}, "test": None, "settings": config.settings()}
+                "memory": {"peak_rss_bytes": 2**40}, "test": None, "settings": self.chosen(config.settings())}
+
+    @staticmethod
+    def chosen(settings: dict) -> dict:
+        """The settings as the real report gives them: what the recipe chose in place of None."""
+        return {**settings, **{k: v for k, v in {"batch_size": 8, "lr": 1e-3, "max_length": 16}.items()
+                               if settings.get(k) is None}}
 
 
 def test_parse_ranks_and_targets():

@@ -151,3 +151,36 @@ def _sync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_writable(path, flag: str = "--out") -> None:
+    """Refuse a folder path that cannot be written: under a file, on a read-only file system,
+    or without permission (probed with a temporary file in its nearest existing folder, then
+    removed). ``flag`` names the setting in the message."""
+    from lorakit.errors import LorakitError
+
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LorakitError(f"{flag} {path} lies under {existing}, which is a file; give a folder path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise LorakitError(f"{flag} {path} cannot be written ({err.strerror or err} in {existing}); give a folder "
+                           "you can write to") from None
+
+
+def check_new_folder(path, what: str, flag: str = "--out") -> Path:
+    """``path`` as a folder a command may create: new or empty, and writable; else one
+    LorakitError saying so (nothing of the user's is ever written over)."""
+    from lorakit.errors import LorakitError
+
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        kind = "a file" if not path.is_dir() else "not an empty folder"
+        raise LorakitError(f"{flag} {path} is {kind}; give a new folder for {what}")
+    check_writable(path, flag)
+    return path

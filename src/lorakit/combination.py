@@ -36,6 +36,7 @@ election on A's entries says nothing about the sign of ΔW's.
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from dataclasses import dataclass, replace
@@ -45,10 +46,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lorakit import atomic
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.inits import initial_factors
-from lorakit.io import read_adapter, write_adapter
+from lorakit.io import read_adapter, read_adapters_of_one_model, write_adapter
 from lorakit.lowrank import truncated_svd
 from lorakit.model import add_adapter, lora_configs, lora_layers
 from lorakit.peft_format import factor_key, parse_factor_key
@@ -279,9 +281,10 @@ def check_options(method: str, weights: dict, rank, density, majority_sign: str,
         raise LorakitError(f"combine method {method!r} is unknown; choose one of {sorted(COMBINE_METHODS)}")
     if not weights:
         raise LorakitError("combine needs at least one adapter weight, e.g. {'sql': 0.5, 'chat': 0.5}")
-    bad = {str(n): w for n, w in weights.items() if isinstance(w, bool) or not isinstance(w, numbers.Real)}
+    bad = {str(n): w for n, w in weights.items()
+           if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w)}
     if bad:
-        raise LorakitError(f"adapter weights must be numbers, got {bad}")
+        raise LorakitError(f"adapter weights must be finite numbers, got {bad}")
     spec = COMBINE_METHODS[method]
     if rank is not None and not spec.truncates:
         raise LorakitError(f"rank does not apply to method {method!r}, which keeps the sum of the ranks; "
@@ -325,14 +328,10 @@ def _exact(path: str) -> str:
 def combine_adapters(adapters: dict[str | os.PathLike, float], out: str | os.PathLike, method: str = "cat",
                      rank: int | None = None, *, density: float | None = None, majority_sign: str = "total",
                      seed: int | None = 0) -> Path:
-    """Combine adapter folders (trained on the same base) into the adapter folder ``out``,
+    """Combine adapter folders (trained on the same base) into the new adapter folder ``out``,
     without loading the base model: the same methods and maths as :func:`combine`.
-
-    Args:
-        adapters: folder -> weight ``w_i``.
-        seed: seeds DARE's masks (a CPU generator); None: torch's global generator.
-        method, rank, density, majority_sign: as :func:`combine`.
-
+    ``adapters``: folder -> weight ``w_i``; ``seed`` seeds DARE's masks (a CPU generator; None:
+    torch's global one); ``method, rank, density, majority_sign`` as :func:`combine`.
     Modules are combined in the order of their paths; DARE's masks are drawn in the layout of
     each module's weight as far as the files tell it: ``(in, out)`` for embeddings and for
     adapters whose config says ``fan_in_fan_out``, else ``(out, in)``.
@@ -341,13 +340,14 @@ def combine_adapters(adapters: dict[str | os.PathLike, float], out: str | os.Pat
         the folder written (PEFT's format: loads with lorakit and ``PeftModel.from_pretrained``).
 
     Raises:
-        LorakitError: a folder that cannot be read, adapters whose modules disagree in shape
-            (not the same base), an adapter holding full tensors (``modules_to_save`` or trained
-            biases: only LoRA factors combine), or a bad option (see :func:`combine`).
+        LorakitError: ``out`` not new or empty, an unreadable folder, adapters of different models or
+            modules of different shapes, full tensors (``modules_to_save``, biases), a bad option.
     """
     generator = None if seed is None else torch.Generator().manual_seed(int(seed))
     options = check_options(method, adapters, rank, density, majority_sign, generator)
-    read = [(Path(folder), float(w), *read_adapter(folder)) for folder, w in adapters.items()]
+    atomic.check_new_folder(out, "the combined adapter")  # never over the user's files, nor an input
+    files = read_adapters_of_one_model(adapters)
+    read = [(Path(folder), float(w), *files[Path(folder)]) for folder, w in adapters.items()]
     by_path: dict[str, list[Term]] = {}
     shapes: dict[str, tuple] = {}
     kernels: dict[str, tuple] = {}  # a convolution's path -> (A's, B's kernel dims), to write them back

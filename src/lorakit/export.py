@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit import atomic
 from lorakit.errors import LorakitError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,8 +47,7 @@ def export_merged(adapter, out, model: str | None = None, dtype: str | None = No
     adapter, out = adapter_folder(adapter), Path(out)  # a run folder of lorakit train stands for its adapter/
     if dtype is not None and dtype not in DTYPES:
         raise LorakitError(f"dtype {dtype!r} is unknown; choose one of {sorted(DTYPES)}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise LorakitError(f"{out} exists and is not an empty folder; give a new folder for the merged model")
+    atomic.check_new_folder(out, "the merged model", "--merged")
     spec = model or recorded_base(adapter)
     net, tokenizer = _merged(adapter, spec, model)
     if spec == "default" and model_kind(net) == CAUSAL_LM:

@@ -279,6 +279,39 @@ def _explicit_targets(model: nn.Module, paths: list[str]):
 # ------------------------------------------------------------------ reading files
 
 
+def read_adapter_with_metadata(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """:func:`read_adapter` with the file's metadata (the architecture lorakit recorded), as
+    :func:`lorakit.peft_load.plan_load` takes them to check a file against a model."""
+    return _read(Path(path))
+
+
+def read_adapters_of_one_model(folders) -> dict[Path, tuple[LoraConfig, dict[str, torch.Tensor]]]:
+    """Several adapter folders that must adapt one model (to combine them): ``{folder: (config,
+    tensors)}``. Refused when lorakit's record of the model's structure differs between them, or
+    when they adapt no module in common (two architectures' paths); a warning when only the
+    recorded base names differ (one model can be named by a path and by a hub name).
+
+    Raises:
+        LorakitError: a folder that cannot be read, or adapters made for different models.
+    """
+    files = {Path(folder): _read(Path(folder)) for folder in folders}
+    prints = {meta.get("lorakit_fingerprint"): folder for folder, (_, _, meta) in files.items()
+              if meta.get("lorakit_fingerprint")}
+    paths = {folder: {parsed[0] for parsed in map(parse_factor_key, tensors) if parsed}
+             for folder, (_, tensors, _) in files.items()}
+    first = next(iter(paths), None)
+    apart = [folder for folder in paths if not paths[folder] & paths[first]]
+    if len(prints) > 1 or apart:
+        one, other = list(prints.values())[:2] if len(prints) > 1 else (first, apart[0])
+        raise LorakitError(f"adapters {one} and {other} were made for different models; adapters combine only when "
+                           "they adapt the same base model")
+    names = {str(config.base_model_name_or_path) for config, _, _ in files.values() if config.base_model_name_or_path}
+    if len(names) > 1:
+        warnings.warn(f"the adapters record different base models ({', '.join(sorted(names))}); combined as one "
+                      "model's, since their modules match", stacklevel=3)
+    return {folder: (config, tensors) for folder, (config, tensors, _) in files.items()}
+
+
 def _read(folder: Path) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[str, str]]:
     if folder.is_file() and folder.name in (WEIGHTS_NAME, CONFIG_NAME, PICKLE_NAME):
         folder = folder.parent

@@ -16,21 +16,17 @@ imported: their own imports are heavy or absent (they are installed ``--no-deps`
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import math
 import os
-import shutil
-import sys
-import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lorakit import gguf as gguf_files
 from lorakit.errors import LorakitError
 
 # import name -> (pip distribution, pinned version)
@@ -107,7 +103,21 @@ def load_classifier(spec: str = "default", num_labels: int | None = None, id2lab
     # The embedded encoder has no classifier head: transformers' report of a new head is expected.
     with _transformers_quiet(spec == "default"):
         model = _from_pretrained(AutoModelForSequenceClassification, source, **kwargs)
-    return model.eval(), _from_pretrained(AutoTokenizer, source) if tokenizer else None
+    if not tokenizer:
+        return model.eval(), None
+    tok = _from_pretrained(AutoTokenizer, source)
+    _padding_for_classifier(model, tok)
+    return model.eval(), tok
+
+
+def _padding_for_classifier(model, tokenizer) -> None:
+    """A decoder classifier (Llama, Qwen, GPT-2 ...) reads the last token that is not padding, so
+    it needs ``config.pad_token_id`` for a batch of several texts: the tokenizer's padding token
+    (its end-of-text token when it has none), as transformers' examples set it."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
 
 
 # ---------------------------------------------------------------- causal LMs
@@ -133,7 +143,7 @@ def load_causal_lm(spec: str = "default-chat", *, tokenizer: bool = True):
     if isinstance(source, Path) and source.suffix == ".gguf":
         folder = converted_gguf_dir(source)
         if not folder.is_dir():
-            model, tok = convert_gguf(source, folder)
+            model, tok = gguf_files.convert_gguf(source, folder)
             return model.eval(), tok if tokenizer else None
         source = folder
     model = _from_pretrained(AutoModelForCausalLM, source, dtype=torch.float32)
@@ -141,83 +151,8 @@ def load_causal_lm(spec: str = "default-chat", *, tokenizer: bool = True):
 
 
 def converted_gguf_dir(gguf: Path) -> Path:
-    """Cache folder for the fp32 safetensors conversion of ``gguf``.
-
-    Keyed by the file's name, size and modification time, so a changed file (a new
-    package version) is converted again.
-    """
-    stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
-    return cache_dir() / f"{gguf.stem}-fp32-{key}"
-
-
-def convert_gguf(gguf: Path, dest: Path):
-    """Dequantize ``gguf`` to fp32 and save it as a safetensors model folder at ``dest``.
-
-    Returns the loaded ``(model, tokenizer)``. The folder is written under a temporary
-    name beside ``dest`` and renamed at the end, so an interrupted conversion never
-    leaves a half-written folder behind; if another process finished first, its
-    folder is kept.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    print(f"lorakit: converting {gguf.name} to fp32 safetensors in {dest} (once; ~20 s)",
-          file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except ImportError as err:
-        raise LorakitError(f"reading {gguf.name} needs the gguf package: pip install gguf ({err})") from err
-    except Exception as err:  # the GGUF reader raises struct, KeyError, ValueError ... on a bad file
-        raise LorakitError(f"cannot read the GGUF file {gguf} ({type(err).__name__}: {err}); "
-                           "check that it is a complete GGUF model of an architecture transformers knows") from err
-    model = _dequantized_copy(loaded)
-    del loaded
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not dest.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"lorakit: converted in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
-    return model, tokenizer
-
-
-def _dequantized_copy(loaded: nn.Module) -> nn.Module:
-    """A plain (not "GGUF-quantized") model holding ``loaded``'s fp32 weights.
-
-    transformers marks a model read from GGUF as quantized and refuses to save it,
-    though its tensors are already plain fp32; a fresh model built from the same
-    config without ``quantization_config`` takes the very same tensors.
-    """
-    from transformers import AutoModelForCausalLM
-
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), assign=True, strict=False)
-    model.tie_weights()
-    # Non-persistent buffers (rotary inv_freq) are not in the state dict.
-    loaded_buffers = dict(loaded.named_buffers())
-    for name, buffer in list(model.named_buffers()):
-        if buffer.is_meta and name in loaded_buffers:
-            owner, _, attr = name.rpartition(".")
-            model.get_submodule(owner)._buffers[attr] = loaded_buffers[name]
-    tensors = [*model.named_parameters(), *model.named_buffers()]
-    missing = [name for name, t in tensors if t.is_meta]
-    if missing:
-        raise LorakitError(f"the GGUF file lacks weights for {missing[:5]}; it cannot be converted")
-    model.generation_config = loaded.generation_config
-    return model.eval()
+    """Cache folder (under :func:`cache_dir`) for the fp32 safetensors conversion of ``gguf``."""
+    return gguf_files.converted_dir(gguf, cache_dir())
 
 
 # ---------------------------------------------------------------- shared
@@ -256,7 +191,17 @@ def _transformers_quiet(quiet: bool = True):
         hf_logging.set_verbosity(before)
 
 
+#: files one of which every tokenizer folder holds (fast, WordPiece, BPE, SentencePiece)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
 def _from_pretrained(cls, source, **kwargs):
+    if "Tokenizer" in cls.__name__ and isinstance(source, Path) and source.is_dir() \
+            and not any((source / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer that turns every word into [UNK]
+        raise LorakitError(f"model folder {source} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                           "copy the tokenizer that goes with the model into it (tokenizer.save_pretrained)")
     try:
         return cls.from_pretrained(str(source), local_files_only=True, **kwargs)
     except (OSError, ValueError) as err:

@@ -73,7 +73,7 @@ class RunFolder:
         root = folder.root
         if root.exists() and not root.is_dir():
             raise LorakitError(f"--out {root} is a file; give a folder for the run")
-        _check_writable(root)
+        atomic.check_writable(root)
         if root.is_dir() and not overwrite and not folder.is_run() and _visible(root):
             held = sorted(p.name + ("/" if p.is_dir() else "") for p in _visible(root))
             shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
@@ -187,21 +187,3 @@ def adapter_folder(path) -> Path:
     if path.is_dir() and not (path / TASK_FILE).is_file() and RunFolder(path).is_run():
         return trained_folder(path)
     return path
-
-
-def _check_writable(root: Path) -> None:
-    """Refuse, before anything loads, a run folder that cannot be written: under a file, on a
-    read-only file system, or without permission (probed with a temporary file, then removed)."""
-    import tempfile
-
-    existing = root
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise LorakitError(f"--out {root} lies under {existing}, which is a file; give a folder path")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        raise LorakitError(f"--out {root} cannot be written ({err.strerror or err} in {existing}); give a folder "
-                           "you can write to") from None

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from lorakit import atomic
 from lorakit.errors import LorakitError
 from lorakit.report import peak_rss_since_reset, reset_peak_rss
 
@@ -177,6 +178,9 @@ def run_sweep(ranks, targets, out, *, tolerance: float = 0.5, train_fn: Callable
         raise LorakitError(f"a rank sweep trains LoRA adapters; method {train_settings['method']!r} is not swept")
     train_fn = train_fn or train
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LorakitError(f"--out {out} is a file; give a folder for the sweep")
+    atomic.check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / SWEEP_FILE
     done = _read_rows(jsonl)
@@ -202,6 +206,7 @@ def run_sweep(ranks, targets, out, *, tolerance: float = 0.5, train_fn: Callable
             torch.cuda.reset_peak_memory_stats()  # cuda_peak_allocated_bytes of this run alone
         report = train_fn(config)
         row = _row_from_report(report, t, r, folder)
+        row["settings"] = shared  # as given, not as the recipe filled them in: a resume compares these
         peak = peak_rss_since_reset() if reset else None
         if peak is not None and "cuda_peak_allocated_bytes" not in report["memory"]:
             row["peak_memory_bytes"] = peak  # this run's peak, not the process's

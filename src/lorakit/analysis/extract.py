@@ -209,6 +209,9 @@ def extract_adapter(base, tuned, out, rank: int | None = None, energy: float | N
     from lorakit.targets import is_conv1d, output_heads, saved_paths, walk
 
     _check_rank_or_energy(rank, energy)  # before the (slow) model loading
+    from lorakit.atomic import check_new_folder
+
+    check_new_folder(out, "the extracted adapter")  # never over the user's files
     compile_pattern(module)
     base_model, tuned_model = model_pair(base, tuned)
     base_w = linear_weights(base_model, module)

@@ -5,6 +5,19 @@ from __future__ import annotations
 from lorakit.tasks import TASKS
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse prints the message, exit 2)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1; give how many tokens to generate")
+    return value
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate", help="generate text with a trained chat/text adapter (or the base model)",
@@ -20,7 +33,7 @@ def register(subparsers) -> None:
     parser.add_argument("--model", default=None, help="base model: 'default' or a folder (default: the adapter's)")
     parser.add_argument("--task", choices=[name for name, task in sorted(TASKS.items()) if not task.trains_head],
                         default="chat", help="how to prompt the base model when no --adapter is given")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate at most")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.set_defaults(func=run)
 

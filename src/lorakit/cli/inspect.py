@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from lorakit.errors import LorakitError
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -107,7 +109,10 @@ def run_memory(args) -> int:
                          quantize=args.quantize, batch_size=args.batch_size, max_length=args.max_length,
                          gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16)
     config = with_shape(config)
+    _check_length(config)
     estimate = predict_peak(config)
+    if args.budget is not None and not (0 < args.budget < float("inf")):
+        raise LorakitError(f"--budget {args.budget} is not a memory size; give GiB as a positive number, e.g. 8")
     budget = int(args.budget * GiB) if args.budget else available_bytes()
     bf16 = run_in_bf16(config.bf16, torch.device("cpu"))
     levers = [config.method + (f" r={config.rank}" if config.method != "full" else ""),
@@ -121,3 +126,15 @@ def run_memory(args) -> int:
     print(f"{verdict} {budget / GiB:.1f} GiB{'' if args.budget else ' (this machine)'}; "
           f"{estimate.trainable:,} trainable parameters")
     return 0
+
+
+def _check_length(config) -> None:
+    """Refuse a --max-length past the positions the model can look up (the prediction would
+    build a model that cannot run it, and take minutes doing so), as lorakit train does."""
+    from lorakit.models import load_model_config
+
+    source = config.model if config.model not in ("default", "default-chat") else None
+    limit = getattr(load_model_config(source), "max_position_embeddings", None) if source else None
+    if limit and config.max_length > limit:
+        raise LorakitError(f"--max-length {config.max_length} is longer than {config.model} takes "
+                           f"({limit} positions); give at most {limit}")

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from lorakit.errors import LorakitError
+from lorakit.serve.adapter_info import task_labels, task_max_length
 from lorakit.serve.confine import PathForbidden, copy_confined, resolve_under, shown
 
 BASE = "base"
@@ -84,11 +85,13 @@ class AdapterEntry:
     path: Path
     shown: str = ""  # the path as clients may see it (relative to the root)
     labels: list[str] | None = None  # class names of a classifier adapter, by index
+    max_length: int | None = None  # tokens a classifier adapter's inputs are cut to, as in training
     slot: str | None = None
     pins: int = 0  # running requests using it
     removed: bool = False  # unregistered; unloaded as soon as no request holds it
     loads: int = 0
     last_load_s: float | None = None
+    trusted: bool = False  # given on the command line: read in place, wherever it lies
 
 
 class AdapterRegistry:
@@ -165,12 +168,15 @@ class AdapterRegistry:
         """The real folder for ``path``, which must lie under the adapter root.
 
         Relative paths are taken from the root. ``trusted`` paths (given on the command
-        line with no root configured) may lie anywhere.
+        line) may lie anywhere: taken from the current folder, else from the root.
         """
-        if self.adapter_root is None:
-            if not trusted:
-                raise AdapterForbidden("this server loads no adapters over HTTP: start it with --adapter-root DIR")
-            real = Path(path).expanduser().resolve()
+        if trusted:
+            given = Path(path).expanduser()
+            if not given.exists() and self.adapter_root is not None and (self.adapter_root / given).exists():
+                given = self.adapter_root / given
+            real = given.resolve()
+        elif self.adapter_root is None:
+            raise AdapterForbidden("this server loads no adapters over HTTP: start it with --adapter-root DIR")
         else:
             real = resolve_under(self.adapter_root, path, "adapter path")
         try:
@@ -197,7 +203,11 @@ class AdapterRegistry:
                                   f"DELETE /v1/adapters/{name} first")
         real = self.resolve_path(path, trusted=trusted)
         # clients see a path relative to the root; a command-line adapter without a root, its folder's name
-        entry = AdapterEntry(name=name, path=real, shown=shown(real, self.adapter_root) if self.adapter_root else real.name)
+        inside = self.adapter_root is not None and real.is_relative_to(self.adapter_root)
+        entry = AdapterEntry(name=name, path=real, shown=shown(real, self.adapter_root) if inside else real.name,
+                             trusted=trusted)
+        if load:
+            self._check_loadable(entry)  # before _make_room: a broken file must not evict another's adapter
         if load and self._make_room():
             self._load(entry)
         else:
@@ -209,7 +219,7 @@ class AdapterRegistry:
                 except Exception as err:  # noqa: BLE001 - any unreadable file is the user's error
                     raise AdapterLoadError(self._scrub(f"adapter {name!r} from {entry.shown} cannot be read: {err}",
                                                        entry, folder)) from None
-                entry.labels = _labels(folder)
+                entry.labels, entry.max_length = task_labels(folder), task_max_length(folder)
         with self._lock:
             self._entries[name] = entry
         if old is not None:
@@ -254,6 +264,8 @@ class AdapterRegistry:
         if entry is None:
             raise self.unknown(name)
         if entry.slot is None:
+            if len(self._resident) >= self.max_loaded:
+                self._check_loadable(entry)  # its files may have changed since: fail before evicting another
             if not self._make_room():
                 return None
             self._load(entry)
@@ -277,6 +289,28 @@ class AdapterRegistry:
             self._unload(victim)
         return True
 
+    def _check_loadable(self, entry: AdapterEntry) -> None:
+        """Raise :class:`AdapterLoadError` when ``entry``'s files would not load onto the model
+        (unreadable, not fitting, non-finite), changing nothing: checked before a resident
+        adapter is evicted to make room for it."""
+        import torch
+
+        from lorakit.io import read_adapter_with_metadata
+        from lorakit.peft_load import plan_load
+
+        with self._staged(entry) as folder:
+            try:
+                config, tensors, metadata = read_adapter_with_metadata(folder)
+                plan_load(self.model, config, tensors, "check", folder, metadata)
+            except Exception as err:  # noqa: BLE001 - reported to the client; the server goes on
+                raise AdapterLoadError(self._scrub(f"adapter {entry.name!r} from {entry.shown} failed to load: {err}",
+                                                   entry, folder)) from None
+        bad = [key for key, tensor in tensors.items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+        if bad:
+            raise AdapterLoadError(f"adapter {entry.name!r} from {entry.shown} holds NaN or infinite weights "
+                                   f"({len(bad)} tensors, e.g. {bad[0]}); every answer through it would be broken: "
+                                   "retrain or re-save it")
+
     def _load(self, entry: AdapterEntry) -> None:
         from lorakit.io import load_adapter
 
@@ -290,7 +324,7 @@ class AdapterRegistry:
                 message = self._scrub(f"adapter {entry.name!r} from {entry.shown} failed to load: {err}", entry, folder)
                 raise AdapterLoadError(message.replace(repr(slot), repr(entry.name))
                                        .replace(slot, entry.name)) from None
-            entry.labels = _labels(folder)
+            entry.labels, entry.max_length = task_labels(folder), task_max_length(folder)
         _refuse_non_finite(self.model, slot, entry)
         entry.last_load_s = time.perf_counter() - start
         entry.loads += 1
@@ -304,7 +338,7 @@ class AdapterRegistry:
     def _staged(self, entry: AdapterEntry):
         """The folder to read ``entry`` from: with an adapter root, a private copy of its
         files, each checked to lie under the root; without one, the folder itself."""
-        if self.adapter_root is None:
+        if self.adapter_root is None or entry.trusted:
             yield entry.path
             return
         from lorakit.io import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
@@ -342,20 +376,6 @@ def _existing_root(path: str | Path) -> Path:
     if not root.is_dir():
         raise LorakitError(f"--adapter-root {path} is not a folder; give the folder that holds the adapter folders")
     return root
-
-
-def _labels(folder: Path) -> list[str] | None:
-    """Class names from ``lorakit_task.json`` beside an adapter (None when there is none)."""
-    from lorakit.inference import read_task_file
-    from lorakit.run_folder import TASK_FILE
-
-    if not (folder / TASK_FILE).is_file():
-        return None
-    try:
-        labels = read_task_file(folder).get("labels")
-    except (ValueError, OSError):
-        return None
-    return [str(label) for label in labels] if isinstance(labels, list) and labels else None
 
 
 def _refuse_non_finite(model, slot: str, entry: AdapterEntry) -> None:

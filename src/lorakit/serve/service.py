@@ -129,7 +129,7 @@ class Service:
     # ---- work -------------------------------------------------------------------------
     def require_task(self, task: str) -> None:
         if self.task != task:
-            raise LimitError(f"this server runs a {self.task} model ({self.model_name}); "
+            raise LimitError(f"this server runs a {self.task} model ({Path(self.model_name).name}); "
                              f"start it with a {task} model for this route", "model")
 
     async def ensure_model(self, name: str) -> None:
@@ -232,10 +232,13 @@ class Service:
             if entry is None:
                 raise QueueFull(f"all {self.registry.max_loaded} resident adapters are busy; retry in a second")
         try:
-            batch = self.tokenizer(texts, padding=True, truncation=True,
-                                   max_length=self.limits.max_prompt_tokens, return_tensors="pt")
+            # as lorakit predict reads a text: cut to the length the adapter trained with, and only
+            # ids and mask (GPT-2 adds token_type_ids through its word embeddings)
+            length = min(entry.max_length or self.limits.max_prompt_tokens, self.limits.context) if entry \
+                else self.limits.max_prompt_tokens
+            batch = self.tokenizer(texts, padding=True, truncation=True, max_length=length, return_tensors="pt")
             with torch.inference_mode(), per_row_adapters(self.model, [entry.slot if entry else None] * len(texts)):
-                logits = self.model(**batch).logits
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         finally:
             if entry is not None:
                 self.registry.release(entry)
