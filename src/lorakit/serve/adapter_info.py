@@ -7,27 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def task_labels(folder: Path) -> list[str] | None:
-    """Class names from ``lorakit_task.json`` beside an adapter (None when there is none)."""
-    from lorakit.inference import read_task_file
-    from lorakit.run_folder import TASK_FILE
-
-    if not (folder / TASK_FILE).is_file():
-        return None
-    try:
-        labels = read_task_file(folder).get("labels")
-    except (ValueError, OSError):
-        return None
-    return [str(label) for label in labels] if isinstance(labels, list) and labels else None
-
-
-def task_max_length(folder: Path) -> int | None:
-    """The ``max_length`` a classifier adapter was trained with (``lorakit_task.json``), or None."""
+def task_facts(folder: Path) -> tuple[list[str] | None, int | None]:
+    """``(class names, max_length)`` from ``lorakit_task.json`` beside an adapter; None for
+    what the file does not say (or when there is no readable file)."""
     from lorakit.inference import read_task_file
     from lorakit.run_folder import TASK_FILE
 
     try:
-        length = read_task_file(folder).get("max_length") if (folder / TASK_FILE).is_file() else None
+        info = read_task_file(folder) if (folder / TASK_FILE).is_file() else {}
     except (ValueError, OSError):
-        return None
-    return length if isinstance(length, int) and length > 0 else None
+        info = {}
+    labels, length = info.get("labels"), info.get("max_length")
+    return ([str(label) for label in labels] if isinstance(labels, list) and labels else None,
+            length if isinstance(length, int) and length > 0 else None)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from lorakit.errors import LorakitError
-from lorakit.serve.adapter_info import task_labels, task_max_length
+from lorakit.serve.adapter_info import task_facts
 from lorakit.serve.confine import PathForbidden, copy_confined, resolve_under, shown
 
 BASE = "base"
@@ -203,8 +203,7 @@ class AdapterRegistry:
                                   f"DELETE /v1/adapters/{name} first")
         real = self.resolve_path(path, trusted=trusted)
         # clients see a path relative to the root; a command-line adapter without a root, its folder's name
-        inside = self.adapter_root is not None and real.is_relative_to(self.adapter_root)
-        entry = AdapterEntry(name=name, path=real, shown=shown(real, self.adapter_root) if inside else real.name,
+        entry = AdapterEntry(name=name, path=real, shown=shown(real, self.adapter_root) if self.adapter_root else real.name,
                              trusted=trusted)
         if load:
             self._check_loadable(entry)  # before _make_room: a broken file must not evict another's adapter
@@ -219,7 +218,7 @@ class AdapterRegistry:
                 except Exception as err:  # noqa: BLE001 - any unreadable file is the user's error
                     raise AdapterLoadError(self._scrub(f"adapter {name!r} from {entry.shown} cannot be read: {err}",
                                                        entry, folder)) from None
-                entry.labels, entry.max_length = task_labels(folder), task_max_length(folder)
+                entry.labels, entry.max_length = task_facts(folder)
         with self._lock:
             self._entries[name] = entry
         if old is not None:
@@ -264,8 +263,7 @@ class AdapterRegistry:
         if entry is None:
             raise self.unknown(name)
         if entry.slot is None:
-            if len(self._resident) >= self.max_loaded:
-                self._check_loadable(entry)  # its files may have changed since: fail before evicting another
+            self._check_loadable(entry)  # its files may have changed since: fail before evicting another
             if not self._make_room():
                 return None
             self._load(entry)
@@ -324,8 +322,7 @@ class AdapterRegistry:
                 message = self._scrub(f"adapter {entry.name!r} from {entry.shown} failed to load: {err}", entry, folder)
                 raise AdapterLoadError(message.replace(repr(slot), repr(entry.name))
                                        .replace(slot, entry.name)) from None
-            entry.labels, entry.max_length = task_labels(folder), task_max_length(folder)
-        _refuse_non_finite(self.model, slot, entry)
+            entry.labels, entry.max_length = task_facts(folder)
         entry.last_load_s = time.perf_counter() - start
         entry.loads += 1
         entry.slot = slot
@@ -376,20 +373,3 @@ def _existing_root(path: str | Path) -> Path:
     if not root.is_dir():
         raise LorakitError(f"--adapter-root {path} is not a folder; give the folder that holds the adapter folders")
     return root
-
-
-def _refuse_non_finite(model, slot: str, entry: AdapterEntry) -> None:
-    """Unload and refuse an adapter whose weights hold NaN or infinity: every request
-    through it would produce non-finite logits."""
-    import torch
-
-    from lorakit.io import adapter_state_dict
-    from lorakit.model import delete_adapter
-
-    bad = [key for key, tensor in adapter_state_dict(model, slot).items()
-           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-    if bad:
-        delete_adapter(model, slot)
-        raise AdapterLoadError(f"adapter {entry.name!r} from {entry.shown} holds NaN or infinite weights "
-                               f"({len(bad)} tensors, e.g. {bad[0].replace(slot, entry.name)}); "
-                               "every answer through it would be broken: retrain or re-save it")
