@@ -112,3 +112,75 @@ def test_streamed_choices_and_usage_when_asked(client, toy):
     assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
     plain = list(client.completions.create(model="task0", prompt="fox", max_tokens=3, temperature=0, stream=True))
     assert all(getattr(c, "usage", None) is None for c in plain)  # not asked: no usage chunk
+
+
+def prompt_reference(toy, adapter: str, prompt_ids: list[int], k: int) -> list[tuple]:
+    """``(logprob, [(id, logprob)] * k)`` of each prompt token after the first, by hand (one full forward)."""
+    model = toy["refs"].model(toy["root"] / adapter)
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(model(input_ids=torch.tensor([prompt_ids])).logits[0].double(), -1)
+    rows = []
+    for t in range(1, len(prompt_ids)):
+        values, top = torch.topk(logprobs[t - 1], k)
+        rows.append((float(logprobs[t - 1, prompt_ids[t]]), list(zip(top.tolist(), values.tolist()))))
+    return rows
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_a_loglikelihood_evaluation_asks(client, toy):
+    # what lm-eval-harness's local-completions sends for a loglikelihood request: token ids,
+    # echo, logprobs 1, max_tokens 1, temperature 0; it sums token_logprobs[ctxlen:-1]
+    tokenizer = toy["tokenizer"]
+    context, continuation = tokenizer.encode(PROMPTS[0]), tokenizer.encode(" jumps over", add_special_tokens=False)
+    ids = context + continuation
+    answer = client.completions.create(model="task1", prompt=[ids, tokenizer.encode(PROMPTS[1])], max_tokens=1,
+                                       temperature=0, logprobs=1, echo=True)
+    logprobs = answer.choices[0].logprobs
+    reference = prompt_reference(toy, "task1", ids, 1)
+    assert len(logprobs.token_logprobs) == len(ids) + 1  # the prompt's tokens, then the one generated
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None  # nothing precedes it
+    assert logprobs.token_logprobs[1:len(ids)] == pytest.approx([lp for lp, _ in reference], abs=1e-4)
+    for got, (_, top) in zip(logprobs.top_logprobs[1:len(ids)], reference):
+        assert list(got) == [tokenizer.decode([t]) for t, _ in top]
+    loglikelihood = sum(logprobs.token_logprobs[len(context):-1])
+    assert loglikelihood == pytest.approx(sum(lp for lp, _ in reference[len(context) - 1:]), abs=1e-3)
+    assert answer.choices[0].text.startswith(tokenizer.decode(ids))
+    assert answer.choices[1].text.startswith(PROMPTS[1])  # the other prompt, echoed as given
+    alone = client.completions.create(model="task1", prompt=ids, max_tokens=0, logprobs=0, echo=True)
+    assert alone.choices[0].text == tokenizer.decode(ids) and alone.usage.completion_tokens == 0
+    assert alone.choices[0].logprobs.token_logprobs[1:] == pytest.approx(logprobs.token_logprobs[1:len(ids)], abs=1e-5)
+    assert alone.choices[0].finish_reason == "length"
+
+
+def test_echo_streams_the_prompt_first_and_matches_the_whole_answer(client):
+    whole = client.completions.create(model="task0", prompt=PROMPTS[2], max_tokens=5, temperature=0, echo=True,
+                                      logprobs=2)
+    chunks = list(client.completions.create(model="task0", prompt=PROMPTS[2], max_tokens=5, temperature=0,
+                                            echo=True, logprobs=2, stream=True))
+    assert chunks[0].choices[0].text == PROMPTS[2]
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    streamed = [lp for c in chunks if c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+    expected = whole.choices[0].logprobs.token_logprobs
+    assert streamed[0] is None and expected[0] is None and streamed[1:] == pytest.approx(expected[1:], abs=1e-6)
+    plain = client.completions.create(model="task0", prompt=PROMPTS[2], max_tokens=5, temperature=0)
+    assert whole.choices[0].text == PROMPTS[2] + plain.choices[0].text
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"max_tokens": 0}, "only with echo"),
+    ({"best_of": 3}, "best_of 3 is not supported"),
+    ({"suffix": " the end"}, "suffix"),
+])
+def test_what_completions_do_not_do_is_refused_not_ignored(client, extra, words):
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        client.completions.create(model="task0", prompt="fox", **{"max_tokens": 3, **extra})
+    assert words in err.value.body["message"]
+    assert client.completions.create(model="task0", prompt="fox", max_tokens=2, best_of=1).choices  # best_of = n
+
+
+def test_one_model_is_retrieved_by_name_and_an_unknown_one_is_a_404(client, toy):
+    card = client.models.retrieve("task0")
+    assert card.id == "task0" and card.object == "model" and card.owned_by == "lorakit"
+    assert client.models.retrieve("base").id == "base"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("nope")
+    assert "not found" in err.value.body["message"] and "task0" in err.value.body["message"]

@@ -82,3 +82,21 @@ def test_each_task_refuses_the_verb_of_the_other_kind(tiny):
         get_task("text").predict(None, None, ["x"], None, 8)
     with pytest.raises(LorakitError, match="generate needs a language-model adapter; .* use lorakit predict"):
         get_task("classify").generate(None, None, ["x"], 8)
+
+
+def test_generate_fits_the_answer_into_a_model_of_learned_positions():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tiny_training import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=24, n_embd=16, n_layer=1, n_head=2,
+                                       eos_token_id=999)).eval()  # an eos it never generates: runs to the limit
+    task = get_task("text")
+    with pytest.warns(UserWarning, match="--max-new-tokens 100 does not fit this model's 24 positions after a "
+                                         "10-token prompt; generating at most 14"):
+        [answer] = task.generate(model, tokenizer, ["0123456789"], 100)  # an IndexError past position 24 before
+    assert len(tokenizer(answer)["input_ids"]) <= 14
+    with pytest.raises(LorakitError, match="the prompt has 30 tokens and this model takes at most 24"):
+        task.generate(model, tokenizer, ["x" * 30], 5)

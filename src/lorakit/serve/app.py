@@ -1,6 +1,7 @@
 """The HTTP application: an OpenAI-compatible API over a :class:`~lorakit.serve.service.Service`.
 
-Routes: ``GET /health`` and ``GET /metrics`` (open), ``GET /v1/models``,
+Routes: ``GET /health`` and ``GET /metrics`` (open), ``GET /v1/models`` (and one model's card,
+``GET /v1/models/{id}``),
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` answers with
 server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``),
 ``POST /v1/classify``, and the adapter routes of :mod:`lorakit.serve.admin`
@@ -88,8 +89,7 @@ def create_app(service: Service, access: Access | None = None) -> FastAPI:
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    @app.get("/v1/models")
-    async def models():
+    def model_cards() -> list[dict]:
         created = schemas.now()
         data = [{"id": BASE, "object": "model", "created": created, "owned_by": "lorakit", "parent": None,
                  "root": service.model_name}]
@@ -97,7 +97,18 @@ def create_app(service: Service, access: Access | None = None) -> FastAPI:
             data.append({"id": a["name"], "object": "model", "created": created, "owned_by": "lorakit",
                          "parent": BASE, "root": service.model_name, "resident": a["resident"],
                          "loads": a["loads"]})
-        return {"object": "list", "data": data}
+        return data
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": model_cards()}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):  # OpenAI's "retrieve model"; 404 in its shape for an unknown one
+        card = next((c for c in model_cards() if c["id"] == model_id), None)
+        if card is None:
+            return error_response(service.registry.unknown(model_id))
+        return card
 
     @app.post("/v1/completions")
     async def completions(body: schemas.CompletionRequest, request: Request):

@@ -34,19 +34,21 @@ import torch
 from lorakit.errors import LorakitError
 from lorakit.heap import release_freed_memory
 from lorakit.serve.detokenize import TextStream
+from lorakit.serve.held import HeldRows, eos_ids
 from lorakit.serve.kv import BatchCache
 from lorakit.serve.registry import BASE, AdapterEntry, AdapterRegistry
-from lorakit.serve.sampling import Sampler, TokenLogprob, pick_tokens, token_logprob
+from lorakit.serve.sampling import Sampler, TokenLogprob, pick_tokens, prompt_logprobs, token_logprob
 
 log = logging.getLogger("lorakit.serve")
 
 
 @dataclass
 class Event:
-    """What the engine reports about a request: ``kind`` is "text", "done" or "error".
+    """What the engine reports about a request: ``kind`` is "prompt", "text", "done" or "error".
 
     ``logprobs`` (only when the request asked for them) are those of the tokens whose
-    text this event completes; a "done" event carries the tokens not reported yet.
+    text this event completes; a "done" event carries the tokens not reported yet. A
+    "prompt" event (only for ``echo``) comes first and carries the prompt's own tokens.
     """
 
     kind: str
@@ -70,6 +72,8 @@ class GenerationRequest:
         logprobs: None for no log-probabilities; k >= 0 to report each token's and the
             top k alternatives'.
         ignore_eos: go on past an end-of-sequence token, to ``max_tokens`` or a stop string.
+        echo: report the prompt first (a "prompt" event, with its tokens' logprobs when
+            ``logprobs`` is set); ``max_tokens`` may then be 0, for the prompt alone.
     """
 
     prompt_ids: list[int]
@@ -80,6 +84,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None
     ignore_eos: bool = False
+    echo: bool = False
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -120,7 +125,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.registry = registry
         self.max_batch = max_batch
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_ids(model, tokenizer)
         self.device = next(model.parameters()).device
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[GenerationRequest] = deque()
@@ -128,7 +133,7 @@ class Engine:
         self._queued_lock = threading.Lock()
         self._rows: list[_Row] = []
         self._batch = BatchCache(getattr(model, "config", None))
-        self._held = _HeldRows(model)
+        self._held = HeldRows(model)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.tokens_generated = 0
@@ -268,14 +273,23 @@ class Engine:
         caches, lengths, joined = [], [], []
         for length, group in by_length.items():
             ids = torch.tensor([row.request.prompt_ids for row in group], device=self.device)
+            scored = any(row.request.echo and row.request.logprobs is not None for row in group)
             with torch.inference_mode(), self._adapters([row.slot for row in group]):
-                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=0 if scored else 1)
             logits = out.logits[:, -1, :]
             tokens = pick_tokens(logits, [row.request.sampler for row in group])
             caches.append(out.past_key_values)
             lengths.extend([length] * len(group))
             for i, (row, token) in enumerate(zip(group, tokens)):
-                self._accept(row, token, logits[i])
+                request = row.request
+                if request.echo:
+                    entries = [] if request.logprobs is None else prompt_logprobs(
+                        out.logits[i], request.prompt_ids, request.logprobs)
+                    request.on_event(Event("prompt", logprobs=entries))
+                if request.max_tokens == 0:  # echo alone: the prompt, nothing generated
+                    row.finish_reason = "length"
+                else:
+                    self._accept(row, token, logits[i])
             joined.extend(group)
         self._batch.add_rows(caches, lengths)
         self._rows.extend(joined)
@@ -360,41 +374,3 @@ class Engine:
         request.on_event(Event("done", text=row.stream.text, finish_reason=row.finish_reason,
                                prompt_tokens=len(request.prompt_ids), completion_tokens=row.generated,
                                logprobs=row.logprobs))
-
-
-class _HeldRows:
-    """One ``per_row_adapters`` context kept open across decode steps while the rows
-    stay the same, so a step does not pay for entering it again. It must be closed
-    before adapters are loaded or unloaded, and before a prefill (which has its own rows)."""
-
-    def __init__(self, model):
-        self.model = model
-        self.slots: tuple | None = None
-        self.context = None
-
-    def use(self, slots: list[str | None]) -> None:
-        if tuple(slots) == self.slots:
-            return
-        from lorakit.per_row import per_row_adapters
-
-        self.close()
-        context = per_row_adapters(self.model, slots)
-        context.__enter__()
-        self.context, self.slots = context, tuple(slots)
-
-    def close(self) -> None:
-        if self.context is not None:
-            context, self.context, self.slots = self.context, None, None
-            context.__exit__(None, None, None)
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    """Token ids that end an answer: the tokenizer's EOS and the generation config's."""
-    ids: set[int] = set()
-    for value in (getattr(tokenizer, "eos_token_id", None),
-                  getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids

@@ -73,7 +73,8 @@ class CompletionFormat(_Format):
             at += len(token)
         self.offsets[index] = at
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{self.token_text(t): lp for t, lp in e.top} for e in entries],
+                "top_logprobs": [None if e.logprob is None else {self.token_text(t): lp for t, lp in e.top}
+                                 for e in entries],
                 "text_offset": offsets}
 
 

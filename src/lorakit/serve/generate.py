@@ -39,11 +39,14 @@ async def complete(service: Service, metrics, http: Request, body: schemas._Samp
     prompts = None if chat else body.prompts()
     service.check_room(body.n * (1 if chat else len(prompts)))  # before the tokenizer's work: a full queue answers at once
     await service.ensure_model(body.model)
+    echoes = None
     if chat:
         ids = [await asyncio.to_thread(service.encode_chat, [m.as_dict() for m in body.messages])]
     else:
         ids = await asyncio.to_thread(lambda: [service.encode_prompt(prompt) for prompt in prompts])
-    return await _generate(service, metrics, http, body, ids, chat)
+        if body.echo:  # each prompt as given; token ids as their text
+            echoes = [p if isinstance(p, str) else service.tokenizer.decode(i) for p, i in zip(prompts, ids)]
+    return await _generate(service, metrics, http, body, ids, chat, echoes)
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
@@ -55,8 +58,9 @@ def choice_seed(seed: int | None, index: int) -> int | None:
 
 
 async def _generate(service: Service, metrics, http: Request, body: schemas._Sampling, prompts: list[list[int]],
-                    chat: bool):
-    """Generate ``n`` choices for each prompt (token ids); choice ``i * n + j`` is prompt ``i``'s ``j``-th."""
+                    chat: bool, echoes: list[str] | None = None):
+    """Generate ``n`` choices for each prompt (token ids); choice ``i * n + j`` is prompt ``i``'s ``j``-th.
+    ``echoes``: each prompt's text, for ``echo`` (every choice then starts with its prompt)."""
     longest = max(prompts, key=len)
     if body.max_tokens is None:  # OpenAI's defaults: 16 for completions, "as long as fits" for chat
         room = service.limits.context - len(longest)
@@ -68,10 +72,12 @@ async def _generate(service: Service, metrics, http: Request, body: schemas._Sam
                 for _ in prompts for j in range(body.n)]
     k = body.logprobs_k()
     requests, events = service.submit([ids for ids in prompts for _ in range(body.n)], body.model, max_tokens,
-                                      samplers, body.stop, logprobs=k, ignore_eos=body.ignore_eos)
+                                      samplers, body.stop, logprobs=k, ignore_eos=body.ignore_eos,
+                                      echo=echoes is not None)
     timeout = service.limits.request_timeout
     run = _Run(service, metrics, body, requests, events,
                None if timeout is None else asyncio.get_running_loop().time() + timeout)
+    run.echoes = None if echoes is None else [text for text in echoes for _ in range(body.n)]
     fmt_type = ChatFormat if chat else CompletionFormat
     fmt = fmt_type(body.model, service.token_text, logprobs=k is not None, include_usage=body.include_usage)
     prompt_tokens = sum(len(ids) for ids in prompts)
@@ -112,6 +118,7 @@ class _Run:
         self.service, self.metrics, self.body = service, metrics, body
         self.requests, self.events, self.deadline = requests, events, deadline
         self.started = time.perf_counter()
+        self.echoes: list[str] | None = None  # choice i's prompt text, for echo
         self.first_at: dict[int, float] = {}
         self.last_at: dict[int, float] = {}
 
@@ -154,6 +161,8 @@ class _Run:
                 logprobs[index].extend(event.logprobs)
                 if event.kind == "text":
                     texts[index].append(event.text)
+                elif event.kind == "prompt":  # echo: comes before the choice's text
+                    texts[index].append(self.echoes[index])
                 else:
                     done[index] = event
             if len(done) == len(self.requests):
@@ -183,6 +192,8 @@ async def _sse(run: _Run, first: tuple[int, Event], fmt, prompt_tokens: int):
         while True:
             if event.kind == "text":
                 yield _data(fmt.chunk(index, event.text, event.logprobs))
+            elif event.kind == "prompt":
+                yield _data(fmt.chunk(index, run.echoes[index], event.logprobs))
             elif event.kind == "done":
                 yield _data(fmt.chunk(index, None, event.logprobs, event.finish_reason))
                 finished += 1

@@ -107,12 +107,13 @@ class TokenLogprob:
 
     Attributes:
         token: the token id chosen.
-        logprob: its natural-log probability under the model (before temperature and top-p).
+        logprob: its natural-log probability under the model (before temperature and top-p);
+            None for a prompt's first token, which nothing precedes.
         top: ``(token id, logprob)`` of the ``k`` most likely tokens, most likely first.
     """
 
     token: int
-    logprob: float
+    logprob: float | None
     top: list[tuple[int, float]]
 
 
@@ -128,3 +129,13 @@ def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
         values, ids = torch.topk(logprobs, min(k, logprobs.shape[-1]))
         top = list(zip(ids.tolist(), values.tolist()))
     return TokenLogprob(token=token, logprob=float(logprobs[token]), top=top)
+
+
+def prompt_logprobs(logits: torch.Tensor, ids: list[int], k: int) -> list[TokenLogprob]:
+    """Each prompt token's log-probability given the tokens before it, and the top ``k`` there
+    (``echo`` with ``logprobs``, as a loglikelihood evaluation asks). ``logits: (len(ids), vocab)``
+    are the prompt's own, position t predicting token t + 1; the first token has no logprob."""
+    entries = [TokenLogprob(token=ids[0], logprob=None, top=[])]
+    for t in range(1, len(ids)):
+        entries.append(token_logprob(logits[t - 1], ids[t], k))
+    return entries

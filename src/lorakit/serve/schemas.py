@@ -15,7 +15,8 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator,
+                      model_validator)
 
 MAX_N = 16  # choices per request
 
@@ -100,6 +101,22 @@ class CompletionRequest(_Sampling):
 
     prompt: str | list
     logprobs: StrictInt | None = Field(default=None, ge=0, le=5, description="top alternatives per token")
+    max_tokens: StrictInt | None = Field(default=None, ge=0, description="tokens to generate at most (0: echo alone)")
+    echo: StrictBool = Field(default=False, description="the prompt first, with its tokens' logprobs when asked")
+    best_of: StrictInt | None = Field(default=None, ge=1, description="accepted when equal to n")
+    suffix: Text | None = None
+
+    @model_validator(mode="after")
+    def _what_is_not_done(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing; it is allowed only with echo (for the prompt's "
+                             "logprobs); ask for 1 or more")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of {self.best_of} is not supported (it must equal n, {self.n}); ask for n "
+                             "choices with logprobs and pick among them")
+        if self.suffix:
+            raise ValueError("suffix (text after the completion) is not supported; send the prompt alone")
+        return self
 
     @field_validator("prompt", mode="before")
     @classmethod

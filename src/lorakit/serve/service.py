@@ -164,7 +164,7 @@ class Service:
 
     def submit(self, prompt_ids: list[int] | list[list[int]], adapter: str, max_tokens: int,
                samplers: list[Sampler], stop: list[str], logprobs: int | None = None,
-               ignore_eos: bool = False) -> tuple[list[GenerationRequest], asyncio.Queue]:
+               ignore_eos: bool = False, echo: bool = False) -> tuple[list[GenerationRequest], asyncio.Queue]:
         """Queue one generation per sampler (``n`` choices); their events arrive on the
         returned asyncio queue as ``(choice index, Event)``. ``prompt_ids`` is one prompt
         for every sampler, or one prompt per sampler (a list of id lists, as long as ``samplers``).
@@ -188,7 +188,7 @@ class Service:
         per_sampler = bool(prompt_ids) and isinstance(prompt_ids[0], list)
         requests = [GenerationRequest(prompt_ids=prompt_ids[i] if per_sampler else prompt_ids, adapter=adapter,
                                       max_tokens=max_tokens, on_event=deliver_to(i), sampler=sampler, stop=stop,
-                                      logprobs=logprobs, ignore_eos=ignore_eos)
+                                      logprobs=logprobs, ignore_eos=ignore_eos, echo=echo)
                     for i, sampler in enumerate(samplers)]
         for request in requests:
             self.engine.submit(request)

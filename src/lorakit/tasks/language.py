@@ -8,6 +8,7 @@ trained) or plain text. Loss: cross-entropy per trained token; metric: that loss
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -18,6 +19,8 @@ from lorakit.chunked_loss import causal_lm_loss
 from lorakit.data.encode import Encoded
 from lorakit.data.readers import language_model_records, lm_checker
 from lorakit.data.stream import RecordStream
+from lorakit.errors import LorakitError
+from lorakit.model_kinds import position_limit
 from lorakit.tasks.base import Task
 
 NO_CUT = 1 << 30  # a max length that cuts nothing
@@ -82,10 +85,25 @@ class LanguageModelTask(Task):
             text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                  add_generation_prompt=True) if chat else prompt
             ids = tokenizer(text, add_special_tokens=not chat, return_tensors="pt")["input_ids"].to(device)
+            new_tokens = _room(model, ids.shape[1], max_new_tokens)
             output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+                                    max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
             answers.append(tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip())
         return answers
+
+
+def _room(model, prompt_tokens: int, max_new_tokens: int) -> int:
+    """``max_new_tokens``, or fewer where a model with learned positions (GPT-2's 1,024) has no
+    room for them after the prompt (a warning says so); a prompt that fills it is refused."""
+    limit = position_limit(model)
+    if limit is None or prompt_tokens + max_new_tokens <= limit:
+        return max_new_tokens
+    if prompt_tokens >= limit:
+        raise LorakitError(f"the prompt has {prompt_tokens} tokens and this model takes at most {limit}; "
+                           "shorten the prompt")
+    warnings.warn(f"--max-new-tokens {max_new_tokens} does not fit this model's {limit} positions after a "
+                  f"{prompt_tokens}-token prompt; generating at most {limit - prompt_tokens}", stacklevel=2)
+    return limit - prompt_tokens
 
 
 def load_causal_lm(spec: str, labels):

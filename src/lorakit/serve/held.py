@@ -1,0 +1,42 @@
+"""What the engine keeps between decode steps besides the cache: the per-row adapter context
+of the running rows (:class:`HeldRows`) and the tokens that end an answer (:func:`eos_ids`)."""
+
+from __future__ import annotations
+
+
+class HeldRows:
+    """One ``per_row_adapters`` context kept open across decode steps while the rows
+    stay the same, so a step does not pay for entering it again. It must be closed
+    before adapters are loaded or unloaded, and before a prefill (which has its own rows)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.slots: tuple | None = None
+        self.context = None
+
+    def use(self, slots: list[str | None]) -> None:
+        if tuple(slots) == self.slots:
+            return
+        from lorakit.per_row import per_row_adapters
+
+        self.close()
+        context = per_row_adapters(self.model, slots)
+        context.__enter__()
+        self.context, self.slots = context, tuple(slots)
+
+    def close(self) -> None:
+        if self.context is not None:
+            context, self.context, self.slots = self.context, None, None
+            context.__exit__(None, None, None)
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """Token ids that end an answer: the tokenizer's EOS and the generation config's."""
+    ids: set[int] = set()
+    for value in (getattr(tokenizer, "eos_token_id", None),
+                  getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
