@@ -266,16 +266,18 @@ class Engine:
                         self._retire(row, error=err)
 
     def _prefill(self, rows: list[_Row]) -> None:
-        """Run new prompts (equal lengths together), sample their first token, add them to the batch."""
-        by_length: dict[int, list[_Row]] = defaultdict(list)
+        """Run new prompts (equal lengths together), sample their first token, add them to the batch.
+        A prompt whose every token is scored (echo with logprobs) runs alone: its logits are
+        ``(length, vocab)``, so one request's memory does not grow with the others'."""
+        by_length: dict[tuple, list[_Row]] = defaultdict(list)
         for row in rows:
-            by_length[len(row.request.prompt_ids)].append(row)
+            scored = row.request.echo and row.request.logprobs is not None
+            by_length[len(row.request.prompt_ids), id(row) if scored else None].append(row)
         caches, lengths, joined = [], [], []
-        for length, group in by_length.items():
+        for (length, scored), group in by_length.items():
             ids = torch.tensor([row.request.prompt_ids for row in group], device=self.device)
-            scored = any(row.request.echo and row.request.logprobs is not None for row in group)
             with torch.inference_mode(), self._adapters([row.slot for row in group]):
-                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=0 if scored else 1)
+                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1 if scored is None else 0)
             logits = out.logits[:, -1, :]
             tokens = pick_tokens(logits, [row.request.sampler for row in group])
             caches.append(out.past_key_values)
