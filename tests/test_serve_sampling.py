@@ -4,7 +4,7 @@ logits failing alone, log-probabilities."""
 import pytest
 import torch
 
-from lorakit.serve.sampling import NonFiniteLogits, Sampler, nucleus, pick_tokens, token_logprob
+from lorakit.serve.sampling import NonFiniteLogits, Sampler, nucleus, pick_tokens, prompt_logprobs, token_logprob
 
 
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
@@ -51,3 +51,20 @@ def test_token_logprobs_are_the_raw_log_softmax_and_its_top_k():
     assert entry.token == 2 and abs(entry.logprob - float(expected[2])) < 1e-6
     assert [t for t, _ in entry.top] == [1, 2] and abs(entry.top[0][1] - float(expected[1])) < 1e-6
     assert token_logprob(logits, 0, 0).top == []
+
+
+def test_prompt_logprobs_score_each_token_given_the_ones_before_it():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, 0.0, -1.0], [9.0, 9.0, 9.0]])  # position t predicts token t + 1
+    entries = prompt_logprobs(logits, [2, 1, 0], 1)
+    assert entries[0].token == 2 and entries[0].logprob is None and entries[0].top == []
+    expected = torch.log_softmax(logits, -1)
+    assert [e.token for e in entries] == [2, 1, 0]
+    assert entries[1].logprob == pytest.approx(float(expected[0, 1])) and entries[1].top[0][0] == 1
+    assert entries[2].logprob == pytest.approx(float(expected[1, 0])) and entries[2].top[0][0] == 0
+    broken = logits.clone()
+    broken[1, 2] = float("nan")
+    with pytest.raises(NonFiniteLogits, match="NaN or infinite logits for this prompt"):
+        prompt_logprobs(broken, [2, 1, 0], 1)
+    last = logits.clone()
+    last[2, 0] = float("inf")  # the last position predicts the first generated token: sampling checks it
+    assert len(prompt_logprobs(last, [2, 1, 0], 0)) == 3

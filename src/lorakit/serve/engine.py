@@ -37,7 +37,8 @@ from lorakit.serve.detokenize import TextStream
 from lorakit.serve.held import HeldRows, eos_ids
 from lorakit.serve.kv import BatchCache
 from lorakit.serve.registry import BASE, AdapterEntry, AdapterRegistry
-from lorakit.serve.sampling import Sampler, TokenLogprob, pick_tokens, prompt_logprobs, token_logprob
+from lorakit.serve.sampling import (NonFiniteLogits, Sampler, TokenLogprob, pick_tokens, prompt_logprobs,
+                                    token_logprob)
 
 log = logging.getLogger("lorakit.serve")
 
@@ -284,12 +285,15 @@ class Engine:
             lengths.extend([length] * len(group))
             for i, (row, token) in enumerate(zip(group, tokens)):
                 request = row.request
-                if request.echo:
-                    entries = [] if request.logprobs is None else prompt_logprobs(
-                        out.logits[i], request.prompt_ids, request.logprobs)
-                    request.on_event(Event("prompt", logprobs=entries))
-                if request.max_tokens == 0:  # echo alone: the prompt, nothing generated
-                    row.finish_reason = "length"
+                if request.echo and not isinstance(token, Exception):
+                    try:
+                        entries = [] if request.logprobs is None else prompt_logprobs(
+                            out.logits[i], request.prompt_ids, request.logprobs)
+                        request.on_event(Event("prompt", logprobs=entries))
+                    except NonFiniteLogits as err:  # the row fails alone, as in sampling
+                        token = err
+                if request.max_tokens == 0 and not isinstance(token, Exception):
+                    row.finish_reason = "length"  # echo alone: the prompt, nothing generated
                 else:
                     self._accept(row, token, logits[i])
             joined.extend(group)

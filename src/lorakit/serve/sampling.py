@@ -134,7 +134,14 @@ def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
 def prompt_logprobs(logits: torch.Tensor, ids: list[int], k: int) -> list[TokenLogprob]:
     """Each prompt token's log-probability given the tokens before it, and the top ``k`` there
     (``echo`` with ``logprobs``, as a loglikelihood evaluation asks). ``logits: (len(ids), vocab)``
-    are the prompt's own, position t predicting token t + 1; the first token has no logprob."""
+    are the prompt's own, position t predicting token t + 1; the first token has no logprob.
+
+    Raises:
+        NonFiniteLogits: some of the prompt's logits are NaN or infinite.
+    """
+    if not bool(torch.isfinite(logits[: len(ids) - 1]).all()):
+        raise NonFiniteLogits("the model produced NaN or infinite logits for this prompt; "
+                              "its adapter's weights are likely broken: reload it from a good file")
     entries = [TokenLogprob(token=ids[0], logprob=None, top=[])]
     for t in range(1, len(ids)):
         entries.append(token_logprob(logits[t - 1], ids[t], k))
