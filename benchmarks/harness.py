@@ -324,6 +324,20 @@ def _child(spec: str) -> None:
 # ---------------------------------------------------------------------- models and inputs
 
 
+def shared_copy(model):
+    """A copy of ``model``'s modules that holds the very same parameter and buffer tensors, for the
+    contenders that never write the frozen weights. Two separate copies of one model can run its
+    GEMMs a few percent apart on a CPU (their pages lie elsewhere: measured 3 points on SmolLM2 at
+    1×128, BENCHMARKS.md), which is the copy's doing, not the method's; contenders that share the
+    weights compare the methods alone. A contender that writes them (merged, full fine-tuning) gets
+    a copy of its own."""
+    import copy
+    import itertools
+
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
 def tiny_classifier(seed: int = 0):
     """A 2-layer random BERT classifier (hidden 32) with the module names of the real one."""
     from transformers import BertConfig, BertForSequenceClassification

@@ -2,8 +2,9 @@
 
 The embedded SmolLM2-135M in fp32, LoRA rank 8 on every linear layer of the blocks
 (210 layers; B non-zero so nothing is skipped), one forward of ``batch × 128`` tokens
-under ``torch.inference_mode``, batch 1 and 16 (issue 7, item 3). Contenders alternate
-(each a model copy of its own) and the median after warm-up counts.
+under ``torch.inference_mode``, batch 1 and 16 (issue 7, item 3). Contenders alternate and
+the median after warm-up counts; the unmerged ones read the base's very weight tensors
+(:func:`benchmarks.harness.shared_copy`), the merged ones, which write them, copies of their own.
 
 The unmerged overhead is set beside its FLOP floor: the adapter path adds ``r(d+k)``
 multiply-adds per token to the ``d·k`` of each adapted ``W`` (LoRA §4.1), so
@@ -43,7 +44,8 @@ def contenders(base, targets="all-linear") -> dict:
     models = {"base": base}
     names = LORAKIT + (("lorakit_compiled",) if harness.compile_enabled() else ())
     for name in names:
-        model = attach(copy.deepcopy(base), LoraConfig(r=RANK, alpha=16, target_modules=targets, init="random"))
+        own = copy.deepcopy(base) if name == "lorakit_merged" else harness.shared_copy(base)  # merging writes W
+        model = attach(own, LoraConfig(r=RANK, alpha=16, target_modules=targets, init="random"))
         if name == "lorakit_merged":
             merge(model)
         if name == "lorakit_unfused":
@@ -53,7 +55,7 @@ def contenders(base, targets="all-linear") -> dict:
         models[name] = model
     for name in ("peft_unmerged", "peft_merged"):
         config = peft.LoraConfig(r=RANK, lora_alpha=16, target_modules=targets, init_lora_weights=False)
-        model = peft.get_peft_model(copy.deepcopy(base), config)
+        model = peft.get_peft_model(copy.deepcopy(base) if name == "peft_merged" else harness.shared_copy(base), config)
         if name == "peft_merged":
             model.merge_adapter()
         models[name] = model

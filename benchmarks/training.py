@@ -18,7 +18,8 @@ LoRA step must cost at least, plus the adapters' own small matmuls), and, unless
 ``LORAKIT_BENCH_COMPILE=0``, ``lorakit_compiled`` (the lorakit model under ``torch.compile``;
 its compilation is in the warm-up, not in the times).
 Time: the contenders live in one process and alternate step by step; the median
-after warm-up counts. Memory: each contender alone in a fresh process (see
+after warm-up counts. They share the frozen weights' tensors (:func:`benchmarks.harness.shared_copy`;
+full fine-tuning, which writes them, has its own copy). Memory: each contender alone in a fresh process (see
 :func:`benchmarks.harness.peak_memory`), ``added_mb`` being what the steps add to the
 loaded model (activations kept for backward, gradients, AdamW state).
 ``python -m benchmarks training [--quick]``.
@@ -91,7 +92,10 @@ def wrap(model, case: str, contender: str):
 
 def setup(case: str, contender: str, quick: bool, model=None):
     """Build one contender; return its step function (no arguments, returns the loss)."""
-    model = copy.deepcopy(model) if model is not None else _model(case, quick)
+    if model is not None:  # every contender but full fine-tuning reads the very same frozen weights
+        model = copy.deepcopy(model) if contender == "full" else harness.shared_copy(model)
+    else:
+        model = _model(case, quick)
     model = wrap(model.to(harness.device()), case, contender).train()
     batch = _batch(case, model, quick)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -165,3 +165,24 @@ def test_training_goals_are_judged_on_each_rounds_ratio():
     assert training._goals(result, "smollm2")[1] == "**no**"
     del case["step_all_ms"]  # an older result without its rounds: the ratio of medians
     assert training._goals(result, "smollm2")[1] == "**no**"
+
+
+def test_contenders_that_only_read_the_weights_share_them_and_merging_writes_a_copy_of_its_own():
+    import torch
+
+    from benchmarks.inference import contenders
+
+    base = harness.tiny_causal_lm()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    models = contenders(harness.shared_copy(base))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    pointer = base.state_dict()[q].data_ptr()
+    import re
+
+    pattern = re.compile(r".*layers\.0\.self_attn\.q_proj\.(base_layer\.)?weight")  # PEFT keeps W in base_layer
+    weights = {name: next(p for n, p in m.named_parameters() if pattern.fullmatch(n)) for name, m in models.items()}
+    shared = {name for name, w in weights.items() if w.data_ptr() == pointer}
+    assert shared == {"base", "lorakit_unmerged", "lorakit_unfused", "peft_unmerged"} | (
+        {"lorakit_compiled"} if "lorakit_compiled" in models else set())
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())  # merging wrote only its copies
+    assert not torch.equal(weights["lorakit_merged"], weights["base"])
