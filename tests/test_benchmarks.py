@@ -168,6 +168,8 @@ def test_training_goals_are_judged_on_each_rounds_ratio():
 
 
 def test_contenders_that_only_read_the_weights_share_them_and_merging_writes_a_copy_of_its_own():
+    import re
+
     import torch
 
     from benchmarks.inference import contenders
@@ -175,10 +177,7 @@ def test_contenders_that_only_read_the_weights_share_them_and_merging_writes_a_c
     base = harness.tiny_causal_lm()
     before = {k: v.clone() for k, v in base.state_dict().items()}
     models = contenders(harness.shared_copy(base))
-    q = "model.layers.0.self_attn.q_proj.weight"
-    pointer = base.state_dict()[q].data_ptr()
-    import re
-
+    pointer = base.state_dict()["model.layers.0.self_attn.q_proj.weight"].data_ptr()
     pattern = re.compile(r".*layers\.0\.self_attn\.q_proj\.(base_layer\.)?weight")  # PEFT keeps W in base_layer
     weights = {name: next(p for n, p in m.named_parameters() if pattern.fullmatch(n)) for name, m in models.items()}
     shared = {name for name, w in weights.items() if w.data_ptr() == pointer}

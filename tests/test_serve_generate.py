@@ -174,7 +174,10 @@ def test_what_completions_do_not_do_is_refused_not_ignored(client, extra, words)
     with pytest.raises(openai.UnprocessableEntityError) as err:
         client.completions.create(model="task0", prompt="fox", **{"max_tokens": 3, **extra})
     assert words in err.value.body["message"]
-    assert client.completions.create(model="task0", prompt="fox", max_tokens=2, best_of=1).choices  # best_of = n
+
+
+def test_best_of_equal_to_n_is_accepted(client):
+    assert len(client.completions.create(model="task0", prompt="fox", max_tokens=2, n=2, best_of=2).choices) == 2
 
 
 def test_one_model_is_retrieved_by_name_and_an_unknown_one_is_a_404(client, toy):

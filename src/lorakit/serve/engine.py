@@ -270,15 +270,15 @@ class Engine:
         """Run new prompts (equal lengths together), sample their first token, add them to the batch.
         A prompt whose every token is scored (echo with logprobs) runs alone: its logits are
         ``(length, vocab)``, so one request's memory does not grow with the others'."""
-        by_length: dict[tuple, list[_Row]] = defaultdict(list)
+        groups: dict[tuple, list[_Row]] = defaultdict(list)  # (length, the row itself when it runs alone)
         for row in rows:
-            scored = row.request.echo and row.request.logprobs is not None
-            by_length[len(row.request.prompt_ids), id(row) if scored else None].append(row)
+            alone = row.request.echo and row.request.logprobs is not None
+            groups[len(row.request.prompt_ids), id(row) if alone else None].append(row)
         caches, lengths, joined = [], [], []
-        for (length, scored), group in by_length.items():
+        for (length, alone), group in groups.items():
             ids = torch.tensor([row.request.prompt_ids for row in group], device=self.device)
             with torch.inference_mode(), self._adapters([row.slot for row in group]):
-                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1 if scored is None else 0)
+                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1 if alone is None else 0)
             logits = out.logits[:, -1, :]
             tokens = pick_tokens(logits, [row.request.sampler for row in group])
             caches.append(out.past_key_values)

@@ -76,8 +76,8 @@ async def _generate(service: Service, metrics, http: Request, body: schemas._Sam
                                       echo=echoes is not None)
     timeout = service.limits.request_timeout
     run = _Run(service, metrics, body, requests, events,
-               None if timeout is None else asyncio.get_running_loop().time() + timeout)
-    run.echoes = None if echoes is None else [text for text in echoes for _ in range(body.n)]
+               None if timeout is None else asyncio.get_running_loop().time() + timeout,
+               None if echoes is None else [text for text in echoes for _ in range(body.n)])
     fmt_type = ChatFormat if chat else CompletionFormat
     fmt = fmt_type(body.model, service.token_text, logprobs=k is not None, include_usage=body.include_usage)
     prompt_tokens = sum(len(ids) for ids in prompts)
@@ -114,11 +114,12 @@ async def _on_disconnect(http: Request, cancel) -> None:
 class _Run:
     """The engine requests of one HTTP request and their events, in arrival order."""
 
-    def __init__(self, service: Service, metrics, body, requests, events: asyncio.Queue, deadline: float | None):
+    def __init__(self, service: Service, metrics, body, requests, events: asyncio.Queue, deadline: float | None,
+                 echoes: list[str] | None = None):
         self.service, self.metrics, self.body = service, metrics, body
         self.requests, self.events, self.deadline = requests, events, deadline
         self.started = time.perf_counter()
-        self.echoes: list[str] | None = None  # choice i's prompt text, for echo
+        self.echoes = echoes  # choice i's prompt text, for echo
         self.first_at: dict[int, float] = {}
         self.last_at: dict[int, float] = {}
 
