@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit.errors import LorakitError
-from lorakit.serve.registry import AdapterConflict, AdapterForbidden, AdapterLoadError, AdapterRegistry, check_name
+from lorakit.serve.registry import (AdapterConflict, AdapterForbidden, AdapterLoadError, AdapterRegistry, UnknownAdapter,
+                                    check_name)
 from lorakit.serve.toy import write_random_adapter
 from serve_helpers import PROMPTS, Server, complete, error_of, make_toy
 
@@ -115,6 +116,27 @@ def test_a_broken_adapter_never_evicts_another_users_resident_one(toy, tmp_path)
     with pytest.raises(AdapterLoadError):
         registry.acquire("b")
     assert resident.slot is not None and later.slot is None
+
+
+def test_a_request_queued_when_its_adapter_is_removed_loads_it_again_on_demand(toy, tmp_path):
+    shutil.copytree(toy["root"] / "task0", tmp_path / "task0")
+    model = _model(toy)
+    registry = AdapterRegistry(model, adapter_root=tmp_path, max_loaded=2, load_on_demand=True)
+    slot = registry.ensure("task0").slot  # the request's check on arrival: registered from its folder
+    weights = {k: v.clone() for k, v in model.state_dict().items() if slot in k}
+    registry.unregister("task0")  # DELETE while the request waits for the engine
+    assert not registry.knows("task0") and not _lora_names(model)
+    entry = registry.acquire("task0")  # admitted: loaded again, as a request arriving now would be
+    assert entry.pins == 1 and registry.is_resident("task0") and entry.loads == 1
+    again = {k.replace(entry.slot, slot): v for k, v in model.state_dict().items() if entry.slot in k}
+    assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
+    plain = AdapterRegistry(_model(toy), adapter_root=tmp_path, max_loaded=2)  # without load on demand
+    plain.register("task0", "task0")
+    plain.unregister("task0")
+    with pytest.raises(UnknownAdapter):
+        plain.acquire("task0")
+    with pytest.raises(LorakitError, match="--load-on-demand needs --adapter-root"):
+        AdapterRegistry(None, load_on_demand=True)
 
 
 def test_a_missing_adapter_root_is_one_clear_error():

@@ -102,14 +102,20 @@ class AdapterRegistry:
         adapter_root: folders of adapters loaded over HTTP must lie under it (symlinks
             resolved); None refuses loading over HTTP.
         max_loaded: most adapters resident at once (>= 1).
+        load_on_demand: a name that is not registered but is a folder directly under the
+            root is registered from it when asked for (:meth:`ensure`, :meth:`acquire`).
     """
 
-    def __init__(self, model, adapter_root: str | Path | None = None, max_loaded: int = 8):
+    def __init__(self, model, adapter_root: str | Path | None = None, max_loaded: int = 8,
+                 load_on_demand: bool = False):
         if max_loaded < 1:
             raise LorakitError(f"--max-loaded must be at least 1, got {max_loaded}")
         self.model = model
         self.adapter_root = _existing_root(adapter_root) if adapter_root else None
         self.max_loaded = max_loaded
+        if load_on_demand and self.adapter_root is None:
+            raise LorakitError("--load-on-demand needs --adapter-root DIR: adapters are loaded from folders under it")
+        self.load_on_demand = load_on_demand
         self.on_load: Callable[[AdapterEntry], None] | None = None  # told of each load (metrics)
         self._entries: dict[str, AdapterEntry] = {}
         self._resident: OrderedDict[str, AdapterEntry] = OrderedDict()  # slot -> entry, LRU first
@@ -154,6 +160,10 @@ class AdapterRegistry:
     def check_known(self, name: str) -> None:
         if name != BASE and name not in self._entries:
             raise self.unknown(name)
+
+    def servable(self, name: str) -> bool:
+        """Whether a request may name ``name``: registered, or loadable on demand."""
+        return name == BASE or self.knows(name) or (self.load_on_demand and self.on_disk(name))
 
     def on_disk(self, name: str) -> bool:
         """Whether ``name`` is a folder directly under the adapter root (load on demand)."""
@@ -238,7 +248,7 @@ class AdapterRegistry:
             entry = self._entries.get(name)
         if entry is not None:
             return entry
-        if not self.on_disk(name):
+        if not (self.load_on_demand and self.on_disk(name)):
             raise self.unknown(name)
         return self.register(name, name, load=True)
 
@@ -256,12 +266,11 @@ class AdapterRegistry:
         """Pin ``name`` for one request, loading it if needed.
 
         Returns None when it is not resident and every resident adapter is pinned (the
-        request waits). Raises :class:`UnknownAdapter` or :class:`AdapterLoadError`.
+        request waits). With load on demand, an adapter removed while its request waited is
+        registered from its folder again, as a request arriving after the removal would be.
+        Raises :class:`UnknownAdapter` or :class:`AdapterLoadError`.
         """
-        with self._lock:
-            entry = self._entries.get(name)
-        if entry is None:
-            raise self.unknown(name)
+        entry = self.ensure(name)
         if entry.slot is None:
             self._check_loadable(entry)  # its files may have changed since: fail before evicting another
             if not self._make_room():

@@ -68,7 +68,7 @@ class Service:
     """The model, tokenizer, adapter registry and engine of one server."""
 
     def __init__(self, model, tokenizer, task: str, model_name: str, registry: AdapterRegistry,
-                 engine: Engine, limits: Limits, load_on_demand: bool = False):
+                 engine: Engine, limits: Limits):
         self.model = model
         self.tokenizer = tokenizer
         self.task = task
@@ -76,7 +76,6 @@ class Service:
         self.registry = registry
         self.engine = engine
         self.limits = limits
-        self.load_on_demand = load_on_demand
         self.stopped = False
         self._calls_waiting = 0  # classify calls queued on the engine thread
         self._calls_lock = threading.Lock()
@@ -139,7 +138,7 @@ class Service:
         thread registers it for the first and finds it registered for the others."""
         if name == BASE or self.registry.knows(name):
             return
-        if not (self.load_on_demand and self.registry.on_disk(name)):
+        if not self.registry.servable(name):
             raise self.registry.unknown(name)
         await asyncio.wrap_future(self.engine.call(lambda: self.registry.ensure(name)))
 
@@ -310,12 +309,10 @@ def build_service(model: str = "default-chat", adapters: dict[str, str] | None =
     """
     from lorakit.models import load_causal_lm, load_classifier
 
-    if load_on_demand and not adapter_root:
-        raise LorakitError("--load-on-demand needs --adapter-root DIR: adapters are loaded from folders under it")
     # the limits and the root are checked before the model loads, so a bad flag fails at once
     limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_queue=max_queue,
                     request_timeout=request_timeout, max_body_bytes=max_body_bytes)
-    registry = AdapterRegistry(None, adapter_root=adapter_root, max_loaded=max_loaded)
+    registry = AdapterRegistry(None, adapter_root=adapter_root, max_loaded=max_loaded, load_on_demand=load_on_demand)
     task = task or detect_task(model)
     if task == CLASSIFY:
         base, tokenizer = load_classifier(model, id2label=_folder_labels(model))
@@ -335,4 +332,4 @@ def build_service(model: str = "default-chat", adapters: dict[str, str] | None =
     for name, path in (adapters or {}).items():
         registry.register(name, path, trusted=True, load=True)
     engine = Engine(base, tokenizer, registry, max_batch=max_batch)
-    return Service(base, tokenizer, task, model, registry, engine, limits, load_on_demand=load_on_demand)
+    return Service(base, tokenizer, task, model, registry, engine, limits)
