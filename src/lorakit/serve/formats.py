@@ -84,10 +84,14 @@ class ChatFormat(_Format):
     object_whole, object_chunk = "chat.completion", "chat.completion.chunk"
     id_prefix = "chatcmpl"
 
+    def __init__(self, *args, role: str = "assistant", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.role = role  # the answer's: the assistant's, or the last message's when it is continued
+
     def heads(self, n: int) -> list[dict]:
-        """The first chunk of each choice: the assistant role, no text yet."""
+        """The first chunk of each choice: the answer's role, no text yet."""
         return [{**self._base(self.object_chunk),
-                 "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "choices": [{"index": i, "delta": {"role": self.role, "content": ""}, "logprobs": None,
                               "finish_reason": None}]} for i in range(n)]
 
     def chunk(self, index: int, text: str | None, entries: list[TokenLogprob], finish_reason: str | None = None) -> dict:
@@ -96,7 +100,7 @@ class ChatFormat(_Format):
         return {**self._base(self.object_chunk), "choices": [choice]}
 
     def choice(self, index: int, text: str, entries: list[TokenLogprob], finish_reason: str) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": self._logprobs(entries),
+        return {"index": index, "message": {"role": self.role, "content": text}, "logprobs": self._logprobs(entries),
                 "finish_reason": finish_reason}
 
     def _logprobs(self, entries: list[TokenLogprob]) -> dict | None:

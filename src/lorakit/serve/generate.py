@@ -41,7 +41,9 @@ async def complete(service: Service, metrics, http: Request, body: schemas._Samp
     await service.ensure_model(body.model)
     echoes = None
     if chat:
-        ids = [await asyncio.to_thread(service.encode_chat, [m.as_dict() for m in body.messages])]
+        ids = [await asyncio.to_thread(service.encode_chat, [m.as_dict() for m in body.messages],
+                                       body.add_generation_prompt, body.continue_final_message)]
+        echoes = None if body.echoed() is None else [body.echoed()]
     else:
         ids = await asyncio.to_thread(lambda: [service.encode_prompt(prompt) for prompt in prompts])
         if body.echo:  # each prompt as given; token ids as their text
@@ -73,13 +75,14 @@ async def _generate(service: Service, metrics, http: Request, body: schemas._Sam
     k = body.logprobs_k()
     requests, events = service.submit([ids for ids in prompts for _ in range(body.n)], body.model, max_tokens,
                                       samplers, body.stop, logprobs=k, ignore_eos=body.ignore_eos,
-                                      echo=echoes is not None)
+                                      echo=echoes is not None and not chat)
     timeout = service.limits.request_timeout
     run = _Run(service, metrics, body, requests, events,
                None if timeout is None else asyncio.get_running_loop().time() + timeout,
-               None if echoes is None else [text for text in echoes for _ in range(body.n)])
-    fmt_type = ChatFormat if chat else CompletionFormat
-    fmt = fmt_type(body.model, service.token_text, logprobs=k is not None, include_usage=body.include_usage)
+               None if echoes is None else [text for text in echoes for _ in range(body.n)], leads=chat)
+    fmt = ChatFormat(body.model, service.token_text, logprobs=k is not None, include_usage=body.include_usage,
+                     role=body.answer_role()) if chat else \
+        CompletionFormat(body.model, service.token_text, logprobs=k is not None, include_usage=body.include_usage)
     prompt_tokens = sum(len(ids) for ids in prompts)
     watcher = asyncio.create_task(_on_disconnect(http, run.cancel))
     streaming = False
@@ -115,11 +118,14 @@ class _Run:
     """The engine requests of one HTTP request and their events, in arrival order."""
 
     def __init__(self, service: Service, metrics, body, requests, events: asyncio.Queue, deadline: float | None,
-                 echoes: list[str] | None = None):
+                 echoes: list[str] | None = None, leads: bool = False):
         self.service, self.metrics, self.body = service, metrics, body
         self.requests, self.events, self.deadline = requests, events, deadline
         self.started = time.perf_counter()
-        self.echoes = echoes  # choice i's prompt text, for echo
+        # choice i's echoed text: sent when the engine's "prompt" event comes (a completion's prompt,
+        # with its logprobs), or (``leads``: a chat's last message) before anything else
+        self.echoes = echoes
+        self.leads = echoes if leads else None
         self.first_at: dict[int, float] = {}
         self.last_at: dict[int, float] = {}
 
@@ -151,7 +157,7 @@ class _Run:
 
     async def collect(self, first: tuple[int, Event]) -> list[tuple[str, list, Event]]:
         """Every choice's text, logprobs and "done" event (an error event ends early)."""
-        texts: dict[int, list[str]] = {i: [] for i in range(len(self.requests))}
+        texts: dict[int, list[str]] = {i: [self.leads[i]] if self.leads else [] for i in range(len(self.requests))}
         logprobs: dict[int, list] = {i: [] for i in range(len(self.requests))}
         done: dict[int, Event] = {}
         index, event = first
@@ -188,6 +194,8 @@ async def _sse(run: _Run, first: tuple[int, Event], fmt, prompt_tokens: int):
     try:
         for head in fmt.heads(len(run.requests)):
             yield _data(head)
+        for index, lead in enumerate(run.leads or []):
+            yield _data(fmt.chunk(index, lead, []))
         finished, completion_tokens = 0, 0
         index, event = first
         while True:

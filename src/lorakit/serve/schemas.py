@@ -155,11 +155,35 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(_Sampling):
-    """POST /v1/chat/completions."""
+    """POST /v1/chat/completions, with vLLM's extensions for ending the prompt: without
+    ``add_generation_prompt`` the template does not open the assistant's turn (the answer takes
+    the last message's role), with ``continue_final_message`` the answer goes on with the last
+    message itself, and ``echo`` starts the answer with the last message's content when that
+    message has the answer's role."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
+    echo: StrictBool = Field(default=False, description="the answer starts with the last message's content "
+                                                         "when that message has the answer's role")
+    add_generation_prompt: StrictBool = Field(default=True, description="open the assistant's turn after the messages")
+    continue_final_message: StrictBool = Field(default=False, description="continue the last message itself")
+
+    @model_validator(mode="after")
+    def _one_ending(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message goes on with the last message, add_generation_prompt opens a "
+                             "new turn after it; set add_generation_prompt to false with continue_final_message")
+        return self
+
+    def answer_role(self) -> str:
+        """The role of the answer: the assistant's, or the last message's when no new turn is opened."""
+        return "assistant" if self.add_generation_prompt else self.messages[-1].role
+
+    def echoed(self) -> str | None:
+        """What the answer starts with under ``echo``: the last message's content, when it has the answer's role."""
+        last = self.messages[-1]
+        return last.as_dict()["content"] if self.echo and last.role == self.answer_role() else None
 
     def logprobs_k(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

@@ -99,12 +99,24 @@ class Service:
                              f"{vocabulary - 1}", "prompt")
         return self._check_prompt(list(prompt), "prompt")
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of a chat through the tokenizer's chat template, ready for the answer."""
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> list[int]:
+        """Token ids of a chat through the tokenizer's chat template, ready for the answer: a new
+        assistant turn opened, or (``continue_final_message``) the last message left open."""
         if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            try:
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                          continue_final_message=continue_final_message,
+                                                          tokenize=False)
+            except ValueError as err:  # e.g. a final message the template does not render as given
+                raise LimitError(f"the messages cannot be continued with this model's chat template: {err}",
+                                 "continue_final_message") from None
         else:  # a plain fallback for tokenizers that ship no template
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+            if continue_final_message:
+                text = text[:-1]
+            elif add_generation_prompt:
+                text += "assistant:"
         return self._check_prompt(self.tokenizer.encode(text, add_special_tokens=False), "messages")
 
     def _check_prompt(self, ids: list[int], param: str) -> list[int]:
