@@ -42,14 +42,14 @@ def _per_row_models(base, n: int, targets=("query", "value")):
     from lorakit import LoraConfig
     from lorakit.model import add_adapter, set_active
 
-    lk = copy.deepcopy(base)
+    lk = harness.shared_copy(base)  # every contender reads the same frozen weights (none writes them)
     for i in range(n):
         # modules_to_save=[]: no per-adapter classifier head, as PEFT's config without task_type
         add_adapter(lk, LoraConfig(r=RANK, alpha=16, target_modules=list(targets), init="random", modules_to_save=[]),
                     f"a{i}")
     set_active(lk, "a0")
     config = peft.LoraConfig(r=RANK, lora_alpha=16, target_modules=list(targets), init_lora_weights=False)
-    pf = peft.get_peft_model(copy.deepcopy(base), config, adapter_name="a0")
+    pf = peft.get_peft_model(harness.shared_copy(base), config, adapter_name="a0")
     for i in range(1, n):
         pf.add_adapter(f"a{i}", config)
     pf.set_adapter("a0")
@@ -63,9 +63,9 @@ def per_row(quick: bool) -> dict:
 
     spec = QUICK_PER_ROW if quick else PER_ROW
     reps = spec["reps"] if quick else harness.reps(spec["reps"])
-    base = copy.deepcopy(harness.classifier(quick).to(harness.device()))  # a copy, as the others (see inference)
+    base = harness.classifier(quick).to(harness.device())
     lk, pf = _per_row_models(base, max(DISTINCT))
-    unfused = copy.deepcopy(lk)  # query and value on their own (lk computes them together)
+    unfused = harness.shared_copy(lk)  # query and value on their own (lk computes them together)
     ungroup(unfused)
     inputs = harness.token_batch(base, spec["batch"], spec["length"])
     calls = {"base": lambda: base(**inputs), "lorakit_one": lambda: lk(**inputs), "peft_one": lambda: pf(**inputs)}

@@ -64,14 +64,17 @@ def run(quick: bool = False) -> dict:
     from lorakit import LoraConfig
     from lorakit.model import attach, merge
 
-    base = copy.deepcopy(harness.causal_lm(quick).to(harness.device()))  # a copy, as the others (see inference)
+    # the unmerged LoRA and the bottleneck read the base's very frozen weights (harness.shared_copy);
+    # merging writes them, so the merged model has a copy of its own
+    base = harness.causal_lm(quick).to(harness.device())
     models = {"base": base}
     for name in ("lora_merged", "lora_unmerged"):
-        model = attach(copy.deepcopy(base), LoraConfig(r=RANK, alpha=16, target_modules="all-linear", init="random"))
+        own = copy.deepcopy(base) if name == "lora_merged" else harness.shared_copy(base)
+        model = attach(own, LoraConfig(r=RANK, alpha=16, target_modules="all-linear", init="random"))
         if name == "lora_merged":
             merge(model)
         models[name] = model
-    models["bottleneck"] = copy.deepcopy(base)
+    models["bottleneck"] = harness.shared_copy(base)
     wrapped = add_bottlenecks(models["bottleneck"])
     results = {}
     for label, (batch, length, reps) in (QUICK_INPUTS if quick else INPUTS).items():

@@ -3,8 +3,9 @@ DoRA per-row forwards with 16 distinct adapters beside one adapter (issue 13, it
 
 Training: the two cases of :mod:`benchmarks.training` (MiniLM classifier, query/value,
 32×64; SmolLM2-135M, every linear layer of the blocks, 4×128), rank 8, AdamW, dropout 0,
-the three contenders alternating step by step in one process; the median after warm-up
-counts. Goals: DoRA's step at most 1.3× lorakit LoRA's, and faster than PEFT's DoRA.
+the three contenders alternating step by step in one process, reading the very same frozen
+weights (:func:`benchmarks.harness.shared_copy`); the median after warm-up counts. Goals:
+DoRA's step at most 1.3× lorakit LoRA's, and faster than PEFT's DoRA.
 
 Per-row: the MiniLM encoder (query/value), 16 rows of 64 tokens, inference mode. ``16``:
 each row its own DoRA adapter (one gather, two ``bmm`` and one multiply by each row's
@@ -14,8 +15,6 @@ per-row path; ``active``: that one adapter set active (no per-row machinery).
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 
@@ -47,7 +46,8 @@ def wrap(model, case: str, contender: str):
 
 def setup(case: str, contender: str, quick: bool, model=None):
     """One contender's training step (no arguments, returns the loss)."""
-    model = copy.deepcopy(model) if model is not None else _model(case, quick)
+    # the contenders read the very same frozen weights (none writes them: DoRA's magnitude is its own)
+    model = harness.shared_copy(model) if model is not None else _model(case, quick)
     model = wrap(model.to(harness.device()), case, contender).train()
     batch = _batch(case, model, quick)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
