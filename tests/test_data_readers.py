@@ -41,6 +41,20 @@ def test_csv_columns_named_otherwise_and_a_folder_of_parquet_files(tmp_path):
     assert (len(splits.train), len(splits.validation), len(splits.test)) == (8, 2, 0)
 
 
+@pytest.mark.parametrize("delimiter", [";", "\t", "|"])
+def test_a_csv_split_by_what_a_spreadsheet_writes_is_read_by_its_header(tmp_path, delimiter):
+    """Spreadsheets in many locales save "CSV" with semicolons (the comma being their decimal mark)."""
+    d = delimiter
+    (tmp_path / "d.csv").write_text(f'text{d}label\n"great, really"{d}pos\ndull{d}neg\n', encoding="utf-8-sig")
+    records = read_records(tmp_path / "d.csv", "classify")
+    assert [(r["text"], r["label"]) for r in records] == [("great, really", "pos"), ("dull", "neg")]
+    (tmp_path / "c.csv").write_text(f'text,label\nfine; really,pos\n')  # a comma in the header: commas
+    assert read_records(tmp_path / "c.csv", "classify")[0]["text"] == "fine; really"
+    (tmp_path / "x.csv").write_text(f'text{d}label\na{d}b{d}c\n')
+    with pytest.raises(LorakitError, match="quote values that contain"):
+        read_records(tmp_path / "x.csv", "classify")
+
+
 def test_a_file_that_is_not_parquet_is_named(tmp_path):
     (tmp_path / "bad.parquet").write_text("text,label\n")
     with pytest.raises(LorakitError, match="bad.parquet does not read as Parquet"):

@@ -4,7 +4,8 @@ Formats (chosen by the file's suffix):
 
 - ``.jsonl`` (one JSON object a line; blank lines skipped), ``.json`` (an array of JSON
   objects, as Alpaca-style files are, or one object a line as in ``.jsonl``), ``.csv`` and
-  ``.tsv`` (a header row; commas or tabs between fields) and ``.parquet`` (read with pyarrow;
+  ``.tsv`` (a header row; commas between the fields of a ``.csv``, or semicolons, tabs or bars
+  where its header has no comma, as spreadsheets in many locales write them; tabs in a ``.tsv``) and ``.parquet`` (read with pyarrow;
   a row is a record). Folders saved by Hugging Face
   ``datasets`` are read by :mod:`lorakit.data.arrow`; files larger than memory are
   streamed by :mod:`lorakit.data.stream`. Both use the checks here.
@@ -251,15 +252,19 @@ def _read_tsv(path: Path) -> list[dict]:
     return _read_csv(path, delimiter="\t", quoting=csv.QUOTE_NONE)
 
 
-def _read_csv(path: Path, delimiter: str = ",", quoting: int = csv.QUOTE_MINIMAL) -> list[dict]:
+def _read_csv(path: Path, delimiter: str | None = None, quoting: int = csv.QUOTE_MINIMAL) -> list[dict]:
     with open(path, encoding=ENCODING, newline="") as handle:
+        if delimiter is None:  # what the header is split by: commas, else what a spreadsheet wrote
+            header = handle.readline()
+            delimiter = next((d for d in (",", ";", "\t", "|") if d in header), ",")
+            handle.seek(0)
         reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
         try:
             _no_duplicate_columns(path, reader.fieldnames)
             rows = []
             for row in reader:
                 if None in row:
-                    what = "tabs" if delimiter == "\t" else "commas"
+                    what = {"\t": "tabs", ";": "semicolons", "|": "bars"}.get(delimiter, "commas")
                     raise LorakitError(f"{path.name} line {reader.line_num} has more fields than the header "
                                        f"{reader.fieldnames}; quote values that contain {what}")
                 if not any((value or "").strip() for value in row.values()):
