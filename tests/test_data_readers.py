@@ -55,6 +55,21 @@ def test_a_csv_split_by_what_a_spreadsheet_writes_is_read_by_its_header(tmp_path
         read_records(tmp_path / "x.csv", "classify")
 
 
+def test_a_sharegpt_chat_file_reads_as_messages_with_no_flag(tmp_path):
+    import json
+
+    turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"conversations": turns, "id": "x1"}) + "\n")
+    assert read_records(tmp_path / "c.jsonl", "lm")[0]["messages"] == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"}]
+    (tmp_path / "d.jsonl").write_text(json.dumps({"dialog": turns}) + "\n")  # under another name: the flag
+    assert read_records(tmp_path / "d.jsonl", "lm", columns={"messages": "dialog"})[0]["messages"][1]["role"] == "user"
+    (tmp_path / "b.jsonl").write_text(json.dumps({"conversations": [{"from": "bot", "value": "hi"}]}) + "\n")
+    with pytest.raises(LorakitError, match=r"b.jsonl line 1: messages\[0\] is .*'bot'.*ShareGPT's 'from' in"):
+        read_records(tmp_path / "b.jsonl", "lm")
+
+
 def test_a_file_that_is_not_parquet_is_named(tmp_path):
     (tmp_path / "bad.parquet").write_text("text,label\n")
     with pytest.raises(LorakitError, match="bad.parquet does not read as Parquet"):

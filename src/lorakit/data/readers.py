@@ -16,6 +16,7 @@ Formats (chosen by the file's suffix):
   ``prompt`` + ``completion`` (the prompt is masked out of the loss), Alpaca's ``instruction``
   + ``output`` with an optional ``input`` (read as a prompt, ``instruction`` and then ``input``
   after a blank line, and a completion), ``messages`` (a chat: a list of ``{"role", "content"}``,
+  or ShareGPT's ``conversations`` of ``{"from", "value"}``: :mod:`lorakit.data.messages`;
   rendered with the tokenizer's chat template, only assistant turns trained), or plain
   ``text`` (every token trained).
 
@@ -30,6 +31,7 @@ import json
 from pathlib import Path
 
 from lorakit.data.labels import merge_number_spellings
+from lorakit.data.messages import SHAREGPT_KEY, check_messages
 from lorakit.errors import LorakitError
 
 ENCODING = "utf-8-sig"  # UTF-8; a leading byte-order mark (Excel's "CSV UTF-8") is skipped
@@ -40,7 +42,6 @@ LM_SHAPES = {  # shape name -> the keys it needs
     "messages": ("messages",),
     "text": ("text",),
 }
-CHAT_ROLES = ("system", "user", "assistant")
 
 
 def read_records(path, kind: str, columns: dict | None = None) -> list[dict]:
@@ -330,11 +331,14 @@ def classify_checker(columns: dict | None = None):
 
 def lm_checker(first: dict, columns: dict | None = None):
     """The check for every language-model record, from the shape of the first one."""
+    if "messages" not in (columns or {}) and "messages" not in first and SHAREGPT_KEY in first:
+        columns = {**(columns or {}), "messages": SHAREGPT_KEY}  # ShareGPT's name for a chat's messages
     shape = next((name for name, keys in LM_SHAPES.items()
                    if all((columns or {}).get(k, k) in first for k in keys)), None)
     if shape is None:
         raise LorakitError(f"{first['_where']} has keys {_keys_found(first)}; language-model data needs "
-                           "'prompt' and 'completion', 'instruction' and 'output', or 'messages', or 'text' on "
+                           "'prompt' and 'completion', 'instruction' and 'output', or 'messages' (ShareGPT's "
+                           "'conversations'), or 'text' on "
                            "every line (--prompt-column, --completion-column, --messages-column, --text-column "
                            "name other columns)")
     keys = LM_SHAPES[shape]
@@ -344,7 +348,7 @@ def lm_checker(first: dict, columns: dict | None = None):
         _require(record, keys, hint, columns)
         record = with_columns(record, columns)
         if shape == "messages":
-            return {"messages": _check_messages(record["messages"], record["_where"]), "_where": record["_where"]}
+            return {"messages": check_messages(record["messages"], record["_where"]), "_where": record["_where"]}
         for key in keys:
             if not isinstance(record[key], str) or (key != "prompt" and not record[key].strip()):
                 raise LorakitError(f"{record['_where']}: {key!r} must be a non-empty string, got {record[key]!r}")
@@ -363,26 +367,6 @@ def instruction_prompt(record: dict) -> dict:
         raise LorakitError(f"{record['_where']}: 'input' must be a string, got {extra!r}")
     prompt = record["instruction"] + (f"\n\n{extra}" if extra and extra.strip() else "")
     return {"prompt": prompt + "\n", "completion": record["output"]}
-
-
-def _check_messages(messages, where: str) -> list[dict]:
-    if isinstance(messages, str):  # a CSV cell holding JSON
-        try:
-            messages = json.loads(messages)
-        except json.JSONDecodeError:
-            raise LorakitError(f"{where}: 'messages' is a string that is not JSON; give a list of "
-                               '{"role": ..., "content": ...}') from None
-    if not isinstance(messages, list) or not messages:
-        raise LorakitError(f"{where}: 'messages' must be a non-empty list of "
-                           '{"role": "user"|"assistant"|"system", "content": "..."}')
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES \
-                or not isinstance(message.get("content"), str):
-            raise LorakitError(f"{where}: messages[{i}] is {message!r}; each message needs a 'role' in "
-                               f"{list(CHAT_ROLES)} and a string 'content'")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise LorakitError(f"{where}: 'messages' has no assistant turn, so there is nothing to train on")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 READERS = {"classify": read_classification, "lm": read_language_modeling}  # record shape -> reader
