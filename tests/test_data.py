@@ -181,6 +181,25 @@ def test_chat_trains_only_the_assistant_turns(tok):
     assert tok.decode(trained) == "yo</s>ciao</s>"
 
 
+def test_an_assistant_turn_of_weight_0_is_in_the_prompt_but_not_trained(tok, tmp_path):
+    """OpenAI's chat fine-tuning format: ``"weight": 0`` on an assistant message leaves it untrained."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 0},
+                {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao", "weight": 1}]
+    (tmp_path / "w.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
+    records = read_records(tmp_path / "w.jsonl", "lm")
+    example = encode_language_modeling(records, tok, 128).examples[0]
+    assert tok.decode(example.input_ids) == "<user>hi</s><assistant>yo</s><user>bye</s><assistant>ciao</s>"
+    assert tok.decode([t for t in example.label if t != IGNORE_INDEX]) == "ciao</s>"
+    for bad, message in (({"role": "user", "content": "x", "weight": 0}, "weight 0"),
+                         ({"role": "assistant", "content": "x", "weight": 0.5}, "weight 0.5")):
+        (tmp_path / "b.jsonl").write_text(json.dumps({"messages": [bad, messages[3]]}) + "\n")
+        with pytest.raises(LorakitError, match=f"messages\\[0\\] has {message}; a weight is 0"):
+            read_records(tmp_path / "b.jsonl", "lm")
+    (tmp_path / "n.jsonl").write_text(json.dumps({"messages": messages[:2]}) + "\n")
+    with pytest.raises(LorakitError, match="no assistant turn to train on"):
+        read_records(tmp_path / "n.jsonl", "lm")
+
+
 def test_plain_text_trains_every_token(tok):
     example = encode_language_modeling([{"text": "abc", "_where": "x"}], tok, 64).examples[0]
     assert example.label == example.input_ids == tok("abc")["input_ids"] + [tok.eos_token_id]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorakit.data.labels import find_label
+from lorakit.data.messages import trained
 from lorakit.errors import LorakitError
 
 IGNORE_INDEX = -100
@@ -120,7 +121,7 @@ def _encode_chat(record: dict, tokenizer) -> tuple[list[int], list[int]]:
     it (with the generation prompt) and the rendering that includes it; tokens whose
     first character falls inside a span are trained.
     """
-    messages = record["messages"]
+    messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]  # rendered as given
     if not getattr(tokenizer, "chat_template", None):
         raise LorakitError(f"{record['_where']} is a chat ('messages') but the tokenizer has no chat template; "
                            "use prompt/completion records or a chat model")
@@ -130,8 +131,8 @@ def _encode_chat(record: dict, tokenizer) -> tuple[list[int], list[int]]:
 
     full = render(len(messages))
     spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+    for i, message in enumerate(record["messages"]):
+        if not trained(message):  # a user's turn, or an assistant's with weight 0
             continue
         start, end = len(render(i, generation_prompt=True)), len(render(i + 1))
         if not full.startswith(render(i + 1)):

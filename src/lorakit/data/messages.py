@@ -5,6 +5,9 @@ least one assistant turn (the turns the loss is computed on). Files in the Share
 many chat datasets use, hold ``{"from": "human" | "gpt" | "system", "value": str}`` under
 ``conversations``; they are read as the same messages (``human`` → ``user``, ``gpt`` →
 ``assistant``), so such a file trains with no column flags.
+
+An assistant message may carry ``"weight": 0`` (OpenAI's chat fine-tuning format): the turn stays in
+the prompt the later turns see, and is not trained on (``weight`` 1, the default, trains it).
 """
 
 from __future__ import annotations
@@ -39,7 +42,18 @@ def check_messages(messages, where: str) -> list[dict]:
             raise LorakitError(f"{where}: messages[{i}] is {message!r}; each message needs a 'role' in "
                                f"{list(CHAT_ROLES)} and a string 'content' (or ShareGPT's 'from' in "
                                f"{list(SHAREGPT_ROLES)} and 'value')")
-        out.append({"role": message["role"], "content": message["content"]})
-    if not any(m["role"] == "assistant" for m in out):
-        raise LorakitError(f"{where}: 'messages' has no assistant turn, so there is nothing to train on")
+        checked = {"role": message["role"], "content": message["content"]}
+        if message.get("weight") is not None:
+            if message["role"] != "assistant" or message["weight"] not in (0, 1) or isinstance(message["weight"], bool):
+                raise LorakitError(f"{where}: messages[{i}] has weight {message['weight']!r}; a weight is 0 (not "
+                                   "trained) or 1 (trained), on an assistant message")
+            checked["weight"] = int(message["weight"])
+        out.append(checked)
+    if not any(trained(m) for m in out):
+        raise LorakitError(f"{where}: 'messages' has no assistant turn to train on (none, or every one has weight 0)")
     return out
+
+
+def trained(message: dict) -> bool:
+    """Whether the loss is computed on ``message``: an assistant turn whose weight is not 0."""
+    return message["role"] == "assistant" and message.get("weight", 1) != 0
