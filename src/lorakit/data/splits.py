@@ -71,14 +71,20 @@ def _stratified_order(keys: list, classes: list, n_val: int, n_test: int, seed: 
     each part shuffled again (a class that filled its validation share early would otherwise
     lead the test part, and ``--data-limit`` takes the first examples of each part).
 
+    A class keeps one example for training when the parts can be filled without it.
     Written here rather than with scikit-learn's ``train_test_split(stratify=...)``, which
     refuses a class of one example and rounds the two cuts one after the other."""
     members: dict = {}
     for key, label in zip(keys, classes):
         members.setdefault(label, []).append(key)
     counts = {label: len(found) for label, found in members.items()}
-    val = _quotas(counts, n_val, counts)
-    test = _quotas(counts, n_test, {label: counts[label] - val[label] for label in counts})
+    # each class keeps one example for training where the other classes can take its share (a long
+    # tail of classes with two examples would otherwise leave some with none to learn from)
+    val = _quotas(counts, n_val, {label: counts[label] - 1 for label in counts})
+    test = _quotas(counts, n_test, {label: counts[label] - 1 - val[label] for label in counts})
+    if sum(val.values()) < n_val or sum(test.values()) < n_test:  # they cannot: as many as each class has
+        val = _quotas(counts, n_val, counts)
+        test = _quotas(counts, n_test, {label: counts[label] - val[label] for label in counts})
     parts: list[list] = [[], [], []]
     for label, found in members.items():
         for i, key in enumerate(found):
