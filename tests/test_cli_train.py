@@ -107,6 +107,18 @@ def test_predict_reads_texts_from_standard_input_and_refuses_an_empty_one(tiny, 
     assert "a text to classify is empty" in capsys.readouterr().err
 
 
+def test_predict_shows_the_likeliest_five_of_many_classes(tiny, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "intents.jsonl", [{"text": f"ask number {i} about {i % 8}", "label": f"intent{i % 8}"}
+                                                    for i in range(80)])
+    assert main(args(tiny, tmp_path / "run", "--data", str(data), "--steps", "1")) == 0
+    capsys.readouterr()
+    assert main(["predict", "--adapter", str(tmp_path / "run"), "ask about 3"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.count("intent") == 1 + 5 and "; top 5 of 8)" in line
+    shown = [float(part.split()[1]) for part in line.split("(", 1)[1].split(";")[0].split("  ")]
+    assert shown == sorted(shown, reverse=True)  # likeliest first
+
+
 def test_train_method_adalora_saves_the_rank_budget_and_loads(tiny, tmp_path):
     from lorakit.io import load_adapter
     from lorakit.model import lora_layers

@@ -57,6 +57,22 @@ def test_report_rows_put_the_baseline_beside_each_score():
     assert shown["class b"].startswith("precision 0.500  recall 0.500")
 
 
+def test_a_confusion_matrix_too_wide_to_print_names_the_commonest_mistakes():
+    names = [f"intent{i}" for i in range(20)]
+    target = np.array([i % 20 for i in range(60)])
+    predicted = target.copy()
+    predicted[[3, 23, 43]] = 7  # intent3 answered as intent7 three times
+    predicted[5] = 1
+    metrics = {**scores(target, predicted), "classes": breakdown(target, predicted, names)}
+    shown = rows("test", metrics)
+    assert sum(name.startswith("class ") for name, _ in shown) == 20  # every class's precision and recall
+    matrix = dict(shown)["confusion matrix"]
+    assert matrix.startswith("20 classes") and matrix.endswith("intent3 as intent7 (3), intent5 as intent1 (1)")
+    assert len(shown) == 23  # no row per class of the matrix
+    few = {**scores(TARGET, PREDICTED), "classes": breakdown(TARGET, PREDICTED, ["a", "b", "c"])}
+    assert dict(rows("test", few))["confusion matrix"] == "rows: truth, columns: answer"
+
+
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
     from lorakit.models import load_classifier

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 
+SHOWN_LABELS = 5  # with more classes, the likeliest this many are printed
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "predict", help="classify texts with a trained classification adapter",
-        description="Print the predicted label and the probability of every label for each text.",
+        description="Print the predicted label and the probability of every label (of the likeliest five, "
+                    "where there are more) for each text.",
     )
     parser.add_argument("texts", nargs="+", metavar="TEXT",
                         help="texts to classify; '-' reads one text a line from standard input")
@@ -29,8 +33,12 @@ def run(args) -> int:
         if len(results) > 1:
             print(f"[{name}]")
         for row in rows:
-            probabilities = "  ".join(f"{label} {p:.3f}" for label, p in row["probabilities"].items())
-            print(f"{row['label']:<10} ({probabilities})  {row['text']}")
+            ranked = row["probabilities"].items()
+            if len(ranked) > SHOWN_LABELS:  # the likeliest few, not a line of every class
+                ranked = sorted(ranked, key=lambda item: -item[1])[:SHOWN_LABELS]
+            probabilities = "  ".join(f"{label} {p:.3f}" for label, p in ranked)
+            more = f"; top {SHOWN_LABELS} of {len(row['probabilities'])}" if len(row["probabilities"]) > SHOWN_LABELS else ""
+            print(f"{row['label']:<10} ({probabilities}{more})  {row['text']}")
     return 0
 
 

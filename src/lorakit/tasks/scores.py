@@ -86,6 +86,9 @@ def verdict(metrics: dict, split: str) -> str | None:
             f"{accuracy:.3f} beats its {baseline:.3f}")
 
 
+PRINTED_CLASSES = 12  # a confusion matrix of more classes is not printed whole (it would not fit a terminal)
+
+
 def rows(split: str, metrics: dict) -> list[tuple[str, str]]:
     """Report lines (name, value) for ``metrics`` of one split: the scores beside the
     baseline, then each class's precision and recall, then the confusion matrix."""
@@ -97,10 +100,17 @@ def rows(split: str, metrics: dict) -> list[tuple[str, str]]:
     for name, c in classes["per_class"].items():
         out.append((f"class {name}", f"precision {c['precision']:.3f}  recall {c['recall']:.3f}  f1 {c['f1']:.3f}  "
                                  f"({c['support']} examples)"))
-    names = classes["confusion_matrix"]["labels"]
-    width = max(max(len(str(n)) for n in names), max(len(str(v)) for r in classes["confusion_matrix"]["matrix"] for v in r))
+    names, matrix = classes["confusion_matrix"]["labels"], classes["confusion_matrix"]["matrix"]
+    if len(names) > PRINTED_CLASSES:  # too wide for a terminal: the mistakes made most often instead
+        mistakes = sorted(((matrix[i][j], truth, answer) for i, truth in enumerate(names)
+                           for j, answer in enumerate(names) if i != j and matrix[i][j]), key=lambda m: -m[0])
+        shown = ", ".join(f"{truth} as {answer} ({n})" for n, truth, answer in mistakes[:5]) or "none"
+        out.append(("confusion matrix", f"{len(names)} classes, the whole matrix in report.json and confusion.png "
+                                        f"of a train run; the commonest mistakes: {shown}"))
+        return out
+    width = max(max(len(str(n)) for n in names), max(len(str(v)) for r in matrix for v in r))
     out.append(("confusion matrix", "rows: truth, columns: answer"))
     out.append(("", " ".join(f"{n:>{width}}" for n in names)))
-    for name, row in zip(names, classes["confusion_matrix"]["matrix"]):
+    for name, row in zip(names, matrix):
         out.append((f"  {name}", " ".join(f"{v:>{width}}" for v in row)))
     return out
