@@ -8,7 +8,7 @@ import torch
 
 from lorakit import LoraConfig, LorakitError, attach, load_adapter, read_adapter, save_adapter, write_adapter
 from lorakit.io import lora_factors
-from lorakit.model import active_adapters, lora_configs, lora_layers, set_active
+from lorakit.model import active_adapters, disable_adapters, lora_configs, lora_layers, set_active
 from tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
 
 Q0 = "model.layers.0.self_attn.q_proj"
@@ -210,11 +210,44 @@ def test_every_problem_is_listed_at_once(saved):
     assert "needs A (4, 32) and B (16, 4)" in message
 
 
+def test_a_classifier_adapter_of_its_own_labels_brings_its_own_head(tmp_path):
+    """A classifier adapter trained for 3 classes, loaded onto a model whose head has 2 (one base
+    serving adapters of different label sets): that adapter answers through its own 3-way head,
+    exactly as on a 3-class model, and the base and other adapters keep the 2-way one."""
+    made = trained(tiny_bert_classifier(num_labels=3), LoraConfig(r=2, target_modules=["query"],
+                                                                  modules_to_save=["classifier"]))
+    save_adapter(made, tmp_path / "three")
+    two = tiny_bert_classifier(num_labels=2)
+    x = token_batch()
+    with torch.no_grad():
+        base = two(input_ids=x).logits
+        load_adapter(two, tmp_path / "three", "three")
+        assert torch.allclose(two(input_ids=x).logits, made(input_ids=x).logits, atol=1e-6)
+        with disable_adapters(two):
+            assert torch.equal(two(input_ids=x).logits, base)
+    other = trained(tiny_bert_classifier(num_labels=2), LoraConfig(r=2, target_modules=["value"],
+                                                                   modules_to_save=["classifier"]), seed=1)
+    save_adapter(other, tmp_path / "two")
+    load_adapter(two, tmp_path / "two", "two")  # the head of 2 classes beside the one of 3
+    set_active(two, "two")
+    with torch.no_grad():
+        assert torch.allclose(two(input_ids=x).logits, other(input_ids=x).logits, atol=1e-6)
+    save_adapter(two, tmp_path / "again", "three")  # saved again with its own head's shape
+    assert read_adapter(tmp_path / "again")[1]["base_model.model.classifier.weight"].shape == (3, 32)
+
+
 def test_saved_module_shape_mismatch_is_listed(tmp_path):
     model = trained(tiny_bert_classifier(num_labels=3), LoraConfig(r=2, target_modules=["query"],
-                                                                   modules_to_save=["classifier"]))
+                                                                   modules_to_save=["classifier", "bert.pooler.dense"]))
     save_adapter(model, tmp_path)
-    refuse(tmp_path, tiny_bert_classifier(num_labels=2), match=r"classifier.weight: the file holds shape \(3, 32\)")
+
+    def widen(tensors):  # the pooler's rows are not classes: a misfit there is still refused
+        key = "base_model.model.bert.pooler.dense.weight"
+        tensors[key] = torch.zeros(33, 32)
+
+    rewrite(tmp_path, edit_tensors=widen)
+    refuse(tmp_path, tiny_bert_classifier(num_labels=2), match=r"bert.pooler.dense.weight: the file holds shape "
+                                                              r"\(33, 32\), the model \(32, 32\)")
 
 
 def test_adapter_for_another_architecture(saved):

@@ -110,6 +110,20 @@ def test_modules_to_save_follow_the_rows():
     assert (mixed - expected).abs().max() <= 1e-5
 
 
+def test_heads_of_other_label_sets_are_refused_in_one_per_row_batch(tmp_path):
+    from lorakit import load_adapter, save_adapter
+
+    three = attach(tiny_bert_classifier(num_labels=3), LoraConfig(r=2, target_modules=["query"],
+                                                                  modules_to_save=["classifier"]), "three")
+    save_adapter(three, tmp_path / "three", "three")
+    model = attach(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]),
+                   "two")
+    load_adapter(model, tmp_path / "three", "three")
+    with torch.no_grad(), per_row_adapters(model, ["two", "three"]):
+        with pytest.raises(LorakitError, match=r"heads of different sizes \(2 and 3 outputs"):
+            model(token_batch(batch=2))
+
+
 def test_per_row_errors():
     model = _with_three_adapters(tiny_llama(), ["q_proj"])
     with pytest.raises(LorakitError, match=r"unknown adapter\(s\) \['nope'\]"):

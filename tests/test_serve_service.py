@@ -172,6 +172,44 @@ def test_an_adapter_answers_with_the_labels_it_was_trained_with(classifier, tmp_
     assert surrogate.status_code == 422 and "surrogate" in surrogate.json()["error"]["message"]
 
 
+def test_adapters_of_other_label_sets_share_one_base(classifier, tmp_path):
+    """One server, one 3-class base: an adapter trained for 5 classes of its own answers with its
+    5 labels through its own head, as a 5-class model with it would, beside the 3-class adapter."""
+    import json
+
+    from lorakit.config import LoraConfig
+    from lorakit.io import save_adapter
+    from lorakit.model import attach
+
+    tmp, _ = classifier
+    five = tiny_bert_classifier(num_labels=5, seed=1)
+    five.load_state_dict({k: v for k, v in tiny_bert_classifier(num_labels=3).state_dict().items()
+                          if not k.startswith("classifier.")}, strict=False)  # the same encoder as the base
+    attach(five, LoraConfig(r=4, alpha=8, target_modules=["query"], modules_to_save=["classifier"]), "topic")
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, p in sorted(five.named_parameters()):
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    root = tmp_path / "adapters"
+    save_adapter(five, root / "topic", "topic")
+    labels = ["art", "film", "food", "sport", "tech"]
+    (root / "topic" / "lorakit_task.json").write_text(json.dumps(
+        {"task": "classify", "method": "lora", "model": str(tmp / "model"), "labels": labels, "max_length": 16}))
+    shutil.copytree(tmp / "adapters" / "mood", root / "mood")
+    service = build_service(str(tmp / "model"), adapter_root=str(root), max_loaded=2, load_on_demand=True)
+    with TestClient(create_app(service)) as client:
+        topic = client.post("/v1/classify", json={"model": "topic", "input": TEXTS}).json()["data"]
+        mood = client.post("/v1/classify", json={"model": "mood", "input": TEXTS}).json()["data"]
+    batch = service.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = torch.softmax(five(**batch).logits, -1)
+    for row, probs in zip(topic, expected):
+        assert list(row["probabilities"]) == labels
+        assert torch.allclose(torch.tensor([row["probabilities"][label] for label in labels]), probs, atol=1e-5)
+    assert all(set(row["probabilities"]) == {"neg", "neutral", "pos"} for row in mood)
+
+
 def test_a_gpt2_classifier_adapter_answers_as_lorakit_predict(tmp_path):
     """The server reads a text as predict does: cut to the adapter's training length, ids and mask
     only (GPT-2 adds token_type_ids through its word embeddings, so passing them changes answers)."""

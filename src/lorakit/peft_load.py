@@ -22,7 +22,7 @@ from lorakit.peft_format import (
     parse_magnitude_key, task_heads,
 )
 from lorakit.targets import (
-    ParameterHost, model_fingerprint, parameter_features, parameter_targets, saved_paths, target_paths, walk,
+    CLASSIFIER_HEADS, ParameterHost, model_fingerprint, parameter_features, parameter_targets, saved_paths, target_paths, walk,
 )
 
 _MAX_LISTED = 20
@@ -58,6 +58,9 @@ class LoadPlan:
             (a module, or a parameter's :class:`~lorakit.layers.LoraParameter` at
             ``<module>.lora_parameters.<name>``), reshaped to lorakit's matrices.
         saved: modules_to_save path -> its state dict from the file.
+        resized: modules_to_save path -> the keys of its per-class tensors that hold another number of
+            classes than the model's head (a classifier adapter trained for its own labels; see
+            :func:`_per_class`): the adapter's copy of the head takes the file's shapes.
         params: ``(parameter name, tensor)`` written into the base model (biases, and
             full embeddings PEFT saves).
         config: the file's config as it is added to the model (see :func:`with_task_heads`).
@@ -66,6 +69,7 @@ class LoadPlan:
     config: LoraConfig | None = None
     factors: list = field(default_factory=list)
     saved: dict = field(default_factory=dict)
+    resized: dict = field(default_factory=dict)
     params: list = field(default_factory=list)
 
 
@@ -89,7 +93,7 @@ def plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Ten
     plan = LoadPlan(config=config, saved={p: {} for p in saved})
     factors, magnitudes = _sort_keys(model, tensors, plan, problems)
     plan.factors = _check_factors(model, config, name, targets, factors, magnitudes, problems)
-    _check_saved(modules, plan.saved, problems)
+    _check_saved(model, modules, plan, problems)
     if problems:
         raise_misfit(model, source, metadata, tensors, problems)
     return plan
@@ -190,14 +194,39 @@ def _check_factors(model, config, name, targets, factors, magnitudes, problems) 
     return planned
 
 
-def _check_saved(modules, saved: dict, problems: list[str]) -> None:
-    for path, state in saved.items():
+def _check_saved(model, modules, plan: LoadPlan, problems: list[str]) -> None:
+    classes = getattr(getattr(model, "config", None), "num_labels", None)
+    for path, state in plan.saved.items():
         module = modules[path]
         want = (module.original() if hasattr(module, "copies") else module).state_dict()
         problems.extend(f"missing modules_to_save weight {path}.{k}" for k in sorted(set(want) - set(state)))
         problems.extend(f"unexpected modules_to_save weight {path}.{k}" for k in sorted(set(state) - set(want)))
-        problems.extend(f"{path}.{k}: the file holds shape {tuple(state[k].shape)}, the model {tuple(want[k].shape)}"
-                        for k in sorted(set(state) & set(want)) if state[k].shape != want[k].shape)
+        for k in sorted(set(state) & set(want)):
+            if state[k].shape == want[k].shape:
+                continue
+            if _per_class(path, state[k], want[k], classes):
+                plan.resized.setdefault(path, []).append(k)
+            else:
+                problems.append(f"{path}.{k}: the file holds shape {tuple(state[k].shape)}, the model "
+                                f"{tuple(want[k].shape)}")
+
+
+def _per_class(path: str, held: torch.Tensor, have: torch.Tensor, classes: int | None) -> bool:
+    """Whether a task head's tensor is one row per class that differs only in how many classes: the
+    head of a classifier adapter trained for labels of its own, which serving its own copy of the head
+    lets share one base model with adapters of other label sets."""
+    return (path.rsplit(".", 1)[-1] in CLASSIFIER_HEADS and classes is not None and have.shape[0] == classes
+            and held.dim() == have.dim() and held.shape[1:] == have.shape[1:] and held.shape[0] > 1)
+
+
+def _resize(module: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Give ``module``'s parameter ``key`` the shape of ``tensor`` (its values are loaded next)."""
+    owner_path, _, pname = key.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    old = getattr(owner, pname)
+    setattr(owner, pname, nn.Parameter(old.new_empty(tensor.shape), requires_grad=old.requires_grad))
+    if isinstance(owner, nn.Linear) and pname == "weight":
+        owner.out_features = tensor.shape[0]
 
 
 def apply_plan(model: nn.Module, plan: LoadPlan, name: str) -> None:
@@ -211,6 +240,8 @@ def apply_plan(model: nn.Module, plan: LoadPlan, name: str) -> None:
             if magnitude is not None:
                 adapter.magnitude.copy_(magnitude)
         for path, state in plan.saved.items():
+            for key in plan.resized.get(path, ()):
+                _resize(modules[path].copies[name], key, state[key])
             modules[path].copies[name].load_state_dict(state, strict=True)
         model_params = dict(model.named_parameters(remove_duplicate=False)) if plan.params else {}
         for pname, tensor in plan.params:

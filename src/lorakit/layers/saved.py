@@ -96,5 +96,9 @@ class SavedModule(nn.Module):
             part = module(x.index_select(0, index), *args, **kwargs)
             if out is None:
                 out = part.new_empty((x.shape[0], *part.shape[1:]))
+            elif part.shape[1:] != out.shape[1:]:
+                raise LorakitError(f"the adapters of this per-row batch have heads of different sizes ({out.shape[-1]} "
+                                   f"and {part.shape[-1]} outputs: classifiers of other label sets); run them in "
+                                   "separate batches")
             out.index_copy_(0, index, part)
         return out
