@@ -70,6 +70,15 @@ def test_a_sharegpt_chat_file_reads_as_messages_with_no_flag(tmp_path):
         read_records(tmp_path / "b.jsonl", "lm")
 
 
+def test_a_plain_text_file_is_a_text_record_a_line_and_holds_no_labels(tmp_path):
+    (tmp_path / "corpus.txt").write_text("The first line.\n\n  The second, indented.\r\n")
+    assert read_records(tmp_path / "corpus.txt", "lm") == [
+        {"text": "The first line.", "_where": "corpus.txt line 1"},
+        {"text": "  The second, indented.", "_where": "corpus.txt line 3"}]
+    with pytest.raises(LorakitError, match="corpus.txt is plain text, which holds no labels"):
+        read_records(tmp_path / "corpus.txt", "classify")
+
+
 def test_a_file_that_is_not_parquet_is_named(tmp_path):
     (tmp_path / "bad.parquet").write_text("text,label\n")
     with pytest.raises(LorakitError, match="bad.parquet does not read as Parquet"):

@@ -5,7 +5,8 @@ Formats (chosen by the file's suffix):
 - ``.jsonl`` (one JSON object a line; blank lines skipped), ``.json`` (an array of JSON
   objects, as Alpaca-style files are, or one object a line as in ``.jsonl``), ``.csv`` and
   ``.tsv`` (a header row; commas between the fields of a ``.csv``, or semicolons, tabs or bars
-  where its header has no comma, as spreadsheets in many locales write them; tabs in a ``.tsv``) and ``.parquet`` (read with pyarrow;
+  where its header has no comma, as spreadsheets in many locales write them; tabs in a ``.tsv``),
+  ``.txt`` (plain text, a ``text`` record a line: the text task's corpus) and ``.parquet`` (read with pyarrow;
   a row is a record). Folders saved by Hugging Face
   ``datasets`` are read by :mod:`lorakit.data.arrow`; files larger than memory are
   streamed by :mod:`lorakit.data.stream`. Both use the checks here.
@@ -60,6 +61,9 @@ def read_classification(path, columns: dict | None = None) -> list[dict]:
         LorakitError: see :func:`read_file`; a record without a text or a label.
     """
     path = Path(path)
+    if path.suffix.lower() == ".txt":
+        raise LorakitError(f"{path.name} is plain text, which holds no labels: classification reads a .jsonl, .csv, "
+                           ".tsv, .json or .parquet file of texts and labels (plain text trains --task text)")
     return classification_records(read_file(path), path.name, columns)
 
 
@@ -212,6 +216,14 @@ def _read_jsonl(path: Path) -> list[dict]:
     return records
 
 
+def _read_txt(path: Path) -> list[dict]:
+    """Plain text, one example a line (blank lines skipped), as ``{"text": line}``: the text task's
+    corpus as Hugging Face ``datasets``' "text" loader reads it."""
+    with open(path, encoding=ENCODING) as handle:
+        return [{"text": line.rstrip("\r\n"), "_where": f"{path.name} line {number}"}
+                for number, line in enumerate(handle, start=1) if line.strip()]
+
+
 def _an_object(record, where: str) -> dict:
     """``record`` with ``"_where"``, or LorakitError when it is not a JSON object."""
     if not isinstance(record, dict):
@@ -278,9 +290,9 @@ def _read_csv(path: Path, delimiter: str | None = None, quoting: int = csv.QUOTE
 
 
 READ_SUFFIX = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_tsv,
-               ".parquet": _read_parquet}  # the formats lorakit reads, by suffix
+               ".parquet": _read_parquet, ".txt": _read_txt}  # the formats lorakit reads, by suffix
 SUFFIXES = tuple(READ_SUFFIX)
-FORMATS = ", ".join(SUFFIXES[:-1]) + " or " + SUFFIXES[-1]  # ".jsonl, .json, .csv, .tsv or .parquet", for messages
+FORMATS = ", ".join(SUFFIXES[:-1]) + " or " + SUFFIXES[-1]  # ".jsonl, .json, .csv, .tsv, .parquet or .txt", for messages
 
 
 def _keys_found(record: dict) -> list[str]:
