@@ -166,7 +166,7 @@ def _run(quick: bool, tmp: Path, adapters: int, requests: int, new_tokens: int, 
     root = tmp / "adapters"
     root.mkdir()
     service = build_service(model_dir or "default-chat", adapter_root=str(root), max_loaded=adapters + cold + 1,
-                            max_batch=max_batch)
+                            max_batch=max_batch, load_on_demand=True)  # the cold adapters load as they are asked for
     names = [f"a{i}" for i in range(adapters)]
     for i, name in enumerate([*names, *(f"cold{i}" for i in range(cold))]):
         write_random_adapter(service.model, root / name, seed=i, r=8, scale=0.1)
