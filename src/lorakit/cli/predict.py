@@ -33,11 +33,11 @@ def run(args) -> int:
         if len(results) > 1:
             print(f"[{name}]")
         for row in rows:
-            ranked = row["probabilities"].items()
-            if len(ranked) > SHOWN_LABELS:  # the likeliest few, not a line of every class
+            ranked, classes = row["probabilities"].items(), len(row["probabilities"])
+            if classes > SHOWN_LABELS:  # the likeliest few, not a line of every class
                 ranked = sorted(ranked, key=lambda item: -item[1])[:SHOWN_LABELS]
             probabilities = "  ".join(f"{label} {p:.3f}" for label, p in ranked)
-            more = f"; top {SHOWN_LABELS} of {len(row['probabilities'])}" if len(row["probabilities"]) > SHOWN_LABELS else ""
+            more = f"; top {SHOWN_LABELS} of {classes}" if classes > SHOWN_LABELS else ""
             print(f"{row['label']:<10} ({probabilities}{more})  {row['text']}")
     return 0
 

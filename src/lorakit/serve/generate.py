@@ -43,7 +43,8 @@ async def complete(service: Service, metrics, http: Request, body: schemas._Samp
     if chat:
         ids = [await asyncio.to_thread(service.encode_chat, [m.as_dict() for m in body.messages],
                                        body.add_generation_prompt, body.continue_final_message)]
-        echoes = None if body.echoed() is None else [body.echoed()]
+        echoed = body.echoed()
+        echoes = None if echoed is None else [echoed]
     else:
         ids = await asyncio.to_thread(lambda: [service.encode_prompt(prompt) for prompt in prompts])
         if body.echo:  # each prompt as given; token ids as their text

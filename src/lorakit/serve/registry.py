@@ -161,10 +161,6 @@ class AdapterRegistry:
         if name != BASE and name not in self._entries:
             raise self.unknown(name)
 
-    def servable(self, name: str) -> bool:
-        """Whether a request may name ``name``: registered, or loadable on demand."""
-        return name == BASE or self.knows(name) or (self.load_on_demand and self.on_disk(name))
-
     def on_disk(self, name: str) -> bool:
         """Whether ``name`` is a folder directly under the adapter root (load on demand)."""
         if self.adapter_root is None or not FOLDER_PATTERN.fullmatch(name):

@@ -150,7 +150,7 @@ class Service:
         thread registers it for the first and finds it registered for the others."""
         if name == BASE or self.registry.knows(name):
             return
-        if not self.registry.servable(name):
+        if not (self.registry.load_on_demand and self.registry.on_disk(name)):
             raise self.registry.unknown(name)
         await asyncio.wrap_future(self.engine.call(lambda: self.registry.ensure(name)))
 
