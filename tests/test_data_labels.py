@@ -5,7 +5,8 @@ import warnings
 import pytest
 
 from lorakit.data import read_records
-from lorakit.data.labels import LabelWarning, find_label, merge_number_spellings
+from lorakit.data.labels import LabelWarning, class_order, find_label, merge_number_spellings
+from lorakit.tasks import get_task
 from tiny_training import write_jsonl
 
 
@@ -48,3 +49,16 @@ def test_labels_that_differ_only_in_case_stay_apart_with_a_warning(tmp_path):
 def test_a_label_in_another_case_finds_its_class_when_only_one_fits():
     assert find_label({"False": 0, "True": 1}, "false") == 0
     assert find_label({"Pos": 0, "pos": 1, "neg": 2}, "POS") is None  # two classes fit: unknown
+
+
+def test_classes_are_numbered_by_value_then_with_digits_read_as_numbers():
+    assert class_order(["10", "2", "0", "1", "-1", "1.5", "11"]) == ["-1", "0", "1", "1.5", "2", "10", "11"]
+    assert class_order(["class10", "class2", "class1", "b", "a"]) == ["a", "b", "class1", "class2", "class10"]
+    assert class_order(["pos", "neg", "3", "12"]) == ["3", "12", "neg", "pos"]
+    assert class_order(["x1", "x01"]) == ["x01", "x1"]  # the same number: the text decides
+
+
+def test_the_labels_0_to_11_get_the_ids_0_to_11():
+    train = [{"text": f"t{i}", "label": str(i % 12)} for i in range(48)]
+    labels = get_task("classify").labels(train, "d.csv")
+    assert {i: name for i, name in enumerate(labels)} == {i: str(i) for i in range(12)}

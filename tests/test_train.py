@@ -259,6 +259,31 @@ def test_predict_eval_and_merge_agree(sentiment_runs):
         load_trained([adapter, adapter], merge=True)
 
 
+def test_classifiers_of_other_label_sets_are_predicted_and_scored_together(models, sentiment_runs, tmp_path):
+    """A 3-class adapter trained on its own file, given with the 2-class one: each answers with its
+    own labels, and each is scored on its own test split, as when given alone."""
+    records = [{"text": f"{word} {i}", "label": f"class{1 + i % 3}"} for i in range(90)
+               for word in (["red", "green", "blue"][i % 3],)]
+    data = write_jsonl(tmp_path / "colours.jsonl", records)
+    train(quick(models, tmp_path, data=str(data), data_limit=None, steps=4, max_length=12))
+    folders = [sentiment_runs["lora"][0], tmp_path / "run"]
+    both, texts = load_trained(folders), ["a great movie", "green 7"]
+    together = predict(both, texts)
+    assert [set(rows[0]["probabilities"]) for rows in together.values()] == [{"neg", "pos"},
+                                                                             {"class1", "class2", "class3"}]
+    scores = evaluate_trained(both)
+    for folder, name in zip(folders, both.names):
+        (alone,) = predict(load_trained([folder]), texts).values()
+        for got, want in zip(together[name], alone):
+            assert got["label"] == want["label"]
+            assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
+        (want,) = evaluate_trained(load_trained([folder])).values()
+        assert scores[name]["examples"] == want["examples"] and scores[name]["classes"] == want["classes"]
+        assert scores[name]["accuracy"] == pytest.approx(want["accuracy"])
+    with pytest.raises(LorakitError, match="own classifier head"):
+        load_trained(folders, merge=True)
+
+
 def test_an_input_longer_than_the_learned_positions_is_cut_to_them(sentiment_runs):
     trained = load_trained([sentiment_runs["lora"][0] / "adapter"])
     assert trained.max_length() == 48  # as trained

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +35,8 @@ class Trained:
         info: the contents of ``lorakit_task.json`` (of the first adapter).
         names: the adapter names, in the order given (``["merged"]`` after a merge,
             ``["full"]`` for a fully fine-tuned model, ``["base"]`` for the base model alone).
+        infos: each adapter's own ``lorakit_task.json`` by name, where it differs from ``info``
+            (a classifier of another label set, trained on other data, or to another length).
     """
 
     model: torch.nn.Module
@@ -42,6 +44,11 @@ class Trained:
     task: Task
     info: dict
     names: list[str]
+    infos: dict = field(default_factory=dict)
+
+    def info_of(self, name: str) -> dict:
+        """``lorakit_task.json`` of adapter ``name``."""
+        return self.infos.get(name, self.info)
 
     def use(self, name: str) -> None:
         """Make adapter ``name`` the one the forward applies (no-op for a model without
@@ -51,12 +58,14 @@ class Trained:
         if name in lora_configs(self.model):
             set_active(self.model, name)
 
-    def max_length(self) -> int:
-        """Tokens an input is cut to: the length it was trained with (the task's cap when the
-        folder does not say), at most what the model's learned positions hold."""
+    def max_length(self, name: str | None = None) -> int:
+        """Tokens an input is cut to: the length adapter ``name`` (default: the first) was trained
+        with (the task's cap when the folder does not say), at most what the model's learned
+        positions hold."""
         from lorakit.targets import position_limit
 
-        length = self.info.get("max_length") or self.task.max_length_cap
+        info = self.info if name is None else self.info_of(name)
+        length = info.get("max_length") or self.task.max_length_cap
         limit = position_limit(self.model)
         return min(length, limit) if limit is not None else length
 
@@ -82,9 +91,12 @@ def load_trained(adapters: list, merge: bool = False, model: str | None = None, 
         merge: fold the adapters into the base weights (several: their sum).
         model: override the base model recorded in the folders.
 
+    Classifiers of different label sets may be given together (each adapter brings its own
+    head; :mod:`lorakit.peft_load`), not merged.
+
     Raises:
-        LorakitError: the folders disagree on task, base model or labels, a full model
-            folder is mixed with others, or several classifiers are to be merged.
+        LorakitError: the folders disagree on task or base model, a full model folder is mixed
+            with others, or several classifiers are to be merged.
     """
     folders = [trained_folder(a) for a in adapters]
     infos = [json.loads((f / TASK_FILE).read_text()) for f in folders]
@@ -99,7 +111,7 @@ def load_trained(adapters: list, merge: bool = False, model: str | None = None, 
         return Trained(net.to(device).eval(), tokenizer, found, info, ["base"])
     first = infos[0]
     for folder, info in zip(folders[1:], infos[1:]):
-        for key in ("task", "model", "labels"):
+        for key in ("task", "model"):
             if info.get(key) != first.get(key):
                 raise LorakitError(f"{folder} was trained with {key}={info.get(key)!r} but {folders[0]} with "
                                    f"{first.get(key)!r}; adapters used together need the same {key}")
@@ -125,8 +137,8 @@ def load_trained(adapters: list, merge: bool = False, model: str | None = None, 
     if merge:
         set_active(net, *names)
         net = merge_and_unload(net)
-        names = ["merged"]
-    return Trained(net.to(device).eval(), tokenizer, found, first, names)
+        return Trained(net.to(device).eval(), tokenizer, found, first, ["merged"])
+    return Trained(net.to(device).eval(), tokenizer, found, first, names, dict(zip(names, infos)))
 
 
 def _unique_names(folders: list[Path]) -> list[str]:
@@ -149,41 +161,54 @@ def evaluate_trained(trained: Trained, data: str | None = None, batch_size: int 
     classifier's include the majority-class baseline and the breakdown by class
     (:meth:`lorakit.tasks.Task.metrics`).
 
-    ``data`` None scores the test split of the data it was trained on (refused when that
-    file changed since); a file is scored whole (every record), its columns named as in
-    training (``--text-column``...) unless ``columns`` names them (``{"label": "stars"}``).
-    ``progress`` shows a bar per adapter.
+    ``data`` None scores each adapter on the test split of the data it was trained on (refused
+    when that file changed since); a file is scored whole (every record), its columns named as
+    in training (``--text-column``...) unless ``columns`` names them (``{"label": "stars"}``).
+    Each adapter reads its examples with its own labels and length; adapters that share them
+    share one encoding. ``progress`` shows a bar per adapter.
     """
-    from lorakit import data as lkdata
     from lorakit.tasks import encode_splits
 
-    task, info = trained.task, trained.info
+    task = trained.task
     batch_size = batch_size or task.default_eval_batch_size
-    max_length = trained.max_length()
-    columns = {**(info.get("columns") or {}), **(columns or {})} or None
-    if data is None:
-        source = info.get("data", "default")
-        recorded = info.get("data_fingerprint")
-        if recorded is not None and Path(source).is_file() and file_fingerprint(source) != recorded:
-            raise LorakitError(f"{source} changed since this run trained on it, so splitting it again would put "
-                               "training examples in the test split; give the examples to score with --data FILE")
-        splits = read_splits(task, source, info.get("data_limit"), columns, info.get("stream"),
-                             info.get("stream_buffer") or 10_000)
-        splits = lkdata.DatasetSplits([], [], splits.test, splits.source)
-        if not splits.test:
-            raise LorakitError(f"{splits.source} has no test split; give --data FILE to evaluate on")
-    else:
-        records = task.read_records(data, columns)
-        splits = lkdata.DatasetSplits([], [], records, str(data))
-    encoded = encode_splits(task, splits, trained.tokenizer, max_length, info.get("labels"), allow_empty_train=True)
     pad_id = trained.tokenizer.pad_token_id if trained.tokenizer.pad_token_id is not None else 0
     device = next(trained.model.parameters()).device
-    results = {}
+    read, encoded, results = {}, {}, {}
     for name in trained.names:
+        info = trained.info_of(name)
+        named = {**(info.get("columns") or {}), **(columns or {})} or None
+        where = json.dumps([data, named] if data is not None else
+                           [info.get("data", "default"), named, info.get("data_limit"), info.get("stream")])
+        if where not in read:
+            read[where] = _scored_split(task, info, data, named)
+        labels, max_length = info.get("labels"), trained.max_length(name)
+        key = json.dumps([where, labels, max_length])
+        if key not in encoded:
+            encoded[key] = encode_splits(task, read[where], trained.tokenizer, max_length, labels,
+                                         allow_empty_train=True).test
         trained.use(name)
-        results[name] = evaluate(task, trained.model, encoded.test, pad_id, batch_size, device,
-                                 labels=info.get("labels"), progress=f"evaluating {name}" if progress else None)
+        results[name] = evaluate(task, trained.model, encoded[key], pad_id, batch_size, device,
+                                 labels=labels, progress=f"evaluating {name}" if progress else None)
     return results
+
+
+def _scored_split(task: Task, info: dict, data: str | None, columns: dict | None):
+    """The examples to score, as the test part of a ``DatasetSplits``: ``data`` whole, or the
+    test split of the data ``info`` (a ``lorakit_task.json``) was trained on."""
+    from lorakit import data as lkdata
+
+    if data is not None:
+        return lkdata.DatasetSplits([], [], task.read_records(data, columns), str(data))
+    source = info.get("data", "default")
+    recorded = info.get("data_fingerprint")
+    if recorded is not None and Path(source).is_file() and file_fingerprint(source) != recorded:
+        raise LorakitError(f"{source} changed since this run trained on it, so splitting it again would put "
+                           "training examples in the test split; give the examples to score with --data FILE")
+    splits = read_splits(task, source, info.get("data_limit"), columns, info.get("stream"),
+                         info.get("stream_buffer") or 10_000)
+    if not splits.test:
+        raise LorakitError(f"{splits.source} has no test split; give --data FILE to evaluate on")
+    return lkdata.DatasetSplits([], [], splits.test, splits.source)
 
 
 def predict(trained: Trained, texts: list[str]) -> dict:
@@ -195,12 +220,11 @@ def predict(trained: Trained, texts: list[str]) -> dict:
     Raises:
         LorakitError: the model is not a classifier.
     """
-    max_length = trained.max_length()
     results = {}
     for name in trained.names:
         trained.use(name)
-        results[name] = trained.task.predict(trained.model, trained.tokenizer, texts, trained.info["labels"],
-                                             max_length)
+        results[name] = trained.task.predict(trained.model, trained.tokenizer, texts,
+                                             trained.info_of(name)["labels"], trained.max_length(name))
     return results
 
 

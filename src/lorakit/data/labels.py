@@ -9,6 +9,7 @@ files a label is matched to the known label of the same number (:func:`find_labe
 
 from __future__ import annotations
 
+import re
 import warnings
 from decimal import Decimal, InvalidOperation
 
@@ -76,6 +77,20 @@ def number_renames(labels, source: str) -> dict[str, str]:
     warnings.warn(f"{source}: labels that are the same number written differently are one class ({shown})",
                   LabelWarning, stacklevel=4)
     return {name: plain_number(value) for value, names in merged.items() for name in names}
+
+
+def class_order(labels) -> list[str]:
+    """The labels in the order their classes are numbered: labels that are numbers by value
+    (``"2"`` before ``"10"``, so the labels 0…k-1 get the ids 0…k-1), then the others with their
+    digits read as numbers (``"class2"`` before ``"class10"``), ties broken by the text."""
+    def key(label: str):
+        value = number_value(label)
+        if value is not None:
+            return (0, value, label)
+        parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", label) if p)
+        return (1, parts, label)
+
+    return sorted(labels, key=key)
 
 
 def find_label(label2id: dict[str, int], label: str) -> int | None:

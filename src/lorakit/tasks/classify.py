@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lorakit import data as lkdata
 from lorakit.data.encode import Encoded
-from lorakit.data.labels import number_renames
+from lorakit.data.labels import class_order, number_renames
 from lorakit.data.readers import classification_records, classify_checker
 from lorakit.data.stream import RecordStream
 from lorakit.errors import LorakitError
@@ -58,14 +58,14 @@ class ClassificationTask(Task):
         return Counter(record["label"] for record in train)
 
     def labels(self, train, source: str) -> list[str]:
-        """The sorted labels of the training records.
+        """The labels of the training records in class order (:func:`lorakit.data.labels.class_order`).
 
         Raises:
             LorakitError: fewer than two classes (nothing to tell apart), or more classes than
                 half the examples (past 50: an id or text column given as the label).
         """
         counts = self.class_counts(train)
-        names = sorted(counts)
+        names = class_order(counts)
         examples = sum(counts.values())
         if len(names) > max(50, examples // 2):
             raise LorakitError(f"the label column of {source} holds {len(names):,} different values among "
