@@ -10,11 +10,10 @@
 
 from __future__ import annotations
 
-import bz2
 import csv
-import io
 from functools import lru_cache
 
+from lorakit.data.compressed import open_text
 from lorakit.data.splits import DatasetSplits, split_records
 from lorakit.errors import LorakitError
 from lorakit.models import embedded_path
@@ -44,7 +43,7 @@ def rotten_tomatoes(validation: int = 1000, test: int = 1000, limit: int | None 
 def _reviews(path: str) -> tuple:
     """The labelled reviews of the file at ``path``, parsed once per process (~1 s)."""
     records, seen = [], set()
-    with io.TextIOWrapper(bz2.open(path), encoding="utf-8") as handle:
+    with open_text(path, "utf-8") as handle:
         for row in csv.DictReader(handle):
             text = (row.get("text") or "").strip()
             if row.get("category") not in REVIEW_LABELS or not text or text in seen:

@@ -7,7 +7,8 @@ Formats (chosen by the file's suffix):
   ``.tsv`` (a header row; commas between the fields of a ``.csv``, or semicolons, tabs or bars
   where its header has no comma, as spreadsheets in many locales write them; tabs in a ``.tsv``),
   ``.txt`` (plain text, a ``text`` record a line: the text task's corpus) and ``.parquet`` (read with pyarrow;
-  a row is a record). Folders saved by Hugging Face
+  a row is a record); any but Parquet may be compressed whole (``train.jsonl.gz``, ``.bz2``, ``.xz``:
+  :mod:`lorakit.data.compressed`). Folders saved by Hugging Face
   ``datasets`` are read by :mod:`lorakit.data.arrow`; files larger than memory are
   streamed by :mod:`lorakit.data.stream`. Both use the checks here.
 - Columns named otherwise (``review`` for ``text``) are given as ``columns``:
@@ -29,8 +30,11 @@ from __future__ import annotations
 
 import csv
 import json
+import lzma
 from pathlib import Path
 
+from lorakit.data.compressed import (COMPRESSIONS, check_compression, compression, format_suffix, open_text,
+                                     read_bytes)
 from lorakit.data.labels import merge_number_spellings
 from lorakit.data.messages import SHAREGPT_KEY, check_messages
 from lorakit.errors import LorakitError
@@ -61,7 +65,7 @@ def read_classification(path, columns: dict | None = None) -> list[dict]:
         LorakitError: see :func:`read_file`; a record without a text or a label.
     """
     path = Path(path)
-    if path.suffix.lower() == ".txt":
+    if format_suffix(path) == ".txt":
         raise LorakitError(f"{path.name} is plain text, which holds no labels: classification reads a .jsonl, .csv, "
                            ".tsv, .json or .parquet file of texts and labels (plain text trains --task text)")
     return classification_records(read_file(path), path.name, columns)
@@ -119,13 +123,22 @@ def read_file(path) -> list[dict]:
         raise LorakitError(f"data file {path} does not exist; give a {FORMATS} file")
     if path.is_dir():
         raise LorakitError(f"data path {path} is a folder; give a {FORMATS} file")
-    suffix = path.suffix.lower()
+    check_compression(path)
+    suffix = format_suffix(path)
     if suffix not in SUFFIXES:
-        raise LorakitError(f"data file {path} has suffix {suffix!r}; lorakit reads {', '.join(SUFFIXES)}")
+        raise LorakitError(f"data file {path} has suffix {suffix!r}; lorakit reads {', '.join(SUFFIXES)} "
+                           f"(each may be compressed: {', '.join(COMPRESSIONS)})")
+    if suffix == ".parquet" and compression(path):
+        raise LorakitError(f"{path.name}: Parquet compresses its own pages; give the .parquet file itself")
     try:
         raw = READ_SUFFIX[suffix](path)
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
+    except (OSError, EOFError, lzma.LZMAError) as err:
+        if not compression(path):
+            raise
+        raise LorakitError(f"{path.name} does not decompress as {compression(path)} ({err}); is it whole, "
+                           "and compressed as its name says?") from None
     if not raw:
         raise LorakitError(f"data file {path} holds no records; add at least one line of data")
     return raw
@@ -184,7 +197,7 @@ def _no_duplicate_columns(path: Path, names) -> None:
 
 def _not_utf8(path: Path) -> LorakitError:
     """The error for a file that is not UTF-8, naming the first bad line and byte."""
-    data = path.read_bytes()
+    data = read_bytes(path)
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return LorakitError(f"{path.name} is UTF-16 text (it starts with a UTF-16 byte-order mark); lorakit reads "
                             f"UTF-8: save it as UTF-8 (e.g. iconv -f utf-16 -t utf-8 {path.name}) and give that file")
@@ -200,7 +213,7 @@ def _not_utf8(path: Path) -> LorakitError:
 
 def _read_jsonl(path: Path) -> list[dict]:
     records = []
-    with open(path, encoding=ENCODING) as handle:
+    with open_text(path, ENCODING) as handle:
         for number, line in enumerate(handle, start=1):
             line = line.rstrip("\r\n")
             if not line.strip():
@@ -219,7 +232,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 def _read_txt(path: Path) -> list[dict]:
     """Plain text, one example a line (blank lines skipped), as ``{"text": line}``: the text task's
     corpus as Hugging Face ``datasets``' "text" loader reads it."""
-    with open(path, encoding=ENCODING) as handle:
+    with open_text(path, ENCODING) as handle:
         return [{"text": line.rstrip("\r\n"), "_where": f"{path.name} line {number}"}
                 for number, line in enumerate(handle, start=1) if line.strip()]
 
@@ -241,7 +254,8 @@ def _json_kind(value) -> str:
 def _read_json(path: Path) -> list[dict]:
     """A JSON array of objects (``[{"text": ..., "label": ...}, ...]``), or JSON lines in a
     ``.json`` file (read as ``.jsonl``)."""
-    text = path.read_text(encoding=ENCODING)
+    with open_text(path, ENCODING) as handle:
+        text = handle.read()
     try:
         whole = json.loads(text)
     except json.JSONDecodeError as err:
@@ -266,7 +280,7 @@ def _read_tsv(path: Path) -> list[dict]:
 
 
 def _read_csv(path: Path, delimiter: str | None = None, quoting: int = csv.QUOTE_MINIMAL) -> list[dict]:
-    with open(path, encoding=ENCODING, newline="") as handle:
+    with open_text(path, ENCODING, newline="") as handle:
         if delimiter is None:  # what the header is split by: commas, else what a spreadsheet wrote
             header = handle.readline()
             delimiter = next((d for d in (",", ";", "\t", "|") if d in header), ",")

@@ -26,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
+from lorakit.data.compressed import compression
 from lorakit.errors import LorakitError
 
 STREAM_ABOVE_BYTES = 1 << 30  # a file larger than this is streamed unless told otherwise
@@ -46,6 +47,9 @@ def should_stream(path, stream: bool | None) -> bool:
     path = Path(path)
     if stream is None:
         stream = path.is_file() and path.suffix.lower() in STREAM_SUFFIXES and path.stat().st_size > STREAM_ABOVE_BYTES
+    if stream and compression(path):
+        raise LorakitError(f"{path.name} cannot be streamed while compressed (a stream enters the file at a record's "
+                           "byte offset); decompress it, or drop --stream to read it whole")
     if stream and path.suffix.lower() not in STREAM_SUFFIXES:
         raise LorakitError(f"{path.name} cannot be streamed: lorakit streams {', '.join(STREAM_SUFFIXES)} files; "
                            "convert it, or drop --stream")

@@ -22,7 +22,7 @@ from typing import Callable, ClassVar
 import torch
 
 from lorakit import data as lkdata
-from lorakit.data import arrow
+from lorakit.data import arrow, compressed
 from lorakit.data.encode import Encoded, EncodedExample, collate
 from lorakit.data.stream import EncodedStream, RecordStream, should_stream
 from lorakit.errors import LorakitError
@@ -271,7 +271,8 @@ def _read_folder(folder: Path, task: Task, columns) -> lkdata.DatasetSplits:
     entries = sorted(folder.iterdir())
 
     def find(stem, required=True):
-        found = [f for f in entries if f.is_file() and f.stem == stem and f.suffix.lower() in lkdata.readers.SUFFIXES]
+        found = [f for f in entries if f.is_file() and compressed.stem(f) == stem
+                 and compressed.format_suffix(f) in lkdata.readers.SUFFIXES]
         if not found and required:
             raise LorakitError(f"data folder {folder} has no {stem} file ({lkdata.readers.FORMATS}), nor is it "
                                f"a folder saved by datasets; it holds {[p.name for p in entries][:10]}")
