@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.data.readers import file_fingerprint
+from lorakit.data.files import file_fingerprint
 from lorakit.errors import LorakitError
 from lorakit.run_folder import TASK_FILE, trained_folder
 from lorakit.tasks import Task, evaluate, get_task, read_splits

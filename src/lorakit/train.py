@@ -38,7 +38,7 @@ from lorakit import atomic, checkpoint, distributed, recipe
 from lorakit.checkpointing import enable_checkpointing
 from lorakit.data.batches import batch_of_step
 from lorakit.data.encode import collate
-from lorakit.data.readers import file_fingerprint
+from lorakit.data.files import file_fingerprint
 from lorakit.errors import LorakitError
 from lorakit.layers.fused import settle
 from lorakit.memory import predict_peak

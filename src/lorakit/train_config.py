@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 from lorakit.config import parse_targets
-from lorakit.data.readers import FORMATS
+from lorakit.data.files import FORMATS
 from lorakit.errors import LorakitError
 from lorakit.layers.quantized import QUANT_KINDS
 from lorakit.methods import METHODS, get_method

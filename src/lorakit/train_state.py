@@ -62,7 +62,7 @@ class Run:
     lengths: tuple = field(default=(), repr=False)
     loss_options: dict = field(default_factory=dict)  # e.g. class_weights, given to Task.batch_stats / batch_count
     choices: list = field(default_factory=list)  # what lorakit.recipe chose (recipe.Choice)
-    data_fingerprint: str | None = None  # of the data file read (lorakit.data.readers.file_fingerprint)
+    data_fingerprint: str | None = None  # of the data file read (lorakit.data.files.file_fingerprint)
 
     @property
     def pad_id(self) -> int:

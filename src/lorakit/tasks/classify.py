@@ -49,7 +49,7 @@ class ClassificationTask(Task):
         return classification_records(raw, source, columns)
 
     def stream_records(self, path, columns, buffer, limit) -> RecordStream:
-        return RecordStream(path, lambda first: classify_checker(columns), buffer, limit, number_renames)
+        return RecordStream(path, lambda first: classify_checker(columns, first), buffer, limit, number_renames)
 
     def class_counts(self, train) -> Counter:
         """Training records per label (a stream counted them as it was opened)."""
