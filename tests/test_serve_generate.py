@@ -224,3 +224,49 @@ def test_one_model_is_retrieved_by_name_and_an_unknown_one_is_a_404(client, toy)
     with pytest.raises(openai.NotFoundError) as err:
         client.models.retrieve("nope")
     assert "not found" in err.value.body["message"] and "task0" in err.value.body["message"]
+
+
+def adjusted_greedy(toy, adapter: str, prompt_ids: list[int], max_tokens: int, repetition: float, frequency: float,
+                    presence: float) -> list[int]:
+    """Greedy tokens by hand with vLLM's penalties: repetition over the prompt's and the answer's
+    tokens (a positive logit divided, a negative one multiplied), frequency and presence over the answer's."""
+    model = toy["refs"].model(toy["root"] / adapter)
+    ids, answer = list(prompt_ids), []
+    with torch.inference_mode():
+        for _ in range(max_tokens):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+            for token in set(ids):
+                logits[token] = logits[token] / repetition if logits[token] > 0 else logits[token] * repetition
+            for token in set(answer):
+                logits[token] -= frequency * answer.count(token) + presence
+            token = int(logits.argmax())
+            if token == toy["tokenizer"].eos_token_id:
+                break
+            answer.append(token)
+            ids.append(token)
+    return answer
+
+
+def test_vllm_sampling_options_change_the_answer_as_they_say(client, toy):
+    tokenizer = toy["tokenizer"]
+    prompt = tokenizer.encode(PROMPTS[1])
+    want = adjusted_greedy(toy, "task1", prompt, 10, 1.5, 0.8, 0.4)
+    assert want != [t for t, _, _ in greedy_steps(toy, "task1", prompt, 10, 1)]  # the penalties do change it
+    got = client.completions.create(model="task1", prompt=prompt, max_tokens=10, temperature=0, logprobs=0,
+                                    frequency_penalty=0.8, presence_penalty=0.4,
+                                    extra_body={"repetition_penalty": 1.5})
+    assert got.choices[0].logprobs.tokens == [tokenizer.decode([t]) for t in want]
+    plain = greedy_steps(toy, "task0", prompt, 6, 1)
+    forced = client.completions.create(model="task0", prompt=prompt, max_tokens=4, temperature=0,
+                                       logit_bias={str(plain[0][0] + 1): 100}, logprobs=0)
+    assert forced.choices[0].logprobs.tokens == [tokenizer.decode([plain[0][0] + 1])] * 4
+    stopped = client.completions.create(model="task0", prompt=prompt, max_tokens=6, temperature=0,
+                                        extra_body={"stop_token_ids": [plain[2][0]]})
+    assert stopped.choices[0].text == tokenizer.decode([plain[0][0], plain[1][0]])
+    assert stopped.choices[0].finish_reason == "stop"
+    eos = {str(tokenizer.eos_token_id): 100}
+    assert client.completions.create(model="task0", prompt=prompt, max_tokens=6, temperature=0,
+                                     logit_bias=eos).usage.completion_tokens == 1  # the end at once
+    held = client.completions.create(model="task0", prompt=prompt, max_tokens=6, temperature=0, logit_bias=eos,
+                                     extra_body={"min_tokens": 3})
+    assert held.usage.completion_tokens == 4 and held.choices[0].finish_reason == "stop"  # 3 tokens, then the end

@@ -68,3 +68,39 @@ def test_prompt_logprobs_score_each_token_given_the_ones_before_it():
     last = logits.clone()
     last[2, 0] = float("inf")  # the last position predicts the first generated token: sampling checks it
     assert len(prompt_logprobs(last, [2, 1, 0], 0)) == 3
+
+
+def test_adjustments_follow_their_formulas():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0, 1.0])
+    sampler = Sampler(temperature=0.0, logit_bias={1: 5.0, 4: -100.0}, repetition_penalty=2.0,
+                      frequency_penalty=0.5, presence_penalty=0.25, prompt_ids=[0, 1], min_tokens=2,
+                      end_ids=frozenset({3}))
+    for token in (2, 2, 5):
+        sampler.accept(token)
+    # bias first; the end token is open again after 2 tokens; repetition over the prompt's and
+    # the answer's tokens (positive / 2, negative * 2); frequency and presence over the answer's only
+    want = torch.tensor([2.0 / 2, 4.0 / 2, 0.5 / 2 - 0.5 * 2 - 0.25, 3.0, -102.0, 1.0 / 2 - 0.5 - 0.25])
+    assert torch.allclose(sampler.adjust(logits), want)
+    assert torch.equal(logits, torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0, 1.0]))  # the model's own left as they were
+    fresh = Sampler(temperature=0.0, min_tokens=2, end_ids=frozenset({3}))
+    assert fresh.adjust(logits)[3] == float("-inf") and fresh.sample(logits) == 0  # the end token held back
+    fresh.accept(0)
+    fresh.accept(0)
+    assert fresh.sample(logits) == 3
+
+
+def test_top_k_and_min_p_keep_only_the_likeliest():
+    logits = torch.tensor([3.0, 2.9, 2.8, 0.0, -1.0, 2.7])
+    draws = {Sampler(temperature=1.0, top_k=3, seed=s).sample(logits) for s in range(200)}
+    assert draws == {0, 1, 2}
+    assert {Sampler(temperature=1.0, top_k=1, seed=s).sample(logits) for s in range(20)} == {0}
+    assert len({Sampler(temperature=1.0, top_k=-1, seed=s).sample(logits) for s in range(300)}) >= 5
+    probs = torch.softmax(logits, -1)  # min_p 0.5 keeps tokens at least half as likely as the top one
+    kept = {i for i in range(6) if probs[i] >= 0.5 * probs.max()}
+    assert {Sampler(temperature=1.0, min_p=0.5, seed=s).sample(logits) for s in range(300)} == kept == {0, 1, 2, 5}
+
+
+def test_a_greedy_row_with_adjustments_takes_the_adjusted_argmax():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [0.0, 5.0, 1.0]])
+    biased = Sampler(temperature=0.0, logit_bias={2: 10.0})
+    assert pick_tokens(logits, [Sampler(temperature=0.0), biased]) == [1, 2]

@@ -69,3 +69,35 @@ def test_unknown_routes_and_methods_answer_in_openai_shape(server):
     err = error_of(httpx.post(server.url + "/v1/completions", content=b"\xff\xfe{", headers={
         "content-type": "application/json"}), 400)
     assert err["message"]
+
+
+CHAT = {"model": "base", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("path, extra, status, param, words", [
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, 422, "response_format", "'json_object' is not"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 422, "tools",
+     "tool calling is not supported"),
+    ("/v1/chat/completions", {"top_logprobs": 3}, 422, "top_logprobs", "needs logprobs set to true"),
+    ("/v1/chat/completions", {"min_tokens": 5}, 422, "min_tokens", "more than max_tokens 2"),
+    ("/v1/chat/completions", {"logit_bias": {"abc": 1}}, 422, "logit_bias", "'abc' is not a token id"),
+    ("/v1/chat/completions", {"logit_bias": {"5": 101}}, 422, "logit_bias", "outside -100 to 100"),
+    ("/v1/chat/completions", {"logit_bias": {"999999": 1}}, 400, "logit_bias", "holds token id 999999"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [999999]}, 400, "stop_token_ids", "holds token id 999999"),
+    ("/v1/completions", {"prompt": "x", "min_tokens": 17}, 400, "min_tokens", "more than the 16 tokens"),
+    ("/v1/completions", {"prompt": "x", "top_k": -2}, 422, "top_k", "greater than or equal to -1"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, 422, "repetition_penalty", "greater than 0"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 422, "presence_penalty", "less than or equal to 2"),
+])
+def test_sampling_options_not_done_or_out_of_range_are_refused_naming_the_field(server, path, extra, status, param,
+                                                                                 words):
+    body = {**CHAT, **extra} if path.endswith("chat/completions") else {"model": "base", **extra}
+    err = error_of(httpx.post(server.url + path, json=body), status)
+    assert err["param"] == param and words in err["message"], err
+    assert "Value error" not in err["message"]
+
+
+def test_what_is_allowed_beside_them_is_answered(server):
+    for extra in ({"response_format": {"type": "text"}}, {"tools": [{"type": "function"}], "tool_choice": "none"},
+                  {"top_logprobs": 2, "logprobs": True}, {"top_k": 0, "min_p": 0.0, "min_tokens": 2}):
+        assert httpx.post(server.url + "/v1/chat/completions", json={**CHAT, **extra}).status_code == 200, extra

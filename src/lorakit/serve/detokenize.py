@@ -27,18 +27,19 @@ class TextStream:
         self.emitted = 0  # characters of `text` already handed out
         self.stopped = False  # a stop string was found
 
-    def add(self, token_id: int) -> str:
-        """Append one token; return the text that became final (often "")."""
+    def add(self, token_id: int, stops: bool = True) -> str:
+        """Append one token; return the text that became final (often ""). With ``stops`` false
+        (before a request's ``min_tokens``) the stop strings are not looked for."""
         self.token_ids.append(token_id)
         self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        for stop in self.stop:
+        for stop in self.stop if stops else ():
             at = self.text.find(stop, max(0, self.emitted - len(stop)))
             if at != -1:
                 self.text = self.text[:at]
                 self.stopped = True
         if self.stopped:
             return self.finish()
-        safe = len(self.text) - self._held_back()
+        safe = len(self.text) - self._held_back(stops)
         return self._emit_until(safe)
 
     def finish(self) -> str:
@@ -52,11 +53,11 @@ class TextStream:
         self.emitted = end
         return piece
 
-    def _held_back(self) -> int:
+    def _held_back(self, stops: bool = True) -> int:
         """How many trailing characters might still change: a cut character or a stop prefix."""
         text = self.text
         held = len(text) - len(text.rstrip(_REPLACEMENT))
-        for stop in self.stop:
+        for stop in self.stop if stops else ():
             for n in range(min(len(stop) - 1, len(text)), 0, -1):
                 if text.endswith(stop[:n]):
                     held = max(held, n)

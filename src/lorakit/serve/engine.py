@@ -73,6 +73,7 @@ class GenerationRequest:
         logprobs: None for no log-probabilities; k >= 0 to report each token's and the
             top k alternatives'.
         ignore_eos: go on past an end-of-sequence token, to ``max_tokens`` or a stop string.
+        stop_ids: tokens that end the answer besides the end-of-sequence ones (not in its text).
         echo: report the prompt first (a "prompt" event, with its tokens' logprobs when
             ``logprobs`` is set); ``max_tokens`` may then be 0, for the prompt alone.
     """
@@ -85,6 +86,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None
     ignore_eos: bool = False
+    stop_ids: frozenset[int] = frozenset()
     echo: bool = False
     cancelled: bool = False
 
@@ -337,15 +339,16 @@ class Engine:
         row.next_token = token
         row.generated += 1
         self.tokens_generated += 1
+        request.sampler.accept(token)
         if request.cancelled:
             row.finish_reason = "cancelled"
             return
-        if token in self.eos_ids and not request.ignore_eos:
+        if (token in self.eos_ids and not request.ignore_eos) or token in request.stop_ids:
             row.finish_reason = "stop"
             return
         if request.logprobs is not None:
             row.logprobs.append(token_logprob(logits, token, request.logprobs))
-        piece = row.stream.add(token)
+        piece = row.stream.add(token, row.generated >= request.sampler.min_tokens)
         if piece:
             request.on_event(Event("text", text=piece, logprobs=row.logprobs))
             row.logprobs = []

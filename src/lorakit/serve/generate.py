@@ -29,7 +29,7 @@ from lorakit.serve.engine import Event
 from lorakit.serve.formats import ChatFormat, CompletionFormat
 from lorakit.serve.responses import RequestTimeout, error_response
 from lorakit.serve.sampling import Sampler
-from lorakit.serve.service import GENERATE, Service
+from lorakit.serve.service import GENERATE, LimitError, Service
 
 
 async def complete(service: Service, metrics, http: Request, body: schemas._Sampling, chat: bool):
@@ -71,12 +71,22 @@ async def _generate(service: Service, metrics, http: Request, body: schemas._Sam
     else:
         max_tokens = body.max_tokens
     max_tokens = service.check_max_tokens(longest, max_tokens)
-    samplers = [Sampler(temperature=body.temperature, top_p=body.top_p, seed=choice_seed(body.seed, j))
-                for _ in prompts for j in range(body.n)]
+    if body.min_tokens > max_tokens:
+        raise LimitError(f"min_tokens {body.min_tokens} is more than the {max_tokens} tokens this request may "
+                         "generate; ask for fewer, or set max_tokens", "min_tokens")
+    for param, ids in body.token_ids().items():
+        service.check_token_ids(ids, param)
+    stop_ids = frozenset(body.stop_token_ids or ())
+    ends = stop_ids | (frozenset() if body.ignore_eos else frozenset(service.engine.eos_ids))
+    samplers = [Sampler(temperature=body.temperature, top_p=body.top_p, seed=choice_seed(body.seed, j),
+                        top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                        frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+                        logit_bias=body.logit_bias, min_tokens=body.min_tokens, end_ids=ends, prompt_ids=ids)
+                for ids in prompts for j in range(body.n)]
     k = body.logprobs_k()
     requests, events = service.submit([ids for ids in prompts for _ in range(body.n)], body.model, max_tokens,
                                       samplers, body.stop, logprobs=k, ignore_eos=body.ignore_eos,
-                                      echo=echoes is not None and not chat)
+                                      echo=echoes is not None and not chat, stop_ids=stop_ids)
     timeout = service.limits.request_timeout
     run = _Run(service, metrics, body, requests, events,
                None if timeout is None else asyncio.get_running_loop().time() + timeout,

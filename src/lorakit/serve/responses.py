@@ -85,11 +85,13 @@ def validation_response(err: RequestValidationError) -> JSONResponse:
         # a field of several types (prompt: a text or token ids) reports one error per type, each
         # under the type's tag (``function-after[...]``, ``list[int]``); the field's name is the rest
         loc = [str(x) for x in p.get("loc", ()) if x != "body" and not _type_tag(x)]
-        messages = by_field.setdefault(".".join(loc) or "body", [])
-        if p.get("msg") not in messages:
-            messages.append(p.get("msg"))
-    parts = [f"field '{field}': {'; or '.join(messages)}" for field, messages in by_field.items()]
-    return JSONResponse(schemas.error_body("; ".join(parts), "invalid_request_error", next(iter(by_field), None)),
+        messages = by_field.setdefault(".".join(loc), [])
+        message = str(p.get("msg")).removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+        if message not in messages:
+            messages.append(message)
+    parts = [f"field '{field}': {'; or '.join(messages)}" if field else "; or ".join(messages)  # a check of the
+             for field, messages in by_field.items()]                                          # whole body
+    return JSONResponse(schemas.error_body("; ".join(parts), "invalid_request_error", next(iter(by_field), None) or None),
                         status_code=422)
 
 

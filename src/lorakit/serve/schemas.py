@@ -3,8 +3,12 @@
 The generation routes follow OpenAI's wire format (``/v1/completions``,
 ``/v1/chat/completions`` and their server-sent-event chunks), so the official ``openai``
 client talks to the server unchanged. Fields a client may send that lorakit does not use
-(``user``, ``presence_penalty``, ...) are accepted and ignored; fields it uses are
-checked here, and a bad one answers 422 naming it: numbers must be JSON numbers (not
+(``user``, ``metadata``, ...) are accepted and ignored; fields it uses are
+checked here, and a bad one answers 422 naming it. Sampling takes OpenAI's parameters and
+vLLM's extensions (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
+``stop_token_ids``, ``ignore_eos``); what changes an answer but is not done here (JSON
+``response_format``, tool calling, ``best_of``, ``suffix``) is refused rather than ignored.
+Numbers must be JSON numbers (not
 ``"2"`` or ``true``), a seed fits in 64 bits, and text holds no lone UTF-16 surrogate
 (``"\ud800"``, which no tokenizer can encode).
 """
@@ -52,6 +56,17 @@ class _Sampling(_Request):
     stream_options: StreamOptions | None = None
     n: StrictInt = Field(default=1, ge=1, le=MAX_N, description="choices to generate for the prompt")
     ignore_eos: StrictBool = Field(default=False, description="vLLM's extension: generate max_tokens whatever comes")
+    frequency_penalty: StrictFloat = Field(default=0.0, ge=-2.0, le=2.0, description="times a token's count, subtracted")
+    presence_penalty: StrictFloat = Field(default=0.0, ge=-2.0, le=2.0, description="subtracted once a token was said")
+    logit_bias: dict[str, StrictFloat] | None = Field(default=None, description="token id (as a string) -> bias")
+    # vLLM's sampling extensions
+    top_k: StrictInt = Field(default=0, ge=-1, description="keep the k most likely tokens (0 or -1: all)")
+    min_p: StrictFloat = Field(default=0.0, ge=0.0, le=1.0, description="drop tokens under min_p x the likeliest's "
+                                                                        "probability")
+    repetition_penalty: StrictFloat = Field(default=1.0, gt=0.0, description="divides the logits of tokens seen")
+    min_tokens: StrictInt = Field(default=0, ge=0, description="tokens generated before an end token or stop string")
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(default=None,
+                                                                          description="tokens that end the answer")
 
     @field_validator("stop")
     @classmethod
@@ -64,6 +79,34 @@ class _Sampling(_Request):
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
         return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_by_token(cls, value):
+        """``{"50256": -100}`` -> ``{50256: -100.0}``; keys are token ids, biases within ±100."""
+        if not value:
+            return {}
+        bias = {}
+        for key, number in value.items():
+            if not key.strip().isdigit():
+                raise ValueError(f"the key {key!r} is not a token id; logit_bias maps token ids (as strings, "
+                                 "e.g. \"50256\") to a bias")
+            if not -100 <= number <= 100:
+                raise ValueError(f"the bias {number:g} of token {key.strip()} is outside -100 to 100")
+            bias[int(key)] = float(number)
+        return bias
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_within_max(cls, value, info):
+        most = info.data.get("max_tokens")
+        if most is not None and value > most:
+            raise ValueError(f"min_tokens {value} is more than max_tokens {most}; ask for at most as many")
+        return value
+
+    def token_ids(self) -> dict[str, list[int]]:
+        """The token ids the request names outside its prompt, by field (checked against the vocabulary)."""
+        return {"logit_bias": list(self.logit_bias or ()), "stop_token_ids": list(self.stop_token_ids or ())}
 
 
     @property
@@ -169,12 +212,41 @@ class ChatRequest(_Sampling):
     add_generation_prompt: StrictBool = Field(default=True, description="open the assistant's turn after the messages")
     continue_final_message: StrictBool = Field(default=False, description="continue the last message itself")
 
+    response_format: dict | None = None
+    tool_choice: str | dict | None = None
+    tools: list | None = None
+    functions: list | None = None
+
     @model_validator(mode="after")
     def _one_ending(self):
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError("continue_final_message goes on with the last message, add_generation_prompt opens a "
                              "new turn after it; set add_generation_prompt to false with continue_final_message")
         return self
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, value, info):
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value):
+        kind = (value or {}).get("type", "text")
+        if kind != "text":
+            raise ValueError(f"{kind!r} is not supported (this server does not constrain decoding to JSON); ask "
+                             "for the format in the messages, or leave response_format out")
+        return value
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tool_calls(cls, value, info):
+        if value and info.data.get("tool_choice") != "none":
+            raise ValueError("tool calling is not supported (this server does not parse tool calls); describe the "
+                             "tools in the messages, or send tool_choice \"none\"")
+        return value
 
     def answer_role(self) -> str:
         """The role of the answer: the assistant's, or the last message's when no new turn is opened."""

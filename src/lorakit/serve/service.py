@@ -93,11 +93,15 @@ class Service:
         """A text's token ids, or token ids as given (each checked against the vocabulary)."""
         if isinstance(prompt, str):
             return self._check_prompt(self.tokenizer.encode(prompt), "prompt")
-        vocabulary = self.model.get_input_embeddings().num_embeddings
-        if max(prompt) >= vocabulary:
-            raise LimitError(f"prompt holds token id {max(prompt)}; this model's vocabulary has ids 0 to "
-                             f"{vocabulary - 1}", "prompt")
+        self.check_token_ids(prompt, "prompt")
         return self._check_prompt(list(prompt), "prompt")
+
+    def check_token_ids(self, ids, param: str) -> None:
+        """Refuse token ids past this model's vocabulary (``param``: the request field holding them)."""
+        vocabulary = self.model.get_input_embeddings().num_embeddings
+        if ids and max(ids) >= vocabulary:
+            raise LimitError(f"{param} holds token id {max(ids)}; this model's vocabulary has ids 0 to "
+                             f"{vocabulary - 1}", param)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     continue_final_message: bool = False) -> list[int]:
@@ -175,7 +179,8 @@ class Service:
 
     def submit(self, prompt_ids: list[int] | list[list[int]], adapter: str, max_tokens: int,
                samplers: list[Sampler], stop: list[str], logprobs: int | None = None,
-               ignore_eos: bool = False, echo: bool = False) -> tuple[list[GenerationRequest], asyncio.Queue]:
+               ignore_eos: bool = False, echo: bool = False,
+               stop_ids: frozenset[int] = frozenset()) -> tuple[list[GenerationRequest], asyncio.Queue]:
         """Queue one generation per sampler (``n`` choices); their events arrive on the
         returned asyncio queue as ``(choice index, Event)``. ``prompt_ids`` is one prompt
         for every sampler, or one prompt per sampler (a list of id lists, as long as ``samplers``).
@@ -199,7 +204,7 @@ class Service:
         per_sampler = bool(prompt_ids) and isinstance(prompt_ids[0], list)
         requests = [GenerationRequest(prompt_ids=prompt_ids[i] if per_sampler else prompt_ids, adapter=adapter,
                                       max_tokens=max_tokens, on_event=deliver_to(i), sampler=sampler, stop=stop,
-                                      logprobs=logprobs, ignore_eos=ignore_eos, echo=echo)
+                                      logprobs=logprobs, ignore_eos=ignore_eos, echo=echo, stop_ids=stop_ids)
                     for i, sampler in enumerate(samplers)]
         for request in requests:
             self.engine.submit(request)
