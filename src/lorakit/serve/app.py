@@ -4,9 +4,10 @@ Routes: ``GET /health`` and ``GET /metrics`` (open), ``GET /v1/models`` (and one
 ``GET /v1/models/{id}``),
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` answers with
 server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``),
-``POST /v1/classify``, and the adapter routes of :mod:`lorakit.serve.admin`
+``POST /v1/classify``, the adapter routes of :mod:`lorakit.serve.admin`
 (``POST /v1/adapters``, ``DELETE /v1/adapters/{name}``, vLLM's
-``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter``).
+``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter``) and vLLM's
+``POST /tokenize`` and ``POST /detokenize`` (:mod:`lorakit.serve.tokens`).
 
 Around the routes, outermost first: :class:`~lorakit.serve.metrics.MetricsMiddleware`
 (counts every answer), :class:`~lorakit.serve.auth.AccessMiddleware` (``Host`` header
@@ -26,7 +27,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from lorakit.errors import LorakitError
-from lorakit.serve import admin, schemas
+from lorakit.serve import admin, schemas, tokens
 from lorakit.serve.auth import Access, AccessMiddleware
 from lorakit.serve.generate import complete
 from lorakit.serve.limits import BodyLimitMiddleware
@@ -127,4 +128,5 @@ def create_app(service: Service, access: Access | None = None) -> FastAPI:
         return {"object": "list", "model": body.model, "data": results}
 
     app.include_router(admin.routes(service))
+    app.include_router(tokens.routes(service))
     return app

@@ -1,7 +1,8 @@
 """Who may talk to the server: API keys and the ``Host`` header.
 
-- ``api_key`` (``--api-key`` or ``LORAKIT_API_KEY``): every ``/v1/*`` route needs
-  ``Authorization: Bearer <key>`` (401 otherwise). ``/health`` and ``/metrics`` stay open.
+- ``api_key`` (``--api-key`` or ``LORAKIT_API_KEY``): every ``/v1/*`` route, ``/tokenize`` and
+  ``/detokenize`` need ``Authorization: Bearer <key>`` (401 otherwise). ``/health`` and
+  ``/metrics`` stay open.
 - ``admin_key`` (``--admin-key``): the routes that load and unload adapters need it
   (403 for the ordinary key); it is accepted on every other route too. Without it those
   routes need the ordinary key. Loading on demand is not an admin act: it reads only
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from lorakit.errors import LorakitError
 from lorakit.serve import schemas
 
+KEYED_PATHS = ("/tokenize", "/detokenize")  # vLLM's token routes (lorakit.serve.tokens), keyed as /v1/ is
 ADMIN_ROUTES = (("POST", "/v1/adapters"), ("DELETE", "/v1/adapters/"), ("POST", "/v1/load_lora_adapter"),
                 ("POST", "/v1/unload_lora_adapter"))
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -104,7 +106,7 @@ class AccessMiddleware:
                     "the Host header names a host this server does not answer for; "
                     "start it with --allowed-hosts NAME to accept that name")
         path = scope.get("path", "")
-        if not path.startswith("/v1/"):
+        if not (path.startswith("/v1/") or path in KEYED_PATHS):
             return None
         admin = _is_admin(scope.get("method", "GET"), path)
         needed = access.admin_key if admin and access.admin_key else access.api_key

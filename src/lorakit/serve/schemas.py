@@ -276,6 +276,33 @@ class ClassifyRequest(_Request):
         return texts
 
 
+class TokenizeRequest(_Request):
+    """vLLM's POST /tokenize: a ``prompt`` (as ``/v1/completions`` reads it) or ``messages`` (as
+    ``/v1/chat/completions`` renders them), to the token ids the model would be given."""
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    return_token_strs: StrictBool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt (a text) or messages (a chat), not both or neither")
+        if self.continue_final_message and self.add_generation_prompt and self.messages is not None:
+            raise ValueError("set add_generation_prompt to false with continue_final_message")
+        return self
+
+
+class DetokenizeRequest(_Request):
+    """vLLM's POST /detokenize: token ids to their text."""
+
+    model: Text | None = None
+    tokens: list[Annotated[StrictInt, Field(ge=0)]]
+
+
 class AdapterLoadRequest(_Request):
     """POST /v1/adapters: load the adapter in folder ``path`` (under --adapter-root) as ``name``."""
 

@@ -89,10 +89,12 @@ class Service:
         self.stopped = True
 
     # ---- prompts (called off the event loop: a long text takes a while) -------------------
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        """A text's token ids, or token ids as given (each checked against the vocabulary)."""
+    def encode_prompt(self, prompt: str | list[int], check: bool = True) -> list[int]:
+        """A text's token ids, or token ids as given (each checked against the vocabulary);
+        ``check`` False leaves an empty or over-long prompt to the caller (``/tokenize``)."""
         if isinstance(prompt, str):
-            return self._check_prompt(self.tokenizer.encode(prompt), "prompt")
+            ids = self.tokenizer.encode(prompt)
+            return self._check_prompt(ids, "prompt") if check else ids
         self.check_token_ids(prompt, "prompt")
         return self._check_prompt(list(prompt), "prompt")
 
@@ -104,9 +106,10 @@ class Service:
                              f"{vocabulary - 1}", param)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    continue_final_message: bool = False) -> list[int]:
+                    continue_final_message: bool = False, check: bool = True) -> list[int]:
         """Token ids of a chat through the tokenizer's chat template, ready for the answer: a new
-        assistant turn opened, or (``continue_final_message``) the last message left open."""
+        assistant turn opened, or (``continue_final_message``) the last message left open;
+        ``check`` as for :meth:`encode_prompt`."""
         if getattr(self.tokenizer, "chat_template", None):
             try:
                 text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
@@ -121,7 +124,8 @@ class Service:
                 text = text[:-1]
             elif add_generation_prompt:
                 text += "assistant:"
-        return self._check_prompt(self.tokenizer.encode(text, add_special_tokens=False), "messages")
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return self._check_prompt(ids, "messages") if check else ids
 
     def _check_prompt(self, ids: list[int], param: str) -> list[int]:
         if not ids:
@@ -154,9 +158,15 @@ class Service:
         thread registers it for the first and finds it registered for the others."""
         if name == BASE or self.registry.knows(name):
             return
-        if not (self.registry.load_on_demand and self.registry.on_disk(name)):
-            raise self.registry.unknown(name)
+        self.check_served(name)
         await asyncio.wrap_future(self.engine.call(lambda: self.registry.ensure(name)))
+
+    def check_served(self, name: str) -> None:
+        """Raise :class:`UnknownAdapter` unless ``name`` is the base, a registered adapter, or
+        (load on demand) a folder of that name directly under the adapter root."""
+        if not (name == BASE or self.registry.knows(name)
+                or (self.registry.load_on_demand and self.registry.on_disk(name))):
+            raise self.registry.unknown(name)
 
     def queued(self) -> int:
         """Requests waiting: generations not yet decoding plus classify calls not yet run."""
