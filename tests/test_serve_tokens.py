@@ -46,3 +46,13 @@ def test_bad_token_requests_are_refused_in_openai_shape(server):
     for path in ("/tokenize", "/detokenize"):
         assert error_of(_post(srv.url, path, {"prompt": "x", "tokens": [1]}, headers={}), 401)["code"] == \
             "missing_api_key"
+
+
+def test_model_cards_and_tokenize_give_one_context_and_the_version_is_open(server):
+    from lorakit import __version__
+
+    srv, _ = server
+    context = _post(srv.url, "/tokenize", {"prompt": "x"}).json()["max_model_len"]
+    cards = httpx.get(srv.url + "/v1/models", headers=KEY).json()["data"]
+    assert [card["max_model_len"] for card in cards] == [context, context]
+    assert httpx.get(srv.url + "/version").json() == {"version": __version__}

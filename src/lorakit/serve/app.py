@@ -1,7 +1,7 @@
 """The HTTP application: an OpenAI-compatible API over a :class:`~lorakit.serve.service.Service`.
 
-Routes: ``GET /health`` and ``GET /metrics`` (open), ``GET /v1/models`` (and one model's card,
-``GET /v1/models/{id}``),
+Routes: ``GET /health``, ``GET /metrics`` and vLLM's ``GET /version`` (open), ``GET /v1/models``
+(and one model's card, ``GET /v1/models/{id}``; each with vLLM's ``max_model_len``),
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` answers with
 server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``),
 ``POST /v1/classify``, the adapter routes of :mod:`lorakit.serve.admin`
@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
+from lorakit import __version__
 from lorakit.errors import LorakitError
 from lorakit.serve import admin, schemas, tokens
 from lorakit.serve.auth import Access, AccessMiddleware
@@ -90,14 +91,18 @@ def create_app(service: Service, access: Access | None = None) -> FastAPI:
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
 
+    @app.get("/version")
+    async def version():  # vLLM's
+        return {"version": __version__}
+
     def model_cards() -> list[dict]:
-        created = schemas.now()
+        created, context = schemas.now(), service.limits.context  # max_model_len: as vLLM's cards give it
         data = [{"id": BASE, "object": "model", "created": created, "owned_by": "lorakit", "parent": None,
-                 "root": service.model_name}]
+                 "root": service.model_name, "max_model_len": context}]
         for a in service.registry.describe():
             data.append({"id": a["name"], "object": "model", "created": created, "owned_by": "lorakit",
-                         "parent": BASE, "root": service.model_name, "resident": a["resident"],
-                         "loads": a["loads"]})
+                         "parent": BASE, "root": service.model_name, "max_model_len": context,
+                         "resident": a["resident"], "loads": a["loads"]})
         return data
 
     @app.get("/v1/models")
