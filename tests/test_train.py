@@ -32,13 +32,17 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sentiment_file(tmp_path_factory):
-    """A learnable toy task: the label says whether the text holds a positive word."""
+    """A learnable toy task: the label says whether the text starts with a positive word (random
+    filler words after it, so few texts repeat: a repeated text stays in one part of the split and
+    the scores are of texts not trained on)."""
     generator = torch.Generator().manual_seed(0)
+    fillers = ["the", "a", "and", "of", "film"]
     records = []
     for i in range(240):
         word = WORDS[int(torch.randint(0, 6, (1,), generator=generator))]
-        filler = " ".join(["the film"] * int(torch.randint(0, 3, (1,), generator=generator)))
-        records.append({"text": f"{filler} {word} movie".strip(), "label": "pos" if WORDS.index(word) < 3 else "neg"})
+        picks = torch.randint(0, 5, (int(torch.randint(0, 5, (1,), generator=generator)),), generator=generator)
+        filler = " ".join(fillers[int(j)] for j in picks)
+        records.append({"text": f"{word} movie {filler}".strip(), "label": "pos" if WORDS.index(word) < 3 else "neg"})
     return str(write_jsonl(tmp_path_factory.mktemp("data") / "sentiment.jsonl", records))
 
 
@@ -95,10 +99,10 @@ def test_init_reaches_the_adapter_and_its_file(models, tmp_path):
 
 def test_bf16_mixed_precision_trains_fp32_weights(models, sentiment_file, tmp_path):
     """--bf16: products in bfloat16 under autocast; the adapter stays fp32 and learns like fp32 does."""
-    settings = dict(model=models["cls"], data=sentiment_file, steps=40, batch_size=8, eval_every=20, max_length=48,
+    settings = dict(model=models["cls"], data=sentiment_file, steps=60, batch_size=8, eval_every=30, max_length=48,
                     lr=2e-2, progress=False)
     report = train(TrainConfig(**settings, bf16=True, out=str(tmp_path / "bf16")))
-    assert report["bf16"] is True and report["validation_after"]["accuracy"] >= 0.7  # 24 validation examples
+    assert report["bf16"] is True and report["validation_after"]["accuracy"] >= 0.7  # 19 validation examples
     saved = load_file(str(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors"))
     assert {t.dtype for t in saved.values()} == {torch.float32}
     losses = train_losses(tmp_path / "bf16")
@@ -135,7 +139,7 @@ def sentiment_runs(models, sentiment_file, tmp_path_factory):
     runs = {}
     for method, lr in (("lora", 2e-2), ("full", 3e-3)):
         out = tmp_path_factory.mktemp(method)
-        report = train(TrainConfig(model=models["cls"], data=sentiment_file, steps=40, batch_size=8, eval_every=20,
+        report = train(TrainConfig(model=models["cls"], data=sentiment_file, steps=60, batch_size=8, eval_every=30,
                                    max_length=48, method=method, lr=lr, bf16=False, out=str(out), progress=False))
         runs[method] = (out, report)
     return runs
@@ -146,7 +150,7 @@ def test_the_loss_falls_on_a_learnable_task(sentiment_runs, method):
     out, report = sentiment_runs[method]
     losses = train_losses(out)
     assert sum(losses[-5:]) < sum(losses[:5])
-    assert report["validation_before"]["accuracy"] < 0.6 and report["validation_after"]["accuracy"] >= 0.75  # 18 of 24
+    assert report["validation_before"]["accuracy"] < 0.6 and report["validation_after"]["accuracy"] >= 0.75  # 15 of 19
 
 
 def test_grad_accumulation_equals_one_big_batch(models, tmp_path):

@@ -16,16 +16,10 @@ from __future__ import annotations
 
 from lorakit import data as lkdata
 from lorakit.errors import LorakitError
-from lorakit.tasks.base import (
-    Task,
-    TaskData,
-    TruncationWarning,
-    encode_splits,
-    evaluate,
-    read_splits,
-)
+from lorakit.tasks.base import Task, TaskData, TruncationWarning, encode_splits, evaluate
 from lorakit.tasks.classify import ClassificationTask, load_classifier
 from lorakit.tasks.language import LanguageModelTask, load_causal_lm, reviews_as_text
+from lorakit.tasks.reading import read_splits
 
 __all__ = ["TASKS", "ClassificationTask", "LanguageModelTask", "Task", "TaskData", "TruncationWarning",
            "encode_splits", "evaluate", "get_task", "per_task", "read_splits", "register_task"]

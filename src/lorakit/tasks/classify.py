@@ -41,6 +41,7 @@ class ClassificationTask(Task):
     stats: ClassVar[tuple[str, ...]] = ("loss_sum", "count", "correct")
     outputs: ClassVar[tuple[str, ...]] = ("predicted", "target")
     stratify_key: ClassVar[str | None] = "label"
+    group_keys: ClassVar[tuple[str, ...]] = ("text",)
 
     def read_records(self, path, columns=None) -> list[dict]:
         return lkdata.readers.read_classification(path, columns)

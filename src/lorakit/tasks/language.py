@@ -61,6 +61,7 @@ class LanguageModelTask(Task):
 
     default_model: ClassVar[str] = "default-chat"
     auto_class: ClassVar[str] = "AutoModelForCausalLM"
+    group_keys: ClassVar[tuple[str, ...]] = ("prompt", "text")  # one prompt's answers together
 
     def fake_batch(self, batch_size, length) -> dict:
         ids = torch.zeros(batch_size, length, dtype=torch.long)
