@@ -69,7 +69,8 @@ def test_train_with_loraplus_ratio_moves_b_ratio_times_faster(tmp_path):
     ends near 1e-2 while the plain run leaves it near 1e-9."""
     from tiny_training import save_tiny_classifier, write_jsonl
 
-    data = write_jsonl(tmp_path / "data.jsonl", [{"text": f"{w} movie", "label": w} for w in ["good", "bad"] * 20])
+    data = write_jsonl(tmp_path / "data.jsonl", [{"text": f"{w} movie {i // 10} {i % 10}", "label": w}
+                                                  for i, w in enumerate(["good", "bad"] * 20)])
     model = save_tiny_classifier(tmp_path / "model")
     largest_b = {}
     for ratio in (None, 1e7):

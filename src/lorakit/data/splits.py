@@ -53,8 +53,10 @@ def split_records(records: list, validation, test, source: str, group_key: str |
     random.Random(seed).shuffle(keys)
     n_val, n_test = _count(validation, len(keys)), _count(test, len(keys))
     if n_val + n_test >= len(keys):
-        raise LorakitError(f"{source} has {len(keys)} examples: too few for a validation split of {n_val} and a "
-                           f"test split of {n_test} with any left to train on; give at least {n_val + n_test + 1}")
+        held = f"{len(keys)} examples" if not group_key or len(keys) == len(records) else \
+            f"{len(keys)} distinct {group_key}s (among {len(records)} records; a repeated one stays in one part)"
+        raise LorakitError(f"{source} has {held}: too few for a validation split of {n_val} and a test split of "
+                           f"{n_test} with any left to train on; give at least {n_val + n_test + 1}")
     if stratify_key:
         keys = _stratified_order(keys, [groups[key][0][stratify_key] for key in keys], n_val, n_test, seed)
 
