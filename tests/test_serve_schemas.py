@@ -78,6 +78,7 @@ CHAT = {"model": "base", "max_tokens": 2, "messages": [{"role": "user", "content
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, 422, "response_format", "'json_object' is not"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 422, "tools",
      "tool calling is not supported"),
+    ("/v1/chat/completions", {"functions": [{"name": "f"}]}, 422, "functions", "tool calling is not supported"),
     ("/v1/chat/completions", {"top_logprobs": 3}, 422, "top_logprobs", "needs logprobs set to true"),
     ("/v1/chat/completions", {"min_tokens": 5}, 422, "min_tokens", "more than max_tokens 2"),
     ("/v1/chat/completions", {"logit_bias": {"abc": 1}}, 422, "logit_bias", "'abc' is not a token id"),
@@ -99,5 +100,6 @@ def test_sampling_options_not_done_or_out_of_range_are_refused_naming_the_field(
 
 def test_what_is_allowed_beside_them_is_answered(server):
     for extra in ({"response_format": {"type": "text"}}, {"tools": [{"type": "function"}], "tool_choice": "none"},
+                  {"functions": [{"name": "f"}], "function_call": "none"},
                   {"top_logprobs": 2, "logprobs": True}, {"top_k": 0, "min_p": 0.0, "min_tokens": 2}):
         assert httpx.post(server.url + "/v1/chat/completions", json={**CHAT, **extra}).status_code == 200, extra

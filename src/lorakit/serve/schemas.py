@@ -214,6 +214,7 @@ class ChatRequest(_Sampling):
 
     response_format: dict | None = None
     tool_choice: str | dict | None = None
+    function_call: str | dict | None = None  # the legacy tool_choice, for functions
     tools: list | None = None
     functions: list | None = None
 
@@ -243,7 +244,8 @@ class ChatRequest(_Sampling):
     @field_validator("tools", "functions")
     @classmethod
     def _no_tool_calls(cls, value, info):
-        if value and info.data.get("tool_choice") != "none":
+        choice = info.data.get("tool_choice" if info.field_name == "tools" else "function_call")
+        if value and choice != "none":
             raise ValueError("tool calling is not supported (this server does not parse tool calls); describe the "
                              "tools in the messages, or send tool_choice \"none\"")
         return value
