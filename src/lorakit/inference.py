@@ -35,8 +35,8 @@ class Trained:
         info: the contents of ``lorakit_task.json`` (of the first adapter).
         names: the adapter names, in the order given (``["merged"]`` after a merge,
             ``["full"]`` for a fully fine-tuned model, ``["base"]`` for the base model alone).
-        infos: each adapter's own ``lorakit_task.json`` by name, where it differs from ``info``
-            (a classifier of another label set, trained on other data, or to another length).
+        infos: each adapter's own ``lorakit_task.json`` by name (a classifier of another label
+            set, trained on other data or to another length); empty where ``info`` stands for all.
     """
 
     model: torch.nn.Module

@@ -51,7 +51,7 @@ def stem(path) -> str:
 
 def open_text(path, encoding: str, newline: str | None = None):
     """``path`` opened for reading text, decompressed as it is read where it is compressed."""
-    opener = COMPRESSIONS.get(compression(path) or "")
+    opener = COMPRESSIONS.get(Path(path).suffix.lower())
     if opener is None:
         return open(path, encoding=encoding, newline=newline)
     return opener(path, "rt", encoding=encoding, newline=newline)
@@ -59,7 +59,7 @@ def open_text(path, encoding: str, newline: str | None = None):
 
 def read_bytes(path) -> bytes:
     """The contents of ``path``, decompressed."""
-    opener = COMPRESSIONS.get(compression(path) or "")
+    opener = COMPRESSIONS.get(Path(path).suffix.lower())
     if opener is None:
         return Path(path).read_bytes()
     with opener(path, "rb") as handle:

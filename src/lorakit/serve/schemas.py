@@ -197,6 +197,13 @@ class ChatMessage(BaseModel):
         return {"role": self.role, "content": content}
 
 
+def _one_ending(add_generation_prompt: bool, continue_final_message: bool) -> None:
+    """A chat's prompt ends one way: a new turn opened, or the last message continued."""
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message goes on with the last message, add_generation_prompt opens a "
+                         "new turn after it; set add_generation_prompt to false with continue_final_message")
+
+
 class ChatRequest(_Sampling):
     """POST /v1/chat/completions, with vLLM's extensions for ending the prompt: without
     ``add_generation_prompt`` the template does not open the assistant's turn (the answer takes
@@ -220,9 +227,7 @@ class ChatRequest(_Sampling):
 
     @model_validator(mode="after")
     def _one_ending(self):
-        if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message goes on with the last message, add_generation_prompt opens a "
-                             "new turn after it; set add_generation_prompt to false with continue_final_message")
+        _one_ending(self.add_generation_prompt, self.continue_final_message)
         return self
 
     @field_validator("top_logprobs")
@@ -244,10 +249,10 @@ class ChatRequest(_Sampling):
     @field_validator("tools", "functions")
     @classmethod
     def _no_tool_calls(cls, value, info):
-        choice = info.data.get("tool_choice" if info.field_name == "tools" else "function_call")
-        if value and choice != "none":
-            raise ValueError("tool calling is not supported (this server does not parse tool calls); describe the "
-                             "tools in the messages, or send tool_choice \"none\"")
+        choice = "tool_choice" if info.field_name == "tools" else "function_call"
+        if value and info.data.get(choice) != "none":
+            raise ValueError(f"tool calling is not supported (this server does not parse tool calls); describe the "
+                             f"{info.field_name} in the messages, or send {choice} \"none\"")
         return value
 
     def answer_role(self) -> str:
@@ -293,8 +298,8 @@ class TokenizeRequest(_Request):
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give either prompt (a text) or messages (a chat), not both or neither")
-        if self.continue_final_message and self.add_generation_prompt and self.messages is not None:
-            raise ValueError("set add_generation_prompt to false with continue_final_message")
+        if self.messages is not None:
+            _one_ending(self.add_generation_prompt, self.continue_final_message)
         return self
 
 
