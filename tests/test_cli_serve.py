@@ -25,7 +25,7 @@ def test_a_missing_adapter_root_is_one_line_and_exit_2():
 def test_bad_limits_and_keys_are_refused_before_the_model_loads(tmp_path):
     for args, words in [(["--max-queue", "-1"], "--max-queue"), (["--request-timeout", "0"], "--request-timeout"),
                         (["--max-body-bytes", "0"], "--max-body-bytes"), (["--load-on-demand"], "--adapter-root"),
-                        (["--api-key", ""], "--api-key")]:
+                        (["--api-key", ""], "--api-key"), (["--chat-template", "chatlm"], "--chat-template 'chatlm'")]:
         done = _serve("--model", str(tmp_path / "no-such-model"), *args)
         assert done.returncode == 2 and words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 

@@ -83,6 +83,26 @@ def test_on_demand_adapters_go_through_the_lru(server, toy):
 TEXTS = ["a fine film", "dull and slow", "the quick brown fox"]
 
 
+def test_a_chat_template_given_to_the_server_renders_the_chats(toy, tmp_path):
+    """--chat-template chatml (or an adapter folder that carries a template) replaces the
+    tokenizer's own; a chat's ids are then ChatML's, the turns ended by the end-of-sequence
+    token (this vocabulary has no <|im_end|>), which ends an answer."""
+    from lorakit import chat_templates
+    from lorakit.errors import LorakitError
+
+    messages = [{"role": "user", "content": "Hello there"}]
+    service = build_service(str(toy["model_dir"]), chat_template="chatml")
+    text = "<|im_start|>user\nHello there<|endoftext|>\n<|im_start|>assistant\n"
+    assert service.encode_chat(messages) == toy["tokenizer"].encode(text, add_special_tokens=False)
+    assert service.engine.eos_ids == {toy["tokenizer"].eos_token_id}
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / chat_templates.FILE).write_text("{% for m in messages %}{{ m['content'] }}|{% endfor %}")
+    service = build_service(str(toy["model_dir"]), chat_template=str(tmp_path / "adapter"))
+    assert service.encode_chat(messages) == toy["tokenizer"].encode("Hello there|", add_special_tokens=False)
+    with pytest.raises(LorakitError, match="'nope.jinja' is neither a template name"):
+        build_service(str(tmp_path / "no-such-model"), chat_template="nope.jinja")  # before the model loads
+
+
 def _word_tokenizer(folder):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

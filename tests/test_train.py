@@ -313,6 +313,39 @@ def test_chat_lora_trains_on_assistant_turns_and_generates(models, tmp_path):
         predict(load_trained([adapter]), ["x"])
 
 
+def test_a_base_model_without_a_chat_template_learns_chats_with_chatml(tmp_path):
+    """A base model's tokenizer has no template: chats are refused with the flag to give; with
+    --chat-template chatml they train, the adapter carries the template, and loading it again
+    (eval, generate, merge) renders chats the same way and stops at the end of a turn."""
+    from lorakit import chat_templates
+
+    base = str(save_tiny_llama(tmp_path / "base", chat_template=False))
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(60))
+    with pytest.raises(LorakitError, match="no chat template; give --chat-template chatml"):
+        train(TrainConfig(task="chat", model=base, data=str(data), steps=1, out=str(tmp_path / "r"), progress=False))
+    with pytest.raises(LorakitError, match="--chat-template is for a task that generates"):
+        TrainConfig(task="classify", chat_template="chatml")
+    with pytest.raises(LorakitError, match="'nope.jinja' is neither a template name"):
+        TrainConfig(task="chat", chat_template="nope.jinja")
+    # the output layer adapted too: this 32-wide model's frozen head alone cannot make a token likely
+    report = train(TrainConfig(task="chat", model=base, data=str(data), steps=100, batch_size=8, lr=2e-2, rank=8,
+                               targets=r".*(_proj|lm_head)$", chat_template="chatml", out=str(tmp_path / "chat"),
+                               progress=False))
+    assert report["validation_after"]["loss"] < 0.4 * report["validation_before"]["loss"]
+    adapter = tmp_path / "chat" / "adapter"
+    template = (adapter / chat_templates.FILE).read_text()
+    assert template.startswith("{%- for message in messages") and "</s>" in template  # turns end with the eos
+    trained = load_trained([adapter])
+    assert trained.tokenizer.chat_template == template
+    (scores,) = evaluate_trained(trained).values()  # the chats rendered as in training: the same loss
+    assert scores["loss"] == pytest.approx(report["test"]["loss"], rel=1e-2)  # training ran in bf16
+    prompts = ["say cat", "say moon", "say tree"]
+    answers = list(generate(trained, prompts, max_new_tokens=12).values())[0]
+    # the answers' shape learned ("word!"), each stopped at the end of its turn (the eos), not at 12 tokens
+    assert all(answer.endswith("!") and len(answer) <= 6 for answer in answers), answers
+    assert list(generate(load_trained([adapter], merge=True), prompts, max_new_tokens=12).values())[0] == answers
+
+
 def test_a_tokenizer_of_another_model_is_refused_before_training(models, tmp_path):
     import shutil
 

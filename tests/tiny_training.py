@@ -53,12 +53,15 @@ def char_tokenizer():
     return tokenizer
 
 
-def save_tiny_llama(folder, seed: int = 0) -> Path:
-    """A 2-layer Llama causal LM (hidden 32, vocab 128) with a chat-template tokenizer."""
+def save_tiny_llama(folder, seed: int = 0, chat_template: bool = True) -> Path:
+    """A 2-layer Llama causal LM (hidden 32, vocab 128) with a chat-template tokenizer
+    (``chat_template=False``: a base model's, with none)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = Path(folder)
     tokenizer = char_tokenizer()
+    if not chat_template:
+        tokenizer.chat_template = None
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,

@@ -130,6 +130,7 @@ def load_trained(adapters: list, merge: bool = False, model: str | None = None, 
     from lorakit.model import merge_and_unload, set_active
 
     net, tokenizer = found.load_model(model or first["model"], first["labels"])
+    _apply_saved_template(tokenizer, folders)
     names = _unique_names(folders)
     for folder, name in zip(folders, names):
         load_adapter(net, folder, name, activate=False)
@@ -139,6 +140,20 @@ def load_trained(adapters: list, merge: bool = False, model: str | None = None, 
         net = merge_and_unload(net)
         return Trained(net.to(device).eval(), tokenizer, found, first, ["merged"])
     return Trained(net.to(device).eval(), tokenizer, found, first, names, dict(zip(names, infos)))
+
+
+def _apply_saved_template(tokenizer, folders: list[Path]) -> None:
+    """Give ``tokenizer`` the chat template the adapters were trained with (``chat_template.jinja``
+    beside them, from ``lorakit train --chat-template``), where they carry one."""
+    from lorakit.chat_templates import saved
+
+    templates = {folder: saved(folder) for folder in folders}
+    carried = {t for t in templates.values() if t}
+    if len(carried) > 1:
+        carriers = ", ".join(str(folder) for folder, template in templates.items() if template)
+        raise LorakitError(f"the adapters carry different chat templates ({carriers}); use them one at a time")
+    if carried:
+        tokenizer.chat_template = carried.pop()
 
 
 def _unique_names(folders: list[Path]) -> list[str]:

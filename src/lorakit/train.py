@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit import atomic, checkpoint, distributed, recipe
+from lorakit import atomic, chat_templates, checkpoint, distributed, recipe
 from lorakit.checkpointing import enable_checkpointing
 from lorakit.data.batches import batch_of_step
 from lorakit.data.encode import collate
@@ -120,6 +120,7 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     fingerprint = file_fingerprint(config.data)  # eval without --data re-splits the file: only if unchanged
     labels = task.labels(splits.train, splits.source)
     model, tokenizer = task.load_model(config.model, labels)
+    chat_templates.apply(tokenizer, config.chat_template)  # before lengths are measured: it renders the chats
     if config.model_dropout is not None:
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -317,6 +318,8 @@ def _write_best(run: Run) -> None:
 
     def write(folder: Path):
         run.method.export(run.model, run.tokenizer, folder, config)
+        if config.chat_template:  # the adapter carries the template it was trained with
+            chat_templates.save(folder, run.tokenizer)
         atomic.write_json(folder / TASK_FILE, task_info, sort_keys=False)
 
     run.folder.save_result(run.method.saved_name, write)

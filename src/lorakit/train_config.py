@@ -15,6 +15,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
+from lorakit.chat_templates import NAMES as CHAT_TEMPLATES
+from lorakit.chat_templates import resolve as resolve_template
 from lorakit.config import parse_targets
 from lorakit.data.files import FORMATS
 from lorakit.errors import LorakitError
@@ -78,6 +80,10 @@ class TrainConfig:
         "the column holding a completion, when it is not 'completion'", default_help="completion"))
     messages_column: str | None = field(default=None, metadata=setting(
         "the column holding a chat's messages, when it is not 'messages'", default_help="messages"))
+    chat_template: str | None = field(default=None, metadata=setting(
+        "the chat template for a model whose tokenizer has none, or to replace its own: chatml (turns as "
+        "<|im_start|>role ... <|im_end|>), or a Jinja template file; saved beside the adapter as chat_template.jinja",
+        default_help="the tokenizer's own"))
     stream: bool | None = field(default=None, metadata=setting(
         "read a .jsonl/.parquet file as a stream of blocks instead of whole (for files larger than memory)",
         default_help="for files over 1 GiB"))
@@ -230,6 +236,12 @@ class TrainConfig:
                                f"base model; choose one of {sorted(TRAINABLE_INITS)}")
         if self.class_weights is not None and not task.has_classes:
             raise LorakitError(f"--class-weights is for a task with classes; task {self.task!r} has none")
+        if self.chat_template is not None:
+            if task.has_classes:
+                raise LorakitError(f"--chat-template is for a task that generates (chat, text); task {self.task!r} "
+                                   "classifies")
+            if self.chat_template not in CHAT_TEMPLATES:
+                resolve_template(self.chat_template, None)  # a file: read now, so a bad path fails at once
         if self.class_weights is not None and self.class_weights not in CLASS_WEIGHTS:
             raise LorakitError(f"class_weights {self.class_weights!r} is unknown; choose one of {list(CLASS_WEIGHTS)}")
         self.targets = parse_targets(self.targets)

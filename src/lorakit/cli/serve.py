@@ -38,6 +38,9 @@ def register(subparsers) -> None:
                    help="cap on prompt length in tokens (default: %(default)s)")
     p.add_argument("--quantize", choices=["nf4", "int8"], default=None,
                    help="store the base model's linear weights in nf4 or int8 (adapters stay full precision)")
+    p.add_argument("--chat-template", default=None, metavar="NAME|FILE",
+                   help="the chats' template instead of the tokenizer's own: chatml, a Jinja template file, or an "
+                        "adapter folder trained with --chat-template (its chat_template.jinja)")
     p.add_argument("--task", choices=["generate", "classify"],
                    help="what the model does (default: guessed from the model)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
@@ -115,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         max_loaded=args.max_loaded, max_batch=args.max_batch, max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens, task=args.task, load_on_demand=args.load_on_demand, max_queue=args.max_queue,
         request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
-        quantize=args.quantize)
+        quantize=args.quantize,
+        chat_template=args.chat_template and str(adapter_folder(args.chat_template)))  # a run folder: its adapter
     names = ", ".join(["base", *service.registry.names()])
     print(f"lorakit serve: {args.model} ({service.task}) with models: {names}", file=sys.stderr, flush=True)
     serve(service, host=args.host, port=args.port, log_level=args.log_level, access=access)

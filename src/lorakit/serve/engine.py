@@ -31,10 +31,11 @@ from typing import Callable
 
 import torch
 
+from lorakit.chat_templates import end_ids
 from lorakit.errors import LorakitError
 from lorakit.heap import release_freed_memory
 from lorakit.serve.detokenize import TextStream
-from lorakit.serve.held import HeldRows, eos_ids
+from lorakit.serve.held import HeldRows
 from lorakit.serve.kv import BatchCache
 from lorakit.serve.registry import BASE, AdapterEntry, AdapterRegistry
 from lorakit.serve.sampling import (NonFiniteLogits, Sampler, TokenLogprob, pick_tokens, prompt_logprobs,
@@ -128,7 +129,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.registry = registry
         self.max_batch = max_batch
-        self.eos_ids = eos_ids(model, tokenizer)
+        self.eos_ids = end_ids(model, tokenizer)
         self.device = next(model.parameters()).device
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[GenerationRequest] = deque()

@@ -1,5 +1,5 @@
 """What the engine keeps between decode steps besides the cache: the per-row adapter context
-of the running rows (:class:`HeldRows`) and the tokens that end an answer (:func:`eos_ids`)."""
+of the running rows (:class:`HeldRows`)."""
 
 from __future__ import annotations
 
@@ -29,14 +29,3 @@ class HeldRows:
             context, self.context, self.slots = self.context, None, None
             context.__exit__(None, None, None)
 
-
-def eos_ids(model, tokenizer) -> set[int]:
-    """Token ids that end an answer: the tokenizer's EOS and the generation config's."""
-    ids: set[int] = set()
-    for value in (getattr(tokenizer, "eos_token_id", None),
-                  getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids

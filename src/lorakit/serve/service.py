@@ -15,6 +15,9 @@ from pathlib import Path
 
 import torch
 
+from lorakit.chat_templates import NAMES as CHAT_TEMPLATES
+from lorakit.chat_templates import apply as apply_template
+from lorakit.chat_templates import resolve as resolve_template
 from lorakit.errors import LorakitError
 from lorakit.serve.engine import Engine, Event, GenerationRequest
 from lorakit.serve.registry import BASE, AdapterRegistry
@@ -324,12 +327,15 @@ def build_service(model: str = "default-chat", adapters: dict[str, str] | None =
                   adapter_root: str | None = None, max_loaded: int = 8, max_batch: int = 32,
                   max_prompt_tokens: int = 2048, max_tokens: int = 512, task: str | None = None,
                   load_on_demand: bool = False, max_queue: int = 256, request_timeout: float | None = None,
-                  max_body_bytes: int = 1_000_000, quantize: str | None = None) -> Service:
+                  max_body_bytes: int = 1_000_000, quantize: str | None = None,
+                  chat_template: str | None = None) -> Service:
     """Load ``model``, register ``adapters`` ({name: folder}) and build the engine (not started).
     ``quantize`` (``"nf4"``, ``"int8"``) stores the base's linear weights quantized (:mod:`lorakit.quantize`).
 
     ``load_on_demand``: a request naming a folder directly under ``adapter_root`` that is
-    not registered loads it first. The other arguments are :class:`Limits`.
+    not registered loads it first. ``chat_template``: the chats' template instead of the
+    tokenizer's own (:func:`lorakit.chat_templates.resolve`: ``chatml``, a template file, or an
+    adapter folder that carries one). The other arguments are :class:`Limits`.
 
     Raises:
         LorakitError: a bad model spec, adapter name, path or file, or a bad limit.
@@ -340,7 +346,11 @@ def build_service(model: str = "default-chat", adapters: dict[str, str] | None =
     limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_queue=max_queue,
                     request_timeout=request_timeout, max_body_bytes=max_body_bytes)
     registry = AdapterRegistry(None, adapter_root=adapter_root, max_loaded=max_loaded, load_on_demand=load_on_demand)
+    if chat_template is not None and chat_template not in CHAT_TEMPLATES:
+        resolve_template(chat_template, None)  # a file: read before the model loads, so a bad path fails at once
     task = task or detect_task(model)
+    if chat_template is not None and task == CLASSIFY:
+        raise LorakitError(f"--chat-template is for a model that generates; {model!r} is served to classify")
     if task == CLASSIFY:
         base, tokenizer = load_classifier(model, id2label=_folder_labels(model))
     else:
@@ -351,6 +361,7 @@ def build_service(model: str = "default-chat", adapters: dict[str, str] | None =
         quantize_base(base, quantize)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    apply_template(tokenizer, chat_template)
     from lorakit.targets import position_limit
 
     limits.context = int(position_limit(base) or getattr(base.config, "max_position_embeddings", None) or 2048)

@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 
 from lorakit import data as lkdata
+from lorakit.chat_templates import end_ids
 from lorakit.chunked_loss import causal_lm_loss
 from lorakit.data.encode import Encoded
 from lorakit.data.readers import language_model_records, lm_checker
@@ -88,7 +89,8 @@ class LanguageModelTask(Task):
             ids = tokenizer(text, add_special_tokens=not chat, return_tensors="pt")["input_ids"].to(device)
             new_tokens = _room(model, ids.shape[1], max_new_tokens)
             output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                    max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
+                                    max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=sorted(end_ids(model, tokenizer)) or None)
             answers.append(tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip())
         return answers
 
