@@ -52,6 +52,26 @@ def test_the_reader_never_holds_more_than_its_buffer_and_an_epoch_sees_every_rec
     assert len(stream.sample) == 800
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_a_text_the_file_repeats_is_never_both_trained_on_and_scored(tmp_path, kind):
+    rows = [{"text": f"the {WORDS[i // 4 % 6]} film {i // 4}", "label": "pos" if i // 4 % 6 < 3 else "neg"}
+            for i in range(1000)]  # every text four times, its copies apart in the file
+    path = write_jsonl(tmp_path / "rep.jsonl", rows)
+    if kind == "parquet":
+        path = tmp_path / "rep.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=96)
+    with pytest.warns(UserWarning, match=r"training records repeat the text of a validation or test record"):
+        stream = get_task("classify").stream_records(path, None, 32, None)
+    assert (len(stream.validation), len(stream.test)) == (100, 100)
+    held_out = {r["text"] for r in stream.validation + stream.test}
+    copies = sum(r["text"] in held_out for r in rows) - 200  # the held-out texts' other copies
+    assert stream.repeats == copies > 100 and len(stream) == 800 - copies
+    trained = [r["text"] for start in range(0, len(stream), 40) for r in stream.records(5, 0, start,
+                                                                                       min(40, len(stream) - start))]
+    assert len(trained) == len(stream) and not held_out & set(trained)
+    assert sum(stream.label_counts.values()) == len(stream) and stream.max_held <= 32
+
+
 def test_the_split_and_the_order_are_seeded_and_the_same_for_jsonl_and_parquet(files):
     a = get_task("classify").stream_records(files["jsonl"], None, 32, None)
     b = get_task("classify").stream_records(files["parquet"], None, 64, None)

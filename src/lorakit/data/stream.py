@@ -9,6 +9,9 @@ records than that). Two passes open the stream:
 2. read every record once, checking it as the in-memory readers do (every mistake is
    found before training starts), keeping the held-out records, counting the classes
    and keeping a seeded sample of the training records for the recipe's statistics.
+   Where the task groups records by a text (``group_keys``), the held-out records are read
+   first (their lines alone parsed), so that training records repeating one of their texts
+   are left out of training: a text is never both trained on and scored.
 
 The split is seeded: ``min(10%, 1,000)`` records each for validation and test, drawn
 with the fixed split seed from all record numbers (held in memory; the rest trains).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -69,12 +73,15 @@ class RecordStream:
     """
 
     def __init__(self, path, check_factory: Callable[[dict], Callable[[dict], dict]], buffer: int = 10_000,
-                 limit: int | None = None, rename_labels: Callable[[set, str], dict] | None = None):
+                 limit: int | None = None, rename_labels: Callable[[set, str], dict] | None = None,
+                 group_keys: tuple[str, ...] = ()):
         """Args:
             check_factory: ``first raw record -> check(raw) -> record`` (a reader's checker).
             limit: read only the first ``limit`` records of the file (quick trials).
             rename_labels: ``(distinct labels, source) -> {label: new label}`` applied to
                 every record read (one class per number, :func:`lorakit.data.labels.number_renames`).
+            group_keys: the task's :attr:`~lorakit.tasks.base.Task.group_keys`; the first the
+                records hold is the text a training record may not share with a held-out one.
         """
         if buffer < 1:
             raise LorakitError(f"the stream buffer must hold at least one record, got {buffer}")
@@ -89,7 +96,8 @@ class RecordStream:
         self.max_held = 0
         self._check = None
         self._renames: dict = {}
-        self.validation, self.test, self.sample, labels = self._first_pass(check_factory)
+        self.repeats = 0  # training records left out: they repeat a held-out record's text
+        self.validation, self.test, self.sample, labels = self._first_pass(check_factory, group_keys)
         if rename_labels is not None and labels:
             self._renames = rename_labels(labels, self.path.name)
             for record in self.validation + self.test + self.sample:
@@ -129,24 +137,26 @@ class RecordStream:
         """``(first record number, records)`` of every block."""
         return [(k * self.buffer, min(self.buffer, self.total - k * self.buffer)) for k in range(len(self._blocks))]
 
-    def _read_block(self, k: int) -> list[dict]:
-        """The raw records of block ``k``, each with ``"_where"`` and ``"_index"`` (its number)."""
+    def _read_block(self, k: int, only: dict | None = None) -> list[dict]:
+        """The raw records of block ``k``, each with ``"_where"`` and ``"_index"`` (its number);
+        ``only``: just the records whose numbers it holds (the other lines are not parsed)."""
         start, size = self._block_rows()[k]
         if self.parquet:
             rows = _parquet_rows(str(self.path), start, size)
-            records = [{**row, "_where": f"{self.path.name} row {start + i + 1}"} for i, row in enumerate(rows)]
+            records = [{**row, "_where": f"{self.path.name} row {start + i + 1}", "_index": start + i}
+                       for i, row in enumerate(rows) if only is None or start + i in only]
         else:
             offset, number = self._blocks[k]
-            records = []
+            records, index = [], start
             with open(self.path, encoding="utf-8-sig") as handle:
                 handle.seek(offset)
-                while len(records) < size:
+                while index < start + size:
                     line = handle.readline()
                     if line.strip():
-                        records.append(_parse_line(line, f"{self.path.name} line {number}"))
+                        if only is None or index in only:
+                            records.append({**_parse_line(line, f"{self.path.name} line {number}"), "_index": index})
+                        index += 1
                     number += 1
-        for i, record in enumerate(records):
-            record["_index"] = start + i
         self.max_held = max(self.max_held, len(records))
         return records
 
@@ -163,20 +173,38 @@ class RecordStream:
             record["label"] = self._renames[record["label"]]
         return record
 
-    def _first_pass(self, check_factory):
-        """Check every record; keep the held-out ones and a training sample; count labels."""
+    def _first_pass(self, check_factory, group_keys: tuple[str, ...]):
+        """Check every record; keep the held-out ones and a training sample; count labels.
+        With ``group_keys``, the held-out records are read first and training records that
+        repeat one of their texts are left out (``_part`` 2, counted in :attr:`repeats`)."""
         self._check_factory = check_factory
         held: dict[int, list] = {0: [], 1: []}
         sample, seen, labels = [], 0, set()
         self._train_label_counts: Counter = Counter()
         chooser = random.Random(SPLIT_SEED + 1)
+        key, texts = None, set()
+        if group_keys and self._part:
+            for k in sorted({index // self.buffer for index in self._part}):
+                for raw in self._read_block(k, only=self._part):
+                    record = self._checked(raw)
+                    held[self._part[record["_index"]]].append(record)
+            key = next((name for name in group_keys if name in held[0][0]), None) if held[0] else None
+            texts = {record.get(key) for record in held[0] + held[1]} if key else set()
+            labels.update(record["label"] for record in held[0] + held[1] if "label" in record)
         for k in range(len(self._blocks)):
             for raw in self._read_block(k):
+                index = raw["_index"]
+                if key is not None and index in self._part:
+                    continue  # read and checked above
                 record = self._checked(raw)
                 if "label" in record:
                     labels.add(record["label"])
-                if record["_index"] in self._part:
-                    held[self._part[record["_index"]]].append(record)
+                if index in self._part:
+                    held[self._part[index]].append(record)
+                    continue
+                if key is not None and record.get(key) in texts:
+                    self._part[index] = 2  # a held-out text: not trained on
+                    self.repeats += 1
                     continue
                 if "label" in record:
                     self._train_label_counts[record["label"]] += 1
@@ -185,6 +213,10 @@ class RecordStream:
                     sample.append(record)
                 elif (j := chooser.randrange(seen)) < SAMPLE_SIZE:
                     sample[j] = record
+        if self.repeats:
+            warnings.warn(f"{self.path.name}: {self.repeats:,} training records repeat the {key} of a validation or "
+                          "test record and are left out of training, so the scores are of texts not trained on",
+                          stacklevel=2)
         return held[0], held[1], sample, labels
 
     # ---- the training order

@@ -50,7 +50,8 @@ class ClassificationTask(Task):
         return classification_records(raw, source, columns)
 
     def stream_records(self, path, columns, buffer, limit) -> RecordStream:
-        return RecordStream(path, lambda first: classify_checker(columns, first), buffer, limit, number_renames)
+        return RecordStream(path, lambda first: classify_checker(columns, first), buffer, limit, number_renames,
+                            self.group_keys)
 
     def class_counts(self, train) -> Counter:
         """Training records per label (a stream counted them as it was opened)."""

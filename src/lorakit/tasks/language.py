@@ -47,7 +47,7 @@ class LanguageModelTask(Task):
         return language_model_records(raw, columns)
 
     def stream_records(self, path, columns, buffer, limit) -> RecordStream:
-        return RecordStream(path, lambda first: lm_checker(first, columns), buffer, limit)
+        return RecordStream(path, lambda first: lm_checker(first, columns), buffer, limit, group_keys=self.group_keys)
 
     def token_lengths(self, records, tokenizer) -> list[int]:
         return [len(e.input_ids) for e in lkdata.encode_language_modeling(records, tokenizer, NO_CUT).examples]
