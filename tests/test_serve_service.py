@@ -103,6 +103,40 @@ def test_a_chat_template_given_to_the_server_renders_the_chats(toy, tmp_path):
         build_service(str(tmp_path / "no-such-model"), chat_template="nope.jinja")  # before the model loads
 
 
+def test_an_adapter_trained_with_a_chat_template_is_served_with_it(toy, tmp_path):
+    """An adapter that carries chat_template.jinja renders its chats with it, as given on the
+    command line and loaded on demand from under the root (the file copied with the weights);
+    other adapters and the base keep the server's; /tokenize counts what the chat is given."""
+    from lorakit import chat_templates
+
+    root = tmp_path / "root"
+    for name in ("templated", "plain"):
+        shutil.copytree(toy["root"] / "task0", root / name)
+    (root / "templated" / chat_templates.FILE).write_text("{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}")
+    messages = [{"role": "user", "content": "Hello there"}]
+    own = toy["tokenizer"].encode(toy["tokenizer"].apply_chat_template(messages, add_generation_prompt=True,
+                                                                       tokenize=False), add_special_tokens=False)
+    mine = toy["tokenizer"].encode("<<Hello there>>", add_special_tokens=False)
+    service = build_service(str(toy["model_dir"]), adapters={"cli": str(root / "templated")}, adapter_root=str(root),
+                            load_on_demand=True)
+    assert service.encode_chat(messages, adapter="cli") == mine
+    assert service.encode_chat(messages, adapter="base") == service.encode_chat(messages) == list(own)
+    with TestClient(create_app(service)) as client:
+        for model, want in (("templated", mine), ("plain", list(own)), ("cli", mine)):
+            tokens = client.post("/tokenize", json={"model": model, "messages": messages}).json()["tokens"]
+            answer = client.post("/v1/chat/completions", json={"model": model, "messages": messages, "max_tokens": 2,
+                                                              "temperature": 0}).json()
+            assert tokens == want and answer["usage"]["prompt_tokens"] == len(want), (model, answer)
+    # where the adapter's template writes ChatML's end of turn as one token, a chat answer ends there too
+    service.tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    im_end = service.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    shutil.copytree(root / "plain", root / "chatml")
+    (root / "chatml" / chat_templates.FILE).write_text("{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}")
+    service.registry.register("chatml", str(root / "chatml"), load=False)
+    assert service.turn_end_ids("chatml") == {im_end}
+    assert service.turn_end_ids("cli") == service.turn_end_ids("base") == frozenset()
+
+
 def _word_tokenizer(folder):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

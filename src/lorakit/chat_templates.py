@@ -109,6 +109,11 @@ def end_ids(model, tokenizer) -> set[int]:
             ids.add(value)
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
-    template = getattr(tokenizer, "chat_template", None)
-    turn_end = single_token(tokenizer, TURN_END) if isinstance(template, str) and TURN_END in template else None
+    turn_end = turn_end_id(tokenizer, getattr(tokenizer, "chat_template", None))
     return ids | ({turn_end} if turn_end is not None else set())
+
+
+def turn_end_id(tokenizer, template: str | None) -> int | None:
+    """The id of ChatML's end of turn (:data:`TURN_END`) where ``template`` writes it and the
+    vocabulary holds it as one token, else None."""
+    return single_token(tokenizer, TURN_END) if isinstance(template, str) and TURN_END in template else None

@@ -1,6 +1,6 @@
 """What a served adapter's folder says about it beside its weights: ``lorakit_task.json``'s class
 names and the length its inputs were cut to in training (a classifier answers as ``lorakit
-predict`` does with them)."""
+predict`` does with them), and the chat template it was trained with (``chat_template.jinja``)."""
 
 from __future__ import annotations
 
@@ -20,3 +20,20 @@ def task_facts(folder: Path) -> tuple[list[str] | None, int | None]:
     labels, length = info.get("labels"), info.get("max_length")
     return ([str(label) for label in labels] if isinstance(labels, list) and labels else None,
             length if isinstance(length, int) and length > 0 else None)
+
+
+TEMPLATE_MAX_BYTES = 100_000  # a chat template is a few kB; a larger file is not read
+
+
+def trained_template(folder: Path) -> str | None:
+    """The chat template saved beside an adapter (``lorakit train --chat-template``), or None
+    where there is none (or no readable one of a sensible size)."""
+    from lorakit.chat_templates import FILE
+
+    path = folder / FILE
+    try:
+        if not path.is_file() or path.stat().st_size > TEMPLATE_MAX_BYTES:
+            return None
+        return path.read_text(encoding="utf-8") or None
+    except (OSError, UnicodeDecodeError):
+        return None

@@ -42,7 +42,7 @@ async def complete(service: Service, metrics, http: Request, body: schemas._Samp
     echoes = None
     if chat:
         ids = [await asyncio.to_thread(service.encode_chat, [m.as_dict() for m in body.messages],
-                                       body.add_generation_prompt, body.continue_final_message)]
+                                       body.add_generation_prompt, body.continue_final_message, True, body.model)]
         echoed = body.echoed()
         echoes = None if echoed is None else [echoed]
     else:
@@ -76,7 +76,9 @@ async def _generate(service: Service, metrics, http: Request, body: schemas._Sam
                          "generate; ask for fewer, or set max_tokens", "min_tokens")
     for param, ids in body.token_ids().items():
         service.check_token_ids(ids, param)
-    stop_ids = frozenset(body.stop_token_ids or ())
+    # a chat also ends at the end of turn of the template its adapter was trained with
+    stop_ids = frozenset(body.stop_token_ids or ()) | (service.turn_end_ids(body.model) if chat and not body.ignore_eos
+                                                       else frozenset())
     ends = stop_ids | (frozenset() if body.ignore_eos else frozenset(service.engine.eos_ids))
     samplers = [Sampler(temperature=body.temperature, top_p=body.top_p, seed=choice_seed(body.seed, j),
                         top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from lorakit.errors import LorakitError
-from lorakit.serve.adapter_info import task_facts
+from lorakit.serve.adapter_info import task_facts, trained_template
 from lorakit.serve.confine import PathForbidden, copy_confined, resolve_under, shown
 
 BASE = "base"
@@ -86,6 +86,7 @@ class AdapterEntry:
     shown: str = ""  # the path as clients may see it (relative to the root)
     labels: list[str] | None = None  # class names of a classifier adapter, by index
     max_length: int | None = None  # tokens a classifier adapter's inputs are cut to, as in training
+    chat_template: str | None = None  # the chat template it was trained with, where it carries one
     slot: str | None = None
     pins: int = 0  # running requests using it
     removed: bool = False  # unregistered; unloaded as soon as no request holds it
@@ -151,6 +152,11 @@ class AdapterRegistry:
         """The class names adapter ``name`` was trained with (None: the model's own)."""
         entry = self._entries.get(name)
         return entry.labels if entry is not None else None
+
+    def chat_template(self, name: str) -> str | None:
+        """The chat template adapter ``name`` was trained with (None: the server's)."""
+        entry = self._entries.get(name)
+        return entry.chat_template if entry is not None else None
 
     def unknown(self, name: str) -> UnknownAdapter:
         """The error for a name nobody registered, listing what is available."""
@@ -224,7 +230,7 @@ class AdapterRegistry:
                 except Exception as err:  # noqa: BLE001 - any unreadable file is the user's error
                     raise AdapterLoadError(self._scrub(f"adapter {name!r} from {entry.shown} cannot be read: {err}",
                                                        entry, folder)) from None
-                entry.labels, entry.max_length = task_facts(folder)
+                _read_facts(entry, folder)
         with self._lock:
             self._entries[name] = entry
         if old is not None:
@@ -327,7 +333,7 @@ class AdapterRegistry:
                 message = self._scrub(f"adapter {entry.name!r} from {entry.shown} failed to load: {err}", entry, folder)
                 raise AdapterLoadError(message.replace(repr(slot), repr(entry.name))
                                        .replace(slot, entry.name)) from None
-            entry.labels, entry.max_length = task_facts(folder)
+            _read_facts(entry, folder)
         entry.last_load_s = time.perf_counter() - start
         entry.loads += 1
         entry.slot = slot
@@ -343,11 +349,13 @@ class AdapterRegistry:
         if self.adapter_root is None or entry.trusted:
             yield entry.path
             return
+        from lorakit.chat_templates import FILE as TEMPLATE_FILE
         from lorakit.io import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
         from lorakit.run_folder import TASK_FILE
 
         with tempfile.TemporaryDirectory(prefix="lorakit-serve-") as tmp:
-            copy_confined(entry.path, self.adapter_root, (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME, TASK_FILE), Path(tmp))
+            copy_confined(entry.path, self.adapter_root, (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME, TASK_FILE, TEMPLATE_FILE),
+                          Path(tmp))
             yield Path(tmp)
 
     def _scrub(self, message: str, entry: AdapterEntry, folder: Path) -> str:
@@ -368,6 +376,12 @@ class AdapterRegistry:
             self._resident.pop(entry.slot, None)
         delete_adapter(self.model, entry.slot)
         entry.slot = None
+
+
+def _read_facts(entry: AdapterEntry, folder: Path) -> None:
+    """What ``entry``'s folder says beside its weights: class names, length, chat template."""
+    entry.labels, entry.max_length = task_facts(folder)
+    entry.chat_template = trained_template(folder)
 
 
 def _existing_root(path: str | Path) -> Path:

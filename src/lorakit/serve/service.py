@@ -18,6 +18,7 @@ import torch
 from lorakit.chat_templates import NAMES as CHAT_TEMPLATES
 from lorakit.chat_templates import apply as apply_template
 from lorakit.chat_templates import resolve as resolve_template
+from lorakit.chat_templates import turn_end_id
 from lorakit.errors import LorakitError
 from lorakit.serve.engine import Engine, Event, GenerationRequest
 from lorakit.serve.registry import BASE, AdapterRegistry
@@ -108,16 +109,29 @@ class Service:
             raise LimitError(f"{param} holds token id {max(ids)}; this model's vocabulary has ids 0 to "
                              f"{vocabulary - 1}", param)
 
+    def chat_template(self, adapter: str | None) -> str | None:
+        """The template of ``adapter``'s chats: the one it was trained with where it carries one
+        (``chat_template.jinja``), else the server's (``--chat-template``, or the tokenizer's own)."""
+        own = self.registry.chat_template(adapter) if adapter not in (None, BASE) else None
+        return own or getattr(self.tokenizer, "chat_template", None)
+
+    def turn_end_ids(self, adapter: str | None) -> frozenset[int]:
+        """Tokens that end ``adapter``'s chat answers besides the model's end tokens: ChatML's
+        end of turn, where the template it was trained with writes it as one token."""
+        token = turn_end_id(self.tokenizer, self.chat_template(adapter))
+        return frozenset() if token is None or token in self.engine.eos_ids else frozenset({token})
+
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    continue_final_message: bool = False, check: bool = True) -> list[int]:
-        """Token ids of a chat through the tokenizer's chat template, ready for the answer: a new
-        assistant turn opened, or (``continue_final_message``) the last message left open;
-        ``check`` as for :meth:`encode_prompt`."""
-        if getattr(self.tokenizer, "chat_template", None):
+                    continue_final_message: bool = False, check: bool = True, adapter: str | None = None) -> list[int]:
+        """Token ids of a chat through ``adapter``'s chat template (:meth:`chat_template`), ready
+        for the answer: a new assistant turn opened, or (``continue_final_message``) the last
+        message left open; ``check`` as for :meth:`encode_prompt`."""
+        template = self.chat_template(adapter)
+        if template:
             try:
                 text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                           continue_final_message=continue_final_message,
-                                                          tokenize=False)
+                                                          tokenize=False, chat_template=template)
             except ValueError as err:  # e.g. a final message the template does not render as given
                 raise LimitError(f"the messages cannot be continued with this model's chat template: {err}",
                                  "continue_final_message") from None

@@ -28,9 +28,11 @@ def routes(service: Service) -> APIRouter:
             service.check_served(body.model)
         if body.messages is not None:
             service.require_task(GENERATE)  # a chat template belongs to a generating model
+            if body.model is not None:  # registered (on demand: loaded) as a generation would: its template counts
+                await service.ensure_model(body.model)
             messages = [m.as_dict() for m in body.messages]
             ids = await asyncio.to_thread(service.encode_chat, messages, body.add_generation_prompt,
-                                          body.continue_final_message, False)
+                                          body.continue_final_message, False, body.model)
         else:
             ids = await asyncio.to_thread(service.encode_prompt, body.prompt, False)
         strs = service.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
