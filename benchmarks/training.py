@@ -9,7 +9,14 @@ model in train mode (its own dropout stays as it is for all contenders):
 - ``smollm2``: the embedded SmolLM2-135M, LoRA on every linear layer of the blocks,
   batch 4×128, the causal-LM loss on the input itself.
 
-A step is ``zero_grad; loss = model(**batch).loss; loss.backward(); optimizer.step()``.
+A step is ``zero_grad; loss; loss.backward(); optimizer.step()``, the loss computed as each
+library's users get it: on SmolLM2, lorakit's contenders, full fine-tuning and the floor compute
+the causal-LM loss as ``lorakit train`` does (:func:`lorakit.chunked_loss.causal_lm_loss`: the
+output head applied a chunk of tokens at a time, its gradient made in the forward, the whole
+logits never held), PEFT transformers' own (``model(**batch).loss``, over the whole
+``(tokens, vocabulary)`` logits, as the Hugging Face Trainer computes it); the two losses are
+equal (the first step's are returned). On MiniLM every contender takes ``model(**batch).loss``
+(a classifier's loss is the same code in both).
 Contenders: ``lorakit`` (layers reading one input computed together, the default),
 ``lorakit_unfused`` (every layer on its own, :func:`lorakit.layers.fused.ungroup`), ``peft``,
 ``full`` (every weight trains), ``floor`` (the frozen base model whose embedding output
@@ -32,6 +39,7 @@ import copy
 import torch
 
 from benchmarks import harness
+from lorakit.chunked_loss import causal_lm_loss
 
 CONTENDERS = ("lorakit", "lorakit_unfused", "peft", "full", "floor")
 COMPILED = ("lorakit_compiled",)  # timed, not measured for memory (a fresh process would compile again)
@@ -102,12 +110,17 @@ def setup(case: str, contender: str, quick: bool, model=None):
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
 
     cast = harness.autocast_dtype()
+    chunked = case == "smollm2" and contender != "peft"  # what lorakit train computes; PEFT's users, transformers'
 
     def step():
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
         with torch.autocast(harness.device(), dtype=cast or torch.bfloat16, enabled=cast is not None):
-            loss = model(**batch).loss
+            if chunked:
+                total, count = causal_lm_loss(model, batch)
+                loss = total / count
+            else:
+                loss = model(**batch).loss
         loss.backward()
         if optimizer is not None:
             optimizer.step()
@@ -117,11 +130,23 @@ def setup(case: str, contender: str, quick: bool, model=None):
     return step
 
 
+def _first_loss_kept(step):
+    """``step`` that keeps the loss of its first call in ``.first_loss``."""
+    def call():
+        loss = step()
+        if call.first_loss is None:
+            call.first_loss = round(float(loss.detach()), 5)
+        return loss
+
+    call.first_loss, call.trainable = None, step.trainable
+    return call
+
+
 def run_case(case: str, quick: bool) -> dict:
     reps = 1 if quick else harness.reps(CASES[case]["reps"])
     base = _model(case, quick)
     timed = CONTENDERS + (COMPILED if harness.compile_enabled() else ())
-    steps = {c: setup(case, c, quick, model=base) for c in timed}
+    steps = {c: _first_loss_kept(setup(case, c, quick, model=base)) for c in timed}
     del base
     # the first step allocates gradients and AdamW state (and compiles); the second runs warm
     samples = harness.interleaved(steps, reps=reps, warmup=1 if quick else (2 if case == "minilm" else 1))
@@ -141,6 +166,7 @@ def run_case(case: str, quick: bool) -> dict:
         "reps": reps, "precision": "bf16 autocast" if harness.autocast_dtype() else "fp32",
         "trainable_params": {c: steps[c].trainable for c in timed},
         "step_ms": ms,
+        "first_loss": {c: steps[c].first_loss for c in timed},  # the same weights: the same loss, however computed
         "step_all_ms": {c: [round(t * 1000, 2) for t in samples[c]] for c in timed},
         "memory": memory,
         "fused_vs_unfused": harness.ratio(ms["lorakit"], ms["lorakit_unfused"]),
