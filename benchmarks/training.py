@@ -194,6 +194,12 @@ GOALS_GPU = {"minilm": {"peft": 0.8}, "smollm2": {"peft": 0.8}}
 GOAL_MEMORY = 0.85  # lorakit's peak memory / PEFT's (issue 7)
 
 
+def _first_losses(result: dict) -> str:
+    """The first step's loss of each contender on SmolLM2, or a dash for results without them."""
+    first = result.get("smollm2", {}).get("first_loss")
+    return ", ".join(f"{name} {loss}" for name, loss in first.items()) if first else "–"
+
+
 def _goals(result: dict, case: str) -> tuple[str, str]:
     """``(goal text, met)`` of one case's step time, judged on each round's own ratio
     (:func:`harness.paired_ratio`) where the rounds were kept, else on the ratio of medians."""
@@ -242,7 +248,9 @@ AdamW, LoRA rank {first['rank']}, LoRA dropout 0, model in train mode, {first.ge
 contenders alternating step by step in one process. *lorakit*: layers reading one input (q/k/v, gate/up)
 computed together; *unfused*: every layer on its own; *compiled*: lorakit under `torch.compile` (compilation
 not counted). *floor*: the frozen model, backward to the inputs only, no weight gradient: the least any LoRA
-step can cost. Memory: each contender alone in a fresh process, peak during 3 steps; "add" is the peak
+step can cost. The loss as each library's users get it: on SmolLM2 lorakit's contenders, the floor and full
+fine-tuning compute the causal-LM loss as `lorakit train` does (the head a chunk of tokens at a time, the
+whole logits never held), PEFT transformers' own over the whole logits (first losses: {_first_losses(result)}). Memory: each contender alone in a fresh process, peak during 3 steps; "add" is the peak
 minus the memory of the loaded, wrapped model before the first step (activations, gradients, AdamW state).
 
 {harness.table(["step ms", "lorakit", "unfused", "compiled", "PEFT", "floor", "full FT", "lorakit / floor",
