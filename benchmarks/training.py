@@ -250,7 +250,8 @@ computed together; *unfused*: every layer on its own; *compiled*: lorakit under 
 not counted). *floor*: the frozen model, backward to the inputs only, no weight gradient: the least any LoRA
 step can cost. The loss as each library's users get it: on SmolLM2 lorakit's contenders, the floor and full
 fine-tuning compute the causal-LM loss as `lorakit train` does (the head a chunk of tokens at a time, the
-whole logits never held), PEFT transformers' own over the whole logits (first losses: {_first_losses(result)}). Memory: each contender alone in a fresh process, peak during 3 steps; "add" is the peak
+whole logits never held), PEFT transformers' own over the whole logits
+(first losses: {_first_losses(result)}). Memory: each contender alone in a fresh process, peak during 3 steps; "add" is the peak
 minus the memory of the loaded, wrapped model before the first step (activations, gradients, AdamW state).
 
 {harness.table(["step ms", "lorakit", "unfused", "compiled", "PEFT", "floor", "full FT", "lorakit / floor",

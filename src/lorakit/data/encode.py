@@ -125,7 +125,8 @@ def _encode_chat(record: dict, tokenizer) -> tuple[list[int], list[int]]:
     messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]  # rendered as given
     if not getattr(tokenizer, "chat_template", None):
         raise LorakitError(f"{record['_where']} is a chat ('messages') but the tokenizer has no chat template; "
-                           "give --chat-template chatml (or a template file), use prompt/completion records, or a chat model")
+                           "give --chat-template chatml (or a template file), use prompt/completion records, "
+                           "or a chat model")
 
     def render(upto, generation_prompt=False):
         return tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)

@@ -354,8 +354,8 @@ class AdapterRegistry:
         from lorakit.run_folder import TASK_FILE
 
         with tempfile.TemporaryDirectory(prefix="lorakit-serve-") as tmp:
-            copy_confined(entry.path, self.adapter_root, (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME, TASK_FILE, TEMPLATE_FILE),
-                          Path(tmp))
+            names = (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME, TASK_FILE, TEMPLATE_FILE)
+            copy_confined(entry.path, self.adapter_root, names, Path(tmp))
             yield Path(tmp)
 
     def _scrub(self, message: str, entry: AdapterEntry, folder: Path) -> str:
