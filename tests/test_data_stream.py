@@ -55,7 +55,7 @@ def test_the_reader_never_holds_more_than_its_buffer_and_an_epoch_sees_every_rec
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])
 def test_a_text_the_file_repeats_is_never_both_trained_on_and_scored(tmp_path, kind):
     rows = [{"text": f"the {WORDS[i // 4 % 6]} film {i // 4}", "label": "pos" if i // 4 % 6 < 3 else "neg"}
-            for i in range(1000)]  # every text four times, its copies apart in the file
+            for i in range(1000)]  # every text in four records in a row
     path = write_jsonl(tmp_path / "rep.jsonl", rows)
     if kind == "parquet":
         path = tmp_path / "rep.parquet"

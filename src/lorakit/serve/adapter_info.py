@@ -28,12 +28,11 @@ TEMPLATE_MAX_BYTES = 100_000  # a chat template is a few kB; a larger file is no
 def trained_template(folder: Path) -> str | None:
     """The chat template saved beside an adapter (``lorakit train --chat-template``), or None
     where there is none (or no readable one of a sensible size)."""
-    from lorakit.chat_templates import FILE
+    from lorakit.chat_templates import FILE, saved
 
-    path = folder / FILE
     try:
-        if not path.is_file() or path.stat().st_size > TEMPLATE_MAX_BYTES:
+        if (folder / FILE).is_file() and (folder / FILE).stat().st_size > TEMPLATE_MAX_BYTES:
             return None
-        return path.read_text(encoding="utf-8") or None
+        return saved(folder) or None
     except (OSError, UnicodeDecodeError):
         return None

@@ -15,10 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.chat_templates import NAMES as CHAT_TEMPLATES
-from lorakit.chat_templates import apply as apply_template
-from lorakit.chat_templates import resolve as resolve_template
-from lorakit.chat_templates import turn_end_id
+from lorakit import chat_templates
 from lorakit.errors import LorakitError
 from lorakit.serve.engine import Engine, Event, GenerationRequest
 from lorakit.serve.registry import BASE, AdapterRegistry
@@ -118,7 +115,7 @@ class Service:
     def turn_end_ids(self, adapter: str | None) -> frozenset[int]:
         """Tokens that end ``adapter``'s chat answers besides the model's end tokens: ChatML's
         end of turn, where the template it was trained with writes it as one token."""
-        token = turn_end_id(self.tokenizer, self.chat_template(adapter))
+        token = chat_templates.turn_end_id(self.tokenizer, self.chat_template(adapter))
         return frozenset() if token is None or token in self.engine.eos_ids else frozenset({token})
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
@@ -360,8 +357,8 @@ def build_service(model: str = "default-chat", adapters: dict[str, str] | None =
     limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_queue=max_queue,
                     request_timeout=request_timeout, max_body_bytes=max_body_bytes)
     registry = AdapterRegistry(None, adapter_root=adapter_root, max_loaded=max_loaded, load_on_demand=load_on_demand)
-    if chat_template is not None and chat_template not in CHAT_TEMPLATES:
-        resolve_template(chat_template, None)  # a file: read before the model loads, so a bad path fails at once
+    if chat_template is not None and chat_template not in chat_templates.NAMES:
+        chat_templates.resolve(chat_template, None)  # a file: read before the model loads, so a bad path fails at once
     task = task or detect_task(model)
     if chat_template is not None and task == CLASSIFY:
         raise LorakitError(f"--chat-template is for a model that generates; {model!r} is served to classify")
@@ -375,7 +372,7 @@ def build_service(model: str = "default-chat", adapters: dict[str, str] | None =
         quantize_base(base, quantize)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    apply_template(tokenizer, chat_template)
+    chat_templates.apply(tokenizer, chat_template)
     from lorakit.targets import position_limit
 
     limits.context = int(position_limit(base) or getattr(base.config, "max_position_embeddings", None) or 2048)
