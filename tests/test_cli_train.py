@@ -182,6 +182,13 @@ def test_chat_train_and_generate(tiny, tmp_path, capsys):
     assert "[merged] hi" in capsys.readouterr().out
     assert main(["generate", "--adapter", str(tmp_path / "chat"), "--prompt", "say red", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("[chat_adapter] say red")
+    # the base model alone, given a template (a run folder stands for the template its adapter carries)
+    assert main(["generate", "--model", tiny["llm"], "--chat-template", "chatml", "--prompt", "hi",
+                 "--max-new-tokens", "2"]) == 0
+    assert "[base] hi" in capsys.readouterr().out
+    assert main(["generate", "--model", tiny["llm"], "--chat-template", str(tmp_path / "chat"), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "neither a template name" in err and err.count("\n") == 1
 
 
 def _run_until_checkpoint(command, out, sig):

@@ -106,13 +106,16 @@ def test_a_chat_template_given_to_the_server_renders_the_chats(toy, tmp_path):
 def test_an_adapter_trained_with_a_chat_template_is_served_with_it(toy, tmp_path):
     """An adapter that carries chat_template.jinja renders its chats with it, as given on the
     command line and loaded on demand from under the root (the file copied with the weights);
-    other adapters and the base keep the server's; /tokenize counts what the chat is given."""
+    other adapters and the base keep the server's; /tokenize counts what the chat is given.
+    Where its template writes ChatML's end of turn as one token, its answers end there, a
+    chat's and a completion's alike."""
     from lorakit import chat_templates
 
     root = tmp_path / "root"
-    for name in ("templated", "plain"):
+    for name in ("templated", "plain", "chatml"):
         shutil.copytree(toy["root"] / "task0", root / name)
     (root / "templated" / chat_templates.FILE).write_text("{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}")
+    (root / "chatml" / chat_templates.FILE).write_text("{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}")
     messages = [{"role": "user", "content": "Hello there"}]
     own = toy["tokenizer"].encode(toy["tokenizer"].apply_chat_template(messages, add_generation_prompt=True,
                                                                        tokenize=False), add_special_tokens=False)
@@ -121,21 +124,26 @@ def test_an_adapter_trained_with_a_chat_template_is_served_with_it(toy, tmp_path
                             load_on_demand=True)
     assert service.encode_chat(messages, adapter="cli") == mine
     assert service.encode_chat(messages, adapter="base") == service.encode_chat(messages) == list(own)
+    # a vocabulary that holds <|im_end|> as one token (the model given a row for it)
+    service.tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    service.model.resize_token_embeddings(len(service.tokenizer))
+    im_end = service.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    forced = {"prompt": "Hello there", "max_tokens": 3, "temperature": 0, "logit_bias": {str(im_end): 100}}
     with TestClient(create_app(service)) as client:
         for model, want in (("templated", mine), ("plain", list(own)), ("cli", mine)):
             tokens = client.post("/tokenize", json={"model": model, "messages": messages}).json()["tokens"]
             answer = client.post("/v1/chat/completions", json={"model": model, "messages": messages, "max_tokens": 2,
                                                               "temperature": 0}).json()
             assert tokens == want and answer["usage"]["prompt_tokens"] == len(want), (model, answer)
-    # where the adapter's template writes ChatML's end of turn as one token, a chat answer ends there too
-    service.tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
-    im_end = service.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    shutil.copytree(root / "plain", root / "chatml")
-    (root / "chatml" / chat_templates.FILE).write_text("{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}")
-    service.registry.register("chatml", str(root / "chatml"), load=False)
+        ended = client.post("/v1/completions", json={"model": "chatml", **forced}).json()
+        plain = client.post("/v1/completions", json={"model": "plain", **forced}).json()
+        kept = client.post("/v1/completions", json={"model": "chatml", "ignore_eos": True, **forced}).json()
+        chat = client.post("/v1/chat/completions", json={"model": "chatml", "messages": messages,
+                                                         **{k: v for k, v in forced.items() if k != "prompt"}}).json()
     assert service.turn_end_ids("chatml") == {im_end}
     assert service.turn_end_ids("cli") == service.turn_end_ids("base") == frozenset()
-
+    for answer, want in ((ended, ("stop", 1)), (chat, ("stop", 1)), (plain, ("length", 3)), (kept, ("length", 3))):
+        assert (answer["choices"][0]["finish_reason"], answer["usage"]["completion_tokens"]) == want, answer
 
 def _word_tokenizer(folder):
     from tokenizers import Tokenizer, models, pre_tokenizers

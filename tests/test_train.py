@@ -344,6 +344,17 @@ def test_a_base_model_without_a_chat_template_learns_chats_with_chatml(tmp_path)
     # the answers' shape learned ("word!"), each stopped at the end of its turn (the eos), not at 12 tokens
     assert all(answer.endswith("!") and len(answer) <= 6 for answer in answers), answers
     assert list(generate(load_trained([adapter], merge=True), prompts, max_new_tokens=12).values())[0] == answers
+    # the base model alone is given a template by name; an adapter's own still wins over the one given
+    alone = load_trained([], model=base, chat_template="chatml")
+    assert alone.tokenizer.chat_template == template and len(generate(alone, prompts[:1], max_new_tokens=2)["base"]) == 1
+    other = tmp_path / "other.jinja"
+    other.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert load_trained([], model=base, chat_template=str(other)).tokenizer.chat_template == other.read_text()
+    assert load_trained([adapter], chat_template=str(other)).tokenizer.chat_template == template
+    with pytest.raises(LorakitError, match="'nope.jinja' is neither a template name"):
+        load_trained([adapter], chat_template="nope.jinja")
+    with pytest.raises(LorakitError, match="--chat-template is for a model that generates; task 'classify'"):
+        load_trained([], task="classify", chat_template="chatml")
 
 
 def test_a_tokenizer_of_another_model_is_refused_before_training(models, tmp_path):

@@ -81,6 +81,17 @@ def resolve(value: str, tokenizer) -> str:
     return text
 
 
+def check(value: str | None) -> None:
+    """Refuse a ``--chat-template`` value that cannot name a template, before any model loads
+    (a file is read now; a name needs the tokenizer, so it is resolved on :func:`apply`).
+
+    Raises:
+        LorakitError: as :func:`resolve`.
+    """
+    if value is not None and value not in NAMES:
+        resolve(value, None)
+
+
 def apply(tokenizer, value: str | None):
     """``tokenizer`` with the template ``value`` names (None: left as it is); returns it."""
     if value is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit import chat_templates
 from lorakit.data.files import file_fingerprint
 from lorakit.errors import LorakitError
 from lorakit.run_folder import TASK_FILE, trained_folder
@@ -81,7 +82,7 @@ def read_task_file(folder) -> dict:
 
 
 def load_trained(adapters: list, merge: bool = False, model: str | None = None, task: str | None = None,
-                 device: str = "cpu") -> Trained:
+                 device: str = "cpu", chat_template: str | None = None) -> Trained:
     """Rebuild the trained model from one or more folders written by ``lorakit train``.
 
     Args:
@@ -90,6 +91,10 @@ def load_trained(adapters: list, merge: bool = False, model: str | None = None, 
             ``task`` and ``model`` say which).
         merge: fold the adapters into the base weights (several: their sum).
         model: override the base model recorded in the folders.
+        chat_template: the chats' template where neither the adapters (``chat_template.jinja``)
+            nor the base tokenizer bring one, or instead of the base tokenizer's
+            (:func:`lorakit.chat_templates.resolve`: ``chatml`` or a template file); an
+            adapter's own template still wins, as on the server.
 
     Classifiers of different label sets may be given together (each adapter brings its own
     head; :mod:`lorakit.peft_load`), not merged.
@@ -98,16 +103,20 @@ def load_trained(adapters: list, merge: bool = False, model: str | None = None, 
         LorakitError: the folders disagree on task or base model, a full model folder is mixed
             with others, or several classifiers are to be merged.
     """
+    chat_templates.check(chat_template)
     folders = [trained_folder(a) for a in adapters]
     infos = [json.loads((f / TASK_FILE).read_text()) for f in folders]
+    found = get_task(infos[0]["task"] if infos else task or "chat")
+    if chat_template is not None and found.trains_head:
+        raise LorakitError(f"--chat-template is for a model that generates; task {found.name!r} classifies")
     if not infos:
-        info = {"task": task or "chat", "method": "none", "model": model or "default", "labels": None,
+        info = {"task": found.name, "method": "none", "model": model or "default", "labels": None,
                 "max_length": None}
-        found = get_task(info["task"])
         if found.trains_head:
             raise LorakitError(f"task {found.name!r} trains a head the base model lacks, so the base model alone "
                                "cannot be used; give --adapter DIR")
         net, tokenizer = found.load_model(info["model"], None)
+        chat_templates.apply(tokenizer, chat_template)
         return Trained(net.to(device).eval(), tokenizer, found, info, ["base"])
     first = infos[0]
     for folder, info in zip(folders[1:], infos[1:]):
@@ -115,12 +124,13 @@ def load_trained(adapters: list, merge: bool = False, model: str | None = None, 
             if info.get(key) != first.get(key):
                 raise LorakitError(f"{folder} was trained with {key}={info.get(key)!r} but {folders[0]} with "
                                    f"{first.get(key)!r}; adapters used together need the same {key}")
-    found = get_task(first["task"])
     if any(info["method"] == "full" for info in infos):
         if len(folders) > 1:
             raise LorakitError(f"{folders[0]} holds a fully fine-tuned model; it cannot be combined with other "
                                "folders: give it alone")
         net, tokenizer = found.load_model(str(folders[0]), first["labels"])
+        if not getattr(tokenizer, "chat_template", None):  # the model's own, trained with, wins
+            chat_templates.apply(tokenizer, chat_template)
         return Trained(net.to(device).eval(), tokenizer, found, first, ["full"])
     if merge and found.trains_head and len(folders) > 1:
         raise LorakitError(f"each adapter of task {found.name!r} has its own classifier head, so several cannot be "
@@ -130,7 +140,8 @@ def load_trained(adapters: list, merge: bool = False, model: str | None = None, 
     from lorakit.model import merge_and_unload, set_active
 
     net, tokenizer = found.load_model(model or first["model"], first["labels"])
-    _apply_saved_template(tokenizer, folders)
+    chat_templates.apply(tokenizer, chat_template)
+    _apply_saved_template(tokenizer, folders)  # an adapter's own template wins, as on the server
     names = _unique_names(folders)
     for folder, name in zip(folders, names):
         load_adapter(net, folder, name, activate=False)
@@ -145,9 +156,7 @@ def load_trained(adapters: list, merge: bool = False, model: str | None = None, 
 def _apply_saved_template(tokenizer, folders: list[Path]) -> None:
     """Give ``tokenizer`` the chat template the adapters were trained with (``chat_template.jinja``
     beside them, from ``lorakit train --chat-template``), where they carry one."""
-    from lorakit.chat_templates import saved
-
-    templates = {folder: saved(folder) for folder in folders}
+    templates = {folder: chat_templates.saved(folder) for folder in folders}
     carried = {t for t in templates.values() if t}
     if len(carried) > 1:
         carriers = ", ".join(str(folder) for folder, template in templates.items() if template)

@@ -15,8 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
-from lorakit.chat_templates import NAMES as CHAT_TEMPLATES
-from lorakit.chat_templates import resolve as resolve_template
+from lorakit.chat_templates import check as check_template
 from lorakit.config import parse_targets
 from lorakit.data.files import FORMATS
 from lorakit.errors import LorakitError
@@ -240,8 +239,7 @@ class TrainConfig:
             if task.has_classes:
                 raise LorakitError(f"--chat-template is for a task that generates (chat, text); task {self.task!r} "
                                    "classifies")
-            if self.chat_template not in CHAT_TEMPLATES:
-                resolve_template(self.chat_template, None)  # a file: read now, so a bad path fails at once
+            check_template(self.chat_template)  # a file: read now, so a bad path fails at once
         if self.class_weights is not None and self.class_weights not in CLASS_WEIGHTS:
             raise LorakitError(f"class_weights {self.class_weights!r} is unknown; choose one of {list(CLASS_WEIGHTS)}")
         self.targets = parse_targets(self.targets)

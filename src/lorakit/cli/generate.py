@@ -33,6 +33,10 @@ def register(subparsers) -> None:
     parser.add_argument("--model", default=None, help="base model: 'default' or a folder (default: the adapter's)")
     parser.add_argument("--task", choices=[name for name, task in sorted(TASKS.items()) if not task.trains_head],
                         default="chat", help="how to prompt the base model when no --adapter is given")
+    parser.add_argument("--chat-template", default=None, metavar="NAME|FILE",
+                        help="the chats' template where the model and adapters bring none (e.g. a base model): "
+                             "chatml, a Jinja template file, or a run folder trained with --chat-template; an "
+                             "adapter's own template wins")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate at most")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.set_defaults(func=run)
@@ -41,9 +45,10 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from lorakit.distributed import pick_device
     from lorakit.inference import generate, load_trained
+    from lorakit.run_folder import adapter_folder  # a run folder of lorakit train stands for its adapter/
 
     trained = load_trained(args.adapter, merge=args.merge, model=args.model, task=args.task,
-                           device=pick_device(args.device))
+                           device=pick_device(args.device), chat_template=args.chat_template and str(adapter_folder(args.chat_template)))
     results = generate(trained, args.prompt, args.max_new_tokens)
     for name, answers in results.items():
         for prompt, answer in zip(args.prompt, answers):

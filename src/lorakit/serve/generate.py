@@ -76,9 +76,10 @@ async def _generate(service: Service, metrics, http: Request, body: schemas._Sam
                          "generate; ask for fewer, or set max_tokens", "min_tokens")
     for param, ids in body.token_ids().items():
         service.check_token_ids(ids, param)
-    # a chat also ends at the end of turn of the template its adapter was trained with
-    stop_ids = frozenset(body.stop_token_ids or ()) | (service.turn_end_ids(body.model) if chat and not body.ignore_eos
-                                                       else frozenset())
+    # an answer also ends at the end of turn of the template its adapter was trained with, a chat's and a
+    # completion's alike (a client may render the chat itself)
+    stop_ids = frozenset(body.stop_token_ids or ()) | (frozenset() if body.ignore_eos
+                                                       else service.turn_end_ids(body.model))
     ends = stop_ids | (frozenset() if body.ignore_eos else frozenset(service.engine.eos_ids))
     samplers = [Sampler(temperature=body.temperature, top_p=body.top_p, seed=choice_seed(body.seed, j),
                         top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,

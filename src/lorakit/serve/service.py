@@ -113,8 +113,8 @@ class Service:
         return own or getattr(self.tokenizer, "chat_template", None)
 
     def turn_end_ids(self, adapter: str | None) -> frozenset[int]:
-        """Tokens that end ``adapter``'s chat answers besides the model's end tokens: ChatML's
-        end of turn, where the template it was trained with writes it as one token."""
+        """Tokens that end ``adapter``'s answers (chats and completions) besides the model's end
+        tokens: ChatML's end of turn, where the template it was trained with writes it as one token."""
         token = chat_templates.turn_end_id(self.tokenizer, self.chat_template(adapter))
         return frozenset() if token is None or token in self.engine.eos_ids else frozenset({token})
 
@@ -357,8 +357,7 @@ def build_service(model: str = "default-chat", adapters: dict[str, str] | None =
     limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_queue=max_queue,
                     request_timeout=request_timeout, max_body_bytes=max_body_bytes)
     registry = AdapterRegistry(None, adapter_root=adapter_root, max_loaded=max_loaded, load_on_demand=load_on_demand)
-    if chat_template is not None and chat_template not in chat_templates.NAMES:
-        chat_templates.resolve(chat_template, None)  # a file: read before the model loads, so a bad path fails at once
+    chat_templates.check(chat_template)  # a file: read before the model loads, so a bad path fails at once
     task = task or detect_task(model)
     if chat_template is not None and task == CLASSIFY:
         raise LorakitError(f"--chat-template is for a model that generates; {model!r} is served to classify")
