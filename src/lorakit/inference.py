@@ -91,10 +91,10 @@ def load_trained(adapters: list, merge: bool = False, model: str | None = None, 
             ``task`` and ``model`` say which).
         merge: fold the adapters into the base weights (several: their sum).
         model: override the base model recorded in the folders.
-        chat_template: the chats' template where neither the adapters (``chat_template.jinja``)
-            nor the base tokenizer bring one, or instead of the base tokenizer's
-            (:func:`lorakit.chat_templates.resolve`: ``chatml`` or a template file); an
-            adapter's own template still wins, as on the server.
+        chat_template: the chats' template instead of the base tokenizer's
+            (:func:`lorakit.chat_templates.resolve`: ``chatml`` or a template file); the one
+            an adapter carries (``chat_template.jinja``), or a fully fine-tuned model's
+            tokenizer, still wins, as on the server.
 
     Classifiers of different label sets may be given together (each adapter brings its own
     head; :mod:`lorakit.peft_load`), not merged.

@@ -34,9 +34,9 @@ def register(subparsers) -> None:
     parser.add_argument("--task", choices=[name for name, task in sorted(TASKS.items()) if not task.trains_head],
                         default="chat", help="how to prompt the base model when no --adapter is given")
     parser.add_argument("--chat-template", default=None, metavar="NAME|FILE",
-                        help="the chats' template where the model and adapters bring none (e.g. a base model): "
-                             "chatml, a Jinja template file, or a run folder trained with --chat-template; an "
-                             "adapter's own template wins")
+                        help="the chats' template instead of the base tokenizer's (e.g. a base model's, which has "
+                             "none): chatml, a Jinja template file, or a run folder trained with --chat-template; "
+                             "an adapter's own template wins")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate at most")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.set_defaults(func=run)
@@ -47,8 +47,9 @@ def run(args) -> int:
     from lorakit.inference import generate, load_trained
     from lorakit.run_folder import adapter_folder  # a run folder of lorakit train stands for its adapter/
 
+    template = args.chat_template and str(adapter_folder(args.chat_template))
     trained = load_trained(args.adapter, merge=args.merge, model=args.model, task=args.task,
-                           device=pick_device(args.device), chat_template=args.chat_template and str(adapter_folder(args.chat_template)))
+                           device=pick_device(args.device), chat_template=template)
     results = generate(trained, args.prompt, args.max_new_tokens)
     for name, answers in results.items():
         for prompt, answer in zip(args.prompt, answers):
