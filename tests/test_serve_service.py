@@ -115,7 +115,8 @@ def test_an_adapter_trained_with_a_chat_template_is_served_with_it(toy, tmp_path
     for name in ("templated", "plain", "chatml"):
         shutil.copytree(toy["root"] / "task0", root / name)
     (root / "templated" / chat_templates.FILE).write_text("{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}")
-    (root / "chatml" / chat_templates.FILE).write_text("{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}")
+    chatml = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
+    (root / "chatml" / chat_templates.FILE).write_text(chatml)
     messages = [{"role": "user", "content": "Hello there"}]
     own = toy["tokenizer"].encode(toy["tokenizer"].apply_chat_template(messages, add_generation_prompt=True,
                                                                        tokenize=False), add_special_tokens=False)

@@ -346,7 +346,8 @@ def test_a_base_model_without_a_chat_template_learns_chats_with_chatml(tmp_path)
     assert list(generate(load_trained([adapter], merge=True), prompts, max_new_tokens=12).values())[0] == answers
     # the base model alone is given a template by name; an adapter's own still wins over the one given
     alone = load_trained([], model=base, chat_template="chatml")
-    assert alone.tokenizer.chat_template == template and len(generate(alone, prompts[:1], max_new_tokens=2)["base"]) == 1
+    assert alone.tokenizer.chat_template == template
+    assert len(generate(alone, prompts[:1], max_new_tokens=2)["base"]) == 1
     other = tmp_path / "other.jinja"
     other.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     assert load_trained([], model=base, chat_template=str(other)).tokenizer.chat_template == other.read_text()
