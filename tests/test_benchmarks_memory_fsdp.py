@@ -6,6 +6,8 @@ each process holds are exact, and under FSDP they are each process's half of the
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -27,3 +29,19 @@ def test_fsdp_processes_hold_half_the_weights_of_ddp_ones():
     assert 0.5 <= result["frozen_vs_ddp"] <= memory_fsdp.GOAL
     section = memory_fsdp.markdown(result)
     assert section.startswith("## FSDP memory") and "| fsdp rank 1 |" in section
+
+
+def test_a_run_killed_by_a_signal_is_started_again_once_and_any_other_failure_raises(monkeypatch):
+    outcomes = [(None, "the ddp run failed:\nexitcode  : -6 (pid: 1)  (SIGABRT)"), ([{"rank": 0}, {"rank": 1}], "")]
+    monkeypatch.setattr(memory_fsdp, "_run_once", lambda mode, quick: outcomes.pop(0))
+    with pytest.warns(RuntimeWarning, match="starting the ddp run again"):
+        assert memory_fsdp.run_mode("ddp", True) == [{"rank": 0}, {"rank": 1}]
+
+    aborts = iter([(None, "(SIGABRT) first"), (None, "(SIGABRT) second")])
+    monkeypatch.setattr(memory_fsdp, "_run_once", lambda mode, quick: next(aborts))
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="second"):
+        memory_fsdp.run_mode("ddp", True)
+
+    monkeypatch.setattr(memory_fsdp, "_run_once", lambda mode, quick: (None, "ModuleNotFoundError: lorakit"))
+    with pytest.raises(RuntimeError, match="ModuleNotFoundError"):
+        memory_fsdp.run_mode("fsdp", True)

@@ -20,6 +20,7 @@ Only rank 0 writes files and prints; every rank computes.
 
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -109,8 +110,12 @@ def setup(requested_device: str = "auto", fsdp: bool = False) -> Runtime:
 
 
 def teardown(runtime: Runtime) -> None:
-    """Leave the process group (no-op when running alone)."""
+    """Leave the process group (no-op when running alone).
+
+    Wrapped models left in reference cycles are collected first, so their hold on the group
+    (DDP's gradient buckets and pending work) ends while the interpreter is fully alive."""
     if runtime.world_size > 1 and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
