@@ -133,6 +133,16 @@ def test_runs_section_gives_each_pass_and_the_total():
     assert text.startswith("## Benchmark runs") and "total 15.0 min" in text and "| 2 threads, wall clock |" in text
 
 
+def test_sections_import_only_the_benchmarks_that_ran():
+    # gpu.sh runs a few benchmarks where the server's packages are absent: the others must not be imported
+    import subprocess
+
+    code = ("import sys; from benchmarks.__main__ import sections; sections({}); "
+            "print(sorted(m for m in sys.modules if m.startswith(('benchmarks.', 'lorakit.serve'))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['benchmarks.__main__', 'benchmarks.harness']"
+
+
 def test_random_weight_models_have_the_real_architectures(monkeypatch):
     monkeypatch.setenv("LORAKIT_BENCH_RANDOM_WEIGHTS", "1")
     minilm = harness.from_config("minilm-l6")

@@ -144,6 +144,20 @@ def test_merged_adapters():
     assert fused_calls(fused) == calls
 
 
+def test_a_member_with_nothing_to_run_still_leads_siblings_that_have():
+    model = tiny_llama()
+    add_adapter(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj"], init="random"), "q")
+    add_adapter(model, LoraConfig(r=4, alpha=8, target_modules=["k_proj", "v_proj"], init="random"), "kv")
+    set_active(model, "kv")  # q_proj, which reads the input first, has no active adapter
+    fused, unfused = fused_and_unfused(model)
+    ids = token_batch()
+    assert_same(run(fused, ids), run(unfused, ids))
+    assert fused_calls(fused) > 0  # k and v still computed together
+    for m in (fused, unfused):
+        set_active(m, "q")  # now the other way round
+    assert_same(run(fused, ids), run(unfused, ids))
+
+
 def test_inference_then_training_then_inference_follow_every_optimizer_step():
     """What the group keeps between calls (the plan, A stacked without gradient, Bᵀ views) must
     see in-place updates of A and B."""

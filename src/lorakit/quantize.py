@@ -124,8 +124,7 @@ def _set_base(model: nn.Module, modules: dict[str, nn.Module], path: str, new: n
     """Put ``new`` at ``path``, or under the LoRA layer there (sharing its ``weight``)."""
     module = modules[path]
     if isinstance(module, LoraLayer):
-        object.__setattr__(module, "_base", new)
-        module.weight = new.weight
+        module.replace_base(new)
     else:
         replace_module(model, modules, path, new)
 

@@ -96,6 +96,7 @@ class LoraLayer(nn.Module):
     def __init__(self, base: nn.Module):
         super().__init__()
         object.__setattr__(self, "_base", base)  # kept aside: not a submodule, no duplicate keys
+        self._quantized = is_quantized_linear(base)  # asked on every forward: found once
         self._register_weight(base)
         self.adapters = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
@@ -124,11 +125,17 @@ class LoraLayer(nn.Module):
                 raise
             return getattr(base, name)  # e.g. Conv1D.nf, Embedding.padding_idx
 
+    def replace_base(self, new: nn.Module) -> None:
+        """Compute the base with ``new`` from now on (a quantized copy of it, say), sharing its ``weight``."""
+        object.__setattr__(self, "_base", new)
+        self._quantized = is_quantized_linear(new)
+        self.weight = new.weight
+
     @property
     def base_is_quantized(self) -> bool:
         """Whether the base keeps its weight quantized (:mod:`lorakit.layers.quantized`): it then
         computes its own output, and ΔW can be merged only by ``merge_and_unload``."""
-        return is_quantized_linear(self._base)
+        return self._quantized
 
     # ------------------------------------------------------------------ layout
 

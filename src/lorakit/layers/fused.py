@@ -102,6 +102,14 @@ class SharedInputGroup:
 
     # ------------------------------------------------------------------ the hook
 
+    def idle(self) -> bool:
+        """Whether no member has an adapter to run (all merged, disabled or none active): each
+        then computes its base alone, without the group's bookkeeping."""
+        for m in self.members:
+            if m._run or m._rows is not None:
+                return False
+        return True
+
     def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """``layer``'s output when the group computes it, else None (the layer runs on its own)."""
         if torch.compiler.is_compiling():

@@ -118,12 +118,14 @@ class LoraLinear(LoraLayer):
         return out.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._group is not None:  # computed with its siblings when they read this same x
-            out = self._group.forward(self, x)
+        run, group = self._run, self._group
+        if not run and self._rows is None and (group is None or group.idle()):
+            return self._base_forward(x)  # merged, disabled or no adapter active: the base alone
+        if group is not None:  # computed with its siblings when they read this same x
+            out = group.forward(self, x)
             if out is not None:
                 return out
-        run = self._run
-        if not run and self._rows is None:  # merged, disabled or no adapter active: the base alone
+        if not run and self._rows is None:  # its siblings have adapters to run, it has none
             return self._base_forward(x)
         if self._rows is None and len(run) == 1 and torch.is_grad_enabled() and self._one_function(x, run[0]):
             ad = run[0]
