@@ -171,6 +171,44 @@ def test_training_forward_and_gradients_equal_the_formula(kind):
     assert layer.weight.grad is None
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("frozen", [torch.float32, torch.bfloat16])
+def test_under_bf16_autocast_one_function_is_as_close_to_fp32_as_autocast_itself(kind, frozen):
+    """As `lorakit train --bf16` runs: the layer casts its tensors once and computes in bf16 with
+    autocast off (fewer kernels); autocast's own graph of the formula is the yardstick."""
+    layer = _layer(kind, True, dtype=torch.float32)
+    layer.weight.requires_grad_(False)
+    layer.weight.data = layer.weight.data.to(frozen)
+    ad = layer.adapters["a"]
+    x = torch.randn(3, 7, 6, requires_grad=True)
+    grad = torch.randn(3, 7, 5)
+
+    def run(forward):
+        for t in (x, ad.A, ad.B, layer.bias):
+            t.grad = None
+        out = forward()
+        out.backward(grad.to(out.dtype))
+        return out.detach(), [t.grad.clone() for t in (x, ad.A, ad.B, layer.bias)]
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "LoraLinearFunction" in type(layer(x).grad_fn).__name__
+        out, grads = run(lambda: layer(x))
+        auto_out, auto_grads = run(lambda: _reference(layer, x, x))
+    fp32 = copy.deepcopy(layer)
+    fp32.weight.data = fp32.weight.data.float()
+    ref_out = _reference(fp32, x, x).detach()
+    ref_grads = torch.autograd.grad(_reference(fp32, x, x), (x, fp32.adapters["a"].A, fp32.adapters["a"].B,
+                                                             fp32.bias), grad)
+
+    def error(a, b):  # relative, in the Frobenius norm
+        return float((a.float() - b).norm() / b.norm())
+
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads[1:])
+    assert error(out, ref_out) <= 2 * error(auto_out, ref_out) + 0.01
+    for got, auto, ref in zip(grads, auto_grads, ref_grads):
+        assert error(got, ref) <= 2 * error(auto, ref) + 0.01
+
+
 def test_dropout_in_training_masks_only_the_adapter_path():
     layer = _layer("linear", True, dropout=0.5, dtype=torch.float32).train()
     ad = layer.adapters["a"]

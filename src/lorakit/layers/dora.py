@@ -126,7 +126,7 @@ class _DoraLinearFunction(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         need_x, need_w, need_b, need_a, need_bb, need_m = ctx.needs_input_grad[:6]
         gc = g * c if (need_x or need_w or need_a or need_bb) else None
-        g_z = grad_down(gc, B).mul_(s) if (need_x or need_a) else None  # (N, r)
+        g_z = grad_down(gc, B, s) if (need_x or need_a) else None  # (N, r)
         grad_x = grad_w = grad_b = grad_a = grad_bb = grad_m = None
         if need_x:
             grad_x = torch.mm(gc, weight.t() if ctx.fan_in_fan_out else weight).addmm_(g_z, A).view(ctx.x_shape)
@@ -137,7 +137,7 @@ class _DoraLinearFunction(torch.autograd.Function):
         if need_a:
             grad_a = g_z.t() @ x2
         if need_bb:
-            grad_bb = grad_up(gc, z).mul_(s)
+            grad_bb = grad_up(gc, z, s)
         if need_m:
             grad_m = (g * y).sum(0).div_(norm.to(y.dtype))
         return grad_x, grad_w, grad_b, grad_a, grad_bb, grad_m, None, None, None

@@ -49,7 +49,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from lorakit.layers.fused_ops import Plan, runnable
+from lorakit.layers.fused_ops import Plan, autocast_dtype, runnable
 from lorakit.layers.linear import LoraLinear
 
 __all__ = ["SharedInputGroup", "group_shared_inputs", "settle", "shared_input_groups", "ungroup"]
@@ -163,8 +163,7 @@ class SharedInputGroup:
             return None
         self._clear()
         members = (self.leader,) + self.followers
-        device = x.device.type
-        cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        cast = autocast_dtype(x)
         if members[0]._rows is not None:
             outs = None if cast is not None else self._rows_forward(members, x)
         else:

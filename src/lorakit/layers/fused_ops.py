@@ -17,13 +17,19 @@ from torch import nn
 
 from lorakit.layers.skinny import down, grad_down, grad_up
 
-__all__ = ["Plan", "runnable"]
+__all__ = ["Plan", "autocast_dtype", "runnable"]
 
 
 def _plain(t: torch.Tensor | None) -> bool:
     """A dense tensor of torch's own type (a Parameter of one too): no quantized weight, no
     DTensor (``nn.Parameter`` of a tensor subclass keeps the subclass's type)."""
     return t is None or type(t) in (torch.Tensor, nn.Parameter)
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The compute dtype of the autocast region ``x`` is used in, or None outside one."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def runnable(layer, adapters, x: torch.Tensor, cast: torch.dtype | None = None) -> bool:
@@ -163,13 +169,15 @@ class _SharedInputFunction(torch.autograd.Function):
         x2, Z, A_cat, *flat = ctx.saved_tensors
         need_x, need_A, need = ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
         g2 = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
-        # g_Zᵀ = [s·g_i·B_i]ᵀ for every adapter of every member: (R, N), contiguous
-        pieces = []
+        # g_Zᵀ = [s·g_i·B_i]ᵀ for every adapter of every member: (R, N), contiguous, each written in place
+        g_Zt = Z.new_empty(Z.shape[1], Z.shape[0])
         for g, (scalings, _, _, _, b_at, cols) in zip(g2, ctx.spec):
             for s, i, (start, end) in zip(scalings, b_at, cols):
-                pieces.append(Z.new_zeros(end - start, Z.shape[0]) if g is None
-                              else grad_down(g, flat[i]).mul_(s).t())
-        g_Zt = torch.cat(pieces, dim=0)
+                rows = g_Zt.narrow(0, start, end - start)
+                if g is None:
+                    rows.zero_()
+                else:
+                    grad_down(g, flat[i], s, out=rows)
         grad_x = None
         if need_x:  # Σ g_i·W_i + g_Z·A_cat, one buffer
             grad_x = torch.mm(g_Zt.t(), A_cat)
@@ -188,5 +196,5 @@ class _SharedInputFunction(torch.autograd.Function):
                 out[at + 1] = g.sum(0)
             for s, i, (start, end) in zip(scalings, b_at, cols):
                 if need[i]:
-                    out[i] = grad_up(g, Z.narrow(1, start, end - start)).mul_(s)  # (out, r)
+                    out[i] = grad_up(g, Z.narrow(1, start, end - start), s)  # (out, r)
         return (None, grad_x, grad_A_cat, *out)

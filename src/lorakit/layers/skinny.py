@@ -23,11 +23,22 @@ def down(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return torch.mm(A, x.t()).t()
 
 
-def grad_down(g: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``g_z = g·B : (N, r)`` (the gradient reaching ``z``), computed as ``(Bᵀ·gᵀ)ᵀ``."""
-    return torch.mm(B.t(), g.t()).t()
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``scale·a·b``, the scale applied inside the GEMM (one kernel, not a GEMM and a multiply),
+    into ``out`` when given."""
+    if out is None:
+        if scale == 1:
+            return torch.mm(a, b)
+        out = a.new_empty(a.shape[0], b.shape[1])
+    return out.addmm_(a, b, beta=0, alpha=scale)  # beta=0: out's old contents are not read
 
 
-def grad_up(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``∂B = gᵀ·z : (out, r)``, computed as ``(zᵀ·g)ᵀ``."""
-    return torch.mm(z.t(), g).t()
+def grad_down(g: torch.Tensor, B: torch.Tensor, scale: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``g_z = s·g·B : (N, r)`` (the gradient reaching ``z``), computed as ``(s·Bᵀ·gᵀ)ᵀ``; written
+    into ``out`` (``(r, N)``, contiguous, e.g. rows of a bigger buffer) when given."""
+    return _scaled_mm(B.t(), g.t(), scale, out).t()
+
+
+def grad_up(g: torch.Tensor, z: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``∂B = s·gᵀ·z : (out, r)``, computed as ``(s·zᵀ·g)ᵀ``."""
+    return _scaled_mm(z.t(), g, scale).t()
