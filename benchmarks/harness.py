@@ -190,6 +190,43 @@ def time_forwards(models: dict, inputs: dict, reps: int, warmup: int) -> tuple[d
     return samples, {name: median_ms(s) for name, s in samples.items()}
 
 
+# aten operators that launch no kernel: views, metadata, allocations (the rest each run at least one)
+_NO_KERNEL = frozenset({
+    "view", "_unsafe_view", "t", "transpose", "expand", "permute", "slice", "select", "detach", "alias", "unsqueeze",
+    "squeeze", "narrow", "as_strided", "reshape", "_reshape_alias", "split", "split_with_sizes", "unbind", "chunk",
+    "lift_fresh", "unflatten", "flatten", "numel", "sym_size", "is_same_size", "empty", "new_empty",
+    "new_empty_strided", "empty_like", "empty_strided", "_record_function_enter_new", "_record_function_exit"})
+
+
+def kernel_ops(step: Callable[[], object], optimizer=None) -> int:
+    """How many aten operators that compute (views and allocations left out) one call of ``step``
+    dispatches, ``optimizer``'s step left out: on a GPU each launches at least one kernel, and at
+    small sizes the launches are what a step waits on. Counted below autograd, so backward's too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counting = [True]
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if counting[0] and func.overloadpacket.__name__ not in _NO_KERNEL:
+                Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    hooks = []
+    if optimizer is not None:
+        hooks = [optimizer.register_step_pre_hook(lambda *_: counting.__setitem__(0, False)),
+                 optimizer.register_step_post_hook(lambda *_: counting.__setitem__(0, True))]
+    try:
+        with Count():
+            step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return Count.ops
+
+
 def ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 

@@ -127,6 +127,7 @@ def setup(case: str, contender: str, quick: bool, model=None):
         return loss
 
     step.trainable = sum(p.numel() for p in params)
+    step.optimizer = optimizer
     return step
 
 
@@ -138,7 +139,7 @@ def _first_loss_kept(step):
             call.first_loss = round(float(loss.detach()), 5)
         return loss
 
-    call.first_loss, call.trainable = None, step.trainable
+    call.first_loss, call.trainable, call.optimizer = None, step.trainable, step.optimizer
     return call
 
 
@@ -157,6 +158,7 @@ def run_case(case: str, quick: bool) -> dict:
     else:
         memory = {c: harness.peak_memory("benchmarks.training:setup", steps=3, case=case, contender=c,
                                          quick=quick) for c in CONTENDERS}
+    kernels = {c: harness.kernel_ops(steps[c], steps[c].optimizer) for c in CONTENDERS}
     ms = {c: harness.median_ms(samples[c]) for c in timed}
     spec = {**CASES[case], **(QUICK if quick else {})}
     return {
@@ -169,6 +171,9 @@ def run_case(case: str, quick: bool) -> dict:
         "first_loss": {c: steps[c].first_loss for c in timed},  # the same weights: the same loss, however computed
         "step_all_ms": {c: [round(t * 1000, 2) for t in samples[c]] for c in timed},
         "memory": memory,
+        "kernel_ops": kernels,  # per step, the optimizer's left out (benchmarks.harness.kernel_ops)
+        "extra_kernel_ops_vs_peft": harness.ratio(kernels["lorakit"] - kernels["floor"],
+                                                  kernels["peft"] - kernels["floor"]),
         "fused_vs_unfused": harness.ratio(ms["lorakit"], ms["lorakit_unfused"]),
         "unfused_vs_floor": harness.ratio(ms["lorakit_unfused"], ms["floor"]),
         "compiled_vs_eager": harness.ratio(ms["lorakit_compiled"], ms["lorakit"]) if "lorakit_compiled" in ms else None,
@@ -211,6 +216,24 @@ def _goals(result: dict, case: str) -> tuple[str, str]:
     text = ", ".join(f"≤ {goal}× {'the floor' if k == 'floor' else 'PEFT'}" for k, goal in goals.items())
     met = all(harness.verdict(values[k], goal) == "yes" for k, goal in goals.items())
     return text, "yes" if met else "**no**"
+
+
+def _kernels_note(result: dict) -> str:
+    """The operators each contender's step dispatches (a GPU launches a kernel for each)."""
+    parts = []
+    for case in CASES:
+        r = result[case]
+        k = r.get("kernel_ops")
+        if not k:
+            continue
+        parts.append(f"{r['model']}: lorakit {k['lorakit']}, unfused {k['lorakit_unfused']}, PEFT {k['peft']}, "
+                     f"floor {k['floor']}, full FT {k['full']}; beyond the floor lorakit launches "
+                     f"{r['extra_kernel_ops_vs_peft']}× what PEFT launches")
+    if not parts:
+        return ""
+    return ("\nOperators that compute, dispatched by one step (views and allocations left out, the optimizer's step "
+            "too; on a GPU each launches a kernel, and at these sizes the launches are what a step waits on): "
+            + "; ".join(parts) + ".\n")
 
 
 def _one_process(memory: dict) -> bool:
@@ -273,6 +296,7 @@ whole logits never held), PEFT transformers' own over the whole logits
 {harness.table(["step ms", "lorakit", "unfused", "compiled", "PEFT", "floor", "full FT", "lorakit / floor",
                 "unfused / floor", "lorakit / PEFT", "compiled / lorakit", "goal", "met"], times)}
 {harness.paired_note(paired)} The goal column is judged on these.
+{_kernels_note(result)}
 
 {harness.table(["memory", "lorakit", "PEFT", "lorakit / PEFT", "goal", "met", "full FT", "floor"], memory)}"""
 

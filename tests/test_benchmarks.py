@@ -53,6 +53,10 @@ def test_training(results):
         first = r[case]["first_loss"]
         assert max(first.values()) - min(first.values()) < 0.02 * first["peft"], first
         assert r[case]["time_vs_peft"] > 0 and r[case]["fused_vs_unfused"] > 0 and r[case]["compiled_vs_eager"] > 0
+        # the operators one step dispatches (a kernel launch each on a GPU): the floor's fewest, and lorakit's
+        # adapters fewer than PEFT's, the group's fewer than every layer on its own
+        ops = r[case]["kernel_ops"]
+        assert ops["floor"] < ops["lorakit"] < ops["lorakit_unfused"] <= ops["peft"], ops
 
 
 def test_inference(results):
