@@ -127,6 +127,11 @@ def _layer(kind: str, bias: bool, dropout: float = 0.0, dtype=torch.float64) -> 
     return layer
 
 
+def dropped(ad, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as adapter ``ad`` reads it: through its dropout, if it has one."""
+    return x if ad.dropout is None else ad.dropout(x)
+
+
 def _reference(layer: LoraLinear, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """``W x + b + s·B(A h)`` by autograd's own graph, no in-place op."""
     ad = layer.adapters["a"]
@@ -171,12 +176,13 @@ def test_training_forward_and_gradients_equal_the_formula(kind):
     assert layer.weight.grad is None
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("kind,dropout", [("linear", 0.0), ("conv1d", 0.0), ("linear", 0.5)])
 @pytest.mark.parametrize("frozen", [torch.float32, torch.bfloat16])
-def test_under_bf16_autocast_one_function_is_as_close_to_fp32_as_autocast_itself(kind, frozen):
+def test_under_bf16_autocast_one_function_is_as_close_to_fp32_as_autocast_itself(kind, dropout, frozen):
     """As `lorakit train --bf16` runs: the layer casts its tensors once and computes in bf16 with
-    autocast off (fewer kernels); autocast's own graph of the formula is the yardstick."""
-    layer = _layer(kind, True, dtype=torch.float32)
+    autocast off (fewer kernels); autocast's own graph of the formula is the yardstick (with
+    dropout, each forward draws the same mask from the same seed)."""
+    layer = _layer(kind, True, dropout=dropout, dtype=torch.float32)
     layer.weight.requires_grad_(False)
     layer.weight.data = layer.weight.data.to(frozen)
     ad = layer.adapters["a"]
@@ -186,6 +192,7 @@ def test_under_bf16_autocast_one_function_is_as_close_to_fp32_as_autocast_itself
     def run(forward):
         for t in (x, ad.A, ad.B, layer.bias):
             t.grad = None
+        torch.manual_seed(1)
         out = forward()
         out.backward(grad.to(out.dtype))
         return out.detach(), [t.grad.clone() for t in (x, ad.A, ad.B, layer.bias)]
@@ -193,12 +200,13 @@ def test_under_bf16_autocast_one_function_is_as_close_to_fp32_as_autocast_itself
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert "LoraLinearFunction" in type(layer(x).grad_fn).__name__
         out, grads = run(lambda: layer(x))
-        auto_out, auto_grads = run(lambda: _reference(layer, x, x))
+        auto_out, auto_grads = run(lambda: _reference(layer, x, dropped(ad, x)))
     fp32 = copy.deepcopy(layer)
     fp32.weight.data = fp32.weight.data.float()
-    ref_out = _reference(fp32, x, x).detach()
-    ref_grads = torch.autograd.grad(_reference(fp32, x, x), (x, fp32.adapters["a"].A, fp32.adapters["a"].B,
-                                                             fp32.bias), grad)
+    torch.manual_seed(1)
+    ref_out = _reference(fp32, x, dropped(ad, x))
+    ref_grads = torch.autograd.grad(ref_out, (x, fp32.adapters["a"].A, fp32.adapters["a"].B, fp32.bias), grad)
+    ref_out = ref_out.detach()
 
     def error(a, b):  # relative, in the Frobenius norm
         return float((a.float() - b).norm() / b.norm())

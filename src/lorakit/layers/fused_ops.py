@@ -32,16 +32,17 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
-def runnable(layer, adapters, x: torch.Tensor, cast: torch.dtype | None = None) -> bool:
+def runnable(layer, adapters, x: torch.Tensor, cast: torch.dtype | None = None, dropout: bool = False) -> bool:
     """Whether ``layer``'s forward with ``adapters`` is ``x·Wᵀ + b + Σ s·(x·Aᵀ)·Bᵀ`` with plain
     parameters registered as ``weight``, ``bias``, ``A``, ``B``: in one dtype, or under autocast
-    (``cast``, its compute dtype) with every tensor in that dtype or fp32, as autocast casts them."""
+    (``cast``, its compute dtype) with every tensor in that dtype or fp32, as autocast casts them.
+    With ``dropout``, an adapter may drop its input first (``x`` then its dropped copy)."""
     if not getattr(layer, "fuse_shared_input", False) or layer.base_is_quantized:
         return False
     w, b = layer._parameters.get("weight"), layer.bias
     tensors = [x, w, b]
     for ad in adapters:
-        if not getattr(ad, "fuse_shared_input", False) or ad.dropout is not None:
+        if not getattr(ad, "fuse_shared_input", False) or (ad.dropout is not None and not dropout):
             return False
         tensors += [ad._parameters.get("A"), ad._parameters.get("B")]
     if w is None or any(t is None for t in tensors[3:]) or not all(_plain(t) for t in tensors[1:]):

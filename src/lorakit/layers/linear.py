@@ -135,7 +135,7 @@ class LoraLinear(LoraLayer):
                 return _LoraLinearFunction.apply(x, None if h is x else h, self.weight, self.bias, ad.A, ad.B,
                                                  ad.scaling, self.fan_in_fan_out)
             cast = autocast_dtype(x)
-            if cast is not None and runnable(self, run, x, cast):
+            if cast is not None and runnable(self, run, x, cast, dropout=True):
                 return self._cast_forward(x, ad, cast)
         out = self._base_forward(x)
         if self._rows is not None:
@@ -176,9 +176,10 @@ class LoraLinear(LoraLayer):
         def to(t):
             return t if t is None or t.dtype == cast else t.to(cast)
 
+        h = None if ad.dropout is None else ad.dropout(x)
         with torch.autocast(x.device.type, enabled=False):
-            return _LoraLinearFunction.apply(to(x), None, to(self.weight), to(self.bias), to(ad.A), to(ad.B),
-                                             ad.scaling, self.fan_in_fan_out)
+            return _LoraLinearFunction.apply(to(x), None if h is None or h is x else to(h), to(self.weight),
+                                             to(self.bias), to(ad.A), to(ad.B), ad.scaling, self.fan_in_fan_out)
 
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Row b of the batch gets adapter slot ``slots[b]``: one gather and two bmm."""
