@@ -17,7 +17,7 @@ from torch import nn
 
 from lorakit.layers.skinny import down, grad_down, grad_up
 
-__all__ = ["Plan", "autocast_dtype", "runnable"]
+__all__ = ["Plan", "autocast_dtype", "in_dtype", "runnable"]
 
 
 def _plain(t: torch.Tensor | None) -> bool:
@@ -30,6 +30,12 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The compute dtype of the autocast region ``x`` is used in, or None outside one."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def in_dtype(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` cast to ``dtype`` as autocast would cast it for a product (recorded by autograd), or
+    ``t`` itself when it is None or in ``dtype`` already."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def runnable(layer, adapters, x: torch.Tensor, cast: torch.dtype | None = None, dropout: bool = False) -> bool:
@@ -114,13 +120,9 @@ class Plan:
         each product (the casts recorded by autograd, so fp32 factors get fp32 gradients), then the
         same computation with autocast off."""
         grad, c = self._needs_grad(x), self.cast
-
-        def to(t):
-            return t if t is None or t.dtype == c else t.to(c)
-
-        flat = [to(t) for t in self.flat]
+        flat = [in_dtype(t, c) for t in self.flat]
         Bts = [flat[i].detach().t() for *_, b_at, _ in self.spec for i in b_at]
-        A_cat, x = to(torch.cat(self.As)), to(x)
+        A_cat, x = in_dtype(torch.cat(self.As), c), in_dtype(x, c)
         if grad:
             return list(_SharedInputFunction.apply((self.spec, Bts), x, A_cat, *flat))
         return _forward(self.spec, x, A_cat, flat, Bts)[0]

@@ -28,7 +28,7 @@ from torch import nn
 from lorakit.dense import is_conv1d, linear_features
 from lorakit.errors import LorakitError
 from lorakit.layers.base import LoraLayer
-from lorakit.layers.fused_ops import autocast_dtype, runnable
+from lorakit.layers.fused_ops import autocast_dtype, in_dtype, runnable
 from lorakit.layers.skinny import down, grad_down, grad_up
 
 
@@ -173,13 +173,11 @@ class LoraLinear(LoraLayer):
         each product (the casts recorded by autograd, so fp32 factors get fp32 gradients), then
         :class:`_LoraLinearFunction` with autocast off: three products and no elementwise kernels
         where autocast's own path launches ten (fewer launches: what a GPU step waits on)."""
-        def to(t):
-            return t if t is None or t.dtype == cast else t.to(cast)
-
         h = None if ad.dropout is None else ad.dropout(x)
+        x, h, weight, bias, A, B = (in_dtype(t, cast) for t in (x, None if h is x else h, self.weight, self.bias,
+                                                                  ad.A, ad.B))
         with torch.autocast(x.device.type, enabled=False):
-            return _LoraLinearFunction.apply(to(x), None if h is None or h is x else to(h), to(self.weight),
-                                             to(self.bias), to(ad.A), to(ad.B), ad.scaling, self.fan_in_fan_out)
+            return _LoraLinearFunction.apply(x, h, weight, bias, A, B, ad.scaling, self.fan_in_fan_out)
 
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Row b of the batch gets adapter slot ``slots[b]``: one gather and two bmm."""
