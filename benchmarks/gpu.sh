@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with a CUDA GPU and no network, within 8 minutes:
 #   1. the tests marked `cuda` (fused shared-input path, per-row batches, torch.compile, lowrank);
-#   2. the training (bf16 autocast), inference and per-row benchmarks (fp32) against PEFT on the GPU,
+#   2. the training (bf16 autocast), inference (fp32, then bf16 weights) and per-row benchmarks (fp32)
+#      against PEFT on the GPU,
 #      first without the compiled contenders (figures are certain), then again with them while time is left;
 #   3. benchmarks/results/<gpu>.json, the "(GPU)" sections of BENCHMARKS.md and a "## GPU run" section.
 #
@@ -84,7 +85,8 @@ bench() {  # bench LOGNAME COMPILE NAMES...: one benchmark run within the time l
   return $rc
 }
 bench bench-adapters 0 adapters; adapters_rc=$?
-export LORAKIT_BENCH_AUTOCAST=bf16  # training as on a GPU: bf16 autocast, fp32 factors (inference stays fp32)
+export LORAKIT_BENCH_AUTOCAST=bf16  # training as on a GPU: bf16 autocast, fp32 factors
+export LORAKIT_BENCH_INFER_DTYPES=fp32,bf16  # inference in fp32, then with the weights in bf16 (how GPUs serve)
 bench bench-eager 0 inference training; eager_rc=$?
 compiled="not run"
 if bench bench-compiled inductor inference training; then compiled="run"; else compiled="not finished in time"; fi

@@ -464,6 +464,20 @@ def autocast_dtype() -> torch.dtype | None:
     return torch.bfloat16
 
 
+INFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def inference_dtypes() -> list[str]:
+    """``LORAKIT_BENCH_INFER_DTYPES``: the dtypes the inference benchmark casts the model to, one
+    pass each (default ``fp32``; ``fp32,bf16`` adds the bf16 weights GPU users serve with)."""
+    value = os.environ.get("LORAKIT_BENCH_INFER_DTYPES", "") or "fp32"
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n not in INFERENCE_DTYPES]
+    if bad or not names:
+        raise ValueError(f"LORAKIT_BENCH_INFER_DTYPES must list {' or '.join(INFERENCE_DTYPES)}, got {value!r}")
+    return names
+
+
 def compile_enabled() -> bool:
     return compile_backend() is not None
 

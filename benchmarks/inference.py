@@ -1,6 +1,7 @@
 """Inference forward: the base model, lorakit merged and unmerged, PEFT unmerged (and merged).
 
-The embedded SmolLM2-135M in fp32, LoRA rank 8 on every linear layer of the blocks
+The embedded SmolLM2-135M in fp32 (and bf16 with ``LORAKIT_BENCH_INFER_DTYPES=fp32,bf16``, as
+``benchmarks/gpu.sh`` runs it), LoRA rank 8 on every linear layer of the blocks
 (210 layers; B non-zero so nothing is skipped), one forward of ``batch × 128`` tokens
 under ``torch.inference_mode``, batch 1 and 16 (issue 7, item 3). Contenders alternate and
 the median after warm-up counts; the unmerged ones read the base's very weight tensors
@@ -63,13 +64,32 @@ def contenders(base, targets="all-linear") -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    """Median forward ms per contender and batch, ratios to the base, overheads beside the floor."""
-    # every contender a copy, the base too: weights loaded from a file can sit in other
-    # pages (file-backed, no huge pages) than a copy's, which shows in the timings
-    base = copy.deepcopy(harness.causal_lm(quick).to(harness.device()))
-    models = contenders(base)
-    floor = harness.linear_flops_floor(models["lorakit_unmerged"], RANK)
-    floor["peft_adapted_layers"] = sum(1 for m in models["peft_unmerged"].modules() if hasattr(m, "lora_A"))
+    """Median forward ms per contender and batch, ratios to the base, overheads beside the floor.
+
+    One pass per dtype of :func:`benchmarks.harness.inference_dtypes` (the model's weights cast
+    to it, each library's adapters as it makes them for such a model); a pass other than fp32
+    labels its batches ``"1x128 bf16"`` and so on."""
+    loaded = harness.causal_lm(quick)
+    results, floor = {}, None
+    for dtype in harness.inference_dtypes():
+        # every contender a copy, the base too: weights loaded from a file can sit in other
+        # pages (file-backed, no huge pages) than a copy's, which shows in the timings
+        base = copy.deepcopy(loaded).to(harness.device(), harness.INFERENCE_DTYPES[dtype])
+        models = contenders(base)
+        if floor is None:
+            floor = harness.linear_flops_floor(models["lorakit_unmerged"], RANK)
+            floor["peft_adapted_layers"] = sum(1 for m in models["peft_unmerged"].modules() if hasattr(m, "lora_A"))
+        suffix = "" if dtype == "fp32" else f" {dtype}"
+        results.update({label + suffix: result for label, result in _batches(models, floor, quick).items()})
+        del models, base
+    dtypes = ", ".join(harness.inference_dtypes())
+    return {"machine": harness.machine(), "model": harness.model_name(f"SmolLM2-135M ({dtypes})", quick, "tiny Llama"),
+            "targets": "all-linear", "rank": RANK, **floor, "batches": results}
+
+
+def _batches(models: dict, floor: dict, quick: bool) -> dict:
+    """One dtype's pass: each batch size's timings and ratios."""
+    base = models["base"]
     results = {}
     for label, (batch, length, reps) in (QUICK_BATCHES if quick else BATCHES).items():
         inputs = harness.token_batch(base, batch, length)
@@ -87,8 +107,7 @@ def run(quick: bool = False) -> dict:
             "unfused_overhead_minus_floor": round(overhead["lorakit_unfused"] - floor["floor_adapted"], 4),
             "peft_unmerged_overhead_minus_floor": round(overhead["peft_unmerged"] - floor["floor_adapted"], 4),
         }
-    return {"machine": harness.machine(), "model": harness.model_name("SmolLM2-135M (fp32)", quick, "tiny Llama"),
-            "targets": "all-linear", "rank": RANK, **floor, "batches": results}
+    return results
 
 
 GOAL_MERGED = 1.01  # lorakit merged forward / base forward

@@ -68,6 +68,26 @@ def test_inference(results):
         assert batch["merged_vs_base"] > 0
 
 
+def test_inference_runs_one_pass_per_dtype_asked_for(monkeypatch):
+    import torch
+
+    from benchmarks import inference
+
+    monkeypatch.setenv("LORAKIT_BENCH_COMPILE", "0")
+    monkeypatch.setenv("LORAKIT_BENCH_INFER_DTYPES", "fp32,bf16")
+    seen = []
+    contenders = inference.contenders
+    monkeypatch.setattr(inference, "contenders", lambda base: seen.append(base.dtype) or contenders(base))
+    r = inference.run(quick=True)
+    assert seen == [torch.float32, torch.bfloat16]
+    assert list(r["batches"]) == ["1x16", "4x16", "1x16 bf16", "4x16 bf16"]
+    assert all(b["merged_vs_base"] > 0 for b in r["batches"].values())
+    assert "| 1x16 bf16 |" in inference.markdown(r)
+    monkeypatch.setenv("LORAKIT_BENCH_INFER_DTYPES", "fp16")
+    with pytest.raises(ValueError, match="LORAKIT_BENCH_INFER_DTYPES"):
+        inference.run(quick=True)
+
+
 def test_bottleneck(results):
     r = results["bottleneck"]
     assert r["adapter_layers"] == 4  # after attention and after the MLP, 2 blocks

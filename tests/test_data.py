@@ -19,6 +19,7 @@ from lorakit.data import (
     split_records,
 )
 from lorakit.data.encode import IGNORE_INDEX
+from lorakit.data.labels import LabelWarning
 from lorakit.tasks import TruncationWarning, encode_splits, get_task
 from tiny_training import char_tokenizer, write_jsonl
 
@@ -273,6 +274,21 @@ def test_training_data_of_a_single_class_is_refused(tok):
     with pytest.raises(LorakitError, match="the training split of d.csv has only the label 'pos'; a classifier needs "
                                            "examples of at least two classes"):
         encode_splits(get_task("classify"), splits, tok, 16)
+
+
+def test_a_class_with_too_few_training_examples_is_named_in_a_warning():
+    rows = [{"text": f"t{i}", "label": "pos" if i % 2 else "neg", "_where": f"d {i}"} for i in range(20)]
+    rows += [{"text": "odd", "label": "rare", "_where": "d 21"}, {"text": "odder", "label": "rarer", "_where": "d 22"},
+             {"text": "odder still", "label": "rarer", "_where": "d 23"}]
+    with pytest.warns(LabelWarning) as caught:
+        labels = get_task("classify").labels(rows, "d.csv")
+    assert labels == ["neg", "pos", "rare", "rarer"]
+    assert [str(w.message) for w in caught] == [
+        "d.csv: 2 class(es) with fewer than 5 training examples, too few to learn or to score: 'rare' (1), "
+        "'rarer' (2); add examples of them, or leave them out"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # five examples of each class: no warning
+        get_task("classify").labels(rows[:10], "d.csv")
 
 
 def test_a_number_label_of_another_split_finds_its_class(tok):

@@ -10,6 +10,7 @@ accuracy, reported beside macro-F1 and the majority-class baseline
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from lorakit import data as lkdata
 from lorakit.data.encode import Encoded
-from lorakit.data.labels import class_order, number_renames
+from lorakit.data.labels import LabelWarning, class_order, number_renames
 from lorakit.data.readers import classification_records, classify_checker
 from lorakit.data.stream import RecordStream
 from lorakit.errors import LorakitError
@@ -27,6 +28,9 @@ from lorakit.tasks import scores
 from lorakit.tasks.base import Task
 
 CLASS_WEIGHTS = ("balanced",)  # the --class-weights rules
+# fewer training examples than this and a class can hardly be learned, nor scored on a validation or test split
+# (a 10% split of 5 examples holds none of them); a warning names such classes
+RARE_CLASS = 5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +81,12 @@ class ClassificationTask(Task):
             held = f"only the label {names[0]!r}" if names else "no label"
             raise LorakitError(f"the training split of {source} has {held}; a classifier needs examples of at "
                                "least two classes")
+        rare = [name for name in names if counts[name] < RARE_CLASS]
+        if rare:
+            shown = ", ".join(f"{name!r} ({counts[name]})" for name in rare[:5]) + (" ..." if len(rare) > 5 else "")
+            warnings.warn(f"{source}: {len(rare)} class(es) with fewer than {RARE_CLASS} training examples, too few "
+                          f"to learn or to score: {shown}; add examples of them, or leave them out",
+                          LabelWarning, stacklevel=2)
         return names
 
     def class_weights(self, train, labels: list[str], rule: str) -> torch.Tensor:
