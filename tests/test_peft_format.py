@@ -422,6 +422,50 @@ def test_targets_inside_a_saved_module_are_left_to_it_as_peft_does(tmp_path):
         attach(make(), LoraConfig(r=4, target_modules=["out_proj", "classifier.dense"], modules_to_save=["classifier"]))
 
 
+CLASSIFIER_FAMILIES = {  # transformers config class -> its size arguments (two layers, 32 or 64 features)
+    "DistilBertConfig": dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64),
+    "RobertaConfig": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                          pad_token_id=1),
+    "DebertaV2Config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+    "ElectraConfig": dict(embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64),
+    "AlbertConfig": dict(embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64),
+    "ModernBertConfig": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+    "GPT2Config": dict(n_embd=32, n_layer=2, n_head=4),
+    "Qwen2Config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=64),
+    "MistralConfig": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=64),
+    "Phi3Config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=64),
+    "GemmaConfig": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=64, head_dim=8),
+}
+
+
+@pytest.mark.parametrize("family", CLASSIFIER_FAMILIES)
+def test_a_classifier_of_each_family_takes_its_default_targets_and_peft_loads_the_file(family, tmp_path):
+    """What ``lorakit train --model DIR`` does to a classifier of another family: the family's
+    default targets, the head saved whole; PEFT's ``SEQ_CLS`` load gives the same logits."""
+    import transformers
+
+    from lorakit.methods import head_modules
+
+    def make():
+        torch.manual_seed(0)
+        cfg = getattr(transformers, family)(vocab_size=128, num_labels=3, **{"pad_token_id": 0,
+                                                                             **CLASSIFIER_FAMILIES[family]})
+        return transformers.AutoModelForSequenceClassification.from_config(cfg).eval()
+
+    heads = head_modules(make())
+    assert heads, f"{family}: no classification head found"
+    assert_same(*lorakit_to_peft(make, LoraConfig(r=4, modules_to_save=heads, init="random"), tmp_path))
+    config, tensors = read_adapter(tmp_path)
+    assert config.target_modules and not any(config.within_saved(t) for t in config.target_modules)
+    assert any(key.endswith("lora_A.weight") for key in tensors)
+
+
 @pytest.mark.parametrize("init", ["orthogonal", "pissa", "olora", "pissa_niter_4"])
 def test_a_file_of_any_peft_start_gives_the_trained_model_on_the_original_base(init, tmp_path):
     """PEFT loads a PiSSA/OLoRA file (not converted) onto the original base by running the init
