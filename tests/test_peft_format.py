@@ -461,9 +461,9 @@ def test_a_classifier_of_each_family_takes_its_default_targets_and_peft_loads_th
     heads = head_modules(make())
     assert heads, f"{family}: no classification head found"
     assert_same(*lorakit_to_peft(make, LoraConfig(r=4, modules_to_save=heads, init="random"), tmp_path))
-    config, tensors = read_adapter(tmp_path)
-    assert config.target_modules and not any(config.within_saved(t) for t in config.target_modules)
-    assert any(key.endswith("lora_A.weight") for key in tensors)
+    _, tensors = read_adapter(tmp_path)
+    assert any(key.endswith("lora_A.weight") for key in tensors)  # the adapter has factors, not only the head
+    assert all(any(f".{head}." in key for key in tensors) for head in heads)  # and the head travels in the file
 
 
 @pytest.mark.parametrize("init", ["orthogonal", "pissa", "olora", "pissa_niter_4"])

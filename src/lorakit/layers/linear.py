@@ -131,12 +131,10 @@ class LoraLinear(LoraLayer):
         if self._rows is None and len(run) == 1 and torch.is_grad_enabled():
             ad = run[0]
             if self._one_function(x, ad):
-                h = None if ad.dropout is None else ad.dropout(x)
-                return _LoraLinearFunction.apply(x, None if h is x else h, self.weight, self.bias, ad.A, ad.B,
-                                                 ad.scaling, self.fan_in_fan_out)
+                return self._function_forward(x, ad)
             cast = autocast_dtype(x)
             if cast is not None and runnable(self, run, x, cast, dropout=True):
-                return self._cast_forward(x, ad, cast)
+                return self._function_forward(x, ad, cast)
         out = self._base_forward(x)
         if self._rows is not None:
             return self._forward_rows(x, out)
@@ -168,16 +166,19 @@ class LoraLinear(LoraLayer):
         return (all(t.dtype == dtype for t in tensors) and x.device == self.weight.device
                 and not torch.is_autocast_enabled(x.device.type))
 
-    def _cast_forward(self, x: torch.Tensor, ad, cast: torch.dtype) -> torch.Tensor:
-        """Under autocast: every tensor in the compute dtype first, as autocast would cast them for
-        each product (the casts recorded by autograd, so fp32 factors get fp32 gradients), then
-        :class:`_LoraLinearFunction` with autocast off: three products and no elementwise kernels
-        where autocast's own path launches ten (fewer launches: what a GPU step waits on)."""
+    def _function_forward(self, x: torch.Tensor, ad, cast: torch.dtype | None = None) -> torch.Tensor:
+        """One adapter through :class:`_LoraLinearFunction` (its dropout, if any, on the adapter's input).
+
+        Under autocast (``cast``, its compute dtype): every tensor in that dtype first, as autocast would
+        cast them for each product (the casts recorded by autograd, so fp32 factors get fp32 gradients),
+        then the function with autocast off: three products and no elementwise kernels where autocast's
+        own path launches ten (fewer launches: what a GPU step waits on)."""
         h = None if ad.dropout is None else ad.dropout(x)
-        x, h, weight, bias, A, B = (in_dtype(t, cast) for t in (x, None if h is x else h, self.weight, self.bias,
-                                                                  ad.A, ad.B))
+        tensors = (x, None if h is x else h, self.weight, self.bias, ad.A, ad.B)
+        if cast is None:
+            return _LoraLinearFunction.apply(*tensors, ad.scaling, self.fan_in_fan_out)
         with torch.autocast(x.device.type, enabled=False):
-            return _LoraLinearFunction.apply(x, h, weight, bias, A, B, ad.scaling, self.fan_in_fan_out)
+            return _LoraLinearFunction.apply(*(in_dtype(t, cast) for t in tensors), ad.scaling, self.fan_in_fan_out)
 
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Row b of the batch gets adapter slot ``slots[b]``: one gather and two bmm."""
