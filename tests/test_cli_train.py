@@ -61,7 +61,7 @@ def test_the_flags_are_made_from_the_config_fields_and_keep_their_names():
     assert all(f.metadata["help"] for f in fields(TrainConfig))  # every field says what it does
     added = {"--overwrite", "--loraplus-ratio", "--fsdp", "--dora", "--quantize", "--gradient-checkpointing", "--class-weights",
              "--text-column", "--label-column", "--prompt-column", "--completion-column", "--messages-column",
-             "--stream", "--no-stream", "--stream-buffer", "--compile", "--chat-template"}
+             "--stream", "--no-stream", "--stream-buffer", "--compile", "--chat-template", "--layers-to-transform"}
     assert {option for a in actions.values() for option in a.option_strings} == OLD_FLAGS | added
     # a flag not given leaves the dataclass's default: the defaults are written once
     assert config_from_args(parser.parse_args(["train"])) == TrainConfig()
@@ -148,6 +148,22 @@ def test_targets_given_as_a_regex_select_those_modules(tiny, tmp_path):
     config, tensors = read_adapter(tmp_path / "re" / "adapter")
     adapted = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in tensors if ".lora_" in key}
     assert adapted == {"query", "value"} and len(tensors) == 2 * 2 * 2 + 2  # A, B x 2 names x 2 layers + the head
+
+
+def test_layers_to_transform_adapts_those_blocks_only_and_peft_reads_the_file(tiny, tmp_path, capsys):
+    from lorakit.io import read_adapter
+
+    out = tmp_path / "last"
+    assert main(args(tiny, out, "--layers-to-transform", "1", "--steps", "1", "--eval-every", "1")) == 0
+    config, tensors = read_adapter(out / "adapter")
+    assert config.layers_to_transform == [1]
+    assert {key.split(".layer.")[1].split(".")[0] for key in tensors if ".lora_" in key} == {"1"}
+    peft_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert peft_config["layers_to_transform"] == [1]
+    assert main(args(tiny, tmp_path / "bad", "--layers-to-transform", "1-x")) == 2
+    assert "'1-x' is not a block index or a range such as 8-11" in capsys.readouterr().err
+    assert main(args(tiny, tmp_path / "bad", "--layers-to-transform", "0", "--method", "full")) == 2
+    assert "--layers-to-transform is for --method lora" in capsys.readouterr().err
 
 
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys):

@@ -127,7 +127,7 @@ def test_unknown_keys_warn_and_unsupported_features_raise():
     d["brand_new_option"] = 3
     with pytest.warns(UserWarning, match="brand_new_option"):
         LoraConfig.from_peft_dict(d)
-    for key, value in (("lora_bias", True), ("layers_to_transform", [0]), ("trainable_token_indices", [1])):
+    for key, value in (("lora_bias", True), ("layer_replication", [[0, 1]]), ("trainable_token_indices", [1])):
         with pytest.raises(LorakitError, match=f"sets {key}=.*a PEFT feature lorakit does not support"):
             LoraConfig.from_peft_dict({**LoraConfig().to_peft_dict(), key: value})
     with pytest.raises(LorakitError, match="IA3"):

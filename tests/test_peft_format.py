@@ -269,6 +269,52 @@ def test_every_bias_trains_and_travels_both_ways_with_bias_all(tmp_path):
     assert_same(*lorakit_to_peft(tiny_bert_classifier, ours, tmp_path / "ours"))
 
 
+@pytest.mark.parametrize("make, layers, pattern", [(tiny_llama, [1], None), (tiny_gpt2, 0, "h"),
+                                                  (tiny_bert_classifier, [0], "layer")])
+def test_layers_to_transform_selects_the_same_blocks_both_ways(make, layers, pattern, tmp_path):
+    targets = {tiny_llama: ["q_proj", "v_proj", "down_proj"], tiny_gpt2: ["c_attn", "c_fc"],
+               tiny_bert_classifier: ["query", "value"]}[make]
+    task = "SEQ_CLS" if make is tiny_bert_classifier else "CAUSAL_LM"
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, layers_to_transform=layers,
+                          layers_pattern=pattern, task_type=task, fan_in_fan_out=make is tiny_gpt2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # GPT-2's Conv1D: PEFT's fan_in_fan_out notes
+        assert_same(*peft_to_lorakit(make, cfg, tmp_path / "peft"))
+    config, tensors = read_adapter(tmp_path / "peft")
+    assert (config.layers_to_transform, config.layers_pattern) == (layers, pattern)
+    index = layers if isinstance(layers, int) else layers[0]
+    assert tensors and all(f".{index}." in key for key in tensors if "lora_" in key)
+    ours = LoraConfig(r=4, alpha=8, target_modules=targets, layers_to_transform=layers, layers_pattern=pattern,
+                      init="random")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_same(*lorakit_to_peft(make, ours, tmp_path / "ours"))
+    _, written = read_adapter(tmp_path / "ours")
+    assert {k for k in written if "lora_" in k} == {k for k in tensors if "lora_" in k}
+
+
+def test_layers_to_transform_with_all_linear_or_the_default_targets_is_written_as_peft_reads_it(tmp_path):
+    for targets in ("all-linear", None):
+        folder = tmp_path / str(targets)
+        ours = LoraConfig(r=4, target_modules=targets, layers_to_transform=[1], init="random")
+        assert_same(*lorakit_to_peft(tiny_llama, ours, folder))
+        config, tensors = read_adapter(folder)
+        assert isinstance(config.target_modules, list) and config.layers_to_transform == [1]
+        assert {key.split(".")[4] for key in tensors} == {"1"}  # base_model.model.model.layers.<i>...
+
+
+def test_layers_to_transform_refuses_what_peft_refuses():
+    with pytest.raises(LorakitError, match="cannot narrow a regex target_modules"):
+        LoraConfig(target_modules=r".*\.q_proj", layers_to_transform=[0])
+    with pytest.raises(LorakitError, match="layers_to_transform names no blocks"):
+        LoraConfig(target_modules=["q_proj"], layers_pattern="layers")
+    with pytest.raises(LorakitError, match="block indices"):
+        LoraConfig(target_modules=["q_proj"], layers_to_transform=[-1])
+    with pytest.raises(LorakitError, match="outside layers_to_transform"):
+        attach(tiny_llama(), LoraConfig(target_modules=["q_proj"], layers_to_transform=[7]))
+    assert LoraConfig(target_modules=["q_proj"], layers_to_transform=[]).layers_to_transform is None
+
+
 # ------------------------------------------------------------------ keys, task_type, saved heads
 
 

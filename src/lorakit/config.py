@@ -4,22 +4,12 @@ The scaling rule of the LoRA paper (§4.1, seeds 001/003) lives here and nowhere
 ``s = alpha / r``, or ``alpha / sqrt(r)`` with rank-stabilised LoRA (rsLoRA). Layers,
 merge, combine and export all ask the config (through :meth:`LoraConfig.scaling_for`).
 
-Module paths are matched the way Hugging Face PEFT matches them, so a config written
-for PEFT targets the same modules here:
-
-- a list of names: a path matches ``name`` when it equals it or ends in ``"." + name``;
-- a string: a regular expression the whole path must match (``re.fullmatch``);
-- ``"all-linear"``: every ``nn.Linear`` / ``Conv1D`` except the output head (resolved by
-  :mod:`lorakit.targets`, which knows the model).
+Module paths are matched the way Hugging Face PEFT matches them (names, a regex,
+``"all-linear"``, block indices, rank and alpha patterns: :mod:`lorakit.module_names`, the one
+rule, re-exported here), so a config written for PEFT targets the same modules here.
 
 ``modules_to_save`` names match as PEFT matches them: a path ending in the name, with no
 dot boundary (``"classifier"`` also saves DistilBERT's ``pre_classifier``).
-
-Targets typed as one string (``--targets``, a settings file) are read by
-:func:`parse_targets`, the one rule for them.
-
-``rank_pattern`` / ``alpha_pattern`` keys are regular expressions matched against the end
-of the path on a ``.`` boundary (``(.*\\.)?(key)$``), first key in order wins, as in PEFT.
 """
 
 from __future__ import annotations
@@ -31,8 +21,10 @@ from dataclasses import asdict, dataclass, field, fields
 
 from lorakit.errors import LorakitError
 from lorakit.inits import INITS
+from lorakit.module_names import (  # noqa: F401  (re-exported: a config's names are matched there)
+    ALL_LINEAR, as_name_list, block_index, name_matches, parse_layers, parse_targets, pattern_key,
+)
 
-ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
 
 # PEFT's init_lora_weights value <-> our init name.
@@ -64,91 +56,9 @@ _PEFT_BOOKKEEPING = {
     "monteclora_config", "arrow_config", "kasa_config", "qalora_group_size", "ensure_weight_tying",
 }
 _PEFT_UNSUPPORTED_OFF = {
-    "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
-    "layer_replication": None, "trainable_token_indices": None,
+    "lora_bias": False, "layer_replication": None, "trainable_token_indices": None,
     "use_qalora": False, "alora_invocation_tokens": None, "use_bdlora": None,
 }
-
-
-def _as_name_list(value, what: str):
-    """None, a regex string, or a list of names (tuples and sets become sorted lists)."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, (set, frozenset)):
-        value = sorted(value)
-    try:
-        names = list(value)
-    except TypeError:
-        raise LorakitError(f"{what} must be a list of module names or a regex string, got {value!r}") from None
-    bad = [n for n in names if not isinstance(n, str) or not n]
-    if bad:
-        raise LorakitError(f"{what} holds {bad!r}; give non-empty module names such as 'q_proj'")
-    return names
-
-
-def name_matches(spec, path: str) -> bool:
-    """True when module ``path`` is named by ``spec`` (a list of names or a regex string).
-
-    >>> name_matches(["q_proj"], "model.layers.0.self_attn.q_proj")
-    True
-    >>> name_matches(r".*\\.(q|v)_proj", "model.layers.0.self_attn.v_proj")
-    True
-    """
-    if spec is None:
-        return False
-    if isinstance(spec, str):
-        return re.fullmatch(spec, path) is not None
-    return any(path == name or path.endswith("." + name) for name in spec)
-
-
-#: characters that make a ``--targets`` value a regular expression rather than a list of names
-TARGET_REGEX_CHARS = frozenset("|*()[]{}^$\\")
-_ANY_PREFIX = r"(?:.*\.)?"  # a module path's start, up to a dot
-
-
-def parse_targets(value):
-    """Targets written as one string -> a value for :attr:`LoraConfig.target_modules`.
-
-    - ``None`` stays None (the model family's default); ``"all-linear"`` stays as it is;
-    - a value holding any of ``| * ( ) [ ] { } ^ $ \\`` is one regular expression that must
-      match a module's whole path or the whole of its end after a dot (``"query|value"``
-      selects ``bert.encoder.layer.0.attention.self.query``); it is returned as the PEFT
-      string (full match of the path) ``(?:.*\\.)?(?:query|value)``;
-    - anything else is a comma-separated list of names (``"query, value"`` ->
-      ``["query", "value"]``: PEFT's list form). A list or tuple is taken as names.
-
-    Parsing the result again gives it back unchanged.
-
-    Raises:
-        LorakitError: the value names nothing, or its regular expression does not compile.
-    """
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        return _as_name_list(value, "targets")
-    text = value.strip()
-    if text == ALL_LINEAR:
-        return ALL_LINEAR
-    if any(ch in TARGET_REGEX_CHARS for ch in text):
-        try:
-            re.compile(text)
-        except re.error as err:
-            raise LorakitError(f"targets {value!r} is not a valid regular expression ({err}); "
-                               "give names separated by commas, or a valid regex such as 'query|value'") from None
-        return text if text.startswith(_ANY_PREFIX + "(?:") and text.endswith(")") else f"{_ANY_PREFIX}(?:{text})"
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise LorakitError(f"targets {value!r} names no module; give names such as query,value, "
-                           "a regex such as 'query|value', or all-linear")
-    return names
-
-
-def pattern_key(patterns: dict, path: str):
-    """The first key of ``patterns`` that matches the end of ``path`` on a dot boundary, or None."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", path):
-            return key
-    return None
 
 
 @dataclass
@@ -182,6 +92,13 @@ class LoraConfig:
             weights): a parameter ``<module path>.<name>`` matches when it equals an entry or
             ends in ``"." + entry``. With them ``target_modules`` may be None or ``[]`` (no
             module targets). See :mod:`lorakit.layers.parameter`.
+        layers_to_transform: only the blocks of these indices (an int or a list) are adapted,
+            PEFT's key: a module named by a list of ``target_modules`` (or ``"all-linear"``,
+            or the family's default) is a target only when the first numbered segment of its
+            path, ``<name>.<index>.``, holds one of them. Not with a regex ``target_modules``
+            (the regex says which blocks), nor for ``target_parameters``, as in PEFT.
+        layers_pattern: the name (or names) of the block list whose index counts, e.g.
+            ``"layers"`` or ``["h"]``; None: the first numbered segment of the path.
         base_model_name_or_path, task_type: recorded for PEFT's ``adapter_config.json``.
 
     Raises:
@@ -204,6 +121,8 @@ class LoraConfig:
     task_type: str | None = None
     use_dora: bool = False
     target_parameters: list[str] | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
 
     def __post_init__(self):
         self.r = _check_rank(self.r, "r")
@@ -212,9 +131,9 @@ class LoraConfig:
                 or not 0.0 <= float(self.dropout) < 1.0:
             raise LorakitError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
-        self.target_modules = _as_name_list(self.target_modules, "target_modules")
-        self.exclude_modules = _as_name_list(self.exclude_modules, "exclude_modules")
-        ms = _as_name_list(self.modules_to_save, "modules_to_save")
+        self.target_modules = as_name_list(self.target_modules, "target_modules")
+        self.exclude_modules = as_name_list(self.exclude_modules, "exclude_modules")
+        ms = as_name_list(self.modules_to_save, "modules_to_save")
         if isinstance(ms, str):
             ms = [ms]
         self.modules_to_save = ms
@@ -245,6 +164,34 @@ class LoraConfig:
         if self.target_parameters and self.dropout:
             raise LorakitError(f"dropout {self.dropout} cannot apply to target_parameters (the module's input is "
                                "not the adapter's to drop out, as in PEFT); set dropout to 0")
+        self._check_layers()
+
+    def _check_layers(self):
+        layers, pattern = self.layers_to_transform, self.layers_pattern
+        if layers in ([], ()):
+            layers = None  # PEFT: an empty list selects every block
+        if isinstance(layers, (list, tuple, set, frozenset)):
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+                raise LorakitError(f"layers_to_transform must be block indices (integers from 0), got {layers!r}")
+            layers = sorted(set(layers))
+        elif layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 0):
+            raise LorakitError(f"layers_to_transform must be a block index or a list of them, got {layers!r}")
+        if pattern in ("", [], ()):
+            pattern = None
+        if pattern is not None:
+            names = [pattern] if isinstance(pattern, str) else pattern
+            if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+                raise LorakitError(f"layers_pattern must be the name of the block list, such as 'layers', "
+                                   f"or a list of names, got {pattern!r}")
+            pattern = pattern if isinstance(pattern, str) else list(pattern)
+            if layers is None:
+                raise LorakitError(f"layers_pattern {pattern!r} says where to read a block's index, but "
+                                   "layers_to_transform names no blocks; give both, or neither")
+        if layers is not None and isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
+            raise LorakitError(f"layers_to_transform {layers!r} cannot narrow a regex target_modules "
+                               f"({self.target_modules!r}): name the blocks in the regex, or give target_modules "
+                               "as a list of names")
+        self.layers_to_transform, self.layers_pattern = layers, pattern
 
     # ------------------------------------------------------------------ per-path values
 
@@ -263,13 +210,37 @@ class LoraConfig:
         return scaling(self.alpha_for(path), self.rank_for(path), self.use_rslora)
 
     def targets(self, path: str) -> bool:
-        """True when ``path`` is named by ``target_modules`` and not by ``exclude_modules``.
+        """True when ``path`` is named by ``target_modules``, lies in ``layers_to_transform``
+        and is not named by ``exclude_modules``.
 
         ``"all-linear"`` and None are resolved by :mod:`lorakit.model`; here they match nothing.
         """
         if self.target_modules in (None, ALL_LINEAR):
             return False
-        return name_matches(self.target_modules, path) and not self.excludes(path)
+        return name_matches(self.target_modules, path) and self.in_layers(path, self.target_modules) \
+            and not self.excludes(path)
+
+    def in_layers(self, path: str, names=None) -> bool:
+        """True unless ``layers_to_transform`` leaves module ``path`` out (PEFT's rule).
+
+        The block index is the number in the first ``<name>.<index>.`` of the path (of
+        ``<layers_pattern>.<index>.`` when given), so a mixture-of-experts path
+        ``model.layers.1.experts.0.w1`` is in block 1. A path with no such index is left out.
+        ``names``: the list of target names that selected ``path``; a path named there in full
+        is kept whatever its block, as PEFT keeps it.
+
+        >>> LoraConfig(target_modules=["q"], layers_to_transform=[1]).in_layers("model.layers.1.attn.q")
+        True
+        >>> LoraConfig(target_modules=["q"], layers_to_transform=1, layers_pattern="h").in_layers("h.0.attn.q")
+        False
+        """
+        layers = self.layers_to_transform
+        if layers is None or (isinstance(names, list) and path in names):
+            return True
+        index = block_index(path, self.layers_pattern)
+        if index is None:
+            return False
+        return index == layers if isinstance(layers, int) else index in layers
 
     def excludes(self, path: str) -> bool:
         return name_matches(self.exclude_modules, path)
@@ -312,8 +283,8 @@ class LoraConfig:
             "use_dora": self.use_dora,
             "target_parameters": self.target_parameters,
             "lora_bias": False,
-            "layers_to_transform": None,
-            "layers_pattern": None,
+            "layers_to_transform": self.layers_to_transform,
+            "layers_pattern": self.layers_pattern,
         }
 
     @classmethod
@@ -353,10 +324,13 @@ class LoraConfig:
             "task_type": d.get("task_type"),
             "use_dora": d.get("use_dora") or False,
             "target_parameters": d.get("target_parameters") or None,
+            "layers_to_transform": d.get("layers_to_transform"),
+            "layers_pattern": d.get("layers_pattern"),
         }
         peft_names = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "rank_pattern",
                       "alpha_pattern", "use_rslora", "init_lora_weights", "bias", "modules_to_save",
-                      "fan_in_fan_out", "base_model_name_or_path", "task_type", "use_dora", "target_parameters"}
+                      "fan_in_fan_out", "base_model_name_or_path", "task_type", "use_dora", "target_parameters",
+                      "layers_to_transform", "layers_pattern"}
         unknown = sorted(set(d) - peft_names - _PEFT_BOOKKEEPING - set(_PEFT_UNSUPPORTED_OFF))
         if unknown:
             warnings.warn(f"ignoring adapter config keys lorakit does not know: {unknown}", stacklevel=2)

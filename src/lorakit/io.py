@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from lorakit import atomic
-from lorakit.config import LoraConfig, name_matches
+from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.inits import REWRITES_WEIGHT
+from lorakit.module_names import name_matches
 from lorakit.peft_format import (
     base_model_name, key_paths, layer_tensors, module_key, module_tensors, parse_factor_key, wrapped_key,
 )
@@ -154,11 +155,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     paths = sorted({parsed[0] for parsed in map(parse_factor_key, tensors)
                     if parsed is not None and parsed[0] not in on_parameters})
     if config.target_modules is None or config.target_modules == "all-linear":
-        changes["target_modules"] = _explicit_targets(model, paths)
+        changes["target_modules"] = _explicit_targets(model, paths, config)
     elif isinstance(config.target_modules, list) and paths and any(
             not any(name_matches([n], p) for p in paths) for n in config.target_modules):
         # a name that selected nothing lorakit wraps (a grouped convolution): PEFT would try it
-        changes["target_modules"] = _explicit_targets(model, paths)
+        changes["target_modules"] = _explicit_targets(model, paths, config)
+    if isinstance(changes.get("target_modules"), str):  # a regex of the paths says which blocks too
+        changes.update(layers_to_transform=None, layers_pattern=None)
     leaves = linear_leaves(model, heads=True)
     conv1d = any(p in leaves and is_conv1d(leaves[p]) for p in paths)
     if config.fan_in_fan_out != conv1d:  # PEFT's flag says how the targets store their weight
@@ -264,13 +267,14 @@ def _rewrite_base_as_init(model: nn.Module, name: str, init: str) -> list[tuple[
     return rewritten
 
 
-def _explicit_targets(model: nn.Module, paths: list[str]):
+def _explicit_targets(model: nn.Module, paths: list[str], config: LoraConfig):
     """``target_modules`` naming exactly ``paths`` on ``model``: leaf names when they select
-    nothing else, else a regex of the full paths (PEFT matches a string with fullmatch)."""
+    nothing else (within ``config.layers_to_transform``), else a regex of the full paths
+    (PEFT matches a string with fullmatch)."""
     from lorakit.model import targetable_modules
 
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    candidates = [p for p, _, _ in targetable_modules(model)]
+    candidates = [p for p, _, _ in targetable_modules(model) if config.in_layers(p)]
     if sorted(p for p in candidates if name_matches(leaves, p)) == sorted(paths):
         return leaves
     return "^(" + "|".join(re.escape(p) for p in paths) + ")$"

@@ -27,7 +27,7 @@ from typing import Iterable, Iterator
 
 from torch import nn
 
-from lorakit.config import ALL_LINEAR, LoraConfig, name_matches
+from lorakit.config import LoraConfig
 from lorakit.dense import (  # noqa: F401  (re-exported: structure questions are asked here)
     CONV_TYPES, LINEAR_TYPES, Conv1D, is_conv, is_conv1d, is_linear, linear_features, parameter_features, weight_out_in,
 )
@@ -37,6 +37,7 @@ from lorakit.model_kinds import (  # noqa: F401  (re-exported: structure questio
     position_limit,
 )
 from lorakit.layers import LoraLayer, ParameterHost, SavedModule, wrapper_for
+from lorakit.module_names import ALL_LINEAR, name_matches
 from lorakit.target_defaults import DEFAULT_TARGETS  # noqa: F401  (re-exported)
 from lorakit.target_defaults import default_targets as _family_targets
 
@@ -296,6 +297,9 @@ def target_paths(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Mod
                  if isinstance(_base_of(m), LINEAR_TYPES) and not (p + ".").startswith(heads)]
     else:
         paths = [p for p, _ in _candidates(modules) if name_matches(spec, p)]
+    outside_layers = [p for p in paths if not config.in_layers(p, spec)]
+    if outside_layers:
+        paths = [p for p in paths if config.in_layers(p, spec)]
     saved_inside = [p for p in paths if config.within_saved(p)]
     paths = [p for p in paths if not config.excludes(p) and not config.within_saved(p)]
     bypassed = {p: why for p in paths if (why := bypass_reason(modules, p)) is not None}
@@ -309,6 +313,9 @@ def target_paths(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Mod
         if saved_inside:
             left_out += (f"; left out {len(saved_inside)} in modules_to_save (saved whole, so not LoRA targets), "
                          f"e.g. {saved_inside[0]}")
+        if outside_layers:
+            left_out += (f"; left out {len(outside_layers)} outside layers_to_transform "
+                         f"{config.layers_to_transform!r}, e.g. {outside_layers[0]}")
         raise LorakitError(
             f"target_modules {spec!r} matched no module of {type(model).__name__}; "
             f"targetable modules: {_targetable_summary(modules)}{left_out}")

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 from lorakit.chat_templates import check as check_template
-from lorakit.config import parse_targets
+from lorakit.config import parse_layers, parse_targets
 from lorakit.data.files import FORMATS
 from lorakit.errors import LorakitError
 from lorakit.layers.quantized import QUANT_KINDS
@@ -102,6 +102,9 @@ class TrainConfig:
         "modules to adapt: names (query,value), a regex, or all-linear",
         default_help="the model family's, e.g. query,value for BERT, q_proj,v_proj for Llama; for a "
                      "family without one, the first such pair the model has"))
+    layers_to_transform: list[int] | str | None = field(default=None, metadata=setting(
+        "adapt the targets in these blocks only: 10,11 or 8-11 (PEFT's layers_to_transform; --method lora)",
+        default_help="every block"))
     lora_dropout: float = field(default=0.0, metadata=setting("dropout on the LoRA branch's input"))
     dora: bool = field(default=False, metadata=setting(
         "DoRA: also train a magnitude per output feature, W' = m * (W + s*B*A) / ||W + s*B*A|| (method lora)"))
@@ -243,6 +246,9 @@ class TrainConfig:
         if self.class_weights is not None and self.class_weights not in CLASS_WEIGHTS:
             raise LorakitError(f"class_weights {self.class_weights!r} is unknown; choose one of {list(CLASS_WEIGHTS)}")
         self.targets = parse_targets(self.targets)
+        self.layers_to_transform = parse_layers(self.layers_to_transform)
+        if self.layers_to_transform is not None and self.method != "lora":
+            raise LorakitError(f"--layers-to-transform is for --method lora, not {self.method!r}")
         self.eval_batch_size = self.eval_batch_size or task.default_eval_batch_size
         self.out = self.out or DEFAULT_OUT.format(task=self.task, method=self.method)
 
