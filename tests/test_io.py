@@ -250,6 +250,19 @@ def test_saved_module_shape_mismatch_is_listed(tmp_path):
                                                               r"\(33, 32\), the model \(32, 32\)")
 
 
+def test_a_grown_vocabulary_says_to_resize_the_embeddings_first(tmp_path):
+    grown = tiny_llama()
+    grown.resize_token_embeddings(136, mean_resizing=False)
+    model = trained(grown, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]))
+    save_adapter(model, tmp_path)
+    refuse(tmp_path, tiny_llama(), match=r"model.embed_tokens.weight: the file holds shape \(136, 32\), the model "
+                                         r"\(128, 32\) \(the adapter was trained with a vocabulary of 136 tokens.*"
+                                         r"model.resize_token_embeddings\(136\)")
+    resized = tiny_llama()
+    resized.resize_token_embeddings(136, mean_resizing=False)
+    load_adapter(resized, tmp_path)  # what the message says works
+
+
 def test_adapter_for_another_architecture(saved):
     _, folder = saved
     refuse(folder, tiny_bert_classifier(), match="was made for LlamaForCausalLM, not for BertForSequenceClassification")

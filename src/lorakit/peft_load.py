@@ -142,8 +142,7 @@ def _sort_keys(model, tensors, plan: LoadPlan, problems: list[str]) -> tuple[dic
         if pname not in model_params:
             problems.append(f"unexpected key {key}: the model has no parameter {pname}")
         elif tuple(tensor.shape) != tuple(model_params[pname].shape):
-            problems.append(f"{pname}: the file holds shape {tuple(tensor.shape)}, "
-                            f"the model {tuple(model_params[pname].shape)}")
+            problems.append(_shape_problem(model, pname, tensor, model_params[pname]))
         else:
             plan.params.append((pname, tensor))
     return factors, magnitudes
@@ -207,8 +206,20 @@ def _check_saved(model, modules, plan: LoadPlan, problems: list[str]) -> None:
             if _per_class(path, state[k], want[k], classes):
                 plan.resized.setdefault(path, []).append(k)
             else:
-                problems.append(f"{path}.{k}: the file holds shape {tuple(state[k].shape)}, the model "
-                                f"{tuple(want[k].shape)}")
+                problems.append(_shape_problem(model, f"{path}.{k}", state[k], want[k]))
+
+
+def _shape_problem(model: nn.Module, name: str, held: torch.Tensor, have: torch.Tensor) -> str:
+    """One line on a tensor of the wrong shape; for the token embeddings or the output head of a
+    model whose vocabulary the adapter's training grew, what to do."""
+    line = f"{name}: the file holds shape {tuple(held.shape)}, the model {tuple(have.shape)}"
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and have.dim() == 2 and have.shape[0] == vocab and held.dim() == 2 \
+            and held.shape[1] == have.shape[1]:
+        tokens = held.shape[0]
+        line += (f" (the adapter was trained with a vocabulary of {tokens} tokens, the model has {vocab}: resize "
+                 f"the model's token embeddings first, model.resize_token_embeddings({tokens}))")
+    return line
 
 
 def _per_class(path: str, held: torch.Tensor, have: torch.Tensor, classes: int | None) -> bool:
