@@ -176,6 +176,8 @@ def test_inspect_command_prints_modules_and_adapter_size(tmp_path, capsys):
     assert "adapter at rank 4 on q_proj,v_proj (4 modules): 896 parameters" in out
     assert main(["inspect", str(tmp_path), "--rank", "4", "--targets", "q_proj|v_proj"]) == 0  # the same, as a regex
     assert "adapter at rank 4 on q_proj,v_proj (4 modules): 896 parameters" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path), "--rank", "4", "--targets", "q_proj,v_proj", "--layers-to-transform", "1"]) == 0
+    assert "adapter at rank 4 on q_proj,v_proj (2 modules): 448 parameters" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

@@ -312,11 +312,12 @@ def is_causal_lm(config) -> bool:
     return any(architecture_kind(a) == CAUSAL_LM for a in (config.architectures or []))
 
 
-def target_footprint(model: nn.Module, rank: int = 8, targets=None) -> dict:
+def target_footprint(model: nn.Module, rank: int = 8, targets=None, layers=None) -> dict:
     """Every module LoRA can target, which ones ``targets`` selects, and the adapter's size.
 
     ``targets`` as ``LoraConfig.target_modules``: names, a regex, ``"all-linear"``, or None
-    for the model family's default. An adapter on a ``(out, in)`` weight holds
+    for the model family's default; ``layers`` as its ``layers_to_transform`` (the blocks
+    adapted; None: all). An adapter on a ``(out, in)`` weight holds
     ``r·(in + out)`` parameters.
 
     Returns:
@@ -329,7 +330,7 @@ def target_footprint(model: nn.Module, rank: int = 8, targets=None) -> dict:
     from lorakit.config import LoraConfig
     from lorakit.targets import target_paths, targetable_modules
 
-    config = LoraConfig(r=rank, target_modules=targets)
+    config = LoraConfig(r=rank, target_modules=targets, layers_to_transform=layers)
     selected = set(target_paths(model, config))
     rows = []
     for path, kind, shape in targetable_modules(model):

@@ -27,6 +27,8 @@ def register(subparsers) -> None:
     parser.add_argument("--targets", metavar="NAMES",
                         help="comma-separated module names (query,value), all-linear, or a regex matching a "
                              "module's name or path (query|value)")
+    parser.add_argument("--layers-to-transform", metavar="BLOCKS",
+                        help="only the targets in these blocks, e.g. 10,11 or 8-11 (as lorakit train)")
     parser.add_argument("--paths", action="store_true", help="list every module path instead of grouping by name")
     _add_memory_flags(parser)
     parser.set_defaults(func=run_inspect)
@@ -63,11 +65,12 @@ def _add_memory_flags(parser) -> None:
 def run_inspect(args) -> int:
     if args.memory:
         return run_memory(args)
-    from lorakit.config import parse_targets
+    from lorakit.config import parse_layers, parse_targets
     from lorakit.models import load_model, target_footprint
 
+    layers = parse_layers(args.layers_to_transform)
     model, _ = load_model(args.model, tokenizer=False)
-    report = target_footprint(model, rank=args.rank, targets=parse_targets(args.targets))
+    report = target_footprint(model, rank=args.rank, targets=parse_targets(args.targets), layers=layers)
     rows = report["modules"]
     if args.paths:
         table = [(path, kind, "x".join(map(str, shape)), "yes" if sel else "", f"{params:,}")
