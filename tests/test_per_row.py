@@ -44,6 +44,20 @@ def test_rows_equal_running_each_row_alone(make, targets):
         assert (mixed[b] - base[b]).abs().max() > 1e-3  # each adapter row really changed
 
 
+def test_adapters_on_different_blocks_share_a_per_row_batch():
+    model = attach(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[0],
+                                            init="random"), "first")
+    add_adapter(model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"], layers_to_transform=1, init="random"),
+                "second")
+    rows = ["second", "first", None, "second"]
+    x = token_batch(batch=len(rows), length=7)
+    with torch.no_grad():
+        with per_row_adapters(model, rows):
+            mixed = model(x).logits
+        expected = _alone(model, x, rows)
+    assert (mixed - expected).abs().max() <= 1e-5
+
+
 def test_stacks_are_cached_and_updated_when_adapters_change():
     model = _with_three_adapters(tiny_llama(), ["q_proj", "v_proj"])
     x = token_batch(batch=2)
