@@ -164,6 +164,8 @@ def test_layers_to_transform_adapts_those_blocks_only_and_peft_reads_the_file(ti
     assert "'1-x' is not a block index or a range such as 8-11" in capsys.readouterr().err
     assert main(args(tiny, tmp_path / "bad", "--layers-to-transform", "0", "--method", "full")) == 2
     assert "--layers-to-transform is for --method lora" in capsys.readouterr().err
+    assert main(args(tiny, tmp_path / "bad", "--layers-to-transform", "0", "--targets", "query|value")) == 2
+    assert "--layers-to-transform cannot narrow a regex --targets" in capsys.readouterr().err
 
 
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys):

@@ -76,7 +76,7 @@ def test_a_target_regex_matches_a_name_or_a_path_as_peft_reads_the_string():
     assert LoraConfig(target_modules=spec).targets("value")
     assert not LoraConfig(target_modules=spec).targets("bert.encoder.layer.0.attention.self.key")
     assert not LoraConfig(target_modules=spec).targets("bert.encoder.layer.0.attention.self.subquery")
-    with pytest.raises(LorakitError, match="targets 'query\|\(' is not a valid regular expression"):
+    with pytest.raises(LorakitError, match=r"targets 'query\|\(' is not a valid regular expression"):
         parse_targets("query|(")
     with pytest.raises(LorakitError, match="names no module"):
         parse_targets(" , ")
