@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from lorakit.errors import LorakitError
 from lorakit.inits import INITS
 from lorakit.module_names import (  # noqa: F401  (re-exported: a config's names are matched there)
-    ALL_LINEAR, as_name_list, block_index, name_matches, parse_layers, parse_targets, pattern_key,
+    ALL_LINEAR, as_name_list, block_index, name_matches, narrows_a_regex, parse_layers, parse_targets, pattern_key,
 )
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -187,7 +187,7 @@ class LoraConfig:
             if layers is None:
                 raise LorakitError(f"layers_pattern {pattern!r} says where to read a block's index, but "
                                    "layers_to_transform names no blocks; give both, or neither")
-        if layers is not None and isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
+        if narrows_a_regex(self.target_modules, layers):
             raise LorakitError(f"layers_to_transform {layers!r} cannot narrow a regex target_modules "
                                f"({self.target_modules!r}): name the blocks in the regex, or give target_modules "
                                "as a list of names")

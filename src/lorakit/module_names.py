@@ -131,6 +131,12 @@ def pattern_key(patterns: dict, path: str):
     return None
 
 
+def narrows_a_regex(targets, layers) -> bool:
+    """Whether block indices are given beside a regex of targets, which PEFT refuses (the regex
+    itself says which blocks); ``"all-linear"`` is names, not a regex."""
+    return layers is not None and isinstance(targets, str) and targets != ALL_LINEAR
+
+
 def block_index(path: str, layers_pattern=None) -> int | None:
     """The index of the block module ``path`` lies in, by PEFT's rule, or None.
 

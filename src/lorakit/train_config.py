@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 from lorakit.chat_templates import check as check_template
-from lorakit.config import ALL_LINEAR, parse_layers, parse_targets
+from lorakit.config import narrows_a_regex, parse_layers, parse_targets
 from lorakit.data.files import FORMATS
 from lorakit.errors import LorakitError
 from lorakit.layers.quantized import QUANT_KINDS
@@ -249,7 +249,7 @@ class TrainConfig:
         self.layers_to_transform = parse_layers(self.layers_to_transform)
         if self.layers_to_transform is not None and self.method != "lora":
             raise LorakitError(f"--layers-to-transform is for --method lora, not {self.method!r}")
-        if self.layers_to_transform is not None and isinstance(self.targets, str) and self.targets != ALL_LINEAR:
+        if narrows_a_regex(self.targets, self.layers_to_transform):
             raise LorakitError(f"--layers-to-transform cannot narrow a regex --targets ({self.targets!r}, as in "
                                "PEFT): name the blocks in the regex, or give --targets as names such as query,value")
         self.eval_batch_size = self.eval_batch_size or task.default_eval_batch_size
