@@ -91,6 +91,49 @@ def test_extract_by_energy_gives_per_module_ranks(pair, tmp_path, capsys):
     assert _row(out, "bert.encoder.layer.0.attention.self.key")[1] == "2"
 
 
+def test_extract_with_lora_bias_writes_b_bias_for_every_module(pair, tmp_path, capsys):
+    from lorakit.io import read_adapter
+
+    base, tuned = pair
+    assert main(["extract", "--base", base, "--tuned", tuned, "--rank", "2", "--lora-bias",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert "bias changes carried as B's bias (lora_bias): 0 of 13 module(s) moved" in capsys.readouterr().out
+    config, tensors = read_adapter(tmp_path / "b")
+    assert config.lora_bias and sum(k.endswith(".lora_B.bias") for k in tensors) == 13
+
+
+def test_an_adapter_extracted_from_a_trained_full_model_is_evaluated_as_a_trained_one(tmp_path, capsys):
+    import json
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tiny_training import save_tiny_classifier
+
+    base = save_tiny_classifier(tmp_path / "base")
+    tuned = AutoModelForSequenceClassification.from_pretrained(base)
+    with torch.no_grad():
+        for w in linear_weights(tuned, heads=True).values():
+            w += 0.3 * torch.randn(w.shape[0], 2) @ torch.randn(2, w.shape[1])
+    tuned.save_pretrained(tmp_path / "tuned")
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "tuned")
+    task = {"task": "classify", "method": "full", "model": str(base), "adapter_name": "default",
+            "labels": ["bad", "good"], "max_length": 16, "data": "x.csv", "data_limit": None, "columns": {},
+            "stream": None, "stream_buffer": 10000, "data_fingerprint": None}
+    (tmp_path / "tuned" / "lorakit_task.json").write_text(json.dumps(task))  # as lorakit train --method full writes
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"{t},{l}\n" for t, l in [("a good film", "good"), ("bad", "bad"),
+                                                                      ("great movie", "good"), ("dull", "bad")]))
+    assert main(["extract", "--base", str(base), "--tuned", str(tmp_path / "tuned"), "--rank", "2",
+                 "--out", str(tmp_path / "ex")]) == 0
+    carried = json.loads((tmp_path / "ex" / "lorakit_task.json").read_text())
+    assert carried == {**task, "method": "lora", "model": str(base.resolve())}
+    capsys.readouterr()
+    for folder in ("tuned", "ex"):  # the same model both ways: the same loss on the same four rows
+        assert main(["eval", "--adapter", str(tmp_path / folder), "--data", str(data)]) == 0
+    first, second = re.findall(r"loss ([\d.]+)", capsys.readouterr().out)
+    assert float(first) == pytest.approx(float(second), abs=1e-3)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["extract", "--base", "{base}", "--tuned", "{tuned}", "--energy", "95", "--out", "{tmp}/x"],
      "energy must be a fraction in (0, 1], got 95.0"),

@@ -127,8 +127,10 @@ def test_unknown_keys_warn_and_unsupported_features_raise():
     d["brand_new_option"] = 3
     with pytest.warns(UserWarning, match="brand_new_option"):
         LoraConfig.from_peft_dict(d)
-    for key, value in (("lora_bias", True), ("layer_replication", [[0, 1]]), ("trainable_token_indices", [1])):
+    for key, value in (("layer_replication", [[0, 1]]), ("trainable_token_indices", [1])):
         with pytest.raises(LorakitError, match=f"sets {key}=.*a PEFT feature lorakit does not support"):
             LoraConfig.from_peft_dict({**LoraConfig().to_peft_dict(), key: value})
     with pytest.raises(LorakitError, match="IA3"):
         LoraConfig.from_peft_dict({"peft_type": "IA3"})
+    biased = LoraConfig.from_peft_dict({**LoraConfig(init="kaiming").to_peft_dict(), "lora_bias": True})
+    assert biased.lora_bias and biased.to_peft_dict()["lora_bias"] is True

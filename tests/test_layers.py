@@ -143,6 +143,53 @@ def test_unmerge_is_bit_exact_in_low_precision(dtype):
     assert layer._premerge_weight is None
 
 
+def _biased(dtype=torch.float32, base_bias=True):
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(64, 48, bias=base_bias).to(dtype))
+    ad = layer.add_adapter("default", r=4, alpha=8, scaling=2.0, init="kaiming", bias=True)
+    layer.set_active(["default"])
+    with torch.no_grad():
+        ad.B.normal_()
+        ad.bias.normal_()
+    return layer, ad
+
+
+def test_a_bias_on_b_adds_s_b_trains_and_merges_into_the_layer_bias():
+    layer, ad = _biased()
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    expected = x @ layer.weight.T + layer.bias + 2.0 * ((x @ ad.A.T) @ ad.B.T + ad.bias)
+    y = layer(x)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    torch.testing.assert_close(ad.bias.grad, 2.0 * (2 * y.detach()).sum((0, 1)), rtol=1e-5, atol=1e-4)
+    w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+    with torch.no_grad():
+        layer.merge()
+        torch.testing.assert_close(layer.bias, b0 + 2.0 * ad.bias, rtol=0, atol=1e-6)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)  # s·b counted once
+        layer.unmerge()
+    assert (layer.weight - w0).abs().max() <= 1e-6 and (layer.bias - b0).abs().max() <= 1e-6
+
+
+def test_a_bias_on_b_unmerges_bit_exact_in_bf16_and_needs_a_layer_bias():
+    layer, ad = _biased(torch.bfloat16)
+    b0 = layer.bias.detach().clone()
+    layer.merge()
+    assert torch.equal(layer.bias, (b0.float() + 2.0 * ad.bias).to(torch.bfloat16))
+    layer.unmerge()
+    assert torch.equal(layer.bias, b0) and layer._premerge_bias is None
+    layer, _ = _biased(base_bias=False)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        y = layer(x)  # it runs unmerged, as in PEFT
+        with pytest.raises(LorakitError, match="no bias to merge it into"):
+            layer.merge()
+        assert not layer.merged
+        torch.testing.assert_close(layer(x), y)
+    with pytest.raises(LorakitError, match="no bias on B"):
+        LoraEmbedding(nn.Embedding(10, 4)).add_adapter("e", r=2, alpha=2, scaling=1.0, bias=True)
+
+
 def test_base_layer_shares_parameters_and_keeps_type():
     base = nn.Linear(4, 3)
     layer = LoraLinear(base)

@@ -298,10 +298,10 @@ def test_combine_refuses_dora_adapters(tmp_path):
     from lorakit.combination import combine_adapters
 
     model = attach(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
-    with pytest.raises(LorakitError, match="use DoRA or target_parameters"):
+    with pytest.raises(LorakitError, match="use DoRA, target_parameters"):
         combine(model, {"default": 1.0}, method="svd")
     save_adapter(model, tmp_path / "a")
-    with pytest.raises(LorakitError, match="use DoRA or target_parameters"):
+    with pytest.raises(LorakitError, match="use DoRA, target_parameters"):
         combine_adapters({tmp_path / "a": 1.0}, tmp_path / "out", method="svd")
 
 

@@ -1,6 +1,8 @@
 """Will it fit? The prediction made on fake tensors counts the very tensors a real step makes,
 each lever moves the part it should, and a model too large is said not to fit."""
 
+import re
+
 import pytest
 from transformers import LlamaConfig
 
@@ -81,3 +83,10 @@ def test_inspect_memory_predicts_a_classifier_from_its_config_and_says_whether_i
         assert part in out
     assert main(["inspect", str(folder), "--memory", "--budget", "0.1"]) == 0  # 100 MiB: less than the runtime
     assert "does NOT fit in 0.1 GiB" in capsys.readouterr().out
+
+    def trainable(*flags):
+        assert main(["inspect", str(folder), "--memory", "--batch-size", "4", "--max-length", "16", *flags]) == 0
+        return int(re.search(r"([\d,]+) trainable parameters", capsys.readouterr().out).group(1).replace(",", ""))
+
+    every, one_block = trainable(), trainable("--layers-to-transform", "1")
+    assert one_block < every  # the adapters of one block of two, beside the same head

@@ -20,10 +20,11 @@ from transformers import BertModel
 
 from lorakit import LoraConfig, LorakitError, attach, combine, load_adapter, read_adapter, save_adapter, write_adapter
 from lorakit.model import lora_configs, set_active
+from lorakit.merging import merge_and_unload
 from lorakit.peft_format import (
     PREFIX, factor_key, module_key, parameter_name, parse_factor_key, task_type_for, with_task_heads, wrapped_key,
 )
-from lorakit.targets import is_conv1d, linear_leaves
+from lorakit.targets import is_conv1d, linear_leaves, lora_layers
 from tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
 
 peft = pytest.importorskip("peft")
@@ -456,7 +457,6 @@ def test_targets_inside_a_saved_module_are_left_to_it_as_peft_does(tmp_path):
     cfg = peft.LoraConfig(r=4, target_modules="all-linear", task_type="SEQ_CLS")
     assert_same(*peft_to_lorakit(make, cfg, tmp_path / "peft"))
     ours = attach(make(), LoraConfig(r=4, target_modules=["query", "value", "dense"], modules_to_save=["classifier"]))
-    from lorakit.targets import lora_layers
 
     adapted = [path for path, _ in lora_layers(ours)]
     assert len(adapted) == 10 and not any(p.startswith("classifier") for p in adapted)  # 2 layers x 5: q, v, 3 dense
@@ -554,3 +554,52 @@ def test_a_target_name_that_wrapped_nothing_is_not_written_for_peft_to_try(tmp_p
     theirs = peft.PeftModel.from_pretrained(Net(), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), model.eval()(x), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("make, targets", [(tiny_bert_classifier, ["query", "value", "dense"]),
+                                           (tiny_gpt2, ["c_attn", "c_fc"])])
+def test_a_bias_on_b_travels_both_ways(make, targets, tmp_path):
+    """PEFT's lora_bias (the use: an adapter extracted from a full fine-tune keeps the biases' change)."""
+    task = "SEQ_CLS" if make is tiny_bert_classifier else "CAUSAL_LM"
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_bias=True, task_type=task,
+                          fan_in_fan_out=make is tiny_gpt2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # GPT-2's Conv1D: PEFT's fan_in_fan_out notes
+        assert_same(*peft_to_lorakit(make, cfg, tmp_path / "peft"))
+    config, tensors = read_adapter(tmp_path / "peft")
+    assert config.lora_bias and any(key.endswith(".lora_B.bias") for key in tensors)
+    ours = LoraConfig(r=4, alpha=8, target_modules=targets, lora_bias=True, init="kaiming")
+    model = attach(make(), ours)
+    perturb_trainable(model)
+    with torch.no_grad():  # the biases alone: a bias left out anywhere would show
+        for _, layer in lora_layers(model):
+            layer.adapters["default"].B.zero_()
+    expected = outputs(model.eval(), token_batch())
+    save_adapter(model, tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(make(), tmp_path / "ours").eval()
+    assert_same(expected, outputs(theirs, token_batch()), outputs(make(), token_batch()))
+    _, written = read_adapter(tmp_path / "ours")
+    assert {k for k in written if k.endswith(".lora_B.bias")} == {k for k in tensors if k.endswith(".lora_B.bias")}
+
+
+def test_a_bias_on_b_is_refused_where_peft_refuses_it(tmp_path):
+    with pytest.raises(LorakitError, match="init 'kaiming' or 'random'"):
+        LoraConfig(target_modules=["q_proj"], lora_bias=True)
+    with pytest.raises(LorakitError, match="not with use_dora"):
+        LoraConfig(target_modules=["q_proj"], lora_bias=True, use_dora=True, init="kaiming")
+    with pytest.raises(LorakitError, match="lora_bias applies to linear layers"):
+        attach(tiny_llama(), LoraConfig(target_modules=["q_proj", "embed_tokens"], lora_bias=True, init="kaiming"))
+    with pytest.warns(UserWarning, match="without a bias of their own"):
+        bare = attach(tiny_llama(), LoraConfig(target_modules=["q_proj", "v_proj"], lora_bias=True, init="kaiming"))
+    with pytest.raises(LorakitError, match="no bias to merge it into"):
+        merge_and_unload(bare)
+    assert not any(layer.merged for _, layer in lora_layers(bare))  # nothing was merged on the way
+    plain = attach(tiny_bert_classifier(), LoraConfig(r=4, target_modules=["query"], init="random"))
+    save_adapter(plain, tmp_path)
+    config, tensors = read_adapter(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(
+        __import__("json").dumps({**config.to_peft_dict(), "lora_bias": True, "init_lora_weights": True}))
+    with pytest.raises(LorakitError, match="missing lora_B.bias"):
+        load_adapter(tiny_bert_classifier(), tmp_path)

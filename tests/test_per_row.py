@@ -24,6 +24,14 @@ def _alone(model, x, rows):
     return torch.cat(outs)
 
 
+def _largest_gap_to_alone(model, x, rows) -> float:
+    """How far the per-row batch is from running each row alone (no grad)."""
+    with torch.no_grad():
+        with per_row_adapters(model, rows):
+            mixed = model(x).logits
+        return float((mixed - _alone(model, x, rows)).abs().max())
+
+
 @pytest.mark.parametrize("make, targets", [
     (tiny_llama, ["q_proj", "v_proj", "embed_tokens"]),
     (tiny_gpt2, ["c_attn", "c_fc", "wte"]),  # Conv1D and an embedding
@@ -50,12 +58,22 @@ def test_adapters_on_different_blocks_share_a_per_row_batch():
     add_adapter(model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"], layers_to_transform=1, init="random"),
                 "second")
     rows = ["second", "first", None, "second"]
-    x = token_batch(batch=len(rows), length=7)
+    assert _largest_gap_to_alone(model, token_batch(batch=len(rows), length=7), rows) <= 1e-5
+
+
+@pytest.mark.parametrize("make, targets", [(tiny_gpt2, ["c_attn", "c_fc"]), (tiny_bert_classifier, ["query", "value"])])
+def test_adapters_with_a_bias_on_b_share_a_per_row_batch_with_those_without(make, targets):
+    model = _with_three_adapters(make(), targets)
+    add_adapter(model, LoraConfig(r=4, alpha=8, target_modules=targets, lora_bias=True, init="kaiming"), "biased")
     with torch.no_grad():
-        with per_row_adapters(model, rows):
-            mixed = model(x).logits
-        expected = _alone(model, x, rows)
-    assert (mixed - expected).abs().max() <= 1e-5
+        for _, layer in lora_layers(model):
+            layer.adapters["biased"].B.normal_()
+            layer.adapters["biased"].bias.normal_()
+    rows = ["biased", "sql", None, "biased", "chat"]
+    x = token_batch(batch=len(rows), length=7)
+    assert _largest_gap_to_alone(model, x, rows) <= 1e-5
+    delete_adapter(model, "biased")  # its slot's biases are zeroed: rows of the others are unchanged
+    assert _largest_gap_to_alone(model, x[:3], ["sql", None, "chat"]) <= 1e-5
 
 
 def test_stacks_are_cached_and_updated_when_adapters_change():

@@ -56,7 +56,7 @@ _PEFT_BOOKKEEPING = {
     "monteclora_config", "arrow_config", "kasa_config", "qalora_group_size", "ensure_weight_tying",
 }
 _PEFT_UNSUPPORTED_OFF = {
-    "lora_bias": False, "layer_replication": None, "trainable_token_indices": None,
+    "layer_replication": None, "trainable_token_indices": None,
     "use_qalora": False, "alora_invocation_tokens": None, "use_bdlora": None,
 }
 
@@ -99,6 +99,10 @@ class LoraConfig:
             (the regex says which blocks), nor for ``target_parameters``, as in PEFT.
         layers_pattern: the name (or names) of the block list whose index counts, e.g.
             ``"layers"`` or ``["h"]``; None: the first numbered segment of the path.
+        lora_bias: B has a bias ``b`` too (PEFT's key): ``ΔW x + s·b``, merged into the base
+            layer's bias. For dense targets (``nn.Linear``, ``Conv1D``), not with DoRA, and
+            started as PEFT allows it (init ``"kaiming"`` or ``"random"``, PEFT's True / False);
+            what it is for: an adapter extracted from a full fine-tune keeps the biases' change.
         base_model_name_or_path, task_type: recorded for PEFT's ``adapter_config.json``.
 
     Raises:
@@ -123,6 +127,7 @@ class LoraConfig:
     target_parameters: list[str] | None = None
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
+    lora_bias: bool = False
 
     def __post_init__(self):
         self.r = _check_rank(self.r, "r")
@@ -165,6 +170,13 @@ class LoraConfig:
             raise LorakitError(f"dropout {self.dropout} cannot apply to target_parameters (the module's input is "
                                "not the adapter's to drop out, as in PEFT); set dropout to 0")
         self._check_layers()
+        self.lora_bias = bool(self.lora_bias)
+        if self.lora_bias and (self.use_dora or self.target_parameters):
+            raise LorakitError("lora_bias applies to LoRA on dense layers, not with use_dora or target_parameters "
+                               "(as in PEFT); set lora_bias=False")
+        if self.lora_bias and self.init not in ("kaiming", "random"):
+            raise LorakitError(f"lora_bias starts from init 'kaiming' or 'random' (PEFT's True / False, the only "
+                               f"starts PEFT loads with it), not {self.init!r}")
 
     def _check_layers(self):
         layers, pattern = self.layers_to_transform, self.layers_pattern
@@ -282,7 +294,7 @@ class LoraConfig:
             "inference_mode": True,
             "use_dora": self.use_dora,
             "target_parameters": self.target_parameters,
-            "lora_bias": False,
+            "lora_bias": self.lora_bias,
             "layers_to_transform": self.layers_to_transform,
             "layers_pattern": self.layers_pattern,
         }
@@ -295,7 +307,7 @@ class LoraConfig:
 
         Raises:
             LorakitError: not a LoRA config, a PEFT feature lorakit cannot reproduce
-                (lora_bias, layers_to_transform, ...) switched on, or a bad value.
+                (trainable_token_indices, layer_replication, ...) switched on, or a bad value.
         """
         if not isinstance(d, dict):
             raise LorakitError(f"an adapter config must be a JSON object, got {type(d).__name__}")
@@ -326,11 +338,12 @@ class LoraConfig:
             "target_parameters": d.get("target_parameters") or None,
             "layers_to_transform": d.get("layers_to_transform"),
             "layers_pattern": d.get("layers_pattern"),
+            "lora_bias": d.get("lora_bias") or False,
         }
         peft_names = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "rank_pattern",
                       "alpha_pattern", "use_rslora", "init_lora_weights", "bias", "modules_to_save",
                       "fan_in_fan_out", "base_model_name_or_path", "task_type", "use_dora", "target_parameters",
-                      "layers_to_transform", "layers_pattern"}
+                      "layers_to_transform", "layers_pattern", "lora_bias"}
         unknown = sorted(set(d) - peft_names - _PEFT_BOOKKEEPING - set(_PEFT_UNSUPPORTED_OFF))
         if unknown:
             warnings.warn(f"ignoring adapter config keys lorakit does not know: {unknown}", stacklevel=2)

@@ -42,10 +42,17 @@ def merge(model: nn.Module, names: Iterable[str] | None = None) -> None:
     if tied:
         warnings.warn(f"merging into {tied}, whose weight is tied to another module (e.g. the output head): "
                       "that module changes too; keep such adapters unmerged", stacklevel=2)
+    _check_biases(layers.values(), todo)
     for layer in layers.values():
         mine = [n for n in todo if n in layer.adapters]
         if mine:
             layer.merge(mine)
+
+
+def _check_biases(layers, names) -> None:
+    """Refuse, before any layer changes, a merge of a bias on B (lora_bias) into a layer without a bias."""
+    for layer in layers:
+        layer.biased([n for n in names if n in layer.adapters])
 
 
 def unmerge(model: nn.Module) -> None:
@@ -84,6 +91,7 @@ def merge_and_unload(model: nn.Module, *, requantize: bool = False) -> nn.Module
     Returns:
         ``model`` itself, with no lorakit module left in it.
     """
+    _check_biases([m for m in walk(model).values() if isinstance(m, LoraLayer)], active_adapters(model))
     _merge_quantized(model, requantize)
     layers = [m for m in walk(model).values() if isinstance(m, LoraLayer)]
     pending = [n for n in active_adapters(model)

@@ -147,7 +147,10 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
     if init_weights and config.init in REWRITES_WEIGHT and tied_paths(modules, paths):
         raise LorakitError(f"init {config.init!r} rewrites the base weight, but {tied_paths(modules, paths)} share "
                            "theirs with another module (tied embeddings); exclude them or use init='gaussian'")
-    wrappers = _wrappers(modules, paths, kind, config.init if init_weights else None)
+    wrappers = _wrappers(modules, paths, kind, config.init if init_weights else None, config.lora_bias)
+    if config.lora_bias and (bare := [p for p in paths if getattr(modules[p], "bias", None) is None]):
+        warnings.warn(f"lora_bias on {len(bare)} layer(s) without a bias of their own (e.g. {bare[0]}): adapter "
+                      f"{name!r} runs there unmerged, and merging it will be refused (as in PEFT)", stacklevel=2)
 
     for path in paths:
         module = modules[path]
@@ -156,7 +159,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
             replace_module(model, modules, path, module)
         module.add_adapter(name, r=config.rank_for(path), alpha=config.alpha_for(path),
                            scaling=config.scaling_for(path), dropout=config.dropout,
-                           init=config.init if init_weights else None)
+                           init=config.init if init_weights else None, bias=config.lora_bias)
     for host_path, pname in params:
         host = modules[host_path]
         if not isinstance(host, ParameterHost):
@@ -187,12 +190,13 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
     return model
 
 
-def _wrappers(modules: dict[str, nn.Module], paths: list[str], kind: str, init: str | None) -> dict[str, type]:
+def _wrappers(modules: dict[str, nn.Module], paths: list[str], kind: str, init: str | None,
+              lora_bias: bool = False) -> dict[str, type]:
     """The wrapper class of layer ``kind`` for each of ``paths`` (those wrapped already: their own).
 
     Raises:
-        LorakitError: ``kind`` cannot wrap a target or does not start with ``init``, or a
-            target holds adapters of another kind.
+        LorakitError: ``kind`` cannot wrap a target or does not start with ``init``, a
+            target holds adapters of another kind, or ``lora_bias`` on a kind without it.
     """
     wrappers = {}
     for path in paths:
@@ -208,6 +212,10 @@ def _wrappers(modules: dict[str, nn.Module], paths: list[str], kind: str, init: 
         if init is not None and wrapper.inits is not None and init not in wrapper.inits:
             raise LorakitError(f"{kind} layers start with init {' or '.join(map(repr, wrapper.inits))}, "
                                f"not {init!r}")
+        if lora_bias and not wrapper.takes_lora_bias:
+            raise LorakitError(f"lora_bias applies to linear layers (as in PEFT); {path} is a "
+                               f"{type(getattr(module, '_base', module)).__name__}: leave it out of target_modules "
+                               "or set lora_bias=False")
         wrappers[path] = wrapper
     return wrappers
 

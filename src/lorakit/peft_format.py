@@ -2,7 +2,8 @@
 (matching a file's tensors to a model before loading them is :mod:`lorakit.peft_load`).
 
 Keys as PEFT 0.21 writes them (the adapter name never appears), built and read only
-by :func:`factor_key`, :func:`parse_factor_key`, :func:`magnitude_key`, :func:`parse_magnitude_key`,
+by :func:`factor_key`, :func:`parse_factor_key`, :func:`bias_key`, :func:`parse_bias_key`,
+:func:`magnitude_key`, :func:`parse_magnitude_key`,
 :func:`parameter_key_path`, :func:`module_key`, :func:`wrapped_key`, :func:`parameter_name`::
 
     base_model.model.<path>.lora_A.weight          (r, in_features)      nn.Linear, Conv1D
@@ -11,6 +12,7 @@ by :func:`factor_key`, :func:`parse_factor_key`, :func:`magnitude_key`, :func:`p
     base_model.model.<path>.lora_B.weight          (out, r, 1, …)
     base_model.model.<path>.lora_embedding_A       (r, num_embeddings)   nn.Embedding
     base_model.model.<path>.lora_embedding_B       (embedding_dim, r)
+    base_model.model.<path>.lora_B.bias            (out_features,)       lora_bias: B's bias (× scaling)
     base_model.model.<path>.lora_magnitude_vector  (out,)                DoRA; (1, out, 1, …) for a conv
     base_model.model.<module>[.base_layer…].lora_A.weight  (E·r, in)     target_parameters
     base_model.model.<module>[.base_layer…].lora_B.weight  (out, E·r)
@@ -56,6 +58,7 @@ TASK_TYPES = {CLASSIFIER: SEQ_CLS, CAUSAL_LM: "CAUSAL_LM", BARE: "FEATURE_EXTRAC
 #: transformers class-name ending -> PEFT task_type, for the kinds lorakit calls "other"
 _TASK_TYPE_ENDINGS = {"ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
 MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
+BIAS_SUFFIX = ".lora_B.bias"
 
 
 # ---------------------------------------------------------------------- keys
@@ -76,6 +79,23 @@ def parse_factor_key(key: str):
     return None
 
 
+def _path_of(key: str, suffix: str) -> str | None:
+    """The module path of a key ``PREFIX + <path> + suffix``, else None."""
+    if key.startswith(PREFIX) and key.endswith(suffix):
+        return key[len(PREFIX):-len(suffix)]
+    return None
+
+
+def bias_key(path: str) -> str:
+    """PEFT's key of the bias on B (``lora_bias``) of the adapter at module ``path``."""
+    return f"{PREFIX}{path}{BIAS_SUFFIX}"
+
+
+def parse_bias_key(key: str) -> str | None:
+    """The module path of a ``lora_B.bias`` key, else None."""
+    return _path_of(key, BIAS_SUFFIX)
+
+
 def magnitude_key(path: str) -> str:
     """PEFT's key of DoRA's magnitude vector of the adapter at module ``path``."""
     return f"{PREFIX}{path}{MAGNITUDE_SUFFIX}"
@@ -83,9 +103,7 @@ def magnitude_key(path: str) -> str:
 
 def parse_magnitude_key(key: str) -> str | None:
     """The module path of a DoRA magnitude key, else None."""
-    if key.startswith(PREFIX) and key.endswith(MAGNITUDE_SUFFIX):
-        return key[len(PREFIX):-len(MAGNITUDE_SUFFIX)]
-    return None
+    return _path_of(key, MAGNITUDE_SUFFIX)
 
 
 def parameter_key_path(module_path: str, later: int) -> str:
@@ -149,6 +167,9 @@ def layer_tensors(key_path: str, layer: LoraLayer, name: str) -> dict[str, torch
     magnitude = layer.export_magnitude(name)
     if magnitude is not None:
         out[magnitude_key(key_path)] = magnitude.reshape(m_shape)
+    bias = layer.export_bias(name)
+    if bias is not None:
+        out[bias_key(key_path)] = bias
     return out
 
 

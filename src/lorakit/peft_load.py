@@ -1,7 +1,7 @@
 """Loading a PEFT-format adapter onto a model: every tensor matched to its place first.
 
 :func:`plan_load` checks every tensor of a file against the model (keys and shapes from
-:mod:`lorakit.peft_format`: LoRA factors of modules and of parameters, DoRA's magnitudes,
+:mod:`lorakit.peft_format`: LoRA factors of modules and of parameters, DoRA's magnitudes, biases on B,
 modules_to_save weights, biases) and raises one :class:`~lorakit.errors.LorakitError`
 listing every problem; only then does :func:`apply_plan` write into the model (after
 :func:`lorakit.model.add_adapter` made the adapter). Used by :func:`lorakit.io.load_adapter`.
@@ -18,7 +18,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.peft_format import (
-    PREFIX, factor_dims, file_shapes, nested_key_paths, parameter_name, parse_factor_key,
+    PREFIX, factor_dims, file_shapes, nested_key_paths, parameter_name, parse_bias_key, parse_factor_key,
     parse_magnitude_key, task_heads,
 )
 from lorakit.targets import (
@@ -54,7 +54,8 @@ class LoadPlan:
     """Where each validated tensor of a file goes.
 
     Attributes:
-        factors: ``(layer's module path, A: (r, in), B: (out, r), m: (out,) or None)`` per target
+        factors: ``(layer's module path, A: (r, in), B: (out, r), m: (out,) or None, b: (out,) or None)``
+            per target (``b``: the bias on B of ``lora_bias``)
             (a module, or a parameter's :class:`~lorakit.layers.LoraParameter` at
             ``<module>.lora_parameters.<name>``), reshaped to lorakit's matrices.
         saved: modules_to_save path -> its state dict from the file.
@@ -91,8 +92,9 @@ def plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Ten
         raise_misfit(model, source, metadata, tensors, [str(err)])
     problems: list[str] = []
     plan = LoadPlan(config=config, saved={p: {} for p in saved})
-    factors, magnitudes = _sort_keys(model, tensors, plan, problems)
+    factors, magnitudes, biases = _sort_keys(model, tensors, plan, problems)
     plan.factors = _check_factors(model, config, name, targets, factors, magnitudes, problems)
+    plan.factors = _with_biases(config, plan.factors, biases, problems)
     _check_saved(model, modules, plan, problems)
     if problems:
         raise_misfit(model, source, metadata, tensors, problems)
@@ -111,10 +113,12 @@ def _parameter_targets(model, config, modules) -> list[tuple]:
     return out
 
 
-def _sort_keys(model, tensors, plan: LoadPlan, problems: list[str]) -> tuple[dict, dict]:
-    """Factors and DoRA magnitudes by key path (returned); saved-module and base tensors into ``plan``."""
+def _sort_keys(model, tensors, plan: LoadPlan, problems: list[str]) -> tuple[dict, dict, dict]:
+    """Factors, DoRA magnitudes and biases on B by key path (returned); saved-module and base
+    tensors into ``plan``."""
     factors: dict[str, dict] = {}
     magnitudes: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
     model_params = None  # built only when the file holds more than LoRA factors
     for key, tensor in tensors.items():
         if not key.startswith(PREFIX):
@@ -128,6 +132,10 @@ def _sort_keys(model, tensors, plan: LoadPlan, problems: list[str]) -> tuple[dic
         path = parse_magnitude_key(key)
         if path is not None:
             magnitudes[path] = tensor
+            continue
+        path = parse_bias_key(key)
+        if path is not None:
+            biases[path] = tensor
             continue
         local = key[len(PREFIX):]
         if ".original_module." in local or ".modules_to_save." in local:
@@ -145,7 +153,7 @@ def _sort_keys(model, tensors, plan: LoadPlan, problems: list[str]) -> tuple[dic
             problems.append(_shape_problem(model, pname, tensor, model_params[pname]))
         else:
             plan.params.append((pname, tensor))
-    return factors, magnitudes
+    return factors, magnitudes, biases
 
 
 def _check_factors(model, config, name, targets, factors, magnitudes, problems) -> list:
@@ -191,6 +199,23 @@ def _check_factors(model, config, name, targets, factors, magnitudes, problems) 
     problems.extend(f"unexpected lora_magnitude_vector for {path}: no target of the config has it"
                     for path in sorted(magnitudes))
     return planned
+
+
+def _with_biases(config: LoraConfig, planned: list, biases: dict, problems: list[str]) -> list:
+    """Each planned target with its bias on B from the file (``lora_bias``), checked: one per target
+    when the config says lora_bias, none otherwise, ``(out,)`` each."""
+    out = []
+    for where, A, B, magnitude in planned:
+        bias = biases.pop(where, None)
+        if config.lora_bias and bias is None:
+            problems.append(f"missing lora_B.bias for {where} (the config says lora_bias)")
+        elif bias is not None and not config.lora_bias:
+            problems.append(f"{where}: the file holds a lora_B.bias, but its config has lora_bias false")
+        elif bias is not None and tuple(bias.shape) != (B.shape[0],):
+            problems.append(f"{where}: the file holds lora_B.bias {tuple(bias.shape)}, the layer needs ({B.shape[0]},)")
+        out.append((where, A, B, magnitude, bias))
+    problems.extend(f"unexpected lora_B.bias for {path}: no target of the config has it" for path in sorted(biases))
+    return out
 
 
 def _check_saved(model, modules, plan: LoadPlan, problems: list[str]) -> None:
@@ -244,12 +269,14 @@ def apply_plan(model: nn.Module, plan: LoadPlan, name: str) -> None:
     """Copy a validated plan's tensors into adapter ``name`` (just added) and the base."""
     modules = walk(model)
     with torch.no_grad():
-        for path, A, B, magnitude in plan.factors:
+        for path, A, B, magnitude, bias in plan.factors:
             adapter = modules[path].adapters[name]
             adapter.A.copy_(A)
             adapter.B.copy_(B)
             if magnitude is not None:
                 adapter.magnitude.copy_(magnitude)
+            if bias is not None:
+                adapter.bias.copy_(bias)
         for path, state in plan.saved.items():
             for key in plan.resized.get(path, ()):
                 _resize(modules[path].copies[name], key, state[key])

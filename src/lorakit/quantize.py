@@ -203,16 +203,19 @@ def merged_base(layer: LoraLayer, names: list[str], rounding: MergeRounding, req
     exact = dense_weight(base, torch.float32)
     for name in names:
         exact += layer.delta_weight(name)
+    bias = layer.merged_bias(names)  # with the adapters' biases on B (lora_bias), if any
+    if bias is not None and bias is not base.bias:
+        bias = nn.Parameter(bias.to(base.bias.dtype), requires_grad=False)
     if requantize:
         kind = {"bnb-4bit": "nf4", "bnb-8bit": "int8"}.get(quantization_kind(base), quantization_kind(base))
         stored = quantize_tensor(exact.to(compute_dtype(base)), kind)
         rounding.stored = kind
         rounding.add(dequantize_tensor(stored, torch.float32), exact)
-        return QuantizedLinear(stored, base.bias, kind)
+        return QuantizedLinear(stored, bias, kind)
     stored = exact.to(compute_dtype(base))
     rounding.stored = str(stored.dtype).removeprefix("torch.")
     rounding.add(stored, exact)
-    return _dense_linear(stored, base.bias)
+    return _dense_linear(stored, bias)
 
 
 def compute_dtype(linear: nn.Module) -> torch.dtype:

@@ -7,6 +7,9 @@ module, and written as a PEFT-format adapter: ``B = U_r Σ_r^½ : (out, r)``,
 and ``s·B·A`` is the rank-r truncation. By Eckart–Young no rank-r adapter is closer to
 ΔW in Frobenius norm; the relative error is ``sqrt(Σ_{i>r} σ_i²) / ‖ΔW‖_F``.
 
+With ``lora_bias`` each extracted module's bias change ``Δb = b_tuned − b_base`` travels
+too, as B's bias (PEFT's ``lora_bias``, made for this use), so the adapter adds ``B·A·x + Δb``.
+
 The rank is either fixed (``rank=R``, clipped to min(out, in)) or chosen per module as
 the smallest keeping a fraction of ΔW's energy (``energy=0.95``, seed 003's 90–99%);
 per-module ranks go to the config's ``rank_pattern`` (and ``alpha_pattern``, keeping s = 1).
@@ -34,12 +37,14 @@ class ExtractedModule:
         A: ``(r, in)`` fp32; B: ``(out, r)`` fp32, with ``B @ A`` ≈ ΔW (scaling 1).
         relative_error: ‖ΔW − B·A‖_F / ‖ΔW‖_F.
         delta_norm: ‖ΔW‖_F.
+        bias: ``Δb: (out,)`` fp32 when the bias change is carried (``lora_bias``), else None.
     """
 
     A: torch.Tensor
     B: torch.Tensor
     relative_error: float
     delta_norm: float
+    bias: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -75,14 +80,26 @@ class Extraction:
         ranks = {path: m.rank for path, m in self.modules.items()}
         r = Counter(ranks.values()).most_common(1)[0][0]
         pattern = {path: k for path, k in ranks.items() if k != r}
+        biased = self.lora_bias  # PEFT reads lora_bias with init True / False only: the start is moot here
         return LoraConfig(r=r, alpha=r, target_modules=list(self.modules), rank_pattern=pattern,
-                          alpha_pattern=dict(pattern), init="gaussian", **fields)
+                          alpha_pattern=dict(pattern), init="kaiming" if biased else "gaussian",
+                          lora_bias=biased, **fields)
+
+    @property
+    def lora_bias(self) -> bool:
+        """Whether the modules carry their bias change (B's bias, PEFT's ``lora_bias``)."""
+        return any(m.bias is not None for m in self.modules.values())
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The factors under PEFT's keys: ``base_model.model.<path>.lora_A.weight`` / ``lora_B.weight``."""
-        from lorakit.peft_format import factor_tensors
+        """The factors under PEFT's keys: ``base_model.model.<path>.lora_A.weight`` / ``lora_B.weight``
+        (and ``lora_B.bias`` with ``lora_bias``: zeros for a module without a bias)."""
+        from lorakit.peft_format import bias_key, factor_tensors
 
-        return factor_tensors({path: (m.A, m.B) for path, m in self.modules.items()})
+        tensors = factor_tensors({path: (m.A, m.B) for path, m in self.modules.items()})
+        if self.lora_bias:
+            for path, m in self.modules.items():
+                tensors[bias_key(path)] = m.bias if m.bias is not None else m.B.new_zeros(m.B.shape[0])
+        return tensors
 
     @property
     def relative_error(self) -> float:
@@ -93,8 +110,9 @@ class Extraction:
 
     @property
     def parameters(self) -> int:
-        """Number of adapter parameters: Σ r·(in + out)."""
-        return sum(m.A.numel() + m.B.numel() for m in self.modules.values())
+        """Number of adapter parameters: Σ r·(in + out) (+ out per module with ``lora_bias``)."""
+        return sum(m.A.numel() + m.B.numel() + (m.B.shape[0] if self.lora_bias else 0)
+                   for m in self.modules.values())
 
 
 def _check_rank_or_energy(rank, energy) -> None:
@@ -182,15 +200,16 @@ def save_extraction(extraction: Extraction, path, *, saved: dict[str, torch.Tens
 
 
 def extract_adapter(base, tuned, out, rank: int | None = None, energy: float | None = None,
-                    module: str | None = None) -> Extraction:
+                    module: str | None = None, lora_bias: bool = False) -> Extraction:
     """Extract a LoRA adapter from a full fine-tune and write it to ``out`` (PEFT format).
 
     Every ``nn.Linear`` / ``Conv1D`` whose weight changed gets factors (module paths
     filtered by the regular expression ``module``); the output head(s) that changed (a
     classifier trained from scratch) are copied whole into ``modules_to_save``, and so is a
-    sequence classifier's head in any case (PEFT's ``SEQ_CLS`` needs it). Biases,
-    LayerNorms and embeddings are not carried over: the adapter holds only ΔW of the
-    linear weights (and the heads). Module paths are those of the models as given: a
+    sequence classifier's head in any case (PEFT's ``SEQ_CLS`` needs it). With ``lora_bias``
+    the bias change of each extracted module travels as B's bias; other biases, LayerNorms
+    and embeddings are not carried over: the adapter holds ΔW of the linear weights (and
+    their Δb with ``lora_bias``, and the heads). Module paths are those of the models as given: a
     folder loads as the kind of model it holds (:func:`lorakit.models.load_model`), so an
     adapter extracted from a ``BertModel`` loads onto a ``BertModel``.
 
@@ -199,6 +218,7 @@ def extract_adapter(base, tuned, out, rank: int | None = None, energy: float | N
         tuned: the fine-tuned model (e.g. a ``lorakit train --method full`` checkpoint).
         out: the adapter folder to write.
         rank, energy: exactly one; see :func:`extract_lora`.
+        lora_bias: carry each extracted module's ``Δb = b_tuned − b_base`` (PEFT's ``lora_bias``).
 
     Returns:
         the :class:`Extraction` that was written.
@@ -219,8 +239,14 @@ def extract_adapter(base, tuned, out, rank: int | None = None, energy: float | N
     if not base_w:
         raise LorakitError(f"no linear weight of {type(base_model).__name__} matches {module!r}")
     extraction = extract_lora(base_w, tuned_w, rank=rank, energy=energy)
-    base_state = base_model.state_dict()
     modules = walk(tuned_model)
+    if lora_bias:
+        base_modules = walk(base_model)
+        for path, m in extraction.modules.items():
+            before, after = base_modules[path].bias, modules[path].bias
+            m.bias = torch.zeros(m.B.shape[0]) if after is None else (after.detach().double()
+                                                                        - before.detach().double()).float()
+    base_state = base_model.state_dict()
     task_type = task_type_for(tuned_model)
     names = task_heads(tuned_model, task_type, modules)
     for head in output_heads(tuned_model, modules):
@@ -235,4 +261,26 @@ def extract_adapter(base, tuned, out, rank: int | None = None, energy: float | N
     conv1d = any(is_conv1d(modules[p]) for p in extraction.modules)
     save_extraction(extraction, out, saved=saved, modules_to_save=names, fan_in_fan_out=conv1d,
                     base_model_name_or_path=base_model_name(base_model), task_type=task_type)
+    _carry_task_file(base, tuned, Path(out))
     return extraction
+
+
+def _carry_task_file(base, tuned, out: Path) -> None:
+    """Beside an adapter extracted from a ``lorakit train --method full`` result, the task file that
+    result carries (task, labels, max length, data), now for LoRA on ``base``: so ``lorakit eval``,
+    ``predict`` and ``serve`` use the adapter as they use a trained one. Nothing for other sources."""
+    import json
+
+    from lorakit import atomic
+    from lorakit.errors import LorakitError
+    from lorakit.run_folder import TASK_FILE, trained_folder
+
+    if not isinstance(base, (str, Path)) or not isinstance(tuned, (str, Path)):
+        return
+    try:
+        info = json.loads((trained_folder(tuned) / TASK_FILE).read_text())
+    except (LorakitError, OSError, ValueError):
+        return  # a model folder from elsewhere: no task recorded
+    spec = str(base)
+    model = str(Path(spec).resolve()) if spec not in ("default", "default-chat") and Path(spec).exists() else spec
+    atomic.write_json(out / TASK_FILE, {**info, "method": "lora", "model": model}, sort_keys=False)

@@ -29,6 +29,8 @@ def register(subparsers) -> None:
                       help="per module, the smallest rank keeping E of Σσ² (e.g. 0.95)")
     ext.add_argument("--out", required=True, metavar="DIR", help="adapter folder to write")
     ext.add_argument("--module", metavar="PATTERN", help="regular expression selecting module paths")
+    ext.add_argument("--lora-bias", action="store_true",
+                     help="carry each extracted module's bias change b_tuned − b_base as B's bias (PEFT's lora_bias)")
     ext.set_defaults(func=run)
 
 
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.analysis import extract_adapter
 
     extraction = extract_adapter(args.base, args.tuned, args.out, rank=args.rank, energy=args.energy,
-                                 module=args.module)
+                                 module=args.module, lora_bias=args.lora_bias)
     rows = [[path, m.rank, f"{m.delta_norm:.4g}", f"{m.relative_error:.4f}", f"{100 * m.energy:.1f}%"]
             for path, m in extraction.modules.items()]
     print(format_table(["module", "r", "‖ΔW‖_F", "rel. error", "energy"], rows))
@@ -44,5 +46,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"unchanged (no factors): {len(extraction.unchanged)} module(s), e.g. {extraction.unchanged[0]}")
     print(f"{len(extraction.modules)} module(s), {extraction.parameters:,} adapter parameters, "
           f"overall relative error {extraction.relative_error:.4f}")
+    if extraction.lora_bias:
+        moved = sum(bool(m.bias.any()) for m in extraction.modules.values())
+        print(f"bias changes carried as B's bias (lora_bias): {moved} of {len(extraction.modules)} module(s) moved")
     print(f"adapter: {args.out}")
     return 0

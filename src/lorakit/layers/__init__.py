@@ -22,7 +22,8 @@ from torch import nn
 from lorakit.dense import CONV_TYPES, LINEAR_TYPES, Conv1D
 from lorakit.errors import LorakitError
 from lorakit.layers.adalora import AdaLoraAdapter, AdaLoraLinear
-from lorakit.layers.base import LoraAdapter, LoraLayer
+from lorakit.layers.adapter import LoraAdapter
+from lorakit.layers.base import LoraLayer
 from lorakit.layers.conv import LoraConv
 from lorakit.layers.dora import DoraAdapter
 from lorakit.layers.dora_layers import DoraConv, DoraEmbedding, DoraLinear

@@ -50,6 +50,8 @@ class AdaLoraAdapter(nn.Module):
         grad_sums: P's, λ's and Q's gradients summed since :meth:`pop_grad_sums`.
     """
 
+    bias = None  # no bias on B (PEFT's lora_bias is LoRA's alone)
+
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, scaling: float,
                  dropout: float = 0.0, *, dtype=None, device=None):
         super().__init__()
@@ -142,6 +144,7 @@ class AdaLoraLinear(LoraLinear):
 
     kind = "adalora"
     inits = ("gaussian",)
+    takes_lora_bias = False
 
     def new_adapter(self, r: int, alpha: float, scaling: float, dropout: float, *, dtype, device) -> AdaLoraAdapter:
         return AdaLoraAdapter(self.in_features, self.out_features, r, alpha, scaling, dropout,

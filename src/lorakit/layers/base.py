@@ -19,47 +19,8 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.inits import get_init, keep_initial_factors
+from lorakit.layers.adapter import LoraAdapter
 from lorakit.layers.quantized import is_quantized_linear
-
-
-class LoraAdapter(nn.Module):
-    """One adapter's factors: ``A: (r, in_features)``, ``B: (out_features, r)``.
-
-    For an embedding ``in_features`` is ``num_embeddings`` and ``out_features`` is
-    ``embedding_dim`` (PEFT's layout). ``scaling`` is ``s`` of ``ΔW = s·B·A``, computed
-    by :meth:`lorakit.config.LoraConfig.scaling_for`.
-    """
-
-    #: its layer may compute it together with siblings' adapters on a shared input (layers/fused.py)
-    fuse_shared_input = True
-
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, scaling: float,
-                 dropout: float = 0.0, *, dtype=None, device=None):
-        super().__init__()
-        self.A = nn.Parameter(torch.zeros(r, in_features, dtype=dtype, device=device))
-        self.B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
-        self.r = r
-        self.alpha = alpha
-        self.scaling = float(scaling)
-        # No module at all when p = 0, so forward never touches (or copies) x for it.
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-
-    def delta(self) -> torch.Tensor:
-        """``s·B·A : (out_features, in_features)`` in fp32."""
-        return (self.B.float() @ self.A.float()) * self.scaling
-
-    def export_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A: (r, in), B: (out, r))`` as an adapter file holds them (``ΔW = scaling·B·A``)."""
-        return self.A, self.B
-
-    def version(self) -> tuple:
-        """Changes whenever A, B or the scaling change (an optimizer step, a ``copy_``): what
-        :mod:`lorakit.layers.stacks` compares to keep a per-row slot up to date."""
-        A, B = self.A, self.B
-        return A.data_ptr(), A._version, B.data_ptr(), B._version, self.scaling, self.r
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
 
 
 class LoraLayer(nn.Module):
@@ -92,6 +53,8 @@ class LoraLayer(nn.Module):
     #: the layer takes the place of its base module (False for LoRA on a parameter, whose
     #: module is a :class:`~lorakit.layers.parameter.ParameterHost`)
     in_place_of_module = True
+    #: its adapters may have a bias on B (PEFT's ``lora_bias``): dense layers only, as in PEFT
+    takes_lora_bias = False
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -104,6 +67,7 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self._run: list[LoraAdapter] = []  # what forward applies: active, not merged, not disabled
         self._premerge_weight: torch.Tensor | None = None
+        self._premerge_bias: torch.Tensor | None = None
         self._rows = None  # (slots (batch,), A_rows, B_rows) while per_row_adapters is on
         self._stack_cache = None
 
@@ -174,6 +138,11 @@ class LoraLayer(nn.Module):
         of E experts: the rank of each expert's adapter)."""
         return self.export_factors(name)[0].shape[0]
 
+    def export_bias(self, name: str) -> torch.Tensor | None:
+        """Adapter ``name``'s bias on B, ``b: (out_features,)`` as a file holds it (the forward adds
+        ``scaling·b``), or None when it has none (PEFT's ``lora_bias`` off)."""
+        return getattr(self._adapter(name), "bias", None)
+
     def export_magnitude(self, name: str) -> torch.Tensor | None:
         """Adapter ``name``'s DoRA magnitude vector ``m: (out_features,)``, or None for a kind without one."""
         self._adapter(name)
@@ -182,9 +151,10 @@ class LoraLayer(nn.Module):
     # ------------------------------------------------------------------ adapters
 
     def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float = 0.0,
-                    init: str | None = "gaussian") -> LoraAdapter:
+                    init: str | None = "gaussian", bias: bool = False) -> LoraAdapter:
         """Create adapter ``name`` and initialise it with the registered ``init``
         (None: leave A and B zero and the base weight untouched, e.g. to load them from a file).
+        With ``bias`` B has a bias too (PEFT's ``lora_bias``), started at zero.
 
         Adapters live in fp32 when the base weight is fp16/bf16 (as PEFT does), else in
         the weight's dtype. An init that rewrites the base weight (pissa) does it here.
@@ -196,9 +166,13 @@ class LoraLayer(nn.Module):
             raise LorakitError(f"adapter {name!r} exists already on this layer; delete it or pick another name")
         if self.merged:
             raise LorakitError("cannot add an adapter to a merged layer; unmerge first")
+        if bias and not self.takes_lora_bias:
+            raise LorakitError(f"{type(self).__name__} adapters have no bias on B (lora_bias is for linear layers, "
+                               "as in PEFT); set lora_bias=False")
         wdtype = self.weight.dtype
         dtype = torch.float32 if wdtype in (torch.float16, torch.bfloat16) or not wdtype.is_floating_point else wdtype
-        adapter = self.new_adapter(r, alpha, scaling, dropout, dtype=dtype, device=self.weight.device)
+        adapter = (self.new_adapter(r, alpha, scaling, dropout, bias=True, dtype=dtype, device=self.weight.device)
+                   if bias else self.new_adapter(r, alpha, scaling, dropout, dtype=dtype, device=self.weight.device))
         if init is not None:
             with torch.no_grad():
                 self.init_adapter(adapter, init)
@@ -206,9 +180,11 @@ class LoraLayer(nn.Module):
         self._refresh()
         return adapter
 
-    def new_adapter(self, r: int, alpha: float, scaling: float, dropout: float, *, dtype, device) -> nn.Module:
+    def new_adapter(self, r: int, alpha: float, scaling: float, dropout: float, *, dtype, device,
+                    bias: bool = False) -> nn.Module:
         """A zero adapter of this layer's kind (a :class:`LoraAdapter` here)."""
-        return LoraAdapter(self.in_features, self.out_features, r, alpha, scaling, dropout, dtype=dtype, device=device)
+        return LoraAdapter(self.in_features, self.out_features, r, alpha, scaling, dropout, bias=bias,
+                           dtype=dtype, device=device)
 
     def init_adapter(self, adapter: nn.Module, init: str) -> None:
         """Start ``adapter``'s factors with the registered init ``init`` (under no_grad);
@@ -255,10 +231,12 @@ class LoraLayer(nn.Module):
         fp16/bf16 weight the original weight is kept (one more copy of the weight, 2 bytes
         per element, while merged) so that :meth:`unmerge` restores it bit for bit; a fp32
         weight keeps nothing extra and unmerge subtracts ``ΔW`` (exact to ~1e-7).
-        Merging an adapter that is already merged warns and does nothing.
+        Merging an adapter that is already merged warns and does nothing. An adapter's bias on B
+        (``lora_bias``) is added into the layer's bias the same way.
 
         Raises:
-            LorakitError: an unknown adapter name, or the base weight is quantized.
+            LorakitError: an unknown adapter name, the base weight is quantized, or an adapter
+                has a bias on B and the layer has no bias to hold it.
         """
         if self.base_is_quantized:
             raise LorakitError("this layer's base weight is quantized and cannot hold ΔW in place; "
@@ -273,11 +251,17 @@ class LoraLayer(nn.Module):
                 todo.append(name)
         if not todo:
             return
+        biased = self.biased(todo)
         with torch.no_grad():
             w = self.weight
-            if w.dtype != torch.float32 and w.dtype != torch.float64 and self._premerge_weight is None:
-                self._premerge_weight = w.detach().clone()
+            if w.dtype != torch.float32 and w.dtype != torch.float64:
+                if self._premerge_weight is None:
+                    self._premerge_weight = w.detach().clone()
+                if biased and self._premerge_bias is None:
+                    self._premerge_bias = self.bias.detach().clone()
             self._merge_weight(todo)
+            if biased:
+                self.bias.copy_(self.merged_bias(biased).to(self.bias.dtype))
         self.merged = self.merged + tuple(todo)
         self._refresh()
 
@@ -301,8 +285,39 @@ class LoraLayer(nn.Module):
                 self._premerge_weight = None
             else:
                 self._unmerge_weight()
+            if self._premerge_bias is not None:
+                self.bias.copy_(self._premerge_bias)
+                self._premerge_bias = None
+            else:
+                for name in self.biased(self.merged):
+                    ad = self.adapters[name]
+                    self.bias.sub_(ad.bias.to(self.bias.dtype), alpha=ad.scaling)
         self.merged = ()
         self._refresh()
+
+    def biased(self, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` whose adapter has a bias on B (checked: the layer has a bias to merge it into)."""
+        biased = [n for n in names if getattr(self.adapters[n], "bias", None) is not None]
+        if biased and getattr(self, "bias", None) is None:
+            raise LorakitError(f"adapter {biased[0]!r} has a bias on B (lora_bias) but this layer has no bias to "
+                               "merge it into (as in PEFT); keep the adapter unmerged")
+        return biased
+
+    def merged_bias(self, names: Iterable[str]) -> torch.Tensor | None:
+        """The layer's bias with the bias on B of adapters ``names`` added (``b₀ + Σ s·b``, fp32), or
+        the bias itself when none of them has one (None when the layer has none).
+
+        Raises:
+            LorakitError: an adapter has a bias on B and the layer has none.
+        """
+        biased = self.biased(list(names))
+        if not biased:
+            return getattr(self, "bias", None)
+        out = self.bias.detach().float().clone()
+        for name in biased:
+            ad = self.adapters[name]
+            out.add_(ad.bias.detach().float(), alpha=ad.scaling)
+        return out
 
     def _unmerge_weight(self) -> None:
         """Take the ``ΔW`` of every merged adapter out of a fp32/fp64 ``weight`` (no copy was kept)."""

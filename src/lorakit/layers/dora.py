@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.layers.base import LoraAdapter
+from lorakit.layers.adapter import LoraAdapter
 from lorakit.layers.skinny import down, grad_down, grad_up
 
 
@@ -151,6 +151,7 @@ class DoraMixin:
 
     kind = "dora"
     fuse_shared_input = False  # its own forward (lorakit.layers.fused groups LoRA layers only)
+    takes_lora_bias = False  # as in PEFT
 
     def __init__(self, base: nn.Module):
         super().__init__(base)

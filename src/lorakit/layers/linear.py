@@ -9,6 +9,7 @@ computed as one base GEMM, then per adapter ``z = x Aᵀ : (..., r)`` and an in-
 ``out += s · z Bᵀ`` (``addmm_`` with ``alpha = s``): the scaling costs nothing, no
 copy of ``x`` is made when dropout is 0, and no ``(…, out)`` temporary is allocated.
 Each product with r columns is computed as its transpose (:mod:`lorakit.layers.skinny`).
+An adapter with a bias on B (PEFT's ``lora_bias``) adds ``s·b`` as well, on this generic path.
 
 Training with one adapter goes through :class:`_LoraLinearFunction`, whose backward is
 written out: ``g_z = s·g B`` once, ``∂x = g W + g_z A`` accumulated into one buffer,
@@ -97,6 +98,7 @@ class LoraLinear(LoraLayer):
 
     #: siblings reading the same input may compute this layer's adapters with theirs (:mod:`.fused`)
     fuse_shared_input = True
+    takes_lora_bias = True
 
     def __init__(self, base: nn.Module):
         super().__init__(base)
@@ -141,7 +143,8 @@ class LoraLinear(LoraLayer):
         # In place only when autograd does not record it (an in-place op on a view would
         # make it clone the whole output gradient in backward).
         in_place = not (torch.is_grad_enabled() and (out.requires_grad or any(
-            ad.A.requires_grad or ad.B.requires_grad for ad in run)))
+            ad.A.requires_grad or ad.B.requires_grad or (ad.bias is not None and ad.bias.requires_grad)
+            for ad in run)))
         for ad in run:
             h = x if ad.dropout is None else ad.dropout(x)
             if h.dtype != ad.A.dtype:
@@ -154,13 +157,16 @@ class LoraLinear(LoraLayer):
                     out = torch.addmm(out.view(-1, self.out_features), z2, ad.B.T, alpha=ad.scaling).view_as(out)
             else:
                 out = out + F.linear(z2 * ad.scaling, ad.B).to(out.dtype).view_as(out)
+            if ad.bias is not None:  # lora_bias: s·b
+                b = ad.bias.to(out.dtype)
+                out = out.add_(b, alpha=ad.scaling) if in_place else out + b * ad.scaling
         return out
 
     def _one_function(self, x: torch.Tensor, ad) -> bool:
         """Whether :class:`_LoraLinearFunction` computes this forward: a dense base, something
         needs a gradient, one dtype throughout (no autocast, no fp32 adapter on a bf16 weight)."""
         tensors = (x, self.weight, ad.A, ad.B) + (() if self.bias is None else (self.bias,))
-        if self.base_is_quantized or not any(t.requires_grad for t in tensors):
+        if self.base_is_quantized or ad.bias is not None or not any(t.requires_grad for t in tensors):
             return False
         dtype = x.dtype
         return (all(t.dtype == dtype for t in tensors) and x.device == self.weight.device
@@ -181,8 +187,9 @@ class LoraLinear(LoraLayer):
             return _LoraLinearFunction.apply(*(in_dtype(t, cast) for t in tensors), ad.scaling, self.fan_in_fan_out)
 
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Row b of the batch gets adapter slot ``slots[b]``: one gather and two bmm."""
-        slots, A_rows, B_rows = self._rows
+        """Row b of the batch gets adapter slot ``slots[b]``: one gather and two bmm (and one
+        gather of the slots' ``s·b`` when adapters have a bias on B)."""
+        slots, A_rows, B_rows, *biases = self._rows
         batch = x.shape[0]
         if slots.shape[0] != batch:
             raise LorakitError(f"per-row adapters were given for {slots.shape[0]} rows but the batch has {batch}")
@@ -192,9 +199,14 @@ class LoraLinear(LoraLayer):
         z = torch.bmm(x3, A_rows.index_select(0, slots))  # (batch, tokens, r_max)
         B = B_rows.index_select(0, slots)  # (batch, r_max, out), scaling folded in
         if z.dtype == out.dtype == B.dtype and out.is_contiguous():  # not under autocast
-            out.view(batch, -1, self.out_features).baddbmm_(z, B)
+            out3 = out.view(batch, -1, self.out_features).baddbmm_(z, B)
+            if biases:
+                out3.add_(biases[0].index_select(0, slots).unsqueeze(1))
             return out
-        return out + torch.bmm(z, B).to(out.dtype).view_as(out)
+        added = torch.bmm(z, B)
+        if biases:
+            added = added + biases[0].index_select(0, slots).unsqueeze(1)
+        return out + added.to(out.dtype).view_as(out)
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.fan_in_fan_out else "Linear"

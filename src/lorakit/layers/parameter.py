@@ -33,7 +33,8 @@ from torch.nn.utils import parametrize
 from lorakit.dense import parameter_features
 from lorakit.errors import LorakitError
 from lorakit.inits import get_init
-from lorakit.layers.base import LoraAdapter, LoraLayer
+from lorakit.layers.adapter import LoraAdapter
+from lorakit.layers.base import LoraLayer
 
 
 class _Added(nn.Module):

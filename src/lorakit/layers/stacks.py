@@ -12,6 +12,9 @@ Layout (what :class:`lorakit.layers.linear.LoraLinear` and ``LoraEmbedding`` rea
 ``B_rows: (slots, r_max, out)`` holds ``(s·B)ᵀ``, scaling folded in, smaller ranks
 zero-padded. Slot 0 is all zeros: the base model alone.
 
+Adapters with a bias on B (PEFT's ``lora_bias``) add ``bias_rows: (slots, out)`` holding
+``s·b`` per slot (zeros for the others), made when the first such adapter arrives.
+
 A kind whose adapters also scale each output feature of the whole layer (DoRA's
 ``m / ‖W + s·B·A‖``) gives a ``row_scale``: then ``S_rows: (slots, out)`` holds each
 slot's factors (1 in slot 0 and in free slots), and the versions compared include the
@@ -37,12 +40,13 @@ class RowStacks:
         self.A_rows: torch.Tensor | None = None
         self.B_rows: torch.Tensor | None = None
         self.S_rows: torch.Tensor | None = None
+        self.bias_rows: torch.Tensor | None = None
         self.rebuilds = 0  # whole rebuilds (reallocations), for tests and benchmarks
 
     def update(self, adapters) -> tuple:
         """Bring the stacks in line with ``adapters`` ({name: adapter}, not empty);
-        returns ``(slots, A_rows, B_rows)`` (and ``S_rows`` with a ``row_scale``), the same
-        tensors while nothing changed.
+        returns ``(slots, A_rows, B_rows)`` (and ``S_rows`` with a ``row_scale``, or ``bias_rows``
+        once an adapter has a bias on B), the same tensors while nothing changed.
 
         The stacks are ordinary tensors even when this runs under ``torch.inference_mode``
         (a server's forward): inference tensors could not be updated in place later."""
@@ -55,6 +59,8 @@ class RowStacks:
         if (self.A_rows is None or self.A_rows.shape[-1] < r_max or self.A_rows.dtype != first.A.dtype
                 or self.A_rows.device != first.A.device):
             self._allocate(len(adapters) + 1, r_max, first.A.dtype, first.A.device)
+        if self.bias_rows is None and any(getattr(ad, "bias", None) is not None for ad in adapters.values()):
+            self.bias_rows = self.A_rows.new_zeros((self.A_rows.shape[0], self.out_features))
         for name in [n for n in self.slots if n not in adapters]:
             slot = self.slots.pop(name)
             del self._versions[name]
@@ -62,6 +68,8 @@ class RowStacks:
             self.B_rows[slot].zero_()
             if self.S_rows is not None:
                 self.S_rows[slot].fill_(1)
+            if self.bias_rows is not None:
+                self.bias_rows[slot].zero_()
             self._free.append(slot)
         context = () if self.context is None else self.context()
         for name, adapter in adapters.items():
@@ -74,15 +82,18 @@ class RowStacks:
                 self.slots[name] = slot
             self._write(slot, adapter)
             self._versions[name] = version
-        if self.S_rows is None:
-            return self.slots, self.A_rows, self.B_rows
-        return self.slots, self.A_rows, self.B_rows, self.S_rows
+        if self.S_rows is not None:
+            return self.slots, self.A_rows, self.B_rows, self.S_rows
+        if self.bias_rows is not None:
+            return self.slots, self.A_rows, self.B_rows, self.bias_rows
+        return self.slots, self.A_rows, self.B_rows
 
     def _allocate(self, capacity: int, r_max: int, dtype, device) -> None:
         self.A_rows = torch.zeros(capacity, self.in_features, r_max, dtype=dtype, device=device)
         self.B_rows = torch.zeros(capacity, r_max, self.out_features, dtype=dtype, device=device)
         if self.row_scale is not None:
             self.S_rows = torch.ones(capacity, self.out_features, dtype=dtype, device=device)
+        self.bias_rows = None
         self.slots, self._versions, self._free = {}, {}, list(range(capacity - 1, 0, -1))
         self.rebuilds += 1
 
@@ -98,6 +109,10 @@ class RowStacks:
             S_rows = self.S_rows.new_ones((2 * old, self.out_features))
             S_rows[:old] = self.S_rows
             self.S_rows = S_rows
+        if self.bias_rows is not None:
+            bias_rows = self.bias_rows.new_zeros((2 * old, self.out_features))
+            bias_rows[:old] = self.bias_rows
+            self.bias_rows = bias_rows
         self._free.extend(range(2 * old - 1, old, -1))
         return old
 
@@ -108,3 +123,6 @@ class RowStacks:
         self.B_rows[slot, : adapter.r] = adapter.B.T * adapter.scaling
         if self.row_scale is not None:
             self.S_rows[slot] = self.row_scale(adapter)
+        if self.bias_rows is not None:
+            bias = getattr(adapter, "bias", None)
+            self.bias_rows[slot] = 0 if bias is None else bias * adapter.scaling
