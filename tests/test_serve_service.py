@@ -212,6 +212,36 @@ def test_classify_answers_labels_and_probabilities_per_adapter(classifier):
     assert torch.allclose(one, expected["mood"][0], atol=1e-5)  # a batch of one agrees with the batch
 
 
+def test_an_adapter_with_a_bias_on_b_is_served_as_it_computes(classifier, tmp_path):
+    """PEFT's lora_bias: served beside a plain adapter, each answers as the model with it alone does."""
+    from lorakit.config import LoraConfig
+    from lorakit.io import save_adapter
+    from lorakit.model import add_adapter, set_active
+
+    tmp, reference = classifier
+    add_adapter(reference, LoraConfig(r=4, alpha=8, target_modules=["query", "value", "dense"], lora_bias=True,
+                                      init="kaiming", modules_to_save=["classifier"]), "biased")
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if ".biased." in name or name.endswith(".biased"):  # its A, B, B's bias and classifier copy
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    save_adapter(reference, tmp_path / "biased", "biased")
+    service = build_service(str(tmp / "model"), max_loaded=2,
+                            adapters={"mood": str(tmp / "adapters" / "mood"), "biased": str(tmp_path / "biased")})
+    with TestClient(create_app(service)) as client:
+        answers = {m: client.post("/v1/classify", json={"model": m, "input": TEXTS}).json() for m in ("mood", "biased")}
+    batch = service.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    for name, answer in answers.items():
+        set_active(reference, name)
+        with torch.no_grad():
+            expected = torch.softmax(reference(**batch).logits, -1)
+        got = torch.tensor([[row["probabilities"][label] for label in ("neg", "neutral", "pos")]
+                            for row in answer["data"]])
+        assert torch.allclose(got, expected, atol=1e-5), name
+    set_active(reference, "mood")
+
+
 def test_an_adapter_answers_with_the_labels_it_was_trained_with(classifier, tmp_path):
     """``lorakit_task.json`` beside the adapter names its classes, as ``lorakit predict`` reads them."""
     import json
