@@ -10,6 +10,7 @@ placement and heads all agree.
 """
 
 import copy
+import json
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -600,6 +601,6 @@ def test_a_bias_on_b_is_refused_where_peft_refuses_it(tmp_path):
     save_adapter(plain, tmp_path)
     config, tensors = read_adapter(tmp_path)
     (tmp_path / "adapter_config.json").write_text(
-        __import__("json").dumps({**config.to_peft_dict(), "lora_bias": True, "init_lora_weights": True}))
+        json.dumps({**config.to_peft_dict(), "lora_bias": True, "init_lora_weights": True}))
     with pytest.raises(LorakitError, match="missing lora_B.bias"):
         load_adapter(tiny_bert_classifier(), tmp_path)

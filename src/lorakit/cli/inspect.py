@@ -109,7 +109,8 @@ def run_memory(args) -> int:
     task = args.task or ("chat" if args.model == "default-chat" or (
         args.model != "default" and is_causal_lm(load_model_config(args.model))) else "classify")
     config = TrainConfig(task=task, model=args.model, method=args.method, rank=args.rank, targets=parse_targets(args.targets),
-                         layers_to_transform=parse_layers(args.layers_to_transform), quantize=args.quantize, batch_size=args.batch_size, max_length=args.max_length,
+                         layers_to_transform=parse_layers(args.layers_to_transform), quantize=args.quantize,
+                         batch_size=args.batch_size, max_length=args.max_length,
                          gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16)
     config = with_shape(config)
     _check_length(config)
