@@ -61,7 +61,8 @@ def test_the_flags_are_made_from_the_config_fields_and_keep_their_names():
     assert all(f.metadata["help"] for f in fields(TrainConfig))  # every field says what it does
     added = {"--overwrite", "--loraplus-ratio", "--fsdp", "--dora", "--quantize", "--gradient-checkpointing", "--class-weights",
              "--text-column", "--label-column", "--prompt-column", "--completion-column", "--messages-column",
-             "--stream", "--no-stream", "--stream-buffer", "--compile", "--chat-template", "--layers-to-transform"}
+             "--stream", "--no-stream", "--stream-buffer", "--compile", "--chat-template", "--layers-to-transform",
+             "--trainable-tokens"}
     assert {option for a in actions.values() for option in a.option_strings} == OLD_FLAGS | added
     # a flag not given leaves the dataclass's default: the defaults are written once
     assert config_from_args(parser.parse_args(["train"])) == TrainConfig()

@@ -127,10 +127,16 @@ def test_unknown_keys_warn_and_unsupported_features_raise():
     d["brand_new_option"] = 3
     with pytest.warns(UserWarning, match="brand_new_option"):
         LoraConfig.from_peft_dict(d)
-    for key, value in (("layer_replication", [[0, 1]]), ("trainable_token_indices", [1])):
+    for key, value in (("layer_replication", [[0, 1]]), ("use_qalora", True)):
         with pytest.raises(LorakitError, match=f"sets {key}=.*a PEFT feature lorakit does not support"):
             LoraConfig.from_peft_dict({**LoraConfig().to_peft_dict(), key: value})
     with pytest.raises(LorakitError, match="IA3"):
         LoraConfig.from_peft_dict({"peft_type": "IA3"})
+    tokens = LoraConfig.from_peft_dict({**LoraConfig().to_peft_dict(), "trainable_token_indices": {"wte": [3, 1]}})
+    assert tokens.trainable_token_indices == {"wte": [3, 1]}
+    assert tokens.to_peft_dict()["trainable_token_indices"] == {"wte": [3, 1]}
+    for bad in ([1, 1], [-1], ["a"], {"": [1]}, {"wte": []}, 3):
+        with pytest.raises(LorakitError, match="trainable_token_indices"):
+            LoraConfig(trainable_token_indices=bad)
     biased = LoraConfig.from_peft_dict({**LoraConfig(init="kaiming").to_peft_dict(), "lora_bias": True})
     assert biased.lora_bias and biased.to_peft_dict()["lora_bias"] is True

@@ -12,6 +12,7 @@ from lorakit import LoraConfig, attach, load_adapter, save_adapter
 from lorakit.layers import LoraLinear
 from lorakit.layers.quantized import QuantizedLinear, dense_weight
 from lorakit.merging import QuantizedMergeWarning, merge_and_unload, unload
+from lorakit.model import disable_adapters
 from lorakit.quantize import dequantize_base, quantize_base
 from tiny_models import token_batch
 
@@ -104,6 +105,33 @@ def test_merge_into_a_quantized_base_keeps_the_compute_dtype_or_requantizes():
     # re-quantizing rounds the merged weight once more: a few percent of its norm, not more
     percent = float(message.split("rounding ")[1].split("%")[0])
     assert 1 < percent < 15
+
+
+def test_merge_into_a_quantized_base_carries_a_bias_on_b():
+    """lora_bias on a quantized base: merge_and_unload adds s·b into each layer's bias (B zeroed, so the
+    biases alone carry the adapter and a bias left out would show)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, attention_bias=True)
+    model = LlamaForCausalLM(config).eval()
+    attach(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], lora_bias=True, init="kaiming"))
+    moved(model, scale=0.5)
+    layer = model.get_submodule(Q0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLinear):
+                module.adapters["default"].B.zero_()
+    expected_bias = layer.bias.detach() + 2.0 * layer.adapters["default"].bias.detach()
+    quantize_base(model, "nf4")
+    x = token_batch(2, 8)
+    before = logits(model, x)
+    with disable_adapters(model):
+        assert not torch.allclose(logits(model, x), before, atol=1e-2)  # the biases matter
+    with pytest.warns(QuantizedMergeWarning):
+        merged = merge_and_unload(model)
+    assert type(merged.get_submodule(Q0)) is torch.nn.Linear
+    torch.testing.assert_close(merged.get_submodule(Q0).bias, expected_bias, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(merged, x), before, atol=1e-4, rtol=0)
 
 
 # ---------------------------------------------------------------- bitsandbytes and PEFT

@@ -342,3 +342,50 @@ def test_a_gpt2_classifier_adapter_answers_as_lorakit_predict(tmp_path):
         assert got["label"] == want["label"]
         for label in ("neg", "pos"):
             assert abs(got["probabilities"][label] - want["probabilities"][label]) < 1e-5
+
+
+def test_an_adapter_with_trainable_tokens_is_served_as_peft_computes_it(toy, tmp_path):
+    """PEFT's trainable_token_indices (rows of the embedding and of the head, per adapter): the server's
+    greedy answers equal PEFT's own model with the adapter, beside a plain adapter on the same base."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = toy["tokenizer"]
+    prompts = PROMPTS[:3]
+    tokens = sorted({tokenizer.encode(p)[-1] for p in prompts} | {tokenizer.encode(" fox")[0]})
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(toy["model_dir"]), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], trainable_token_indices={"embed_tokens": tokens, "lm_head": tokens}))
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator) * (2.0 if "lm_head" in name else 0.5))
+    theirs.save_pretrained(tmp_path / "tokens")
+    theirs.eval()
+
+    def greedy(prompt: str, n: int = 8) -> str:
+        ids, new = torch.tensor([tokenizer.encode(prompt)]), []
+        with torch.no_grad():
+            for _ in range(n):
+                token = int(theirs(input_ids=ids).logits[0, -1].argmax())
+                if token == tokenizer.eos_token_id:
+                    break
+                new.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]])], 1)
+        return tokenizer.decode(new, skip_special_tokens=True)
+
+    service = build_service(str(toy["model_dir"]), max_loaded=2,
+                            adapters={"tokens": str(tmp_path / "tokens"), "task0": str(toy["root"] / "task0")})
+    with TestClient(create_app(service)) as client:
+        def text(model, prompt):
+            answer = client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 8,
+                                                          "temperature": 0})
+            assert answer.status_code == 200, answer.text
+            return answer.json()["choices"][0]["text"]
+
+        for prompt in prompts:
+            assert text("tokens", prompt) == greedy(prompt)
+            assert text("task0", prompt) == toy["refs"].text(toy["root"] / "task0", tokenizer.encode(prompt), 8)
+    with theirs.disable_adapter():
+        plain = [greedy(p) for p in prompts]
+    assert [greedy(p) for p in prompts] != plain  # the token rows change the answers

@@ -313,6 +313,38 @@ def test_chat_lora_trains_on_assistant_turns_and_generates(models, tmp_path):
         predict(load_trained([adapter]), ["x"])
 
 
+def test_trainable_tokens_train_their_rows_and_the_adapter_loads_in_peft(models, tmp_path):
+    """``--trainable-tokens``: tokens (or ids) of the vocabulary train their embedding rows whole beside
+    the adapter; the file holds PEFT's key and config, and PEFT computes what lorakit does with it."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit import load_adapter, read_adapter
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(60))
+    tokenizer = AutoTokenizer.from_pretrained(models["llm"])
+    train(TrainConfig(task="chat", model=models["llm"], data=str(data), steps=10, batch_size=8, lr=2e-2, bf16=False,
+                      trainable_tokens="</s>, !,7", out=str(tmp_path / "chat"), progress=False))
+    adapter = tmp_path / "chat" / "adapter"
+    config, tensors = read_adapter(adapter)
+    ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("!"), 7]
+    assert config.trainable_token_indices == ids
+    (rows,) = [t for k, t in tensors.items() if k.endswith("model.embed_tokens.token_adapter.trainable_tokens_delta")]
+    base = AutoModelForCausalLM.from_pretrained(models["llm"]).eval()
+    moved = (rows - base.model.embed_tokens.weight[ids]).abs().amax(1)
+    assert moved[0] > 1e-3 and moved[1] > 1e-3  # "</s>" and "!" end every answer: trained
+    x = torch.tensor([tokenizer.encode("say cat!</s>")])
+    with torch.no_grad():
+        ours = load_adapter(AutoModelForCausalLM.from_pretrained(models["llm"]), adapter).eval()(x).logits
+        theirs = peft.PeftModel.from_pretrained(base, adapter).eval()(x).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    with pytest.raises(LorakitError, match="'<nope>' is not a token of the model's vocabulary"):
+        train(TrainConfig(task="chat", model=models["llm"], data=str(data), steps=1, trainable_tokens="<nope>",
+                          out=str(tmp_path / "nope"), progress=False))
+    with pytest.raises(LorakitError, match="--trainable-tokens is for --method lora"):
+        TrainConfig(task="chat", method="full", trainable_tokens="7")
+
+
 def test_a_base_model_without_a_chat_template_learns_chats_with_chatml(tmp_path):
     """A base model's tokenizer has no template: chats are refused with the flag to give; with
     --chat-template chatml they train, the adapter carries the template, and loading it again

@@ -387,9 +387,9 @@ def combine_adapters(adapters: dict[str | os.PathLike, float], out: str | os.Pat
 
 
 def _refuse_variants(configs: dict[str, LoraConfig]) -> None:
-    if other := sorted(n for n, c in configs.items() if c.use_dora or c.target_parameters or c.lora_bias):
-        raise LorakitError(f"{other} use DoRA, target_parameters or a bias on B (lora_bias); combine works on LoRA's "
-                           "ΔW = s·B·A of modules (a DoRA magnitude, an expert stack or a bias has no such sum)")
+    if other := sorted(n for n, c in configs.items() if c.use_dora or c.target_parameters or c.lora_bias
+                       or c.trainable_token_indices):
+        raise LorakitError(f"{other} use DoRA, target_parameters, lora_bias or trainable tokens: combine sums ΔW = s·B·A only")
 
 
 def _identity(matrix: torch.Tensor) -> torch.Tensor:

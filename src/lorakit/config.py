@@ -55,10 +55,8 @@ _PEFT_BOOKKEEPING = {
     "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config",
     "monteclora_config", "arrow_config", "kasa_config", "qalora_group_size", "ensure_weight_tying",
 }
-_PEFT_UNSUPPORTED_OFF = {
-    "layer_replication": None, "trainable_token_indices": None,
-    "use_qalora": False, "alora_invocation_tokens": None, "use_bdlora": None,
-}
+_PEFT_UNSUPPORTED_OFF = {"layer_replication": None, "use_qalora": False, "alora_invocation_tokens": None,
+                         "use_bdlora": None}
 
 
 @dataclass
@@ -103,6 +101,10 @@ class LoraConfig:
             layer's bias. For dense targets (``nn.Linear``, ``Conv1D``), not with DoRA, and
             started as PEFT allows it (init ``"kaiming"`` or ``"random"``, PEFT's True / False);
             what it is for: an adapter extracted from a full fine-tune keeps the biases' change.
+        trainable_token_indices: rows of a token embedding trained whole, per adapter (PEFT's
+            key; e.g. new chat tokens): a list of token ids (the input embedding's) or a dict
+            of embedding name -> ids. An output head tied to the embedding follows it. See
+            :mod:`lorakit.tokens`.
         base_model_name_or_path, task_type: recorded for PEFT's ``adapter_config.json``.
 
     Raises:
@@ -128,6 +130,7 @@ class LoraConfig:
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     lora_bias: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self):
         self.r = _check_rank(self.r, "r")
@@ -177,6 +180,7 @@ class LoraConfig:
         if self.lora_bias and self.init not in ("kaiming", "random"):
             raise LorakitError(f"lora_bias starts from init 'kaiming' or 'random' (PEFT's True / False, the only "
                                f"starts PEFT loads with it), not {self.init!r}")
+        self.trainable_token_indices = _token_indices(self.trainable_token_indices)
 
     def _check_layers(self):
         layers, pattern = self.layers_to_transform, self.layers_pattern
@@ -297,6 +301,7 @@ class LoraConfig:
             "lora_bias": self.lora_bias,
             "layers_to_transform": self.layers_to_transform,
             "layers_pattern": self.layers_pattern,
+            "trainable_token_indices": self.trainable_token_indices,
         }
 
     @classmethod
@@ -339,11 +344,9 @@ class LoraConfig:
             "layers_to_transform": d.get("layers_to_transform"),
             "layers_pattern": d.get("layers_pattern"),
             "lora_bias": d.get("lora_bias") or False,
+            "trainable_token_indices": d.get("trainable_token_indices") or None,
         }
-        peft_names = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "rank_pattern",
-                      "alpha_pattern", "use_rslora", "init_lora_weights", "bias", "modules_to_save",
-                      "fan_in_fan_out", "base_model_name_or_path", "task_type", "use_dora", "target_parameters",
-                      "layers_to_transform", "layers_pattern", "lora_bias"}
+        peft_names = (set(kw) - {"alpha", "dropout", "init"}) | {"lora_alpha", "lora_dropout", "init_lora_weights"}
         unknown = sorted(set(d) - peft_names - _PEFT_BOOKKEEPING - set(_PEFT_UNSUPPORTED_OFF))
         if unknown:
             warnings.warn(f"ignoring adapter config keys lorakit does not know: {unknown}", stacklevel=2)
@@ -375,3 +378,23 @@ def _check_alpha(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise LorakitError(f"{what} must be a positive number, got {value!r}; a common choice is alpha = r")
     return value
+
+
+def _token_indices(spec):
+    """``trainable_token_indices`` checked: None, a list of distinct token ids, or name -> such a list."""
+    if spec in (None, [], {}):
+        return None
+
+    def ids(value, where):
+        if not isinstance(value, (list, tuple)) or not value or len(set(value)) != len(value) \
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+            raise LorakitError(f"trainable_token_indices{where} must be a list of distinct token ids (integers "
+                               f"from 0), got {value!r}")
+        return list(value)
+
+    if isinstance(spec, dict):
+        if not all(isinstance(k, str) and k for k in spec):
+            raise LorakitError(f"trainable_token_indices keys must be embedding names such as 'embed_tokens', "
+                               f"got {list(spec)!r}")
+        return {k: ids(v, f"[{k!r}]") for k, v in spec.items()}
+    return ids(spec, "")

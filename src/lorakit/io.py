@@ -25,9 +25,10 @@ from lorakit import atomic
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.inits import REWRITES_WEIGHT
+from lorakit.layers.tokens import TokenRows
 from lorakit.module_names import name_matches
 from lorakit.peft_format import (
-    base_model_name, key_paths, layer_tensors, module_key, module_tensors, parse_factor_key, wrapped_key,
+    base_model_name, key_paths, layer_tensors, module_key, module_tensors, parse_factor_key, token_key, wrapped_key,
 )
 from lorakit.peft_load import apply_plan, plan_load
 
@@ -189,7 +190,10 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     saved_paths = set()
     for path, saved in saved_modules(model):
         saved_paths.add(path)
-        if name in saved.copies:
+        if isinstance(saved, TokenRows):  # its weight is the base's; a tied head's rows are the embedding's
+            if name in saved.copies and not saved.tied:
+                out[token_key(path)] = saved.copies[name].rows
+        elif name in saved.copies:
             out.update(module_tensors(path, saved.copies[name].state_dict()))
     bias = lora_configs(model)[name].bias
     if bias != "none":

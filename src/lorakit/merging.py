@@ -73,7 +73,7 @@ def _unwrap(model: nn.Module, *, keep_merged: bool) -> nn.Module:
         elif isinstance(module, ParameterHost):  # its LoRA parameters come next in the walk
             replace_module(model, modules, path, module.original())
         elif isinstance(module, SavedModule):
-            replace_module(model, modules, path, module.current() if keep_merged else module.original())
+            replace_module(model, modules, path, module.unwrapped(keep_merged))
     forget_adapters(model)
     return model
 

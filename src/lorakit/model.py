@@ -41,6 +41,7 @@ from lorakit.targets import (  # noqa: F401  (re-exported: lorakit.model is wher
     DEFAULT_TARGETS, lora_layers, parameter_targets, replace_module, saved_modules, saved_paths, target_paths,
     targetable_modules, tied_paths, walk,
 )
+from lorakit.tokens import attach_tokens, token_targets
 
 
 # ---------------------------------------------------------------------- adapters on a model
@@ -102,7 +103,8 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
     (``ΔW = s·P·diag(λ)·Q``, see :mod:`lorakit.adalora`); a layer holds adapters of one kind.
     ``config.target_parameters`` are adapted in place by :class:`~lorakit.layers.LoraParameter`.
 
-    Every parameter that is not an adapter's (A, B, a modules_to_save copy) is frozen,
+    ``config.trainable_token_indices`` give the adapter rows of an embedding (:mod:`lorakit.tokens`).
+    Every parameter that is not an adapter's (A, B, a modules_to_save copy, token rows) is frozen,
     then ``config.bias`` decides which biases train.
 
     Returns:
@@ -141,6 +143,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
     if inside:
         raise LorakitError(f"modules_to_save selects a module holding the target {inside[0]}; "
                            "save a module without targets inside (e.g. the classification head)")
+    tokens = token_targets(model, config, modules)
     merged = [p for p in paths if getattr(modules[p], "merged", ())]
     if merged:
         raise LorakitError(f"layers {merged[:3]} hold merged adapters; unmerge(model) before adding {name!r}")
@@ -175,6 +178,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
             module = SavedModule(module)
             replace_module(model, modules, path, module)
         module.add_copy(name)
+    attach_tokens(model, config, name, modules, tokens)
 
     # The walk holds no adapter or copy, so every parameter it reaches is the base model's.
     for module in modules.values():

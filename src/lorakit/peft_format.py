@@ -3,7 +3,7 @@
 
 Keys as PEFT 0.21 writes them (the adapter name never appears), built and read only
 by :func:`factor_key`, :func:`parse_factor_key`, :func:`bias_key`, :func:`parse_bias_key`,
-:func:`magnitude_key`, :func:`parse_magnitude_key`,
+:func:`magnitude_key`, :func:`parse_magnitude_key`, :func:`token_key`, :func:`parse_token_key`,
 :func:`parameter_key_path`, :func:`module_key`, :func:`wrapped_key`, :func:`parameter_name`::
 
     base_model.model.<path>.lora_A.weight          (r, in_features)      nn.Linear, Conv1D
@@ -17,6 +17,8 @@ by :func:`factor_key`, :func:`parse_factor_key`, :func:`bias_key`, :func:`parse_
     base_model.model.<module>[.base_layer…].lora_A.weight  (E·r, in)     target_parameters
     base_model.model.<module>[.base_layer…].lora_B.weight  (out, E·r)
     base_model.model.<saved path>.<param>          modules_to_save, full (e.g. classifier.weight)
+    base_model.model.<path>.token_adapter.trainable_tokens_delta  (n, dim)  trainable_token_indices:
+                                                   the n tokens' rows, whole (a tied head saves none)
     base_model.model.<path>.base_layer.bias        bias="lora_only"/"all", of a LoRA layer
     base_model.model.<path>.bias                   bias="all", elsewhere
     base_model.model.<path>.base_layer.weight      the full embedding, when one is targeted
@@ -59,6 +61,7 @@ TASK_TYPES = {CLASSIFIER: SEQ_CLS, CAUSAL_LM: "CAUSAL_LM", BARE: "FEATURE_EXTRAC
 _TASK_TYPE_ENDINGS = {"ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
 MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
 BIAS_SUFFIX = ".lora_B.bias"
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
 
 
 # ---------------------------------------------------------------------- keys
@@ -104,6 +107,16 @@ def magnitude_key(path: str) -> str:
 def parse_magnitude_key(key: str) -> str | None:
     """The module path of a DoRA magnitude key, else None."""
     return _path_of(key, MAGNITUDE_SUFFIX)
+
+
+def token_key(path: str) -> str:
+    """PEFT's key of the trainable token rows (``trainable_token_indices``) of the embedding at ``path``."""
+    return f"{PREFIX}{path}{TOKENS_SUFFIX}"
+
+
+def parse_token_key(key: str) -> str | None:
+    """The embedding path of a ``trainable_tokens_delta`` key, else None."""
+    return _path_of(key, TOKENS_SUFFIX)
 
 
 def parameter_key_path(module_path: str, later: int) -> str:

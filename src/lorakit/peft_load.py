@@ -19,11 +19,12 @@ from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.peft_format import (
     PREFIX, factor_dims, file_shapes, nested_key_paths, parameter_name, parse_bias_key, parse_factor_key,
-    parse_magnitude_key, task_heads,
+    parse_magnitude_key, parse_token_key, task_heads,
 )
 from lorakit.targets import (
     CLASSIFIER_HEADS, ParameterHost, model_fingerprint, parameter_features, parameter_targets, saved_paths, target_paths, walk,
 )
+from lorakit.tokens import token_targets
 
 _MAX_LISTED = 20
 
@@ -64,6 +65,7 @@ class LoadPlan:
             :func:`_per_class`): the adapter's copy of the head takes the file's shapes.
         params: ``(parameter name, tensor)`` written into the base model (biases, and
             full embeddings PEFT saves).
+        tokens: embedding path -> its trainable token rows ``(n, dim)`` (``trainable_token_indices``).
         config: the file's config as it is added to the model (see :func:`with_task_heads`).
     """
 
@@ -72,6 +74,7 @@ class LoadPlan:
     saved: dict = field(default_factory=dict)
     resized: dict = field(default_factory=dict)
     params: list = field(default_factory=list)
+    tokens: dict = field(default_factory=dict)
 
 
 def plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], name: str,
@@ -88,6 +91,7 @@ def plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Ten
         targets = [(path, path, modules[path], config.rank_for(path), None) for path in target_paths(model, config, modules)]
         targets += _parameter_targets(model, config, modules)
         saved = saved_paths(model, config, modules)
+        token_paths = token_targets(model, config, modules)
     except LorakitError as err:
         raise_misfit(model, source, metadata, tensors, [str(err)])
     problems: list[str] = []
@@ -96,6 +100,7 @@ def plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Ten
     plan.factors = _check_factors(model, config, name, targets, factors, magnitudes, problems)
     plan.factors = _with_biases(config, plan.factors, biases, problems)
     _check_saved(model, modules, plan, problems)
+    _check_tokens(modules, token_paths, plan.tokens, problems)
     if problems:
         raise_misfit(model, source, metadata, tensors, problems)
     return plan
@@ -136,6 +141,10 @@ def _sort_keys(model, tensors, plan: LoadPlan, problems: list[str]) -> tuple[dic
         path = parse_bias_key(key)
         if path is not None:
             biases[path] = tensor
+            continue
+        path = parse_token_key(key)
+        if path is not None:
+            plan.tokens[path] = tensor
             continue
         local = key[len(PREFIX):]
         if ".original_module." in local or ".modules_to_save." in local:
@@ -234,6 +243,20 @@ def _check_saved(model, modules, plan: LoadPlan, problems: list[str]) -> None:
                 problems.append(_shape_problem(model, f"{path}.{k}", state[k], want[k]))
 
 
+def _check_tokens(modules, token_paths: dict[str, list[int]], tokens: dict, problems: list[str]) -> None:
+    """The file's token rows against the config's: one ``(len(ids), dim)`` tensor per selected embedding."""
+    for path, ids in token_paths.items():
+        rows = tokens.get(path)
+        dim = modules[path].weight.shape[1]
+        if rows is None:
+            problems.append(f"missing trainable_tokens_delta for {path} (the config's trainable_token_indices select it)")
+        elif tuple(rows.shape) != (len(ids), dim):
+            problems.append(f"{path}: the file holds trainable_tokens_delta {tuple(rows.shape)}, the config's "
+                            f"{len(ids)} token ids on a {dim}-wide embedding need ({len(ids)}, {dim})")
+    problems.extend(f"unexpected trainable_tokens_delta for {path}: the config's trainable_token_indices do not "
+                    "select it" for path in sorted(set(tokens) - set(token_paths)))
+
+
 def _shape_problem(model: nn.Module, name: str, held: torch.Tensor, have: torch.Tensor) -> str:
     """One line on a tensor of the wrong shape; for the token embeddings or the output head of a
     model whose vocabulary the adapter's training grew, what to do."""
@@ -281,6 +304,8 @@ def apply_plan(model: nn.Module, plan: LoadPlan, name: str) -> None:
             for key in plan.resized.get(path, ()):
                 _resize(modules[path].copies[name], key, state[key])
             modules[path].copies[name].load_state_dict(state, strict=True)
+        for path, rows in plan.tokens.items():
+            modules[path].copies[name].rows.copy_(rows)
         model_params = dict(model.named_parameters(remove_duplicate=False)) if plan.params else {}
         for pname, tensor in plan.params:
             param = model_params[pname]

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -56,6 +56,7 @@ from lorakit.report import (
 from lorakit.run_folder import TASK_FILE, RunFolder
 from lorakit.targets import lora_layers
 from lorakit.tasks import Task, encode_splits, get_task, read_splits
+from lorakit.tokens import token_ids
 from lorakit.train_config import EVALUATIONS_PER_RUN, TrainConfig
 from lorakit.train_state import Progress, Run
 
@@ -121,6 +122,8 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     labels = task.labels(splits.train, splits.source)
     model, tokenizer = task.load_model(config.model, labels)
     chat_templates.apply(tokenizer, config.chat_template)  # before lengths are measured: it renders the chats
+    if config.trainable_tokens:  # tokens as ids, so a resume compares the same settings
+        config = replace(config, trainable_tokens=token_ids(tokenizer, config.trainable_tokens))
     if config.model_dropout is not None:
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -393,5 +396,5 @@ def _adapted(model: torch.nn.Module, config: TrainConfig) -> str:
     if not paths:
         return ""
     names = ", ".join(dict.fromkeys(path.rsplit(".", 1)[-1] for path in paths))
-    chosen = "; --targets to change" if config.targets is None else ""
-    return f": LoRA on {names} ({len(paths)} layers{chosen})"
+    tokens = f", and the rows of {len(config.trainable_tokens)} tokens" if config.trainable_tokens else ""
+    return f": LoRA on {names} ({len(paths)} layers{'; --targets to change' if config.targets is None else ''}){tokens}"

@@ -105,6 +105,10 @@ class TrainConfig:
     layers_to_transform: list[int] | str | None = field(default=None, metadata=setting(
         "adapt the targets in these blocks only: 10,11 or 8-11 (PEFT's layers_to_transform; --method lora)",
         default_help="every block"))
+    trainable_tokens: list[str | int] | str | None = field(default=None, metadata=setting(
+        "train these tokens' embedding rows whole, beside the adapter (PEFT's trainable_token_indices; an output "
+        "head tied to the embedding follows): tokens or ids, comma-separated, e.g. '<|im_start|>,<|im_end|>' "
+        "(--method lora)", default_help="none"))
     lora_dropout: float = field(default=0.0, metadata=setting("dropout on the LoRA branch's input"))
     dora: bool = field(default=False, metadata=setting(
         "DoRA: also train a magnitude per output feature, W' = m * (W + s*B*A) / ||W + s*B*A|| (method lora)"))
@@ -252,6 +256,10 @@ class TrainConfig:
         if narrows_a_regex(self.targets, self.layers_to_transform):
             raise LorakitError(f"--layers-to-transform cannot narrow a regex --targets ({self.targets!r}, as in "
                                "PEFT): name the blocks in the regex, or give --targets as names such as query,value")
+        self.trainable_tokens = _token_list(self.trainable_tokens)
+        if self.trainable_tokens and (self.method != "lora" or self.fsdp):
+            raise LorakitError(f"--trainable-tokens is for --method lora without --fsdp, not --method {self.method}"
+                               f"{' with --fsdp' if self.fsdp else ''}")
         self.eval_batch_size = self.eval_batch_size or task.default_eval_batch_size
         self.out = self.out or DEFAULT_OUT.format(task=self.task, method=self.method)
 
@@ -264,3 +272,12 @@ class TrainConfig:
         """The settings a resume must share with the run it continues (fields marked ``shared``)."""
         shared = {f.name for f in fields(self) if f.metadata["shared"]}
         return {k: v for k, v in asdict(self).items() if k in shared}
+
+
+def _token_list(value) -> list[str | int] | None:
+    """``--trainable-tokens``: comma-separated tokens or ids as a list (ids as ints), or None."""
+    if isinstance(value, str):
+        value = [t.strip() for t in value.split(",") if t.strip()]
+    if not value:
+        return None
+    return [int(t) if isinstance(t, str) and t.isdigit() else t for t in value]

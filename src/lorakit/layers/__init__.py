@@ -31,6 +31,7 @@ from lorakit.layers.embedding import LoraEmbedding
 from lorakit.layers.linear import LoraLinear
 from lorakit.layers.parameter import LoraParameter, ParameterHost
 from lorakit.layers.saved import SavedModule
+from lorakit.layers.tokens import TokenPatch, TokenRows
 
 #: layer kind -> {base module type -> wrapper class}; add one with :func:`register_layer`.
 LAYER_KINDS: dict[str, dict[type, type[LoraLayer]]] = {}
@@ -74,4 +75,4 @@ def wrapper_for(module: nn.Module, kind: str = "lora") -> type[LoraLayer] | None
 
 __all__ = ["AdaLoraAdapter", "AdaLoraLinear", "DoraAdapter", "DoraConv", "DoraEmbedding", "DoraLinear", "LAYER_KINDS",
            "LINEAR_TYPES", "LoraAdapter", "LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear", "LoraParameter",
-           "ParameterHost", "SavedModule", "register_layer", "wrapper_for"]
+           "ParameterHost", "SavedModule", "TokenPatch", "TokenRows", "register_layer", "wrapper_for"]

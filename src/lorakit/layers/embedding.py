@@ -48,13 +48,7 @@ class LoraEmbedding(LoraLayer):
 
     def embed_scale(self) -> torch.Tensor | float | None:
         """The factor the base embedding's own forward multiplies its lookup by, or None."""
-        scale = getattr(self._base, "embed_scale", None)
-        if isinstance(scale, torch.Tensor):
-            if scale.numel() != 1:
-                raise LorakitError(f"{type(self._base).__name__}.embed_scale has shape {tuple(scale.shape)}; "
-                                   "LoRA on an embedding takes a single scale factor")
-            return scale.to(self.weight.dtype if self.weight.is_floating_point() else torch.float32)
-        return scale if isinstance(scale, (int, float)) and scale != 1 else None
+        return embed_scale(self._base)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self._unscaled(ids)
@@ -88,3 +82,20 @@ class LoraEmbedding(LoraLayer):
 
     def extra_repr(self) -> str:
         return f"Embedding({self.in_features}, {self.out_features}), active={list(self.active)}"
+
+
+def embed_scale(embedding: nn.Embedding) -> torch.Tensor | float | None:
+    """The factor ``embedding``'s own forward multiplies its lookup by (a scaled word embedding's
+    ``embed_scale``), or None.
+
+    Raises:
+        LorakitError: the scale is a tensor of more than one value.
+    """
+    scale = getattr(embedding, "embed_scale", None)
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise LorakitError(f"{type(embedding).__name__}.embed_scale has shape {tuple(scale.shape)}; "
+                               "an adapter on an embedding takes a single scale factor")
+        weight = embedding.weight
+        return scale.to(weight.dtype if weight.is_floating_point() else torch.float32)
+    return scale if isinstance(scale, (int, float)) and scale != 1 else None

@@ -73,6 +73,15 @@ class SavedModule(nn.Module):
             return self.copies[self.active[0]]
         return self.original()
 
+    def _runner(self, name: str | None):
+        """What runs the rows of adapter ``name`` (None: the original) in a per-row batch."""
+        return self.copies[name] if name is not None else self.original()
+
+    def unwrapped(self, keep: bool) -> nn.Module:
+        """The plain module to put back in this wrapper's place: with ``keep``, what the active
+        adapter trained (its copy), else the original."""
+        return self.current() if keep else self.original()
+
     def set_rows(self, rows) -> None:
         """Per-row mode: ``rows`` a list of adapter names or None per batch row, or None to leave."""
         self._rows = rows
@@ -86,14 +95,13 @@ class SavedModule(nn.Module):
             groups.setdefault(name if name in self.copies else None, []).append(i)
         if len(groups) == 1:
             (name,) = groups
-            return (self.copies[name] if name is not None else self.original())(x, *args, **kwargs)
+            return self._runner(name)(x, *args, **kwargs)
         if x.shape[0] != len(self._rows):
             raise LorakitError(f"per-row adapters were given for {len(self._rows)} rows but the batch has {x.shape[0]}")
         out = None
         for name, idx in groups.items():
             index = torch.tensor(idx, device=x.device)
-            module = self.copies[name] if name is not None else self.original()
-            part = module(x.index_select(0, index), *args, **kwargs)
+            part = self._runner(name)(x.index_select(0, index), *args, **kwargs)
             if out is None:
                 out = part.new_empty((x.shape[0], *part.shape[1:]))
             elif part.shape[1:] != out.shape[1:]:
