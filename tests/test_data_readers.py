@@ -100,3 +100,23 @@ def test_columns_named_in_another_case_are_read_and_a_lone_other_column_is_sugge
     with pytest.raises(LorakitError, match=r"sst.csv line 2 lacks 'text'; it has keys \['label', 'sentence'\]; "
                                            r"give --text-column sentence if 'sentence' holds the text$"):
         read_records(tmp_path / "sst.csv", "classify")
+
+
+def test_pairs_of_texts_are_read_from_glue_columns_or_named_columns(tmp_path):
+    """Entailment or paraphrase files: GLUE's pair columns need no flag; --text-column a,b names others."""
+    glue = tmp_path / "rte.csv"
+    glue.write_text("sentence1,sentence2,label\nA man sleeps.,Someone rests.,entailment\n"
+                    "A dog runs.,A cat sits.,not_entailment\n")
+    records = read_records(glue, "classify")
+    assert [(r["text"], r["text_pair"], r["label"]) for r in records] == [
+        ("A man sleeps.", "Someone rests.", "entailment"), ("A dog runs.", "A cat sits.", "not_entailment")]
+    named = tmp_path / "pairs.jsonl"
+    named.write_text('{"q": "Who?", "a": "Me.", "y": 1}\n{"q": "Why?", "a": "", "y": 0}\n')
+    with pytest.raises(LorakitError, match=r"pairs.jsonl line 2: 'a' must be a non-empty string"):
+        read_records(named, "classify", {"text": "q,a", "label": "y"})
+    named.write_text('{"q": "Who?", "a": "Me.", "y": 1}\n{"q": "Why?", "y": 0}\n')
+    with pytest.raises(LorakitError, match=r"line 2 lacks 'a' \(--text-column\)"):
+        read_records(named, "classify", {"text": "q,a", "label": "y"})
+    plain = tmp_path / "plain.csv"  # a text column wins over pair columns beside it
+    plain.write_text("text,premise,hypothesis,label\nok,x,y,1\nno,x,y,0\n")
+    assert "text_pair" not in read_records(plain, "classify")[0]

@@ -146,16 +146,21 @@ def test_an_adapter_trained_with_a_chat_template_is_served_with_it(toy, tmp_path
     for answer, want in ((ended, ("stop", 1)), (chat, ("stop", 1)), (plain, ("length", 3)), (kept, ("length", 3))):
         assert (answer["choices"][0]["finish_reason"], answer["usage"]["completion_tokens"]) == want, answer
 
-def _word_tokenizer(folder):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def _word_tokenizer(folder, pairs: bool = False):
+    """A word-level tokenizer of TEXTS' words; ``pairs``: with BERT's template, [CLS] a [SEP] b [SEP]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     words = sorted({w for text in TEXTS for w in text.split()} | {"more", "words"})
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{w: i + 4 for i, w in enumerate(words)}}
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
+    if pairs:
+        core.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]",
-                                        model_input_names=["input_ids", "attention_mask"])
+                                        model_input_names=["input_ids", "attention_mask",
+                                                           *(["token_type_ids"] if pairs else [])])
     tokenizer.save_pretrained(folder)
     return tokenizer
 
@@ -389,3 +394,40 @@ def test_an_adapter_with_trainable_tokens_is_served_as_peft_computes_it(toy, tmp
     with theirs.disable_adapter():
         plain = [greedy(p) for p in prompts]
     assert [greedy(p) for p in prompts] != plain  # the token rows change the answers
+
+
+def test_an_adapter_trained_on_pairs_of_texts_classifies_tab_separated_pairs(classifier, tmp_path):
+    """An adapter whose lorakit_task.json says it was trained on pairs (sentence1, sentence2): each input is
+    'first<TAB>second', tokenized as a pair as in training (with its segment ids); a single text is a 400
+    naming the form."""
+    import json
+
+    from lorakit.model import set_active
+
+    tmp, reference = classifier
+    folder, model_dir = tmp_path / "pairs", tmp_path / "model"
+    shutil.copytree(tmp / "adapters" / "mood", folder)
+    shutil.copytree(tmp / "model", model_dir)
+    _word_tokenizer(model_dir, pairs=True)
+    (folder / "lorakit_task.json").write_text(json.dumps({"task": "classify", "labels": ["neg", "neutral", "pos"],
+                                                          "pairs": True}))
+    service = build_service(str(model_dir), max_loaded=2, adapters={"pairs": str(folder)})
+    firsts, seconds = TEXTS[:2], [TEXTS[2], TEXTS[0]]
+    with TestClient(create_app(service)) as client:
+        answer = client.post("/v1/classify", json={"model": "pairs", "input": [f"{a}\t{b}" for a, b in
+                                                                               zip(firsts, seconds)]})
+        single = client.post("/v1/classify", json={"model": "pairs", "input": TEXTS[0]})
+    assert answer.status_code == 200, answer.text
+    assert "classifies pairs of texts" in error_of(single, 400)["message"]
+    set_active(reference, "mood")
+    batch = service.tokenizer(firsts, seconds, padding=True, return_tensors="pt")
+    assert batch["token_type_ids"].sum() > 0  # the second texts' segment
+    with torch.no_grad():
+        expected = torch.softmax(reference(**batch).logits, -1)
+    got = torch.tensor([[row["probabilities"][label] for label in ("neg", "neutral", "pos")]
+                        for row in answer.json()["data"]])
+    assert torch.allclose(got, expected, atol=1e-5)
+    joined = service.tokenizer([f"{a} {b}" for a, b in zip(firsts, seconds)], padding=True, return_tensors="pt")
+    with torch.no_grad():  # read as one text each, the answers would differ
+        alone = torch.softmax(reference(**joined).logits, -1)
+    assert not torch.allclose(alone, expected, atol=1e-3)

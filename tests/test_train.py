@@ -263,6 +263,36 @@ def test_predict_eval_and_merge_agree(sentiment_runs):
         load_trained([adapter, adapter], merge=True)
 
 
+def test_pairs_of_texts_train_and_are_predicted_as_pairs(models, tmp_path):
+    """An entailment-shaped file (sentence1, sentence2): each example is tokenized as a pair
+    ([CLS] a [SEP] b [SEP]) in training, evaluation and prediction, where a text is 'first<TAB>second'."""
+    generator = torch.Generator().manual_seed(0)
+    records = []
+    for i in range(120):
+        a, b = (WORDS[int(j)] for j in torch.randint(0, 6, (2,), generator=generator))
+        records.append({"sentence1": f"{a} movie {i}", "sentence2": f"the {b if i % 2 else a} film",
+                        "label": "diff" if i % 2 and a != b else "same"})
+    data = write_jsonl(tmp_path / "pairs.jsonl", records)
+    report = train(quick(models, tmp_path, data=str(data), steps=4))
+    assert report["data"]["train"] + report["data"]["validation"] + report["data"]["test"] == 120
+    run = tmp_path / "run"
+    assert json.loads((run / "adapter" / "lorakit_task.json").read_text())["pairs"] is True
+    trained = load_trained([run])
+    (rows,) = predict(trained, ["great movie\tthe bad film", "good movie\tthe good film"]).values()
+    batch = trained.tokenizer(["great movie", "good movie"], ["the bad film", "the good film"], padding=True,
+                              return_tensors="pt")
+    assert batch["token_type_ids"].sum() > 0  # BERT's segments: the second text's tokens are type 1
+    with torch.no_grad():
+        expected = trained.model(**batch).logits.softmax(-1)
+    labels = json.loads((run / "adapter" / "lorakit_task.json").read_text())["labels"]
+    for row, probs in zip(rows, expected):
+        assert [row["probabilities"][label] for label in labels] == pytest.approx(probs.tolist(), abs=1e-6)
+    with pytest.raises(LorakitError, match="this adapter classifies pairs of texts"):
+        predict(trained, ["great movie"])
+    (scores,) = evaluate_trained(trained).values()  # the file split again, as pairs
+    assert scores["examples"] == report["data"]["test"]
+
+
 def test_classifiers_of_other_label_sets_are_predicted_and_scored_together(models, sentiment_runs, tmp_path):
     """A 3-class adapter trained on its own file, given with the 2-class one: each answers with its
     own labels, and each is scored on its own test split, as when given alone."""

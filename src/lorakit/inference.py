@@ -236,7 +236,8 @@ def _scored_split(task: Task, info: dict, data: str | None, columns: dict | None
 
 
 def predict(trained: Trained, texts: list[str]) -> dict:
-    """Class and probabilities of each text, for every adapter.
+    """Class and probabilities of each text, for every adapter (an adapter trained on pairs of texts
+    takes each as ``"first<TAB>second"``).
 
     Returns:
         ``{adapter name: [{"text", "label", "probabilities": {label: p}}, ...]}``.
@@ -247,8 +248,9 @@ def predict(trained: Trained, texts: list[str]) -> dict:
     results = {}
     for name in trained.names:
         trained.use(name)
-        results[name] = trained.task.predict(trained.model, trained.tokenizer, texts,
-                                             trained.info_of(name)["labels"], trained.max_length(name))
+        info = trained.info_of(name)
+        results[name] = trained.task.predict(trained.model, trained.tokenizer, texts, info["labels"],
+                                             trained.max_length(name), pairs=bool(info.get("pairs")))
     return results
 
 

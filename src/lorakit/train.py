@@ -139,7 +139,7 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
         loss_options["class_weights"] = task.class_weights(splits.train, labels, config.class_weights)
     if runtime.is_main:
         print(f"data: {data.source}: {sizes['train']} train, {sizes['validation']} validation, "
-              f"{sizes['test']} test examples")
+              f"{sizes['test']} test examples{' (pairs of texts)' if data.pairs else ''}")
 
     model = method.prepare(model, config, task.heads(model))
     if bf16 and method.frozen_in_bf16:
@@ -314,7 +314,7 @@ def _write_best(run: Run) -> None:
     def absolute(spec: str) -> str:
         return str(Path(spec).resolve()) if spec != "default" and Path(spec).exists() else spec
 
-    task_info = {"task": config.task, "method": config.method, "model": absolute(config.model),
+    task_info = {"task": config.task, "method": config.method, "model": absolute(config.model), "pairs": run.data.pairs,
                  "adapter_name": config.adapter_name, "labels": run.data.labels, "max_length": config.max_length,
                  "data": absolute(config.data), "data_limit": config.data_limit, "columns": config.columns(),
                  "stream": config.stream, "stream_buffer": config.stream_buffer, "data_fingerprint": run.data_fingerprint}

@@ -13,7 +13,8 @@ def register(subparsers) -> None:
                     "where there are more) for each text.",
     )
     parser.add_argument("texts", nargs="+", metavar="TEXT",
-                        help="texts to classify; '-' reads one text a line from standard input")
+                        help="texts to classify; '-' reads one text a line from standard input; for an adapter "
+                             "trained on pairs of texts, each TEXT is 'first<TAB>second' ($'a\\tb' in bash)")
     parser.add_argument("--adapter", action="append", required=True, metavar="DIR",
                         help="a classification run folder of lorakit train (--out), or the adapter (or full model) "
                              "folder in it; repeat to compare")

@@ -26,10 +26,13 @@ class EncodedExample:
         input_ids: ``(T,)`` token ids, ``T <= max_length``.
         label: the class index (classification), or ``(T,)`` target ids with
             ``IGNORE_INDEX`` where the loss is not taken (language modelling).
+        segments: ``(T,)`` which text of a pair each token belongs to (the tokenizer's
+            ``token_type_ids``), for a pair of texts where the tokenizer gives them; else None.
     """
 
     input_ids: list[int]
     label: int | list[int]
+    segments: list[int] | None = None
 
     def target_count(self) -> int:
         """How many positions count in the loss: 1 for a class, else the unmasked tokens."""
@@ -48,8 +51,15 @@ class Encoded:
     longest: int = 0  # tokens in the longest example before the cut
 
 
+def text_inputs(records: list[dict]) -> tuple[list[str]] | tuple[list[str], list[str]]:
+    """The tokenizer's text arguments for classification records: ``(texts,)``, or ``(texts, second
+    texts)`` for pairs (a tokenizer joins each pair with its separator: ``[CLS] a [SEP] b [SEP]``)."""
+    texts = [r["text"] for r in records]
+    return (texts, [r["text_pair"] for r in records]) if records and "text_pair" in records[0] else (texts,)
+
+
 def encode_classification(records: list[dict], tokenizer, max_length: int, label2id: dict) -> Encoded:
-    """``{"text", "label"}`` records -> examples with the class index as label (a label
+    """``{"text", "label"}`` records (and ``text_pair``) -> examples with the class index as label (a label
     spelling a number finds the class of that number: ``"1.0"`` is class ``"1"``).
 
     Raises:
@@ -66,14 +76,15 @@ def encode_classification(records: list[dict], tokenizer, max_length: int, label
         raise LorakitError(f"{first['_where']} has label {first['label']!r}, which the model does not know "
                            f"({alike} records like it{others}); known labels: {shown}; the classes are those "
                            "of the training examples: give this one examples to train on, or remove its lines")
-    texts = [r["text"] for r in records]
-    full = tokenizer(texts, truncation=False, verbose=False)["input_ids"] if texts else []
-    cut = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
+    texts = text_inputs(records)
+    full = tokenizer(*texts, truncation=False, verbose=False)["input_ids"] if records else []
+    cut = tokenizer(*texts, truncation=True, max_length=max_length) if records else {"input_ids": []}
+    segments = cut.get("token_type_ids") if len(texts) == 2 else None
     encoded = Encoded()
-    for label, tokens, whole in zip(ids, cut, full):
+    for i, (label, tokens, whole) in enumerate(zip(ids, cut["input_ids"], full)):
         encoded.longest = max(encoded.longest, len(whole))
         encoded.truncated += len(whole) > len(tokens)
-        encoded.examples.append(EncodedExample(list(tokens), label))
+        encoded.examples.append(EncodedExample(list(tokens), label, None if segments is None else list(segments[i])))
     return encoded
 
 
@@ -153,18 +164,23 @@ def collate(examples: list[EncodedExample], pad_id: int) -> dict:
 
     Returns:
         ``input_ids: (B, T)``, ``attention_mask: (B, T)`` (1 = real token), and
-        ``labels``: ``(B,)`` class indices or ``(B, T)`` targets padded with -100.
+        ``labels``: ``(B,)`` class indices or ``(B, T)`` targets padded with -100; for pairs of
+        texts, ``token_type_ids: (B, T)`` (padded with 0).
     """
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    segments = torch.zeros((len(examples), width), dtype=torch.long) if examples[0].segments is not None else None
     for row, example in enumerate(examples):
         input_ids[row, :len(example.input_ids)] = torch.tensor(example.input_ids)
         attention_mask[row, :len(example.input_ids)] = 1
+        if segments is not None:
+            segments[row, :len(example.segments)] = torch.tensor(example.segments)
     if isinstance(examples[0].label, int):
         labels = torch.tensor([e.label for e in examples], dtype=torch.long)
     else:
         labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
         for row, example in enumerate(examples):
             labels[row, :len(example.label)] = torch.tensor(example.label)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return batch if segments is None else {**batch, "token_type_ids": segments}

@@ -6,7 +6,11 @@ memory are streamed by :mod:`lorakit.data.stream`. All use the checks here.
 
 - Columns named otherwise (``review`` for ``text``) are given as ``columns``:
   ``{"text": "review", "label": "rating"}`` (``--text-column review --label-column rating``).
-- Classification (:func:`read_classification`): every record has ``text`` and ``label``.
+- Classification (:func:`read_classification`): every record has ``text`` and ``label``, and a
+  ``text_pair`` where the examples are pairs of texts (an entailment or paraphrase file): read
+  from ``--text-column first,second``, or, in a file without a ``text`` column, from the pair
+  columns GLUE's files use (:data:`PAIR_COLUMNS`: ``sentence1`` / ``sentence2``, ``premise`` /
+  ``hypothesis``, ...), as transformers' GLUE example reads them.
 - Language modelling (:func:`read_language_modeling`), one of four shapes, the same on every line:
   ``prompt`` + ``completion`` (the prompt is masked out of the loss), Alpaca's ``instruction``
   + ``output`` with an optional ``input`` (read as a prompt, ``instruction`` and then ``input``
@@ -30,6 +34,9 @@ from lorakit.data.messages import SHAREGPT_KEY, check_messages
 from lorakit.errors import LorakitError
 
 CLASSIFY_KEYS = ("text", "label")
+#: column pairs read as a pair of texts in a file without a "text" column
+PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"),
+                ("question", "sentence"), ("sentence_a", "sentence_b"))
 LM_SHAPES = {  # shape name -> the keys it needs
     "prompt_completion": ("prompt", "completion"),
     "instruction": ("instruction", "output"),  # Alpaca's; an "input" beside them is optional
@@ -121,8 +128,8 @@ def _require(record: dict, keys, what: str, columns: dict | None = None) -> None
     columns = columns or {}
     missing = [key for key in keys if _absent(record.get(columns.get(key, key)))]
     if missing:
-        named = [f"{columns[key]!r} (--{key}-column)" if columns.get(key, key) != key else repr(key)
-                 for key in missing]
+        named = [f"{columns[key]!r} (--{key.removesuffix('_pair')}-column)" if columns.get(key, key) != key
+                 else repr(key) for key in missing]
         empty = [columns.get(key, key) for key in missing if columns.get(key, key) in record]
         if empty:  # the key is there, its value is null or NaN
             raise LorakitError(f"{record['_where']} has no value for {empty[0]!r} (null or NaN); fill it in or "
@@ -142,14 +149,19 @@ def _absent(value) -> bool:
 def classify_checker(columns: dict | None = None, first: dict | None = None):
     """``raw row -> {"text", "label", "_where"}``, refusing a row without a text or a label; a
     column named like ``text`` or ``label`` in another case in the ``first`` row is read as it."""
-    columns = columns_of(first, CLASSIFY_KEYS, columns)
+    columns = _pair_columns(first, columns_of(first, CLASSIFY_KEYS, columns))
+    keys = (*CLASSIFY_KEYS, "text_pair") if "text_pair" in (columns or {}) else CLASSIFY_KEYS
     hint = "classification data needs 'text' and 'label' on every line (--text-column / --label-column " \
-           "name other columns)"
+           "name other columns; --text-column first,second a pair of texts)"
 
     def check(record: dict) -> dict:
-        _require(record, CLASSIFY_KEYS, hint, columns)
+        _require(record, keys, hint, columns)
         record = with_columns(record, columns)
         text, label = record["text"], record["label"]
+        for key in keys[2:]:  # the second text of a pair
+            if not isinstance(record[key], str) or not record[key].strip():
+                raise LorakitError(f"{record['_where']}: {columns[key]!r} must be a non-empty string, got "
+                                   f"{record[key]!r}")
         if not isinstance(text, str) or not text.strip():
             raise LorakitError(f"{record['_where']}: 'text' must be a non-empty string, got {text!r}")
         if isinstance(label, str) and not label.strip():
@@ -157,9 +169,26 @@ def classify_checker(columns: dict | None = None, first: dict | None = None):
         if isinstance(label, (dict, list)):
             raise LorakitError(f"{record['_where']}: 'label' must be a string or a number, got {label!r} "
                                "(one class per text: lorakit does not train multi-label classifiers)")
-        return {"text": text, "label": str(label).strip(), "_where": record["_where"]}
+        pair = {"text_pair": record["text_pair"]} if len(keys) > 2 else {}
+        return {"text": text, **pair, "label": str(label).strip(), "_where": record["_where"]}
 
     return check
+
+
+def _pair_columns(first: dict | None, columns: dict | None) -> dict | None:
+    """``columns`` with ``text`` and ``text_pair`` where the examples are pairs: ``--text-column a,b``
+    (a name the file does not have whole), or a file without a text column holding one of
+    :data:`PAIR_COLUMNS`."""
+    columns = dict(columns or {})
+    named = columns.get("text")
+    if named and "," in named and (first is None or named not in first):
+        text, pair = (name.strip() for name in named.split(",", 1))
+        columns.update(text=text, text_pair=pair)
+    elif named is None and first is not None and "text" not in first:
+        found = next((p for p in PAIR_COLUMNS if all(name in first for name in p)), None)
+        if found:
+            columns.update(text=found[0], text_pair=found[1])
+    return columns or None
 
 
 def lm_checker(first: dict, columns: dict | None = None):

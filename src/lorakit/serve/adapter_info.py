@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def task_facts(folder: Path) -> tuple[list[str] | None, int | None]:
-    """``(class names, max_length)`` from ``lorakit_task.json`` beside an adapter; None for
-    what the file does not say (or when there is no readable file)."""
+def task_facts(folder: Path) -> tuple[list[str] | None, int | None, bool]:
+    """``(class names, max_length, pairs)`` from ``lorakit_task.json`` beside an adapter; None for
+    what the file does not say (or when there is no readable file); ``pairs``: trained on pairs of texts."""
     from lorakit.inference import read_task_file
     from lorakit.run_folder import TASK_FILE
 
@@ -19,7 +19,7 @@ def task_facts(folder: Path) -> tuple[list[str] | None, int | None]:
         info = {}
     labels, length = info.get("labels"), info.get("max_length")
     return ([str(label) for label in labels] if isinstance(labels, list) and labels else None,
-            length if isinstance(length, int) and length > 0 else None)
+            length if isinstance(length, int) and length > 0 else None, info.get("pairs") is True)
 
 
 TEMPLATE_MAX_BYTES = 100_000  # a chat template is a few kB; a larger file is not read

@@ -86,6 +86,7 @@ class AdapterEntry:
     shown: str = ""  # the path as clients may see it (relative to the root)
     labels: list[str] | None = None  # class names of a classifier adapter, by index
     max_length: int | None = None  # tokens a classifier adapter's inputs are cut to, as in training
+    pairs: bool = False  # a classifier of pairs of texts: each input "first<TAB>second"
     chat_template: str | None = None  # the chat template it was trained with, where it carries one
     slot: str | None = None
     pins: int = 0  # running requests using it
@@ -380,7 +381,7 @@ class AdapterRegistry:
 
 def _read_facts(entry: AdapterEntry, folder: Path) -> None:
     """What ``entry``'s folder says beside its weights: class names, length, chat template."""
-    entry.labels, entry.max_length = task_facts(folder)
+    entry.labels, entry.max_length, entry.pairs = task_facts(folder)
     entry.chat_template = trained_template(folder)
 
 

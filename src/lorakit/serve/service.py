@@ -20,6 +20,7 @@ from lorakit.errors import LorakitError
 from lorakit.serve.engine import Engine, Event, GenerationRequest
 from lorakit.serve.registry import BASE, AdapterRegistry
 from lorakit.serve.sampling import Sampler
+from lorakit.tasks.classify import model_inputs, split_pairs
 
 GENERATE, CLASSIFY = "generate", "classify"
 
@@ -276,9 +277,11 @@ class Service:
             # ids and mask (GPT-2 adds token_type_ids through its word embeddings)
             length = min(entry.max_length or self.limits.max_prompt_tokens, self.limits.context) if entry \
                 else self.limits.max_prompt_tokens
-            batch = self.tokenizer(texts, padding=True, truncation=True, max_length=length, return_tensors="pt")
+            pairs = entry is not None and entry.pairs
+            batch = self.tokenizer(*(_pairs(texts) if pairs else (texts,)), padding=True, truncation=True,
+                                   max_length=length, return_tensors="pt")
             with torch.inference_mode(), per_row_adapters(self.model, [entry.slot if entry else None] * len(texts)):
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = self.model(**model_inputs(batch, pairs)).logits
         finally:
             if entry is not None:
                 self.registry.release(entry)
@@ -314,6 +317,14 @@ class Service:
             raise LimitError("the base model cannot be removed", "name")
         await asyncio.wrap_future(self.engine.call(lambda: self.registry.unregister(name)))
         return {"id": name, "object": "model", "deleted": True}
+
+
+def _pairs(texts: list[str]) -> tuple[list[str], list[str]]:
+    """The two texts of each input to an adapter trained on pairs (``"first<TAB>second"``); a 400 otherwise."""
+    try:
+        return split_pairs(texts)
+    except LorakitError as err:
+        raise LimitError(str(err), "input") from None
 
 
 def detect_task(spec: str) -> str:

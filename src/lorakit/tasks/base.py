@@ -41,6 +41,7 @@ class TaskData:
     labels: list[str] | None = None  # class names by index (classification only)
     truncated: int = 0  # examples cut to max_length, all splits
     dropped: int = 0  # examples with nothing left to train on after the cut
+    pairs: bool = False  # classification of pairs of texts (records with a text_pair)
 
     def sizes(self) -> dict:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
@@ -181,8 +182,9 @@ class Task:
         value = metrics.get(self.metric)
         return [(f"{split} {self.metric}", "n/a" if value is None else f"{value:.4f}")]
 
-    def predict(self, model, tokenizer, texts: list[str], labels, max_length: int) -> list[dict]:
-        """``[{"text", "label", "probabilities"}]`` of each text (classification)."""
+    def predict(self, model, tokenizer, texts: list[str], labels, max_length: int, pairs: bool = False) -> list[dict]:
+        """``[{"text", "label", "probabilities"}]`` of each text (classification; ``pairs``: each text a
+        tab-separated pair)."""
         raise LorakitError(f"predict needs a classification adapter; this one is for task {self.name!r}"
                            f"{self._other_verb('predict')}")
 
@@ -215,6 +217,7 @@ def encode_splits(task: Task, splits: lkdata.DatasetSplits, tokenizer, max_lengt
                             for p in (train, splits.validation, splits.test)]
     truncated = sum(p.truncated for p in parts)
     dropped = sum(p.dropped for p in parts)
+    pairs = any("text_pair" in p[0] for p in (train, splits.validation, splits.test) if p)
     total = sum(len(p) for p in (train, splits.validation, splits.test))
     if truncated:
         longest = max(p.longest for p in parts)
@@ -231,14 +234,14 @@ def encode_splits(task: Task, splits: lkdata.DatasetSplits, tokenizer, max_lengt
             return task.encode(records, tokenizer, max_length, labels).examples
 
         return TaskData(EncodedStream(splits.train, encode), parts[1].examples, parts[2].examples, splits.source,
-                        labels, truncated, dropped)
+                        labels, truncated, dropped, pairs)
     if not allow_empty_train:  # training: examples to learn from, and to choose the best checkpoint on
         for part, name in ((parts[0], "training"), (parts[1], "validation")):
             if not part.examples:
                 raise LorakitError(f"{splits.source} leaves no {name} example after tokenization; give more data "
                                    f"(or a {name} file in a data folder)")
     return TaskData(parts[0].examples, parts[1].examples, parts[2].examples, splits.source, labels, truncated,
-                    dropped)
+                    dropped, pairs)
 
 
 # ---------------------------------------------------------------- metrics

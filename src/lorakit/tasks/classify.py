@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit import data as lkdata
-from lorakit.data.encode import Encoded
+from lorakit.data.encode import Encoded, text_inputs
 from lorakit.data.labels import LabelWarning, class_order, number_renames
 from lorakit.data.readers import classification_records, classify_checker
 from lorakit.data.stream import RecordStream
@@ -106,8 +106,8 @@ class ClassificationTask(Task):
         return (n_c.sum() / (len(labels) * n_c.clamp(min=1))).float()
 
     def token_lengths(self, records, tokenizer) -> list[int]:
-        texts = [r["text"] for r in records]
-        return [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]] if texts else []
+        texts = text_inputs(records)
+        return [len(ids) for ids in tokenizer(*texts, truncation=False, verbose=False)["input_ids"]] if records else []
 
     def encode(self, records, tokenizer, max_length, labels) -> Encoded:
         return lkdata.encode_classification(records, tokenizer, max_length,
@@ -127,7 +127,7 @@ class ClassificationTask(Task):
         """Summed loss, count and correct answers of ``batch``; with ``class_weights`` (``(k,)``)
         the loss sums ``w[y_i] * CE_i`` and the count is ``sum w[y_i]``, so that their ratio
         is ``F.cross_entropy(weight=w)``'s mean."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**model_inputs(batch)).logits
         labels = batch["labels"]
         weight = class_weights.to(logits.device) if class_weights is not None else None
         loss = F.cross_entropy(logits.float(), labels, weight=weight, reduction="sum", label_smoothing=label_smoothing)
@@ -162,10 +162,13 @@ class ClassificationTask(Task):
         return scores.rows(split, metrics)
 
     @torch.no_grad()
-    def predict(self, model, tokenizer, texts, labels, max_length) -> list[dict]:
-        batch = tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    def predict(self, model, tokenizer, texts, labels, max_length, pairs: bool = False) -> list[dict]:
+        """Label and probabilities of each text; with ``pairs`` (an adapter trained on pairs of texts) each
+        text holds its two texts separated by a tab (:func:`split_pairs`)."""
+        inputs = split_pairs(texts) if pairs else (list(texts),)
+        batch = tokenizer(*inputs, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
         device = next(model.parameters()).device
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        logits = model(**{k: v.to(device) for k, v in model_inputs(batch, pairs).items()}).logits
         probabilities = logits.float().softmax(-1).cpu()
         return [{"text": text, "label": labels[int(row.argmax())],
                  "probabilities": {label: float(p) for label, p in zip(labels, row)}}
@@ -176,3 +179,30 @@ def load_classifier(spec: str, labels):
     from lorakit.models import load_classifier
 
     return load_classifier(spec, id2label=labels)
+
+
+def split_pairs(texts) -> tuple[list[str], list[str]]:
+    """``(first texts, second texts)`` of inputs to a classifier of pairs, each ``"first<TAB>second"``.
+
+    Raises:
+        LorakitError: a text holds no tab.
+    """
+    firsts, seconds = [], []
+    for text in texts:
+        first, tab, second = text.partition("\t")
+        if not tab:
+            raise LorakitError(f"{text[:60]!r} is one text, but this adapter classifies pairs of texts (it was "
+                               "trained on two text columns): give each as 'first<TAB>second'")
+        firsts.append(first)
+        seconds.append(second)
+    return firsts, seconds
+
+
+def model_inputs(batch, pairs: bool = True) -> dict:
+    """What a classifier is given of a tokenized ``batch``: the ids and the mask, and for a pair of
+    texts the segment ids where the tokenizer gives them (BERT's token types; a GPT-2 tokenizer gives
+    none, and GPT-2 would read them as word ids)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if pairs and "token_type_ids" in batch:
+        inputs["token_type_ids"] = batch["token_type_ids"]
+    return inputs
