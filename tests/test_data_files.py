@@ -83,3 +83,25 @@ def test_a_tsv_line_is_one_record_whatever_quotes_it_holds(tmp_path):
     (tmp_path / "q.tsv").write_text("\n".join(lines) + "\n")
     records = read_records(tmp_path / "q.tsv", "classify")
     assert len(records) == 10 and records[2]["text"] == '"so-called" hit, a "quoted' and records[2]["label"] == "neg"
+
+
+def test_an_excel_workbook_reads_its_first_sheet_a_record_a_row(tmp_path):
+    import datetime
+
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.title = "labelled"
+    for row in (["Text", "label", "when"], ["great film", 1, datetime.date(2026, 1, 2)], [None, None, None],
+                ["dull", 0, None]):
+        sheet.append(row)
+    book.create_sheet("notes").append(["not", "data"])
+    book.save(tmp_path / "reviews.xlsx")
+    with pytest.warns(UserWarning, match="has 2 worksheets; lorakit reads the first, 'labelled'"):
+        records = read_records(tmp_path / "reviews.xlsx", "classify")  # "Text" read as text, as in a csv
+    assert [(r["text"], r["label"], r["_where"]) for r in records] == [
+        ("great film", "1", "reviews.xlsx row 2"), ("dull", "0", "reviews.xlsx row 4")]
+    (tmp_path / "broken.xlsx").write_text("a,b\n1,2\n")
+    with pytest.raises(LorakitError, match="broken.xlsx is not an Excel workbook"):
+        read_records(tmp_path / "broken.xlsx", "classify")

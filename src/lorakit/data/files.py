@@ -5,8 +5,10 @@ blank lines skipped), ``.json`` (an array of JSON objects, as Alpaca-style files
 object a line as in ``.jsonl``), ``.csv`` and ``.tsv`` (a header row; commas between the fields
 of a ``.csv``, or semicolons, tabs or bars where its header has no comma, as spreadsheets in many
 locales write them; tabs in a ``.tsv``), ``.txt`` (plain text, a ``text`` record a line: the
-text task's corpus) and ``.parquet`` (read with pyarrow; a row is a record). Any but Parquet may
-be compressed whole (``train.jsonl.gz``, ``.bz2``, ``.xz``: :mod:`lorakit.data.compressed`).
+text task's corpus), ``.parquet`` (read with pyarrow; a row is a record) and ``.xlsx`` (an Excel
+workbook, read with openpyxl: the first worksheet, a header row, then a record a row). Any but
+Parquet and Excel may be compressed whole (``train.jsonl.gz``, ``.bz2``, ``.xz``:
+:mod:`lorakit.data.compressed`).
 Text is UTF-8; a byte-order mark is allowed. What the records must hold is checked by
 :mod:`lorakit.data.readers`.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import lzma
+import warnings
 from pathlib import Path
 
 from lorakit.data.compressed import (COMPRESSIONS, check_compression, compression, format_suffix, open_text,
@@ -44,8 +47,8 @@ def read_file(path) -> list[dict]:
     if suffix not in SUFFIXES:
         raise LorakitError(f"data file {path} has suffix {suffix!r}; lorakit reads {', '.join(SUFFIXES)} "
                            f"(each may be compressed: {', '.join(COMPRESSIONS)})")
-    if suffix == ".parquet" and compression(path):
-        raise LorakitError(f"{path.name}: Parquet compresses its own pages; give the .parquet file itself")
+    if suffix in (".parquet", ".xlsx") and compression(path):
+        raise LorakitError(f"{path.name}: a {suffix} file compresses itself; give the {suffix} file itself")
     try:
         raw = READ_SUFFIX[suffix](path)
     except UnicodeDecodeError:
@@ -98,6 +101,38 @@ def _read_parquet(path: Path) -> list[dict]:
     for number, row in enumerate(rows, start=1):
         row["_where"] = f"{path.name} row {number}"
     return rows
+
+
+def _read_xlsx(path: Path) -> list[dict]:
+    """The first worksheet of an Excel workbook: its first row names the columns, each later row that
+    is not empty is a record (a date cell as its ISO text; an empty cell as missing)."""
+    import zipfile
+
+    import openpyxl
+    from openpyxl.utils.exceptions import InvalidFileException
+
+    try:
+        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except (zipfile.BadZipFile, InvalidFileException, KeyError) as err:
+        raise LorakitError(f"{path.name} is not an Excel workbook openpyxl can read ({err}); save it again as "
+                           ".xlsx, or as .csv") from None
+    try:
+        if len(book.worksheets) > 1:
+            warnings.warn(f"{path.name} has {len(book.worksheets)} worksheets; lorakit reads the first, "
+                          f"{book.worksheets[0].title!r} (give the others as files of their own)", stacklevel=4)
+        rows = book.worksheets[0].iter_rows(values_only=True)
+        names = [None if name is None else str(name).strip() for name in next(rows, ())]
+        _no_duplicate_columns(path, [name for name in names if name])
+        records = []
+        for number, row in enumerate(rows, start=2):
+            if all(cell is None or (isinstance(cell, str) and not cell.strip()) for cell in row):
+                continue
+            record = {name: cell.isoformat() if hasattr(cell, "isoformat") else cell
+                      for name, cell in zip(names, row) if name}
+            records.append({**record, "_where": f"{path.name} row {number}"})
+        return records
+    finally:
+        book.close()
 
 
 def _no_duplicate_columns(path: Path, names) -> None:
@@ -220,6 +255,6 @@ def _read_csv(path: Path, delimiter: str | None = None, quoting: int = csv.QUOTE
 
 
 READ_SUFFIX = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_tsv,
-               ".parquet": _read_parquet, ".txt": _read_txt}  # the formats lorakit reads, by suffix
+               ".parquet": _read_parquet, ".txt": _read_txt, ".xlsx": _read_xlsx}  # the formats lorakit reads
 SUFFIXES = tuple(READ_SUFFIX)
-FORMATS = ", ".join(SUFFIXES[:-1]) + " or " + SUFFIXES[-1]  # ".jsonl, .json, .csv, .tsv, .parquet or .txt", for messages
+FORMATS = ", ".join(SUFFIXES[:-1]) + " or " + SUFFIXES[-1]  # ".jsonl, .json, ..., .txt or .xlsx", for messages
