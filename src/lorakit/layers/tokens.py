@@ -68,9 +68,10 @@ class TokenRows(SavedModule):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name.startswith("_"):
+            original = self.__dict__.get("_original")
+            if name.startswith("_") or original is None:
                 raise
-            return getattr(self.__dict__["_original"], name)
+            return getattr(original, name)
 
     @property
     def copies(self) -> nn.ModuleDict:  # a tied head reads the embedding's patches, and saves none of its own
