@@ -30,7 +30,7 @@ from benchmarks.harness import machine_name
 
 # Benchmark modules under benchmarks/, each with run(quick: bool) -> dict.
 BENCHMARKS = ["svd", "serve", "training", "inference", "bottleneck", "adapters", "products", "combine", "memory_fsdp", "dora",
-              "memory", "own_data"]
+              "tokens", "memory", "own_data"]
 # Studies that train for many minutes each (the memory levers, runs on labelled datasets): run by name only, so
 # that ``make bench`` (the comparisons with the peers) stays within about half an hour on two cores.
 STUDIES = ["memory", "own_data"]

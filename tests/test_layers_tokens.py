@@ -117,3 +117,23 @@ def test_deleting_the_last_adapter_gives_back_the_plain_modules():
     assert type(model.model.embed_tokens) is torch.nn.Embedding and type(model.lm_head) is torch.nn.Linear
     assert model.lm_head.weight is model.model.embed_tokens.weight
     torch.testing.assert_close(_logits(model), base, atol=0, rtol=0)
+
+
+def test_the_head_columns_give_the_gradients_of_the_patched_weight():
+    """The tied head's fast path (logits written in place, the head's gradient passed on whole and x's
+    corrected) gives the values and gradients of x·W'ᵀ + b, W' the weight with the rows written in."""
+    from lorakit.layers.tokens import TokenPatch, _head_logits
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 20).requires_grad_(False)
+    patch = TokenPatch([3, 7, 11], torch.randn(3, 8))
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    x_ref, rows_ref = x.detach().clone().requires_grad_(True), patch.rows.detach().clone().requires_grad_(True)
+    out = _head_logits(head(x), x, patch, head)
+    expected = F.linear(x_ref, head.weight.index_copy(0, patch.indices, rows_ref), head.bias)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    (expected * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(patch.rows.grad, rows_ref.grad, atol=1e-5, rtol=0)

@@ -48,6 +48,46 @@ class TokenPatch(nn.Module):
         return f"tokens={len(self.indices)}, dim={self.rows.shape[1]}"
 
 
+def _head_logits(out: torch.Tensor, x: torch.Tensor, patch: TokenPatch, head: nn.Linear) -> torch.Tensor:
+    """``out`` (the head's logits) with the columns of the patch's tokens computed from its rows."""
+    bias = None if head.bias is None else head.bias[patch.indices].detach()
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or patch.rows.requires_grad)
+    if wants_grad and not head.weight.requires_grad:
+        return _HeadColumns.apply(out, x, patch.rows, head.weight.detach()[patch.indices], patch.indices, bias)
+    z = F.linear(x, patch.rows.to(x.dtype), None if bias is None else bias.to(x.dtype)).to(out.dtype)
+    return out.index_copy(-1, patch.indices, z) if wants_grad else out.index_copy_(-1, patch.indices, z)
+
+
+class _HeadColumns(torch.autograd.Function):
+    """The patch's logits written into the head's in place, ``z = x·rowsᵀ + b[index]``.
+
+    The backward hands the logits' gradient ``g`` on to the frozen head whole (no copy of a
+    vocabulary-wide tensor), which gives ``x`` the gradient ``g·W``; the patch's columns owe
+    ``g_z·rows`` instead of ``g_z·W[index]``, so ``x`` gets ``g_z·(rows − W[index])`` here. Exact
+    while the head's weight is frozen (its gradient would hold those rows' share); the bias's
+    share is the same either way (``∂z/∂b[index] = 1``), so the frozen-or-not bias is left to the head.
+    """
+
+    @staticmethod
+    def forward(ctx, out, x, rows, weight_rows, index, bias):
+        out.index_copy_(-1, index, F.linear(x, rows.to(x.dtype), None if bias is None else bias.to(x.dtype))
+                        .to(out.dtype))
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(x, rows, weight_rows, index)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rows, weight_rows, index = ctx.saved_tensors
+        g_z = grad.index_select(-1, index).float()  # (..., n)
+        grad_x = grad_rows = None
+        if ctx.needs_input_grad[1]:
+            grad_x = (g_z @ (rows.float() - weight_rows.float())).to(x.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_rows = (g_z.reshape(-1, g_z.shape[-1]).T @ x.reshape(-1, x.shape[-1]).float()).to(rows.dtype)
+        return grad, grad_x, grad_rows, None, None, None
+
+
 class TokenRows(SavedModule):
     """In the place of an ``nn.Embedding`` (or, with ``tied_to``, of the ``nn.Linear`` output head
     sharing its weight): the active adapter's token rows replace the weight's.
@@ -119,9 +159,7 @@ class TokenRows(SavedModule):
             return out
         if isinstance(original, nn.Linear):  # an output head: those tokens' logits from the rows
             for patch in patches:
-                bias = original.bias
-                z = F.linear(x, patch.rows.to(x.dtype), None if bias is None else bias[patch.indices].to(x.dtype))
-                out = out.index_copy(-1, patch.indices, z.to(out.dtype))
+                out = _head_logits(out, x, patch, original)
             return out
         scale = embed_scale(original)
         for patch in patches:
