@@ -304,3 +304,12 @@ def test_a_label_column_with_a_value_per_line_is_refused_as_the_wrong_column(tmp
                            test=[], source="d.csv")
     with pytest.raises(LorakitError, match="holds 120 different values among 120 training records.*right column"):
         get_task("classify").labels(splits.train, splits.source)
+
+
+def test_a_label_column_of_many_numbers_is_refused_naming_regression():
+    rows = [{"text": f"text {i}", "label": f"{i / 40:.2f}", "_where": f"d line {i}"} for i in range(120)]
+    with pytest.raises(LorakitError, match=r"right column.*if they are scores \(a regression file's"):
+        get_task("classify").labels(rows, "sts.csv")
+    words = [{"text": f"text {i}", "label": f"id-{i}", "_where": f"d line {i}"} for i in range(120)]
+    with pytest.raises(LorakitError, match=r"names another\)$"):  # not numbers: no word of regression
+        get_task("classify").labels(words, "d.csv")

@@ -74,9 +74,11 @@ class ClassificationTask(Task):
         names = class_order(counts)
         examples = sum(counts.values())
         if len(names) > max(50, examples // 2):
+            scores = ("; if they are scores (a regression file's similarity or rating), lorakit does not fit "
+                      "those: bin them into classes first" if all(_is_number(name) for name in names) else "")
             raise LorakitError(f"the label column of {source} holds {len(names):,} different values among "
                                f"{examples:,} training records (e.g. {names[0][:40]!r}), so most classes have one "
-                               "example; is it the right column? (--label-column names another)")
+                               f"example; is it the right column? (--label-column names another){scores}")
         if len(names) < 2:
             held = f"only the label {names[0]!r}" if names else "no label"
             raise LorakitError(f"the training split of {source} has {held}; a classifier needs examples of at "
@@ -179,6 +181,14 @@ def load_classifier(spec: str, labels):
     from lorakit.models import load_classifier
 
     return load_classifier(spec, id2label=labels)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def split_pairs(texts) -> tuple[list[str], list[str]]:
