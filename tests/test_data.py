@@ -51,9 +51,9 @@ def test_missing_and_empty_files_are_named(tmp_path):
     (tmp_path / "header.csv").write_text("text,label\n")
     with pytest.raises(LorakitError, match="holds no records"):
         read_records(tmp_path / "header.csv", "classify")
-    (tmp_path / "d.xlsx").write_text("x")
-    with pytest.raises(LorakitError, match="suffix '.xlsx'"):
-        read_records(tmp_path / "d.xlsx", "classify")
+    (tmp_path / "d.xls").write_text("x")  # the old Excel format: save it as .xlsx or .csv
+    with pytest.raises(LorakitError, match="suffix '.xls'"):
+        read_records(tmp_path / "d.xls", "classify")
 
 
 def test_a_line_that_does_not_parse_gives_its_number(tmp_path):
