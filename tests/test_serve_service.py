@@ -417,7 +417,13 @@ def test_an_adapter_trained_on_pairs_of_texts_classifies_tab_separated_pairs(cla
         answer = client.post("/v1/classify", json={"model": "pairs", "input": [f"{a}\t{b}" for a, b in
                                                                                zip(firsts, seconds)]})
         single = client.post("/v1/classify", json={"model": "pairs", "input": TEXTS[0]})
+        listed = client.post("/v1/classify", json={"model": "pairs", "input": [list(p) for p in zip(firsts, seconds)]})
+        to_base = client.post("/v1/classify", json={"model": "base", "input": [[firsts[0], seconds[0]]]})
+        three = client.post("/v1/classify", json={"model": "pairs", "input": [["a", "b", "c"]]})
     assert answer.status_code == 200, answer.text
+    assert listed.json()["data"] == answer.json()["data"]  # a [first, second] list is the same pair
+    assert "classifies single texts" in error_of(to_base, 400)["message"]
+    assert three.status_code == 422
     assert "classifies pairs of texts" in error_of(single, 400)["message"]
     set_active(reference, "mood")
     batch = service.tokenizer(firsts, seconds, padding=True, return_tensors="pt")

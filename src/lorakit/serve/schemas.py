@@ -269,10 +269,11 @@ class ChatRequest(_Sampling):
 
 
 class ClassifyRequest(_Request):
-    """POST /v1/classify: one text or a list of texts."""
+    """POST /v1/classify: one text or a list of texts; to an adapter trained on pairs of texts, each
+    a ``[first, second]`` list (or ``"first<TAB>second"``)."""
 
     model: Text = Field(default="base", min_length=1)
-    input: Text | list[Text]
+    input: Text | list[Text | Annotated[list[Text], Field(min_length=2, max_length=2)]]
 
     @field_validator("input")
     @classmethod

@@ -192,17 +192,23 @@ def _is_number(text: str) -> bool:
 
 
 def split_pairs(texts) -> tuple[list[str], list[str]]:
-    """``(first texts, second texts)`` of inputs to a classifier of pairs, each ``"first<TAB>second"``.
+    """``(first texts, second texts)`` of inputs to a classifier of pairs, each ``"first<TAB>second"``
+    or a ``[first, second]`` list (the server's JSON).
 
     Raises:
         LorakitError: a text holds no tab.
     """
     firsts, seconds = [], []
     for text in texts:
+        if isinstance(text, (list, tuple)):
+            firsts.append(text[0])
+            seconds.append(text[1])
+            continue
         first, tab, second = text.partition("\t")
         if not tab:
             raise LorakitError(f"{text[:60]!r} is one text, but this adapter classifies pairs of texts (it was "
-                               "trained on two text columns): give each as 'first<TAB>second'")
+                               "trained on two text columns): give each as 'first<TAB>second' (or, to the "
+                               "server, a [first, second] list)")
         firsts.append(first)
         seconds.append(second)
     return firsts, seconds
