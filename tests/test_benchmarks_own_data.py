@@ -31,6 +31,18 @@ def test_the_builders_write_labelled_files(tmp_path):
         assert len(described["classes"]) == {"drugs": 3, "news": 9}[name]
 
 
+def test_the_pairs_builder_writes_the_same_splits_as_pairs_and_as_one_text(tmp_path):
+    from lorakit.data import read_records
+
+    pairs = labelled_data.answers(tmp_path)
+    assert labelled_data.describe(pairs) == {"examples": 2144, "classes": {"answers": 1072, "other": 1072}}
+    for part in ("train", "validation", "test"):
+        as_pairs = read_records(pairs / f"{part}.csv", "classify")  # question, sentence: read as pairs, no flag
+        joined = read_records(tmp_path / "answers-joined" / f"{part}.csv", "classify")
+        assert [(f"{r['text']} {r['text_pair']}", r["label"]) for r in as_pairs] == \
+            [(r["text"], r["label"]) for r in joined]
+
+
 def test_the_runner_runs_at_a_tiny_size(tmp_path):
     result = own_data.run(quick=True, root=tmp_path, jobs=2)  # two runs at a time, a thread each
     runs = result["datasets"]["debates"]["0"]["runs"]
