@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from lorakit import LoraConfig, LorakitError, attach, load_adapter, read_adapter, save_adapter, write_adapter
+from lorakit.model import add_adapter
 from lorakit.layers import TokenRows
 from lorakit.targets import walk
 from lorakit.tokens import token_targets
@@ -102,6 +103,8 @@ def test_a_config_selects_the_embeddings_peft_selects():
     attach(model, LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1, 2]))
     assert isinstance(model.lm_head, TokenRows) and model.lm_head.tied
     assert isinstance(model.model.embed_tokens, TokenRows) and not model.model.embed_tokens.tied
+    add_adapter(model, same, "second")  # a second adapter naming the tied head too: it follows again
+    assert model.lm_head.tied and sorted(model.lm_head.copies) == ["default", "second"]
     bert_model = tiny_bert_classifier()
     assert token_targets(bert_model, LoraConfig(trainable_token_indices=[4]), walk(bert_model)) == \
         {"bert.embeddings.word_embeddings": [4]}

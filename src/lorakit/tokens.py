@@ -92,7 +92,8 @@ def token_targets(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Mo
 def _tied_heads(modules: dict[str, nn.Module], path: str) -> list[str]:
     """The linear modules (an output head) whose weight is the embedding at ``path``'s own tensor."""
     weight = _plain(modules[path]).weight
-    return [p for p, m in modules.items() if p != path and isinstance(m, nn.Linear) and m.weight is weight]
+    return [p for p, m in modules.items() if p != path and (isinstance(m, nn.Linear) or isinstance(m, TokenRows)
+                                                           and m.tied) and m.weight is weight]
 
 
 def attach_tokens(model: nn.Module, config: LoraConfig, name: str, modules: dict[str, nn.Module],
