@@ -50,17 +50,7 @@ def setup(case: str, contender: str, quick: bool, model=None):
     model = harness.shared_copy(model) if model is not None else _model(case, quick)
     model = wrap(model.to(harness.device()), case, contender).train()
     batch = _batch(case, model, quick)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        return loss
-
-    step.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return step
+    return harness.adamw_step(model, batch)
 
 
 def run_steps(case: str, quick: bool) -> dict:

@@ -361,6 +361,23 @@ def _child(spec: str) -> None:
 # ---------------------------------------------------------------------- models and inputs
 
 
+def adamw_step(model, batch: dict, lr: float = 1e-4):
+    """A zero-argument training step of ``model`` on ``batch`` (AdamW on its trainable parameters;
+    returns the loss), with ``step.model`` and ``step.trainable`` (the count of trained values)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    step.model, step.trainable = model, sum(p.numel() for p in params)
+    return step
+
+
 def shared_copy(model):
     """A copy of ``model``'s modules that holds the very same parameter and buffer tensors, for the
     contenders that never write the frozen weights. Two separate copies of one model can run its

@@ -48,17 +48,7 @@ def setup(contender: str, quick: bool, model=None):
     model = harness.shared_copy(model) if model is not None else harness.causal_lm(quick)
     model = wrap(model.to(harness.device()), contender).train()
     batch = _batch(model, QUICK["train"] if quick else TRAIN)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        return loss
-
-    step.model, step.trainable = model, sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return step
+    return harness.adamw_step(model, batch)
 
 
 def run(quick: bool = False) -> dict:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from lorakit import data as lkdata
 from lorakit.data.encode import Encoded, text_inputs
-from lorakit.data.labels import LabelWarning, class_order, number_renames
+from lorakit.data.labels import LabelWarning, class_order, number_renames, number_value
 from lorakit.data.readers import classification_records, classify_checker
 from lorakit.data.stream import RecordStream
 from lorakit.errors import LorakitError
@@ -74,8 +74,9 @@ class ClassificationTask(Task):
         names = class_order(counts)
         examples = sum(counts.values())
         if len(names) > max(50, examples // 2):
+            numbers = all(number_value(name) is not None for name in names)
             scores = ("; if they are scores (a regression file's similarity or rating), lorakit does not fit "
-                      "those: bin them into classes first" if all(_is_number(name) for name in names) else "")
+                      "those: bin them into classes first" if numbers else "")
             raise LorakitError(f"the label column of {source} holds {len(names):,} different values among "
                                f"{examples:,} training records (e.g. {names[0][:40]!r}), so most classes have one "
                                f"example; is it the right column? (--label-column names another){scores}")
@@ -181,14 +182,6 @@ def load_classifier(spec: str, labels):
     from lorakit.models import load_classifier
 
     return load_classifier(spec, id2label=labels)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def split_pairs(texts) -> tuple[list[str], list[str]]:
