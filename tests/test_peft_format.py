@@ -604,3 +604,74 @@ def test_a_bias_on_b_is_refused_where_peft_refuses_it(tmp_path):
         json.dumps({**config.to_peft_dict(), "lora_bias": True, "init_lora_weights": True}))
     with pytest.raises(LorakitError, match="missing lora_B.bias"):
         load_adapter(tiny_bert_classifier(), tmp_path)
+
+
+# ---------------------------------------------------------------------- PEFT's AdaLoRA files
+
+
+def peft_adalora(make, tmp_path, steps: int = 12, trained: int | None = None, **config):
+    """A PEFT AdaLoRA adapter of ``steps`` total steps, trained ``trained`` of them (all by default;
+    its allocator prunes from step 2 on), saved to ``tmp_path``: ``(its outputs, the base's outputs, inputs)``."""
+    torch.manual_seed(0)
+    inputs = token_batch()
+    model = peft.get_peft_model(make(), peft.AdaLoraConfig(total_step=steps, tinit=2, tfinal=3, deltaT=1, **config))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    for step in range(steps if trained is None else trained):
+        out = model(input_ids=inputs)
+        out.logits.float().pow(2).mean().backward()
+        optimizer.step()
+        model.base_model.update_and_allocate(step)
+        optimizer.zero_grad()
+    if trained is not None:  # stopped before any pruning: moved by hand, λ being near its start at 0
+        perturb_trainable(model)
+    expected = outputs(model.eval(), inputs)
+    model.save_pretrained(tmp_path)
+    return expected, outputs(make(), inputs), inputs
+
+
+def test_a_peft_adalora_file_loads_as_the_lora_adapter_it_computes(tmp_path):
+    """PEFT's AdaLoRA file (peft_type ADALORA: P, λ, Q cut to the directions kept, scaled by
+    alpha/(init_r + 1e-5)) loads as LoRA with the same outputs; a module left with no direction
+    is not wrapped; saved again it is a LoRA file PEFT loads to the same outputs; merging agrees."""
+    expected, base, inputs = peft_adalora(tiny_llama, tmp_path / "peft", init_r=6, target_r=2, lora_alpha=8,
+                                          target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM")
+    raw = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert raw["peft_type"] == "ADALORA" and raw["rank_pattern"]
+    kept = {path.removesuffix(".lora_E"): sum(mask) for path, mask in raw["rank_pattern"].items()}
+    assert 0 in kept.values() and len(set(kept.values())) > 2, f"the allocator did not prune unevenly: {kept}"
+    ours = load_adapter(tiny_llama(), tmp_path / "peft").eval()
+    assert_same(expected, outputs(ours, inputs), base)
+    wrapped = {path for path, _ in lora_layers(ours)}
+    assert wrapped == {path for path, k in kept.items() if k}
+    config, tensors = read_adapter(tmp_path / "peft")
+    assert config.rank_pattern == {path: k for path, k in kept.items() if k}
+    assert not any(key.endswith(".lora_E") for key in tensors)
+    save_adapter(ours, tmp_path / "lora")
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    again = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora").eval()
+    torch.testing.assert_close(outputs(again, inputs), expected, atol=TOL, rtol=0)
+    torch.testing.assert_close(outputs(merge_and_unload(ours), inputs), expected, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_bert_classifier], ids=["gpt2-conv1d", "bert-seq-cls"])
+def test_a_peft_adalora_file_of_other_families_loads(make, tmp_path):
+    """GPT-2's Conv1D (fan_in_fan_out) and a classifier whose head PEFT saves whole; a file
+    saved before any pruning (every module at init_r, no rank_pattern); lora_alpha 0 (init_r)."""
+    targets = ["c_attn"] if make is tiny_gpt2 else ["query", "value"]
+    task = "CAUSAL_LM" if make is tiny_gpt2 else "SEQ_CLS"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT: fan_in_fan_out set for Conv1D
+        expected, base, inputs = peft_adalora(make, tmp_path, trained=1, init_r=4, target_r=2, lora_alpha=0,
+                                              target_modules=targets, task_type=task)
+    assert not json.loads((tmp_path / "adapter_config.json").read_text()).get("rank_pattern")
+    assert_same(expected, outputs(load_adapter(make(), tmp_path).eval(), inputs), base)
+
+
+def test_a_peft_adalora_file_missing_a_tensor_is_one_line(tmp_path):
+    peft_adalora(tiny_llama, tmp_path, trained=1, init_r=4, target_r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.endswith("layers.1.self_attn.q_proj.lora_E")},
+              tmp_path / "adapter_model.safetensors")
+    with pytest.raises(LorakitError, match=r"model\.layers\.1\.self_attn\.q_proj lacks lora_E"):
+        load_adapter(tiny_llama(), tmp_path)

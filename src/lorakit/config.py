@@ -318,7 +318,7 @@ class LoraConfig:
             raise LorakitError(f"an adapter config must be a JSON object, got {type(d).__name__}")
         peft_type = str(d.get("peft_type", "LORA")).upper()
         if peft_type != "LORA":
-            raise LorakitError(f"peft_type is {d.get('peft_type')!r}; lorakit reads LoRA adapters only (peft_type 'LORA')")
+            raise LorakitError(f"peft_type is {d.get('peft_type')!r}; lorakit reads LoRA adapters (peft_type 'LORA', and AdaLoRA's files as LoRA) only")
         for key, off in _PEFT_UNSUPPORTED_OFF.items():
             value = d.get(key, off)
             if value not in (off, None, False, [], {}):

@@ -28,7 +28,7 @@ from lorakit.inits import REWRITES_WEIGHT
 from lorakit.layers.tokens import TokenRows
 from lorakit.module_names import name_matches
 from lorakit.peft_format import (
-    base_model_name, key_paths, layer_tensors, module_key, module_tensors, parse_factor_key, token_key, wrapped_key,
+    adalora_as_lora, base_model_name, is_adalora, key_paths, layer_tensors, module_key, module_tensors, parse_factor_key, token_key, wrapped_key,
 )
 from lorakit.peft_load import apply_plan, plan_load
 
@@ -332,7 +332,7 @@ def _read(folder: Path) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[str, 
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise LorakitError(f"{config_file} does not parse as JSON ({err}); save the adapter again") from None
-    config = LoraConfig.from_peft_dict(raw)
+    config = None if is_adalora(raw) else LoraConfig.from_peft_dict(raw)  # AdaLoRA's is read with its tensors
     weights = folder / WEIGHTS_NAME
     if weights.is_file():
         tensors, metadata = _read_safetensors(weights)
@@ -343,6 +343,9 @@ def _read(folder: Path) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[str, 
     bad = [k for k, v in tensors.items() if not v.is_floating_point()]
     if bad:
         raise LorakitError(f"{folder}: adapter tensors must be floating point; {bad[:5]} are not")
+    if config is None:
+        raw, tensors = adalora_as_lora(raw, tensors, folder)
+        config = LoraConfig.from_peft_dict(raw)
     return config, tensors, metadata
 
 

@@ -219,6 +219,68 @@ def module_tensors(path: str, state: dict[str, torch.Tensor]) -> dict[str, torch
     return {module_key(f"{path}.{name}"): tensor for name, tensor in state.items()}
 
 
+# ---------------------------------------------------------------------- PEFT's AdaLoRA files
+
+ADALORA = "ADALORA"
+#: what only the training schedule of PEFT's AdaLoRA reads: nothing a loaded adapter computes with
+_ADALORA_SCHEDULE = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
+                     "total_step")
+_ADALORA_SUFFIXES = {".lora_A": "A", ".lora_B": "B", ".lora_E": "E"}
+
+
+def is_adalora(raw: dict) -> bool:
+    """Whether an ``adapter_config.json`` dict is PEFT's AdaLoRA (``peft_type: "ADALORA"``)."""
+    return isinstance(raw, dict) and str(raw.get("peft_type", "")).upper() == ADALORA
+
+
+def adalora_as_lora(raw: dict, tensors: dict[str, torch.Tensor], source=None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A file of PEFT's AdaLoRA as the LoRA file whose update is the same: ``(config dict, tensors)``.
+
+    PEFT writes each module's update P·diag(λ)·Q as ``<path>.lora_B`` (P, ``(out, k)``), ``<path>.lora_E``
+    (λ, ``(k, 1)``) and ``<path>.lora_A`` (Q, ``(k, in)``), cut to the k directions its allocator kept, and
+    scales it by ``lora_alpha / (init_r + 1e-5)`` whatever k is (``lora_alpha`` ≤ 0 meaning ``init_r``).
+    As LoRA: ``A = diag(λ)·Q``, ``B = P``, k in ``rank_pattern`` and ``alpha = scaling·k`` in
+    ``alpha_pattern`` (the scaling unchanged); modules left with no direction drop out of
+    ``target_modules``. Other keys (``modules_to_save`` heads, biases) are kept as they are.
+
+    Raises:
+        LorakitError: a module lacks one of its three tensors, their shapes disagree, or no module kept a direction.
+    """
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    rest = {}
+    for key, tensor in tensors.items():
+        suffix = next((s for s in _ADALORA_SUFFIXES if key.startswith(PREFIX) and key.endswith(s)), None)
+        if suffix is None:
+            rest[key] = tensor
+        else:
+            parts.setdefault(key[len(PREFIX):-len(suffix)], {})[_ADALORA_SUFFIXES[suffix]] = tensor
+    init_r = int(raw.get("init_r", raw.get("r", 8)))
+    alpha = raw.get("lora_alpha", 8)
+    scaling = (alpha if alpha > 0 else float(init_r)) / (init_r + 1e-5)
+    ranks, alphas = {}, {}
+    for path, factors in parts.items():
+        A, B, E = (factors.get(f) for f in "ABE")
+        if A is None or B is None or E is None:
+            raise LorakitError(f"AdaLoRA adapter {source}: module {path} lacks "
+                               f"{', '.join('lora_' + f for f in 'ABE' if factors.get(f) is None)}; save it again")
+        k = A.shape[0]
+        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != k or E.shape not in ((k, 1), (k,)):
+            raise LorakitError(f"AdaLoRA adapter {source}: module {path} has lora_A {tuple(A.shape)}, lora_E "
+                               f"{tuple(E.shape)}, lora_B {tuple(B.shape)}, which are not one update's P, λ and Q")
+        if k == 0:
+            continue
+        rest[factor_key(path, "A")] = A * E.reshape(k, 1).to(A.dtype)
+        rest[factor_key(path, "B")] = B
+        ranks[path], alphas[path] = k, scaling * k
+    if not ranks:
+        raise LorakitError(f"AdaLoRA adapter {source} kept no direction in any module: it changes nothing")
+    lora = {key: value for key, value in raw.items() if key not in _ADALORA_SCHEDULE}
+    lora.update(peft_type="LORA", r=max(ranks.values()), lora_alpha=scaling * max(ranks.values()),
+                target_modules=sorted(ranks), rank_pattern=ranks, alpha_pattern=alphas, use_rslora=False,
+                use_dora=False, init_lora_weights=True)
+    return lora, rest
+
+
 # ---------------------------------------------------------------------- task_type and saved heads
 
 
