@@ -201,6 +201,10 @@ def test_chat_train_and_generate(tiny, tmp_path, capsys):
     assert "[merged] hi" in capsys.readouterr().out
     assert main(["generate", "--adapter", str(tmp_path / "chat"), "--prompt", "say red", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("[chat_adapter] say red")
+    assert main(["generate", "--adapter", str(tmp_path / "chat"), "say red", "--max-new-tokens", "4"]) == 0
+    assert "say red" in capsys.readouterr().out  # a prompt given as predict takes its texts
+    assert main(["generate", "--adapter", str(tmp_path / "chat")]) == 2
+    assert "give a prompt" in capsys.readouterr().err
     # the base model alone, given a template (a run folder stands for the template its adapter carries)
     assert main(["generate", "--model", tiny["llm"], "--chat-template", "chatml", "--prompt", "hi",
                  "--max-new-tokens", "2"]) == 0

@@ -196,11 +196,40 @@ def test_what_lora_on_a_parameter_refuses():
         attach(tiny_mixtral(), LoraConfig(target_modules=[], target_parameters=["input_layernorm.weight"]))
     with pytest.raises(LorakitError, match="a parameter of a LoRA target module"):
         attach(tiny_mixtral(), LoraConfig(target_modules=["q_proj"], target_parameters=["q_proj.weight"]))
-    model = attach(tiny_mixtral(), LoraConfig(target_modules=[], target_parameters=EXPERTS))
-    with pytest.raises(LorakitError, match="per-row adapters cannot select LoRA on the parameter"):
-        with per_row_adapters(model, ["default", None]):
-            pass
-    assert isinstance(next(layer for _, layer in lora_layers(model)), LoraParameter)
+
+
+@pytest.mark.parametrize("make", [tiny_mixtral, tiny_gpt_oss], ids=["mixtral", "gpt-oss"])
+def test_per_row_adapters_on_expert_parameters_give_each_row_its_own_adapter(make):
+    """Rows choosing other adapters (experts only; experts, router and attention; none) in one
+    batch give what each row gives alone with its adapter active: the host runs once per choice."""
+    model = make()
+    attach(model, LoraConfig(r=2, target_modules=[], target_parameters=EXPERTS, init="random"), "experts")
+    from lorakit.model import add_adapter
+    router = "router.weight" if make is tiny_gpt_oss else "gate.weight"
+    add_adapter(model, LoraConfig(r=3, target_modules=["q_proj"], target_parameters=[*EXPERTS, router],
+                                  init="random"), "all")
+    perturb(model)
+    ids = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(2))
+    rows = ["experts", "all", None, "experts"]
+    alone = []
+    for b, name in enumerate(rows):
+        with torch.no_grad():
+            if name is None:
+                from lorakit.model import disable_adapters
+                with disable_adapters(model):
+                    alone.append(model(input_ids=ids[b:b + 1]).logits)
+            else:
+                set_active(model, name)
+                alone.append(model(input_ids=ids[b:b + 1]).logits)
+    with torch.no_grad(), per_row_adapters(model, rows):
+        together = model(input_ids=ids).logits
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=0)
+    assert (alone[0] - alone[1]).abs().max() > 1e-3 and (alone[0] - alone[2]).abs().max() > 1e-3  # not void
+    set_active(model, "all")
+    with torch.no_grad():
+        active = model(input_ids=ids).logits
+        with per_row_adapters(model, ["all"] * 4):  # one choice: one run, as the adapter active
+            torch.testing.assert_close(model(input_ids=ids).logits, active, atol=1e-6, rtol=0)
 
 
 def test_the_module_comes_back_with_its_parameters_in_their_order():

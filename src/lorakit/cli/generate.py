@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     parser.add_argument("--adapter", action="append", default=[], metavar="DIR",
                         help="a run folder of lorakit train (--out), or the adapter (or full model) folder in it; "
                              "repeat for several")
-    parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
+    parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts to answer (as lorakit predict takes texts)")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     parser.add_argument("--merge", action="store_true", help="merge the adapters into the base weights")
     parser.add_argument("--model", default=None, help="base model: 'default' or a folder (default: the adapter's)")
     parser.add_argument("--task", choices=[name for name, task in sorted(TASKS.items()) if not task.trains_head],
@@ -44,14 +45,18 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from lorakit.distributed import pick_device
+    from lorakit.errors import LorakitError
     from lorakit.inference import generate, load_trained
     from lorakit.run_folder import adapter_folder  # a run folder of lorakit train stands for its adapter/
 
+    prompts = [*args.prompts, *args.prompt]
+    if not prompts:
+        raise LorakitError("give a prompt to answer: lorakit generate --adapter DIR 'your prompt' (or --prompt TEXT)")
     template = args.chat_template and str(adapter_folder(args.chat_template))
     trained = load_trained(args.adapter, merge=args.merge, model=args.model, task=args.task,
                            device=pick_device(args.device), chat_template=template)
-    results = generate(trained, args.prompt, args.max_new_tokens)
+    results = generate(trained, prompts, args.max_new_tokens)
     for name, answers in results.items():
-        for prompt, answer in zip(args.prompt, answers):
+        for prompt, answer in zip(prompts, answers):
             print(f"[{name}] {prompt}\n{answer}\n")
     return 0

@@ -17,8 +17,14 @@ Layouts, as PEFT 0.21 lays them out (its ``ParamWrapper``):
   expert e's columns at ``e, e + E, e + 2E, …``; ``ΔW_e = s·B_e·A_e``.
 
 Dropout and DoRA are refused (PEFT refuses them too: the input is not the layer's to drop
-out, and the weight has no single output axis). Per-row adapters are refused: a
-parameter's update changes the module for every row of the batch.
+out, and the weight has no single output axis).
+
+Per-row adapters: a parameter's update changes the module for every row it computes, so the
+host runs once per distinct choice of adapters among the rows, on those rows' entries alone,
+and puts the results back in place: exact for modules that treat their entries independently
+(experts and routers do, token by token). The module's tensors must lead with the batch, or
+with the batch's rows flattened with their tokens (``(batch·seq, ...)``, as a mixture-of-experts
+block hands its experts the tokens); the cost grows with the number of distinct adapters.
 """
 
 from __future__ import annotations
@@ -137,11 +143,21 @@ class LoraParameter(LoraLayer):
                 self.weight.addmm_(lhs, rhs, alpha=sign * ad.scaling)
 
     def row_stacks(self):
-        raise LorakitError(f"per-row adapters cannot select LoRA on the parameter {self.parameter_name}: its update "
-                           "changes the module for every row; run one adapter per batch instead")
+        """Each adapter's slot and an empty tensor on the weight's device: no stacks, since the
+        host runs once per adapter chosen (:meth:`ParameterHost.forward`) rather than gathering."""
+        self._slots = {name: slot for slot, name in enumerate(self.adapters, start=1)}
+        return self._slots, self.weight.new_empty(0)
 
-    def parametrization(self) -> _Added | None:
-        """What the host's forward registers on the parameter now: the active adapters not merged, or None."""
+    def row_adapters(self) -> list[str | None]:
+        """In per-row mode, the adapter of this parameter each row runs (None: none of its own)."""
+        names = {slot: name for name, slot in self._slots.items()}
+        return [names.get(slot) for slot in self._rows[0].tolist()]
+
+    def parametrization(self, adapter: str | None = "") -> _Added | None:
+        """What the host's forward registers on the parameter: the active adapters not merged (or,
+        in per-row mode, ``adapter`` alone), or None for none."""
+        if adapter != "":
+            return _Added(self, [self.adapters[adapter]]) if adapter is not None else None
         return _Added(self, list(self._run)) if self._run else None
 
     def forward(self, *args, **kwargs):
@@ -211,7 +227,49 @@ class ParameterHost(nn.Module):
     def forward(self, *args, **kwargs):
         host = self._synced()
         host.training = self.training
-        added = [(name, p) for name, layer in self.lora_parameters.items() if (p := layer.parametrization()) is not None]
+        per_row = [(name, layer) for name, layer in self.lora_parameters.items() if layer._rows is not None]
+        if per_row:
+            return self._per_row(host, per_row, args, kwargs)
+        return self._run(host, {name: layer.parametrization() for name, layer in self.lora_parameters.items()},
+                         args, kwargs)
+
+    def _per_row(self, host: nn.Module, layers: list, args: tuple, kwargs: dict):
+        """The host run once per distinct choice of adapters among the rows, on their entries alone."""
+        choices = list(zip(*(layer.row_adapters() for _, layer in layers)))  # per row: each parameter's adapter
+        batch = len(choices)
+        groups: dict[tuple, list[int]] = {}
+        for row, choice in enumerate(choices):
+            groups.setdefault(choice, []).append(row)
+
+        def run(choice: tuple, call_args: tuple, call_kwargs: dict):
+            return self._run(host, {name: layer.parametrization(adapter)
+                                    for (name, layer), adapter in zip(layers, choice)}, call_args, call_kwargs)
+
+        if len(groups) == 1:
+            return run(choices[0], args, kwargs)
+        leading = [a.shape[0] for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim()]
+        entries = next((n for n in leading if n % batch == 0), None)
+        if entries is None:
+            raise LorakitError(f"per-row adapters on the parameter(s) {[name for name, _ in layers]} need the module's "
+                               f"inputs to lead with the batch of {batch} rows (or its rows' tokens); they lead with "
+                               f"{leading}")
+        per = entries // batch
+        out = None
+        for choice, rows in groups.items():
+            index = (torch.tensor(rows)[:, None] * per + torch.arange(per)).reshape(-1)
+
+            def pick(value):
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == entries:
+                    return value.index_select(0, index.to(value.device))
+                return value
+
+            result = run(choice, tuple(map(pick, args)), {key: pick(value) for key, value in kwargs.items()})
+            out = _put_back(out, result, index, entries)
+        return out
+
+    def _run(self, host: nn.Module, parametrizations: dict, args: tuple, kwargs: dict):
+        """``host(*args, **kwargs)`` with ``parametrizations`` (parameter name -> :class:`_Added` or None) registered."""
+        added = [(name, p) for name, p in parametrizations.items() if p is not None]
         if not added:
             return host(*args, **kwargs)
         with contextlib.ExitStack() as stack:
@@ -225,3 +283,17 @@ class ParameterHost(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{type(self._host).__name__} with LoRA on {list(self.lora_parameters)}"
+
+
+def _put_back(out, result, index: torch.Tensor, entries: int):
+    """``result`` of the entries at ``index`` written into ``out`` (made on first use), tensor by
+    tensor through tuples; what does not lead with the entries is taken from the first group."""
+    if isinstance(result, torch.Tensor) and result.dim() and result.shape[0] == index.numel():
+        if out is None:
+            out = result.new_zeros((entries, *result.shape[1:]))
+        return out.index_copy_(0, index.to(result.device), result)
+    if isinstance(result, (tuple, list)):
+        parts = [_put_back(None if out is None else o, r, index, entries)
+                 for o, r in zip(out if out is not None else [None] * len(result), result)]
+        return type(result)(parts) if isinstance(result, list) else tuple(parts)
+    return result if out is None else out
