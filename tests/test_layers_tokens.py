@@ -137,3 +137,30 @@ def test_the_head_columns_give_the_gradients_of_the_patched_weight():
     (expected * g).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=0)
     torch.testing.assert_close(patch.rows.grad, rows_ref.grad, atol=1e-5, rtol=0)
+
+
+def test_a_tied_head_before_its_embedding_in_module_order_is_unwrapped_with_it():
+    """delete_adapter takes the embedding's rows first wherever the tied head sits, so no empty
+    wrapper is left on the head."""
+    class HeadFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(8, 20, bias=False)
+            self.embed = torch.nn.Embedding(20, 8)
+            self.body = torch.nn.Linear(8, 8)
+            self.head.weight = self.embed.weight
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def get_output_embeddings(self):
+            return self.head
+
+        def forward(self, ids):
+            return self.head(self.body(self.embed(ids)))
+
+    model = attach(HeadFirst(), LoraConfig(r=2, target_modules=["body"], trainable_token_indices=[1, 2]))
+    assert isinstance(model.head, TokenRows) and model.head.tied
+    delete_adapter(model, "default")
+    assert type(model.head) is torch.nn.Linear and type(model.embed) is torch.nn.Embedding
+    assert model.head.weight is model.embed.weight

@@ -291,7 +291,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """
     check_names(model, [name])
     modules = walk(model)
-    for path, module in list(modules.items()):
+    # a tied head only forgets the rows its embedding holds, so it goes after the embedding, wherever it sits
+    order = sorted(modules.items(), key=lambda kv: isinstance(kv[1], SavedModule) and bool(getattr(kv[1], "tied", 0)))
+    for path, module in order:
         if isinstance(module, LoraLayer) and name in module.adapters:
             module.delete_adapter(name)
             if module.adapters:
