@@ -62,7 +62,7 @@ def test_the_flags_are_made_from_the_config_fields_and_keep_their_names():
     added = {"--overwrite", "--loraplus-ratio", "--fsdp", "--dora", "--quantize", "--gradient-checkpointing", "--class-weights",
              "--text-column", "--label-column", "--prompt-column", "--completion-column", "--messages-column",
              "--stream", "--no-stream", "--stream-buffer", "--compile", "--chat-template", "--layers-to-transform",
-             "--trainable-tokens"}
+             "--trainable-tokens", "--lora-bias"}
     assert {option for a in actions.values() for option in a.option_strings} == OLD_FLAGS | added
     # a flag not given leaves the dataclass's default: the defaults are written once
     assert config_from_args(parser.parse_args(["train"])) == TrainConfig()
@@ -167,6 +167,43 @@ def test_layers_to_transform_adapts_those_blocks_only_and_peft_reads_the_file(ti
     assert "--layers-to-transform is for --method lora" in capsys.readouterr().err
     assert main(args(tiny, tmp_path / "bad", "--layers-to-transform", "0", "--targets", "query|value")) == 2
     assert "--layers-to-transform cannot narrow a regex --targets" in capsys.readouterr().err
+
+
+def test_lora_bias_trains_a_bias_on_b_that_peft_loads_and_export_merges(tiny, tmp_path, capsys):
+    import peft
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from lorakit.io import read_adapter
+
+    out = tmp_path / "bias"
+    assert main(args(tiny, out, "--lora-bias", "--init", "kaiming", "--steps", "3", "--lr", "1e-2")) == 0
+    config, tensors = read_adapter(out / "adapter")
+    biases = {key: t for key, t in tensors.items() if key.endswith(".lora_B.bias")}
+    assert config.lora_bias and len(biases) == 4 and all(t.abs().max() > 0 for t in biases.values())  # trained
+    ours, tokenizer = load_classifier_with(out / "adapter")
+    x = tokenizer(["a fine, moving film", "dull"], return_tensors="pt", padding=True)["input_ids"]
+    theirs = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny["cls"]),
+                                            out / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=x).logits, ours(input_ids=x).logits, atol=1e-5, rtol=0)
+    assert main(["export", "--adapter", str(out), "--merged", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, ours(input_ids=x).logits, atol=1e-5, rtol=0)
+    assert main(args(tiny, tmp_path / "no", "--lora-bias")) == 2
+    assert "--lora-bias starts from --init kaiming" in capsys.readouterr().err
+    assert main(args(tiny, tmp_path / "no", "--lora-bias", "--init", "kaiming", "--method", "full")) == 2
+    assert "--lora-bias is for --method lora" in capsys.readouterr().err
+
+
+def load_classifier_with(adapter):
+    from lorakit.io import load_adapter
+    from lorakit.models import load_classifier
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    model, tokenizer = load_classifier(config["base_model_name_or_path"])
+    return load_adapter(model, adapter).eval(), tokenizer
 
 
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys):

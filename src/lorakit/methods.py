@@ -90,6 +90,7 @@ def _prepare_lora(model: nn.Module, config, heads: list[str]) -> nn.Module:
         r=config.rank, alpha=config.alpha, dropout=config.lora_dropout, init=config.init, target_modules=config.targets,
         modules_to_save=heads or None, task_type="SEQ_CLS" if heads else "CAUSAL_LM", use_dora=config.dora,
         layers_to_transform=config.layers_to_transform, trainable_token_indices=config.trainable_tokens,
+        lora_bias=config.lora_bias,
     )
     return attach(model, lora_config, config.adapter_name)
 

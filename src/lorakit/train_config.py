@@ -112,6 +112,9 @@ class TrainConfig:
     lora_dropout: float = field(default=0.0, metadata=setting("dropout on the LoRA branch's input"))
     dora: bool = field(default=False, metadata=setting(
         "DoRA: also train a magnitude per output feature, W' = m * (W + s*B*A) / ||W + s*B*A|| (method lora)"))
+    lora_bias: bool = field(default=False, metadata=setting(
+        "give B a bias b too (PEFT's lora_bias): the update adds s*b, merged into the layer's bias; starts with "
+        "--init kaiming (method lora)"))
     init: str = field(default="gaussian", metadata=setting(
         "how LoRA's A and B start: gaussian (the seeds' A ~ N(0, 1/r^2), B = 0), kaiming (PEFT's default), "
         "pissa or olora (from W's top singular / QR directions; saved as a rank-2r adapter for the original base)",
@@ -226,8 +229,11 @@ class TrainConfig:
             raise LorakitError(f"--quantize {self.quantize} is for --method lora in one process or under DDP "
                                f"(it freezes the base weights in a packed form), not --method {self.method}"
                                f"{' with --fsdp' if self.fsdp else ''}")
-        if self.dora and self.method != "lora":
-            raise LorakitError(f"--dora is for --method lora, not {self.method!r}")
+        if (self.dora or self.lora_bias) and self.method != "lora":
+            raise LorakitError(f"--{'dora' if self.dora else 'lora-bias'} is for --method lora, not {self.method!r}")
+        if self.lora_bias and (self.dora or self.init != "kaiming"):
+            raise LorakitError("--lora-bias starts from --init kaiming (PEFT loads a bias on B with that start only) "
+                               f"and without --dora; got --init {self.init}{' with --dora' if self.dora else ''}")
         if (self.init_rank is not None or self.target_rank is not None) and self.method != "adalora":
             raise LorakitError(f"--init-rank / --target-rank are for --method adalora, not {self.method!r}")
         if self.target_rank is not None and self.target_rank > (self.init_rank or self.rank):
