@@ -437,3 +437,59 @@ def test_an_adapter_trained_on_pairs_of_texts_classifies_tab_separated_pairs(cla
     with torch.no_grad():  # read as one text each, the answers would differ
         alone = torch.softmax(reference(**joined).logits, -1)
     assert not torch.allclose(alone, expected, atol=1e-3)
+
+
+def test_a_mixture_of_experts_adapter_on_parameters_is_served_beside_others(toy, tmp_path):
+    """A PEFT adapter on fused expert weights (target_parameters) once made every request fail
+    (per-row batches refused it); now each adapter's answers equal PEFT's own greedy decoding, and
+    the base and a plain adapter answer beside it."""
+    peft = pytest.importorskip("peft")
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tokenizer = toy["tokenizer"]
+    torch.manual_seed(0)
+    base = MixtralForCausalLM(MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=16,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            num_local_experts=4, num_experts_per_tok=2,
+                                            eos_token_id=tokenizer.eos_token_id)).eval()
+    base.save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    made = {}
+    for name, config in {"experts": dict(target_modules=[], target_parameters=["experts.gate_up_proj",
+                                                                                "experts.down_proj", "gate.weight"]),
+                         "attention": dict(target_modules=["q_proj", "v_proj"])}.items():
+        model = peft.get_peft_model(MixtralForCausalLM.from_pretrained(tmp_path / "moe"),
+                                    peft.LoraConfig(r=4, init_lora_weights=False, **config))
+        generator = torch.Generator().manual_seed(len(name))
+        with torch.no_grad():
+            for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=generator) * 0.3)
+        model.save_pretrained(tmp_path / name)
+        made[name] = model.eval()
+
+    def greedy(model, prompt: str, n: int = 6) -> str:
+        ids, new = torch.tensor([tokenizer.encode(prompt)]), []
+        with torch.no_grad():
+            for _ in range(n):
+                token = int(model(input_ids=ids).logits[0, -1].argmax())
+                if token == tokenizer.eos_token_id:
+                    break
+                new.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]])], 1)
+        return tokenizer.decode(new, skip_special_tokens=True)
+
+    service = build_service(str(tmp_path / "moe"), max_loaded=2,
+                            adapters={name: str(tmp_path / name) for name in made})
+    with TestClient(create_app(service)) as client:
+        def text(model, prompt):
+            answer = client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 6,
+                                                          "temperature": 0})
+            assert answer.status_code == 200, answer.text
+            return answer.json()["choices"][0]["text"]
+
+        for prompt in PROMPTS[:2]:
+            for name, model in made.items():
+                assert text(name, prompt) == greedy(model, prompt)
+            assert text("base", prompt) == greedy(base, prompt)
+    assert greedy(made["experts"], PROMPTS[0]) != greedy(base, PROMPTS[0])  # the experts' adapter changes answers
