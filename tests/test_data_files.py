@@ -53,8 +53,21 @@ def test_a_json_array_a_json_lines_file_and_a_tsv_read_as_records(tmp_path):
                         )[0]["completion"] == "Hi"
 
 
+def test_one_json_object_of_columns_or_of_records_under_one_key_is_read_as_its_records(tmp_path):
+    """The two object shapes Hugging Face datasets reads: columns (pandas' to_dict("list")) and
+    the records under one key (its ``field``, e.g. "data")."""
+    (tmp_path / "c.json").write_text('{"text": ["good", "bad"], "label": [1, 0]}')
+    assert read_records(tmp_path / "c.json", "classify") == [
+        {"text": "good", "label": "1", "_where": "c.json item 1"},
+        {"text": "bad", "label": "0", "_where": "c.json item 2"}]
+    (tmp_path / "d.json").write_text('{"data": [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]}')
+    assert [(r["text"], r["_where"]) for r in read_records(tmp_path / "d.json", "classify")] == [
+        ("good", "d.json item 1"), ("bad", "d.json item 2")]
+
+
 @pytest.mark.parametrize("name, content, message", [
-    ("o.json", '{"data": [{"text": "a", "label": 1}]}', r"o.json holds one JSON object \(keys \['data'\]\), not an array"),
+    ("o.json", '{"text": ["a", "b"], "label": [1]}', r"o.json holds one JSON object \(keys \['label', 'text'\]\), "
+     "neither records nor columns of one length"),
     ("b.json", '[{"text": "a", "label": 1},\n {"text": "b" "label": 0}]',
      r"b.json is not valid JSON \(Expecting ',' delimiter at line 2 column 15\)"),
     ("n.json", '[{"text": "a", "label": 1}, 3]', r"n.json item 2 holds a JSON number, not a JSON object"),

@@ -96,10 +96,10 @@ def test_columns_named_in_another_case_are_read_and_a_lone_other_column_is_sugge
     assert set(stream.label_counts) == {"a", "b"}
     (tmp_path / "p.jsonl").write_text('{"Prompt": "2+2?", "Completion": " 4"}\n')
     assert read_records(tmp_path / "p.jsonl", "lm")[0]["completion"] == " 4"
-    (tmp_path / "sst.csv").write_text("sentence,label\ngreat film,1\n")
-    with pytest.raises(LorakitError, match=r"sst.csv line 2 lacks 'text'; it has keys \['label', 'sentence'\]; "
-                                           r"give --text-column sentence if 'sentence' holds the text$"):
-        read_records(tmp_path / "sst.csv", "classify")
+    (tmp_path / "r.csv").write_text("review,label\ngreat film,1\n")
+    with pytest.raises(LorakitError, match=r"r.csv line 2 lacks 'text'; it has keys \['label', 'review'\]; "
+                                           r"give --text-column review if 'review' holds the text$"):
+        read_records(tmp_path / "r.csv", "classify")
 
 
 def test_pairs_of_texts_are_read_from_glue_columns_or_named_columns(tmp_path):
@@ -117,6 +117,12 @@ def test_pairs_of_texts_are_read_from_glue_columns_or_named_columns(tmp_path):
     named.write_text('{"q": "Who?", "a": "Me.", "y": 1}\n{"q": "Why?", "y": 0}\n')
     with pytest.raises(LorakitError, match=r"line 2 lacks 'a' \(--text-column\)"):
         read_records(named, "classify", {"text": "q,a", "label": "y"})
+    sst2 = tmp_path / "sst2.tsv"  # GLUE's single-sentence column is the text where there is no "text"
+    sst2.write_text("sentence\tlabel\na gripping film\t1\nflat\t0\n")
+    assert [(r["text"], r["label"]) for r in read_records(sst2, "classify")] == [("a gripping film", "1"), ("flat", "0")]
+    qnli = tmp_path / "qnli.tsv"  # question and sentence: a pair, not the sentence alone
+    qnli.write_text("question\tsentence\tlabel\nWho?\tHe did.\tentailment\nWhy?\tNo.\tnot_entailment\n")
+    assert read_records(qnli, "classify")[0]["text_pair"] == "He did."
     plain = tmp_path / "plain.csv"  # a text column wins over pair columns beside it
     plain.write_text("text,premise,hypothesis,label\nok,x,y,1\nno,x,y,0\n")
     assert "text_pair" not in read_records(plain, "classify")[0]

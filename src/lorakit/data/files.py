@@ -217,11 +217,25 @@ def _read_json(path: Path) -> list[dict]:
     if isinstance(whole, dict):
         if not whole:
             return []
-        raise LorakitError(f"{path.name} holds one JSON object (keys {sorted(whole)[:5]}), not an array of records; "
-                           'write [{"text": ..., "label": ...}, ...] or one object a line')
+        whole = _records_of_object(whole, path.name)
     if not isinstance(whole, list):
         raise LorakitError(f"{path.name} holds a JSON {_json_kind(whole)}, not an array of records")
     return [_an_object(item, f"{path.name} item {number}") for number, item in enumerate(whole, start=1)]
+
+
+def _records_of_object(whole: dict, name: str) -> list:
+    """The records one JSON object holds, in the two shapes Hugging Face ``datasets`` reads too:
+    columns (``{"text": [...], "label": [...]}``, lists of one length, as pandas' ``to_dict("list")``
+    writes) or the records under its one key (``{"data": [{...}, ...]}``; ``datasets``' ``field``)."""
+    values = list(whole.values())
+    if all(isinstance(v, list) for v in values) and len({len(v) for v in values}) == 1:
+        if len(values) == 1 and all(isinstance(item, dict) for item in values[0]):
+            return values[0]
+        if len(values) > 1:
+            return [dict(zip(whole, row)) for row in zip(*values)]
+    raise LorakitError(f"{name} holds one JSON object (keys {sorted(whole)[:5]}), neither records nor columns of one "
+                       'length; write [{"text": ..., "label": ...}, ...], one object a line, or {"text": [...], '
+                       '"label": [...]}')
 
 
 def _read_tsv(path: Path) -> list[dict]:

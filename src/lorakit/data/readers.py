@@ -10,7 +10,8 @@ memory are streamed by :mod:`lorakit.data.stream`. All use the checks here.
   ``text_pair`` where the examples are pairs of texts (an entailment or paraphrase file): read
   from ``--text-column first,second``, or, in a file without a ``text`` column, from the pair
   columns GLUE's files use (:data:`PAIR_COLUMNS`: ``sentence1`` / ``sentence2``, ``premise`` /
-  ``hypothesis``, ...), as transformers' GLUE example reads them.
+  ``hypothesis``, ...), as transformers' GLUE example reads them; a file without a ``text``
+  column that holds GLUE's single ``sentence`` column has it read as the text (SST-2, CoLA).
 - Language modelling (:func:`read_language_modeling`), one of four shapes, the same on every line:
   ``prompt`` + ``completion`` (the prompt is masked out of the loss), Alpaca's ``instruction``
   + ``output`` with an optional ``input`` (read as a prompt, ``instruction`` and then ``input``
@@ -37,6 +38,8 @@ CLASSIFY_KEYS = ("text", "label")
 #: column pairs read as a pair of texts in a file without a "text" column
 PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"),
                 ("question", "sentence"), ("sentence_a", "sentence_b"))
+#: the text column of GLUE's single-sentence files (SST-2, CoLA), read in a file without a "text" column
+SINGLE_COLUMN = "sentence"
 LM_SHAPES = {  # shape name -> the keys it needs
     "prompt_completion": ("prompt", "completion"),
     "instruction": ("instruction", "output"),  # Alpaca's; an "input" beside them is optional
@@ -188,6 +191,8 @@ def _pair_columns(first: dict | None, columns: dict | None) -> dict | None:
         found = next((p for p in PAIR_COLUMNS if all(name in first for name in p)), None)
         if found:
             columns.update(text=found[0], text_pair=found[1])
+        elif SINGLE_COLUMN in first:
+            columns.update(text=SINGLE_COLUMN)
     return columns or None
 
 
