@@ -388,8 +388,8 @@ def combine_adapters(adapters: dict[str | os.PathLike, float], out: str | os.Pat
 
 def _refuse_variants(configs: dict[str, LoraConfig]) -> None:
     if other := sorted(n for n, c in configs.items() if c.use_dora or c.target_parameters or c.lora_bias
-                       or c.trainable_token_indices):
-        raise LorakitError(f"{other} use DoRA, target_parameters, lora_bias or trainable tokens: combine sums ΔW = s·B·A only")
+                       or c.trainable_token_indices or c.alora_invocation_tokens):
+        raise LorakitError(f"{other} use DoRA, target_parameters, lora_bias, trainable tokens or aLoRA: combine sums ΔW only")
 
 
 def _identity(matrix: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import re
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 
+from lorakit.config_values import invocation_tokens, token_indices
 from lorakit.errors import LorakitError
 from lorakit.inits import INITS
 from lorakit.module_names import (  # noqa: F401  (re-exported: a config's names are matched there)
@@ -55,8 +56,7 @@ _PEFT_BOOKKEEPING = {
     "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config",
     "monteclora_config", "arrow_config", "kasa_config", "qalora_group_size", "ensure_weight_tying",
 }
-_PEFT_UNSUPPORTED_OFF = {"layer_replication": None, "use_qalora": False, "alora_invocation_tokens": None,
-                         "use_bdlora": None}
+_PEFT_UNSUPPORTED_OFF = {"layer_replication": None, "use_qalora": False, "use_bdlora": None}
 
 
 @dataclass
@@ -105,6 +105,9 @@ class LoraConfig:
             key; e.g. new chat tokens): a list of token ids (the input embedding's) or a dict
             of embedding name -> ids. An output head tied to the embedding follows it. See
             :mod:`lorakit.tokens`.
+        alora_invocation_tokens: an activated LoRA (PEFT's key): the adapter changes a causal LM
+            only from the last occurrence of these token ids in each row on (:mod:`lorakit.alora`);
+            dense targets, not with DoRA, lora_bias or target_parameters, never merged, as PEFT.
         base_model_name_or_path, task_type: recorded for PEFT's ``adapter_config.json``.
 
     Raises:
@@ -131,6 +134,7 @@ class LoraConfig:
     layers_pattern: list[str] | str | None = None
     lora_bias: bool = False
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    alora_invocation_tokens: list[int] | None = None
 
     def __post_init__(self):
         self.r = _check_rank(self.r, "r")
@@ -180,7 +184,12 @@ class LoraConfig:
         if self.lora_bias and self.init not in ("kaiming", "random"):
             raise LorakitError(f"lora_bias starts from init 'kaiming' or 'random' (PEFT's True / False, the only "
                                f"starts PEFT loads with it), not {self.init!r}")
-        self.trainable_token_indices = _token_indices(self.trainable_token_indices)
+        self.trainable_token_indices = token_indices(self.trainable_token_indices)
+        self.alora_invocation_tokens = invocation_tokens(self.alora_invocation_tokens)
+        if self.alora_invocation_tokens and (self.use_dora or self.lora_bias or self.target_parameters
+                                             or self.task_type not in (None, "CAUSAL_LM")):
+            raise LorakitError("alora_invocation_tokens (an activated LoRA) is for a causal LM's dense layers, not "
+                               "with use_dora, lora_bias, target_parameters or another task_type (as in PEFT)")
 
     def _check_layers(self):
         layers, pattern = self.layers_to_transform, self.layers_pattern
@@ -302,6 +311,7 @@ class LoraConfig:
             "layers_to_transform": self.layers_to_transform,
             "layers_pattern": self.layers_pattern,
             "trainable_token_indices": self.trainable_token_indices,
+            "alora_invocation_tokens": self.alora_invocation_tokens,
         }
 
     @classmethod
@@ -318,7 +328,8 @@ class LoraConfig:
             raise LorakitError(f"an adapter config must be a JSON object, got {type(d).__name__}")
         peft_type = str(d.get("peft_type", "LORA")).upper()
         if peft_type != "LORA":
-            raise LorakitError(f"peft_type is {d.get('peft_type')!r}; lorakit reads LoRA adapters (peft_type 'LORA', and AdaLoRA's files as LoRA) only")
+            raise LorakitError(f"peft_type is {d.get('peft_type')!r}; lorakit reads LoRA adapters (peft_type 'LORA', "
+                               "and AdaLoRA's files as LoRA) only")
         for key, off in _PEFT_UNSUPPORTED_OFF.items():
             value = d.get(key, off)
             if value not in (off, None, False, [], {}):
@@ -345,6 +356,7 @@ class LoraConfig:
             "layers_pattern": d.get("layers_pattern"),
             "lora_bias": d.get("lora_bias") or False,
             "trainable_token_indices": d.get("trainable_token_indices") or None,
+            "alora_invocation_tokens": d.get("alora_invocation_tokens"),
         }
         peft_names = (set(kw) - {"alpha", "dropout", "init"}) | {"lora_alpha", "lora_dropout", "init_lora_weights"}
         unknown = sorted(set(d) - peft_names - _PEFT_BOOKKEEPING - set(_PEFT_UNSUPPORTED_OFF))
@@ -378,23 +390,3 @@ def _check_alpha(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise LorakitError(f"{what} must be a positive number, got {value!r}; a common choice is alpha = r")
     return value
-
-
-def _token_indices(spec):
-    """``trainable_token_indices`` checked: None, a list of distinct token ids, or name -> such a list."""
-    if spec in (None, [], {}):
-        return None
-
-    def ids(value, where):
-        if not isinstance(value, (list, tuple)) or not value or len(set(value)) != len(value) \
-                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
-            raise LorakitError(f"trainable_token_indices{where} must be a list of distinct token ids (integers "
-                               f"from 0), got {value!r}")
-        return list(value)
-
-    if isinstance(spec, dict):
-        if not all(isinstance(k, str) and k for k in spec):
-            raise LorakitError(f"trainable_token_indices keys must be embedding names such as 'embed_tokens', "
-                               f"got {list(spec)!r}")
-        return {k: ids(v, f"[{k!r}]") for k, v in spec.items()}
-    return ids(spec, "")

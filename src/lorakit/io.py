@@ -28,7 +28,8 @@ from lorakit.inits import REWRITES_WEIGHT
 from lorakit.layers.tokens import TokenRows
 from lorakit.module_names import name_matches
 from lorakit.peft_format import (
-    adalora_as_lora, base_model_name, is_adalora, key_paths, layer_tensors, module_key, module_tensors, parse_factor_key, token_key, wrapped_key,
+    adalora_as_lora, base_model_name, is_adalora, key_paths, layer_tensors, module_key, module_tensors,
+    parse_factor_key, token_key, wrapped_key,
 )
 from lorakit.peft_load import apply_plan, plan_load
 

@@ -15,6 +15,8 @@ from typing import Iterable
 from torch import nn
 
 from lorakit.adapter_records import active_adapters, check_names, forget_adapters
+from lorakit.alora import activations
+from lorakit.errors import LorakitError
 from lorakit.layers import LoraLayer, ParameterHost, SavedModule
 from lorakit.quantize import MergeRounding, merged_base
 from lorakit.targets import replace_module, tied_paths, walk
@@ -38,6 +40,7 @@ def merge(model: nn.Module, names: Iterable[str] | None = None) -> None:
     if again:
         warnings.warn(f"adapter(s) {again} already merged; merging again does nothing", stacklevel=2)
     todo = [n for n in names if n not in again]
+    _check_activated(model, todo)
     tied = tied_paths(modules, [p for p, layer in layers.items() if any(n in layer.adapters for n in todo)])
     if tied:
         warnings.warn(f"merging into {tied}, whose weight is tied to another module (e.g. the output head): "
@@ -47,6 +50,14 @@ def merge(model: nn.Module, names: Iterable[str] | None = None) -> None:
         mine = [n for n in todo if n in layer.adapters]
         if mine:
             layer.merge(mine)
+
+
+def _check_activated(model: nn.Module, names) -> None:
+    """Refuse merging an activated adapter (alora_invocation_tokens): merged, it would apply before
+    its invocation too (PEFT refuses it as well)."""
+    if activated := [n for n in names if n in activations(model)]:
+        raise LorakitError(f"adapter {activated[0]!r} is an activated LoRA (alora_invocation_tokens): it applies only "
+                           "from its invocation tokens on, which a merged weight cannot do; keep it unmerged")
 
 
 def _check_biases(layers, names) -> None:
@@ -91,6 +102,7 @@ def merge_and_unload(model: nn.Module, *, requantize: bool = False) -> nn.Module
     Returns:
         ``model`` itself, with no lorakit module left in it.
     """
+    _check_activated(model, active_adapters(model))
     _check_biases([m for m in walk(model).values() if isinstance(m, LoraLayer)], active_adapters(model))
     _merge_quantized(model, requantize)
     layers = [m for m in walk(model).values() if isinstance(m, LoraLayer)]

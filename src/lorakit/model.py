@@ -30,10 +30,11 @@ from torch import nn
 from lorakit.adapter_records import (  # noqa: F401  (re-exported)
     active_adapters, check_names, lora_configs, record_active, record_configs,
 )
+from lorakit.alora import activate, deactivate
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.inits import REWRITES_WEIGHT
-from lorakit.layers import LAYER_KINDS, LoraLayer, LoraParameter, ParameterHost, SavedModule, wrapper_for
+from lorakit.layers import LAYER_KINDS, LoraLayer, LoraLinear, LoraParameter, ParameterHost, SavedModule, wrapper_for
 from lorakit.layers.fused import group_shared_inputs
 from lorakit.merging import merge, merge_and_unload, unload, unmerge  # noqa: F401  (re-exported)
 from lorakit.peft_format import with_task_heads
@@ -151,6 +152,9 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
         raise LorakitError(f"init {config.init!r} rewrites the base weight, but {tied_paths(modules, paths)} share "
                            "theirs with another module (tied embeddings); exclude them or use init='gaussian'")
     wrappers = _wrappers(modules, paths, kind, config.init if init_weights else None, config.lora_bias)
+    if config.alora_invocation_tokens and (dense := [p for p in paths if not issubclass(wrappers[p], LoraLinear)]):
+        raise LorakitError(f"an activated adapter (alora_invocation_tokens) adapts dense layers only, as in PEFT; "
+                           f"{dense[0]} is a {type(modules[dense[0]]).__name__}")
     if config.lora_bias and (bare := [p for p in paths if getattr(modules[p], "bias", None) is None]):
         warnings.warn(f"lora_bias on {len(bare)} layer(s) without a bias of their own (e.g. {bare[0]}): adapter "
                       f"{name!r} runs there unmerged, and merging it will be refused (as in PEFT)", stacklevel=2)
@@ -179,6 +183,8 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
             replace_module(model, modules, path, module)
         module.add_copy(name)
     attach_tokens(model, config, name, modules, tokens)
+    if config.alora_invocation_tokens:
+        activate(model, name, config.alora_invocation_tokens, [modules[p] for p in paths])
 
     # The walk holds no adapter or copy, so every parameter it reaches is the base model's.
     for module in modules.values():
@@ -311,6 +317,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             if not module.copies:
                 replace_module(model, modules, path, module.original())
     group_shared_inputs(modules)
+    deactivate(model, name)
     configs = lora_configs(model)
     del configs[name]
     record_configs(model, configs)

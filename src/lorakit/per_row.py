@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lorakit.adapter_records import cached_per_adapter_set, lora_configs
+from lorakit.alora import activations
 from lorakit.errors import LorakitError
 from lorakit.targets import lora_layers, saved_modules
 
@@ -56,6 +57,9 @@ def per_row_adapters(model: nn.Module, rows: Sequence[str | None]):
     unknown = sorted({r for r in rows if r is not None and r not in known})
     if unknown:
         raise LorakitError(f"unknown adapter(s) {unknown} in the row list; the model has {sorted(known) or 'none'}")
+    if activated := sorted({r for r in rows if r in activations(model)}):
+        raise LorakitError(f"adapter {activated[0]!r} is an activated LoRA (alora_invocation_tokens), which per-row "
+                           "batches do not run yet; run it as the active adapter (set_active)")
     layers, saved = _layers_of(model)
     merged = sorted({n for layer in layers for n in layer.merged})
     if merged:

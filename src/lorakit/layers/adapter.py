@@ -18,6 +18,8 @@ class LoraAdapter(nn.Module):
 
     #: its layer may compute it together with siblings' adapters on a shared input (layers/fused.py)
     fuse_shared_input = True
+    #: an activated adapter's :class:`lorakit.alora.Activation` (where in each row it applies), else None
+    activation = None
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, scaling: float,
                  dropout: float = 0.0, *, bias: bool = False, dtype=None, device=None):

@@ -147,6 +147,8 @@ class LoraLinear(LoraLayer):
             for ad in run)))
         for ad in run:
             h = x if ad.dropout is None else ad.dropout(x)
+            if getattr(ad, "activation", None) is not None:  # aLoRA: zero before the invocation (lorakit.alora)
+                h = ad.activation.masked(h)
             if h.dtype != ad.A.dtype:
                 h = h.to(ad.A.dtype)
             z2 = down(h.reshape(-1, self.in_features), ad.A)  # (N, r)
@@ -166,7 +168,8 @@ class LoraLinear(LoraLayer):
         """Whether :class:`_LoraLinearFunction` computes this forward: a dense base, something
         needs a gradient, one dtype throughout (no autocast, no fp32 adapter on a bf16 weight)."""
         tensors = (x, self.weight, ad.A, ad.B) + (() if self.bias is None else (self.bias,))
-        if self.base_is_quantized or ad.bias is not None or not any(t.requires_grad for t in tensors):
+        if self.base_is_quantized or ad.bias is not None or getattr(ad, "activation", None) is not None or \
+                not any(t.requires_grad for t in tensors):
             return False
         dtype = x.dtype
         return (all(t.dtype == dtype for t in tensors) and x.device == self.weight.device
