@@ -103,9 +103,44 @@ def test_what_an_activated_adapter_refuses(peft_file, tmp_path):
         merge(model)
     with pytest.raises(LorakitError, match="activated LoRA"):
         merge_and_unload(model)
-    with pytest.raises(LorakitError, match="per-row batches do not run yet"):
-        with per_row_adapters(model, ["default", None, None]):
-            pass
     delete_adapter(model, "default")
     assert activations(model) == {} and not model._forward_pre_hooks  # the hook went with the adapter
     torch.testing.assert_close(logits(model), logits(tiny_llama()), atol=0, rtol=0)
+
+
+def test_per_row_batches_gate_each_activated_row_by_its_own_invocation(peft_file):
+    """Rows of the activated adapter, of a plain one and of the base in one batch give what each
+    gives alone; in steps that extend a cache, ``invoked`` says which rows' prompts held it."""
+    from lorakit.model import add_adapter, disable_adapters, set_active
+
+    folder, _ = peft_file
+    model = load_adapter(tiny_llama(), folder).eval()
+    add_adapter(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj"], init="random"), "plain")
+    rows = ["default", "plain", "default", None]
+    ids = torch.cat([IDS, IDS[:1]])
+    alone = []
+    for b, name in enumerate(rows):
+        if name is None:
+            with disable_adapters(model):
+                alone.append(logits(model, ids[b:b + 1]))
+        else:
+            set_active(model, name)
+            alone.append(logits(model, ids[b:b + 1]))
+    with per_row_adapters(model, rows):
+        torch.testing.assert_close(logits(model, ids), torch.cat(alone), atol=1e-5, rtol=0)
+    assert not torch.equal(alone[0], alone[3])  # row 0 is invoked: the adapter acts
+    set_active(model, "default")
+    step = torch.tensor([[20], [21], [22], [23]])
+    with torch.no_grad():
+        cached = model(input_ids=ids, use_cache=True).past_key_values
+        wanted = [model(input_ids=step[b:b + 1], past_key_values=_row_cache(model, ids[b:b + 1])).logits
+                  for b in range(3)]
+        with per_row_adapters(model, rows[:3] + ["default"], invoked=[True, None, False, True]):
+            got = model(input_ids=step, past_key_values=cached).logits
+    for b in (0, 2):  # an invoked row adapts the new token, a row without the invocation does not
+        torch.testing.assert_close(got[b], wanted[b][0], atol=1e-5, rtol=0)
+
+
+def _row_cache(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=True).past_key_values

@@ -86,19 +86,6 @@ def test_nan_weights_are_refused_at_load_and_leave_the_model_unchanged(toy, tmp_
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_an_activated_adapter_is_refused_at_load_in_one_line(toy, tmp_path):
-    """The server's per-row batches do not run an activated LoRA (alora_invocation_tokens): refused at
-    load, rather than served as if it applied to every token."""
-    shutil.copytree(toy["root"] / "task0", tmp_path / "alora")
-    config = json.loads((tmp_path / "alora" / "adapter_config.json").read_text())
-    (tmp_path / "alora" / "adapter_config.json").write_text(json.dumps({**config, "alora_invocation_tokens": [5, 6]}))
-    model = _model(toy)
-    registry = AdapterRegistry(model, adapter_root=tmp_path, max_loaded=2)
-    with pytest.raises(AdapterLoadError, match="'alora' .* is an activated LoRA .* the server does not run yet"):
-        registry.register("alora", "alora")
-    assert _lora_names(model) == set()
-
-
 def test_replacing_an_adapter_keeps_the_old_one_when_the_new_files_fail(toy, tmp_path):
     for name in ("task0", "task1", "broken"):
         shutil.copytree(toy["root"] / name, tmp_path / name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -493,3 +494,49 @@ def test_a_mixture_of_experts_adapter_on_parameters_is_served_beside_others(toy,
                 assert text(name, prompt) == greedy(model, prompt)
             assert text("base", prompt) == greedy(base, prompt)
     assert greedy(made["experts"], PROMPTS[0]) != greedy(base, PROMPTS[0])  # the experts' adapter changes answers
+
+
+def test_an_activated_adapter_is_served_as_peft_generates_it(toy, tmp_path):
+    """An aLoRA (alora_invocation_tokens) among the server's rows: prompts holding its invocation are
+    answered as PEFT's generate answers them (the adapter from the invocation on, the generated tokens
+    too), prompts without it as the base; a plain adapter decodes beside it in the same batches."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = toy["tokenizer"]
+    invocation = tokenizer.encode(" fox")[-1:]
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(toy["model_dir"]), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], alora_invocation_tokens=invocation, init_lora_weights=False,
+        task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for _, p in sorted(theirs.named_parameters(), key=lambda kv: kv[0]):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.6)
+    theirs.save_pretrained(tmp_path / "alora")
+    theirs.eval()
+
+    def generate(prompt: str) -> str:
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        with torch.no_grad():
+            out = theirs.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                  do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    prompts = ["the quick brown fox", "a fox and a dog said", "the lazy dog"]  # invoked, invoked, not
+    service = build_service(str(toy["model_dir"]), max_loaded=2,
+                            adapters={"alora": str(tmp_path / "alora"), "task0": str(toy["root"] / "task0")})
+    with TestClient(create_app(service)) as client:
+        def ask(model, prompt):
+            return client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 8,
+                                                        "temperature": 0})
+
+        with ThreadPoolExecutor(6) as pool:  # the rows decode together
+            answers = list(pool.map(lambda mp: ask(*mp), [(m, p) for p in prompts for m in ("alora", "task0")]))
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        texts = [a.json()["choices"][0]["text"] for a in answers]
+        for i, prompt in enumerate(prompts):
+            assert texts[2 * i] == generate(prompt)
+            assert texts[2 * i + 1] == toy["refs"].text(toy["root"] / "task0", tokenizer.encode(prompt), 8)
+    assert texts[4] == toy["refs"].text(None, tokenizer.encode(prompts[2]), 8)  # not invoked: the base
+    assert texts[0] != toy["refs"].text(None, tokenizer.encode(prompts[0]), 8)  # invoked: not the base

@@ -11,8 +11,11 @@ in the rows that had one: there the adapter applies to all of them, elsewhere to
 
 The model's forward is watched by one pre-hook (:func:`activate`), which reads ``input_ids``
 and sets each activated adapter's :class:`Activation` mask; a layer multiplies the adapter's
-input by it (:meth:`Activation.masked`), so the update is zero outside it. Dense layers only,
-outside per-row batches, and never merged, as in PEFT.
+input by it (:meth:`Activation.masked`), so the update is zero outside it. In a per-row batch
+(:func:`lorakit.per_row.per_row_adapters`, the server's) a :class:`RowGate` does the same for
+the rows that chose an activated adapter, each by its own invocation; a server's decode step,
+whose rows joined at different times, says which rows' prompts held their invocation
+(``invoked``, from :func:`invokes`). Dense layers only, never merged, as in PEFT.
 """
 
 from __future__ import annotations
@@ -75,6 +78,55 @@ class Activation:
         return h * mask.reshape(*h.shape[:-1], 1).to(h.dtype)
 
 
+class RowGate:
+    """A per-row batch's mask ``(batch, tokens)`` on the adapters' input: ones in the rows of other
+    adapters, the invocation's mask in the rows of an activated one; ``invoked`` (one bool or None a
+    row), when given, stands for the rows' prompts in a step that extends their caches."""
+
+    def __init__(self, rows, invoked=None):
+        self.rows, self.invoked, self.mask = list(rows), None if invoked is None else list(invoked), None
+
+    def set(self, adapters: dict[str, Activation], ids: torch.Tensor | None) -> None:
+        batch = len(self.rows)
+        length = 1 if ids is None else ids.reshape(batch, -1).shape[1]
+        mask = torch.ones(batch, length, dtype=torch.bool, device=None if ids is None else ids.device)
+        for row, name in enumerate(self.rows):
+            if name in adapters:
+                act = adapters[name].mask
+                mask[row] = bool(self.invoked[row]) if self.invoked is not None else (
+                    act[row] if act is not None else False)
+        self.mask = mask
+
+    def masked(self, x3: torch.Tensor) -> torch.Tensor:
+        """``x3 (batch, tokens, in)`` zeroed where a row's activated adapter does not apply."""
+        if self.mask is None or tuple(self.mask.shape) != tuple(x3.shape[:2]):
+            raise LorakitError(f"per-row activated adapters (alora_invocation_tokens) need the model called with "
+                               f"input_ids of the rows' tokens; a layer runs on {tuple(x3.shape[:2])}")
+        return x3 * self.mask.unsqueeze(-1).to(x3.dtype)
+
+
+def gate_rows(model: nn.Module, rows, invoked=None) -> RowGate | None:
+    """The :class:`RowGate` of a per-row batch whose ``rows`` choose an activated adapter (else None),
+    set by the model's forward hook until :func:`ungate_rows`."""
+    if not any(name in activations(model) for name in rows):
+        return None
+    gate = model.__dict__[_KEY]["gate"] = RowGate(rows, invoked)
+    return gate
+
+
+def ungate_rows(model: nn.Module) -> None:
+    model.__dict__.get(_KEY, {}).pop("gate", None)
+
+
+def invokes(model: nn.Module, name: str | None, prompt_ids) -> bool | None:
+    """Whether ``prompt_ids`` hold the invocation of adapter ``name``; None for an adapter that is not
+    activated (or the base)."""
+    act = activations(model).get(name)
+    if act is None:
+        return None
+    return bool(invocation_starts(torch.tensor([list(prompt_ids)]), act.tokens)[0] >= 0)
+
+
 def activations(model: nn.Module) -> dict[str, Activation]:
     """The model's activated adapters by name."""
     return model.__dict__.get(_KEY, {}).get("adapters", {})
@@ -114,5 +166,9 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> None:
     position = kwargs.get("cache_position")
     extends = (position is not None and position.numel() > 0 and int(position.reshape(-1)[0]) > 0) or (
         cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0)
-    for activation in activations(model).values():
+    adapters = activations(model)
+    for activation in adapters.values():
         activation.update(ids, extends)
+    gate = model.__dict__[_KEY].get("gate")
+    if gate is not None:
+        gate.set(adapters, ids)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lorakit.adapter_records import cached_per_adapter_set, lora_configs
-from lorakit.alora import activations
+from lorakit.alora import activations, gate_rows, ungate_rows
 from lorakit.errors import LorakitError
 from lorakit.targets import lora_layers, saved_modules
 
@@ -39,12 +39,15 @@ def _layers_of(model: nn.Module):
 
 
 @contextmanager
-def per_row_adapters(model: nn.Module, rows: Sequence[str | None]):
+def per_row_adapters(model: nn.Module, rows: Sequence[str | None], invoked: Sequence[bool | None] | None = None):
     """Run row ``b`` of the next forward passes with adapter ``rows[b]`` (None: the base).
 
     Args:
         model: a model with adapters attached.
         rows: one adapter name or None per batch row; its length must equal the batch size.
+        invoked: for rows of activated adapters (aLoRA) in steps that extend their caches, whether
+            each row's prompt held its invocation (:func:`lorakit.alora.invokes`); None: each
+            forward's ``input_ids`` say it (:mod:`lorakit.alora`).
 
     Raises:
         LorakitError: an unknown adapter name, an empty ``rows``, or merged adapters
@@ -57,16 +60,17 @@ def per_row_adapters(model: nn.Module, rows: Sequence[str | None]):
     unknown = sorted({r for r in rows if r is not None and r not in known})
     if unknown:
         raise LorakitError(f"unknown adapter(s) {unknown} in the row list; the model has {sorted(known) or 'none'}")
-    if activated := sorted({r for r in rows if r in activations(model)}):
-        raise LorakitError(f"adapter {activated[0]!r} is an activated LoRA (alora_invocation_tokens), which per-row "
-                           "batches do not run yet; run it as the active adapter (set_active)")
     layers, saved = _layers_of(model)
     merged = sorted({n for layer in layers for n in layer.merged})
     if merged:
         raise LorakitError(f"adapters {merged} are merged into the weights; unmerge(model) before per-row adapters")
 
     slot_cache: dict[tuple, torch.Tensor] = {}  # layers with the same slot layout share one index tensor
+    gate = gate_rows(model, rows, invoked)  # rows of activated adapters (aLoRA): their tokens' mask
+    gated = [layer for layer in layers if gate is not None and any(n in layer.adapters for n in activations(model))]
     try:
+        for layer in gated:
+            layer.row_gate = gate
         for layer in layers:
             position, *stacks = layer.row_stacks()  # A_rows, B_rows (and DoRA's S_rows)
             device = stacks[0].device
@@ -80,6 +84,9 @@ def per_row_adapters(model: nn.Module, rows: Sequence[str | None]):
             module.set_rows(rows)
         yield model
     finally:
+        for layer in gated:
+            layer.row_gate = None
+        ungate_rows(model)
         for layer in layers:
             layer.set_rows(None)
         for module in saved:

@@ -185,7 +185,8 @@ class SharedInputGroup:
         """Per-row batches (:func:`lorakit.per_row.per_row_adapters`): one gather of the members'
         stacked ``Aᵀ`` and one ``bmm`` for all of them, when every member has the same row slots."""
         rows = [m._rows for m in members]
-        if any(r is None or len(r) != 3 for r in rows) or torch.is_grad_enabled():
+        if any(r is None or len(r) != 3 for r in rows) or torch.is_grad_enabled() or any(
+                m.row_gate is not None for m in members):  # (rows of activated adapters: each layer masks its own)
             return None  # (a 4th stack: DoRA's scales or biases on B, which each layer adds itself)
         slots = rows[0][0]
         if slots.shape[0] != x.shape[0] or any(r[0] is not slots for r in rows):

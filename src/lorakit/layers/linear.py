@@ -99,6 +99,8 @@ class LoraLinear(LoraLayer):
     #: siblings reading the same input may compute this layer's adapters with theirs (:mod:`.fused`)
     fuse_shared_input = True
     takes_lora_bias = True
+    #: a per-row batch's :class:`lorakit.alora.RowGate` while rows choose activated adapters (aLoRA)
+    row_gate = None
 
     def __init__(self, base: nn.Module):
         super().__init__(base)
@@ -197,6 +199,8 @@ class LoraLinear(LoraLayer):
         if slots.shape[0] != batch:
             raise LorakitError(f"per-row adapters were given for {slots.shape[0]} rows but the batch has {batch}")
         x3 = x.reshape(batch, -1, self.in_features)
+        if self.row_gate is not None:  # rows of activated adapters: zero before their invocation
+            x3 = self.row_gate.masked(x3)
         if x3.dtype != A_rows.dtype:
             x3 = x3.to(A_rows.dtype)
         z = torch.bmm(x3, A_rows.index_select(0, slots))  # (batch, tokens, r_max)

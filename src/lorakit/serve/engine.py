@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from lorakit.alora import invokes
 from lorakit.chat_templates import end_ids
 from lorakit.errors import LorakitError
 from lorakit.heap import release_freed_memory
@@ -106,6 +107,7 @@ class _Row:
     finish_reason: str | None = None
     error: Exception | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet reported
+    invoked: bool | None = None  # an activated adapter's (aLoRA): whether the prompt held its invocation
 
     @property
     def slot(self) -> str | None:
@@ -257,7 +259,9 @@ class Engine:
                     still_waiting.append(request)
                     continue
             stream = TextStream(self.tokenizer, request.stop)
-            admitted.append(_Row(request=request, entry=entry, stream=stream))
+            row = _Row(request=request, entry=entry, stream=stream)
+            row.invoked = invokes(self.model, row.slot, request.prompt_ids)
+            admitted.append(row)
         self._count_queued(len(still_waiting) - len(self._waiting))
         self._waiting = still_waiting
         if admitted:
@@ -308,7 +312,7 @@ class Engine:
         """One token for every running row in one forward of the model."""
         mask, positions = self._batch.step_inputs()
         ids = torch.tensor([[row.next_token] for row in self._rows], device=self.device)
-        self._held.use([row.slot for row in self._rows])
+        self._held.use([row.slot for row in self._rows], [row.invoked for row in self._rows])
         with torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=mask.to(self.device), position_ids=positions.to(self.device),
                              past_key_values=self._batch.cache, use_cache=True)

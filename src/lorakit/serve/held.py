@@ -14,15 +14,17 @@ class HeldRows:
         self.slots: tuple | None = None
         self.context = None
 
-    def use(self, slots: list[str | None]) -> None:
-        if tuple(slots) == self.slots:
+    def use(self, slots: list[str | None], invoked: list[bool | None] | None = None) -> None:
+        """Rows ``slots`` (and, for activated adapters, whether each row's prompt ``invoked`` it)."""
+        key = (tuple(slots), None if invoked is None else tuple(invoked))
+        if key == self.slots:
             return
         from lorakit.per_row import per_row_adapters
 
         self.close()
-        context = per_row_adapters(self.model, slots)
+        context = per_row_adapters(self.model, slots, invoked)
         context.__enter__()
-        self.context, self.slots = context, tuple(slots)
+        self.context, self.slots = context, key
 
     def close(self) -> None:
         if self.context is not None:

@@ -311,9 +311,6 @@ class AdapterRegistry:
         with self._staged(entry) as folder:
             try:
                 config, tensors, metadata = read_adapter_with_metadata(folder)
-                if config.alora_invocation_tokens:
-                    raise LorakitError("it is an activated LoRA (alora_invocation_tokens), which the server does not "
-                                       "run yet (lorakit generate and the library do)")
                 plan_load(self.model, config, tensors, "check", folder, metadata)
             except Exception as err:  # noqa: BLE001 - reported to the client; the server goes on
                 raise AdapterLoadError(self._scrub(f"adapter {entry.name!r} from {entry.shown} failed to load: {err}",
