@@ -334,3 +334,32 @@ def test_compile_trains_to_the_eager_result(tiny, tmp_path):
 
     files = [load_file(str(tmp_path / run / "adapter" / "adapter_model.safetensors")) for run in ("eager", "compiled")]
     assert files[0].keys() == files[1].keys()
+
+
+def test_adapter_folders_peft_wrote_are_used_by_generate_predict_and_eval(tiny, tmp_path, capsys):
+    """A PEFT adapter folder (no lorakit_task.json): its task from task_type, its base from --model;
+    a classifier's classes as the model's config names them; eval needs --data (and a label order)."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    lm = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny["llm"]), peft.LoraConfig(
+        r=4, target_modules=["q_proj"], init_lora_weights=False, task_type="CAUSAL_LM"))
+    lm.save_pretrained(tmp_path / "lm")
+    assert main(["generate", "--adapter", str(tmp_path / "lm"), "--model", tiny["llm"], "hi",
+                 "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("[")
+    assert main(["eval", "--adapter", str(tmp_path / "lm"), "--model", tiny["llm"]]) == 2
+    assert "records no data it was trained on" in capsys.readouterr().err
+    assert main(["eval", "--adapter", str(tmp_path / "lm"), "--model", tiny["llm"], "--data", tiny["chat"]]) == 0
+    assert "loss" in capsys.readouterr().out
+    classifier = AutoModelForSequenceClassification.from_pretrained(tiny["cls"])
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(classifier, peft.LoraConfig(r=4, target_modules=["query", "value"],
+                                                               task_type="SEQ_CLS"))
+    theirs.save_pretrained(tmp_path / "cls")
+    assert main(["predict", "--adapter", str(tmp_path / "cls"), "--model", tiny["cls"], "a fine film"]) == 0
+    labels = classifier.config.id2label
+    assert capsys.readouterr().out.split()[0] in {str(v) for v in labels.values()}
+    assert main(["eval", "--adapter", str(tmp_path / "cls"), "--model", tiny["cls"], "--data", tiny["chat"]]) == 2
+    assert "records no label order" in capsys.readouterr().err

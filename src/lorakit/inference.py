@@ -104,8 +104,8 @@ def load_trained(adapters: list, merge: bool = False, model: str | None = None, 
             with others, or several classifiers are to be merged.
     """
     chat_templates.check(chat_template)
-    folders = [trained_folder(a) for a in adapters]
-    infos = [json.loads((f / TASK_FILE).read_text()) for f in folders]
+    folders, infos = zip(*(_folder_info(a, task, model) for a in adapters)) if adapters else ((), ())
+    folders, infos = list(folders), list(infos)
     found = get_task(infos[0]["task"] if infos else task or "chat")
     if chat_template is not None and found.trains_head:
         raise LorakitError(f"--chat-template is for a model that generates; task {found.name!r} classifies")
@@ -151,6 +151,28 @@ def load_trained(adapters: list, merge: bool = False, model: str | None = None, 
         net = merge_and_unload(net)
         return Trained(net.to(device).eval(), tokenizer, found, first, ["merged"])
     return Trained(net.to(device).eval(), tokenizer, found, first, names, dict(zip(names, infos)))
+
+
+def _folder_info(path, task: str | None, model: str | None) -> tuple[Path, dict]:
+    """``(the trained result's folder, its lorakit_task.json)``; for an adapter folder PEFT wrote (no
+    task file), what its config says: the task from ``task_type`` (``SEQ_CLS``: classify; else
+    ``task``, or chat), the base from ``model`` or ``base_model_name_or_path``, no labels (the
+    model's own), no recorded data or length."""
+    from lorakit.io import CONFIG_NAME
+    from lorakit.run_folder import RunFolder
+
+    path = Path(path)
+    if path.is_dir() and not (path / TASK_FILE).is_file() and (path / CONFIG_NAME).is_file() \
+            and not RunFolder(path).is_run():
+        try:
+            config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise LorakitError(f"{path / CONFIG_NAME} does not parse as JSON ({err})") from None
+        kind = "classify" if config.get("task_type") == "SEQ_CLS" else task or "chat"
+        return path, {"task": kind, "method": "lora", "labels": None, "max_length": None, "data": None,
+                      "model": model or config.get("base_model_name_or_path") or "default"}
+    folder = trained_folder(path)
+    return folder, json.loads((folder / TASK_FILE).read_text())
 
 
 def _apply_saved_template(tokenizer, folders: list[Path]) -> None:
@@ -200,6 +222,10 @@ def evaluate_trained(trained: Trained, data: str | None = None, batch_size: int 
     read, encoded, results = {}, {}, {}
     for name in trained.names:
         info = trained.info_of(name)
+        if info.get("labels") is None and task.trains_head:
+            raise LorakitError(f"{name}: a classifier adapter PEFT wrote records no label order (no "
+                               "lorakit_task.json), so its outputs cannot be matched to the data's labels; "
+                               "classify with lorakit predict, or train the adapter with lorakit train")
         named = {**(info.get("columns") or {}), **(columns or {})} or None
         where = json.dumps([data, named] if data is not None else
                            [info.get("data", "default"), named, info.get("data_limit"), info.get("stream")])
@@ -224,6 +250,9 @@ def _scored_split(task: Task, info: dict, data: str | None, columns: dict | None
     if data is not None:
         return lkdata.DatasetSplits([], [], task.read_records(data, columns), str(data))
     source = info.get("data", "default")
+    if source is None:
+        raise LorakitError("this adapter folder records no data it was trained on (PEFT wrote it, without "
+                           "lorakit_task.json); give the examples to score with --data FILE")
     recorded = info.get("data_fingerprint")
     if recorded is not None and Path(source).is_file() and file_fingerprint(source) != recorded:
         raise LorakitError(f"{source} changed since this run trained on it, so splitting it again would put "

@@ -24,6 +24,7 @@ def register(subparsers) -> None:
     parser.add_argument("--merge", action="store_true", help="merge the adapter into the base weights first")
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"examples per forward pass (default: the task's: {per_task('default_eval_batch_size')})")
+    parser.add_argument("--model", default=None, help="base model: 'default' or a folder (default: the adapter's)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.set_defaults(func=run)
 
@@ -32,7 +33,7 @@ def run(args) -> int:
     from lorakit.distributed import pick_device
     from lorakit.inference import evaluate_trained, load_trained
 
-    trained = load_trained(args.adapter, merge=args.merge, device=pick_device(args.device))
+    trained = load_trained(args.adapter, merge=args.merge, model=args.model, device=pick_device(args.device))
     columns = {key: getattr(args, f"{key}_column") for key in ("text", "label", "prompt", "completion", "messages")
                if getattr(args, f"{key}_column")}
     results = evaluate_trained(trained, args.data, args.batch_size, columns=columns, progress=True)

@@ -19,6 +19,7 @@ def register(subparsers) -> None:
                         help="a classification run folder of lorakit train (--out), or the adapter (or full model) "
                              "folder in it; repeat to compare")
     parser.add_argument("--merge", action="store_true", help="merge the adapter into the base weights first")
+    parser.add_argument("--model", default=None, help="base model: 'default' or a folder (default: the adapter's)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.set_defaults(func=run)
 
@@ -28,7 +29,7 @@ def run(args) -> int:
     from lorakit.inference import load_trained, predict
 
     texts = _texts(args.texts)
-    trained = load_trained(args.adapter, merge=args.merge, device=pick_device(args.device))
+    trained = load_trained(args.adapter, merge=args.merge, model=args.model, device=pick_device(args.device))
     results = predict(trained, texts)
     for name, rows in results.items():
         if len(results) > 1:

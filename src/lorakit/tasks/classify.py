@@ -173,6 +173,9 @@ class ClassificationTask(Task):
         device = next(model.parameters()).device
         logits = model(**{k: v.to(device) for k, v in model_inputs(batch, pairs).items()}).logits
         probabilities = logits.float().softmax(-1).cpu()
+        if labels is None:  # an adapter PEFT wrote: the classes as the model's config names them
+            names = getattr(model.config, "id2label", None) or {}
+            labels = [str(names.get(i, f"LABEL_{i}")) for i in range(probabilities.shape[-1])]
         return [{"text": text, "label": labels[int(row.argmax())],
                  "probabilities": {label: float(p) for label, p in zip(labels, row)}}
                 for text, row in zip(texts, probabilities)]
