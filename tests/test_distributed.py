@@ -186,3 +186,19 @@ def test_the_flag_given_sets_the_precision_else_the_device_does():
     assert distributed.run_in_bf16(True, cpu) is True and distributed.run_in_bf16(False, cpu) is False
     assert distributed.run_in_bf16(None, cpu) == distributed.native_bf16(cpu)
     assert distributed.run_in_bf16(None, torch.device("meta")) is False  # no bf16 arithmetic there
+
+
+def test_trainable_tokens_over_two_cpu_processes_equal_one_process(chat_run, tmp_path):
+    """DDP with token rows (--trainable-tokens) beside the adapter, on a tied head: the rows'
+    gradients are averaged as the factors' are, so two processes end where one does; a token
+    the batches never hold (99) keeps its row."""
+    common, _ = chat_run
+    config = {**common, "targets": ["q_proj", "v_proj"], "trainable_tokens": [5, 6, 99]}
+    train(TrainConfig(**config, batch_size=8, out=str(tmp_path / "one")))
+    torchrun(tmp_path, {**config, "batch_size": 4, "out": str(tmp_path / "two")})
+    assert_same_adapter(tmp_path / "two", tmp_path / "one")
+    from transformers import AutoModelForCausalLM
+
+    rows = [t for key, t in adapter_tensors(tmp_path / "two").items() if key.endswith("trainable_tokens_delta")]
+    base = AutoModelForCausalLM.from_pretrained(common["model"]).get_input_embeddings().weight[[5, 6, 99]]
+    assert len(rows) == 1 and (rows[0][:2] - base[:2]).abs().max() > 1e-4  # trained, where the tokens occur
