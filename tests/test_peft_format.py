@@ -675,3 +675,26 @@ def test_a_peft_adalora_file_missing_a_tensor_is_one_line(tmp_path):
               tmp_path / "adapter_model.safetensors")
     with pytest.raises(LorakitError, match=r"model\.layers\.1\.self_attn\.q_proj lacks lora_E"):
         load_adapter(tiny_llama(), tmp_path)
+
+
+def test_a_peft_adalora_file_on_convolutions_loads_with_its_flat_factors(tmp_path):
+    """PEFT's AdaLoRA keeps a Conv2d's factors flat (A (k, in·kh·kw), B (out, k)); lorakit gives them the
+    kernel's shape, and the ResNet's logits equal PEFT's."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    def make():
+        torch.manual_seed(0)
+        return ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                                         num_labels=3)).eval()
+
+    theirs = peft.get_peft_model(make(), peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                                             target_modules=["convolution"]))
+    perturb_trainable(theirs, std=0.3)
+    theirs.save_pretrained(tmp_path)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    _, tensors = read_adapter(tmp_path)
+    assert any(t.dim() == 2 and "embedder.convolution" in k for k, t in tensors.items())  # flat in the file
+    with torch.no_grad():
+        expected, base = theirs.eval()(pixel_values=pixels).logits, make()(pixel_values=pixels).logits
+        got = load_adapter(make(), tmp_path).eval()(pixel_values=pixels).logits
+    assert_same(expected, got, base)

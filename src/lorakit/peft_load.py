@@ -9,6 +9,7 @@ listing every problem; only then does :func:`apply_plan` write into the model (a
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -182,6 +183,9 @@ def _check_factors(model, config, name, targets, factors, magnitudes, problems) 
             problems.append(f"missing {' and '.join(kind + f for f in 'AB' if f not in found)} for {key_path}")
             continue
         (A, a_emb), (B, b_emb) = found["A"], found["B"]
+        if len(shapes[0]) > 2 and A.dim() == B.dim() == 2 and (A.numel(), B.numel()) == (
+                math.prod(shapes[0]), math.prod(shapes[1])):  # a convolution's factors flat, as AdaLoRA's
+            A, B = A.reshape(shapes[0]), B.reshape(shapes[1])
         if a_emb != embedding or b_emb != embedding:
             have, want = ("an embedding", "a linear layer") if embedding else ("a linear layer", "an embedding")
             problems.append(f"{key_path} is {have} in the model but the file stores it as {want}")
