@@ -369,32 +369,40 @@ def test_an_adapter_with_trainable_tokens_is_served_as_peft_computes_it(toy, tmp
     theirs.save_pretrained(tmp_path / "tokens")
     theirs.eval()
 
-    def greedy(prompt: str, n: int = 8) -> str:
-        ids, new = torch.tensor([tokenizer.encode(prompt)]), []
-        with torch.no_grad():
-            for _ in range(n):
-                token = int(theirs(input_ids=ids).logits[0, -1].argmax())
-                if token == tokenizer.eos_token_id:
-                    break
-                new.append(token)
-                ids = torch.cat([ids, torch.tensor([[token]])], 1)
-        return tokenizer.decode(new, skip_special_tokens=True)
+    def greedy(prompt: str) -> str:
+        return greedy_text(theirs, tokenizer, prompt, 8)
 
     service = build_service(str(toy["model_dir"]), max_loaded=2,
                             adapters={"tokens": str(tmp_path / "tokens"), "task0": str(toy["root"] / "task0")})
     with TestClient(create_app(service)) as client:
-        def text(model, prompt):
-            answer = client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 8,
-                                                          "temperature": 0})
-            assert answer.status_code == 200, answer.text
-            return answer.json()["choices"][0]["text"]
-
         for prompt in prompts:
-            assert text("tokens", prompt) == greedy(prompt)
-            assert text("task0", prompt) == toy["refs"].text(toy["root"] / "task0", tokenizer.encode(prompt), 8)
+            assert served_text(client, "tokens", prompt, 8) == greedy(prompt)
+            assert served_text(client, "task0", prompt, 8) == toy["refs"].text(toy["root"] / "task0",
+                                                                                tokenizer.encode(prompt), 8)
     with theirs.disable_adapter():
         plain = [greedy(p) for p in prompts]
     assert [greedy(p) for p in prompts] != plain  # the token rows change the answers
+
+
+def greedy_text(model, tokenizer, prompt: str, n: int) -> str:
+    """``model``'s greedy continuation of ``prompt`` (at most ``n`` tokens, no cache), decoded."""
+    ids, new = torch.tensor([tokenizer.encode(prompt)]), []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model(input_ids=ids).logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], 1)
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def served_text(client, model: str, prompt: str, n: int) -> str:
+    """The server's greedy completion of ``prompt`` by ``model`` (an adapter name or "base")."""
+    answer = client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": n,
+                                                  "temperature": 0})
+    assert answer.status_code == 200, answer.text
+    return answer.json()["choices"][0]["text"]
 
 
 def test_an_adapter_trained_on_pairs_of_texts_classifies_tab_separated_pairs(classifier, tmp_path):
@@ -469,31 +477,15 @@ def test_a_mixture_of_experts_adapter_on_parameters_is_served_beside_others(toy,
         model.save_pretrained(tmp_path / name)
         made[name] = model.eval()
 
-    def greedy(model, prompt: str, n: int = 6) -> str:
-        ids, new = torch.tensor([tokenizer.encode(prompt)]), []
-        with torch.no_grad():
-            for _ in range(n):
-                token = int(model(input_ids=ids).logits[0, -1].argmax())
-                if token == tokenizer.eos_token_id:
-                    break
-                new.append(token)
-                ids = torch.cat([ids, torch.tensor([[token]])], 1)
-        return tokenizer.decode(new, skip_special_tokens=True)
-
     service = build_service(str(tmp_path / "moe"), max_loaded=2,
                             adapters={name: str(tmp_path / name) for name in made})
     with TestClient(create_app(service)) as client:
-        def text(model, prompt):
-            answer = client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 6,
-                                                          "temperature": 0})
-            assert answer.status_code == 200, answer.text
-            return answer.json()["choices"][0]["text"]
-
         for prompt in PROMPTS[:2]:
             for name, model in made.items():
-                assert text(name, prompt) == greedy(model, prompt)
-            assert text("base", prompt) == greedy(base, prompt)
-    assert greedy(made["experts"], PROMPTS[0]) != greedy(base, PROMPTS[0])  # the experts' adapter changes answers
+                assert served_text(client, name, prompt, 6) == greedy_text(model, tokenizer, prompt, 6)
+            assert served_text(client, "base", prompt, 6) == greedy_text(base, tokenizer, prompt, 6)
+    # the experts' adapter changes answers
+    assert greedy_text(made["experts"], tokenizer, PROMPTS[0], 6) != greedy_text(base, tokenizer, PROMPTS[0], 6)
 
 
 def test_an_activated_adapter_is_served_as_peft_generates_it(toy, tmp_path):

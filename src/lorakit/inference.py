@@ -104,8 +104,8 @@ def load_trained(adapters: list, merge: bool = False, model: str | None = None, 
             with others, or several classifiers are to be merged.
     """
     chat_templates.check(chat_template)
-    folders, infos = zip(*(_folder_info(a, task, model) for a in adapters)) if adapters else ((), ())
-    folders, infos = list(folders), list(infos)
+    read = [_folder_info(a, task, model) for a in adapters]
+    folders, infos = [folder for folder, _ in read], [info for _, info in read]
     found = get_task(infos[0]["task"] if infos else task or "chat")
     if chat_template is not None and found.trains_head:
         raise LorakitError(f"--chat-template is for a model that generates; task {found.name!r} classifies")
@@ -158,16 +158,13 @@ def _folder_info(path, task: str | None, model: str | None) -> tuple[Path, dict]
     task file), what its config says: the task from ``task_type`` (``SEQ_CLS``: classify; else
     ``task``, or chat), the base from ``model`` or ``base_model_name_or_path``, no labels (the
     model's own), no recorded data or length."""
-    from lorakit.io import CONFIG_NAME
+    from lorakit.io import CONFIG_NAME, adapter_config_dict
     from lorakit.run_folder import RunFolder
 
     path = Path(path)
     if path.is_dir() and not (path / TASK_FILE).is_file() and (path / CONFIG_NAME).is_file() \
             and not RunFolder(path).is_run():
-        try:
-            config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise LorakitError(f"{path / CONFIG_NAME} does not parse as JSON ({err})") from None
+        config = adapter_config_dict(path)
         kind = "classify" if config.get("task_type") == "SEQ_CLS" else task or "chat"
         return path, {"task": kind, "method": "lora", "labels": None, "max_length": None, "data": None,
                       "model": model or config.get("base_model_name_or_path") or "default"}

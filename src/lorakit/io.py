@@ -321,18 +321,27 @@ def read_adapters_of_one_model(folders) -> dict[Path, tuple[LoraConfig, dict[str
     return {folder: (config, tensors) for folder, (config, tensors, _) in files.items()}
 
 
+def adapter_config_dict(folder: Path) -> dict:
+    """The ``adapter_config.json`` of adapter folder ``folder`` as written (PEFT's keys), unchecked.
+
+    Raises:
+        LorakitError: the folder holds none, or it does not parse as JSON.
+    """
+    config_file = Path(folder) / CONFIG_NAME
+    if not config_file.is_file():
+        raise LorakitError(f"{folder} holds no {CONFIG_NAME}; an adapter folder has {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LorakitError(f"{config_file} does not parse as JSON ({err}); save the adapter again") from None
+
+
 def _read(folder: Path) -> tuple[LoraConfig, dict[str, torch.Tensor], dict[str, str]]:
     if folder.is_file() and folder.name in (WEIGHTS_NAME, CONFIG_NAME, PICKLE_NAME):
         folder = folder.parent
     if not folder.is_dir():
         raise LorakitError(f"adapter folder {folder} does not exist")
-    config_file = folder / CONFIG_NAME
-    if not config_file.is_file():
-        raise LorakitError(f"{folder} holds no {CONFIG_NAME}; an adapter folder has {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LorakitError(f"{config_file} does not parse as JSON ({err}); save the adapter again") from None
+    raw = adapter_config_dict(folder)
     config = None if is_adalora(raw) else LoraConfig.from_peft_dict(raw)  # AdaLoRA's is read with its tensors
     weights = folder / WEIGHTS_NAME
     if weights.is_file():
