@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from lorakit import LoraConfig, attach, load_adapter, save_adapter
 from lorakit.layers import LoraLinear
@@ -75,10 +75,35 @@ def test_adapter_trained_on_nf4_is_an_ordinary_adapter_file(tmp_path):
                                atol=1e-5, rtol=1e-5)
 
 
-def dequantize_base_copy(model):
+def dequantize_base_copy(model, layers=14):
     model = copy.deepcopy(model)
-    assert len(dequantize_base(model)) == 14
+    assert len(dequantize_base(model)) == layers
     return model
+
+
+def test_a_gpt2_conv1d_base_is_quantized_and_its_adapter_stays_an_ordinary_gpt2_adapter(tmp_path):
+    """GPT-2's Conv1D layers (weight (in, out)) are quantized as (out, in) linear layers, as
+    bitsandbytes does for transformers; LoRA attached before (as lorakit train does) follows."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=128, n_layer=2, n_head=4, n_positions=64)).eval()
+    quantized = attach(copy.deepcopy(base), LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
+    report = quantize_base(quantized, "nf4")
+    assert len(report.layers) == 8 and report.kept == {"lm_head": "the output head"}
+    moved(quantized)
+    save_adapter(quantized, tmp_path / "ad")
+    x = token_batch(2, 8)
+    # the very outputs of the quantized model, from its dequantized weights in plain linear layers
+    plain = unload(dequantize_base_copy(quantized, 8))
+    torch.testing.assert_close(logits(load_adapter(plain, tmp_path / "ad"), x), logits(quantized, x),
+                               atol=1e-5, rtol=1e-5)
+    # the file is an ordinary GPT-2 adapter: on the full-precision base lorakit and PEFT agree
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad")).eval()
+    torch.testing.assert_close(logits(theirs, x), logits(load_adapter(copy.deepcopy(base), tmp_path / "ad"), x),
+                               atol=1e-5, rtol=0)
+    with pytest.warns(QuantizedMergeWarning):
+        merged = merge_and_unload(copy.deepcopy(quantized))
+    torch.testing.assert_close(logits(merged, x), logits(quantized, x), atol=1e-4, rtol=0)
 
 
 def test_merge_into_a_quantized_base_keeps_the_compute_dtype_or_requantizes():

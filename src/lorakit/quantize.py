@@ -36,7 +36,7 @@ from lorakit.layers.quantized import (
     quantize_tensor,
     stored_bytes,
 )
-from lorakit.targets import output_heads, replace_module, tied_paths, walk
+from lorakit.targets import Conv1D, output_heads, replace_module, tied_paths, walk
 
 
 @dataclass
@@ -95,21 +95,21 @@ def quantize_base(model: nn.Module, kind: str = "nf4") -> QuantizeReport:
         _set_base(model, modules, path, quantized)
         report.layers.append(path)
     if not report.layers:
-        raise LorakitError(f"{type(model).__name__} has no nn.Linear to quantize"
+        raise LorakitError(f"{type(model).__name__} has no nn.Linear or Conv1D to quantize"
                            + (f" (kept dense: {report.kept})" if report.kept else ""))
     release_freed_memory()  # the dense weights just replaced: otherwise the process keeps their pages
     return report
 
 
 def _frozen_linears(model: nn.Module, modules: dict[str, nn.Module], kept: dict[str, str]):
-    """``(path, module)`` of every plain ``nn.Linear`` (bare or under a LoRA layer) to quantize;
-    the others of that type go into ``kept`` with the reason."""
+    """``(path, module)`` of every plain ``nn.Linear`` or ``Conv1D`` (bare or under a LoRA layer) to
+    quantize; the others of those types go into ``kept`` with the reason."""
     heads = set(output_heads(model, modules))
     inside_saved = tuple(p + "." for p, m in modules.items() if isinstance(m, SavedModule))
     candidates = []
     for path, module in modules.items():
         linear = module._base if isinstance(module, LoraLayer) else module
-        if type(linear) is not nn.Linear or (inside_saved and path.startswith(inside_saved)):
+        if type(linear) not in (nn.Linear, Conv1D) or (inside_saved and path.startswith(inside_saved)):
             continue
         if path in heads:
             kept[path] = "the output head"

@@ -112,6 +112,10 @@ class LoraLinear(LoraLayer):
     def weight_to_layout(self, matrix: torch.Tensor) -> torch.Tensor:
         return matrix.T if self.fan_in_fan_out else matrix
 
+    def replace_base(self, new: nn.Module) -> None:
+        super().replace_base(new)
+        self.fan_in_fan_out = is_conv1d(new)  # a Conv1D's quantized copy stores (out, in)
+
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.base_is_quantized:  # it dequantizes its own weight (lorakit.layers.quantized)
             return self._base(x)

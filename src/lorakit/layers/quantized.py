@@ -175,9 +175,13 @@ class QuantizedLinear(nn.Linear):
         self.bias = bias
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, kind: str) -> "QuantizedLinear":
-        """The layer ``linear`` with its weight quantized to ``kind`` (its bias shared)."""
-        made = cls(quantize_tensor(linear.weight, kind), linear.bias, kind)
+    def from_linear(cls, linear: nn.Module, kind: str) -> "QuantizedLinear":
+        """The layer ``linear`` with its weight quantized to ``kind`` (its bias shared): an
+        ``nn.Linear``, or a transformers ``Conv1D`` (GPT-2), whose ``(in, out)`` weight is stored
+        transposed, as ``(out, in)``."""
+        from lorakit.dense import weight_out_in
+
+        made = cls(quantize_tensor(weight_out_in(linear), kind), linear.bias, kind)
         made.train(linear.training)
         return made
 
