@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from lorakit.analysis import extract_adapter, extract_lora, model_spectra
-from lorakit.analysis.weights import linear_weights
+from lorakit.analysis.weights import linear_weights, parameter_weights
 from lorakit.errors import LorakitError
 from lorakit.io import load_adapter, read_adapter
-from tiny_models import tiny_bert_classifier, tiny_gpt2, token_batch
+from tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_gpt_oss, tiny_mixtral, token_batch
 
 
 def _low_rank(out, inp, r, seed):
@@ -94,6 +94,51 @@ def test_extracted_adapter_reproduces_the_fine_tune_in_lorakit_and_peft(tmp_path
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad")).eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(x).logits, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("make", [tiny_mixtral, tiny_gpt_oss], ids=["mixtral", "gpt-oss-transposed"])
+def test_a_mixture_of_experts_fine_tune_travels_as_lora_on_its_expert_parameters(tmp_path, make):
+    """Fused experts and routers are no linear layers: their change is factored per expert and
+    written as PEFT's target_parameters, instead of being left out."""
+    from peft import PeftModel
+
+    base = make()
+    tuned = copy.deepcopy(base)
+    stacks = parameter_weights(tuned)
+    assert {key.split(".mlp.")[1] for key in stacks} == {"experts.gate_up_proj", "experts.down_proj",
+                                                         "gate.weight" if make is tiny_mixtral else "router.weight"}
+    with torch.no_grad():
+        for i, w in enumerate(linear_weights(tuned).values()):
+            w += _low_rank(*w.shape, 2, 30 + i)
+        for i, stack in enumerate(stacks.values()):  # (E, out, in) views, GPT-OSS's (E, in, out) transposed
+            for e, w in enumerate(stack):
+                w += _low_rank(*w.shape, 2, 60 + 7 * i + e)
+    x = token_batch(vocab=50)
+    with torch.no_grad():
+        want = tuned(x).logits
+    ex = extract_adapter(base, tuned, tmp_path / "ad", rank=2)
+    experts = {path: m for path, m in ex.modules.items() if m.experts}
+    assert len(experts) == len(stacks) and max(m.relative_error for m in ex.modules.values()) < 1e-5
+    raw = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert raw["target_parameters"] == list(stacks) and "experts" not in str(raw["target_modules"])
+    for module in (load_adapter(copy.deepcopy(base), tmp_path / "ad"),
+                   PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ad")).eval()):
+        with torch.no_grad():
+            torch.testing.assert_close(module(x).logits, want, atol=1e-4, rtol=1e-4)
+    # at rank 1 each expert keeps its top direction: the error is the experts' Eckart-Young tails together
+    one = extract_lora(linear_weights(base), linear_weights(tuned), rank=1, base_parameters=parameter_weights(base),
+                       tuned_parameters=parameter_weights(tuned))
+    path = next(iter(experts))
+    sigma = [torch.linalg.svdvals((t - b).double()) for b, t in zip(parameter_weights(base)[path],
+                                                                    parameter_weights(tuned)[path])]
+    tail = sum(float(s[1:].square().sum()) for s in sigma) / sum(float(s.square().sum()) for s in sigma)
+    assert one.modules[path].rank == 1 and one.modules[path].relative_error == pytest.approx(tail ** 0.5, rel=1e-6)
+    spectra = model_spectra(base, tuned)  # each expert's ΔW is a row of its own
+    rows = [key for key in spectra if key.split("[")[0] in stacks]
+    assert len(rows) == sum(len(stack) if len(stack) > 1 else 1 for stack in stacks.values())
+    assert all(spectra[key].delta_norm > 0 and spectra[key].ranks[0.99] <= 2 for key in rows)
+    with pytest.raises(LorakitError, match="--lora-bias cannot go with LoRA on parameters"):
+        extract_adapter(base, tuned, tmp_path / "biased", rank=2, lora_bias=True)
 
 
 @pytest.mark.parametrize("make", [tiny_bert_classifier, tiny_gpt2], ids=["bert", "gpt2-conv1d"])

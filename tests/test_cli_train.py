@@ -62,7 +62,7 @@ def test_the_flags_are_made_from_the_config_fields_and_keep_their_names():
     added = {"--overwrite", "--loraplus-ratio", "--fsdp", "--dora", "--quantize", "--gradient-checkpointing", "--class-weights",
              "--text-column", "--label-column", "--prompt-column", "--completion-column", "--messages-column",
              "--stream", "--no-stream", "--stream-buffer", "--compile", "--chat-template", "--layers-to-transform",
-             "--trainable-tokens", "--lora-bias"}
+             "--trainable-tokens", "--lora-bias", "--bias", "--target-parameters"}
     assert {option for a in actions.values() for option in a.option_strings} == OLD_FLAGS | added
     # a flag not given leaves the dataclass's default: the defaults are written once
     assert config_from_args(parser.parse_args(["train"])) == TrainConfig()
@@ -169,11 +169,25 @@ def test_layers_to_transform_adapts_those_blocks_only_and_peft_reads_the_file(ti
     assert "--layers-to-transform cannot narrow a regex --targets" in capsys.readouterr().err
 
 
-def test_lora_bias_trains_a_bias_on_b_that_peft_loads_and_export_merges(tiny, tmp_path, capsys):
+def peft_and_export_agree(tiny, out, merged_folder):
+    """The classifier adapter of run ``out`` gives PEFT's logits, and ``lorakit export`` merges it to them."""
     import peft
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    ours, tokenizer = load_classifier_with(out / "adapter")
+    x = tokenizer(["a fine, moving film", "dull"], return_tensors="pt", padding=True)["input_ids"]
+    theirs = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny["cls"]),
+                                            out / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=x).logits, ours(input_ids=x).logits, atol=1e-5, rtol=0)
+    assert main(["export", "--adapter", str(out), "--merged", str(merged_folder)]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, ours(input_ids=x).logits, atol=1e-5, rtol=0)
+
+
+def test_lora_bias_trains_a_bias_on_b_that_peft_loads_and_export_merges(tiny, tmp_path, capsys):
     from lorakit.io import read_adapter
 
     out = tmp_path / "bias"
@@ -181,20 +195,74 @@ def test_lora_bias_trains_a_bias_on_b_that_peft_loads_and_export_merges(tiny, tm
     config, tensors = read_adapter(out / "adapter")
     biases = {key: t for key, t in tensors.items() if key.endswith(".lora_B.bias")}
     assert config.lora_bias and len(biases) == 4 and all(t.abs().max() > 0 for t in biases.values())  # trained
-    ours, tokenizer = load_classifier_with(out / "adapter")
-    x = tokenizer(["a fine, moving film", "dull"], return_tensors="pt", padding=True)["input_ids"]
-    theirs = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny["cls"]),
-                                            out / "adapter").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(input_ids=x).logits, ours(input_ids=x).logits, atol=1e-5, rtol=0)
-    assert main(["export", "--adapter", str(out), "--merged", str(tmp_path / "merged")]) == 0
-    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=x).logits, ours(input_ids=x).logits, atol=1e-5, rtol=0)
+    peft_and_export_agree(tiny, out, tmp_path / "merged")
     assert main(args(tiny, tmp_path / "no", "--lora-bias")) == 2
     assert "--lora-bias starts from --init kaiming" in capsys.readouterr().err
     assert main(args(tiny, tmp_path / "no", "--lora-bias", "--init", "kaiming", "--method", "full")) == 2
     assert "--lora-bias is for --method lora" in capsys.readouterr().err
+
+
+def test_bias_all_trains_every_bias_beside_the_adapter_that_peft_loads_and_export_merges(tiny, tmp_path, capsys):
+    """PEFT's bias="all" from the CLI, under bf16 too, where the frozen weights are stored in bf16 and a
+    LayerNorm's trainable bias must keep its weight in fp32."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lorakit.io import read_adapter
+
+    out = tmp_path / "biases"
+    assert main(args(tiny, out, "--bias", "all", "--bf16", "--steps", "3", "--lr", "1e-2")) == 0
+    config, tensors = read_adapter(out / "adapter")
+    base = load_file(f"{tiny['cls']}/model.safetensors")
+    biases = {key: t for key, t in tensors.items() if key.endswith(".bias") and ".lora_" not in key
+              and "classifier" not in key}
+    assert config.bias == "all" and len(biases) == sum(key.endswith(".bias") and "classifier" not in key
+                                                       for key in base)
+    moved = [key for key, t in biases.items() if not torch.equal(t, base[key.removeprefix("base_model.model.")
+                                                                          .replace(".base_layer", "")])]
+    assert len(moved) == len(biases)  # every bias trained, LayerNorms' included
+    peft_and_export_agree(tiny, out, tmp_path / "merged")
+    assert main(args(tiny, tmp_path / "no", "--bias", "all", "--method", "full")) == 2
+    assert "--bias all is for --method lora, not 'full'" in capsys.readouterr().err
+
+
+def test_target_parameters_train_a_mixture_of_experts_fused_experts_that_peft_loads(tiny, tmp_path, capsys):
+    """`--target-parameters` (PEFT's target_parameters): one rank-r adapter per expert of the fused
+    stacks, trained beside --targets, saved as PEFT lays it out."""
+    import peft
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from lorakit.io import load_adapter, read_adapter
+    from tiny_training import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    MixtralForCausalLM(MixtralConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)).save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    run = ["train", "--task", "chat", "--model", str(tmp_path / "moe"), "--data", tiny["chat"], "--steps", "3",
+           "--batch-size", "4", "--max-length", "48", "--lr", "1e-2", "--targets", "q_proj"]
+    experts = "experts.gate_up_proj,experts.down_proj"
+    assert main([*run, "--target-parameters", experts, "--out", str(tmp_path / "run")]) == 0
+    assert "LoRA on q_proj, gate_up_proj, down_proj (6 layers)" in capsys.readouterr().out
+    config, tensors = read_adapter(tmp_path / "run" / "adapter")
+    assert config.target_modules == ["q_proj"] and config.target_parameters == experts.split(",")
+    moved = [key for key, t in tensors.items() if ".experts." in key and "lora_B" in key and t.abs().max() > 0]
+    assert len(moved) == 4  # both stacks of both blocks trained (B starts at zero)
+    ids = torch.tensor([[1, 5, 9, 17, 33, 40]])
+    ours = load_adapter(MixtralForCausalLM.from_pretrained(tmp_path / "moe"), tmp_path / "run" / "adapter").eval()
+    theirs = peft.PeftModel.from_pretrained(MixtralForCausalLM.from_pretrained(tmp_path / "moe"),
+                                            tmp_path / "run" / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=0)
+    assert main([*run, "--target-parameters", experts, "--lora-dropout", "0.1", "--out", str(tmp_path / "no")]) == 2
+    assert "cannot apply to target_parameters" in capsys.readouterr().err
+    assert main([*run, "--target-parameters", "experts.nope", "--out", str(tmp_path / "no")]) == 2
+    assert "['experts.nope'] matched no parameter" in capsys.readouterr().err
 
 
 def load_classifier_with(adapter):
@@ -338,10 +406,10 @@ def test_compile_trains_to_the_eager_result(tiny, tmp_path):
 
 def test_adapter_folders_peft_wrote_are_used_by_generate_predict_and_eval(tiny, tmp_path, capsys):
     """A PEFT adapter folder (no lorakit_task.json): its task from task_type, its base from --model;
-    a classifier's classes as the model's config names them; eval needs --data (and a label order)."""
+    a classifier's classes as the model's config names them (LABEL_i is also the data's i); eval needs --data."""
     import peft
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     lm = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny["llm"]), peft.LoraConfig(
         r=4, target_modules=["q_proj"], init_lora_weights=False, task_type="CAUSAL_LM"))
@@ -359,7 +427,21 @@ def test_adapter_folders_peft_wrote_are_used_by_generate_predict_and_eval(tiny, 
                                                                task_type="SEQ_CLS"))
     theirs.save_pretrained(tmp_path / "cls")
     assert main(["predict", "--adapter", str(tmp_path / "cls"), "--model", tiny["cls"], "a fine film"]) == 0
-    labels = classifier.config.id2label
-    assert capsys.readouterr().out.split()[0] in {str(v) for v in labels.values()}
-    assert main(["eval", "--adapter", str(tmp_path / "cls"), "--model", tiny["cls"], "--data", tiny["chat"]]) == 2
-    assert "records no label order" in capsys.readouterr().err
+    assert list(classifier.config.id2label.values()) == ["LABEL_0", "LABEL_1"]  # transformers' placeholders
+    assert capsys.readouterr().out.split()[0] in {"LABEL_0", "LABEL_1"}
+    # eval: transformers' placeholder LABEL_i is the data's integer label i, as a Trainer's data holds it
+    texts = ["a fine film", "dull and long", "moving", "a waste of time", "great fun", "boring", "superb", "bad"]
+    rows = [{"text": t, "label": i % 2} for i, t in enumerate(texts)]
+    write_jsonl(tmp_path / "scored.jsonl", rows)
+    theirs.eval()
+    with torch.no_grad():
+        batch = AutoTokenizer.from_pretrained(tiny["cls"])(texts, return_tensors="pt", padding=True)
+        answers = theirs(**batch).logits.argmax(-1).tolist()
+    want = sum(a == r["label"] for a, r in zip(answers, rows)) / len(rows)
+    assert main(["eval", "--adapter", str(tmp_path / "cls"), "--model", tiny["cls"],
+                 "--data", str(tmp_path / "scored.jsonl")]) == 0
+    assert f"accuracy {want:.4f}" in capsys.readouterr().out
+    write_jsonl(tmp_path / "named.jsonl", [{"text": t, "label": "pos"} for t in texts])
+    assert main(["eval", "--adapter", str(tmp_path / "cls"), "--model", tiny["cls"],
+                 "--data", str(tmp_path / "named.jsonl")]) == 2
+    assert "has label 'pos', which the model does not know" in capsys.readouterr().err

@@ -9,30 +9,16 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from transformers import GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from lorakit import LoraConfig, LorakitError, attach, load_adapter, save_adapter
 from lorakit.layers import LoraParameter, ParameterHost
 from lorakit.model import delete_adapter, lora_layers, merge, merge_and_unload, set_active, unmerge
 from lorakit.per_row import per_row_adapters
+from tiny_models import tiny_gpt_oss, tiny_mixtral
 
 peft = pytest.importorskip("peft")
 
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
-
-
-def tiny_mixtral():
-    torch.manual_seed(0)
-    return MixtralForCausalLM(MixtralConfig(vocab_size=50, hidden_size=16, intermediate_size=8, num_hidden_layers=2,
-                                            num_attention_heads=2, num_key_value_heads=1, num_local_experts=3,
-                                            num_experts_per_tok=2)).eval()
-
-
-def tiny_gpt_oss():
-    torch.manual_seed(0)
-    return GptOssForCausalLM(GptOssConfig(vocab_size=50, hidden_size=16, intermediate_size=8, num_hidden_layers=1,
-                                          num_attention_heads=2, num_key_value_heads=1, num_local_experts=3,
-                                          num_experts_per_tok=2, head_dim=8)).eval()
 
 
 IDS = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))

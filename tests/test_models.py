@@ -17,7 +17,7 @@ from lorakit.models import (
     spec_kind,
     target_footprint,
 )
-from tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
+from tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_mixtral, token_batch
 
 
 # ------------------------------------------------------------------ embedded packages
@@ -180,6 +180,21 @@ def test_inspect_command_prints_modules_and_adapter_size(tmp_path, capsys):
     assert "adapter at rank 4 on q_proj,v_proj (2 modules): 448 parameters" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_inspect_lists_the_fused_experts_and_counts_an_adapter_on_them_as_peft_does(tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    tiny_mixtral().save_pretrained(tmp_path)
+    experts = "experts.gate_up_proj,experts.down_proj"
+    assert main(["inspect", str(tmp_path), "--rank", "4", "--targets", "q_proj", "--target-parameters", experts]) == 0
+    out = capsys.readouterr().out
+    assert "gate.weight" in out and "experts.gate_up_proj  parameter  3x16x16" in out
+    theirs = peft.get_peft_model(tiny_mixtral(), peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                 target_parameters=experts.split(",")))
+    trainable, _ = theirs.get_nb_trainable_parameters()
+    assert f"on experts.down_proj,experts.gate_up_proj,q_proj (6 modules): {trainable:,} parameters" in out
+    assert main(["inspect", str(tmp_path), "--target-parameters", "experts.nope"]) == 2
+    assert "['experts.nope'] matched no parameter" in capsys.readouterr().err
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):

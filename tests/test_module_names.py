@@ -4,7 +4,7 @@ import pytest
 from peft.tuners.tuners_utils import check_target_module_exists
 
 from lorakit import LoraConfig, LorakitError
-from lorakit.module_names import block_index, parse_layers
+from lorakit.module_names import block_index, parse_layers, parse_parameters
 
 PATHS = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.experts.0.w1",
          "model.layers.12.mlp.experts.3.w1", "transformer.h.2.attn.c_attn", "h.1.attn.c_attn",
@@ -43,3 +43,11 @@ def test_blocks_typed_on_a_command_line():
     for bad in ("", "a", "3-1", "1,", "-2", "1.5"):
         with pytest.raises(LorakitError, match="is not a block index or a range"):
             parse_layers(bad)
+
+
+def test_parameters_typed_on_a_command_line():
+    assert parse_parameters(" experts.gate_up_proj, experts.down_proj,") == ["experts.gate_up_proj",
+                                                                              "experts.down_proj"]
+    assert parse_parameters(None) is None and parse_parameters(["gate.weight"]) == ["gate.weight"]
+    with pytest.raises(LorakitError, match="name none"):
+        parse_parameters(" , ")

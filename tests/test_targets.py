@@ -8,10 +8,10 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit import LoraConfig, attach
 from lorakit.targets import (
-    BARE, CAUSAL_LM, CLASSIFIER, OTHER, architecture_kind, is_conv1d, linear_leaves, model_fingerprint, model_kind,
-    output_heads, task_heads, transformer_blocks, weight_out_in,
+    BARE, CAUSAL_LM, CLASSIFIER, OTHER, adaptable_parameters, architecture_kind, is_conv1d, linear_leaves,
+    model_fingerprint, model_kind, output_heads, task_heads, transformer_blocks, weight_out_in,
 )
-from tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_llama
+from tiny_models import tiny_bert_classifier, tiny_gpt2, tiny_gpt_oss, tiny_llama, tiny_mixtral
 
 
 def tiny_bert() -> BertModel:
@@ -138,3 +138,14 @@ def test_a_family_without_a_default_takes_the_first_known_names_it_has():
     assert default_targets("bert", walk(Decoder())) == ["query", "value"]  # a family's own default comes first
     with pytest.raises(LorakitError, match="no default for model type None"):
         attach(nn.Sequential(nn.Linear(4, 4)), LoraConfig(r=2))
+
+
+def test_the_parameters_lora_on_parameters_is_for_are_experts_and_routers_only():
+    """Fused expert stacks and routers' matrices; no dense layer's, embedding's or norm's weight, no bias."""
+    assert adaptable_parameters(tiny_llama()) == [] and adaptable_parameters(tiny_gpt2()) == []
+    assert adaptable_parameters(tiny_bert_classifier()) == []
+    assert adaptable_parameters(tiny_mixtral()) == [(f"model.layers.{i}.mlp.{m}", p) for i in (0, 1) for m, p in
+                                                   (("gate", "weight"), ("experts", "gate_up_proj"),
+                                                    ("experts", "down_proj"))]
+    found = adaptable_parameters(tiny_gpt_oss())  # GPT-OSS's experts carry bias stacks too: left out
+    assert [name for _, name in found] == ["weight", "gate_up_proj", "down_proj"]

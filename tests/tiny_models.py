@@ -1,5 +1,6 @@
 """Tiny random-weight transformers for fast tests: same module names as the real
-architectures (Llama, GPT-2 with its Conv1D, BERT), seeded so every run is the same."""
+architectures (Llama, GPT-2 with its Conv1D, BERT, Mixtral's and GPT-OSS's fused experts),
+seeded so every run is the same."""
 
 import torch
 from transformers import (
@@ -7,8 +8,12 @@ from transformers import (
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
+    GptOssConfig,
+    GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
 )
 
 
@@ -41,3 +46,17 @@ def tiny_bert_classifier(seed: int = 0, num_labels: int = 2) -> BertForSequenceC
 def token_batch(batch: int = 3, length: int = 10, vocab: int = 128, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=generator)
+
+
+def tiny_mixtral():
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(vocab_size=50, hidden_size=16, intermediate_size=8, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, num_local_experts=3,
+                                            num_experts_per_tok=2)).eval()
+
+
+def tiny_gpt_oss():
+    torch.manual_seed(0)
+    return GptOssForCausalLM(GptOssConfig(vocab_size=50, hidden_size=16, intermediate_size=8, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, num_local_experts=3,
+                                          num_experts_per_tok=2, head_dim=8)).eval()

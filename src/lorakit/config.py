@@ -23,7 +23,8 @@ from lorakit.config_values import invocation_tokens, token_indices
 from lorakit.errors import LorakitError
 from lorakit.inits import INITS
 from lorakit.module_names import (  # noqa: F401  (re-exported: a config's names are matched there)
-    ALL_LINEAR, as_name_list, block_index, name_matches, narrows_a_regex, parse_layers, parse_targets, pattern_key,
+    ALL_LINEAR, as_name_list, block_index, name_matches, narrows_a_regex, parse_layers, parse_parameters, parse_targets,
+    pattern_key,
 )
 
 BIAS_MODES = ("none", "all", "lora_only")

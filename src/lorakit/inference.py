@@ -208,7 +208,9 @@ def evaluate_trained(trained: Trained, data: str | None = None, batch_size: int 
     when that file changed since); a file is scored whole (every record), its columns named as
     in training (``--text-column``...) unless ``columns`` names them (``{"label": "stars"}``).
     Each adapter reads its examples with its own labels and length; adapters that share them
-    share one encoding. ``progress`` shows a bar per adapter.
+    share one encoding. ``progress`` shows a bar per adapter. A classifier adapter PEFT wrote
+    (no labels recorded) scores its classes as its model's config names them
+    (:func:`lorakit.tasks.classify.model_labels`; a placeholder ``LABEL_1`` is also the data's label ``1``).
     """
     from lorakit.tasks import encode_splits
 
@@ -219,16 +221,17 @@ def evaluate_trained(trained: Trained, data: str | None = None, batch_size: int 
     read, encoded, results = {}, {}, {}
     for name in trained.names:
         info = trained.info_of(name)
-        if info.get("labels") is None and task.trains_head:
-            raise LorakitError(f"{name}: a classifier adapter PEFT wrote records no label order (no "
-                               "lorakit_task.json), so its outputs cannot be matched to the data's labels; "
-                               "classify with lorakit predict, or train the adapter with lorakit train")
+        labels = info.get("labels")
+        if labels is None and task.trains_head:  # an adapter PEFT wrote: the classes as its model names them
+            from lorakit.tasks.classify import model_labels
+
+            labels = model_labels(trained.model, trained.model.config.num_labels)
         named = {**(info.get("columns") or {}), **(columns or {})} or None
         where = json.dumps([data, named] if data is not None else
                            [info.get("data", "default"), named, info.get("data_limit"), info.get("stream")])
         if where not in read:
             read[where] = _scored_split(task, info, data, named)
-        labels, max_length = info.get("labels"), trained.max_length(name)
+        max_length = trained.max_length(name)
         key = json.dumps([where, labels, max_length])
         if key not in encoded:
             encoded[key] = encode_splits(task, read[where], trained.tokenizer, max_length, labels,

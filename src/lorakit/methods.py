@@ -90,7 +90,7 @@ def _prepare_lora(model: nn.Module, config, heads: list[str]) -> nn.Module:
         r=config.rank, alpha=config.alpha, dropout=config.lora_dropout, init=config.init, target_modules=config.targets,
         modules_to_save=heads or None, task_type="SEQ_CLS" if heads else "CAUSAL_LM", use_dora=config.dora,
         layers_to_transform=config.layers_to_transform, trainable_token_indices=config.trainable_tokens,
-        lora_bias=config.lora_bias,
+        lora_bias=config.lora_bias, bias=config.bias, target_parameters=config.target_parameters,
     )
     return attach(model, lora_config, config.adapter_name)
 
@@ -128,8 +128,14 @@ def frozen_to_bf16(model) -> None:
     """Store the parameters that do not train in bfloat16: under bf16 autocast every
     product reads them in bf16 anyway, and weights that never change need no fp32 master
     copy. Halves the frozen model's memory, and no per-step bf16 casts of them are kept
-    for the backward pass. Trainable parameters (adapter, head) stay fp32."""
+    for the backward pass. Trainable parameters (adapter, head) stay fp32, and so do the
+    frozen ones of a module that also trains one (a LayerNorm whose bias trains under
+    ``--bias all``: its kernel takes one dtype)."""
     with torch.no_grad():
-        for p in model.parameters():
-            if not p.requires_grad and p.is_floating_point() and p.dtype != torch.bfloat16:
-                p.data = p.data.to(torch.bfloat16)
+        for module in model.modules():
+            own = list(module.parameters(recurse=False))
+            if any(p.requires_grad for p in own):
+                continue
+            for p in own:
+                if p.is_floating_point() and p.dtype != torch.bfloat16:
+                    p.data = p.data.to(torch.bfloat16)

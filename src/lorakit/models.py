@@ -312,30 +312,40 @@ def is_causal_lm(config) -> bool:
     return any(architecture_kind(a) == CAUSAL_LM for a in (config.architectures or []))
 
 
-def target_footprint(model: nn.Module, rank: int = 8, targets=None, layers=None) -> dict:
-    """Every module LoRA can target, which ones ``targets`` selects, and the adapter's size.
+def target_footprint(model: nn.Module, rank: int = 8, targets=None, layers=None, parameters=None) -> dict:
+    """Every module LoRA can target, and every parameter (fused experts, routers:
+    ``target_parameters``), which ones ``targets`` and ``parameters`` select, and the adapter's size.
 
     ``targets`` as ``LoraConfig.target_modules``: names, a regex, ``"all-linear"``, or None
     for the model family's default; ``layers`` as its ``layers_to_transform`` (the blocks
-    adapted; None: all). An adapter on a ``(out, in)`` weight holds
-    ``r·(in + out)`` parameters.
+    adapted; None: all); ``parameters`` as its ``target_parameters``. An adapter on a
+    ``(out, in)`` weight holds ``r·(in + out)`` parameters, on a stack of E experts E times that.
 
     Returns:
         ``{"modules": [(path, type name, weight shape, selected, params at rank)],
-        "adapter_params": int, "model_params": int, "rank": int, "targets": targets}``
+        "adapter_params": int, "model_params": int, "rank": int, "targets": targets}``;
+        a parameter's row has the path ``<module path>.<name>`` and the type ``"parameter"``.
 
     Raises:
         LorakitError: a bad rank, or ``targets`` selects nothing (the message lists the names).
     """
     from lorakit.config import LoraConfig
-    from lorakit.targets import target_paths, targetable_modules
+    from lorakit.targets import adaptable_parameters, parameter_features, parameter_targets, target_paths, \
+        targetable_modules, walk
 
-    config = LoraConfig(r=rank, target_modules=targets, layers_to_transform=layers)
-    selected = set(target_paths(model, config))
+    config = LoraConfig(r=rank, target_modules=targets, layers_to_transform=layers, target_parameters=parameters)
+    modules = walk(model)
+    selected = set(target_paths(model, config, modules))
+    selected |= {f"{path}.{name}" for path, name in parameter_targets(model, config, modules)}
     rows = []
     for path, kind, shape in targetable_modules(model):
         params = config.rank_for(path) * (shape[0] + math.prod(shape[1:]))  # r·(out + in); a conv's in is in·∏k
         rows.append((path, kind, tuple(shape), path in selected, params))
+    for path, name in adaptable_parameters(model):
+        experts, fan_in, fan_out, _ = parameter_features(modules[path], name)
+        key = f"{path}.{name}"
+        rows.append((key, "parameter", tuple(getattr(modules[path], name).shape), key in selected,
+                     config.rank_for(key) * (fan_in + fan_out) * experts))
     return {
         "modules": rows,
         "adapter_params": sum(row[4] for row in rows if row[3]),

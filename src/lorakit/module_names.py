@@ -97,6 +97,23 @@ def parse_targets(value):
     return names
 
 
+def parse_parameters(value):
+    """Parameter targets written as one string -> a value for :attr:`LoraConfig.target_parameters`:
+    comma-separated names (``"experts.gate_up_proj, experts.down_proj"``), each a parameter's
+    ``<module path>.<name>`` or its end, as PEFT takes them; None stays None, a list is kept.
+
+    Raises:
+        LorakitError: the value names nothing.
+    """
+    if not isinstance(value, str):
+        return value
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise LorakitError(f"target parameters {value!r} name none; give names such as "
+                           "experts.gate_up_proj,experts.down_proj")
+    return names
+
+
 def parse_layers(value):
     """Block indices written as one string -> a value for :attr:`LoraConfig.layers_to_transform`.
 

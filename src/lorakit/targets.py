@@ -29,7 +29,8 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.dense import (  # noqa: F401  (re-exported: structure questions are asked here)
-    CONV_TYPES, LINEAR_TYPES, Conv1D, is_conv, is_conv1d, is_linear, linear_features, parameter_features, weight_out_in,
+    CONV_TYPES, LINEAR_TYPES, Conv1D, adaptable_parameters, is_conv, is_conv1d, is_linear, linear_features,
+    parameter_features, weight_out_in,
 )
 from lorakit.errors import LorakitError
 from lorakit.model_kinds import (  # noqa: F401  (re-exported: structure questions are asked here)

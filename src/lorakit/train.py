@@ -390,11 +390,11 @@ def _show(task: Task, metrics: dict) -> str:
 
 
 def _adapted(model: torch.nn.Module, config: TrainConfig) -> str:
-    """``": LoRA on query, value in 12 layers (the model family's; --targets to set)"`` for a run
-    with LoRA layers, so a user sees what the default targets chose; "" for full fine-tuning."""
+    """``": LoRA on query, value (12 layers; --targets to change)"`` for a LoRA run; "" for full fine-tuning."""
     paths = [path for path, _ in lora_layers(model)]
     if not paths:
         return ""
     names = ", ".join(dict.fromkeys(path.rsplit(".", 1)[-1] for path in paths))
     tokens = f", and the rows of {len(config.trainable_tokens)} tokens" if config.trainable_tokens else ""
+    tokens += f", and the biases (--bias {config.bias})" if config.bias != "none" else ""
     return f": LoRA on {names} ({len(paths)} layers{'; --targets to change' if config.targets is None else ''}){tokens}"

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 from lorakit.chat_templates import check as check_template
-from lorakit.config import narrows_a_regex, parse_layers, parse_targets
+from lorakit.config import BIAS_MODES, narrows_a_regex, parse_layers, parse_parameters, parse_targets
 from lorakit.data.files import FORMATS
 from lorakit.errors import LorakitError
 from lorakit.layers.quantized import QUANT_KINDS
@@ -102,6 +102,10 @@ class TrainConfig:
         "modules to adapt: names (query,value), a regex, or all-linear",
         default_help="the model family's, e.g. query,value for BERT, q_proj,v_proj for Llama; for a "
                      "family without one, the first such pair the model has"))
+    target_parameters: list[str] | str | None = field(default=None, metadata=setting(
+        "parameters to adapt directly, comma-separated (PEFT's target_parameters): a mixture-of-experts model's "
+        "fused experts, e.g. experts.gate_up_proj,experts.down_proj (lorakit inspect lists them), one rank-r "
+        "adapter per expert; without --targets only these, as in PEFT (--method lora)", default_help="none"))
     layers_to_transform: list[int] | str | None = field(default=None, metadata=setting(
         "adapt the targets in these blocks only: 10,11 or 8-11 (PEFT's layers_to_transform; --method lora)",
         default_help="every block"))
@@ -115,6 +119,9 @@ class TrainConfig:
     lora_bias: bool = field(default=False, metadata=setting(
         "give B a bias b too (PEFT's lora_bias): the update adds s*b, merged into the layer's bias; starts with "
         "--init kaiming (method lora)"))
+    bias: str = field(default="none", metadata=setting(
+        "which biases train beside the adapter, saved in it as PEFT's bias key: none, all (every bias of the model) "
+        "or lora_only (the adapted layers'); --method lora", choices=lambda: list(BIAS_MODES)))
     init: str = field(default="gaussian", metadata=setting(
         "how LoRA's A and B start: gaussian (the seeds' A ~ N(0, 1/r^2), B = 0), kaiming (PEFT's default), "
         "pissa or olora (from W's top singular / QR directions; saved as a rank-2r adapter for the original base)",
@@ -231,6 +238,10 @@ class TrainConfig:
                                f"{' with --fsdp' if self.fsdp else ''}")
         if (self.dora or self.lora_bias) and self.method != "lora":
             raise LorakitError(f"--{'dora' if self.dora else 'lora-bias'} is for --method lora, not {self.method!r}")
+        if self.bias not in BIAS_MODES:
+            raise LorakitError(f"bias {self.bias!r} is unknown; choose one of {list(BIAS_MODES)}")
+        if self.bias != "none" and self.method != "lora":
+            raise LorakitError(f"--bias {self.bias} is for --method lora, not {self.method!r}")
         if self.lora_bias and (self.dora or self.init != "kaiming"):
             raise LorakitError("--lora-bias starts from --init kaiming (PEFT loads a bias on B with that start only) "
                                f"and without --dora; got --init {self.init}{' with --dora' if self.dora else ''}")
@@ -257,6 +268,10 @@ class TrainConfig:
             raise LorakitError(f"class_weights {self.class_weights!r} is unknown; choose one of {list(CLASS_WEIGHTS)}")
         self.targets = parse_targets(self.targets)
         self.layers_to_transform = parse_layers(self.layers_to_transform)
+        self.target_parameters = parse_parameters(self.target_parameters)
+        if self.target_parameters and (self.method != "lora" or self.fsdp):
+            raise LorakitError(f"--target-parameters is for --method lora without --fsdp, not --method {self.method}"
+                               f"{' with --fsdp' if self.fsdp else ''}")
         if self.layers_to_transform is not None and self.method != "lora":
             raise LorakitError(f"--layers-to-transform is for --method lora, not {self.method!r}")
         if narrows_a_regex(self.targets, self.layers_to_transform):

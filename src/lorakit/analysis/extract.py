@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import LorakitError
+from lorakit.layers.parameter import LoraParameter
 from lorakit.lowrank import as_matrix, choose_rank, factors_from_svd
 
 __all__ = ["Extraction", "ExtractedModule", "extract_adapter", "extract_lora", "save_extraction"]
@@ -38,6 +39,9 @@ class ExtractedModule:
         relative_error: ‖ΔW − B·A‖_F / ‖ΔW‖_F.
         delta_norm: ‖ΔW‖_F.
         bias: ``Δb: (out,)`` fp32 when the bias change is carried (``lora_bias``), else None.
+        experts: 0 for a module's weight; ``E ≥ 1`` for LoRA on a parameter (PEFT's
+            ``target_parameters``) of ``E`` experts, whose rank-r factors A and B hold
+            stacked in :class:`lorakit.layers.parameter.LoraParameter`'s layout.
     """
 
     A: torch.Tensor
@@ -45,10 +49,12 @@ class ExtractedModule:
     relative_error: float
     delta_norm: float
     bias: torch.Tensor | None = None
+    experts: int = 0
 
     @property
     def rank(self) -> int:
-        return int(self.A.shape[0])
+        """Rank per expert (of the module's one matrix when not on a parameter)."""
+        return int(self.A.shape[0]) // max(self.experts, 1)
 
     @property
     def energy(self) -> float:
@@ -77,13 +83,14 @@ class Extraction:
         """
         from lorakit.config import LoraConfig
 
-        ranks = {path: m.rank for path, m in self.modules.items()}
+        ranks = {path: m.rank for path, m in self.modules.items()}  # a parameter's pattern key: <module>.<name>
         r = Counter(ranks.values()).most_common(1)[0][0]
         pattern = {path: k for path, k in ranks.items() if k != r}
         biased = self.lora_bias  # PEFT reads lora_bias with init True / False only: the start is moot here
-        return LoraConfig(r=r, alpha=r, target_modules=list(self.modules), rank_pattern=pattern,
-                          alpha_pattern=dict(pattern), init="kaiming" if biased else "gaussian",
-                          lora_bias=biased, **fields)
+        parameters = [path for path, m in self.modules.items() if m.experts]
+        return LoraConfig(r=r, alpha=r, target_modules=[p for p in self.modules if p not in parameters],
+                          target_parameters=parameters or None, rank_pattern=pattern, alpha_pattern=dict(pattern),
+                          init="kaiming" if biased else "gaussian", lora_bias=biased, **fields)
 
     @property
     def lora_bias(self) -> bool:
@@ -93,9 +100,11 @@ class Extraction:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The factors under PEFT's keys: ``base_model.model.<path>.lora_A.weight`` / ``lora_B.weight``
         (and ``lora_B.bias`` with ``lora_bias``: zeros for a module without a bias)."""
-        from lorakit.peft_format import bias_key, factor_tensors
+        from lorakit.peft_format import bias_key, factor_tensors, nested_key_paths
 
-        tensors = factor_tensors({path: (m.A, m.B) for path, m in self.modules.items()})
+        parameters = [tuple(path.rsplit(".", 1)) for path, m in self.modules.items() if m.experts]
+        keys = {f"{host}.{name}": key for (host, name), key in nested_key_paths(parameters).items()}
+        tensors = factor_tensors({keys.get(path, path): (m.A, m.B) for path, m in self.modules.items()})
         if self.lora_bias:
             for path, m in self.modules.items():
                 tensors[bias_key(path)] = m.bias if m.bias is not None else m.B.new_zeros(m.B.shape[0])
@@ -130,7 +139,8 @@ def _module_path(key: str) -> str:
 
 
 def extract_lora(base_state: dict, tuned_state: dict, rank: int | None = None,
-                 energy: float | None = None) -> Extraction:
+                 energy: float | None = None, base_parameters: dict | None = None,
+                 tuned_parameters: dict | None = None) -> Extraction:
     """Factor every changed weight's ΔW = W_tuned − W_base by truncated SVD.
 
     Args:
@@ -140,6 +150,9 @@ def extract_lora(base_state: dict, tuned_state: dict, rank: int | None = None,
             Entries that are not 2-D are skipped; both must hold the same keys and shapes.
         rank: keep R directions per module (clipped to min(out, in)).
         energy: or keep, per module, the smallest r holding this fraction of Σσ².
+        base_parameters, tuned_parameters: ``"<module path>.<name>"`` -> ``(E, out, in)`` stacks
+            (:func:`lorakit.analysis.weights.parameter_weights`) factored per expert at one rank
+            (with ``energy``, the largest any expert needs), for LoRA on parameters.
 
     Returns:
         :class:`Extraction`; ``extraction.modules[path].B @ .A`` is the best rank-r ΔW.
@@ -149,29 +162,36 @@ def extract_lora(base_state: dict, tuned_state: dict, rank: int | None = None,
             shapes that differ, or no weight changed at all.
     """
     _check_rank_or_energy(rank, energy)
-    base = {_module_path(k): v for k, v in base_state.items() if getattr(v, "ndim", 0) == 2}
-    tuned = {_module_path(k): v for k, v in tuned_state.items() if getattr(v, "ndim", 0) == 2}
+    base = {_module_path(k): v[None] for k, v in base_state.items() if getattr(v, "ndim", 0) == 2}
+    tuned = {_module_path(k): v[None] for k, v in tuned_state.items() if getattr(v, "ndim", 0) == 2}
+    stacks = set(base_parameters or {})
+    base.update(base_parameters or {})
+    tuned.update(tuned_parameters or {})
     missing, extra = sorted(set(base) - set(tuned)), sorted(set(tuned) - set(base))
     if missing or extra:
         raise LorakitError(f"the base and tuned weights differ in modules: only in base {missing[:5]}, "
                            f"only in tuned {extra[:5]}; compare a model with its own fine-tune")
     modules, unchanged = {}, []
     for path, w_base in base.items():
-        b = as_matrix(w_base, f"base {path}").double()
-        t = as_matrix(tuned[path], f"tuned {path}").double()
-        if b.shape != t.shape:
-            raise LorakitError(f"{path} is {tuple(b.shape)} in the base but {tuple(t.shape)} in the tuned model")
-        delta = t - b
-        if not bool(delta.any()):
+        if w_base.shape != tuned[path].shape:
+            start = 0 if path in stacks else 1  # a matrix's own shape, a stack's whole
+            raise LorakitError(f"{path} is {tuple(w_base.shape[start:])} in the base but "
+                               f"{tuple(tuned[path].shape[start:])} in the tuned model")
+        deltas = [as_matrix(t, f"tuned {path}").double() - as_matrix(b, f"base {path}").double()
+                  for b, t in zip(w_base, tuned[path])]
+        if not any(bool(d.any()) for d in deltas):
             unchanged.append(path)
             continue
-        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-        r = min(rank, S.numel()) if rank is not None else choose_rank(S, float(energy))
-        B, C = factors_from_svd(U[:, :r], S[:r], Vh[:r], split="sqrt")
-        total = S.square().sum()
-        error = float((S[r:].square().sum() / total).sqrt())
-        modules[path] = ExtractedModule(A=C.T.float().contiguous(), B=B.float().contiguous(),
-                                        relative_error=error, delta_norm=float(total.sqrt()))
+        svds = [torch.linalg.svd(d, full_matrices=False) for d in deltas]
+        r = max(min(rank, S.numel()) if rank is not None else choose_rank(S, float(energy))
+                for _, S, _ in svds if bool(S.any()))
+        factors = [factors_from_svd(U[:, :r], S[:r], Vh[:r], split="sqrt") for U, S, Vh in svds]
+        total = sum(S.square().sum() for _, S, _ in svds)
+        error = float((sum(S[r:].square().sum() for _, S, _ in svds) / total).sqrt())
+        As, Bs = [C.T.float().contiguous() for _, C in factors], [B.float().contiguous() for B, _ in factors]
+        A, B = LoraParameter.stacked(As, Bs) if path in stacks else (As[0], Bs[0])
+        modules[path] = ExtractedModule(A=A.contiguous(), B=B.contiguous(), relative_error=error,
+                                        delta_norm=float(total.sqrt()), experts=len(deltas) if path in stacks else 0)
     if not modules:
         raise LorakitError(f"none of the {len(base)} weights changed between the base and the tuned model; "
                            "is --tuned really a fine-tune of --base?")
@@ -204,7 +224,9 @@ def extract_adapter(base, tuned, out, rank: int | None = None, energy: float | N
     """Extract a LoRA adapter from a full fine-tune and write it to ``out`` (PEFT format).
 
     Every ``nn.Linear`` / ``Conv1D`` whose weight changed gets factors (module paths
-    filtered by the regular expression ``module``); the output head(s) that changed (a
+    filtered by the regular expression ``module``), and so does every changed matrix of
+    :func:`lorakit.analysis.weights.parameter_weights` (fused experts, routers: LoRA on
+    parameters, one rank-r adapter per expert); the output head(s) that changed (a
     classifier trained from scratch) are copied whole into ``modules_to_save``, and so is a
     sequence classifier's head in any case (PEFT's ``SEQ_CLS`` needs it). With ``lora_bias``
     the bias change of each extracted module travels as B's bias; other biases, LayerNorms
@@ -223,7 +245,7 @@ def extract_adapter(base, tuned, out, rank: int | None = None, energy: float | N
     Returns:
         the :class:`Extraction` that was written.
     """
-    from lorakit.analysis.weights import compile_pattern, linear_weights, model_pair
+    from lorakit.analysis.weights import compile_pattern, linear_weights, model_pair, parameter_weights
     from lorakit.config import LoraConfig
     from lorakit.peft_format import base_model_name, task_heads, task_type_for
     from lorakit.targets import is_conv1d, output_heads, saved_paths, walk
@@ -238,8 +260,12 @@ def extract_adapter(base, tuned, out, rank: int | None = None, energy: float | N
     tuned_w = linear_weights(tuned_model, module)
     if not base_w:
         raise LorakitError(f"no linear weight of {type(base_model).__name__} matches {module!r}")
-    extraction = extract_lora(base_w, tuned_w, rank=rank, energy=energy)
+    extraction = extract_lora(base_w, tuned_w, rank=rank, energy=energy, base_parameters=parameter_weights(
+        base_model, module), tuned_parameters=parameter_weights(tuned_model, module))
     modules = walk(tuned_model)
+    if lora_bias and (on := [path for path, m in extraction.modules.items() if m.experts]):
+        raise LorakitError(f"--lora-bias cannot go with LoRA on parameters (PEFT's lora_bias is for dense layers), "
+                           f"and {on[0]} changed; leave out --lora-bias, or the parameters with --module")
     if lora_bias:
         base_modules = walk(base_model)
         for path, m in extraction.modules.items():
@@ -258,7 +284,7 @@ def extract_adapter(base, tuned, out, rank: int | None = None, energy: float | N
     saved = {}
     for path in saved_paths(tuned_model, LoraConfig(modules_to_save=names or None), modules):
         saved.update({f"{path}.{k}": v for k, v in modules[path].state_dict().items()})
-    conv1d = any(is_conv1d(modules[p]) for p in extraction.modules)
+    conv1d = any(is_conv1d(modules[p]) for p, m in extraction.modules.items() if not m.experts)
     save_extraction(extraction, out, saved=saved, modules_to_save=names, fan_in_fan_out=conv1d,
                     base_model_name_or_path=base_model_name(base_model), task_type=task_type)
     _carry_task_file(base, tuned, Path(out))

@@ -83,7 +83,9 @@ def delta_spectrum(W_base, W_tuned, energies=DEFAULT_ENERGIES) -> DeltaSpectrum:
 
 
 def model_spectra(base, tuned, module: str | None = None, energies=DEFAULT_ENERGIES) -> dict[str, DeltaSpectrum]:
-    """:func:`delta_spectrum` of every linear weight (output heads left out) of a fine-tune.
+    """:func:`delta_spectrum` of every linear weight (output heads left out) of a fine-tune, and of
+    each expert of a mixture-of-experts model's fused stacks and routers
+    (:func:`lorakit.analysis.weights.parameter_weights`; an expert's rows are named ``<path>[e]``).
 
     Args:
         base: the pretrained model: a spec for :func:`lorakit.models.load_model`
@@ -97,12 +99,14 @@ def model_spectra(base, tuned, module: str | None = None, energies=DEFAULT_ENERG
     Raises:
         LorakitError: the models cannot be loaded or differ in architecture, or nothing matches.
     """
-    from lorakit.analysis.weights import compile_pattern, linear_weights, model_pair
+    from lorakit.analysis.weights import compile_pattern, linear_weights, model_pair, parameter_weights
 
     compile_pattern(module)  # a bad pattern fails before the models load
     base_model, tuned_model = model_pair(base, tuned)
-    base_w = linear_weights(base_model, module)
-    tuned_w = linear_weights(tuned_model, module)
+    base_w, tuned_w = linear_weights(base_model, module), linear_weights(tuned_model, module)
+    for weights, model in ((base_w, base_model), (tuned_w, tuned_model)):
+        for path, stack in parameter_weights(model, module).items():
+            weights.update({f"{path}[{e}]": w for e, w in enumerate(stack)} if len(stack) > 1 else {path: stack[0]})
     if not base_w:
         raise LorakitError(f"no linear weight of {type(base_model).__name__} matches {module!r}")
     if set(base_w) != set(tuned_w):

@@ -15,7 +15,7 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 
-__all__ = ["adapter_deltas", "adapter_factors", "compile_pattern", "linear_weights", "model_pair"]
+__all__ = ["adapter_deltas", "adapter_factors", "compile_pattern", "linear_weights", "model_pair", "parameter_weights"]
 
 
 def compile_pattern(module: str | None):
@@ -79,6 +79,30 @@ def linear_weights(model: nn.Module, module: str | None = None, heads: bool = Fa
     pattern = compile_pattern(module)
     return {path: weight_out_in(leaf) for path, leaf in linear_leaves(model, heads=heads).items()
             if pattern is None or pattern.search(path)}
+
+
+def parameter_weights(model: nn.Module, module: str | None = None) -> dict[str, torch.Tensor]:
+    """``"<module path>.<name>"`` -> ``(E, out, in)`` of each parameter LoRA on parameters adapts
+    (:func:`lorakit.targets.adaptable_parameters`: fused experts, routers; a router's matrix is
+    ``E = 1``), stored ``(E, in, out)`` ones transposed (the module says ``is_transposed``).
+
+    Args:
+        module: a regular expression; only names it finds (``re.search``) are kept.
+
+    Returns:
+        views of the parameters (no copies).
+    """
+    from lorakit.targets import adaptable_parameters, parameter_features, walk
+
+    pattern = compile_pattern(module)
+    modules, found = walk(model), {}
+    for path, name in adaptable_parameters(model):
+        key, host = f"{path}.{name}", modules[path]
+        if pattern is None or pattern.search(key):
+            param = getattr(host, name).detach()
+            stack = param if param.dim() == 3 else param[None]
+            found[key] = stack.transpose(1, 2) if parameter_features(host, name)[3] else stack
+    return found
 
 
 def model_pair(base, tuned) -> tuple[nn.Module, nn.Module]:

@@ -16,8 +16,9 @@ def register(subparsers) -> None:
         help="a LoRA adapter from a full fine-tune: truncated SVD of W_tuned − W_base per module",
         description=(
             "Factor each changed linear weight's ΔW = W_tuned − W_base as B·A of rank R (or the rank keeping "
-            "a fraction of its energy) and write a PEFT-format adapter; a changed output head is saved whole "
-            "(modules_to_save). Prints the rank and relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F per module."
+            "a fraction of its energy) and write a PEFT-format adapter; a mixture-of-experts model's fused "
+            "experts and router are factored per expert (PEFT's target_parameters); a changed output head is "
+            "saved whole (modules_to_save). Prints the rank and relative error ‖ΔW − B·A‖_F / ‖ΔW‖_F per module."
         ),
     )
     ext.add_argument("--base", required=True, metavar="MODEL", help="'default', 'default-chat' or a model folder")

@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     parser.add_argument("--targets", metavar="NAMES",
                         help="comma-separated module names (query,value), all-linear, or a regex matching a "
                              "module's name or path (query|value)")
+    parser.add_argument("--target-parameters", metavar="NAMES",
+                        help="comma-separated parameters adapted directly (PEFT's target_parameters), e.g. "
+                             "experts.gate_up_proj,experts.down_proj: a mixture-of-experts model's fused experts")
     parser.add_argument("--layers-to-transform", metavar="BLOCKS",
                         help="only the targets in these blocks, e.g. 10,11 or 8-11 (as lorakit train)")
     parser.add_argument("--paths", action="store_true", help="list every module path instead of grouping by name")
@@ -65,12 +68,13 @@ def _add_memory_flags(parser) -> None:
 def run_inspect(args) -> int:
     if args.memory:
         return run_memory(args)
-    from lorakit.config import parse_layers, parse_targets
+    from lorakit.config import parse_layers, parse_parameters, parse_targets
     from lorakit.models import load_model, target_footprint
 
-    layers = parse_layers(args.layers_to_transform)
+    layers, parameters = parse_layers(args.layers_to_transform), parse_parameters(args.target_parameters)
     model, _ = load_model(args.model, tokenizer=False)
-    report = target_footprint(model, rank=args.rank, targets=parse_targets(args.targets), layers=layers)
+    report = target_footprint(model, rank=args.rank, targets=parse_targets(args.targets), layers=layers,
+                              parameters=parameters)
     rows = report["modules"]
     if args.paths:
         table = [(path, kind, "x".join(map(str, shape)), "yes" if sel else "", f"{params:,}")
@@ -79,7 +83,7 @@ def run_inspect(args) -> int:
     else:
         groups: OrderedDict = OrderedDict()
         for path, kind, shape, sel, params in rows:
-            key = (path.rsplit(".", 1)[-1], kind, shape, sel)
+            key = (".".join(path.split(".")[-2 if kind == "parameter" else -1:]), kind, shape, sel)  # gate.weight
             count, total = groups.get(key, (0, 0))
             groups[key] = (count + 1, total + params)
         table = [(name, kind, "x".join(map(str, shape)), str(count), "yes" if sel else "", f"{total:,}")
@@ -89,8 +93,11 @@ def run_inspect(args) -> int:
     for row in [header, *table]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
     adapter, total = report["adapter_params"], report["model_params"]
-    chosen = sorted({path.rsplit(".", 1)[-1] for path, _, _, sel, _ in rows if sel})
-    print(f"\n{type(model).__name__}: {len(rows)} targetable modules, {total:,} parameters")
+    chosen = sorted({".".join(path.split(".")[-2 if kind == "parameter" else -1:])
+                     for path, kind, _, sel, _ in rows if sel})
+    stacks = sum(kind == "parameter" for _, kind, _, _, _ in rows)
+    more = f" and {stacks} parameters (--target-parameters)" if stacks else ""
+    print(f"\n{type(model).__name__}: {len(rows) - stacks} targetable modules{more}, {total:,} parameters")
     print(f"adapter at rank {args.rank} on {','.join(chosen)} ({sum(r[3] for r in rows)} modules): "
           f"{adapter:,} parameters ({100.0 * adapter / total:.4f}% of the model)")
     return 0

@@ -99,6 +99,13 @@ class LoraParameter(LoraLayer):
         B3 = B.view(self.out_features, -1, E).permute(2, 0, 1)  # (E, out, r)
         return (A3.transpose(1, 2), B3.transpose(1, 2)) if self.transposed else (B3, A3)
 
+    @staticmethod
+    def stacked(As: list[torch.Tensor], Bs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each expert's ``A_e: (r, in)`` and ``B_e: (out, r)`` as one adapter's ``A: (E·r, in)`` and
+        ``B: (out, E·r)`` in the layout above (what :meth:`factors` reads back per expert)."""
+        B = torch.stack(Bs, dim=2)  # (out, r, E): expert e's column j lands at j·E + e
+        return torch.cat(As), B.reshape(B.shape[0], -1)
+
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s·B·A`` of adapter ``name`` in fp32, shaped as the parameter (per expert for a 3-D one)."""
         ad = self._adapter(name)

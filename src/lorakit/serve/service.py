@@ -20,7 +20,7 @@ from lorakit.errors import LorakitError
 from lorakit.serve.engine import Engine, Event, GenerationRequest
 from lorakit.serve.registry import BASE, AdapterRegistry
 from lorakit.serve.sampling import Sampler
-from lorakit.tasks.classify import model_inputs, split_pairs
+from lorakit.tasks.classify import model_inputs, model_labels, split_pairs
 
 GENERATE, CLASSIFY = "generate", "classify"
 
@@ -298,12 +298,12 @@ class Service:
 
     def _labels(self, adapter: str, count: int) -> list[str]:
         """Class names: the adapter's own (its ``lorakit_task.json``, as ``lorakit predict``
-        uses them) when it has as many as the head has outputs, else the model's."""
+        uses them) when it has as many as the head has outputs, else the model's
+        (:func:`lorakit.tasks.classify.model_labels`, as ``lorakit predict`` names them)."""
         own = self.registry.labels(adapter) if adapter != BASE else None
         if own is not None and len(own) == count:
             return own
-        id2label = self.model.config.id2label
-        return [str(id2label.get(i, f"LABEL_{i}")) for i in range(count)]
+        return model_labels(self.model, count)
 
     async def add_adapter(self, name: str, path: str, replace: bool = False) -> dict:
         """Load an adapter over HTTP (its path must lie under the adapter root); ``replace``

@@ -28,6 +28,8 @@ from lorakit.tasks import scores
 from lorakit.tasks.base import Task
 
 CLASS_WEIGHTS = ("balanced",)  # the --class-weights rules
+#: the names transformers gives classes its config does not name: LABEL_0, LABEL_1, ...
+PLACEHOLDER = "LABEL_"
 # fewer training examples than this and a class can hardly be learned, nor scored on a validation or test split
 # (a 10% split of 5 examples holds none of them); a warning names such classes
 RARE_CLASS = 5
@@ -113,8 +115,12 @@ class ClassificationTask(Task):
         return [len(ids) for ids in tokenizer(*texts, truncation=False, verbose=False)["input_ids"]] if records else []
 
     def encode(self, records, tokenizer, max_length, labels) -> Encoded:
-        return lkdata.encode_classification(records, tokenizer, max_length,
-                                            {name: i for i, name in enumerate(labels)})
+        """The records as examples of the classes ``labels`` (by index); a class named by
+        transformers' placeholder ``LABEL_i`` (a model trained elsewhere on integer classes) is
+        also the data's label ``i``."""
+        label2id = {name: i for i, name in enumerate(labels)}
+        placeholders = {str(i): i for i, name in enumerate(labels) if name == f"{PLACEHOLDER}{i}"}
+        return lkdata.encode_classification(records, tokenizer, max_length, {**placeholders, **label2id})
 
     def fake_batch(self, batch_size, length) -> dict:
         ids = torch.zeros(batch_size, length, dtype=torch.long)
@@ -173,12 +179,17 @@ class ClassificationTask(Task):
         device = next(model.parameters()).device
         logits = model(**{k: v.to(device) for k, v in model_inputs(batch, pairs).items()}).logits
         probabilities = logits.float().softmax(-1).cpu()
-        if labels is None:  # an adapter PEFT wrote: the classes as the model's config names them
-            names = getattr(model.config, "id2label", None) or {}
-            labels = [str(names.get(i, f"LABEL_{i}")) for i in range(probabilities.shape[-1])]
+        labels = labels if labels is not None else model_labels(model, probabilities.shape[-1])
         return [{"text": text, "label": labels[int(row.argmax())],
                  "probabilities": {label: float(p) for label, p in zip(labels, row)}}
                 for text, row in zip(texts, probabilities)]
+
+
+def model_labels(model, classes: int) -> list[str]:
+    """The classes of a classifier whose run recorded none (an adapter PEFT wrote), by index, as its
+    config's ``id2label`` names them (transformers' placeholder ``LABEL_i`` where it names none)."""
+    names = getattr(model.config, "id2label", None) or {}
+    return [str(names.get(i, f"{PLACEHOLDER}{i}")) for i in range(classes)]
 
 
 def load_classifier(spec: str, labels):
