@@ -60,3 +60,31 @@ def test_bad_inputs_name_the_value():
         amplification(torch.zeros(4, 5), torch.zeros(5, 4), 1)
     with pytest.raises(LorakitError, match="r 9 is out of range"):
         amplification(torch.ones(4, 5), torch.ones(4, 5), 9)
+
+
+@pytest.mark.parametrize("make", ["mixtral", "gpt_oss"])
+def test_lora_on_expert_parameters_gives_a_row_per_expert_as_peft_merges_it(tmp_path, make):
+    """Each expert's ΔW, read from PEFT's own merge (GPT-OSS's stacks stored (E, in, out))."""
+    peft = pytest.importorskip("peft")
+    from lorakit.analysis import adapter_amplification
+    from tiny_models import tiny_gpt_oss, tiny_mixtral
+
+    build = {"mixtral": tiny_mixtral, "gpt_oss": tiny_gpt_oss}[make]
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False,
+                                                          target_parameters=["experts.gate_up_proj"]))
+    theirs.save_pretrained(tmp_path)
+    base = build()
+    merged = theirs.merge_and_unload()
+    rows = adapter_amplification(str(tmp_path), base)
+    experts = [path for path in rows if "[" in path]
+    layers = len(base.model.layers)
+    assert len(experts) == 3 * layers and len(rows) == 4 * layers  # q_proj, and 3 experts in each block
+    for i in range(layers):
+        W = base.model.layers[i].mlp.experts.gate_up_proj.detach()
+        delta = merged.model.layers[i].mlp.experts.gate_up_proj.detach() - W
+        if make == "gpt_oss":
+            W, delta = W.transpose(1, 2), delta.transpose(1, 2)
+        for e in range(3):
+            want = amplification(delta[e], W[e], 2)
+            got = rows[f"model.layers.{i}.mlp.experts.gate_up_proj[{e}]"]
+            assert got.factor == pytest.approx(want.factor, rel=1e-4) and got.shape == want.shape

@@ -118,7 +118,8 @@ def adapter_amplification(adapter, base, r: int | None = None, module: str | Non
 
     Returns:
         module path -> :class:`Amplification`, in the adapter's order. Embedding adapters
-        are skipped (their ΔW is not a linear map of the hidden state).
+        are skipped (their ΔW is not a linear map of the hidden state). LoRA on parameters
+        (fused experts, routers) gives a row per expert, ``<module path>.<name>[e]``.
 
     Raises:
         LorakitError: the adapter does not fit the base, or nothing matches ``module``.
@@ -142,8 +143,39 @@ def adapter_amplification(adapter, base, r: int | None = None, module: str | Non
             raise LorakitError(f"{path}: the adapter's ΔW is {tuple(delta.shape)} but the base weight is "
                                f"{tuple(W.shape)}; is --base the model the adapter was trained on?")
         results[path] = amplification(delta, W, config.rank_for(path) if r is None else r, seed=seed)
+    if config.target_parameters:
+        results.update(_on_parameters(model, config, tensors, pattern, r, seed))
     if not results:
         raise LorakitError(f"no linear module of the adapter is found in {type(model).__name__}"
                            + (f" matching {module!r}" if module else "")
                            + "; is --base the model the adapter was trained on?")
+    return results
+
+
+def _on_parameters(model: nn.Module, config, tensors: dict, pattern, r: int | None, seed: int) -> dict:
+    """:func:`amplification` of each expert's ``ΔW_e`` against ``W_e`` for an adapter's LoRA on
+    parameters, read by loading it onto a copy of ``model`` (the one reader of its layout)."""
+    import copy
+
+    from lorakit.layers import LoraParameter
+    from lorakit.peft_load import apply_plan, plan_load
+    from lorakit.model import add_adapter
+    from lorakit.targets import lora_layers
+
+    model = copy.deepcopy(model)
+    plan = plan_load(model, config, tensors, "analysed", "the adapter", {})
+    add_adapter(model, plan.config, "analysed", init_weights=False)
+    apply_plan(model, plan, "analysed")
+    results = {}
+    for path, layer in lora_layers(model):
+        if not isinstance(layer, LoraParameter) or (pattern is not None and not pattern.search(path)):
+            continue
+        delta, W = layer.delta_weight("analysed"), layer.weight.detach().float()
+        if W.dim() == 2:
+            delta, W = delta[None], W[None]
+        if layer.transposed:  # (E, in, out) -> (E, out, in)
+            delta, W = delta.transpose(1, 2), W.transpose(1, 2)
+        rank = layer.export_rank("analysed") if r is None else r
+        for e in range(len(W)):
+            results[f"{path}[{e}]" if len(W) > 1 else path] = amplification(delta[e], W[e], rank, seed=seed)
     return results
