@@ -6,7 +6,7 @@ from torch import nn
 from transformers import BertModel, DistilBertConfig, DistilBertForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
-from lorakit import LoraConfig, attach
+from lorakit import LoraConfig, LorakitError, attach
 from lorakit.targets import (
     BARE, CAUSAL_LM, CLASSIFIER, OTHER, adaptable_parameters, architecture_kind, is_conv1d, linear_leaves,
     model_fingerprint, model_kind, output_heads, task_heads, transformer_blocks, weight_out_in,
@@ -149,3 +149,7 @@ def test_the_parameters_lora_on_parameters_is_for_are_experts_and_routers_only()
                                                     ("experts", "down_proj"))]
     found = adaptable_parameters(tiny_gpt_oss())  # GPT-OSS's experts carry bias stacks too: left out
     assert [name for _, name in found] == ["weight", "gate_up_proj", "down_proj"]
+    # a parameter named as a module: the message says where it goes
+    with pytest.raises(LorakitError, match=r"parameters \(--target-parameters\): gate.weight \(×2\), "
+                                           r"experts.gate_up_proj \(×2\), experts.down_proj \(×2\)"):
+        attach(tiny_mixtral(), LoraConfig(target_modules=["experts.gate_up_proj"]))

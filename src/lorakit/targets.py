@@ -162,9 +162,10 @@ def _targetable_summary(modules: dict[str, nn.Module]) -> str:
     paths = [p for p, _ in _candidates(modules)]
     if not paths:
         return "none (lorakit wraps nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv1d/2d/3d)"
-    counts = Counter(p.rsplit(".", 1)[-1] for p in paths)
-    names = ", ".join(f"{n} (×{c})" if c > 1 else n for n, c in counts.items())
-    return f"{names}; e.g. {paths[0]!r}"
+    named = [Counter(p.rsplit(".", 1)[-1] for p in paths),
+             Counter(f"{p.rsplit('.', 1)[-1]}.{n}" for p, n in adaptable_parameters(modules[""]))]
+    names = [", ".join(f"{n} (×{c})" if c > 1 else n for n, c in counts.items()) for counts in named]
+    return f"{names[0]}; e.g. {paths[0]!r}" + (f"; parameters (--target-parameters): {names[1]}" if names[1] else "")
 
 
 def bypass_reason(modules: dict[str, nn.Module], path: str) -> str | None:
