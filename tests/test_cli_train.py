@@ -445,3 +445,16 @@ def test_adapter_folders_peft_wrote_are_used_by_generate_predict_and_eval(tiny, 
     assert main(["eval", "--adapter", str(tmp_path / "cls"), "--model", tiny["cls"],
                  "--data", str(tmp_path / "named.jsonl")]) == 2
     assert "has label 'pos', which the model does not know" in capsys.readouterr().err
+    # a kind of adapter the commands do not run, and a model of a kind the task cannot load: one line each
+    from transformers import AutoModelForTokenClassification, T5Config, T5ForConditionalGeneration
+
+    tagger = peft.get_peft_model(AutoModelForTokenClassification.from_pretrained(tiny["cls"]),
+                                 peft.LoraConfig(r=4, target_modules=["query"], task_type="TOKEN_CLS"))
+    tagger.save_pretrained(tmp_path / "tagger")
+    assert main(["predict", "--adapter", str(tmp_path / "tagger"), "--model", tiny["cls"], "a fine film"]) == 2
+    assert "a PEFT adapter of task_type 'TOKEN_CLS'" in capsys.readouterr().err
+    T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=16, d_ff=32, num_layers=1, num_heads=2,
+                                        d_kv=8)).save_pretrained(tmp_path / "t5")
+    assert main(["generate", "--model", str(tmp_path / "t5"), "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "need a causal (decoder-only) language model" in err and "Model type should be one of" not in err

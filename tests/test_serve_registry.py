@@ -86,6 +86,17 @@ def test_nan_weights_are_refused_at_load_and_leave_the_model_unchanged(toy, tmp_
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_an_adapter_for_another_kind_of_model_is_refused_by_its_task_type(toy, tmp_path):
+    """A PEFT file for a token classifier (or a seq2seq LM) is not served on a causal LM, in one line."""
+    shutil.copytree(toy["root"] / "task0", tmp_path / "tagger")
+    config_file = tmp_path / "tagger" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "task_type": "TOKEN_CLS"}))
+    registry = AdapterRegistry(_model(toy), adapter_root=tmp_path, max_loaded=2)
+    with pytest.raises(AdapterLoadError, match="is a PEFT adapter of task_type 'TOKEN_CLS'"):
+        registry.register("tagger", "tagger")
+    registry.register("plain", toy["root"] / "task0", trusted=True)  # a causal LM's adapter still loads
+
+
 def test_replacing_an_adapter_keeps_the_old_one_when_the_new_files_fail(toy, tmp_path):
     for name in ("task0", "task1", "broken"):
         shutil.copytree(toy["root"] / name, tmp_path / name)

@@ -159,13 +159,15 @@ def _folder_info(path, task: str | None, model: str | None) -> tuple[Path, dict]
     ``task``, or chat), the base from ``model`` or ``base_model_name_or_path``, no labels (the
     model's own), no recorded data or length."""
     from lorakit.io import CONFIG_NAME, adapter_config_dict
+    from lorakit.peft_format import SEQ_CLS, check_runnable
     from lorakit.run_folder import RunFolder
 
     path = Path(path)
     if path.is_dir() and not (path / TASK_FILE).is_file() and (path / CONFIG_NAME).is_file() \
             and not RunFolder(path).is_run():
         config = adapter_config_dict(path)
-        kind = "classify" if config.get("task_type") == "SEQ_CLS" else task or "chat"
+        check_runnable(config.get("task_type"), path)
+        kind = "classify" if config.get("task_type") == SEQ_CLS else task or "chat"
         return path, {"task": kind, "method": "lora", "labels": None, "max_length": None, "data": None,
                       "model": model or config.get("base_model_name_or_path") or "default"}
     folder = trained_folder(path)

@@ -207,7 +207,10 @@ def _from_pretrained(cls, source, **kwargs):
     except (OSError, ValueError) as err:
         if isinstance(source, Path):
             what = "a tokenizer" if "Tokenizer" in cls.__name__ else "a model"
-            raise LorakitError(f"cannot load {what} from {source}: {err}") from err
+            reason = str(err).split("\n")[0].rstrip(".")  # transformers goes on to list every model type it knows
+            kind = {"AutoModelForCausalLM": "; lorakit's chat and text tasks need a causal (decoder-only) language "
+                    "model"}.get(cls.__name__, "") if "Unrecognized configuration class" in reason else ""
+            raise LorakitError(f"cannot load {what} from {source}: {reason}{kind}") from err
         raise LorakitError(f"{source!r} is neither a local folder nor a model in the Hugging Face cache "
                            "(lorakit never downloads); give 'default', 'default-chat' or a folder") from err
 

@@ -299,6 +299,21 @@ def task_type_for(model: nn.Module) -> str | None:
     return task_type
 
 
+#: the PEFT task_types lorakit's commands and server run: a sequence classifier's, a causal LM's
+#: (and none: an adapter on a bare model, run as its --model loads)
+RUNNABLE_TASK_TYPES = (SEQ_CLS, "CAUSAL_LM", None)
+
+
+def check_runnable(task_type: str | None, where) -> None:
+    """Refuse an adapter whose PEFT ``task_type`` is for a model lorakit's eval, predict, generate
+    and serve do not run (a sequence-to-sequence LM, a token classifier, question answering,
+    feature extraction), in one line naming it; lorakit.load_adapter still loads it in Python."""
+    if task_type not in RUNNABLE_TASK_TYPES:
+        raise LorakitError(f"{where} is a PEFT adapter of task_type {task_type!r}; lorakit's eval, predict, "
+                           "generate and serve run sequence classifiers (SEQ_CLS) and causal language models "
+                           "(CAUSAL_LM): load it in Python with lorakit.load_adapter onto its own model")
+
+
 def task_heads(model: nn.Module, task_type: str | None, modules: dict[str, nn.Module] | None = None) -> list[str]:
     """Those of the heads PEFT saves with ``task_type`` (:data:`TASK_HEADS`: the classifier with
     ``SEQ_CLS`` and ``TOKEN_CLS``, ``qa_outputs`` with ``QUESTION_ANS``) that ``model`` has: the

@@ -306,11 +306,13 @@ class AdapterRegistry:
         import torch
 
         from lorakit.io import read_adapter_with_metadata
+        from lorakit.peft_format import check_runnable
         from lorakit.peft_load import plan_load
 
         with self._staged(entry) as folder:
             try:
                 config, tensors, metadata = read_adapter_with_metadata(folder)
+                check_runnable(config.task_type, "it")
                 plan_load(self.model, config, tensors, "check", folder, metadata)
             except Exception as err:  # noqa: BLE001 - reported to the client; the server goes on
                 raise AdapterLoadError(self._scrub(f"adapter {entry.name!r} from {entry.shown} failed to load: {err}",
