@@ -195,6 +195,11 @@ def test_inspect_lists_the_fused_experts_and_counts_an_adapter_on_them_as_peft_d
     assert f"on experts.down_proj,experts.gate_up_proj,q_proj (6 modules): {trainable:,} parameters" in out
     assert main(["inspect", str(tmp_path), "--target-parameters", "experts.nope"]) == 2
     assert "['experts.nope'] matched no parameter" in capsys.readouterr().err
+    # the training peak's prediction counts them too: only the parameters without --targets, as in PEFT
+    only = peft.get_peft_model(tiny_mixtral(), peft.LoraConfig(r=4, target_parameters=experts.split(",")))
+    assert main(["inspect", str(tmp_path), "--memory", "--task", "chat", "--rank", "4", "--max-length", "16",
+                 "--target-parameters", experts]) == 0
+    assert f"; {only.get_nb_trainable_parameters()[0]:,} trainable parameters" in capsys.readouterr().out
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):

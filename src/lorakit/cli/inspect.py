@@ -106,7 +106,7 @@ def run_inspect(args) -> int:
 def run_memory(args) -> int:
     import torch
 
-    from lorakit.config import parse_layers, parse_targets
+    from lorakit.config import parse_layers, parse_parameters, parse_targets
     from lorakit.distributed import run_in_bf16
     from lorakit.memory import GiB, available_bytes, predict_peak
     from lorakit.models import is_causal_lm, load_model_config
@@ -117,6 +117,7 @@ def run_memory(args) -> int:
         args.model != "default" and is_causal_lm(load_model_config(args.model))) else "classify")
     config = TrainConfig(task=task, model=args.model, method=args.method, rank=args.rank, targets=parse_targets(args.targets),
                          layers_to_transform=parse_layers(args.layers_to_transform), quantize=args.quantize,
+                         target_parameters=parse_parameters(args.target_parameters),
                          batch_size=args.batch_size, max_length=args.max_length,
                          gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16)
     config = with_shape(config)
