@@ -106,3 +106,21 @@ def test_delta_factor_orders_input_directions_by_how_much_the_update_uses_them()
     assert float(phi[2, 0]) == pytest.approx(1.0)
     f3 = {"m": (Q[[0]], U[:, :1])}
     assert float(adapter_similarity(f1, f3, factor="delta")[0].phi[0, 0]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_lora_on_expert_parameters_is_left_out_with_a_warning_not_misread(tmp_path):
+    """A PEFT adapter's fused experts stack every expert's rows in one A (under a nested key path):
+    not compared as one module, and said so; an adapter of experts alone is one clear error."""
+    peft = pytest.importorskip("peft")
+    from lorakit.analysis.similarity import compare_adapters
+    from tiny_models import tiny_mixtral
+
+    experts = ["experts.gate_up_proj", "experts.down_proj"]
+    for name, targets in (("both", ["q_proj"]), ("experts", [])):
+        peft.get_peft_model(tiny_mixtral(), peft.LoraConfig(r=2, target_modules=targets, target_parameters=experts,
+                                                            init_lora_weights=False)).save_pretrained(tmp_path / name)
+    with pytest.warns(UserWarning, match="left out 4 LoRA on parameters"):
+        rows = compare_adapters(tmp_path / "both", tmp_path / "both")
+    assert [row.path for row in rows] == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    with pytest.raises(LorakitError, match="holds LoRA on parameters only"):
+        compare_adapters(tmp_path / "experts", tmp_path / "experts")

@@ -125,6 +125,13 @@ def parameter_key_path(module_path: str, later: int) -> str:
     return module_path + ".base_layer" * later
 
 
+def parameter_host(key_path: str) -> str:
+    """The module path a LoRA-on-parameter key path names (:func:`parameter_key_path` undone)."""
+    while key_path.endswith(".base_layer"):
+        key_path = key_path[: -len(".base_layer")]
+    return key_path
+
+
 def nested_key_paths(targets: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
     """``{(module path, parameter): key path}`` for parameter targets listed in module order and,
     within a module, in parameter order (as :func:`lorakit.targets.parameter_targets` gives them)."""

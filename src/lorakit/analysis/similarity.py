@@ -164,6 +164,27 @@ def compare_adapters(adapter_1, adapter_2, module: str | None = None, factor: st
     from lorakit.analysis.weights import adapter_factors
     from lorakit.io import read_adapter
 
-    _, t1 = read_adapter(adapter_1)
-    _, t2 = read_adapter(adapter_2)
-    return adapter_similarity(adapter_factors(t1), adapter_factors(t2), module=module, factor=factor)
+    factors = [_dense(config, adapter_factors(tensors), folder)
+               for folder, (config, tensors) in ((a, read_adapter(a)) for a in (adapter_1, adapter_2))]
+    return adapter_similarity(*factors, module=module, factor=factor)
+
+
+def _dense(config, factors: dict, folder) -> dict:
+    """``factors`` without the adapter's LoRA on parameters (fused experts, routers), which are left
+    out with a warning: their A stacks every expert's rows, and telling the experts apart takes
+    their count, which the file does not record (``analyze amplification`` has the model, and
+    compares per expert)."""
+    import warnings
+
+    from lorakit.peft_format import parameter_host
+
+    wanted = config.target_parameters or []
+    named = [(key, f"{parameter_host(key)}.{t.rsplit('.', 1)[-1]}", t) for key in factors for t in wanted]
+    on = list(dict.fromkeys(key for key, path, t in named if path == t or path.endswith("." + t)))
+    if on and len(on) == len(factors):
+        raise LorakitError(f"{folder} holds LoRA on parameters only ({wanted}), whose stacked experts analyze "
+                           "similarity does not compare; use analyze amplification, which reads them per expert")
+    if on:
+        warnings.warn(f"{folder}: left out {len(on)} LoRA on parameters ({', '.join(wanted)}): their experts are "
+                      "stacked in one factor, compared per expert by analyze amplification only", stacklevel=2)
+    return {key: value for key, value in factors.items() if key not in on}
