@@ -147,6 +147,8 @@ def test_the_parameters_lora_on_parameters_is_for_are_experts_and_routers_only()
     assert adaptable_parameters(tiny_mixtral()) == [(f"model.layers.{i}.mlp.{m}", p) for i in (0, 1) for m, p in
                                                    (("gate", "weight"), ("experts", "gate_up_proj"),
                                                     ("experts", "down_proj"))]
+    adapted = attach(tiny_mixtral(), LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["gate.weight"]))
+    assert adaptable_parameters(adapted) == adaptable_parameters(tiny_mixtral())  # not lorakit's own layers' tensors
     found = adaptable_parameters(tiny_gpt_oss())  # GPT-OSS's experts carry bias stacks too: left out
     assert [name for _, name in found] == ["weight", "gate_up_proj", "down_proj"]
     # a parameter named as a module: the message says where it goes

@@ -79,17 +79,14 @@ def parameter_features(host: nn.Module, name: str) -> tuple[int, int, int, bool]
     return (shape[0], shape[1], shape[2], True) if transposed else (shape[0], shape[2], shape[1], False)
 
 
-def adaptable_parameters(model: nn.Module) -> list[tuple[str, str]]:
+def adaptable_parameters(modules: dict[str, nn.Module], skip: tuple[type, ...] = ()) -> list[tuple[str, str]]:
     """``(module path, name)`` of each parameter that LoRA on parameters (PEFT's ``target_parameters``)
-    is for, in module and parameter order: a stack of ``E > 1`` experts (a mixture-of-experts
-    block's fused ``gate_up_proj``, ``down_proj``) and the matrix of any other module (a router's
-    ``weight``). Dense layers', convolutions' and embeddings' weights (LoRA on the module adapts
-    those), biases and vectors are left out."""
-    found = []
-    for path, module in model.named_modules():
-        if not path or isinstance(module, (nn.Embedding, *LINEAR_TYPES)) or is_conv(module):
-            continue
-        for name, param in module.named_parameters(recurse=False):
-            if "bias" not in name and (param.dim() == 2 or (param.dim() == 3 and param.shape[0] > 1)):
-                found.append((path, name))
-    return found
+    is for, among ``modules`` (path -> module, in module order): a stack of ``E > 1`` experts (a
+    mixture-of-experts block's fused ``gate_up_proj``, ``down_proj``) and the matrix of any other
+    module (a router's ``weight``). Dense layers', convolutions' and embeddings' weights (LoRA on the
+    module adapts those), biases and vectors are left out, and so are the parameters of the module
+    types ``skip`` (:func:`lorakit.targets.adaptable_parameters` passes lorakit's own layers)."""
+    return [(path, name) for path, module in modules.items()
+            if path and not isinstance(module, (nn.Embedding, *LINEAR_TYPES, *CONV_TYPES, *skip))
+            for name, param in module.named_parameters(recurse=False)
+            if "bias" not in name and (param.dim() == 2 or (param.dim() == 3 and param.shape[0] > 1))]

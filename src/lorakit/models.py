@@ -344,7 +344,7 @@ def target_footprint(model: nn.Module, rank: int = 8, targets=None, layers=None,
     for path, kind, shape in targetable_modules(model):
         params = config.rank_for(path) * (shape[0] + math.prod(shape[1:]))  # r·(out + in); a conv's in is in·∏k
         rows.append((path, kind, tuple(shape), path in selected, params))
-    for path, name in adaptable_parameters(model):
+    for path, name in adaptable_parameters(model, modules):
         experts, fan_in, fan_out, _ = parameter_features(modules[path], name)
         key = f"{path}.{name}"
         rows.append((key, "parameter", tuple(getattr(modules[path], name).shape), key in selected,

@@ -97,6 +97,12 @@ def parse_targets(value):
     return names
 
 
+def parameter_matches(entry: str, key: str) -> bool:
+    """PEFT's rule for ``target_parameters``: the parameter ``key`` (``<module path>.<name>``)
+    is selected by ``entry`` when it equals it or ends in ``"." + entry``."""
+    return key == entry or key.endswith("." + entry)
+
+
 def parse_parameters(value):
     """Parameter targets written as one string -> a value for :attr:`LoraConfig.target_parameters`:
     comma-separated names (``"experts.gate_up_proj, experts.down_proj"``), each a parameter's

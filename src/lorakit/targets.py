@@ -1,20 +1,19 @@
 """What lorakit knows about a model's structure, in one place.
 
-- which leaves are dense layers (``nn.Linear``, transformers ``Conv1D``; the type test
-  itself lives in the bottom module :mod:`lorakit.dense`, re-exported here) and their
-  weights as ``(out, in)``: :func:`linear_leaves`, :func:`weight_out_in`;
-- which modules are output or task heads: :data:`HEAD_NAMES`, :func:`output_heads`,
-  :func:`task_heads`; which are the repeated transformer blocks: :func:`transformer_blocks`;
-- what kind of model it is (bare encoder, sequence classifier, causal LM, other):
-  :func:`model_kind`, :func:`architecture_kind`, :func:`architecture_name`;
-- which modules a :class:`~lorakit.config.LoraConfig` selects, where lorakit's own layers
-  sit, and replacing a module: :func:`target_paths`, :func:`saved_paths`, :func:`walk`,
-  :func:`replace_module`.
+- which leaves are dense layers (``nn.Linear``, transformers ``Conv1D``; the type test itself lives in the bottom
+  module :mod:`lorakit.dense`, re-exported here) and their weights as ``(out, in)``: :func:`linear_leaves`,
+  :func:`weight_out_in`;
+- which modules are output or task heads: :data:`HEAD_NAMES`, :func:`output_heads`, :func:`task_heads`; which are
+  the repeated transformer blocks: :func:`transformer_blocks`;
+- what kind of model it is (bare encoder, sequence classifier, causal LM, other): :func:`model_kind`,
+  :func:`architecture_kind`, :func:`architecture_name`;
+- which modules a :class:`~lorakit.config.LoraConfig` selects, which parameters LoRA on parameters is for, where
+  lorakit's own layers sit, and replacing a module: :func:`target_paths`, :func:`adaptable_parameters`,
+  :func:`saved_paths`, :func:`walk`, :func:`replace_module`.
 
-Everything here reads the model through :func:`walk`: one pass over its modules that
-does not descend into lorakit's own parts (a LoRA layer's ``adapters``, a saved
-module's ``copies``), so its cost grows with the base model's modules, not with the
-number of adapters loaded. An operation walks once and hands the result down.
+Everything here reads the model through :func:`walk`: one pass over its modules that does not descend into lorakit's
+own parts (a LoRA layer's ``adapters``, a saved module's ``copies``), so its cost grows with the base model's
+modules, not with the number of adapters loaded. An operation walks once and hands the result down.
 
 >>> target_paths(model, LoraConfig(target_modules=["q_proj", "v_proj"]))[:2]
 ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.v_proj']
@@ -29,16 +28,16 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.dense import (  # noqa: F401  (re-exported: structure questions are asked here)
-    CONV_TYPES, LINEAR_TYPES, Conv1D, adaptable_parameters, is_conv, is_conv1d, is_linear, linear_features,
-    parameter_features, weight_out_in,
+    CONV_TYPES, LINEAR_TYPES, Conv1D, is_conv, is_conv1d, is_linear, linear_features, parameter_features, weight_out_in,
 )
+from lorakit.dense import adaptable_parameters as _adaptable
 from lorakit.errors import LorakitError
 from lorakit.model_kinds import (  # noqa: F401  (re-exported: structure questions are asked here)
     BARE, CAUSAL_LM, CLASSIFIER, MODEL_KINDS, OTHER, architecture_kind, architecture_name, model_fingerprint, model_kind,
     position_limit,
 )
 from lorakit.layers import LoraLayer, ParameterHost, SavedModule, wrapper_for
-from lorakit.module_names import ALL_LINEAR, name_matches
+from lorakit.module_names import ALL_LINEAR, name_matches, parameter_matches
 from lorakit.target_defaults import DEFAULT_TARGETS  # noqa: F401  (re-exported)
 from lorakit.target_defaults import default_targets as _family_targets
 
@@ -162,10 +161,15 @@ def _targetable_summary(modules: dict[str, nn.Module]) -> str:
     paths = [p for p, _ in _candidates(modules)]
     if not paths:
         return "none (lorakit wraps nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv1d/2d/3d)"
-    named = [Counter(p.rsplit(".", 1)[-1] for p in paths),
-             Counter(f"{p.rsplit('.', 1)[-1]}.{n}" for p, n in adaptable_parameters(modules[""]))]
+    params = adaptable_parameters(modules[""], modules)
+    named = [Counter(p.rsplit(".", 1)[-1] for p in paths), Counter(f"{p.rsplit('.', 1)[-1]}.{n}" for p, n in params)]
     names = [", ".join(f"{n} (×{c})" if c > 1 else n for n, c in counts.items()) for counts in named]
     return f"{names[0]}; e.g. {paths[0]!r}" + (f"; parameters (--target-parameters): {names[1]}" if names[1] else "")
+
+
+def adaptable_parameters(model: nn.Module, modules: dict[str, nn.Module] | None = None) -> list[tuple[str, str]]:
+    """:func:`lorakit.dense.adaptable_parameters` of ``model`` (fused experts, routers), lorakit's layers left out."""
+    return _adaptable(walk(model) if modules is None else modules, (LoraLayer,))
 
 
 def bypass_reason(modules: dict[str, nn.Module], path: str) -> str | None:
@@ -290,9 +294,8 @@ def target_paths(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Mod
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         spec = default_targets(model_type, modules)
         if spec is None:
-            raise LorakitError(
-                f"no target_modules given and no default for model type {model_type!r}; "
-                f"name some of: {_targetable_summary(modules)}")
+            raise LorakitError(f"no target_modules given and no default for model type {model_type!r}; "
+                               f"name some of: {_targetable_summary(modules)}")
     if spec == ALL_LINEAR:
         heads = tuple(h + "." for h in output_heads(model, modules))
         paths = [p for p, m in _candidates(modules)
@@ -318,9 +321,8 @@ def target_paths(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Mod
         if outside_layers:
             left_out += (f"; left out {len(outside_layers)} outside layers_to_transform "
                          f"{config.layers_to_transform!r}, e.g. {outside_layers[0]}")
-        raise LorakitError(
-            f"target_modules {spec!r} matched no module of {type(model).__name__}; "
-            f"targetable modules: {_targetable_summary(modules)}{left_out}")
+        raise LorakitError(f"target_modules {spec!r} matched no module of {type(model).__name__}; "
+                           f"targetable modules: {_targetable_summary(modules)}{left_out}")
     if bypassed and spec != ALL_LINEAR:
         path, why = next(iter(bypassed.items()))
         more = f" ({len(bypassed) - 1} more like it)" if len(bypassed) > 1 else ""
@@ -383,7 +385,7 @@ def parameter_targets(model: nn.Module, config: LoraConfig,
     for path, module in (walk(model) if modules is None else modules).items() if wanted else ():
         for name, param in ((n, p) for n, p in module._parameters.items() if p is not None):
             key = f"{path}.{name}" if path else name
-            matched = [t for t in wanted if key == t or key.endswith("." + t)]
+            matched = [t for t in wanted if parameter_matches(t, key)]
             why = ("of the model itself" if not path else "of a LoRA target module" if isinstance(module, LoraLayer)
                    else f"of shape {tuple(param.shape)}, not (out, in) or (experts, out, in)" if param.dim() not in (2, 3)
                    else None)

@@ -176,11 +176,12 @@ def _dense(config, factors: dict, folder) -> dict:
     compares per expert)."""
     import warnings
 
+    from lorakit.module_names import parameter_matches
     from lorakit.peft_format import parameter_host
 
     wanted = config.target_parameters or []
-    named = [(key, f"{parameter_host(key)}.{t.rsplit('.', 1)[-1]}", t) for key in factors for t in wanted]
-    on = list(dict.fromkeys(key for key, path, t in named if path == t or path.endswith("." + t)))
+    on = [key for key in factors
+          if any(parameter_matches(t, f"{parameter_host(key)}.{t.rsplit('.', 1)[-1]}") for t in wanted)]
     if on and len(on) == len(factors):
         raise LorakitError(f"{folder} holds LoRA on parameters only ({wanted}), whose stacked experts analyze "
                            "similarity does not compare; use analyze amplification, which reads them per expert")

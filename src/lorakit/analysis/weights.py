@@ -96,7 +96,7 @@ def parameter_weights(model: nn.Module, module: str | None = None) -> dict[str, 
 
     pattern = compile_pattern(module)
     modules, found = walk(model), {}
-    for path, name in adaptable_parameters(model):
+    for path, name in adaptable_parameters(model, modules):
         key, host = f"{path}.{name}", modules[path]
         if pattern is None or pattern.search(key):
             param = getattr(host, name).detach()

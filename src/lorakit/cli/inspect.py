@@ -83,7 +83,7 @@ def run_inspect(args) -> int:
     else:
         groups: OrderedDict = OrderedDict()
         for path, kind, shape, sel, params in rows:
-            key = (".".join(path.split(".")[-2 if kind == "parameter" else -1:]), kind, shape, sel)  # gate.weight
+            key = (_short(path, kind), kind, shape, sel)
             count, total = groups.get(key, (0, 0))
             groups[key] = (count + 1, total + params)
         table = [(name, kind, "x".join(map(str, shape)), str(count), "yes" if sel else "", f"{total:,}")
@@ -93,14 +93,18 @@ def run_inspect(args) -> int:
     for row in [header, *table]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
     adapter, total = report["adapter_params"], report["model_params"]
-    chosen = sorted({".".join(path.split(".")[-2 if kind == "parameter" else -1:])
-                     for path, kind, _, sel, _ in rows if sel})
+    chosen = sorted({_short(path, kind) for path, kind, _, sel, _ in rows if sel})
     stacks = sum(kind == "parameter" for _, kind, _, _, _ in rows)
     more = f" and {stacks} parameters (--target-parameters)" if stacks else ""
     print(f"\n{type(model).__name__}: {len(rows) - stacks} targetable modules{more}, {total:,} parameters")
     print(f"adapter at rank {args.rank} on {','.join(chosen)} ({sum(r[3] for r in rows)} modules): "
           f"{adapter:,} parameters ({100.0 * adapter / total:.4f}% of the model)")
     return 0
+
+
+def _short(path: str, kind: str) -> str:
+    """A row's name: a module's own (``q_proj``), a parameter's with its module's (``gate.weight``)."""
+    return ".".join(path.split(".")[-2 if kind == "parameter" else -1:])
 
 
 def run_memory(args) -> int:
