@@ -165,3 +165,36 @@ def test_train_method_adalora_through_the_training_loop(tiny_task, tmp_path):
 
     model, _ = load_classifier(str(tiny_task / "model"))
     load_adapter(model, adapter)  # a plain LoRA adapter
+
+
+@pytest.mark.parametrize("stop_after", [4, 9], ids=["while-pruning", "final-phase"])
+def test_an_adalora_run_resumed_prunes_as_the_uninterrupted_one(tiny_task, tmp_path, stop_after):
+    """The allocator's importance (EMAs), each layer's mask and the final phase's freeze travel in
+    the checkpoint: a resumed run keeps the same directions, so its losses and adapter are the same."""
+    from lorakit.report import read_metrics
+    from lorakit.train import TrainConfig, TrainingInterrupted, train
+
+    def config(out, **changes):
+        return TrainConfig(method="adalora", model=str(tiny_task / "model"), data=str(tiny_task), rank=6,
+                           steps=12, batch_size=8, eval_every=3, lr=2e-2, bf16=False, out=str(tmp_path / out),
+                           progress=False, **changes)
+
+    def masks(out):
+        from safetensors.torch import load_file
+
+        return {k: v for k, v in load_file(str(tmp_path / out / "state" / "last" / "state.safetensors")).items()
+                if k.startswith("method.")}
+
+    train(config("whole"))
+    with pytest.raises(TrainingInterrupted):
+        train(config("parts", stop_after=stop_after))
+    assert masks("parts")  # the allocator's state is in the checkpoint
+    train(config("parts", resume=True))
+    losses = [[m["loss"] for m in read_metrics(tmp_path / out / "metrics.jsonl") if "lr" in m]
+              for out in ("whole", "parts")]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-7, rel=0)
+    assert masks("parts").keys() == masks("whole").keys()
+    assert all(torch.equal(a, masks("whole")[k]) for k, a in masks("parts").items())
+    ranks = [json.loads((tmp_path / out / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
+             for out in ("whole", "parts")]
+    assert ranks[0] == ranks[1]

@@ -4,8 +4,9 @@ A checkpoint is a folder of two files, never pickle:
 
 - ``state.safetensors``: the trainable parameters (by their names in the model), the
   optimizer's tensors (``optimizer.<param index>.<key>``: AdamW's ``exp_avg``,
-  ``exp_avg_sq``, ``step``) and each process's torch random state (``rng.<rank>.torch``,
-  ``rng.<rank>.cuda.<device>``).
+  ``exp_avg_sq``, ``step``), each process's torch random state (``rng.<rank>.torch``,
+  ``rng.<rank>.cuda.<device>``) and what the method keeps beside its parameters
+  (``method.<name>``: AdaLoRA's importance and masks, :class:`lorakit.methods.Method`).
 - ``state.json``: the step, the best metric so far, the learning-rate scheduler's
   state, the optimizer's hyper-parameters, Python's random state per rank, and the
   settings of the run (a resume with different settings is refused).
@@ -80,7 +81,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(folder, params: dict, optimizer_state: dict, scheduler, rng_states: list[dict],
-                    meta: dict) -> Path:
+                    meta: dict, method_state: dict | None = None) -> Path:
     """Write the training state (see the module docstring) atomically to ``folder``.
 
     Args:
@@ -90,8 +91,10 @@ def save_checkpoint(folder, params: dict, optimizer_state: dict, scheduler, rng_
             (:func:`lorakit.distributed.optimizer_state`).
         rng_states: :func:`rng_state` of every process, by rank.
         meta: JSON-able facts of the run (step, best metric, settings, ...).
+        method_state: the method's own tensors beside its parameters, by name.
     """
     tensors = {f"param.{name}": p for name, p in params.items()}
+    tensors.update({f"method.{name}": t for name, t in (method_state or {}).items()})
     opt = optimizer_state
     for index, param_state in opt["state"].items():
         for key, value in param_state.items():
@@ -142,8 +145,9 @@ def check_settings(folder, settings: dict) -> None:
 
 def load_checkpoint(folder, model, optimizer, scheduler, rank: int = 0) -> dict:
     """Restore what :func:`save_checkpoint` wrote into ``model``, ``optimizer``,
-    ``scheduler`` and this process's random state; return the meta dict. A model sharded
-    with FSDP takes its slice (every process calls it).
+    ``scheduler`` and this process's random state; return the meta dict, with the
+    method's own tensors under ``"method_state"``. A model sharded with FSDP takes its
+    slice (every process calls it).
 
     Raises:
         LorakitError: no checkpoint in ``folder``, or it does not fit the model.
@@ -175,6 +179,7 @@ def load_checkpoint(folder, model, optimizer, scheduler, rank: int = 0) -> dict:
         cuda_keys = sorted((k for k in tensors if k.startswith(f"rng.{rank}.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
         cuda = [tensors[k] for k in cuda_keys]
         set_rng_state({"torch": tensors[f"rng.{rank}.torch"], "python": pythons[rank], "cuda": cuda})
+    meta["method_state"] = {key[len("method."):]: t for key, t in tensors.items() if key.startswith("method.")}
     return meta
 
 

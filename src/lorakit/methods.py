@@ -18,7 +18,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lorakit.adalora.method import export_adalora, on_adalora_step, prepare_adalora
+from lorakit.adalora.method import (
+    adalora_state, export_adalora, load_adalora_state, on_adalora_step, prepare_adalora,
+)
 from lorakit.errors import LorakitError
 
 
@@ -44,6 +46,9 @@ class Method:
             frozen in bf16 (they never change, so they need no fp32 copy).
         shardable: it trains with ``--fsdp`` (each process holding a slice of every
             parameter); False when ``on_step`` needs whole tensors.
+        state: optional ``(model, total_steps) -> {name: tensor}``: what ``on_step`` keeps
+            beyond the trainable parameters (AdaLoRA's importance and masks), saved in each
+            checkpoint; ``load_state``: ``(model, tensors, total_steps)`` restores it on resume.
     """
 
     name: str
@@ -55,6 +60,8 @@ class Method:
     short_run_lr: float | None = None
     frozen_in_bf16: bool = False
     shardable: bool = True
+    state: Callable | None = None
+    load_state: Callable | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -121,7 +128,8 @@ register_method(Method("lora", _prepare_lora, _export_lora, default_lr=1e-3, sav
                        frozen_in_bf16=True, short_run_lr=1.5e-3))
 register_method(Method("full", _prepare_full, _export_full, default_lr=1e-4, saved_name="model"))
 register_method(Method("adalora", prepare_adalora, export_adalora, default_lr=2e-3, saved_name="adapter",
-                       on_step=on_adalora_step, shardable=False))
+                       on_step=on_adalora_step, shardable=False, state=adalora_state,
+                       load_state=load_adalora_state))
 
 
 def frozen_to_bf16(model) -> None:

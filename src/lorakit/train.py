@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -195,8 +195,7 @@ def resume(run: Run) -> Progress:
     progress = Progress()
     if config.resume:
         checkpoint.check_settings(folder.checkpoint, config.settings())
-        meta = checkpoint.load_checkpoint(folder.checkpoint, run.model, run.optimizer, run.scheduler, runtime.rank)
-        progress = Progress(**{k: meta[k] for k in asdict(progress)})
+        progress = run.load_checkpoint()
         run.started -= progress.wall_time_s  # report the time of all sessions together
         run.say(f"resuming from step {progress.step} of {run.total_steps} ({folder.checkpoint})")
     elif folder.has_checkpoint():
@@ -274,27 +273,17 @@ def evaluate_and_checkpoint(run: Run, progress: Progress, step: int) -> None:
         progress.best, progress.best_step = metrics[run.task.metric], step
         save_best(run)
     run.clock(progress, step)
-    save_checkpoint(run, progress)
+    run.save_checkpoint(progress)
 
 
 def stop_with_checkpoint(run: Run, progress: Progress, step: int) -> None:
     """Stop at ``step`` (Ctrl-C, SIGTERM, ``stop_after``), with a checkpoint of it."""
     if progress.step != step:
         run.clock(progress, step)
-        save_checkpoint(run, progress)
+        run.save_checkpoint(progress)
     run.bar.close()
     raise TrainingInterrupted(f"stopped at step {step} of {run.total_steps}; checkpoint saved in "
                               f"{run.folder.checkpoint}; run again with --resume to continue")
-
-
-def save_checkpoint(run: Run, progress: Progress) -> None:
-    rng_states = distributed.gather_objects(checkpoint.rng_state(), run.runtime)
-    params = distributed.trainable_state(run.model)  # whole on rank 0 (gathered under FSDP)
-    optimizer_state = distributed.optimizer_state(run.model, run.optimizer)
-    if run.runtime.is_main:
-        meta = {**asdict(progress), "settings": run.config.settings(), "total_steps": run.total_steps}
-        checkpoint.save_checkpoint(run.folder.checkpoint, params, optimizer_state, run.scheduler, rng_states, meta)
-    distributed.barrier(run.runtime)
 
 
 def save_best(run: Run) -> None:

@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lorakit import distributed
+from lorakit import checkpoint, distributed
 from lorakit.methods import Method
 from lorakit.report import MetricsLog
 from lorakit.run_folder import RunFolder
@@ -92,6 +92,26 @@ class Run:
             self.log.write(step=step, **metrics, elapsed_s=round(time.perf_counter() - self.loop_started, 3))
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", refresh=False)
         self.bar.update(1)
+
+    def save_checkpoint(self, progress: Progress) -> None:
+        """Write a checkpoint of ``progress`` into the run folder (every process calls it; rank 0 writes)."""
+        rng_states = distributed.gather_objects(checkpoint.rng_state(), self.runtime)
+        params = distributed.trainable_state(self.model)  # whole on rank 0 (gathered under FSDP)
+        optimizer_state = distributed.optimizer_state(self.model, self.optimizer)
+        if self.runtime.is_main:
+            meta = {**asdict(progress), "settings": self.config.settings(), "total_steps": self.total_steps}
+            method_state = self.method.state(self.model, self.total_steps) if self.method.state else None
+            checkpoint.save_checkpoint(self.folder.checkpoint, params, optimizer_state, self.scheduler, rng_states,
+                                       meta, method_state)
+        distributed.barrier(self.runtime)
+
+    def load_checkpoint(self) -> Progress:
+        """Restore the run folder's checkpoint (every process calls it); its progress."""
+        meta = checkpoint.load_checkpoint(self.folder.checkpoint, self.model, self.optimizer, self.scheduler,
+                                          self.runtime.rank)
+        if self.method.load_state:
+            self.method.load_state(self.model, meta["method_state"], self.total_steps)
+        return Progress(**{key: meta[key] for key in asdict(Progress())})
 
     def clock(self, progress: Progress, step: int) -> None:
         """Record ``step`` and the time spent so far in ``progress`` (before a checkpoint)."""

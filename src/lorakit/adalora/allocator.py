@@ -154,3 +154,31 @@ class RankAllocator:
     def ranks(self) -> dict[str, int]:
         """Directions each module keeps now."""
         return {path: adapter.rank for path, adapter in self.adapters.items()}
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a resumed run needs to prune as this one would: each layer's mask, the EMAs of
+        sensitivity and uncertainty (``"<kind>.<P|lam|Q>.<module path>"``), the final phase's freeze
+        and the budget history."""
+        tensors = {f"mask.{path}": adapter.mask for path, adapter in self.adapters.items()}
+        for kind, table in (("sensitivity", self.sensitivity), ("uncertainty", self.uncertainty)):
+            tensors.update({f"{kind}.{name}.{path}": value for (path, name), value in table.items()})
+        tensors["frozen"] = torch.tensor(self.frozen)
+        tensors["history"] = torch.tensor(self.history, dtype=torch.int64).reshape(-1, 2)
+        return tensors
+
+    @torch.no_grad()
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` gave (the same modules, ranks and steps)."""
+        for key, value in tensors.items():
+            kind, _, rest = key.partition(".")
+            if kind == "mask":
+                mask = self.adapters[rest].mask
+                mask.copy_(value.to(mask.device, mask.dtype))
+            elif kind in ("sensitivity", "uncertainty"):
+                name, _, path = rest.partition(".")
+                table = self.sensitivity if kind == "sensitivity" else self.uncertainty
+                table[(path, name)] = value.to(self.adapters[path].lam.device)
+        self.frozen = bool(tensors["frozen"])
+        self.history = [tuple(row) for row in tensors["history"].tolist()]

@@ -12,7 +12,8 @@ in ``rank_pattern`` and ``s · r_m`` in ``alpha_pattern`` (so each module keeps 
 s); modules left with no direction are dropped from ``target_modules``. It loads, merges
 and serves like any LoRA adapter, in lorakit and in PEFT.
 
-:func:`prepare_adalora`, :func:`on_adalora_step` and :func:`export_adalora` are the
+:func:`prepare_adalora`, :func:`on_adalora_step`, :func:`export_adalora` and the checkpointed
+state (:func:`adalora_state`, :func:`load_adalora_state`) are the
 ``--method adalora`` entry of :data:`lorakit.methods.METHODS`.
 """
 
@@ -30,8 +31,8 @@ from lorakit.io import adapter_state_dict, write_adapter
 from lorakit.layers import AdaLoraAdapter, AdaLoraLinear
 from lorakit.model import add_adapter, export_config, lora_configs, lora_layers, set_active
 
-__all__ = ["adalora_adapters", "adalora_layers", "adalora_step", "adalora_to_lora", "attach_adalora",
-           "default_target_rank", "export_adalora", "on_adalora_step", "prepare_adalora"]
+__all__ = ["adalora_adapters", "adalora_layers", "adalora_state", "adalora_step", "adalora_to_lora", "attach_adalora",
+           "default_target_rank", "export_adalora", "load_adalora_state", "on_adalora_step", "prepare_adalora"]
 
 _STATE = "_adalora_state"  # model attribute: {"name", "target_rank", "allocator"}
 
@@ -104,12 +105,16 @@ def attach_adalora(model: nn.Module, targets=None, init_rank: int = 12, target_r
     return model
 
 
-def adalora_step(model: nn.Module, step: int, total_steps: int) -> int:
-    """Run the rank allocator after optimizer step ``step`` (1-based) of ``total_steps``; returns b(step)."""
+def _allocator(model: nn.Module, total_steps: int) -> RankAllocator:
     state = _state(model)
     if state["allocator"] is None or state["allocator"].total_steps != total_steps:
         state["allocator"] = RankAllocator(adalora_adapters(model), state["target_rank"], total_steps)
-    return state["allocator"].step(step)
+    return state["allocator"]
+
+
+def adalora_step(model: nn.Module, step: int, total_steps: int) -> int:
+    """Run the rank allocator after optimizer step ``step`` (1-based) of ``total_steps``; returns b(step)."""
+    return _allocator(model, total_steps).step(step)
 
 
 @torch.no_grad()
@@ -153,6 +158,18 @@ def prepare_adalora(model: nn.Module, config, heads: list[str]) -> nn.Module:
 
 def on_adalora_step(model: nn.Module, step: int, total_steps: int) -> None:
     adalora_step(model, step + 1, total_steps)  # lorakit.train passes the 0-based step just taken
+
+
+def adalora_state(model: nn.Module, total_steps: int) -> dict[str, torch.Tensor]:
+    """The allocator's state for a checkpoint (:meth:`RankAllocator.state_dict`)."""
+    return _allocator(model, total_steps).state_dict()
+
+
+def load_adalora_state(model: nn.Module, tensors: dict[str, torch.Tensor], total_steps: int) -> None:
+    """Restore :func:`adalora_state` (a checkpoint written before it was kept has none: the
+    allocator then starts afresh, as it did)."""
+    if tensors:
+        _allocator(model, total_steps).load_state_dict(tensors)
 
 
 def export_adalora(model: nn.Module, tokenizer, folder: Path, config) -> None:
