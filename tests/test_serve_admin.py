@@ -74,6 +74,18 @@ def test_vllm_errors_for_missing_fields_paths_and_bad_files(server, toy):
     assert str(toy["root"]) not in message
     _vllm_error(httpx.post(url + "/v1/load_lora_adapter", content=b"[1,2", headers={"content-type": "application/json"}),
                 400, "BadRequestError")
+    # a name UTF-8 cannot carry (a lone surrogate, as JSON allows) is echoed escaped, a long one cut: never a 500
+    lone = b'{"lora_name": "x\\ud800"}'
+    message = _vllm_error(httpx.post(url + "/v1/unload_lora_adapter", content=lone,
+                                     headers={"content-type": "application/json"}), 404, "NotFoundError")
+    assert message == "The lora adapter 'x\\ud800' cannot be found."
+    message = _vllm_error(httpx.post(url + "/v1/load_lora_adapter", content=lone.replace(b"}", b', "lora_path": "n"}'),
+                                     headers={"content-type": "application/json"}), 400, "BadRequestError")
+    assert message.startswith("adapter name 'x\\ud800' is invalid")
+    message = _vllm_error(httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "y" * 100_000}), 404,
+                          "NotFoundError")
+    assert len(message) < 200 and "(100000 characters)" in message
+    assert httpx.get(url + "/health").status_code == 200
 
 
 def test_lorakit_routes_take_names_with_slashes(server, toy):

@@ -62,7 +62,8 @@ def routes(service: Service) -> APIRouter:
         except AdapterConflict as err:  # loaded meanwhile by another request, or the reserved name "base"
             return taken if service.registry.knows(body.lora_name) else _vllm_error(str(err), "InvalidUserInput", 400)
         except MissingAdapter:
-            return _vllm_error(f"Loading lora {body.lora_name} failed: No adapter found for {short(body.lora_path)}",
+            return _vllm_error(f"Loading lora {short(body.lora_name)} failed: No adapter found for "
+                               f"{short(body.lora_path)}",
                                "NotFoundError", 404)
         except AdapterLoadError as err:
             return _vllm_error(str(err), "BadRequestError", 400)
@@ -83,7 +84,7 @@ def routes(service: Service) -> APIRouter:
         try:
             await service.remove_adapter(body.lora_name)
         except UnknownAdapter:
-            return _vllm_error(f"The lora adapter '{body.lora_name}' cannot be found.", "NotFoundError", 404)
+            return _vllm_error(f"The lora adapter '{short(body.lora_name)}' cannot be found.", "NotFoundError", 404)
         except Exception as err:  # noqa: BLE001 - answered in vLLM's shape
             return _vllm_from(err)
         return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", status_code=200)
@@ -102,8 +103,7 @@ async def _vllm_body(request: Request, model):
 
 
 def _vllm_error(message: str, kind: str, status: int) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
-                        status_code=status)
+    return JSONResponse(schemas.error_body(message, kind, None, status), status_code=status)
 
 
 def _vllm_from(err: Exception) -> JSONResponse:
