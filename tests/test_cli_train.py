@@ -62,7 +62,7 @@ def test_the_flags_are_made_from_the_config_fields_and_keep_their_names():
     added = {"--overwrite", "--loraplus-ratio", "--fsdp", "--dora", "--quantize", "--gradient-checkpointing", "--class-weights",
              "--text-column", "--label-column", "--prompt-column", "--completion-column", "--messages-column",
              "--stream", "--no-stream", "--stream-buffer", "--compile", "--chat-template", "--layers-to-transform",
-             "--trainable-tokens", "--lora-bias", "--bias", "--target-parameters"}
+             "--trainable-tokens", "--lora-bias", "--bias", "--target-parameters", "--rslora", "--modules-to-save"}
     assert {option for a in actions.values() for option in a.option_strings} == OLD_FLAGS | added
     # a flag not given leaves the dataclass's default: the defaults are written once
     assert config_from_args(parser.parse_args(["train"])) == TrainConfig()
@@ -224,6 +224,28 @@ def test_bias_all_trains_every_bias_beside_the_adapter_that_peft_loads_and_expor
     peft_and_export_agree(tiny, out, tmp_path / "merged")
     assert main(args(tiny, tmp_path / "no", "--bias", "all", "--method", "full")) == 2
     assert "--bias all is for --method lora, not 'full'" in capsys.readouterr().err
+
+
+def test_rslora_and_modules_to_save_give_peft_s_keys_that_it_loads_and_export_merges(tiny, tmp_path, capsys):
+    """--rslora (PEFT's use_rslora: alpha/sqrt(r)) and --modules-to-save (trained whole beside the task's head)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lorakit.io import read_adapter
+
+    out = tmp_path / "rs"
+    assert main(args(tiny, out, "--rslora", "--modules-to-save", "pooler", "--steps", "3", "--lr", "1e-2")) == 0
+    config, tensors = read_adapter(out / "adapter")
+    assert config.use_rslora and config.modules_to_save == ["classifier", "pooler"]
+    base = load_file(f"{tiny['cls']}/model.safetensors")["bert.pooler.dense.weight"]
+    pooler = [t for key, t in tensors.items() if key.endswith("pooler.dense.weight")]
+    assert len(pooler) == 1 and not torch.equal(pooler[0], base)  # saved whole, and trained
+    peft_and_export_agree(tiny, out, tmp_path / "merged")
+    assert main(args(tiny, tmp_path / "no", "--rslora", "--method", "full")) == 2
+    assert "--rslora is for --method lora, not 'full'" in capsys.readouterr().err
+    assert main(args(tiny, tmp_path / "no", "--modules-to-save", "nothing_here", "--steps", "1")) == 2
+    error = capsys.readouterr().err.splitlines()[-1]  # after the model's loading bar: one line
+    assert error.startswith("lorakit train: error: --modules-to-save nothing_here matched no module")
 
 
 def test_target_parameters_train_a_mixture_of_experts_fused_experts_that_peft_loads(tiny, tmp_path, capsys):

@@ -112,6 +112,9 @@ def test_modules_to_save_copy_trains_and_keys_keep_names():
     head = model.classifier.weight.detach().clone()
     attach(model, LoraConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"]))
     assert isinstance(model.classifier, SavedModule)
+    assert (model.classifier.in_features, model.classifier.out_features) == (32, 2)  # the wrapped module's
+    with pytest.raises(AttributeError):
+        model.classifier.no_such_attribute
     assert keys <= set(model.state_dict())
     assert "classifier.copies.default.weight" in model.state_dict()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

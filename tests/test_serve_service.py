@@ -384,6 +384,35 @@ def test_an_adapter_with_trainable_tokens_is_served_as_peft_computes_it(toy, tmp
     assert [greedy(p) for p in prompts] != plain  # the token rows change the answers
 
 
+def test_an_adapter_saving_the_embedding_and_head_whole_is_served_beside_others(toy, tmp_path):
+    """PEFT's modules_to_save of embed_tokens and lm_head (a copy of each per adapter): the server's
+    greedy answers equal PEFT's, and the base and another adapter still answer as before (the
+    wrapped embedding once made every request fail)."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, prompts = toy["tokenizer"], PROMPTS[:3]
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(toy["model_dir"]), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"]))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator) * (0.5 if "lora_" in name else 0.05))
+    theirs.save_pretrained(tmp_path / "saved")
+    theirs.eval()
+    service = build_service(str(toy["model_dir"]), max_loaded=2,
+                            adapters={"saved": str(tmp_path / "saved"), "task0": str(toy["root"] / "task0")})
+    with TestClient(create_app(service)) as client:
+        for prompt in prompts:
+            assert served_text(client, "saved", prompt, 8) == greedy_text(theirs, tokenizer, prompt, 8)
+            assert served_text(client, "task0", prompt, 8) == toy["refs"].text(toy["root"] / "task0",
+                                                                                tokenizer.encode(prompt), 8)
+            assert served_text(client, "base", prompt, 8) == toy["refs"].text(None, tokenizer.encode(prompt), 8)
+        answer = client.post("/v1/completions", json={"model": "base", "prompt": [10 ** 6], "max_tokens": 1})
+        assert answer.status_code == 400 and "vocabulary" in answer.json()["error"]["message"]
+
+
 def greedy_text(model, tokenizer, prompt: str, n: int) -> str:
     """``model``'s greedy continuation of ``prompt`` (at most ``n`` tokens, no cache), decoded."""
     ids, new = torch.tensor([tokenizer.encode(prompt)]), []

@@ -23,8 +23,8 @@ from lorakit.config_values import invocation_tokens, token_indices
 from lorakit.errors import LorakitError
 from lorakit.inits import INITS
 from lorakit.module_names import (  # noqa: F401  (re-exported: a config's names are matched there)
-    ALL_LINEAR, as_name_list, block_index, name_matches, narrows_a_regex, parse_layers, parse_parameters, parse_targets,
-    pattern_key,
+    ALL_LINEAR, as_name_list, block_index, name_matches, narrows_a_regex, parse_layers, parse_modules, parse_parameters,
+    parse_targets, pattern_key,
 )
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -275,6 +275,14 @@ class LoraConfig:
         """True when ``modules_to_save`` names ``path``: PEFT's rule, the path ends in a name
         (no dot boundary, so ``"classifier"`` matches ``pre_classifier`` too)."""
         return any(path.endswith(name) for name in self.modules_to_save or ())
+
+    def unsaved_names(self, paths) -> list[str]:
+        """The names of ``modules_to_save`` that no module path of ``paths`` matches (:meth:`saves`'s
+        rule). PEFT passes over such a name (its classifiers list ``classifier`` and ``score``, one of
+        which a model has); a name the user gave is checked with this."""
+        paths = list(paths)
+        return [name for name in self.modules_to_save or ()
+                if not any(LoraConfig(modules_to_save=[name]).saves(path) for path in paths)]
 
     def within_saved(self, path: str) -> bool:
         """True when ``path`` is, or lies inside, a module ``modules_to_save`` names: such a

@@ -93,12 +93,18 @@ def _prepare_lora(model: nn.Module, config, heads: list[str]) -> nn.Module:
     from lorakit.config import LoraConfig
     from lorakit.model import attach
 
+    saved = [*heads, *(name for name in config.modules_to_save or () if name not in heads)]
     lora_config = LoraConfig(
         r=config.rank, alpha=config.alpha, dropout=config.lora_dropout, init=config.init, target_modules=config.targets,
-        modules_to_save=heads or None, task_type="SEQ_CLS" if heads else "CAUSAL_LM", use_dora=config.dora,
+        modules_to_save=saved or None, task_type="SEQ_CLS" if heads else "CAUSAL_LM", use_dora=config.dora,
+        use_rslora=config.rslora,
         layers_to_transform=config.layers_to_transform, trainable_token_indices=config.trainable_tokens,
         lora_bias=config.lora_bias, bias=config.bias, target_parameters=config.target_parameters,
     )
+    unsaved = LoraConfig(modules_to_save=config.modules_to_save).unsaved_names(n for n, _ in model.named_modules())
+    if unsaved:
+        raise LorakitError(f"--modules-to-save {','.join(unsaved)} matched no module of {type(model).__name__}; "
+                           "name modules lorakit inspect lists (or the ends of their paths), e.g. lm_head")
     return attach(model, lora_config, config.adapter_name)
 
 

@@ -111,12 +111,26 @@ def parse_parameters(value):
     Raises:
         LorakitError: the value names nothing.
     """
+    return _names(value, "target parameters", "experts.gate_up_proj,experts.down_proj")
+
+
+def parse_modules(value):
+    """Modules written as one string -> a value for :attr:`LoraConfig.modules_to_save`:
+    comma-separated names (``"lm_head, embed_tokens"``), each a module's path or its end, as
+    PEFT takes them; None stays None, a list is kept.
+
+    Raises:
+        LorakitError: the value names nothing.
+    """
+    return _names(value, "modules to save", "lm_head,embed_tokens")
+
+
+def _names(value, what: str, example: str):
     if not isinstance(value, str):
         return value
     names = [name.strip() for name in value.split(",") if name.strip()]
     if not names:
-        raise LorakitError(f"target parameters {value!r} name none; give names such as "
-                           "experts.gate_up_proj,experts.down_proj")
+        raise LorakitError(f"{what} {value!r} name none; give names such as {example}")
     return names
 
 

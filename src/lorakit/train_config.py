@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 from lorakit.chat_templates import check as check_template
-from lorakit.config import BIAS_MODES, narrows_a_regex, parse_layers, parse_parameters, parse_targets
+from lorakit.config import (
+    BIAS_MODES, narrows_a_regex, parse_layers, parse_modules, parse_parameters, parse_targets,
+)
 from lorakit.data.files import FORMATS
 from lorakit.errors import LorakitError
 from lorakit.layers.quantized import QUANT_KINDS
@@ -113,9 +115,16 @@ class TrainConfig:
         "train these tokens' embedding rows whole, beside the adapter (PEFT's trainable_token_indices; an output "
         "head tied to the embedding follows): tokens or ids, comma-separated, e.g. '<|im_start|>,<|im_end|>' "
         "(--method lora)", default_help="none"))
+    modules_to_save: list[str] | str | None = field(default=None, metadata=setting(
+        "modules trained whole and saved in the adapter beside it (PEFT's modules_to_save), comma-separated names "
+        "or ends of paths, e.g. lm_head or embed_tokens (--method lora)",
+        default_help="the task's head only (a classifier's)"))
     lora_dropout: float = field(default=0.0, metadata=setting("dropout on the LoRA branch's input"))
     dora: bool = field(default=False, metadata=setting(
         "DoRA: also train a magnitude per output feature, W' = m * (W + s*B*A) / ||W + s*B*A|| (method lora)"))
+    rslora: bool = field(default=False, metadata=setting(
+        "rank-stabilized LoRA (PEFT's use_rslora): the update is scaled by alpha/sqrt(rank) instead of alpha/rank "
+        "(--method lora)"))
     lora_bias: bool = field(default=False, metadata=setting(
         "give B a bias b too (PEFT's lora_bias): the update adds s*b, merged into the layer's bias; starts with "
         "--init kaiming (method lora)"))
@@ -236,8 +245,9 @@ class TrainConfig:
             raise LorakitError(f"--quantize {self.quantize} is for --method lora in one process or under DDP "
                                f"(it freezes the base weights in a packed form), not --method {self.method}"
                                f"{' with --fsdp' if self.fsdp else ''}")
-        if (self.dora or self.lora_bias) and self.method != "lora":
-            raise LorakitError(f"--{'dora' if self.dora else 'lora-bias'} is for --method lora, not {self.method!r}")
+        for flag in ("dora", "lora_bias", "rslora"):
+            if getattr(self, flag) and self.method != "lora":
+                raise LorakitError(f"--{flag.replace('_', '-')} is for --method lora, not {self.method!r}")
         if self.bias not in BIAS_MODES:
             raise LorakitError(f"bias {self.bias!r} is unknown; choose one of {list(BIAS_MODES)}")
         if self.bias != "none" and self.method != "lora":
@@ -277,6 +287,10 @@ class TrainConfig:
         if narrows_a_regex(self.targets, self.layers_to_transform):
             raise LorakitError(f"--layers-to-transform cannot narrow a regex --targets ({self.targets!r}, as in "
                                "PEFT): name the blocks in the regex, or give --targets as names such as query,value")
+        self.modules_to_save = parse_modules(self.modules_to_save)
+        if self.modules_to_save and (self.method != "lora" or self.fsdp):
+            raise LorakitError(f"--modules-to-save is for --method lora without --fsdp, not --method {self.method}"
+                               f"{' with --fsdp' if self.fsdp else ''}")
         self.trainable_tokens = _token_list(self.trainable_tokens)
         if self.trainable_tokens and (self.method != "lora" or self.fsdp):
             raise LorakitError(f"--trainable-tokens is for --method lora without --fsdp, not --method {self.method}"

@@ -38,6 +38,18 @@ class SavedModule(nn.Module):
         self.disabled = False
         self._rows = None  # (names per row) while per_row_adapters is on
 
+    def __getattr__(self, name: str):
+        """Parameters, buffers and children as any module; other attributes (an embedding's
+        ``num_embeddings``, a layer's ``in_features``) from the module it wraps, so code that
+        reads them (transformers', the server's) finds them through the wrapper too."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("_original")
+            if original is None or name.startswith("_"):
+                raise
+            return getattr(original, name)
+
     def add_copy(self, name: str) -> nn.Module:
         """A trainable deep copy of the original for adapter ``name``."""
         if name in self.copies:

@@ -104,15 +104,6 @@ class TokenRows(SavedModule):
         super().__init__(original)
         object.__setattr__(self, "_tied_to", tied_to)
 
-    def __getattr__(self, name: str):  # num_embeddings, padding_idx, out_features...: the module's own
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            original = self.__dict__.get("_original")
-            if name.startswith("_") or original is None:
-                raise
-            return getattr(original, name)
-
     @property
     def copies(self) -> nn.ModuleDict:  # a tied head reads the embedding's patches, and saves none of its own
         return self._tied_to.copies if self._tied_to is not None else self._modules["copies"]
