@@ -251,3 +251,24 @@ def test_command_line_adapters_are_read_from_the_current_folder_or_the_root(tmp_
     assert registry.resolve_path(str(elsewhere), trusted=True) == elsewhere.resolve()
     with pytest.raises(AdapterForbidden, match="outside the adapter root"):
         registry.resolve_path(str(elsewhere))
+
+
+def test_a_load_error_names_the_resident_adapters_it_meets_by_their_names(toy, tmp_path):
+    """A DoRA adapter cannot join layers that hold LoRA ones: the refusal names the adapter there
+    as the client knows it ('task0'), never its slot inside the model."""
+    shutil.copytree(toy["root"] / "task0", tmp_path / "dora")
+    config = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
+    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    tensors = load_file(str(tmp_path / "dora" / "adapter_model.safetensors"))
+    for key in [k for k in tensors if k.endswith(".lora_B.weight")]:
+        tensors[key.replace(".lora_B.weight", ".lora_magnitude_vector")] = torch.ones(tensors[key].shape[0])
+    save_file(tensors, str(tmp_path / "dora" / "adapter_model.safetensors"))
+    shutil.copytree(toy["root"] / "task0", tmp_path / "task0")
+    model = _model(toy)
+    registry = AdapterRegistry(model, adapter_root=tmp_path, max_loaded=4)
+    registry.register("task0", "task0")
+    with pytest.raises(AdapterLoadError) as caught:
+        registry.register("my-dora", "dora")
+    message = str(caught.value)
+    assert "'my-dora'" in message and "['task0']" in message and "serve" not in message, message
+    assert len(_lora_names(model)) == 1 and registry.names() == ["task0"]  # the model as it was

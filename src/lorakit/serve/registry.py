@@ -334,8 +334,9 @@ class AdapterRegistry:
                 load_adapter(self.model, folder, slot, activate=False)
             except Exception as err:  # noqa: BLE001 - reported to the client; the server goes on
                 message = self._scrub(f"adapter {entry.name!r} from {entry.shown} failed to load: {err}", entry, folder)
-                raise AdapterLoadError(message.replace(repr(slot), repr(entry.name))
-                                       .replace(slot, entry.name)) from None
+                with self._lock:  # every slot named (this one, resident ones) by its adapter's name
+                    names = {**{s: e.name for s, e in self._resident.items()}, slot: entry.name}
+                raise AdapterLoadError(re.sub(r"\bserve\d+\b", lambda m: names.get(m[0], m[0]), message)) from None
             _read_facts(entry, folder)
         entry.last_load_s = time.perf_counter() - start
         entry.loads += 1
