@@ -209,7 +209,7 @@ def test_errors_leave_the_model_unchanged():
         add_adapter(model, LoraConfig(target_modules=["q_proj"], init="pissa"), kind="adalora")
     assert not list(lora_layers(model)) and model.state_dict().keys() == before.keys()
     attach_adalora(model, ["q_proj"], init_rank=4)
-    with pytest.raises(LorakitError, match="holds adalora adapters .*one kind"):
+    with pytest.raises(LorakitError, match="holds adalora adapters .*cannot join"):
         add_adapter(model, LoraConfig(target_modules=["q_proj"]), "plain")
     with pytest.raises(LorakitError, match="already holds AdaLoRA adapter"):
         attach_adalora(model, ["v_proj"], init_rank=4)

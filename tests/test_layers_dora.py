@@ -11,7 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit import LoraConfig, LorakitError, attach, load_adapter, save_adapter
-from lorakit.layers import DoraConv, DoraEmbedding, DoraLinear, wrapper_for
+from lorakit.layers import DoraConv, DoraEmbedding, DoraLinear, LoraLinear, wrapper_for
 from lorakit.layers.dora import _DoraLinearFunction, weight_norm
 from lorakit.model import add_adapter, lora_layers, merge, set_active, unmerge
 from lorakit.per_row import per_row_adapters
@@ -253,10 +253,60 @@ def test_a_file_without_its_magnitudes_is_refused(tmp_path):
         load_adapter(tiny_llama(), tmp_path)
 
 
-def test_a_layer_holds_adapters_of_one_kind():
-    model = attach(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
-    with pytest.raises(LorakitError, match="holds lora adapters"):
+@pytest.mark.parametrize("dora_first", [False, True], ids=["lora-then-dora", "dora-then-lora"])
+def test_lora_and_dora_adapters_share_layers_each_as_alone(dora_first, tmp_path):
+    """A DoRA layer holds plain LoRA adapters beside DoRA ones (c = 1; a LoRA layer a DoRA adapter
+    joins becomes one, the very same adapters moved): each adapter, per-row batches, merging and the
+    saved files give what each adapter gives alone, and PEFT's outputs."""
+    kinds = {"plain": False, "dora": True}
+    order = ["dora", "plain"] if dora_first else ["plain", "dora"]
+    ids = token_batch(batch=3)
+    model, alone = tiny_llama(), {}
+    for seed, name in enumerate(order):
+        config = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=kinds[name],
+                            init="kaiming")
+        add_adapter(model, config, name)
+        one = attach(tiny_llama(), config, name)
+        perturb(one, seed)  # B moved off zero; the shared model gets the very same tensors
+        mine = dict(model.named_parameters())
+        with torch.no_grad():
+            for key, p in one.named_parameters():
+                if p.requires_grad:
+                    mine[key].copy_(p)
+        alone[name] = one(input_ids=ids).logits.detach()
+        save_adapter(one, tmp_path / f"alone-{name}", name)
+    assert all(isinstance(layer, DoraLinear) for _, layer in lora_layers(model))
+    for name in order:
+        set_active(model, name)
+        torch.testing.assert_close(model(input_ids=ids).logits, alone[name], atol=1e-5, rtol=0)
+        save_adapter(model, tmp_path / name, name)
+        saved = load_file(str(tmp_path / name / "adapter_model.safetensors"))
+        assert saved.keys() == load_file(str(tmp_path / f"alone-{name}" / "adapter_model.safetensors")).keys()
+        assert any("magnitude" in k for k in saved) == kinds[name]
+        theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / name).eval()
+        torch.testing.assert_close(theirs(input_ids=ids).logits, alone[name], atol=1e-5, rtol=0)
+        merge(model, [name])
+        torch.testing.assert_close(model(input_ids=ids).logits, alone[name], atol=1e-5, rtol=0)
+        unmerge(model)
+    rows = ["dora", None, "plain"]
+    with torch.no_grad(), per_row_adapters(model, rows):
+        mixed = model(input_ids=ids).logits
+    base = tiny_llama()(input_ids=ids).logits
+    for b, name in enumerate(rows):
+        torch.testing.assert_close(mixed[b], (alone[name] if name else base)[b], atol=1e-5, rtol=0)
+
+
+def test_a_dora_adapter_does_not_join_layers_whose_adapters_it_cannot_hold():
+    model = attach(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True, init="kaiming"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LorakitError, match="bias on B"):
         add_adapter(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), "dora")
+    assert model.state_dict().keys() == before.keys() and all(isinstance(l, LoraLinear) for _, l in lora_layers(model))
+    from lorakit.adalora import attach_adalora
+
+    ada = attach_adalora(tiny_llama(), ["q_proj"], init_rank=4)
+    with pytest.raises(LorakitError, match="holds adalora adapters"):
+        add_adapter(ada, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), "dora")
 
 
 def test_lorakit_train_dora_writes_a_dora_adapter(tmp_path):

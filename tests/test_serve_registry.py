@@ -254,16 +254,17 @@ def test_command_line_adapters_are_read_from_the_current_folder_or_the_root(tmp_
 
 
 def test_a_load_error_names_the_resident_adapters_it_meets_by_their_names(toy, tmp_path):
-    """A DoRA adapter cannot join layers that hold LoRA ones: the refusal names the adapter there
-    as the client knows it ('task0'), never its slot inside the model."""
-    shutil.copytree(toy["root"] / "task0", tmp_path / "dora")
-    config = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
-    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    tensors = load_file(str(tmp_path / "dora" / "adapter_model.safetensors"))
-    for key in [k for k in tensors if k.endswith(".lora_B.weight")]:
-        tensors[key.replace(".lora_B.weight", ".lora_magnitude_vector")] = torch.ones(tensors[key].shape[0])
-    save_file(tensors, str(tmp_path / "dora" / "adapter_model.safetensors"))
-    shutil.copytree(toy["root"] / "task0", tmp_path / "task0")
+    """A DoRA adapter cannot join layers that hold a LoRA adapter with a bias on B: the refusal names
+    the adapter there as the client knows it ('task0'), never its slot inside the model."""
+    for name, key, extra, value in (("dora", ".lora_magnitude_vector", {"use_dora": True}, torch.ones),
+                                    ("task0", ".lora_B.bias", {"lora_bias": True}, torch.zeros)):
+        shutil.copytree(toy["root"] / "task0", tmp_path / name)
+        config = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({**config, **extra}))
+        tensors = load_file(str(tmp_path / name / "adapter_model.safetensors"))
+        for b in [k for k in tensors if k.endswith(".lora_B.weight")]:
+            tensors[b.replace(".lora_B.weight", key)] = value(tensors[b].shape[0])
+        save_file(tensors, str(tmp_path / name / "adapter_model.safetensors"))
     model = _model(toy)
     registry = AdapterRegistry(model, adapter_root=tmp_path, max_loaded=4)
     registry.register("task0", "task0")

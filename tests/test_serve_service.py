@@ -413,6 +413,32 @@ def test_an_adapter_saving_the_embedding_and_head_whole_is_served_beside_others(
         assert answer.status_code == 400 and "vocabulary" in answer.json()["error"]["message"]
 
 
+def test_a_dora_adapter_is_served_beside_lora_adapters_on_the_same_layers(toy, tmp_path):
+    """A DoRA adapter joins layers that hold LoRA adapters (loaded before and after it): each answers
+    as PEFT computes it alone (the per-row batches of both kinds: tests/test_layers_dora.py)."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, prompts = toy["tokenizer"], PROMPTS[:3]
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(toy["model_dir"]), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj", "o_proj"], use_dora=True))
+    generator = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator) * (0.5 if "lora_" in name else 0.05))
+    theirs.save_pretrained(tmp_path / "dora")
+    theirs.eval()
+    service = build_service(str(toy["model_dir"]), max_loaded=3, adapters={
+        "task0": str(toy["root"] / "task0"), "dora": str(tmp_path / "dora"), "task1": str(toy["root"] / "task1")})
+    with TestClient(create_app(service)) as client:
+        for prompt in prompts:
+            assert served_text(client, "dora", prompt, 8) == greedy_text(theirs, tokenizer, prompt, 8)
+            for name in ("task0", "task1"):
+                assert served_text(client, name, prompt, 8) == toy["refs"].text(toy["root"] / name,
+                                                                                 tokenizer.encode(prompt), 8)
+
+
 def greedy_text(model, tokenizer, prompt: str, n: int) -> str:
     """``model``'s greedy continuation of ``prompt`` (at most ``n`` tokens, no cache), decoded."""
     ids, new = torch.tensor([tokenizer.encode(prompt)]), []

@@ -152,7 +152,8 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
         raise LorakitError(f"init {config.init!r} rewrites the base weight, but {tied_paths(modules, paths)} share "
                            "theirs with another module (tied embeddings); exclude them or use init='gaussian'")
     wrappers = _wrappers(modules, paths, kind, config.init if init_weights else None, config.lora_bias)
-    if config.alora_invocation_tokens and (dense := [p for p in paths if not issubclass(wrappers[p], LoraLinear)]):
+    if config.alora_invocation_tokens and (dense := [p for p in paths if not issubclass(wrappers[p], LoraLinear)
+                                                     or wrappers[p].kind != kind]):
         raise LorakitError(f"an activated adapter (alora_invocation_tokens) adapts dense layers only, as in PEFT; "
                            f"{dense[0]} is a {type(modules[dense[0]]).__name__}")
     if config.lora_bias and (bare := [p for p in paths if getattr(modules[p], "bias", None) is None]):
@@ -161,12 +162,12 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *,
 
     for path in paths:
         module = modules[path]
-        if not isinstance(module, LoraLayer):
-            module = wrappers[path](module)
+        if not isinstance(module, LoraLayer) or type(module) is not wrappers[path]:
+            module = module.rewrapped(wrappers[path]) if isinstance(module, LoraLayer) else wrappers[path](module)
             replace_module(model, modules, path, module)
         module.add_adapter(name, r=config.rank_for(path), alpha=config.alpha_for(path),
                            scaling=config.scaling_for(path), dropout=config.dropout,
-                           init=config.init if init_weights else None, bias=config.lora_bias)
+                           init=config.init if init_weights else None, bias=config.lora_bias, kind=kind)
     for host_path, pname in params:
         host = modules[host_path]
         if not isinstance(host, ParameterHost):
@@ -216,9 +217,17 @@ def _wrappers(modules: dict[str, nn.Module], paths: list[str], kind: str, init: 
             wraps = ", ".join(sorted(t.__name__ for t in LAYER_KINDS[kind]))
             raise LorakitError(f"{kind} layers wrap {wraps}; {path} is a {type(module).__name__}: "
                                "leave it out of target_modules")
-        if wrapper.kind != kind:
-            raise LorakitError(f"{path} holds {wrapper.kind} adapters {sorted(module.adapters)}; a layer holds "
-                               f"adapters of one kind, so delete those before adding a {kind} adapter there")
+        if kind != wrapper.kind and kind not in wrapper.hosts:  # a DoRA layer holds LoRA adapters too (c = 1)
+            other = wrapper_for(module.base_layer(), kind)  # LoRA's layer becomes DoRA's (LoraLayer.rewrapped)
+            if other is None or wrapper.kind not in other.hosts:
+                raise LorakitError(f"{path} holds {wrapper.kind} adapters {sorted(module.adapters)}, which a {kind} "
+                                   f"adapter cannot join (only DoRA and LoRA adapters share a layer); delete those "
+                                   f"before adding a {kind} adapter there")
+            try:
+                module.rewrapped(other, check_only=True)  # merged layers were refused above
+            except LorakitError as err:
+                raise LorakitError(f"{path}: {err}") from None
+            wrapper = other
         if init is not None and wrapper.inits is not None and init not in wrapper.inits:
             raise LorakitError(f"{kind} layers start with init {' or '.join(map(repr, wrapper.inits))}, "
                                f"not {init!r}")

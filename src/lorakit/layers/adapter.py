@@ -27,6 +27,9 @@ class LoraAdapter(nn.Module):
         self.A = nn.Parameter(torch.zeros(r, in_features, dtype=dtype, device=device))
         self.B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        # DoRA's magnitude m: (out,) (lorakit.layers.dora.DoraAdapter); None: a plain adapter, which a
+        # DoRA layer holding it computes with c = 1
+        self.magnitude = None
         if bias:  # the shared-input and one-function paths compute x·Wᵀ + b + s·z·Bᵀ only
             self.fuse_shared_input = False
         self.r = r
@@ -34,6 +37,10 @@ class LoraAdapter(nn.Module):
         self.scaling = float(scaling)
         # No module at all when p = 0, so forward never touches (or copies) x for it.
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+
+    def dropping(self) -> bool:
+        """Whether dropout changes the adapter's input now (a dropout module in training mode)."""
+        return self.dropout is not None and self.dropout.training
 
     def delta(self) -> torch.Tensor:
         """``s·B·A : (out_features, in_features)`` in fp32."""

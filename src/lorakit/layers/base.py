@@ -48,6 +48,8 @@ class LoraLayer(nn.Module):
     is_embedding = False
     #: the layer kind (:data:`lorakit.layers.LAYER_KINDS`) this wrapper is registered under
     kind = "lora"
+    #: other kinds whose adapters it holds beside its own (DoRA's layers: plain LoRA ones)
+    hosts: tuple[str, ...] = ()
     #: the inits this kind can start an adapter with (None: every registered one)
     inits: tuple[str, ...] | None = None
     #: the layer takes the place of its base module (False for LoRA on a parameter, whose
@@ -151,10 +153,11 @@ class LoraLayer(nn.Module):
     # ------------------------------------------------------------------ adapters
 
     def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float = 0.0,
-                    init: str | None = "gaussian", bias: bool = False) -> LoraAdapter:
+                    init: str | None = "gaussian", bias: bool = False, kind: str | None = None) -> LoraAdapter:
         """Create adapter ``name`` and initialise it with the registered ``init``
         (None: leave A and B zero and the base weight untouched, e.g. to load them from a file).
-        With ``bias`` B has a bias too (PEFT's ``lora_bias``), started at zero.
+        With ``bias`` B has a bias too (PEFT's ``lora_bias``), started at zero. ``kind``: the
+        adapter's kind where it is one the layer :attr:`hosts` (None: the layer's own).
 
         Adapters live in fp32 when the base weight is fp16/bf16 (as PEFT does), else in
         the weight's dtype. An init that rewrites the base weight (pissa) does it here.
@@ -171,8 +174,8 @@ class LoraLayer(nn.Module):
                                "as in PEFT); set lora_bias=False")
         wdtype = self.weight.dtype
         dtype = torch.float32 if wdtype in (torch.float16, torch.bfloat16) or not wdtype.is_floating_point else wdtype
-        adapter = (self.new_adapter(r, alpha, scaling, dropout, bias=True, dtype=dtype, device=self.weight.device)
-                   if bias else self.new_adapter(r, alpha, scaling, dropout, dtype=dtype, device=self.weight.device))
+        extra = {"bias": True} if bias else {"kind": kind} if kind not in (None, self.kind) else {}
+        adapter = self.new_adapter(r, alpha, scaling, dropout, dtype=dtype, device=self.weight.device, **extra)
         if init is not None:
             with torch.no_grad():
                 self.init_adapter(adapter, init)
@@ -194,6 +197,24 @@ class LoraLayer(nn.Module):
         if residual is not None:
             self.weight.copy_(self.weight_to_layout(residual).to(self.weight.dtype))
             keep_initial_factors(adapter)  # so the saved adapter can apply to the original W
+
+    def rewrapped(self, wrapper: type[LoraLayer], check_only: bool = False) -> LoraLayer | None:
+        """This layer as a ``wrapper`` whose kind :attr:`hosts` this one's (LoRA's as DoRA's, for a DoRA
+        adapter to join): the same base and the very same adapters, active as they were.
+
+        Raises:
+            LorakitError: an adapter here has what ``wrapper`` does not compute (a bias on B, an activation).
+        """
+        if odd := [n for n, ad in self.adapters.items() if getattr(ad, "bias", None) is not None or ad.activation]:
+            raise LorakitError(f"{wrapper.kind} adapters cannot join adapters {odd} here, whose bias on B or "
+                               "activation they do not compute; delete those first")
+        if check_only:
+            return None
+        layer = wrapper(self._base)
+        layer.adapters = self.adapters
+        layer.active, layer.disabled = self.active, self.disabled
+        layer._refresh()
+        return layer
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (unmerging first if it is merged)."""

@@ -59,10 +59,6 @@ class DoraAdapter(LoraAdapter):
         """Changes whenever A, B or the scaling change: what the norm depends on besides W."""
         return super().version()
 
-    def dropping(self) -> bool:
-        """Whether dropout changes the adapter's input now (a dropout module in training mode)."""
-        return self.dropout is not None and self.dropout.training
-
 
 def weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
                 weight_sq: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,6 +146,7 @@ class DoraMixin:
     ``ΔW = (c − 1) ⊙ W + c ⊙ s·B·A``, and the magnitude a file holds."""
 
     kind = "dora"
+    hosts = ("lora",)  # a plain LoRA adapter beside DoRA ones: c = 1 (a server mixing both kinds)
     fuse_shared_input = False  # its own forward (lorakit.layers.fused groups LoRA layers only)
     takes_lora_bias = False  # as in PEFT
 
@@ -158,13 +155,17 @@ class DoraMixin:
         self._weight_sq_cache = None  # (weight's key, ‖W_i‖²)
         self._merged_scale: dict[str, torch.Tensor] = {}  # c of each merged adapter, as merged
 
-    def new_adapter(self, r: int, alpha: float, scaling: float, dropout: float, *, dtype, device) -> DoraAdapter:
-        return DoraAdapter(self.in_features, self.out_features, r, alpha, scaling, dropout, dtype=dtype, device=device)
+    def new_adapter(self, r: int, alpha: float, scaling: float, dropout: float, *, dtype, device,
+                    kind: str = "dora") -> LoraAdapter:
+        """A DoRA adapter, or with ``kind="lora"`` a plain one (no magnitude: ``c = 1``)."""
+        adapter = DoraAdapter if kind == "dora" else LoraAdapter
+        return adapter(self.in_features, self.out_features, r, alpha, scaling, dropout, dtype=dtype, device=device)
 
-    def init_adapter(self, adapter: DoraAdapter, init: str) -> None:
+    def init_adapter(self, adapter: LoraAdapter, init: str) -> None:
         """The LoRA init (which may rewrite W, as pissa does), then ``m = ‖W + s·B·A‖`` (PEFT's order)."""
         super().init_adapter(adapter, init)
-        adapter.magnitude.copy_(self.weight_norm(adapter))
+        if adapter.magnitude is not None:
+            adapter.magnitude.copy_(self.weight_norm(adapter))
 
     def export_magnitude(self, name: str) -> torch.Tensor:
         return self._adapter(name).magnitude
@@ -189,8 +190,11 @@ class DoraMixin:
                                               self._weight_sq()))
         return adapter._norm[1]
 
-    def dora_scale(self, adapter: DoraAdapter) -> torch.Tensor:
-        """``c = m / ‖W + s·B·A‖ : (out,)`` in the adapter's dtype; differentiable in m only."""
+    def dora_scale(self, adapter: LoraAdapter) -> torch.Tensor:
+        """``c = m / ‖W + s·B·A‖ : (out,)`` in the adapter's dtype; differentiable in m only; ones
+        for a plain adapter."""
+        if adapter.magnitude is None:
+            return adapter.A.new_ones(self.out_features)
         return adapter.magnitude / self.weight_norm(adapter).to(adapter.magnitude.dtype)
 
     # ------------------------------------------------------------------ ΔW and merging
@@ -201,8 +205,12 @@ class DoraMixin:
         return (ad.B.detach().to(dtype) @ ad.A.detach().to(dtype)) * ad.scaling
 
     def _scale_against(self, name: str, base: torch.Tensor) -> torch.Tensor:
-        """``c = m / ‖W + s·B·A‖`` against the unmerged ``base`` (computed directly, as PEFT's merge)."""
-        magnitude = self._adapter(name).magnitude.detach().to(base.dtype)
+        """``c = m / ‖W + s·B·A‖`` against the unmerged ``base`` (computed directly, as PEFT's merge);
+        ones for a plain adapter."""
+        magnitude = self._adapter(name).magnitude
+        if magnitude is None:
+            return base.new_ones(base.shape[0])
+        magnitude = magnitude.detach().to(base.dtype)
         return magnitude / torch.linalg.vector_norm(base + self._lora_delta(name, base.dtype), dim=1)
 
     def _update(self, name: str, base: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:

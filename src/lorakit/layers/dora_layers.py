@@ -57,7 +57,8 @@ class DoraLinear(DoraMixin, LoraLinear):
         if not run:
             return self._base_forward(x)
         ad = run[0]
-        if len(run) == 1 and torch.is_grad_enabled() and not ad.dropping() and self._one_function(x, ad):
+        if (len(run) == 1 and ad.magnitude is not None and torch.is_grad_enabled() and not ad.dropping()
+                and self._one_function(x, ad)):
             return _DoraLinearFunction.apply(x, self.weight, self.bias, ad.A, ad.B, ad.magnitude,
                                              self.weight_norm(ad), ad.scaling, self.fan_in_fan_out)
         base = self._linear(x)
