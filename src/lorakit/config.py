@@ -277,9 +277,8 @@ class LoraConfig:
         return any(path.endswith(name) for name in self.modules_to_save or ())
 
     def unsaved_names(self, paths) -> list[str]:
-        """The names of ``modules_to_save`` that no module path of ``paths`` matches (:meth:`saves`'s
-        rule). PEFT passes over such a name (its classifiers list ``classifier`` and ``score``, one of
-        which a model has); a name the user gave is checked with this."""
+        """Names of ``modules_to_save`` no path of ``paths`` matches (:meth:`saves`); PEFT passes over them
+        (its classifiers list ``classifier`` and ``score``), a name the user gives is checked."""
         paths = list(paths)
         return [name for name in self.modules_to_save or ()
                 if not any(LoraConfig(modules_to_save=[name]).saves(path) for path in paths)]
