@@ -377,3 +377,24 @@ def test_base_parameters_are_the_models_own_whatever_is_attached():
     base = base_parameters(model)
     assert {id(p) for p in base} == own and len(base) == len(own)
     assert not any(p.requires_grad for p in base)
+
+
+def test_what_an_adapter_adds_follows_the_model_s_mode():
+    """Wrappers, adapters (their dropout) and saved copies added to a model in eval mode are in eval
+    mode, so a server that loads adapters into its model answers with the model's function; added to
+    a model in train mode, they train."""
+    from tiny_models import tiny_mixtral
+
+    for training in (False, True):
+        model = tiny_bert_classifier().train(training)
+        attach(model, LoraConfig(r=2, target_modules=["query", "value"], dropout=0.5, modules_to_save=["classifier"]))
+        add_adapter(model, LoraConfig(r=2, target_modules=["query", "key"], use_dora=True, dropout=0.5), "dora")
+        moe = tiny_mixtral().train(training)
+        attach(moe, LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj"],
+                               trainable_token_indices=[1, 2]))
+        for net in (model, moe):
+            assert {m.training for m in net.modules()} == {training}, [n for n, m in net.named_modules()
+                                                                       if m.training != training][:5]
+    model.eval()
+    x = token_batch()
+    torch.testing.assert_close(model(x).logits, model(x).logits, atol=0, rtol=0)

@@ -218,6 +218,38 @@ def test_classify_answers_labels_and_probabilities_per_adapter(classifier):
     assert torch.allclose(one, expected["mood"][0], atol=1e-5)  # a batch of one agrees with the batch
 
 
+def test_a_head_with_dropout_and_an_adapter_with_dropout_classify_as_peft_evaluates(tmp_path):
+    """A RoBERTa head (dropout inside the saved classifier) and an adapter with lora_dropout: the served
+    probabilities are PEFT's in eval mode, the same every time (what is loaded into the serving model
+    is in its eval mode)."""
+    peft = pytest.importorskip("peft")
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=40, num_labels=3, pad_token_id=0)
+    RobertaForSequenceClassification(config).save_pretrained(tmp_path / "model")
+    _word_tokenizer(tmp_path / "model")
+    theirs = peft.get_peft_model(RobertaForSequenceClassification.from_pretrained(tmp_path / "model"), peft.LoraConfig(
+        task_type="SEQ_CLS", r=4, target_modules=["query", "value"], lora_dropout=0.3))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.5)
+    theirs.save_pretrained(tmp_path / "drop")
+    theirs.eval()
+    service = build_service(str(tmp_path / "model"), adapters={"drop": str(tmp_path / "drop")})
+    batch = service.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = torch.softmax(theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    with TestClient(create_app(service)) as client:
+        for _ in range(2):
+            answer = client.post("/v1/classify", json={"model": "drop", "input": TEXTS}).json()
+            got = torch.tensor([list(row["probabilities"].values()) for row in answer["data"]])
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
 def test_an_adapter_with_a_bias_on_b_is_served_as_it_computes(classifier, tmp_path):
     """PEFT's lora_bias: served beside a plain adapter, each answers as the model with it alone does."""
     from lorakit.config import LoraConfig

@@ -72,6 +72,7 @@ class LoraLayer(nn.Module):
         self._premerge_bias: torch.Tensor | None = None
         self._rows = None  # (slots (batch,), A_rows, B_rows) while per_row_adapters is on
         self._stack_cache = None
+        self.train(base.training)  # in the mode of the module it stands for (an eval model's dropout off)
 
     @classmethod
     def wraps(cls, module: nn.Module) -> bool:
@@ -179,7 +180,7 @@ class LoraLayer(nn.Module):
         if init is not None:
             with torch.no_grad():
                 self.init_adapter(adapter, init)
-        self.adapters[name] = adapter
+        self.adapters[name] = adapter.train(self.training)
         self._refresh()
         return adapter
 

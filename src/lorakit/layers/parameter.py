@@ -201,6 +201,7 @@ class ParameterHost(nn.Module):
         for name, child in host._modules.items():
             self.add_module(name, child)
         self.lora_parameters = nn.ModuleDict()
+        self.training = self.lora_parameters.training = host.training  # the mode of the module it stands for
 
     def adapt(self, parameter_name: str) -> LoraParameter:
         """The :class:`LoraParameter` of ``parameter_name``, made if new (kept in parameter order)."""
@@ -209,6 +210,7 @@ class ParameterHost(nn.Module):
             layers[parameter_name] = LoraParameter(self._host, parameter_name)
             order = list(self._parameters)
             self.lora_parameters = nn.ModuleDict(sorted(layers.items(), key=lambda kv: order.index(kv[0])))
+            self.lora_parameters.training = self.training
         return self.lora_parameters[parameter_name]
 
     def release(self, parameter_name: str) -> None:

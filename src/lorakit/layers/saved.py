@@ -37,6 +37,7 @@ class SavedModule(nn.Module):
         self.active: tuple[str, ...] = ()
         self.disabled = False
         self._rows = None  # (names per row) while per_row_adapters is on
+        self.train(original.training)  # its mode (an eval model's head keeps its dropout off)
 
     def __getattr__(self, name: str):
         """Parameters, buffers and children as any module; other attributes (an embedding's

@@ -119,7 +119,7 @@ class TokenRows(SavedModule):
         if name in self.copies:
             raise LorakitError(f"token rows for adapter {name!r} exist already")
         weight = self.original().weight  # the ids were checked against it (lorakit.tokens.token_targets)
-        patch = TokenPatch(indices, weight.detach()[torch.tensor(indices)].clone())
+        patch = TokenPatch(indices, weight.detach()[torch.tensor(indices)].clone()).train(self.training)
         self.copies[name] = patch
         return patch
 
