@@ -75,6 +75,39 @@ def test_adapter_trained_on_nf4_is_an_ordinary_adapter_file(tmp_path):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_dora_on_a_quantized_base_computes_as_on_its_dequantized_weights(kind, tmp_path):
+    """QDoRA: a DoRA adapter over a quantized base (alone, beside a LoRA one, per row) computes what it
+    computes over the dequantized weights, its norm taken from them; its gradients reach A, B and m."""
+    from lorakit.model import add_adapter, set_active
+    from lorakit.per_row import per_row_adapters
+
+    quantized = small_llama()
+    quantize_base(quantized, kind)
+    attach(quantized, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True), "dora")
+    add_adapter(quantized, LoraConfig(r=4, target_modules=["q_proj", "k_proj"]), "plain")
+    moved(quantized)
+    x = token_batch(2, 8)
+    quantized.train()
+    loss = quantized(x, labels=x).loss
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for n, p in quantized.named_parameters()
+               if p.requires_grad and ".dora." in n)
+    quantized.eval()
+    for name in ("dora", "plain"):
+        save_adapter(quantized, tmp_path / name, name)
+    plain = unload(dequantize_base_copy(quantized))
+    for name in ("dora", "plain"):
+        set_active(quantized, name)
+        expected = logits(load_adapter(copy.deepcopy(plain), tmp_path / name), x)
+        torch.testing.assert_close(logits(quantized, x), expected, atol=1e-5, rtol=1e-5)
+    with per_row_adapters(quantized, ["plain", "dora"]):
+        rows = logits(quantized, x)
+    for row, name in enumerate(["plain", "dora"]):
+        set_active(quantized, name)
+        torch.testing.assert_close(rows[row], logits(quantized, x)[row], atol=1e-5, rtol=1e-5)
+
+
 def dequantize_base_copy(model, layers=14):
     model = copy.deepcopy(model)
     assert len(dequantize_base(model)) == layers

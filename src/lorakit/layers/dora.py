@@ -172,21 +172,30 @@ class DoraMixin:
 
     # ------------------------------------------------------------------ the norm and the scale
 
+    def _norm_weight(self) -> torch.Tensor:
+        """W as ``(out, in)`` for the norm: a view of the weight, or a quantized base's weight
+        dequantized (fp32; QDoRA, as PEFT takes it from a 4-bit base)."""
+        if not self.base_is_quantized:
+            return self.weight_out_in()
+        from lorakit.layers.quantized import dense_weight
+
+        return dense_weight(self._base)
+
     def _weight_sq(self) -> torch.Tensor:
         """``‖W_i‖²`` of the current weight, kept until the weight changes."""
         w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype)
+        key = (w.data_ptr(), id(w), w._version, w.dtype)  # a quantized weight's data_ptr is 0
         if self._weight_sq_cache is None or self._weight_sq_cache[0] != key:
-            self._weight_sq_cache = (key, row_square_norms(self.weight_out_in()))
+            self._weight_sq_cache = (key, row_square_norms(self._norm_weight()))
         return self._weight_sq_cache[1]
 
     def weight_norm(self, adapter: DoraAdapter) -> torch.Tensor:
         """``‖W + s·B·A‖ : (out,)`` fp32 against the current weight, detached; kept on the adapter
         until A, B, the scaling or W change (so gradient accumulation and evaluation reuse it)."""
         w = self.weight
-        key = adapter.factor_version() + (w.data_ptr(), w._version)
+        key = adapter.factor_version() + (w.data_ptr(), id(w), w._version)
         if adapter._norm is None or adapter._norm[0] != key:
-            adapter._norm = (key, weight_norm(self.weight_out_in(), adapter.A, adapter.B, adapter.scaling,
+            adapter._norm = (key, weight_norm(self._norm_weight(), adapter.A, adapter.B, adapter.scaling,
                                               self._weight_sq()))
         return adapter._norm[1]
 

@@ -45,7 +45,11 @@ class DoraLinear(DoraMixin, LoraLinear):
     """DoRA on an ``nn.Linear`` or ``Conv1D``: ``x: (..., in)`` -> ``(..., out)``."""
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
-        """``x Wᵀ`` without the bias (Conv1D's own product for a Conv1D)."""
+        """``x Wᵀ`` without the bias (Conv1D's own product for a Conv1D; a quantized base's own
+        forward, which dequantizes its weight, less the bias)."""
+        if self.base_is_quantized:
+            out = self._base(x)
+            return out if self.bias is None else out - self.bias.to(out.dtype)
         if not self.fan_in_fan_out:
             return F.linear(x, self.weight)
         return (x.reshape(-1, x.shape[-1]) @ self.weight).view(*x.shape[:-1], self.out_features)
