@@ -385,21 +385,14 @@ def test_a_gpt2_classifier_adapter_answers_as_lorakit_predict(tmp_path):
 def test_an_adapter_with_trainable_tokens_is_served_as_peft_computes_it(toy, tmp_path):
     """PEFT's trainable_token_indices (rows of the embedding and of the head, per adapter): the server's
     greedy answers equal PEFT's own model with the adapter, beside a plain adapter on the same base."""
-    peft = pytest.importorskip("peft")
-    from transformers import AutoModelForCausalLM
+    pytest.importorskip("peft")
 
     tokenizer = toy["tokenizer"]
     prompts = PROMPTS[:3]
     tokens = sorted({tokenizer.encode(p)[-1] for p in prompts} | {tokenizer.encode(" fox")[0]})
-    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(toy["model_dir"]), peft.LoraConfig(
-        r=4, target_modules=["q_proj", "v_proj"], trainable_token_indices={"embed_tokens": tokens, "lm_head": tokens}))
-    generator = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=generator) * (2.0 if "lm_head" in name else 0.5))
-    theirs.save_pretrained(tmp_path / "tokens")
-    theirs.eval()
+    theirs = peft_adapter(toy, tmp_path / "tokens", 6, lambda name: 2.0 if "lm_head" in name else 0.5,
+                          target_modules=["q_proj", "v_proj"],
+                          trainable_token_indices={"embed_tokens": tokens, "lm_head": tokens})
 
     def greedy(prompt: str) -> str:
         return greedy_text(theirs, tokenizer, prompt, 8)
@@ -420,19 +413,11 @@ def test_an_adapter_saving_the_embedding_and_head_whole_is_served_beside_others(
     """PEFT's modules_to_save of embed_tokens and lm_head (a copy of each per adapter): the server's
     greedy answers equal PEFT's, and the base and another adapter still answer as before (the
     wrapped embedding once made every request fail)."""
-    peft = pytest.importorskip("peft")
-    from transformers import AutoModelForCausalLM
+    pytest.importorskip("peft")
 
     tokenizer, prompts = toy["tokenizer"], PROMPTS[:3]
-    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(toy["model_dir"]), peft.LoraConfig(
-        r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"]))
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=generator) * (0.5 if "lora_" in name else 0.05))
-    theirs.save_pretrained(tmp_path / "saved")
-    theirs.eval()
+    theirs = peft_adapter(toy, tmp_path / "saved", 7, lambda name: 0.5 if "lora_" in name else 0.05,
+                          target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"])
     service = build_service(str(toy["model_dir"]), max_loaded=2,
                             adapters={"saved": str(tmp_path / "saved"), "task0": str(toy["root"] / "task0")})
     with TestClient(create_app(service)) as client:
@@ -448,19 +433,11 @@ def test_an_adapter_saving_the_embedding_and_head_whole_is_served_beside_others(
 def test_a_dora_adapter_is_served_beside_lora_adapters_on_the_same_layers(toy, tmp_path):
     """A DoRA adapter joins layers that hold LoRA adapters (loaded before and after it): each answers
     as PEFT computes it alone (the per-row batches of both kinds: tests/test_layers_dora.py)."""
-    peft = pytest.importorskip("peft")
-    from transformers import AutoModelForCausalLM
+    pytest.importorskip("peft")
 
     tokenizer, prompts = toy["tokenizer"], PROMPTS[:3]
-    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(toy["model_dir"]), peft.LoraConfig(
-        r=4, target_modules=["q_proj", "v_proj", "o_proj"], use_dora=True))
-    generator = torch.Generator().manual_seed(8)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=generator) * (0.5 if "lora_" in name else 0.05))
-    theirs.save_pretrained(tmp_path / "dora")
-    theirs.eval()
+    theirs = peft_adapter(toy, tmp_path / "dora", 8, lambda name: 0.5 if "lora_" in name else 0.05,
+                          target_modules=["q_proj", "v_proj", "o_proj"], use_dora=True)
     service = build_service(str(toy["model_dir"]), max_loaded=3, adapters={
         "task0": str(toy["root"] / "task0"), "dora": str(tmp_path / "dora"), "task1": str(toy["root"] / "task1")})
     with TestClient(create_app(service)) as client:
@@ -469,6 +446,22 @@ def test_a_dora_adapter_is_served_beside_lora_adapters_on_the_same_layers(toy, t
             for name in ("task0", "task1"):
                 assert served_text(client, name, prompt, 8) == toy["refs"].text(toy["root"] / name,
                                                                                  tokenizer.encode(prompt), 8)
+
+
+def peft_adapter(toy, folder, seed: int, scale, **config):
+    """PEFT's own adapter (r=4, ``config``) on the toy model, every trainable tensor moved by seeded noise of
+    ``scale(name)``, saved in ``folder``; the PEFT model, in eval mode."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(toy["model_dir"]), peft.LoraConfig(r=4, **config))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator) * scale(name))
+    theirs.save_pretrained(folder)
+    return theirs.eval()
 
 
 def greedy_text(model, tokenizer, prompt: str, n: int) -> str:
