@@ -279,22 +279,17 @@ class TrainConfig:
         self.targets = parse_targets(self.targets)
         self.layers_to_transform = parse_layers(self.layers_to_transform)
         self.target_parameters = parse_parameters(self.target_parameters)
-        if self.target_parameters and (self.method != "lora" or self.fsdp):
-            raise LorakitError(f"--target-parameters is for --method lora without --fsdp, not --method {self.method}"
-                               f"{' with --fsdp' if self.fsdp else ''}")
         if self.layers_to_transform is not None and self.method != "lora":
             raise LorakitError(f"--layers-to-transform is for --method lora, not {self.method!r}")
         if narrows_a_regex(self.targets, self.layers_to_transform):
             raise LorakitError(f"--layers-to-transform cannot narrow a regex --targets ({self.targets!r}, as in "
                                "PEFT): name the blocks in the regex, or give --targets as names such as query,value")
         self.modules_to_save = parse_modules(self.modules_to_save)
-        if self.modules_to_save and (self.method != "lora" or self.fsdp):
-            raise LorakitError(f"--modules-to-save is for --method lora without --fsdp, not --method {self.method}"
-                               f"{' with --fsdp' if self.fsdp else ''}")
         self.trainable_tokens = _token_list(self.trainable_tokens)
-        if self.trainable_tokens and (self.method != "lora" or self.fsdp):
-            raise LorakitError(f"--trainable-tokens is for --method lora without --fsdp, not --method {self.method}"
-                               f"{' with --fsdp' if self.fsdp else ''}")
+        for name in ("target_parameters", "modules_to_save", "trainable_tokens"):
+            if getattr(self, name) and (self.method != "lora" or self.fsdp):
+                raise LorakitError(f"--{name.replace('_', '-')} is for --method lora without --fsdp, not --method "
+                                   f"{self.method}{' with --fsdp' if self.fsdp else ''}")
         self.eval_batch_size = self.eval_batch_size or task.default_eval_batch_size
         self.out = self.out or DEFAULT_OUT.format(task=self.task, method=self.method)
 
