@@ -137,6 +137,16 @@ def test_a_gpt2_conv1d_base_is_quantized_and_its_adapter_stays_an_ordinary_gpt2_
     with pytest.warns(QuantizedMergeWarning):
         merged = merge_and_unload(copy.deepcopy(quantized))
     torch.testing.assert_close(logits(merged, x), logits(quantized, x), atol=1e-4, rtol=0)
+    # dequantized (after a merge too), the model is GPT-2 again: Conv1D layers, a state dict GPT-2 loads
+    shapes = {k: v.shape for k, v in base.state_dict().items()}
+    assert type(merged.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    dequantize_base(merged)
+    for model in (unload(plain), merged):
+        assert "QuantizedLinear" not in {type(m).__name__ for m in model.modules()}
+        assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+        fresh = GPT2LMHeadModel(base.config).eval()
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(logits(fresh, x), logits(model, x), atol=1e-6, rtol=0)
 
 
 def test_merge_into_a_quantized_base_keeps_the_compute_dtype_or_requantizes():

@@ -130,8 +130,9 @@ def _set_base(model: nn.Module, modules: dict[str, nn.Module], path: str, new: n
 
 
 def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
-    """Turn every :class:`QuantizedLinear` of ``model`` back into an ``nn.Linear`` with its
-    dequantized weight in ``dtype`` (default: the dtype it was quantized from), in place.
+    """Turn every :class:`QuantizedLinear` of ``model`` back into the ``nn.Linear`` (or GPT-2's
+    ``Conv1D``) it was, with its dequantized weight in ``dtype`` (default: the dtype it was
+    quantized from), in place.
 
     Returns:
         the module paths changed.
@@ -141,14 +142,21 @@ def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None) -> list[
     for path, module in list(modules.items()):
         linear = module._base if isinstance(module, LoraLayer) else module
         if isinstance(linear, QuantizedLinear):
-            _set_base(model, modules, path, _dense_linear(linear.dense_weight(dtype), linear.bias))
+            _set_base(model, modules, path, _dense_linear(linear.dense_weight(dtype), linear.bias, linear.from_conv1d))
             changed.append(path)
     return changed
 
 
-def _dense_linear(weight: torch.Tensor, bias: nn.Parameter | None) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight, requires_grad=False)
+def _dense_linear(weight: torch.Tensor, bias: nn.Parameter | None, conv1d: bool = False) -> nn.Module:
+    """A frozen dense layer of ``weight`` ``(out, in)``: an ``nn.Linear``, or with ``conv1d`` a
+    transformers ``Conv1D`` (its weight stored ``(in, out)``, as GPT-2's checkpoints hold it)."""
+    if conv1d:
+        with torch.device("meta"):
+            linear = Conv1D(weight.shape[0], weight.shape[1])
+        linear.weight = nn.Parameter(weight.T.contiguous(), requires_grad=False)
+    else:
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
     linear.bias = bias
     return linear
 
@@ -200,6 +208,7 @@ def merged_base(layer: LoraLayer, names: list[str], rounding: MergeRounding, req
     rounding to ``rounding``. The layer itself is left unchanged.
     """
     base = layer.base_layer()
+    from_conv1d = getattr(base, "from_conv1d", False)
     exact = dense_weight(base, torch.float32)
     for name in names:
         exact += layer.delta_weight(name)
@@ -211,11 +220,11 @@ def merged_base(layer: LoraLayer, names: list[str], rounding: MergeRounding, req
         stored = quantize_tensor(exact.to(compute_dtype(base)), kind)
         rounding.stored = kind
         rounding.add(dequantize_tensor(stored, torch.float32), exact)
-        return QuantizedLinear(stored, bias, kind)
+        return QuantizedLinear(stored, bias, kind, from_conv1d)
     stored = exact.to(compute_dtype(base))
     rounding.stored = str(stored.dtype).removeprefix("torch.")
     rounding.add(stored, exact)
-    return _dense_linear(stored, bias)
+    return _dense_linear(stored, bias, from_conv1d)
 
 
 def compute_dtype(linear: nn.Module) -> torch.dtype:

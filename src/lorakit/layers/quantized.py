@@ -164,13 +164,15 @@ class QuantizedLinear(nn.Linear):
     (``weight``, ``bias``), and being an ``nn.Linear`` it is a LoRA target like any other.
     The bias, if any, stays as it was (not quantized, trainable if it was).
 
-    Shapes: ``x: (..., in_features)`` -> ``(..., out_features)``.
+    Shapes: ``x: (..., in_features)`` -> ``(..., out_features)``. ``from_conv1d``: the layer
+    replaced a transformers ``Conv1D``, which dequantizing gives back.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None, kind: str):
+    def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None, kind: str, from_conv1d: bool = False):
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a dense weight
         self.out_features, self.in_features = weight.shape
         self.kind = kind
+        self.from_conv1d = from_conv1d
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = bias
 
@@ -179,9 +181,9 @@ class QuantizedLinear(nn.Linear):
         """The layer ``linear`` with its weight quantized to ``kind`` (its bias shared): an
         ``nn.Linear``, or a transformers ``Conv1D`` (GPT-2), whose ``(in, out)`` weight is stored
         transposed, as ``(out, in)``."""
-        from lorakit.dense import weight_out_in
+        from lorakit.dense import is_conv1d, weight_out_in
 
-        made = cls(quantize_tensor(weight_out_in(linear), kind), linear.bias, kind)
+        made = cls(quantize_tensor(weight_out_in(linear), kind), linear.bias, kind, is_conv1d(linear))
         made.train(linear.training)
         return made
 
