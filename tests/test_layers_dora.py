@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 from lorakit import LoraConfig, LorakitError, attach, load_adapter, save_adapter
 from lorakit.layers import DoraConv, DoraEmbedding, DoraLinear, LoraLinear, wrapper_for
 from lorakit.layers.dora import _DoraLinearFunction, weight_norm
-from lorakit.model import add_adapter, lora_layers, merge, set_active, unmerge
+from lorakit.model import add_adapter, delete_adapter, lora_layers, merge, set_active, unmerge
 from lorakit.per_row import per_row_adapters
 from tiny_models import tiny_gpt2, tiny_llama, token_batch
 
@@ -294,6 +294,12 @@ def test_lora_and_dora_adapters_share_layers_each_as_alone(dora_first, tmp_path)
     base = tiny_llama()(input_ids=ids).logits
     for b, name in enumerate(rows):
         torch.testing.assert_close(mixed[b], (alone[name] if name else base)[b], atol=1e-5, rtol=0)
+    # the DoRA adapter deleted, its layers are LoRA layers again (fused q/k/v, adapters with a bias on B may join)
+    delete_adapter(model, "dora")
+    assert all(type(layer) is LoraLinear for _, layer in lora_layers(model))
+    set_active(model, "plain")
+    torch.testing.assert_close(model(input_ids=ids).logits, alone["plain"], atol=1e-5, rtol=0)
+    add_adapter(model, LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True, init="kaiming"), "biased")
 
 
 def test_a_dora_adapter_does_not_join_layers_whose_adapters_it_cannot_hold():

@@ -446,6 +446,11 @@ def test_a_dora_adapter_is_served_beside_lora_adapters_on_the_same_layers(toy, t
             for name in ("task0", "task1"):
                 assert served_text(client, name, prompt, 8) == toy["refs"].text(toy["root"] / name,
                                                                                  tokenizer.encode(prompt), 8)
+        # unloaded, the DoRA adapter leaves LoRA layers behind, which still answer as their adapters do
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "dora"}).status_code == 200
+        assert served_text(client, "task0", prompts[0], 8) == toy["refs"].text(toy["root"] / "task0",
+                                                                               tokenizer.encode(prompts[0]), 8)
+        assert not any(type(m).__name__ == "DoraLinear" for m in service.registry.model.modules())
 
 
 def peft_adapter(toy, folder, seed: int, scale, **config):

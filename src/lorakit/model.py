@@ -311,7 +311,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for path, module in order:
         if isinstance(module, LoraLayer) and name in module.adapters:
             module.delete_adapter(name)
-            if module.adapters:
+            if module.adapters:  # a DoRA layer left with LoRA adapters alone becomes a LoRA layer again
+                if module.hosts and not module.own_kind() and not module.merged:
+                    replace_module(model, modules, path, module.rewrapped(wrapper_for(module.base_layer(),
+                                                                                      module.hosts[0])))
                 continue
             if module.in_place_of_module:
                 replace_module(model, modules, path, module.base_layer())

@@ -1,12 +1,11 @@
 """What every LoRA layer shares: named adapters, the active set, merge and unmerge.
 
-A concrete layer (:mod:`.linear`, :mod:`.embedding`) says only how its base runs and
-how ``ΔW = s·B·A`` is laid out against its weight; the bookkeeping lives here once.
+A concrete layer (:mod:`.linear`, :mod:`.embedding`) says only how its base runs and how ``ΔW = s·B·A``
+is laid out against its weight; the bookkeeping lives here once.
 
-The wrapped module keeps its parameters under their own names (``weight``, ``bias``:
-the very same ``Parameter`` objects), so a model's state-dict keys do not change; the
-original module object is kept aside (not a submodule) and handed back, with those
-parameters, by :meth:`LoraLayer.base_layer`.
+The wrapped module keeps its parameters under their own names (``weight``, ``bias``: the very same
+``Parameter`` objects), so a model's state-dict keys do not change; the original module object is kept
+aside (not a submodule) and handed back, with those parameters, by :meth:`LoraLayer.base_layer`.
 """
 
 from __future__ import annotations
@@ -29,11 +28,10 @@ class LoraLayer(nn.Module):
     Subclasses set ``in_features`` / ``out_features`` (the adapter's ``A: (r, in)``,
     ``B: (out, r)``) and implement :meth:`weight_to_layout` (how an ``(out, in)`` matrix
     lies in ``self.weight``), ``forward`` and the per-row forward. A layer kind whose
-    update has another form (AdaLoRA's ``P·diag(λ)·Q``, :mod:`.adalora`) overrides
-    :meth:`new_adapter` and :meth:`init_adapter`; its adapters answer what a
-    :class:`LoraAdapter` answers (``A``, ``B``, ``r``, ``alpha``, ``scaling``, ``dropout``,
-    ``delta()``, ``export_factors()``, ``version()``), so forward, merge, per-row stacks
-    and saving work on every kind unchanged.
+    update has another form (AdaLoRA's ``P·diag(λ)·Q``, :mod:`.adalora`) overrides :meth:`new_adapter`
+    and :meth:`init_adapter`; its adapters answer what a :class:`LoraAdapter` answers (``A``, ``B``,
+    ``r``, ``alpha``, ``scaling``, ``dropout``, ``delta()``, ``export_factors()``, ``version()``), so
+    forward, merge, per-row stacks and saving work on every kind unchanged.
 
     Attributes:
         adapters: ``nn.ModuleDict`` name -> adapter (a :class:`LoraAdapter`, or the kind's own).
@@ -52,8 +50,7 @@ class LoraLayer(nn.Module):
     hosts: tuple[str, ...] = ()
     #: the inits this kind can start an adapter with (None: every registered one)
     inits: tuple[str, ...] | None = None
-    #: the layer takes the place of its base module (False for LoRA on a parameter, whose
-    #: module is a :class:`~lorakit.layers.parameter.ParameterHost`)
+    #: it takes its base module's place (False for LoRA on a parameter: a ``ParameterHost`` does)
     in_place_of_module = True
     #: its adapters may have a bias on B (PEFT's ``lora_bias``): dense layers only, as in PEFT
     takes_lora_bias = False
@@ -216,6 +213,10 @@ class LoraLayer(nn.Module):
         layer.active, layer.disabled = self.active, self.disabled
         layer._refresh()
         return layer
+
+    def own_kind(self) -> list[str]:
+        """The adapters of this layer's own :attr:`kind` (not of a kind it :attr:`hosts`)."""
+        return list(self.adapters)
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (unmerging first if it is merged)."""

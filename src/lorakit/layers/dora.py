@@ -167,6 +167,9 @@ class DoraMixin:
         if adapter.magnitude is not None:
             adapter.magnitude.copy_(self.weight_norm(adapter))
 
+    def own_kind(self) -> list[str]:
+        return [n for n, ad in self.adapters.items() if ad.magnitude is not None]
+
     def export_magnitude(self, name: str) -> torch.Tensor:
         return self._adapter(name).magnitude
 
