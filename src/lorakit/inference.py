@@ -266,9 +266,10 @@ def _scored_split(task: Task, info: dict, data: str | None, columns: dict | None
     return lkdata.DatasetSplits([], [], splits.test, splits.source)
 
 
-def predict(trained: Trained, texts: list[str]) -> dict:
+def predict(trained: Trained, texts: list, batch_size: int | None = None, progress: bool = False) -> dict:
     """Class and probabilities of each text, for every adapter (an adapter trained on pairs of texts
-    takes each as ``"first<TAB>second"``).
+    takes each as ``"first<TAB>second"`` or ``[first, second]``), ``batch_size`` texts a forward pass
+    (default: the task's evaluation batch); ``progress`` shows a bar per adapter.
 
     Returns:
         ``{adapter name: [{"text", "label", "probabilities": {label: p}}, ...]}``.
@@ -281,7 +282,8 @@ def predict(trained: Trained, texts: list[str]) -> dict:
         trained.use(name)
         info = trained.info_of(name)
         results[name] = trained.task.predict(trained.model, trained.tokenizer, texts, info["labels"],
-                                             trained.max_length(name), pairs=bool(info.get("pairs")))
+                                             trained.max_length(name), pairs=bool(info.get("pairs")),
+                                             batch_size=batch_size, progress=f"predicting {name}" if progress else None)
     return results
 
 

@@ -70,6 +70,32 @@ def read_classification(path, columns: dict | None = None) -> list[dict]:
     return classification_records(read_file(path), path.name, columns)
 
 
+def read_texts(path, columns: dict | None = None) -> list[dict]:
+    """The texts of ``path`` to classify, labelled or not: ``{"text", "_where", "_row"}`` records (``_row``: the
+    row as read; a file of pairs, as :func:`read_classification` finds them, adds ``"text_pair"``); a ``.txt``
+    file holds one text a line.
+
+    Raises:
+        LorakitError: see :func:`read_file`; a record without a text.
+    """
+    raw = read_file(path)
+    columns = _pair_columns(raw[0] if raw else None, columns_of(raw[0] if raw else None, ("text",), columns))
+    keys = ("text", "text_pair") if "text_pair" in (columns or {}) else ("text",)
+    hint = "every line needs a text to classify (--text-column names another column; --text-column first,second " \
+           "a pair of texts)"
+    records = []
+    for row in raw:
+        _require(row, keys, hint, columns)
+        record = with_columns(row, columns)
+        for key in keys:
+            if not isinstance(record[key], str) or not record[key].strip():
+                raise LorakitError(f"{row['_where']}: {(columns or {}).get(key, key)!r} must be a non-empty string, "
+                                   f"got {record[key]!r}")
+        records.append({**{key: record[key] for key in keys}, "_where": row["_where"],
+                        "_row": {k: v for k, v in row.items() if k != "_where"}})
+    return records
+
+
 def read_language_modeling(path, columns: dict | None = None) -> list[dict]:
     """``{"prompt", "completion"}``, ``{"messages"}`` or ``{"text"}`` records of ``path``
     (the shape of the first record, on every line), each with ``"_where"``.

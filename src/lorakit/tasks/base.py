@@ -182,9 +182,10 @@ class Task:
         value = metrics.get(self.metric)
         return [(f"{split} {self.metric}", "n/a" if value is None else f"{value:.4f}")]
 
-    def predict(self, model, tokenizer, texts: list[str], labels, max_length: int, pairs: bool = False) -> list[dict]:
+    def predict(self, model, tokenizer, texts: list, labels, max_length: int, pairs: bool = False,
+                batch_size: int | None = None, progress: str | None = None) -> list[dict]:
         """``[{"text", "label", "probabilities"}]`` of each text (classification; ``pairs``: each text a
-        tab-separated pair)."""
+        tab-separated pair), ``batch_size`` texts a forward pass, with a ``progress`` bar of that title."""
         raise LorakitError(f"predict needs a classification adapter; this one is for task {self.name!r}"
                            f"{self._other_verb('predict')}")
 

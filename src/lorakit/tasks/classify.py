@@ -171,14 +171,31 @@ class ClassificationTask(Task):
         return scores.rows(split, metrics)
 
     @torch.no_grad()
-    def predict(self, model, tokenizer, texts, labels, max_length, pairs: bool = False) -> list[dict]:
+    def predict(self, model, tokenizer, texts, labels, max_length, pairs: bool = False, batch_size: int | None = None,
+                progress: str | None = None) -> list[dict]:
         """Label and probabilities of each text; with ``pairs`` (an adapter trained on pairs of texts) each
-        text holds its two texts separated by a tab (:func:`split_pairs`)."""
+        text holds its two texts separated by a tab, or is a ``[first, second]`` list (:func:`split_pairs`).
+        Texts go through the model ``batch_size`` at a time (default: the task's evaluation batch), in order
+        of length (less padding); ``progress``: a progress bar's title, shown where there are several batches."""
         inputs = split_pairs(texts) if pairs else (list(texts),)
-        batch = tokenizer(*inputs, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        device = next(model.parameters()).device
-        logits = model(**{k: v.to(device) for k, v in model_inputs(batch, pairs).items()}).logits
-        probabilities = logits.float().softmax(-1).cpu()
+        encoded = tokenizer(*inputs, truncation=True, max_length=max_length)
+        order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
+        size = batch_size or self.default_eval_batch_size
+        starts = range(0, len(order), size)
+        if progress and len(starts) > 1:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc=progress, unit="batch", leave=False, disable=None)
+        device, parts = next(model.parameters()).device, []
+        for start in starts:
+            rows = order[start:start + size]
+            batch = tokenizer.pad([{key: values[i] for key, values in encoded.items()} for i in rows],
+                                  return_tensors="pt")
+            logits = model(**{k: v.to(device) for k, v in model_inputs(batch, pairs).items()}).logits
+            parts.append(logits.float().softmax(-1).cpu())
+        probabilities = torch.empty(len(texts), parts[0].shape[-1]) if parts else torch.empty(0, 0)
+        if parts:
+            probabilities[order] = torch.cat(parts)
         labels = labels if labels is not None else model_labels(model, probabilities.shape[-1])
         return [{"text": text, "label": labels[int(row.argmax())],
                  "probabilities": {label: float(p) for label, p in zip(labels, row)}}
