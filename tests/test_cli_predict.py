@@ -72,6 +72,15 @@ def test_data_rows_are_written_with_their_predictions(run, tmp_path, capsys):
     lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [line["n"] for line in lines] == list(range(9))
     assert [line["prediction"] for line in lines] == [r["label"] for r in alone]
+    # a folder datasets saved: one split's, read whole (a DatasetDict's root is refused: which split?)
+    datasets = pytest.importorskip("datasets")
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved"))
+    assert main(["predict", "--adapter", str(run), "--data", str(tmp_path / "saved")]) == 2
+    assert "give one split's folder" in capsys.readouterr().err
+    assert main(["predict", "--adapter", str(run), "--data", str(tmp_path / "saved" / "test"), "--out",
+                 str(tmp_path / "saved.jsonl")]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "saved.jsonl").read_text().splitlines()]
+    assert [line["prediction"] for line in lines] == [r["label"] for r in alone] and lines[3]["id"] == "3"
     (tmp_path / "new.txt").write_text("\n".join(r["review"] for r in rows[:3]) + "\n\n")
     capsys.readouterr()
     assert main(["predict", "--adapter", str(run), "--data", str(tmp_path / "new.txt")]) == 0

@@ -23,7 +23,7 @@ def register(subparsers) -> None:
                              "folder in it; repeat to compare")
     parser.add_argument("--data", default=None, metavar="FILE",
                         help=f"a {FORMATS} file whose every record to classify (labelled or not; a .txt file: one "
-                             "text a line)")
+                             "text a line), or a folder datasets saved (one split's)")
     parser.add_argument("--text-column", default=None, metavar="NAME",
                         help="the column of --data holding the text, when it is named otherwise than in training "
                              "('first,second' for a pair of texts)")

@@ -73,12 +73,20 @@ def read_classification(path, columns: dict | None = None) -> list[dict]:
 def read_texts(path, columns: dict | None = None) -> list[dict]:
     """The texts of ``path`` to classify, labelled or not: ``{"text", "_where", "_row"}`` records (``_row``: the
     row as read; a file of pairs, as :func:`read_classification` finds them, adds ``"text_pair"``); a ``.txt``
-    file holds one text a line.
+    file holds one text a line; a folder ``datasets`` saved (one ``Dataset``, or one split's folder) is read whole.
 
     Raises:
-        LorakitError: see :func:`read_file`; a record without a text.
+        LorakitError: see :func:`read_file`; a saved ``DatasetDict`` (which split?); a record without a text.
     """
-    raw = read_file(path)
+    from lorakit.data.arrow import is_saved_dataset, read_saved_split, split_names
+
+    if Path(path).is_dir() and is_saved_dataset(path):
+        if split_names(path):
+            raise LorakitError(f"{path} holds the splits {split_names(path)}; give one split's folder, such as "
+                               f"{Path(path) / split_names(path)[-1]}")
+        raw = read_saved_split(path)
+    else:
+        raw = read_file(path)
     columns = _pair_columns(raw[0] if raw else None, columns_of(raw[0] if raw else None, ("text",), columns))
     keys = ("text", "text_pair") if "text_pair" in (columns or {}) else ("text",)
     hint = "every line needs a text to classify (--text-column names another column; --text-column first,second " \
