@@ -25,13 +25,12 @@ from lorakit.layers.quantized import is_quantized_linear
 class LoraLayer(nn.Module):
     """Base of every wrapper: a frozen base module plus named adapters.
 
-    Subclasses set ``in_features`` / ``out_features`` (the adapter's ``A: (r, in)``,
-    ``B: (out, r)``) and implement :meth:`weight_to_layout` (how an ``(out, in)`` matrix
-    lies in ``self.weight``), ``forward`` and the per-row forward. A layer kind whose
-    update has another form (AdaLoRA's ``P·diag(λ)·Q``, :mod:`.adalora`) overrides :meth:`new_adapter`
-    and :meth:`init_adapter`; its adapters answer what a :class:`LoraAdapter` answers (``A``, ``B``,
-    ``r``, ``alpha``, ``scaling``, ``dropout``, ``delta()``, ``export_factors()``, ``version()``), so
-    forward, merge, per-row stacks and saving work on every kind unchanged.
+    Subclasses set ``in_features`` / ``out_features`` (the adapter's ``A: (r, in)``, ``B: (out, r)``) and
+    implement :meth:`weight_to_layout` (how an ``(out, in)`` matrix lies in ``self.weight``), ``forward``
+    and the per-row forward. A layer kind whose update has another form (AdaLoRA's ``P·diag(λ)·Q``,
+    :mod:`.adalora`) overrides :meth:`new_adapter` and :meth:`init_adapter`; its adapters answer what a
+    :class:`LoraAdapter` answers (``A``, ``B``, ``r``, ``alpha``, ``scaling``, ``dropout``, ``delta()``,
+    ``export_factors()``, ``version()``), so forward, merge, per-row stacks and saving work on every kind.
 
     Attributes:
         adapters: ``nn.ModuleDict`` name -> adapter (a :class:`LoraAdapter`, or the kind's own).
