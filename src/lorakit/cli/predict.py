@@ -103,7 +103,7 @@ def _check(args) -> None:
     if len(args.adapter) > 1:
         raise LorakitError("--out writes one adapter's predictions; give one --adapter (or leave out --out to "
                            "compare several)")
-    if Path(args.data).exists() and out.exists() and out.resolve() == Path(args.data).resolve():
+    if out.exists() and out.resolve() == Path(args.data).resolve():
         raise LorakitError(f"--out {args.out} is the --data file itself; write the predictions elsewhere")
     if out.exists() and not args.overwrite:
         raise LorakitError(f"--out {args.out} exists; give another path, or --overwrite to replace it")
