@@ -66,12 +66,25 @@ def test_data_rows_are_written_with_their_predictions(run, tmp_path, capsys):
         assert float(out["probability"]) == pytest.approx(expected["probabilities"][expected["label"]], abs=1e-6)
         assert sum(float(out[f"p_{x}"]) for x in labels) == pytest.approx(1.0, abs=1e-5)
     # JSON lines, a text column named for this file, and a plain-text file of one text a line
-    write_jsonl(tmp_path / "new.jsonl", [{"body": r["review"], "n": i} for i, r in enumerate(rows)])
+    write_jsonl(tmp_path / "new.jsonl", [{"body": r["review"], "n": i, "mixed": i if i % 2 else str(i)}
+                                         for i, r in enumerate(rows)])
     assert main(["predict", "--adapter", str(run), "--data", str(tmp_path / "new.jsonl"), "--text-column", "body",
                  "--out", str(tmp_path / "out.jsonl")]) == 0
     lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [line["n"] for line in lines] == list(range(9))
     assert [line["prediction"] for line in lines] == [r["label"] for r in alone]
+    # Parquet: the columns keep their types (a column of numbers and strings mixed is written as text)
+    pq = pytest.importorskip("pyarrow.parquet")
+    assert main(["predict", "--adapter", str(run), "--data", str(tmp_path / "new.jsonl"), "--text-column", "body",
+                 "--out", str(tmp_path / "out.parquet")]) == 0
+    table = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [row["n"] for row in table] == list(range(9)) and table[1]["mixed"] == "1"
+    assert [row["prediction"] for row in table] == [r["label"] for r in alone]
+    assert [row["probability"] for row in table] == pytest.approx(
+        [r["probabilities"][r["label"]] for r in alone], abs=1e-6)
+    assert sum(table[0][f"p_{x}"] for x in labels) == pytest.approx(1.0, abs=1e-5)
+    assert main(["predict", "--adapter", str(run), "--data", str(tmp_path / "out.parquet"), "--text-column", "body",
+                 "--out", str(tmp_path / "again.csv")]) == 0  # a Parquet file written is one --data reads
     # a folder datasets saved: one split's, read whole (a DatasetDict's root is refused: which split?)
     datasets = pytest.importorskip("datasets")
     datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved"))
@@ -96,7 +109,7 @@ def test_what_cannot_be_done_is_refused_in_one_line(run, tmp_path, capsys):
         (str(data),): "is a file; give --data",
         ("--data", str(data), "--out", str(tmp_path / "taken.csv")): "exists; give another path, or --overwrite",
         ("--data", str(data), "--out", str(data), "--overwrite"): "is the --data file itself",
-        ("--data", str(data), "--out", str(tmp_path / "p.parquet")): "predictions are written as .csv, .tsv, .jsonl",
+        ("--data", str(data), "--out", str(tmp_path / "p.xlsx")): "written as .csv, .tsv, .jsonl, .parquet",
         ("--data", str(data), "--out", str(tmp_path / "p.csv"), "--adapter", str(run)): "one --adapter",
         ("--out", str(tmp_path / "p.csv"), "good film"): "goes with --data",
         ("--data", str(data), "good film"): "not both",

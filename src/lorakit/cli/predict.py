@@ -5,7 +5,7 @@ from __future__ import annotations
 from lorakit.data.files import FORMATS
 
 SHOWN_LABELS = 5  # with more classes, the likeliest this many are printed
-OUT_SUFFIXES = (".csv", ".tsv", ".jsonl")  # what --out writes
+OUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")  # what --out writes
 
 
 def register(subparsers) -> None:
@@ -29,7 +29,7 @@ def register(subparsers) -> None:
                              "('first,second' for a pair of texts)")
     parser.add_argument("--out", default=None, metavar="FILE",
                         help="write --data's rows with a 'prediction' column and the probabilities, as a .csv, "
-                             ".tsv or .jsonl file (by its suffix; one --adapter)")
+                             ".tsv, .jsonl or .parquet file (by its suffix; one --adapter)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="texts per forward pass (default: the classify task's evaluation batch)")
@@ -124,8 +124,8 @@ def _read(trained, args) -> list[dict]:
 
 
 def _write(out, records: list[dict], rows: list[dict]):
-    """Write each record's row with ``prediction`` and its probabilities (atomically): a CSV or TSV row
-    gains ``prediction``, ``probability`` (of that label) and a ``p_<label>`` column per class; a JSONL
+    """Write each record's row with ``prediction`` and its probabilities (atomically): a CSV, TSV or Parquet
+    row gains ``prediction``, ``probability`` (of that label) and a ``p_<label>`` column per class; a JSONL
     line gains ``prediction`` and ``probabilities`` (``{label: p}``)."""
     import csv
     import json
@@ -134,23 +134,50 @@ def _write(out, records: list[dict], rows: list[dict]):
     from lorakit.atomic import writing
 
     out = Path(out)
+    labels = list(rows[0]["probabilities"]) if rows else []
+    columns = list(dict.fromkeys(key for record in records for key in record["_row"]))
+    added = ["prediction", "probability", *(f"p_{label}" for label in labels)]
+    fields = [c for c in columns if c not in added] + added
+
+    def table_rows():
+        for record, row in zip(records, rows):
+            chances = row["probabilities"]
+            yield {**record["_row"], "prediction": row["label"], "probability": chances[row["label"]],
+                   **{f"p_{label}": chances[label] for label in labels}}
+
+    if out.suffix == ".parquet":
+        with writing(out) as tmp:
+            _write_parquet(tmp, list(table_rows()), fields)
+        return out
     with writing(out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
         if out.suffix == ".jsonl":
             for record, row in zip(records, rows):
                 line = {**record["_row"], "prediction": row["label"], "probabilities": row["probabilities"]}
                 handle.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
             return out
-        labels = list(rows[0]["probabilities"]) if rows else []
-        columns = list(dict.fromkeys(key for record in records for key in record["_row"]))
-        added = ["prediction", "probability", *(f"p_{label}" for label in labels)]
-        writer = csv.DictWriter(handle, fieldnames=[c for c in columns if c not in added] + added,
-                                delimiter="\t" if out.suffix == ".tsv" else ",")
+        writer = csv.DictWriter(handle, fieldnames=fields, delimiter="\t" if out.suffix == ".tsv" else ",")
         writer.writeheader()
-        for record, row in zip(records, rows):
-            chances = row["probabilities"]
-            writer.writerow({**record["_row"], "prediction": row["label"], "probability": chances[row["label"]],
-                             **{f"p_{label}": chances[label] for label in labels}})
+        writer.writerows(table_rows())
     return out
+
+
+def _write_parquet(path, rows: list[dict], fields: list[str]) -> None:
+    """``rows`` as a Parquet table of ``fields`` at ``path``; a column whose values pyarrow cannot give one
+    type (a JSONL file's numbers and strings mixed) is written as text."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrays = []
+    for field in fields:
+        values = [row.get(field) for row in rows]
+        try:
+            arrays.append(pa.array(values))
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            arrays.append(pa.array([v if v is None or isinstance(v, str) else json.dumps(v, default=str)
+                                    for v in values], pa.string()))
+    pq.write_table(pa.Table.from_arrays(arrays, names=fields), path)
 
 
 def _texts(given: list[str]) -> list[str]:
