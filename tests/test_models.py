@@ -10,6 +10,7 @@ from lorakit import LorakitError
 from lorakit import models
 from lorakit.cli import main
 from lorakit.models import (
+    DEFAULT_CHAT_GGUF,
     embedded_path,
     load_causal_lm,
     load_classifier,
@@ -153,6 +154,19 @@ def test_default_chat_model_is_converted_once_then_read_from_the_cache(tmp_path,
     assert again.lm_head.weight is again.model.embed_tokens.weight  # still tied
     with torch.no_grad():
         torch.testing.assert_close(again(**prompt).logits, first, atol=0, rtol=0)
+
+    # a classifier on the GGUF model's body (named as the chat default or by its file), from the same conversion
+    gguf = embedded_path(*DEFAULT_CHAT_GGUF)
+    for spec in ("default-chat", str(gguf)):
+        classifier, tok = load_classifier(spec, id2label=["no", "yes"])
+        assert "converting" not in capsys.readouterr().err and len(list(tmp_path.iterdir())) == 1
+        assert type(classifier).__name__ == "LlamaForSequenceClassification"
+        assert classifier.config.id2label == {0: "no", 1: "yes"} and classifier.config.pad_token_id is not None
+        torch.testing.assert_close(classifier.model.layers[3].mlp.up_proj.weight,
+                                   again.model.layers[3].mlp.up_proj.weight, atol=0, rtol=0)
+        batch = tok(["a short one", "a somewhat longer text to classify"], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            assert classifier(**batch).logits.shape == (2, 2)
 
 
 # ------------------------------------------------------------------ footprints

@@ -95,13 +95,17 @@ def load_classifier(spec: str = "default", num_labels: int | None = None, id2lab
     if num_labels is not None and num_labels < 1:
         raise LorakitError(f"num_labels must be at least 1, got {num_labels}")
     source = embedded_path(*DEFAULT_CLASSIFIER) if spec == "default" else _resolve(spec)
+    if source == "default-chat" or (isinstance(source, Path) and source.suffix == ".gguf"):
+        source = _gguf_folder(embedded_path(*DEFAULT_CHAT_GGUF) if source == "default-chat" else source)
     kwargs = {"num_labels": num_labels} if num_labels is not None else {}
     if id2label is not None:
         # a folder whose head has another number of classes gets a new head of the right size
         kwargs.update(id2label=id2label, label2id={name: i for i, name in id2label.items()},
                       ignore_mismatched_sizes=True)
-    # The embedded encoder has no classifier head: transformers' report of a new head is expected.
-    with _transformers_quiet(spec == "default"):
+    # The embedded encoder has no classifier head, and labels given mean a head of lorakit's own (trained, or
+    # loaded from an adapter): transformers' report of a new head (and of a language model's head left out) is
+    # expected, not news.
+    with _transformers_quiet(spec == "default" or id2label is not None):
         model = _from_pretrained(AutoModelForSequenceClassification, source, **kwargs)
     if not tokenizer:
         return model.eval(), None
@@ -136,10 +140,7 @@ def load_causal_lm(spec: str = "default-chat", *, tokenizer: bool = True):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if spec == "default-chat":
-        source = embedded_path(*DEFAULT_CHAT_GGUF)
-    else:
-        source = _resolve(spec)
+    source = embedded_path(*DEFAULT_CHAT_GGUF) if spec == "default-chat" else _resolve(spec)
     if isinstance(source, Path) and source.suffix == ".gguf":
         folder = converted_gguf_dir(source)
         if not folder.is_dir():
@@ -148,6 +149,15 @@ def load_causal_lm(spec: str = "default-chat", *, tokenizer: bool = True):
         source = folder
     model = _from_pretrained(AutoModelForCausalLM, source, dtype=torch.float32)
     return model.eval(), _from_pretrained(AutoTokenizer, source) if tokenizer else None
+
+
+def _gguf_folder(gguf: Path) -> Path:
+    """The folder of ``gguf``'s conversion (made now when there is none yet), which any model class loads
+    from: a decoder classifier on a GGUF language model's body."""
+    folder = converted_gguf_dir(gguf)
+    if not folder.is_dir():
+        gguf_files.convert_gguf(gguf, folder)
+    return folder
 
 
 def converted_gguf_dir(gguf: Path) -> Path:
