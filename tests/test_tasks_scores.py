@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
 
 from lorakit.tasks import evaluate, get_task
-from lorakit.tasks.scores import breakdown, rows, scores, verdict
+from lorakit.tasks.scores import breakdown, rows, scores, shares_loss, verdict, why
 from tiny_training import save_tiny_classifier
 
 TARGET = np.array([0, 0, 0, 0, 0, 0, 1, 1, 2, 2])
@@ -48,6 +48,26 @@ def test_a_model_that_always_answers_one_class_is_told_so():
     # better accuracy but macro-F1 no better than the baseline's is still said
     assert "macro-F1" in verdict({"accuracy": 0.7, "majority_accuracy": 0.6, "macro_f1": 0.2,
                                   "majority_macro_f1": 0.25}, "validation")
+
+
+def test_why_tells_a_model_that_learned_nothing_from_one_that_fitted_its_training_texts():
+    from sklearn.metrics import log_loss
+
+    counts = np.array([6, 3, 1])  # training examples per class
+    target = np.array([0, 1, 1, 2, 2])  # the scored split
+    shares = counts / counts.sum()
+    assert shares_loss(counts) == pytest.approx(-(shares * np.log(shares)).sum())  # the shares' entropy
+    assert shares_loss(counts, np.bincount(target, minlength=3)) == pytest.approx(
+        log_loss(target, np.tile(shares, (5, 1)), labels=[0, 1, 2]))
+    reference = shares_loss(counts)
+    stuck = why(0.95 * reference, reference, 1.0, 1.0, 1e-3, weighted=False)
+    assert stuck.startswith("why: the training loss ended at") and "--lr 0.0005 or 0.002" in stuck
+    assert "--class-weights balanced" in stuck
+    assert "--class-weights" not in why(0.95 * reference, reference, 1.0, 1.0, 1e-3, weighted=True)
+    fitted = why(0.3 * reference, reference, 0.95, 1.0, 1e-3, weighted=False)
+    assert fitted.startswith("why: the training loss fell to") and "check that the labels follow from the texts" in fitted
+    assert why(0.85 * reference, reference, 0.95, 1.0, 1e-3, weighted=False) is None  # between the two: unsaid
+    assert why(0.3 * reference, reference, 0.5, 1.0, 1e-3, weighted=False) is None  # validation moved: not that
 
 
 def test_report_rows_put_the_baseline_beside_each_score():

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from lorakit import LorakitError
 from lorakit.inference import evaluate_trained, generate, load_trained, predict
-from lorakit.report import read_metrics
+from lorakit.report import format_report, read_metrics
 from lorakit.train import TrainConfig, TrainingDiverged, TrainingInterrupted, train, warmup_cosine
 from tiny_training import chat_records, save_tiny_classifier, save_tiny_llama, write_jsonl
 
@@ -473,6 +473,19 @@ def test_eval_refuses_to_split_again_a_data_file_that_changed_since_training(mod
     other = write_jsonl(tmp_path / "other.jsonl", [{"review": r["text"], "label": r["label"]} for r in records[:5]])
     scored = evaluate_trained(trained, str(other), columns={"text": "review"})
     assert list(scored.values())[0]["examples"] == 5
+
+
+def test_a_run_that_learned_nothing_says_so_and_why(models, tmp_path):
+    """A rate too small to move the weights: the report ends with the warning and the line saying the
+    training loss stayed at what knowing only the class shares gives (80% / 20% here)."""
+    rows = [{"text": f"{WORDS[i % 6]} movie number {i}", "label": "pos" if i % 5 else "neg"} for i in range(200)]
+    data = write_jsonl(tmp_path / "skewed.jsonl", rows)
+    result = train(quick(models, tmp_path, data=str(data), data_limit=None, lr=1e-9, steps=4, eval_every=4))
+    assert result["warning"].startswith("warning: test") and "train longer" not in result["warning"]
+    assert result["why"].startswith("why: the training loss ended at") and "--lr 5e-10 or 2e-09" in result["why"]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["why"] == result["why"]
+    assert format_report(report).splitlines()[-2:] == [result["warning"], result["why"]]
 
 
 def test_records_with_nothing_to_learn_are_dropped_with_a_warning(models, tmp_path):

@@ -149,7 +149,7 @@ def _mb(n) -> str:
 def format_report(report: dict) -> str:
     """The final report as a few aligned lines for the terminal: the task's own lines for
     the scored split (``report_rows``: a classifier's beside its majority-class baseline),
-    and last the warning, if any, that the model did not beat that baseline."""
+    and last the warning, if any, that the model did not beat that baseline, and why where it can tell."""
     metric = report["metric"]
     before, after, test = report["validation_before"], report["validation_after"], report.get("test") or {}
 
@@ -180,4 +180,4 @@ def format_report(report: dict) -> str:
     ]
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
-    return "\n".join(lines + ([report["warning"]] if report.get("warning") else []))
+    return "\n".join(lines + [report[key] for key in ("warning", "why") if report.get(key)])

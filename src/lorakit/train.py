@@ -354,7 +354,13 @@ def report(run: Run, progress: Progress, train_time: float, train_peak: int) -> 
             run.log.write(step=progress.step, split="test", **{k: v for k, v in test.items() if k != "classes"})
         from lorakit.plots import plot_confusion_matrix, plot_training_curves
 
-        plot_training_curves(read_metrics(folder.metrics), folder.curves, metric=run.task.metric)
+        logged = read_metrics(folder.metrics)
+        plot_training_curves(logged, folder.curves, metric=run.task.metric)
+        if result["warning"]:
+            result["why"] = run.task.why([r["loss"] for r in logged if "split" not in r and "loss" in r], after,
+                                         run.data.train, run.data.labels, config.lr, bool(config.class_weights))
+            if result["why"]:  # its advice instead of the warning's
+                result["warning"] = run.task.verdict(scored, split, advise=False)
         if scored.get("classes"):
             matrix = scored["classes"]["confusion_matrix"]
             result["confusion_path"] = str(plot_confusion_matrix(matrix["matrix"], matrix["labels"], folder.confusion,

@@ -172,9 +172,16 @@ class Task:
         ``{"loss", "examples", ...}``; with ``labels`` (class names) also a breakdown by class."""
         raise NotImplementedError
 
-    def verdict(self, metrics: dict, split: str) -> str | None:
+    def verdict(self, metrics: dict, split: str, advise: bool = True) -> str | None:
         """A warning line when ``metrics`` show the model learned nothing a trivial answer
-        would not do as well (a classifier against its majority class); else None."""
+        would not do as well (a classifier against its majority class); else None. ``advise=False``:
+        without what to try (a :meth:`why` line says it)."""
+        return None
+
+    def why(self, train_losses: list[float], validation: dict, train, labels, lr: float,
+            weighted: bool) -> str | None:
+        """After a :meth:`verdict`'s warning: a line saying why, from the run's training losses and its
+        ``validation`` metrics; None where the task cannot tell."""
         return None
 
     def report_rows(self, split: str, metrics: dict) -> list[tuple[str, str]]:

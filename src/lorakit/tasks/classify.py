@@ -22,7 +22,7 @@ from lorakit import data as lkdata
 from lorakit.data.encode import Encoded, text_inputs
 from lorakit.data.labels import LabelWarning, class_order, number_renames, number_value
 from lorakit.data.readers import classification_records, classify_checker
-from lorakit.data.stream import RecordStream
+from lorakit.data.stream import EncodedStream, RecordStream
 from lorakit.errors import LorakitError
 from lorakit.tasks import scores
 from lorakit.tasks.base import Task
@@ -162,8 +162,29 @@ class ClassificationTask(Task):
                 metrics["classes"] = scores.breakdown(outputs["target"], outputs["predicted"], labels)
         return metrics
 
-    def verdict(self, metrics, split) -> str | None:
-        return scores.verdict(metrics, split) if "majority_accuracy" in metrics else None
+    def verdict(self, metrics, split, advise=True) -> str | None:
+        return scores.verdict(metrics, split, advise) if "majority_accuracy" in metrics else None
+
+    def why(self, train_losses, validation, train, labels, lr, weighted) -> str | None:
+        """:func:`lorakit.tasks.scores.why` of the last tenth of the training losses and the validation loss,
+        each against knowing only the class shares of ``train`` (the encoded training split; with class
+        weights: ln k in training)."""
+        if not train_losses or not labels or "classes" not in validation:
+            return None
+        import math
+
+        import numpy as np
+
+        if isinstance(train, EncodedStream):  # a stream counted its labels as it was opened
+            shares = np.array([train.records.label_counts[name] for name in labels])
+        else:  # encoded examples, each with its class's index
+            counts = Counter(example.label for example in train)
+            shares = np.array([counts[i] for i in range(len(labels))])
+        support = np.array([validation["classes"]["per_class"][name]["support"] for name in labels])
+        tail = train_losses[-max(1, len(train_losses) // 10):]
+        reference = math.log(len(labels)) if weighted else scores.shares_loss(shares)
+        return scores.why(sum(tail) / len(tail), reference, validation["loss"], scores.shares_loss(shares, support),
+                          lr, weighted)
 
     def report_rows(self, split, metrics) -> list[tuple[str, str]]:
         if "majority_accuracy" not in metrics:

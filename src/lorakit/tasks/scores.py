@@ -66,9 +66,10 @@ def breakdown(target: np.ndarray, predicted: np.ndarray, names: list[str]) -> di
     }
 
 
-def verdict(metrics: dict, split: str) -> str | None:
+def verdict(metrics: dict, split: str, advise: bool = True) -> str | None:
     """The warning line when ``metrics`` (of :func:`scores`, with ``"classes"`` from
-    :func:`breakdown` if known) do not beat the majority-class baseline; None when they do."""
+    :func:`breakdown` if known) do not beat the majority-class baseline; None when they do.
+    ``advise=False`` leaves out what to try (where a :func:`why` line follows with its own)."""
     accuracy, baseline = metrics["accuracy"], metrics["majority_accuracy"]
     f1, baseline_f1 = metrics["macro_f1"], metrics["majority_macro_f1"]
     answer = metrics.get("classes", {}).get("majority_class")
@@ -77,13 +78,51 @@ def verdict(metrics: dict, split: str) -> str | None:
         return None
     if accuracy <= baseline and f1 <= baseline_f1:
         return (f"warning: {split} accuracy {accuracy:.3f} is no better than {always} ({baseline:.3f}), and macro-F1 "
-                f"{f1:.3f} no better than its {baseline_f1:.3f}: the model has not learned to tell the classes apart; "
-                "train longer (--steps), or try --class-weights balanced")
+                f"{f1:.3f} no better than its {baseline_f1:.3f}: the model has not learned to tell the classes apart"
+                + ("; train longer (--steps), or try --class-weights balanced" if advise else ""))
     if accuracy <= baseline:
         return (f"warning: {split} accuracy {accuracy:.3f} does not beat {always} ({baseline:.3f}), though macro-F1 "
                 f"{f1:.3f} beats its {baseline_f1:.3f}: the model trades the majority class for the others")
     return (f"warning: {split} macro-F1 {f1:.3f} does not beat {always} ({baseline_f1:.3f}), though accuracy "
             f"{accuracy:.3f} beats its {baseline:.3f}")
+
+
+#: a training loss at or above this share of the class shares' own loss: nothing learned from the texts
+STILL_AT_SHARES = 0.9
+#: a training loss under this share of it, with the validation loss at or above STILL_AT_SHARES of its own:
+#: the training texts fitted, nothing carried to new ones
+FITTED = 0.8
+
+
+def shares_loss(counts: np.ndarray, scored: np.ndarray | None = None) -> float:
+    """The cross-entropy of always answering the class shares of ``counts`` (training examples per class):
+    what a model that learned only how common each class is scores, on examples whose classes number
+    ``scored`` per class (default: the training examples themselves, the shares' entropy)."""
+    shares = np.asarray(counts, dtype=np.float64) / max(float(np.sum(counts)), 1.0)
+    scored = np.asarray(counts if scored is None else scored, dtype=np.float64)
+    present = scored > 0
+    return float(-(scored[present] * np.log(np.clip(shares[present], 1e-12, None))).sum() / max(scored.sum(), 1.0))
+
+
+def why(train_loss: float, train_reference: float, validation_loss: float, validation_reference: float,
+        lr: float, weighted: bool) -> str | None:
+    """A line saying why a classifier did not beat the baseline, from its losses against what knowing only the
+    class shares scores (:func:`shares_loss`; with class weights, the training reference is ln k):
+    ``train_loss`` (the end of training) still about its reference: it learned nothing from the texts (the rate
+    or the length); far under it while ``validation_loss`` stays near its own: it fitted the training texts and
+    nothing carried over (the labels do not follow from the texts, or too few examples). None otherwise."""
+    if train_loss >= STILL_AT_SHARES * train_reference:
+        weights = "" if weighted else ", or --class-weights balanced"
+        return (f"why: the training loss ended at {train_loss:.2f}, not clearly under the {train_reference:.2f} of "
+                f"knowing only how common each class is: the model did not learn from the texts; try --lr {lr / 2:g} or "
+                f"{lr * 2:g}, more --steps{weights}")
+    if train_loss < FITTED * train_reference and validation_loss >= STILL_AT_SHARES * validation_reference:
+        return (f"why: the training loss fell to {train_loss:.2f}, under the {train_reference:.2f} of knowing only "
+                f"how common each class is, but the validation loss did not ({validation_loss:.2f}; knowing only "
+                f"that: {validation_reference:.2f}): the model fitted the training texts without learning what "
+                "carries over to new ones; check that the labels follow from the texts, or give more examples of "
+                "each class")
+    return None
 
 
 PRINTED_CLASSES = 12  # a confusion matrix of more classes is not printed whole (it would not fit a terminal)
