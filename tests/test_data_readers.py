@@ -126,3 +126,15 @@ def test_pairs_of_texts_are_read_from_glue_columns_or_named_columns(tmp_path):
     plain = tmp_path / "plain.csv"  # a text column wins over pair columns beside it
     plain.write_text("text,premise,hypothesis,label\nok,x,y,1\nno,x,y,0\n")
     assert "text_pair" not in read_records(plain, "classify")[0]
+
+
+def test_a_text_column_that_is_the_label_column_is_refused(tmp_path):
+    """--text-column naming the label (alone or as a pair's second text) would let the model read the answer."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a", "label": "pos", "y": "1"}\n{"text": "b", "label": "neg", "y": "0"}\n')
+    for columns in ({"text": "text,label"}, {"text": "label"}, {"text": "text,y", "label": "y"}):
+        with pytest.raises(LorakitError, match="is also the label column: the model would read the answer"):
+            read_records(data, "classify", columns)
+    with pytest.raises(LorakitError, match="names more than two columns"):
+        read_records(data, "classify", {"text": "text,y,label"})
+    assert read_records(data, "classify", {"text": "text,y"})[0]["text_pair"] == "1"

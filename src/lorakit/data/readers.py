@@ -188,6 +188,13 @@ def classify_checker(columns: dict | None = None, first: dict | None = None):
     column named like ``text`` or ``label`` in another case in the ``first`` row is read as it."""
     columns = _pair_columns(first, columns_of(first, CLASSIFY_KEYS, columns))
     keys = (*CLASSIFY_KEYS, "text_pair") if "text_pair" in (columns or {}) else CLASSIFY_KEYS
+    named = {key: (columns or {}).get(key, key) for key in keys}
+    if named["label"] in [named[key] for key in keys if key != "label"]:
+        raise LorakitError(f"the text column {named['label']!r} is also the label column: the model would read the "
+                           "answer; name the text with --text-column and the class with --label-column")
+    if "," in named.get("text_pair", ""):
+        raise LorakitError(f"--text-column {named['text']},{named['text_pair']} names more than two columns; a "
+                           "classifier reads one text or a pair of texts")
     hint = "classification data needs 'text' and 'label' on every line (--text-column / --label-column " \
            "name other columns; --text-column first,second a pair of texts)"
 
