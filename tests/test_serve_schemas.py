@@ -98,6 +98,19 @@ def test_sampling_options_not_done_or_out_of_range_are_refused_naming_the_field(
     assert "Value error" not in err["message"]
 
 
+def test_max_completion_tokens_is_the_chat_length_limit(server):
+    """OpenAI's current name for a chat's max_tokens is honoured (over max_tokens, as vLLM takes it)."""
+    for extra, expected in (({"max_completion_tokens": 1}, 1), ({"max_completion_tokens": 3, "max_tokens": 5}, 3)):
+        body = {**CHAT, "ignore_eos": True, **extra}
+        body.pop("max_tokens") if "max_tokens" not in extra else None
+        answer = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+        assert answer["usage"]["completion_tokens"] == expected, answer
+    for bad in (0, -1, "x", 1.5, True):
+        err = error_of(httpx.post(server.url + "/v1/chat/completions", json={**CHAT, "max_completion_tokens": bad}),
+                       422)
+        assert "max_completion_tokens must be an integer of at least 1" in err["message"], err
+
+
 def test_what_is_allowed_beside_them_is_answered(server):
     for extra in ({"response_format": {"type": "text"}}, {"tools": [{"type": "function"}], "tool_choice": "none"},
                   {"functions": [{"name": "f"}], "function_call": "none"},

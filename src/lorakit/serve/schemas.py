@@ -225,6 +225,18 @@ class ChatRequest(_Sampling):
     tools: list | None = None
     functions: list | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _completion_tokens(cls, data):
+        """OpenAI's ``max_completion_tokens`` (its current name for ``max_tokens`` in a chat) is the length
+        limit where it is given, over ``max_tokens``, as vLLM takes it."""
+        if isinstance(data, dict) and data.get("max_completion_tokens") is not None:
+            value = data["max_completion_tokens"]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"max_completion_tokens must be an integer of at least 1, got {value!r}")
+            data = {**data, "max_tokens": value}
+        return data
+
     @model_validator(mode="after")
     def _one_ending(self):
         _one_ending(self.add_generation_prompt, self.continue_final_message)
