@@ -186,6 +186,22 @@ def test_resume_with_other_settings_or_without_a_checkpoint_is_refused(models, t
         train(quick(models, tmp_path, rank=4, resume=True))
 
 
+def test_resume_on_a_data_file_that_changed_is_refused(models, sentiment_file, tmp_path):
+    """The labels flipped under a stopped run: resuming would go on learning the opposite."""
+    import shutil
+
+    data = tmp_path / "mine.jsonl"
+    shutil.copy(sentiment_file, data)
+    with pytest.raises(TrainingInterrupted):
+        train(quick(models, tmp_path, data=str(data), stop_after=3))
+    original = data.read_text()
+    data.write_text(original.replace('"pos"', '"tmp"').replace('"neg"', '"pos"').replace('"tmp"', '"neg"'))
+    with pytest.raises(LorakitError, match="mine.jsonl changed since the checkpoint .* was made"):
+        train(quick(models, tmp_path, data=str(data), resume=True))
+    data.write_text(original)  # as it was: the run goes on
+    assert train(quick(models, tmp_path, data=str(data), resume=True))["steps"] == 6
+
+
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(models, tmp_path, monkeypatch):
     from lorakit.tasks import ClassificationTask
 

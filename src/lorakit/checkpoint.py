@@ -129,13 +129,19 @@ def read_meta(folder) -> dict:
     return json.loads((found / META).read_text())
 
 
-def check_settings(folder, settings: dict) -> None:
-    """Refuse to resume the checkpoint in ``folder`` with other ``settings`` than it was made with.
+def check_settings(folder, settings: dict, data_fingerprint: str | None = None) -> None:
+    """Refuse to resume the checkpoint in ``folder`` with other ``settings`` than it was made with, or
+    on a data file whose ``data_fingerprint`` (:func:`lorakit.data.files.file_fingerprint`) changed.
 
     Raises:
-        LorakitError: no checkpoint, or settings that differ (each change is listed).
+        LorakitError: no checkpoint, settings that differ (each change is listed), a data file changed.
     """
-    saved = read_meta(folder)["settings"]
+    meta = read_meta(folder)
+    recorded = meta.get("data_fingerprint")
+    if recorded is not None and data_fingerprint is not None and recorded != data_fingerprint:
+        raise LorakitError(f"the data file {meta['settings'].get('data')} changed since the checkpoint in {folder} "
+                           "was made; resume with the file as it was, or drop --resume to start afresh")
+    saved = meta["settings"]
     changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
     if changed:
         listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())

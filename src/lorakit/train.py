@@ -194,7 +194,7 @@ def resume(run: Run) -> Progress:
     config, runtime, folder = run.config, run.runtime, run.folder
     progress = Progress()
     if config.resume:
-        checkpoint.check_settings(folder.checkpoint, config.settings())
+        checkpoint.check_settings(folder.checkpoint, config.settings(), run.data_fingerprint)
         progress = run.load_checkpoint()
         run.started -= progress.wall_time_s  # report the time of all sessions together
         run.say(f"resuming from step {progress.step} of {run.total_steps} ({folder.checkpoint})")

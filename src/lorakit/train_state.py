@@ -99,7 +99,8 @@ class Run:
         params = distributed.trainable_state(self.model)  # whole on rank 0 (gathered under FSDP)
         optimizer_state = distributed.optimizer_state(self.model, self.optimizer)
         if self.runtime.is_main:
-            meta = {**asdict(progress), "settings": self.config.settings(), "total_steps": self.total_steps}
+            meta = {**asdict(progress), "settings": self.config.settings(), "total_steps": self.total_steps,
+                    "data_fingerprint": self.data_fingerprint}
             method_state = self.method.state(self.model, self.total_steps) if self.method.state else None
             checkpoint.save_checkpoint(self.folder.checkpoint, params, optimizer_state, self.scheduler, rng_states,
                                        meta, method_state)
