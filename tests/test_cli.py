@@ -25,3 +25,14 @@ def test_every_verb_has_a_help_page(capsys):
     verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for name, sub in verbs.choices.items():
         assert f"usage: lorakit {name}" in sub.format_help()
+
+
+def test_ctrl_c_while_the_verbs_import_is_one_line_and_exit_130(capsys, monkeypatch):
+    import lorakit.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["train"]) == 130
+    assert capsys.readouterr().err == "lorakit: interrupted\n"

@@ -54,16 +54,18 @@ def show_warnings_briefly() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     show_warnings_briefly()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 2
+    command = "lorakit"  # named once the arguments are parsed: Ctrl-C while the verbs import is said as plainly
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "func", None) is None:
+            parser.print_help()
+            return 2
+        command = f"lorakit {args.command}"
         return int(args.func(args) or 0)
     except LorakitError as err:
-        print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
+        print(f"{command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
