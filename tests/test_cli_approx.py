@@ -86,6 +86,14 @@ def test_approx_safetensors_with_key_and_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 10_000
     assert [p.name for p in png.parent.iterdir()] == ["spectrum.png"]  # no temp file left
+    # a file already there is not drawn over unless asked
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(b"a user's picture")
+    assert main(["approx", str(path), "--key", "q.weight", "-r", "1", "--plot", str(photo)]) == 2
+    assert "--plot " + str(photo) + " exists; give another name, or --overwrite" in capsys.readouterr().err
+    assert photo.read_bytes() == b"a user's picture"
+    assert main(["approx", str(path), "--key", "q.weight", "-r", "1", "--plot", str(photo), "--overwrite"]) == 0
+    assert photo.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_rank_verb(tmp_path, capsys):

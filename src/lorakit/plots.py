@@ -27,6 +27,14 @@ def figure_format(path) -> str:
     return fmt
 
 
+def check_figure_path(path, overwrite: bool = False) -> None:
+    """Refuse, before any work, a figure ``path`` with a suffix that is no image format, or naming a file that
+    exists unless ``overwrite`` (a figure is written over nothing of the user's without being asked)."""
+    figure_format(path)
+    if Path(path).exists() and not overwrite:
+        raise LorakitError(f"--plot {path} exists; give another name, or --overwrite to replace it")
+
+
 def save_figure(fig, path) -> Path:
     """Write ``fig`` (a matplotlib ``Figure``) to ``path`` atomically and return the path.
 

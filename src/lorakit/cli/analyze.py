@@ -35,6 +35,7 @@ def register(subparsers) -> None:
                      help="compare A's right-singular vectors (default, as the paper), B's left ones, or the "
                           "right-singular vectors of ΔW = B·A (the input directions the update uses)")
     sim.add_argument("--plot", metavar="OUT.png", help="draw the φ heatmaps (one panel per module, up to 12)")
+    sim.add_argument("--overwrite", action="store_true", help="replace the --plot file if it exists")
     sim.set_defaults(func=run_similarity)
 
     amp = verbs.add_parser(
@@ -53,6 +54,7 @@ def register(subparsers) -> None:
     amp.add_argument("--module", metavar="PATTERN", help="regular expression selecting module paths")
     amp.add_argument("--seed", type=int, default=0, help="seed of the random baseline directions")
     amp.add_argument("--plot", metavar="OUT.png", help="draw the projections and factors per module")
+    amp.add_argument("--overwrite", action="store_true", help="replace the --plot file if it exists")
     amp.set_defaults(func=run_amplification)
     analyze.set_defaults(func=lambda args: _missing_analysis(analyze))
 
@@ -64,7 +66,10 @@ def _missing_analysis(parser) -> int:
 
 def run_similarity(args: argparse.Namespace) -> int:
     from lorakit.analysis import compare_adapters
+    from lorakit.plots import check_figure_path
 
+    if args.plot:
+        check_figure_path(args.plot, args.overwrite)  # before the work, not after it
     results = compare_adapters(args.adapter_1, args.adapter_2, module=args.module, factor=args.factor)
     rows = []
     for res in results:
@@ -85,7 +90,10 @@ def run_similarity(args: argparse.Namespace) -> int:
 
 def run_amplification(args: argparse.Namespace) -> int:
     from lorakit.analysis import adapter_amplification
+    from lorakit.plots import check_figure_path
 
+    if args.plot:
+        check_figure_path(args.plot, args.overwrite)  # before the work, not after it
     results = adapter_amplification(args.adapter, args.base, r=args.rank, module=args.module, seed=args.seed)
     rows = [[path, a.rank, f"{a.delta_norm:.4g}", f"{a.along_delta:.4g}", f"{a.along_weight:.4g}",
              f"{a.along_random:.4g}", f"{a.weight_norm:.4g}", f"{a.factor:.2f}"]

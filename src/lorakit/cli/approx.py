@@ -46,6 +46,7 @@ def register(subparsers) -> None:
         help="where Σ goes: sqrt (B=UΣ^½, C=VΣ^½; the default), left (B=UΣ), right (B=U, as seed 000 and --example)",
     )
     approx.add_argument("--plot", metavar="OUT.png", help="also draw the spectrum with its cumulative energy")
+    approx.add_argument("--overwrite", action="store_true", help="replace the --plot file if it exists")
     approx.add_argument("--digits", type=int, default=None, help="decimals printed (default 4; 2 for --example)")
     approx.add_argument("--example", action="store_true", help="walk through seed 000's worked example")
     approx.set_defaults(func=run_approx)
@@ -65,13 +66,13 @@ def run_approx(args: argparse.Namespace) -> int:
     from lorakit import lowrank
     from lorakit.errors import LorakitError
     from lorakit.matrixio import load_matrix
-    from lorakit.plots import figure_format, plot_spectrum
+    from lorakit.plots import check_figure_path, plot_spectrum
 
     digits = args.digits if args.digits is not None else (2 if args.example else 4)
     if digits < 0:
         raise LorakitError(f"--digits must be ≥ 0, got {digits}")
     if args.plot:
-        figure_format(args.plot)  # a bad name fails now, not after the report
+        check_figure_path(args.plot, args.overwrite)  # a bad name fails now, not after the report
     if args.split is not None and args.split not in lowrank.SPLITS:
         raise LorakitError(f"--split {args.split!r} is not one of {', '.join(lowrank.SPLITS)}")
     if args.example:

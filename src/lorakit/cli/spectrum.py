@@ -25,12 +25,16 @@ def register(subparsers) -> None:
                       help="the fine-tuned model folder (e.g. from lorakit train --method full)")
     spec.add_argument("--module", metavar="PATTERN", help="regular expression selecting module paths")
     spec.add_argument("--plot", metavar="OUT.png", help="draw the spectra and their cumulative energy")
+    spec.add_argument("--overwrite", action="store_true", help="replace the --plot file if it exists")
     spec.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from lorakit.analysis import model_spectra
+    from lorakit.plots import check_figure_path
 
+    if args.plot:
+        check_figure_path(args.plot, args.overwrite)  # before the work, not after it
     spectra = model_spectra(args.base, args.tuned, module=args.module)
     energies = next(iter(spectra.values())).ranks.keys()
     header = ["module", "shape p", "‖ΔW‖/‖W‖", "σ_1", *[f"r@{100 * e:g}%" for e in energies]]
