@@ -110,7 +110,19 @@ def test_a_classifier_folder_keeps_its_own_labels(tmp_path):
     assert torch.equal(loaded.classifier.weight, three.classifier.weight)
 
 
-def test_paths_that_are_not_models(tmp_path):
+def test_paths_that_are_not_models(tmp_path, monkeypatch):
+    import socket
+
+    looked_up = []
+
+    def no_network(host, *args, **kwargs):  # a hub lookup resolves the hub's name first
+        looked_up.append(host)
+        raise socket.gaierror("no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # a user's environment, not this suite's (conftest)
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(LorakitError, match=r"is not a model folder: it has no config.json \(found: \['notes.txt'\]\)"):
         load_classifier(str(tmp_path))
@@ -118,8 +130,10 @@ def test_paths_that_are_not_models(tmp_path):
         load_causal_lm(str(tmp_path / "notes.txt"))
     with pytest.raises(LorakitError, match="does not exist"):
         load_classifier(str(tmp_path / "missing"))
-    with pytest.raises(LorakitError, match="neither a local folder nor a model in the Hugging Face cache"):
-        load_causal_lm("someone/never-downloaded-model")
+    for name in ("someone/never-downloaded-model", "nosuchmodel"):
+        with pytest.raises(LorakitError, match="neither a local folder nor a model in the Hugging Face cache"):
+            load_causal_lm(name)
+    assert looked_up == []  # lorakit never downloads: not even a look at the hub for a name it lacks
 
 
 def test_a_broken_gguf_file_is_one_clear_error(tmp_path, monkeypatch):

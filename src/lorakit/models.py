@@ -206,6 +206,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
                    "spiece.model", "sentencepiece.bpe.model")
 
 
+@contextmanager
+def _offline():
+    """The Hugging Face hub's offline mode inside the block: ``local_files_only`` does not reach every lookup
+    transformers makes (it asks the hub for an ``adapter_config.json`` of a model name, retrying for ~25 s
+    where there is no network), and lorakit never downloads."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def _from_pretrained(cls, source, **kwargs):
     if "Tokenizer" in cls.__name__ and isinstance(source, Path) and source.is_dir() \
             and not any((source / name).is_file() for name in TOKENIZER_FILES):
@@ -213,7 +228,8 @@ def _from_pretrained(cls, source, **kwargs):
         raise LorakitError(f"model folder {source} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
                            "copy the tokenizer that goes with the model into it (tokenizer.save_pretrained)")
     try:
-        return cls.from_pretrained(str(source), local_files_only=True, **kwargs)
+        with _offline():
+            return cls.from_pretrained(str(source), local_files_only=True, **kwargs)
     except (OSError, ValueError) as err:
         if isinstance(source, Path):
             what = "a tokenizer" if "Tokenizer" in cls.__name__ else "a model"
