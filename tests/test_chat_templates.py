@@ -64,3 +64,29 @@ def test_a_template_file_or_an_adapter_folder_is_read_and_bad_values_are_one_lin
     (tmp_path / "latin.jinja").write_bytes("{{ messages }} caf\xe9".encode("latin-1"))
     with pytest.raises(LorakitError, match="cannot be read as UTF-8"):
         chat_templates.resolve(str(tmp_path / "latin.jinja"), None)
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{% for m in messages %}{{ m['content'] }{% endfor %}", "TemplateSyntaxError: unexpected '}'"),
+    ("{% for m in messages %}{{ raise_exception('bad role') }}{% endfor %}", "TemplateError: bad role"),
+    ("{% for m in messages %}{{ m['content'] | nosuchfilter }}{% endfor %}", "No filter named 'nosuchfilter'"),
+    ("{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}", "TypeError: can only concatenate str"),
+])
+def test_a_template_that_cannot_render_a_chat_is_refused_when_given(tmp_path, template, words):
+    (tmp_path / "t.jinja").write_text(template)
+    with pytest.raises(LorakitError, match="does not render a chat") as caught:
+        chat_templates.resolve(str(tmp_path / "t.jinja"), None)
+    assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_chat_the_template_refuses_is_named_in_one_line_when_training_reads_it():
+    from lorakit.data.encode import _encode_chat
+
+    tokenizer = _base_tokenizer()
+    # a template that takes user and assistant turns but no system message, as some models' do
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system "
+                               "role') }}{% endif %}{{ m['content'] }}\n{% endfor %}")
+    assert chat_templates.render_error(tokenizer.chat_template) is None
+    with pytest.raises(LorakitError, match=r"chat 3: the chat template cannot render this chat \(TemplateError: "
+                                           r"no system role\)"):
+        _encode_chat({"messages": CHAT, "_where": "chat 3"}, tokenizer)

@@ -102,6 +102,16 @@ def test_a_chat_template_given_to_the_server_renders_the_chats(toy, tmp_path):
     assert service.encode_chat(messages) == toy["tokenizer"].encode("Hello there|", add_special_tokens=False)
     with pytest.raises(LorakitError, match="'nope.jinja' is neither a template name"):
         build_service(str(tmp_path / "no-such-model"), chat_template="nope.jinja")  # before the model loads
+    # a template that refuses some chats (a system message here) answers those requests with a 400, not a 500
+    (tmp_path / "strict.jinja").write_text("{% for m in messages %}{% if m['role'] == 'system' %}"
+                                           "{{ raise_exception('no system role') }}{% endif %}{{ m['content'] }}|"
+                                           "{% endfor %}")
+    service = build_service(str(toy["model_dir"]), chat_template=str(tmp_path / "strict.jinja"))
+    from lorakit.serve.service import LimitError
+
+    with pytest.raises(LimitError, match=r"cannot render these messages \(TemplateError: no system role\)") as caught:
+        service.encode_chat([{"role": "system", "content": "be brief"}, *messages])
+    assert caught.value.param == "messages"
 
 
 def test_an_adapter_trained_with_a_chat_template_is_served_with_it(toy, tmp_path):

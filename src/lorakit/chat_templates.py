@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jinja2 import TemplateError
+
 from lorakit.atomic import write_text
 from lorakit.errors import LorakitError
 
@@ -78,7 +80,30 @@ def resolve(value: str, tokenizer) -> str:
     if "messages" not in text:
         raise LorakitError(f"--chat-template {value!r} does not read 'messages', so it renders no chat; give a "
                            "Jinja chat template (as a tokenizer's chat_template.jinja)")
+    failure = render_error(text)
+    if failure:
+        raise LorakitError(f"--chat-template {value!r} does not render a chat (a user's message, an answer, a "
+                           f"user's again): {failure}; mend the template")
     return text
+
+
+#: what a template that breaks raises while it renders: jinja's own errors (its syntax, an unknown filter, a
+#: template's raise_exception) and the Python errors of what it computes
+RENDER_ERRORS = (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError)
+
+
+def render_error(template: str) -> str | None:
+    """Why ``template`` cannot render a plain chat (jinja's message, one line), or None when it can."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    chat = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."},
+            {"role": "user", "content": "Bye"}]
+    try:
+        render_jinja_template([chat], chat_template=template, add_generation_prompt=True, bos_token="<s>",
+                              eos_token="</s>")
+    except RENDER_ERRORS as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+    return None
 
 
 def check(value: str | None) -> None:

@@ -140,7 +140,14 @@ def _encode_chat(record: dict, tokenizer) -> tuple[list[int], list[int]]:
                            "or a chat model")
 
     def render(upto, generation_prompt=False):
-        return tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=generation_prompt)
+        from lorakit.chat_templates import RENDER_ERRORS
+
+        try:
+            return tokenizer.apply_chat_template(messages[:upto], tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+        except RENDER_ERRORS as err:  # a template that refuses this chat (its raise_exception) or breaks on it
+            raise LorakitError(f"{record['_where']}: the chat template cannot render this chat "
+                               f"({type(err).__name__}: {err}); mend the record or the template") from None
 
     full = render(len(messages))
     spans = []

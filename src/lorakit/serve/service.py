@@ -133,6 +133,9 @@ class Service:
             except ValueError as err:  # e.g. a final message the template does not render as given
                 raise LimitError(f"the messages cannot be continued with this model's chat template: {err}",
                                  "continue_final_message") from None
+            except chat_templates.RENDER_ERRORS as err:  # the template refuses these messages (raise_exception)
+                raise LimitError(f"the chat template cannot render these messages ({type(err).__name__}: {err})",
+                                 "messages") from None
         else:  # a plain fallback for tokenizers that ship no template
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
             if continue_final_message:
