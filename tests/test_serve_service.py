@@ -208,6 +208,9 @@ def test_classify_answers_labels_and_probabilities_per_adapter(classifier):
         assert client.post("/v1/completions", json={"model": "base", "prompt": "x"}).status_code == 400
         assert client.post("/v1/classify", json={"model": "nope", "input": "x"}).status_code == 404
         assert client.post("/v1/classify", json={"model": "mood", "input": []}).status_code == 422
+        for empty in ("", ["fine", "  "]):
+            refused = client.post("/v1/classify", json={"model": "mood", "input": empty})
+            assert refused.status_code == 422 and "is empty; give some words" in refused.json()["error"]["message"]
     from lorakit.model import disable_adapters, set_active
 
     batch = service.tokenizer(TEXTS, padding=True, return_tensors="pt")

@@ -293,6 +293,9 @@ class ClassifyRequest(_Request):
         texts = [value] if isinstance(value, str) else value
         if not texts:
             raise ValueError("give at least one text")
+        for i, text in enumerate(texts):  # an empty text has nothing to classify (lorakit predict refuses it too)
+            if any(not part.strip() for part in ([text] if isinstance(text, str) else text)):
+                raise ValueError(f"text {i} is empty; give some words to classify")
         return texts
 
 
