@@ -115,6 +115,13 @@ def test_an_excel_workbook_reads_its_first_sheet_a_record_a_row(tmp_path):
         records = read_records(tmp_path / "reviews.xlsx", "classify")  # "Text" read as text, as in a csv
     assert [(r["text"], r["label"], r["_where"]) for r in records] == [
         ("great film", "1", "reviews.xlsx row 2"), ("dull", "0", "reviews.xlsx row 4")]
+    # a table that starts lower down (pandas' to_excel(startrow=...)): the empty rows above the header are skipped
+    lower = openpyxl.Workbook()
+    for row in ([None, None], [None, None], ["text", "label"], ["fine", "pos"]):
+        lower.active.append(row)
+    lower.save(tmp_path / "lower.xlsx")
+    assert [(r["text"], r["_where"]) for r in read_records(tmp_path / "lower.xlsx", "classify")] == [
+        ("fine", "lower.xlsx row 4")]
     (tmp_path / "broken.xlsx").write_text("a,b\n1,2\n")
     with pytest.raises(LorakitError, match="broken.xlsx is not an Excel workbook"):
         read_records(tmp_path / "broken.xlsx", "classify")

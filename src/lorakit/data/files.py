@@ -104,8 +104,8 @@ def _read_parquet(path: Path) -> list[dict]:
 
 
 def _read_xlsx(path: Path) -> list[dict]:
-    """The first worksheet of an Excel workbook: its first row names the columns, each later row that
-    is not empty is a record (a date cell as its ISO text; an empty cell as missing)."""
+    """The first worksheet of an Excel workbook: its first row that is not empty names the columns, each later
+    row that is not empty is a record (a date cell as its ISO text; an empty cell as missing)."""
     import zipfile
 
     import openpyxl
@@ -120,12 +120,16 @@ def _read_xlsx(path: Path) -> list[dict]:
         if len(book.worksheets) > 1:
             warnings.warn(f"{path.name} has {len(book.worksheets)} worksheets; lorakit reads the first, "
                           f"{book.worksheets[0].title!r} (give the others as files of their own)", stacklevel=4)
-        rows = book.worksheets[0].iter_rows(values_only=True)
-        names = [None if name is None else str(name).strip() for name in next(rows, ())]
+        def empty(row) -> bool:
+            return all(cell is None or (isinstance(cell, str) and not cell.strip()) for cell in row)
+
+        rows = enumerate(book.worksheets[0].iter_rows(values_only=True), start=1)
+        header = next(((number, row) for number, row in rows if not empty(row)), (0, ()))  # empty rows above it
+        names = [None if name is None else str(name).strip() for name in header[1]]
         _no_duplicate_columns(path, [name for name in names if name])
         records = []
-        for number, row in enumerate(rows, start=2):
-            if all(cell is None or (isinstance(cell, str) and not cell.strip()) for cell in row):
+        for number, row in rows:
+            if empty(row):
                 continue
             record = {name: cell.isoformat() if hasattr(cell, "isoformat") else cell
                       for name, cell in zip(names, row) if name}
