@@ -45,6 +45,32 @@ def test_combine_writes_an_adapter_lorakit_and_peft_load(folders, tmp_path, caps
     assert any(p.endswith("o_proj") for p in lora_factors(tensors))
 
 
+def test_a_run_folder_stands_for_its_adapter(folders, tmp_path):
+    """As eval, predict, generate and export take it: the folder lorakit train wrote, for its adapter/."""
+    import json
+    import shutil
+
+    from lorakit.run_folder import TASK_FILE, RunFolder
+
+    _, a, b = folders
+    runs = {}
+    for name, adapter in (("run_a", a), ("run_b", b)):
+        run = RunFolder(tmp_path / name)
+        run.mark()
+
+        def write(tmp, adapter=adapter):
+            shutil.copytree(adapter, tmp, dirs_exist_ok=True)
+            (tmp / TASK_FILE).write_text(json.dumps({"task": "chat", "method": "lora"}))
+
+        run.save_result("adapter", write)
+        runs[name] = run.root
+    assert main(["combine", "--adapter", f"{runs['run_a']}=0.5", "--adapter", f"{runs['run_b']}=0.5", "--out",
+                 str(tmp_path / "from_runs")]) == 0
+    assert main(["combine", "--adapter", f"{a}=0.5", "--adapter", f"{b}=0.5", "--out", str(tmp_path / "direct")]) == 0
+    assert (tmp_path / "from_runs" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "direct" / "adapter_model.safetensors").read_bytes()
+
+
 def test_dare_is_seeded_and_rank_is_honoured(folders, tmp_path):
     _, a, b = folders
     args = ["combine", "--adapter", f"{a}=1", "--adapter", f"{b}=-0.5", "--method", "dare_ties", "--density", "0.7",

@@ -139,9 +139,7 @@ def _keep_largest(delta: torch.Tensor, density: float) -> torch.Tensor:
 def _drop_and_rescale(delta: torch.Tensor, density: float, generator) -> torch.Tensor:
     """Each entry kept with probability ``density`` and divided by it (DARE); one Bernoulli draw
     of ``delta``'s shape and strides (no draw at all when ``density >= 1``, as PEFT)."""
-    if density >= 1:
-        return delta
-    return delta * torch.bernoulli(torch.full_like(delta, density), generator=generator) / density
+    return delta if density >= 1 else delta * torch.bernoulli(torch.full_like(delta, density), generator=generator) / density
 
 
 def _elected_mean(pruned: list[torch.Tensor], weights: torch.Tensor, majority_sign: str) -> torch.Tensor:
@@ -357,8 +355,9 @@ def combine_adapters(adapters: dict[str | os.PathLike, float], out: str | os.Pat
         for key, tensor in tensors.items():
             parsed = parse_factor_key(key)
             if parsed is None:
+                head = ", a classifier's own head, as PEFT refuses too" * (config.task_type == "SEQ_CLS")
                 raise LorakitError(f"adapter {folder} holds the full tensor {key} (modules_to_save or a trained "
-                                   "bias); combine merges LoRA factors only; combine adapters without them")
+                                   f"bias{head}); combine merges LoRA factors only; combine adapters without them")
             path, factor, embedding = parsed
             factors.setdefault(path, {"embedding": embedding})[factor] = tensor
         for path, f in factors.items():

@@ -70,7 +70,10 @@ def run_similarity(args: argparse.Namespace) -> int:
 
     if args.plot:
         check_figure_path(args.plot, args.overwrite)  # before the work, not after it
-    results = compare_adapters(args.adapter_1, args.adapter_2, module=args.module, factor=args.factor)
+    from lorakit.run_folder import adapter_folder  # a run folder of lorakit train stands for its adapter/
+
+    results = compare_adapters(adapter_folder(args.adapter_1), adapter_folder(args.adapter_2), module=args.module,
+                               factor=args.factor)
     rows = []
     for res in results:
         k1, k2 = res.ranks
@@ -94,7 +97,10 @@ def run_amplification(args: argparse.Namespace) -> int:
 
     if args.plot:
         check_figure_path(args.plot, args.overwrite)  # before the work, not after it
-    results = adapter_amplification(args.adapter, args.base, r=args.rank, module=args.module, seed=args.seed)
+    from lorakit.run_folder import adapter_folder
+
+    results = adapter_amplification(adapter_folder(args.adapter), args.base, r=args.rank, module=args.module,
+                                    seed=args.seed)
     rows = [[path, a.rank, f"{a.delta_norm:.4g}", f"{a.along_delta:.4g}", f"{a.along_weight:.4g}",
              f"{a.along_random:.4g}", f"{a.weight_norm:.4g}", f"{a.factor:.2f}"]
             for path, a in results.items()]

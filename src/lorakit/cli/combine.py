@@ -53,10 +53,12 @@ def parse_adapter(text: str) -> tuple[str, float]:
 
 def run(args: argparse.Namespace) -> int:
     from lorakit.combination import combine_adapters
+    from lorakit.run_folder import adapter_folder  # a run folder of lorakit train stands for its adapter/
 
     adapters: dict[str, float] = {}
     for text in args.adapter:
         folder, weight = parse_adapter(text)
+        folder = str(adapter_folder(folder))
         if folder in adapters:
             raise LorakitError(f"adapter {folder} is given twice; give each folder once with its weight")
         adapters[folder] = weight
