@@ -312,7 +312,8 @@ def test_layers_to_transform_refuses_what_peft_refuses():
         LoraConfig(target_modules=["q_proj"], layers_pattern="layers")
     with pytest.raises(LorakitError, match="block indices"):
         LoraConfig(target_modules=["q_proj"], layers_to_transform=[-1])
-    with pytest.raises(LorakitError, match="outside layers_to_transform"):
+    with pytest.raises(LorakitError, match=r"^layers_to_transform \[7\] leaves out all 2 modules target_modules "
+                                           r"\['q_proj'\] matches, e.g. model.layers.0.self_attn.q_proj; name blocks"):
         attach(tiny_llama(), LoraConfig(target_modules=["q_proj"], layers_to_transform=[7]))
     assert LoraConfig(target_modules=["q_proj"], layers_to_transform=[]).layers_to_transform is None
 

@@ -303,8 +303,7 @@ def target_paths(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Mod
     else:
         paths = [p for p, _ in _candidates(modules) if name_matches(spec, p)]
     outside_layers = [p for p in paths if not config.in_layers(p, spec)]
-    if outside_layers:
-        paths = [p for p in paths if config.in_layers(p, spec)]
+    paths = [p for p in paths if config.in_layers(p, spec)] if outside_layers else paths
     saved_inside = [p for p in paths if config.within_saved(p)]
     paths = [p for p in paths if not config.excludes(p) and not config.within_saved(p)]
     bypassed = {p: why for p in paths if (why := bypass_reason(modules, p)) is not None}
@@ -318,9 +317,10 @@ def target_paths(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Mod
         if saved_inside:
             left_out += (f"; left out {len(saved_inside)} in modules_to_save (saved whole, so not LoRA targets), "
                          f"e.g. {saved_inside[0]}")
-        if outside_layers:
-            left_out += (f"; left out {len(outside_layers)} outside layers_to_transform "
-                         f"{config.layers_to_transform!r}, e.g. {outside_layers[0]}")
+        if outside_layers:  # the blocks named, not the names, are what missed: say that first
+            raise LorakitError(f"layers_to_transform {config.layers_to_transform!r} leaves out all {len(outside_layers)} "
+                               f"modules target_modules {spec!r} matches, e.g. {outside_layers[0]}{left_out}; name "
+                               "blocks this model has (lorakit inspect lists them)")
         raise LorakitError(f"target_modules {spec!r} matched no module of {type(model).__name__}; "
                            f"targetable modules: {_targetable_summary(modules)}{left_out}")
     if bypassed and spec != ALL_LINEAR:
