@@ -50,7 +50,7 @@ def read_splits(task: Task, data: str, limit: int | None = None, columns: dict |
     if limit is not None:
         small = max(1, limit // 10)
         splits = lkdata.DatasetSplits(splits.train[:limit], splits.validation[:small], splits.test[:small],
-                                      f"{splits.source}, first {limit}")
+                                      f"{splits.source}, --data-limit {limit}")
     return splits
 
 
