@@ -62,7 +62,7 @@ def test_default_classifier_is_the_pretrained_minilm():
         assert model(**batch).logits.shape == (1, 2)
 
 
-def test_local_folders_load(tmp_path):
+def test_local_folders_load(tmp_path, monkeypatch):
     tiny_bert_classifier().save_pretrained(tmp_path / "bert")
     tiny_llama().save_pretrained(tmp_path / "llama")
     from transformers import AutoTokenizer
@@ -78,6 +78,11 @@ def test_local_folders_load(tmp_path):
     torch.testing.assert_close(lm(x).logits, tiny_llama()(x).logits, atol=0, rtol=0)
     assert type(load_model(str(tmp_path / "llama"))[0]).__name__ == "LlamaForCausalLM"
     assert type(load_model(str(tmp_path / "bert"))[0]).__name__ == "BertForSequenceClassification"
+    # a folder named from the current one is recorded whole: an adapter saved on it names a base found from anywhere
+    monkeypatch.chdir(tmp_path)
+    from lorakit.peft_format import base_model_name
+
+    assert base_model_name(load_causal_lm("llama")[0]) == str(tmp_path / "llama")
 
 
 def test_load_model_loads_each_folder_as_the_kind_it_holds(tmp_path):

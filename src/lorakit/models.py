@@ -169,8 +169,10 @@ def converted_gguf_dir(gguf: Path) -> Path:
 
 
 def _resolve(spec: str):
-    """A local folder/file as a ``Path``, else the string as an HF-cache model name."""
-    path = Path(spec).expanduser()
+    """A local folder/file as an absolute ``Path`` (what an adapter records as its base then loads from any folder,
+    as the run's own record does), else the string as an HF-cache model name."""
+    given = Path(spec).expanduser()
+    path = given.absolute()
     if path.is_dir():
         if not (path / "config.json").is_file():
             found = sorted(p.name for p in path.iterdir())[:8]
@@ -182,7 +184,7 @@ def _resolve(spec: str):
             return path
         raise LorakitError(f"{spec} is a file, not a model folder; give the folder that holds config.json "
                            "and the weights, or a .gguf file")
-    if path.is_absolute() or spec.startswith(".") or spec.count("/") > 1:
+    if given.is_absolute() or spec.startswith(".") or spec.count("/") > 1:
         raise LorakitError(f"model path {spec} does not exist")
     return spec  # a hub name: looked up in the local HF cache only
 
