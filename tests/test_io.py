@@ -268,6 +268,19 @@ def test_adapter_for_another_architecture(saved):
     refuse(folder, tiny_bert_classifier(), match="was made for LlamaForCausalLM, not for BertForSequenceClassification")
 
 
+def test_a_classifier_adapter_on_another_architecture_is_the_one_error_without_a_warning_first(tmp_path):
+    import warnings
+
+    from transformers import LlamaForSequenceClassification
+
+    model = trained(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query"]))
+    save_adapter(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "holds no weights for ['score']" before the misfit
+        refuse(tmp_path, LlamaForSequenceClassification(tiny_llama().config).eval(),
+               match="was made for BertForSequenceClassification, not for LlamaForSequenceClassification")
+
+
 def test_peft_style_file_for_another_architecture(saved):
     _, folder = saved
     config, tensors = read_adapter(folder)

@@ -42,6 +42,9 @@ def _with_file_heads(model: nn.Module, config: LoraConfig, tensors: dict, source
     held = [n for n in added if any(p.endswith(n) and f"{p}.weight" in names for p in modules if p)]
     if held == added:
         return config.replace(modules_to_save=[*(config.modules_to_save or []), *added])
+    paths = {parsed[0] for parsed in map(parse_factor_key, tensors) if parsed is not None}
+    if paths and not any(_has_module(model, p) for p in paths):
+        return config  # a file of another architecture: its misfit is the one thing to say (raise_misfit)
     warnings.warn(f"adapter {source} has task_type {config.task_type} but holds no weights for {added}, so PEFT "
                   "cannot load it; lorakit loads it with the model's own head (save it again to write a file PEFT "
                   "loads)", stacklevel=4)
