@@ -229,6 +229,25 @@ def test_tied_weights_warn_on_merge_and_refuse_pissa():
         merge(model)
 
 
+def test_merge_and_unload_unties_an_adapted_embedding_so_the_head_answers_as_unmerged():
+    """LoRA on a tied input embedding leaves the output head's weight as it was: the plain model a merge
+    makes (what lorakit export saves) gets an embedding of its own, and answers as the adapter did."""
+    import warnings
+
+    model = tiny_gpt2()
+    attach(model, LoraConfig(r=4, target_modules=["wte", "c_attn"], init="random"))
+    x = token_batch()
+    with torch.no_grad():
+        expected = model(x).logits
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing tied is left to warn about
+            plain = merge_and_unload(model)
+        torch.testing.assert_close(plain(x).logits, expected, rtol=1e-5, atol=1e-5)
+    assert plain.transformer.wte.weight is not plain.lm_head.weight
+    assert plain.config.tie_word_embeddings is False
+    assert torch.equal(plain.lm_head.weight, tiny_gpt2().lm_head.weight)  # the head as the base had it
+
+
 def test_add_adapter_without_init_leaves_weights_for_a_loader():
     model = tiny_llama()
     w = model.model.layers[0].self_attn.q_proj.weight.detach().clone()

@@ -109,8 +109,26 @@ def merge_and_unload(model: nn.Module, *, requantize: bool = False) -> nn.Module
     pending = [n for n in active_adapters(model)
                if any(n in layer.adapters and n not in layer.merged for layer in layers)]
     if pending:
+        _untie(model, pending)
         merge(model, pending)
     return _unwrap(model, keep_merged=True)
+
+
+def _untie(model: nn.Module, names) -> None:
+    """Give each layer about to merge ``names`` whose weight another module shares (an input embedding tied
+    to the output head) a weight of its own, and the model's config untied embeddings: the head keeps the
+    weight it computes with unmerged, so the merged model answers as the adapter did (merging into the
+    shared weight would move the head too)."""
+    modules = walk(model)
+    layers = {p: m for p, m in modules.items() if isinstance(m, LoraLayer)}
+    for path in tied_paths(modules, [p for p, layer in layers.items() if any(n in layer.adapters for n in names)]):
+        layer = layers[path]
+        layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+        for config in {id(c): c for c in (getattr(model, "config", None),
+                                          getattr(getattr(model, "config", None), "get_text_config", lambda: None)())
+                       if c is not None}.values():
+            if getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
 
 
 class QuantizedMergeWarning(UserWarning):
