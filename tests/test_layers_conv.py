@@ -194,3 +194,34 @@ def test_pissa_on_a_convolution_saves_for_the_original_kernel(tmp_path):
     save_adapter(ours, tmp_path)
     theirs = peft.PeftModel.from_pretrained(ConvNet().eval(), tmp_path).eval()
     torch.testing.assert_close(outputs(theirs, x), expected, atol=1e-5, rtol=0)
+
+
+def test_a_bias_on_B_of_a_convolution_round_trips_with_peft_merges_and_goes_per_row(tmp_path):
+    """PEFT's lora_bias on convolutions (B, a 1×1 convolution, with a bias): loaded, saved, merged, per row."""
+    make, inputs, targets = MODELS["convnet"]
+    x = inputs()
+    theirs = peft.get_peft_model(make(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, lora_bias=True,
+                                                         init_lora_weights=False))
+    perturb(theirs)
+    expected = outputs(theirs.eval(), x)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(make(), tmp_path / "peft")
+    torch.testing.assert_close(outputs(ours, x), expected, atol=1e-5, rtol=0)
+    layer = ours.c2
+    assert isinstance(layer, LoraConv) and layer.adapters["default"].bias.abs().sum() > 0
+    save_adapter(ours, tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(make(), tmp_path / "ours").eval()
+    torch.testing.assert_close(outputs(again, x), expected, atol=1e-5, rtol=0)
+    merge(ours)  # the bias on B lands in the convolution's bias
+    torch.testing.assert_close(outputs(ours, x), expected, atol=1e-5, rtol=0)
+    unmerge(ours)
+    add_adapter(ours, LoraConfig(r=3, target_modules=targets, init="random"), "plain")  # no bias on B
+    perturb(ours, seed=1)
+    single = {}
+    for adapter in ("default", "plain", None):
+        set_active(ours, *([adapter] if adapter else []))
+        single[adapter] = outputs(ours, x)
+    with torch.no_grad(), per_row_adapters(ours, ["plain", "default"]):
+        mixed = ours(x)
+    torch.testing.assert_close(mixed[0], single["plain"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], single["default"][1], atol=1e-5, rtol=1e-5)

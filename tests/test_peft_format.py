@@ -591,7 +591,7 @@ def test_a_bias_on_b_is_refused_where_peft_refuses_it(tmp_path):
         LoraConfig(target_modules=["q_proj"], lora_bias=True)
     with pytest.raises(LorakitError, match="not with use_dora"):
         LoraConfig(target_modules=["q_proj"], lora_bias=True, use_dora=True, init="kaiming")
-    with pytest.raises(LorakitError, match="lora_bias applies to linear layers"):
+    with pytest.raises(LorakitError, match="lora_bias applies to linear and convolution layers"):
         attach(tiny_llama(), LoraConfig(target_modules=["q_proj", "embed_tokens"], lora_bias=True, init="kaiming"))
     with pytest.warns(UserWarning, match="without a bias of their own"):
         bare = attach(tiny_llama(), LoraConfig(target_modules=["q_proj", "v_proj"], lora_bias=True, init="kaiming"))

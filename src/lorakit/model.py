@@ -232,7 +232,7 @@ def _wrappers(modules: dict[str, nn.Module], paths: list[str], kind: str, init: 
             raise LorakitError(f"{kind} layers start with init {' or '.join(map(repr, wrapper.inits))}, "
                                f"not {init!r}")
         if lora_bias and not wrapper.takes_lora_bias:
-            raise LorakitError(f"lora_bias applies to linear layers (as in PEFT); {path} is a "
+            raise LorakitError(f"lora_bias applies to linear and convolution layers (as in PEFT); {path} is a "
                                f"{type(getattr(module, '_base', module)).__name__}: leave it out of target_modules "
                                "or set lora_bias=False")
         wrappers[path] = wrapper

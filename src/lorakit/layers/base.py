@@ -51,7 +51,7 @@ class LoraLayer(nn.Module):
     inits: tuple[str, ...] | None = None
     #: it takes its base module's place (False for LoRA on a parameter: a ``ParameterHost`` does)
     in_place_of_module = True
-    #: its adapters may have a bias on B (PEFT's ``lora_bias``): dense layers only, as in PEFT
+    #: its adapters may have a bias on B (PEFT's ``lora_bias``): dense and convolution layers, as in PEFT
     takes_lora_bias = False
 
     def __init__(self, base: nn.Module):
@@ -167,8 +167,8 @@ class LoraLayer(nn.Module):
         if self.merged:
             raise LorakitError("cannot add an adapter to a merged layer; unmerge first")
         if bias and not self.takes_lora_bias:
-            raise LorakitError(f"{type(self).__name__} adapters have no bias on B (lora_bias is for linear layers, "
-                               "as in PEFT); set lora_bias=False")
+            raise LorakitError(f"{type(self).__name__} adapters have no bias on B (lora_bias is for linear and "
+                               "convolution layers, as in PEFT); set lora_bias=False")
         wdtype = self.weight.dtype
         dtype = torch.float32 if wdtype in (torch.float16, torch.bfloat16) or not wdtype.is_floating_point else wdtype
         extra = {"bias": True} if bias else {"kind": kind} if kind not in (None, self.kind) else {}

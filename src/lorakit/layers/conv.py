@@ -44,6 +44,8 @@ class LoraConv(LoraLayer):
             differs from the number of rows given.
     """
 
+    takes_lora_bias = True  # B, PEFT's 1×1 convolution, may have a bias (lora_bias): s·b on each output channel
+
     @classmethod
     def wraps(cls, module: nn.Module) -> bool:
         return module.groups == 1
@@ -101,6 +103,8 @@ class LoraConv(LoraLayer):
                 h = h.to(ad.A.dtype)
             z = self.down(h, ad.A) * ad.scaling  # scaled on r channels, the smaller side
             out = out + self.up(z, ad.B).to(out.dtype)
+            if ad.bias is not None:  # lora_bias: s·b
+                out = out + self.channel_view(ad.bias * ad.scaling).to(out.dtype)
         return out
 
     # ------------------------------------------------------------------ per-row
@@ -118,9 +122,11 @@ class LoraConv(LoraLayer):
 
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Row b gets adapter slot ``slots[b]``: one grouped convolution and one bmm."""
-        slots, A_rows, B_rows = self._rows
+        slots, A_rows, B_rows, *biases = self._rows
         z = self.rows_down(x, slots, A_rows)
         delta = torch.bmm(B_rows.index_select(0, slots).transpose(1, 2), z)  # (batch, out, spatial'·)
+        if biases:  # each slot's s·b (zeros for a slot without one)
+            delta = delta + biases[0].index_select(0, slots).unsqueeze(-1)
         return out + delta.to(out.dtype).view_as(out)
 
     def extra_repr(self) -> str:
