@@ -699,3 +699,30 @@ def test_a_peft_adalora_file_on_convolutions_loads_with_its_flat_factors(tmp_pat
         expected, base = theirs.eval()(pixel_values=pixels).logits, make()(pixel_values=pixels).logits
         got = load_adapter(make(), tmp_path).eval()(pixel_values=pixels).logits
     assert_same(expected, got, base)
+
+
+def test_an_adapter_peft_tied_to_the_output_head_loads_saves_and_merges(tmp_path):
+    """PEFT's ensure_weight_tying on a tied embedding adds an adapter on the output head (the embedding's
+    factors transposed) and records the embedding alone in target_modules: lorakit loads both, saves a file
+    PEFT loads to the same outputs, and merges to them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2,
+                                            tie_word_embeddings=True)).eval()
+
+    ids = torch.tensor([[1, 5, 9, 20, 3, 7, 100, 42]])
+    theirs = peft.get_peft_model(make(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"],
+                                                         ensure_weight_tying=True, init_lora_weights=False))
+    theirs.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        expected = peft.PeftModel.from_pretrained(make(), tmp_path / "peft").eval()(ids).logits
+        assert (expected - make()(ids).logits).abs().max() > 1.0  # the adapter moves the outputs
+        ours = load_adapter(make(), tmp_path / "peft")
+        torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-5, atol=1e-4)
+        save_adapter(ours, tmp_path / "ours")
+        again = peft.PeftModel.from_pretrained(make(), tmp_path / "ours").eval()
+        torch.testing.assert_close(again(ids).logits, expected, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(merge_and_unload(ours)(ids).logits, expected, rtol=1e-5, atol=1e-4)

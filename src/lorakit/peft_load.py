@@ -10,6 +10,7 @@ listing every problem; only then does :func:`apply_plan` write into the model (a
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -92,6 +93,7 @@ def plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Ten
     modules = walk(model)
     config = _with_file_heads(model, config, tensors, source, modules)
     try:
+        config = _with_tied_heads(config, target_paths(model, config, modules), tensors, modules)
         targets = [(path, path, modules[path], config.rank_for(path), None) for path in target_paths(model, config, modules)]
         targets += _parameter_targets(model, config, modules)
         saved = saved_paths(model, config, modules)
@@ -108,6 +110,24 @@ def plan_load(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Ten
     if problems:
         raise_misfit(model, source, metadata, tensors, problems)
     return plan
+
+
+def _with_tied_heads(config: LoraConfig, paths: list[str], tensors: dict, modules: dict) -> LoraConfig:
+    """A file's config with the modules it holds factors for that its ``target_modules`` do not select but
+    whose weight a selected one shares added to them: PEFT's ``ensure_weight_tying`` puts an adapter on an
+    output head tied to an adapted embedding (the embedding's factors transposed) and records only the
+    embedding. Each gets a layer of its own, which computes what PEFT's pair does."""
+    weights = {id(getattr(modules[p], "weight", None)) for p in paths}
+    held = sorted({parsed[0] for parsed in map(parse_factor_key, tensors) if parsed is not None})
+    tied = [p for p in held if p not in paths and p in modules and isinstance(getattr(modules[p], "weight", None),
+                                                                                  torch.Tensor)
+            and id(modules[p].weight) in weights]
+    if not tied:
+        return config
+    spec = config.target_modules
+    if isinstance(spec, str):  # a regex, matched whole: the tied paths as alternatives
+        return config.replace(target_modules=f"(?:{spec})|" + "|".join(re.escape(p) for p in tied))
+    return config.replace(target_modules=[*spec, *tied])
 
 
 def _parameter_targets(model, config, modules) -> list[tuple]:
