@@ -630,3 +630,22 @@ def test_an_activated_adapter_is_served_as_peft_generates_it(toy, tmp_path):
             assert texts[2 * i + 1] == toy["refs"].text(toy["root"] / "task0", tokenizer.encode(prompt), 8)
     assert texts[4] == toy["refs"].text(None, tokenizer.encode(prompts[2]), 8)  # not invoked: the base
     assert texts[0] != toy["refs"].text(None, tokenizer.encode(prompts[0]), 8)  # invoked: not the base
+
+
+def test_a_language_model_given_only_classifier_adapters_is_served_to_classify(tmp_path):
+    """A classifier trained on a language model's body (`lorakit train --model FILE.gguf`) is served without
+    --task classify; one generating adapter among them keeps the model generating."""
+    import json
+
+    from lorakit.serve.service import CLASSIFY, GENERATE, detect_task
+    from tiny_models import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "lm")
+    for name, task_type in (("cls", "SEQ_CLS"), ("chat", "CAUSAL_LM")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": task_type}))
+    lm = str(tmp_path / "lm")
+    assert detect_task(lm) == GENERATE
+    assert detect_task(lm, {"a": str(tmp_path / "cls"), "b": str(tmp_path / "cls")}) == CLASSIFY
+    assert detect_task(lm, {"a": str(tmp_path / "cls"), "b": str(tmp_path / "chat")}) == GENERATE
+    assert detect_task("default") == CLASSIFY

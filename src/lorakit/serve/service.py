@@ -304,9 +304,7 @@ class Service:
         uses them) when it has as many as the head has outputs, else the model's
         (:func:`lorakit.tasks.classify.model_labels`, as ``lorakit predict`` names them)."""
         own = self.registry.labels(adapter) if adapter != BASE else None
-        if own is not None and len(own) == count:
-            return own
-        return model_labels(self.model, count)
+        return own if own is not None and len(own) == count else model_labels(self.model, count)
 
     async def add_adapter(self, name: str, path: str, replace: bool = False) -> dict:
         """Load an adapter over HTTP (its path must lie under the adapter root); ``replace``
@@ -314,8 +312,7 @@ class Service:
         entry = await asyncio.wrap_future(
             self.engine.call(lambda: self.registry.register(name, path, replace=replace)))
         load_ms = None if entry.last_load_s is None else round(entry.last_load_s * 1000, 2)
-        return {"id": entry.name, "object": "model", "parent": BASE, "resident": entry.slot is not None,
-                "load_ms": load_ms}
+        return {"id": entry.name, "object": "model", "parent": BASE, "resident": entry.slot is not None, "load_ms": load_ms}
 
     async def remove_adapter(self, name: str) -> dict:
         self.registry.check_known(name)
@@ -333,13 +330,16 @@ def _pairs(texts: list[str]) -> tuple[list[str], list[str]]:
         raise LimitError(str(err), "input") from None
 
 
-def detect_task(spec: str) -> str:
-    """``classify`` for a ``--model`` value naming a sequence classifier ("default" is the
-    embedded one), else ``generate``; the kind is :func:`lorakit.models.spec_kind`'s."""
+def detect_task(spec: str, adapters: dict[str, str] | None = None) -> str:
+    """``classify`` for a ``--model`` value naming a sequence classifier ("default" is the embedded one; the kind is
+    :func:`lorakit.models.spec_kind`'s), or for a language model given only classifier adapters (``SEQ_CLS``: trained
+    on its body, as ``lorakit train --model FILE.gguf`` does), else ``generate``."""
     from lorakit.models import spec_kind
     from lorakit.targets import CLASSIFIER
 
-    return CLASSIFY if spec_kind(spec) == CLASSIFIER else GENERATE
+    kinds = {json.loads(f.read_text()).get("task_type") if (f := Path(p) / "adapter_config.json").is_file() else None
+             for p in (adapters or {}).values()}
+    return CLASSIFY if spec_kind(spec) == CLASSIFIER or kinds == {"SEQ_CLS"} else GENERATE
 
 
 def _folder_labels(spec: str) -> dict | None:
@@ -357,13 +357,12 @@ def build_service(model: str = "default-chat", adapters: dict[str, str] | None =
                   load_on_demand: bool = False, max_queue: int = 256, request_timeout: float | None = None,
                   max_body_bytes: int = 1_000_000, quantize: str | None = None,
                   chat_template: str | None = None) -> Service:
-    """Load ``model``, register ``adapters`` ({name: folder}) and build the engine (not started).
-    ``quantize`` (``"nf4"``, ``"int8"``) stores the base's linear weights quantized (:mod:`lorakit.quantize`).
-
-    ``load_on_demand``: a request naming a folder directly under ``adapter_root`` that is
-    not registered loads it first. ``chat_template``: the chats' template instead of the
-    tokenizer's own (:func:`lorakit.chat_templates.resolve`: ``chatml``, a template file, or an
-    adapter folder that carries one). The other arguments are :class:`Limits`.
+    """Load ``model``, register ``adapters`` ({name: folder}) and build the engine (not started). ``task``: as
+    :func:`detect_task` finds it where None. ``quantize`` (``"nf4"``, ``"int8"``) stores the base's linear weights
+    quantized (:mod:`lorakit.quantize`). ``load_on_demand``: a request naming a folder directly under
+    ``adapter_root`` that is not registered loads it first. ``chat_template``: the chats' template instead of the
+    tokenizer's own (:func:`lorakit.chat_templates.resolve`: ``chatml``, a template file, or an adapter folder
+    that carries one). The other arguments are :class:`Limits`.
 
     Raises:
         LorakitError: a bad model spec, adapter name, path or file, or a bad limit.
@@ -375,7 +374,7 @@ def build_service(model: str = "default-chat", adapters: dict[str, str] | None =
                     request_timeout=request_timeout, max_body_bytes=max_body_bytes)
     registry = AdapterRegistry(None, adapter_root=adapter_root, max_loaded=max_loaded, load_on_demand=load_on_demand)
     chat_templates.check(chat_template)  # a file: read before the model loads, so a bad path fails at once
-    task = task or detect_task(model)
+    task = task or detect_task(model, adapters)
     if chat_template is not None and task == CLASSIFY:
         raise LorakitError(f"--chat-template is for a model that generates; {model!r} is served to classify")
     if task == CLASSIFY:
