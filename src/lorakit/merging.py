@@ -121,14 +121,13 @@ def _untie(model: nn.Module, names) -> None:
     shared weight would move the head too)."""
     modules = walk(model)
     layers = {p: m for p, m in modules.items() if isinstance(m, LoraLayer)}
-    for path in tied_paths(modules, [p for p, layer in layers.items() if any(n in layer.adapters for n in names)]):
-        layer = layers[path]
-        layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
-        for config in {id(c): c for c in (getattr(model, "config", None),
-                                          getattr(getattr(model, "config", None), "get_text_config", lambda: None)())
-                       if c is not None}.values():
-            if getattr(config, "tie_word_embeddings", False):
-                config.tie_word_embeddings = False
+    tied = tied_paths(modules, [p for p, layer in layers.items() if any(n in layer.adapters for n in names)])
+    for path in tied:
+        layers[path].weight = nn.Parameter(layers[path].weight.detach().clone(), requires_grad=False)
+    config = getattr(model, "config", None)
+    for config in (config, getattr(config, "get_text_config", lambda: None)()) if tied else ():
+        if getattr(config, "tie_word_embeddings", False):  # a model config (or its text part) untied
+            config.tie_word_embeddings = False
 
 
 class QuantizedMergeWarning(UserWarning):

@@ -43,7 +43,7 @@ def _with_file_heads(model: nn.Module, config: LoraConfig, tensors: dict, source
     held = [n for n in added if any(p.endswith(n) and f"{p}.weight" in names for p in modules if p)]
     if held == added:
         return config.replace(modules_to_save=[*(config.modules_to_save or []), *added])
-    paths = {parsed[0] for parsed in map(parse_factor_key, tensors) if parsed is not None}
+    paths = factor_paths(tensors)
     if paths and not any(_has_module(model, p) for p in paths):
         return config  # a file of another architecture: its misfit is the one thing to say (raise_misfit)
     warnings.warn(f"adapter {source} has task_type {config.task_type} but holds no weights for {added}, so PEFT "
@@ -118,7 +118,7 @@ def _with_tied_heads(config: LoraConfig, paths: list[str], tensors: dict, module
     output head tied to an adapted embedding (the embedding's factors transposed) and records only the
     embedding. Each gets a layer of its own, which computes what PEFT's pair does."""
     weights = {id(getattr(modules[p], "weight", None)) for p in paths}
-    held = sorted({parsed[0] for parsed in map(parse_factor_key, tensors) if parsed is not None})
+    held = sorted(factor_paths(tensors))
     tied = [p for p in held if p not in paths and p in modules and isinstance(getattr(modules[p], "weight", None),
                                                                                   torch.Tensor)
             and id(modules[p].weight) in weights]
@@ -347,7 +347,7 @@ def apply_plan(model: nn.Module, plan: LoadPlan, name: str) -> None:
 def raise_misfit(model, source, metadata, tensors, problems):
     """Raise the one error for a file that does not fit, naming the architecture when it differs."""
     arch = metadata.get("lorakit_architecture")
-    file_paths = {parsed[0] for parsed in map(parse_factor_key, tensors) if parsed is not None}
+    file_paths = factor_paths(tensors)
     head = f"adapter {source} does not fit {type(model).__name__}"
     if arch and arch != type(model).__name__:
         head = f"adapter {source} was made for {arch}, not for {type(model).__name__}"
@@ -359,6 +359,11 @@ def raise_misfit(model, source, metadata, tensors, problems):
     listed = problems[:_MAX_LISTED]
     more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
     raise LorakitError(f"{head}; the model was not changed:\n  " + "\n  ".join(listed) + more)
+
+
+def factor_paths(tensors: dict) -> set[str]:
+    """The module paths a file holds LoRA factors for (its other tensors left out)."""
+    return {parsed[0] for parsed in map(parse_factor_key, tensors) if parsed is not None}
 
 
 def _has_module(model: nn.Module, path: str) -> bool:
