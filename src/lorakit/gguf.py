@@ -22,15 +22,28 @@ from torch import nn
 from lorakit.errors import LorakitError
 
 
+SAMPLE_BYTES = 8 << 20  # read from each end of a GGUF file to key its conversion
+
+
 def converted_dir(gguf: Path, cache: Path) -> Path:
     """Folder under ``cache`` for the fp32 safetensors conversion of ``gguf``.
 
-    Keyed by the file's name, size and modification time, so a changed file (a new
-    package version) is converted again.
+    Keyed by what the file holds (its size, its first and last 8 MiB: the header with
+    the metadata and tokenizer, and the last tensors), not by where it lies or when it
+    was written: the same model installed in two environments shares one conversion,
+    and a changed file (a new package version) is converted again. Reading the ends
+    keeps the key quick for a file of many GB.
     """
-    stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
-    return cache / f"{gguf.stem}-fp32-{key}"
+    size = gguf.stat().st_size
+    digest = hashlib.sha1(f"{size}:".encode())
+    with open(gguf, "rb") as fh:
+        digest.update(fh.read(SAMPLE_BYTES))
+        if size > 2 * SAMPLE_BYTES:
+            fh.seek(size - SAMPLE_BYTES)
+            digest.update(fh.read(SAMPLE_BYTES))
+        else:
+            digest.update(fh.read())
+    return cache / f"{gguf.stem}-fp32-{digest.hexdigest()[:10]}"
 
 
 def convert_gguf(gguf: Path, dest: Path):
