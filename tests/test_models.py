@@ -1,6 +1,7 @@
 """Base models: the embedded defaults, local folders, errors, GGUF conversion, fingerprints."""
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -154,8 +155,6 @@ def test_a_broken_gguf_file_is_one_clear_error(tmp_path, monkeypatch):
 def test_a_gguf_conversion_is_keyed_by_what_the_file_holds_not_where_it_lies(tmp_path):
     """The same model installed in two environments shares one conversion (a cache keyed by path grew
     by 0.5 GB with every new environment); a file that differs at either end is converted again."""
-    import os
-
     from lorakit.gguf import SAMPLE_BYTES, converted_dir
 
     body = bytes(range(256)) * (3 * SAMPLE_BYTES // 256 + 7)

@@ -38,11 +38,8 @@ def converted_dir(gguf: Path, cache: Path) -> Path:
     digest = hashlib.sha1(f"{size}:".encode())
     with open(gguf, "rb") as fh:
         digest.update(fh.read(SAMPLE_BYTES))
-        if size > 2 * SAMPLE_BYTES:
-            fh.seek(size - SAMPLE_BYTES)
-            digest.update(fh.read(SAMPLE_BYTES))
-        else:
-            digest.update(fh.read())
+        fh.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))  # the last 8 MiB, or what the first did not read
+        digest.update(fh.read())
     return cache / f"{gguf.stem}-fp32-{digest.hexdigest()[:10]}"
 
 
