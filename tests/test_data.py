@@ -306,9 +306,23 @@ def test_a_label_column_with_a_value_per_line_is_refused_as_the_wrong_column(tmp
         get_task("classify").labels(splits.train, splits.source)
 
 
+def test_scores_that_pass_as_classes_are_named_as_scores():
+    """A similarity file (0.0-5.0 in steps of 0.2: 26 values among many examples) is not refused as too many
+    classes, so a warning says that numbers with fractions are more likely scores to fit."""
+    from lorakit.data.labels import LabelWarning
+
+    rows = [{"text": f"text {i}", "label": f"{(i % 26) / 5:.1f}", "_where": f"d line {i}"} for i in range(520)]
+    with pytest.warns(LabelWarning, match=r"the 26 classes are numbers \(e\.g\. '0\.0', '5\.0'\); if they are scores"):
+        get_task("classify").labels(rows, "sts.csv")
+    stars = [{"text": f"text {i}", "label": str(1 + i % 5), "_where": f"d line {i}"} for i in range(100)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 1-5 stars are classes: nothing to say
+        get_task("classify").labels(stars, "stars.csv")
+
+
 def test_a_label_column_of_many_numbers_is_refused_naming_regression():
     rows = [{"text": f"text {i}", "label": f"{i / 40:.2f}", "_where": f"d line {i}"} for i in range(120)]
-    with pytest.raises(LorakitError, match=r"right column.*if they are scores \(a regression file's"):
+    with pytest.raises(LorakitError, match=r"right column.*if they are scores \(a similarity, a rating\) to fit as numbers, train --task regress"):
         get_task("classify").labels(rows, "sts.csv")
     words = [{"text": f"text {i}", "label": f"id-{i}", "_where": f"d line {i}"} for i in range(120)]
     with pytest.raises(LorakitError, match=r"names another\)$"):  # not numbers: no word of regression

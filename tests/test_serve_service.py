@@ -316,41 +316,69 @@ def test_an_adapter_answers_with_the_labels_it_was_trained_with(classifier, tmp_
     assert surrogate.status_code == 422 and "surrogate" in surrogate.json()["error"]["message"]
 
 
-def test_adapters_of_other_label_sets_share_one_base(classifier, tmp_path):
-    """One server, one 3-class base: an adapter trained for 5 classes of its own answers with its
-    5 labels through its own head, as a 5-class model with it would, beside the 3-class adapter."""
+def _adapter_with_its_head(folder, base, outputs: int, seed: int, target: str, task: dict):
+    """A LoRA adapter (random factors) with a head of ``outputs`` saved beside it, on the encoder of the 3-class
+    ``classifier`` base, written to ``folder`` with the ``lorakit_task.json`` of ``task``; returns the model."""
     import json
 
     from lorakit.config import LoraConfig
     from lorakit.io import save_adapter
     from lorakit.model import attach
 
-    tmp, _ = classifier
-    five = tiny_bert_classifier(num_labels=5, seed=1)
-    five.load_state_dict({k: v for k, v in tiny_bert_classifier(num_labels=3).state_dict().items()
-                          if not k.startswith("classifier.")}, strict=False)  # the same encoder as the base
-    attach(five, LoraConfig(r=4, alpha=8, target_modules=["query"], modules_to_save=["classifier"]), "topic")
-    generator = torch.Generator().manual_seed(5)
+    model = tiny_bert_classifier(num_labels=outputs, seed=seed)
+    model.load_state_dict({k: v for k, v in tiny_bert_classifier(num_labels=3).state_dict().items()
+                           if not k.startswith("classifier.")}, strict=False)  # the same encoder as the base
+    attach(model, LoraConfig(r=4, alpha=8, target_modules=[target], modules_to_save=["classifier"]), folder.name)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, p in sorted(five.named_parameters()):
+        for _, p in sorted(model.named_parameters()):
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
-    root = tmp_path / "adapters"
-    save_adapter(five, root / "topic", "topic")
-    labels = ["art", "film", "food", "sport", "tech"]
-    (root / "topic" / "lorakit_task.json").write_text(json.dumps(
-        {"task": "classify", "method": "lora", "model": str(tmp / "model"), "labels": labels, "max_length": 16}))
+    save_adapter(model, folder, folder.name)
+    (folder / "lorakit_task.json").write_text(json.dumps(
+        {"method": "lora", "model": str(base), "max_length": 16, **task}))
+    return model
+
+
+def _served_beside_mood(tmp, root, name: str):
+    """``(answers of adapter name, answers of the 3-class "mood", the tokenized TEXTS)`` from a server on the
+    ``classifier`` base loading the adapters of ``root`` (with "mood" copied there) on demand."""
     shutil.copytree(tmp / "adapters" / "mood", root / "mood")
     service = build_service(str(tmp / "model"), adapter_root=str(root), max_loaded=2, load_on_demand=True)
     with TestClient(create_app(service)) as client:
-        topic = client.post("/v1/classify", json={"model": "topic", "input": TEXTS}).json()["data"]
-        mood = client.post("/v1/classify", json={"model": "mood", "input": TEXTS}).json()["data"]
-    batch = service.tokenizer(TEXTS, padding=True, return_tensors="pt")
+        answers = {m: client.post("/v1/classify", json={"model": m, "input": TEXTS}).json()["data"]
+                   for m in (name, "mood")}
+    return answers[name], answers["mood"], service.tokenizer(TEXTS, padding=True, return_tensors="pt")
+
+
+def test_adapters_of_other_label_sets_share_one_base(classifier, tmp_path):
+    """One server, one 3-class base: an adapter trained for 5 classes of its own answers with its
+    5 labels through its own head, as a 5-class model with it would, beside the 3-class adapter."""
+    tmp, _ = classifier
+    root = tmp_path / "adapters"
+    labels = ["art", "film", "food", "sport", "tech"]
+    five = _adapter_with_its_head(root / "topic", tmp / "model", len(labels), 5, "query",
+                                  {"task": "classify", "labels": labels})
+    topic, mood, batch = _served_beside_mood(tmp, root, "topic")
     with torch.no_grad():
         expected = torch.softmax(five(**batch).logits, -1)
     for row, probs in zip(topic, expected):
         assert list(row["probabilities"]) == labels
         assert torch.allclose(torch.tensor([row["probabilities"][label] for label in labels]), probs, atol=1e-5)
+    assert all(set(row["probabilities"]) == {"neg", "neutral", "pos"} for row in mood)
+
+
+def test_a_regression_adapter_answers_its_number_beside_a_classifier(classifier, tmp_path):
+    """An adapter whose head has one output (``lorakit train --task regress``; transformers' num_labels=1)
+    answers each text's number, as a one-output model with it computes, beside the 3-class adapter."""
+    tmp, _ = classifier
+    root = tmp_path / "adapters"
+    one = _adapter_with_its_head(root / "score", tmp / "model", 1, 7, "value", {"task": "regress", "labels": None})
+    score, mood, batch = _served_beside_mood(tmp, root, "score")
+    with torch.no_grad():
+        expected = one(**batch).logits[:, 0]
+    assert [set(row) for row in score] == [{"index", "value"}] * len(TEXTS)
+    assert torch.allclose(torch.tensor([row["value"] for row in score]), expected, atol=1e-5)
     assert all(set(row["probabilities"]) == {"neg", "neutral", "pos"} for row in mood)
 
 

@@ -19,6 +19,7 @@ def test_the_registered_tasks_keep_their_defaults():
     defaults = {name: (t.metric, t.max_length_cap, t.default_epochs, t.epochs(False), t.min_steps, t.min_examples,
                        t.default_eval_batch_size, t.trains_head) for name, t in TASKS.items()}
     assert defaults == {"classify": ("accuracy", 256, 3.0, 2.0, 600, 9_600, 64, True),
+                        "regress": ("rmse", 256, 3.0, 2.0, 600, 9_600, 64, True),
                         "chat": ("loss", 512, 1.0, 1.0, 0, 0, 8, False),
                         "text": ("loss", 512, 1.0, 1.0, 0, 0, 8, False)}
 

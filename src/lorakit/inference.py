@@ -155,11 +155,12 @@ def load_trained(adapters: list, merge: bool = False, model: str | None = None, 
 
 def _folder_info(path, task: str | None, model: str | None) -> tuple[Path, dict]:
     """``(the trained result's folder, its lorakit_task.json)``; for an adapter folder PEFT wrote (no
-    task file), what its config says: the task from ``task_type`` (``SEQ_CLS``: classify; else
+    task file), what its config says: the task from ``task_type`` (``SEQ_CLS``: classify, or regress where
+    the head it saves has one output; else
     ``task``, or chat), the base from ``model`` or ``base_model_name_or_path``, no labels (the
     model's own), no recorded data or length."""
-    from lorakit.io import CONFIG_NAME, adapter_config_dict
-    from lorakit.peft_format import SEQ_CLS, check_runnable
+    from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, adapter_config_dict
+    from lorakit.peft_format import SEQ_CLS, check_runnable, saved_head_outputs
     from lorakit.run_folder import RunFolder
 
     path = Path(path)
@@ -168,6 +169,8 @@ def _folder_info(path, task: str | None, model: str | None) -> tuple[Path, dict]
         config = adapter_config_dict(path)
         check_runnable(config.get("task_type"), path)
         kind = "classify" if config.get("task_type") == SEQ_CLS else task or "chat"
+        if kind == "classify" and saved_head_outputs(path / WEIGHTS_NAME) == 1:  # one output: a regression
+            kind = "regress"
         return path, {"task": kind, "method": "lora", "labels": None, "max_length": None, "data": None,
                       "model": model or config.get("base_model_name_or_path") or "default"}
     folder = trained_folder(path)
@@ -224,7 +227,7 @@ def evaluate_trained(trained: Trained, data: str | None = None, batch_size: int 
     for name in trained.names:
         info = trained.info_of(name)
         labels = info.get("labels")
-        if labels is None and task.trains_head:  # an adapter PEFT wrote: the classes as its model names them
+        if labels is None and task.has_classes:  # an adapter PEFT wrote: the classes as its model names them
             from lorakit.tasks.classify import model_labels
 
             labels = model_labels(trained.model, trained.model.config.num_labels)

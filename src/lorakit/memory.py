@@ -181,6 +181,8 @@ def _prepared_model(config, bf16: bool):
 
     task, method = get_task(config.task), get_method(config.method)
     model_config = load_model_config(task.default_model if config.model == "default" else config.model)
+    for key, value in task.config_settings.items():  # a regressor's one output
+        setattr(model_config, key, value)
     model = getattr(transformers, task.auto_class).from_config(model_config, dtype=torch.float32)
     model = method.prepare(model, config, task.heads(model))
     if bf16 and method.frozen_in_bf16:  # as lorakit.train stores frozen weights under bf16

@@ -363,3 +363,24 @@ def with_task_heads(model: nn.Module, config: LoraConfig, modules: dict[str, nn.
                           "silence this", stacklevel=4)
             changes["modules_to_save"] = [*(config.modules_to_save or []), *added]
     return config.replace(**changes) if changes else config
+
+
+def saved_head_outputs(file) -> int | None:
+    """The outputs of the sequence-classification head an adapter file (``adapter_model.safetensors``) saves:
+    the rows of the smallest 2-D weight under a ``classifier`` or ``score`` module, its output layer (1 for a
+    regression, transformers' ``num_labels=1``), read from the safetensors header alone; None where it saves no
+    such head, or is no safetensors file that opens (loading it names the problem)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    if not Path(file).is_file():
+        return None
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            shapes = [handle.get_slice(key).get_shape() for key in handle.keys()
+                      if key.endswith(".weight") and set(key.split(".")) & set(CLASSIFIER_HEADS)]
+    except Exception:  # safetensors raises its own error types for a file that is not one
+        return None
+    rows = [shape[0] for shape in shapes if len(shape) == 2]
+    return min(rows) if rows else None

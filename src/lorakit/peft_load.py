@@ -299,10 +299,10 @@ def _shape_problem(model: nn.Module, name: str, held: torch.Tensor, have: torch.
 
 def _per_class(path: str, held: torch.Tensor, have: torch.Tensor, classes: int | None) -> bool:
     """Whether a task head's tensor is one row per class that differs only in how many classes: the
-    head of a classifier adapter trained for labels of its own, which serving its own copy of the head
-    lets share one base model with adapters of other label sets."""
+    head of a classifier adapter trained for labels of its own (or a regression's one output), which
+    serving its own copy of the head lets share one base model with adapters of other label sets."""
     return (path.rsplit(".", 1)[-1] in CLASSIFIER_HEADS and classes is not None and have.shape[0] == classes
-            and held.dim() == have.dim() and held.shape[1:] == have.shape[1:] and held.shape[0] > 1)
+            and held.dim() == have.dim() and held.shape[1:] == have.shape[1:])
 
 
 def _resize(module: nn.Module, key: str, tensor: torch.Tensor) -> None:

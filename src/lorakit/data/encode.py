@@ -24,19 +24,19 @@ class EncodedExample:
 
     Attributes:
         input_ids: ``(T,)`` token ids, ``T <= max_length``.
-        label: the class index (classification), or ``(T,)`` target ids with
-            ``IGNORE_INDEX`` where the loss is not taken (language modelling).
+        label: the class index (classification), the number to fit (regression), or ``(T,)``
+            target ids with ``IGNORE_INDEX`` where the loss is not taken (language modelling).
         segments: ``(T,)`` which text of a pair each token belongs to (the tokenizer's
             ``token_type_ids``), for a pair of texts where the tokenizer gives them; else None.
     """
 
     input_ids: list[int]
-    label: int | list[int]
+    label: int | float | list[int]
     segments: list[int] | None = None
 
     def target_count(self) -> int:
-        """How many positions count in the loss: 1 for a class, else the unmasked tokens."""
-        if isinstance(self.label, int):
+        """How many positions count in the loss: 1 for a class or a number, else the unmasked tokens."""
+        if not isinstance(self.label, list):
             return 1
         return sum(1 for t in self.label[1:] if t != IGNORE_INDEX)  # the first token predicts nothing
 
@@ -76,12 +76,18 @@ def encode_classification(records: list[dict], tokenizer, max_length: int, label
         raise LorakitError(f"{first['_where']} has label {first['label']!r}, which the model does not know "
                            f"({alike} records like it{others}); known labels: {shown}; the classes are those "
                            "of the training examples: give this one examples to train on, or remove its lines")
+    return encode_texts(records, tokenizer, max_length, ids)
+
+
+def encode_texts(records: list[dict], tokenizer, max_length: int, targets: list) -> Encoded:
+    """``{"text"}`` records (and ``text_pair``) -> examples with ``targets[i]`` (a class index, or a
+    number to fit) as the label of record ``i``."""
     texts = text_inputs(records)
     full = tokenizer(*texts, truncation=False, verbose=False)["input_ids"] if records else []
     cut = tokenizer(*texts, truncation=True, max_length=max_length) if records else {"input_ids": []}
     segments = cut.get("token_type_ids") if len(texts) == 2 else None
     encoded = Encoded()
-    for i, (label, tokens, whole) in enumerate(zip(ids, cut["input_ids"], full)):
+    for i, (label, tokens, whole) in enumerate(zip(targets, cut["input_ids"], full)):
         encoded.longest = max(encoded.longest, len(whole))
         encoded.truncated += len(whole) > len(tokens)
         encoded.examples.append(EncodedExample(list(tokens), label, None if segments is None else list(segments[i])))
@@ -171,7 +177,8 @@ def collate(examples: list[EncodedExample], pad_id: int) -> dict:
 
     Returns:
         ``input_ids: (B, T)``, ``attention_mask: (B, T)`` (1 = real token), and
-        ``labels``: ``(B,)`` class indices or ``(B, T)`` targets padded with -100; for pairs of
+        ``labels``: ``(B,)`` class indices, ``(B,)`` numbers (float32) or ``(B, T)`` targets padded
+        with -100; for pairs of
         texts, ``token_type_ids: (B, T)`` (padded with 0).
     """
     width = max(len(e.input_ids) for e in examples)
@@ -185,6 +192,8 @@ def collate(examples: list[EncodedExample], pad_id: int) -> dict:
             segments[row, :len(example.segments)] = torch.tensor(example.segments)
     if isinstance(examples[0].label, int):
         labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+    elif isinstance(examples[0].label, float):
+        labels = torch.tensor([e.label for e in examples], dtype=torch.float32)
     else:
         labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
         for row, example in enumerate(examples):

@@ -243,7 +243,8 @@ class Service:
         return self.tokenizer.decode([token])
 
     async def classify(self, texts: list[str], adapter: str) -> list[dict]:
-        """Label and class probabilities for each text, with ``adapter`` ("base" for none)."""
+        """Label and class probabilities for each text (a regression adapter's: its number, ``value``),
+        with ``adapter`` ("base" for none)."""
         self.registry.check_known(adapter)
         if len(texts) > 64:
             raise LimitError(f"input has {len(texts)} texts; send at most 64 per request", "input")
@@ -291,13 +292,11 @@ class Service:
         finally:
             if entry is not None:
                 self.registry.release(entry)
-        probs = torch.softmax(logits.float(), dim=-1)
-        labels = self._labels(adapter, probs.shape[-1])
-        return [
-            {"index": i, "label": labels[int(row.argmax())],
-             "probabilities": {labels[j]: float(p) for j, p in enumerate(row)}}
-            for i, row in enumerate(probs)
-        ]
+        if logits.shape[-1] == 1:  # one output: a regression's number (transformers' num_labels=1)
+            return [{"index": i, "value": value} for i, value in enumerate(logits[:, 0].float().tolist())]
+        probs, labels = torch.softmax(logits.float(), dim=-1), self._labels(adapter, logits.shape[-1])
+        return [{"index": i, "label": labels[int(row.argmax())],
+                 "probabilities": {labels[j]: float(p) for j, p in enumerate(row)}} for i, row in enumerate(probs)]
 
     def _labels(self, adapter: str, count: int) -> list[str]:
         """Class names: the adapter's own (its ``lorakit_task.json``, as ``lorakit predict``

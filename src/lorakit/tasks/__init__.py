@@ -2,6 +2,8 @@
 
 - ``classify``: a sequence classifier (default: the embedded all-MiniLM-L6-v2 on the
   embedded Rotten Tomatoes reviews, ``fresh`` / ``rotten``); metric: accuracy.
+- ``regress``: a sequence classifier with one output fitting a number (default: the same
+  model on the embedded words rated for pleasantness); metric: RMSE.
 - ``chat``: a causal LM on chat turns, only assistant tokens trained (default: the
   embedded SmolLM2-135M-Instruct on the chatterbot corpus); metric: loss per token.
 - ``text``: a causal LM on plain text or prompt/completion pairs (default: the same
@@ -20,9 +22,10 @@ from lorakit.tasks.base import Task, TaskData, TruncationWarning, encode_splits,
 from lorakit.tasks.classify import ClassificationTask, load_classifier
 from lorakit.tasks.language import LanguageModelTask, load_causal_lm, reviews_as_text
 from lorakit.tasks.reading import read_splits
+from lorakit.tasks.regress import RegressionTask, load_regressor
 
-__all__ = ["TASKS", "ClassificationTask", "LanguageModelTask", "Task", "TaskData", "TruncationWarning",
-           "encode_splits", "evaluate", "get_task", "per_task", "read_splits", "register_task"]
+__all__ = ["TASKS", "ClassificationTask", "LanguageModelTask", "RegressionTask", "Task", "TaskData",
+           "TruncationWarning", "encode_splits", "evaluate", "get_task", "per_task", "read_splits", "register_task"]
 
 TASKS: dict[str, Task] = {}
 
@@ -54,6 +57,10 @@ def get_task(name: str) -> Task:
 register_task(ClassificationTask(name="classify", load_model=load_classifier, default_data=lkdata.rotten_tomatoes,
                                  max_length_cap=256, default_epochs=3.0, default_eval_batch_size=64, min_steps=600,
                                  min_examples=9_600, fp32_epochs=2.0))
+# the classifier's recipe, with one output and a number to fit
+register_task(RegressionTask(name="regress", load_model=load_regressor, default_data=lkdata.word_pleasantness,
+                             max_length_cap=256, default_epochs=3.0, default_eval_batch_size=64, min_steps=600,
+                             min_examples=9_600, fp32_epochs=2.0))
 # a language model's logits are (batch, tokens, vocabulary): evaluation batches are kept small
 register_task(LanguageModelTask(name="chat", chat=True, load_model=load_causal_lm, default_data=lkdata.chatterbot_pairs,
                                 max_length_cap=512, default_epochs=1.0, default_eval_batch_size=8))

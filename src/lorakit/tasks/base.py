@@ -76,6 +76,7 @@ class Task:
         trains_head: the model gets a new head that only training gives it (the base
             model alone is not usable, and adapters with their own heads do not merge).
         has_classes: examples have a class (``--class-weights`` applies).
+        smooths_labels: the loss takes ``--label-smoothing`` (a cross-entropy).
         stats: the keys of :meth:`batch_stats`, summed over batches by :func:`evaluate`.
         outputs: keys of :meth:`batch_stats` holding one value per example (``(B,)``),
             gathered by :func:`evaluate` for :meth:`metrics`.
@@ -98,6 +99,7 @@ class Task:
 
     trains_head: ClassVar[bool] = False
     has_classes: ClassVar[bool] = False
+    smooths_labels: ClassVar[bool] = True
     stats: ClassVar[tuple[str, ...]] = ("loss_sum", "count")
     outputs: ClassVar[tuple[str, ...]] = ()
     stratify_key: ClassVar[str | None] = None
@@ -107,6 +109,8 @@ class Task:
     #: into (what ``lorakit inspect --memory`` builds on fake tensors)
     default_model: ClassVar[str] = "default"
     auto_class: ClassVar[str] = "AutoModelForSequenceClassification"
+    #: what the task sets on a model's config before building it (as :attr:`load_model` builds it)
+    config_settings: ClassVar[dict] = {}
 
     def fake_batch(self, batch_size: int, length: int) -> dict:
         """A ``(batch_size, length)`` batch of zeros shaped as :meth:`batch_stats` takes it."""
@@ -156,6 +160,9 @@ class Task:
         """Names of the modules trained in full next to an adapter (a classifier's head)."""
         return []
 
+    def start(self, model, data: TaskData) -> None:
+        """Set what a new model's head starts from, given the encoded training data (nothing by default)."""
+
     def batch_stats(self, model, batch: dict, label_smoothing: float = 0.0) -> dict:
         """``{key: 0-d tensor}`` for the keys in :attr:`stats` (``loss_sum`` keeps its graph),
         and ``(B,)`` tensors for the keys in :attr:`outputs`."""
@@ -167,10 +174,16 @@ class Task:
         return float(sum(e.target_count() for e in examples))
 
     def metrics(self, sums: dict[str, float], examples: int, outputs: dict | None = None,
-                labels: list[str] | None = None) -> dict:
+                labels: list[str] | None = None, detail: bool = False) -> dict:
         """The metrics of summed :meth:`batch_stats` and the gathered :attr:`outputs`:
-        ``{"loss", "examples", ...}``; with ``labels`` (class names) also a breakdown by class."""
+        ``{"loss", "examples", ...}``; with ``labels`` (class names) also a breakdown by class, with
+        ``detail`` what :meth:`figures` draws (the final report's)."""
         raise NotImplementedError
+
+    def figures(self, metrics: dict, folder, split: str) -> dict[str, str]:
+        """Draw what :meth:`metrics` (with ``detail``) of ``split`` show best as a picture into the run
+        ``folder`` (:class:`lorakit.run_folder.RunFolder`): ``{report key: path}`` of each figure drawn."""
+        return {}
 
     def verdict(self, metrics: dict, split: str, advise: bool = True) -> str | None:
         """A warning line when ``metrics`` show the model learned nothing a trivial answer
@@ -258,7 +271,7 @@ def encode_splits(task: Task, splits: lkdata.DatasetSplits, tokenizer, max_lengt
 @torch.no_grad()
 def evaluate(task: Task, model, examples: list[EncodedExample], pad_id: int, batch_size: int = 64,
              device="cpu", rank: int = 0, world_size: int = 1, labels: list[str] | None = None,
-             progress: str | None = None) -> dict:
+             progress: str | None = None, detail: bool = False) -> dict:
     """The task's metrics of ``model`` on ``examples`` (:meth:`Task.metrics`).
 
     Examples are batched in order of length (less padding). Under torch.distributed
@@ -272,6 +285,7 @@ def evaluate(task: Task, model, examples: list[EncodedExample], pad_id: int, bat
         labels: class names by index: the metrics then include a breakdown by class
             (per-class precision and recall, the confusion matrix).
         progress: a progress bar's title (shown on stderr), or None for none.
+        detail: with what the task's figures draw (:meth:`Task.figures`).
 
     Returns:
         e.g. ``{"loss": nats per example, "examples": n, "accuracy", "macro_f1",
@@ -309,4 +323,4 @@ def evaluate(task: Task, model, examples: list[EncodedExample], pad_id: int, bat
             gathered[key] = torch.cat(parts)
     model.train(was_training)
     return task.metrics(dict(zip(task.stats, totals.tolist())), len(examples),
-                        {key: values.numpy() for key, values in gathered.items()}, labels)
+                        {key: values.numpy() for key, values in gathered.items()}, labels, detail)

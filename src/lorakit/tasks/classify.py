@@ -33,6 +33,8 @@ PLACEHOLDER = "LABEL_"
 # fewer training examples than this and a class can hardly be learned, nor scored on a validation or test split
 # (a 10% split of 5 examples holds none of them); a warning names such classes
 RARE_CLASS = 5
+# more classes than this that are all numbers (or any number with a fraction) are more likely scores than classes
+NUMBER_CLASSES = 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,8 +79,8 @@ class ClassificationTask(Task):
         examples = sum(counts.values())
         if len(names) > max(50, examples // 2):
             numbers = all(number_value(name) is not None for name in names)
-            scores = ("; if they are scores (a regression file's similarity or rating), lorakit does not fit "
-                      "those: bin them into classes first" if numbers else "")
+            scores = ("; if they are scores (a similarity, a rating) to fit as numbers, train --task regress"
+                      if numbers else "")
             raise LorakitError(f"the label column of {source} holds {len(names):,} different values among "
                                f"{examples:,} training records (e.g. {names[0][:40]!r}), so most classes have one "
                                f"example; is it the right column? (--label-column names another){scores}")
@@ -86,6 +88,11 @@ class ClassificationTask(Task):
             held = f"only the label {names[0]!r}" if names else "no label"
             raise LorakitError(f"the training split of {source} has {held}; a classifier needs examples of at "
                                "least two classes")
+        values = [number_value(name) for name in names]
+        if all(v is not None for v in values) and (len(names) > NUMBER_CLASSES or any(v % 1 for v in values)):
+            warnings.warn(f"{source}: the {len(names)} classes are numbers (e.g. {names[0]!r}, {names[-1]!r}); if "
+                          "they are scores to fit (a similarity, a rating), train --task regress", LabelWarning,
+                          stacklevel=2)
         rare = [name for name in names if counts[name] < RARE_CLASS]
         if rare:
             shown = ", ".join(f"{name!r} ({counts[name]})" for name in rare[:5]) + (" ..." if len(rare) > 5 else "")
@@ -150,7 +157,7 @@ class ClassificationTask(Task):
             return float(len(examples))
         return float(sum(float(class_weights[e.label]) for e in examples))
 
-    def metrics(self, sums, examples, outputs=None, labels=None) -> dict:
+    def metrics(self, sums, examples, outputs=None, labels=None, detail=False) -> dict:
         """Loss per example (unweighted in evaluation), accuracy and macro-F1 beside the
         majority-class baseline (:func:`lorakit.tasks.scores.scores`); with ``labels``, the
         per-class breakdown under ``"classes"``."""
@@ -164,6 +171,16 @@ class ClassificationTask(Task):
 
     def verdict(self, metrics, split, advise=True) -> str | None:
         return scores.verdict(metrics, split, advise) if "majority_accuracy" in metrics else None
+
+    def figures(self, metrics, folder, split) -> dict[str, str]:
+        """The confusion matrix (``confusion.png``), where ``metrics`` hold the breakdown by class."""
+        if not metrics.get("classes"):
+            return {}
+        from lorakit.plots import plot_confusion_matrix
+
+        matrix = metrics["classes"]["confusion_matrix"]
+        return {"confusion_path": str(plot_confusion_matrix(matrix["matrix"], matrix["labels"], folder.confusion,
+                                                            title=f"{split} confusion matrix"))}
 
     def why(self, train_losses, validation, train, labels, lr, weighted) -> str | None:
         """:func:`lorakit.tasks.scores.why` of the last tenth of the training losses and the validation loss,
@@ -198,29 +215,39 @@ class ClassificationTask(Task):
         text holds its two texts separated by a tab, or is a ``[first, second]`` list (:func:`split_pairs`).
         Texts go through the model ``batch_size`` at a time (default: the task's evaluation batch), in order
         of length (less padding); ``progress``: a progress bar's title, shown where there are several batches."""
-        inputs = split_pairs(texts) if pairs else (list(texts),)
-        encoded = tokenizer(*inputs, truncation=True, max_length=max_length)
-        order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
-        size = batch_size or self.default_eval_batch_size
-        starts = range(0, len(order), size)
-        if progress and len(starts) > 1:
-            from tqdm import tqdm
-
-            starts = tqdm(starts, desc=progress, unit="batch", leave=False, disable=None)
-        device, parts = next(model.parameters()).device, []
-        for start in starts:
-            rows = order[start:start + size]
-            batch = tokenizer.pad([{key: values[i] for key, values in encoded.items()} for i in rows],
-                                  return_tensors="pt")
-            logits = model(**{k: v.to(device) for k, v in model_inputs(batch, pairs).items()}).logits
-            parts.append(logits.float().softmax(-1).cpu())
-        probabilities = torch.empty(len(texts), parts[0].shape[-1]) if parts else torch.empty(0, 0)
-        if parts:
-            probabilities[order] = torch.cat(parts)
+        probabilities = head_outputs(model, tokenizer, texts, max_length, pairs, batch_size or
+                                     self.default_eval_batch_size, progress).softmax(-1)
         labels = labels if labels is not None else model_labels(model, probabilities.shape[-1])
         return [{"text": text, "label": labels[int(row.argmax())],
                  "probabilities": {label: float(p) for label, p in zip(labels, row)}}
                 for text, row in zip(texts, probabilities)]
+
+
+@torch.no_grad()
+def head_outputs(model, tokenizer, texts, max_length: int, pairs: bool, batch_size: int,
+                 progress: str | None = None) -> torch.Tensor:
+    """``(len(texts), outputs)`` fp32 logits of a sequence classifier for ``texts`` (with ``pairs``, each
+    ``"first<TAB>second"`` or ``[first, second]``: :func:`split_pairs`), cut to ``max_length`` tokens, run
+    ``batch_size`` at a time in order of length (less padding), with a ``progress`` bar where there are
+    several batches."""
+    inputs = split_pairs(texts) if pairs else (list(texts),)
+    encoded = tokenizer(*inputs, truncation=True, max_length=max_length)
+    order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
+    starts = range(0, len(order), batch_size)
+    if progress and len(starts) > 1:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=progress, unit="batch", leave=False, disable=None)
+    device, parts = next(model.parameters()).device, []
+    for start in starts:
+        rows = order[start:start + batch_size]
+        batch = tokenizer.pad([{key: values[i] for key, values in encoded.items()} for i in rows],
+                              return_tensors="pt")
+        parts.append(model(**{k: v.to(device) for k, v in model_inputs(batch, pairs).items()}).logits.float().cpu())
+    outputs = torch.empty(len(texts), parts[0].shape[-1]) if parts else torch.empty(0, 0)
+    if parts:
+        outputs[order] = torch.cat(parts)
+    return outputs
 
 
 def model_labels(model, classes: int) -> list[str]:

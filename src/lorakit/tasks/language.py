@@ -72,7 +72,7 @@ class LanguageModelTask(Task):
         # every position trained: selecting the trained ones would need the (fake) values
         return causal_lm_loss(model, batch, skip_ignored=False)[0]
 
-    def metrics(self, sums, examples, outputs=None, labels=None) -> dict:
+    def metrics(self, sums, examples, outputs=None, labels=None, detail=False) -> dict:
         loss = sums["loss_sum"] / max(sums["count"], 1)
         return {"loss": loss, "examples": examples, "perplexity": math.exp(min(loss, 50.0))}
 
