@@ -81,6 +81,21 @@ def test_the_labels_must_be_numbers_that_differ():
         task.labels([{"text": "a", "label": "2"}, {"text": "b", "label": "2.0"}], "f")
 
 
+def test_numbers_are_read_as_written_not_merged_into_classes(tmp_path):
+    import warnings
+
+    from lorakit.data.labels import LabelWarning
+
+    path = _write(tmp_path / "spelled.csv", [{"text": "a", "label": "5"}, {"text": "b", "label": "5.0"},
+                                              {"text": "c", "label": "1"}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "the same number written differently is one class"
+        records = get_task("regress").read_records(path)
+    assert [r["label"] for r in records] == ["5", "5.0", "1"]
+    with pytest.warns(LabelWarning, match="same number written differently"):
+        get_task("classify").read_records(path)
+
+
 def test_examples_carry_their_number_and_batches_hold_float32(trained):
     from transformers import AutoTokenizer
 

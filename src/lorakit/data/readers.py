@@ -56,9 +56,9 @@ def read_records(path, kind: str, columns: dict | None = None) -> list[dict]:
     return READERS[kind](path, columns)
 
 
-def read_classification(path, columns: dict | None = None) -> list[dict]:
+def read_classification(path, columns: dict | None = None, classes: bool = True) -> list[dict]:
     """``{"text", "label"}`` records of ``path`` (labels as strings; see :mod:`lorakit.data.labels`
-    for labels that spell one number several ways), each with ``"_where"``.
+    for labels that spell one number several ways: one class, where ``classes``), each with ``"_where"``.
 
     Raises:
         LorakitError: see :func:`read_file`; a record without a text or a label.
@@ -67,7 +67,7 @@ def read_classification(path, columns: dict | None = None) -> list[dict]:
     if format_suffix(path) == ".txt":
         raise LorakitError(f"{path.name} is plain text, which holds no labels: classification reads a .jsonl, .csv, "
                            ".tsv, .json or .parquet file of texts and labels (plain text trains --task text)")
-    return classification_records(read_file(path), path.name, columns)
+    return classification_records(read_file(path), path.name, columns, classes)
 
 
 def read_texts(path, columns: dict | None = None) -> list[dict]:
@@ -114,10 +114,13 @@ def read_language_modeling(path, columns: dict | None = None) -> list[dict]:
     return language_model_records(read_file(path), columns)
 
 
-def classification_records(raw: list[dict], source: str, columns: dict | None = None) -> list[dict]:
-    """Raw rows (each with ``"_where"``) checked as classification records."""
+def classification_records(raw: list[dict], source: str, columns: dict | None = None,
+                           classes: bool = True) -> list[dict]:
+    """Raw rows (each with ``"_where"``) checked as classification records; ``classes``: labels spelling
+    one number several ways are made one class (a regression's numbers are read as written)."""
     check = classify_checker(columns, raw[0] if raw else None)
-    return merge_number_spellings([check(record) for record in raw], source)
+    records = [check(record) for record in raw]
+    return merge_number_spellings(records, source) if classes else records
 
 
 def language_model_records(raw: list[dict], columns: dict | None = None) -> list[dict]:

@@ -52,13 +52,14 @@ class ClassificationTask(Task):
     group_keys: ClassVar[tuple[str, ...]] = ("text",)
 
     def read_records(self, path, columns=None) -> list[dict]:
-        return lkdata.readers.read_classification(path, columns)
+        return lkdata.readers.read_classification(path, columns, self.has_classes)
 
     def check_records(self, raw, source, columns=None) -> list[dict]:
-        return classification_records(raw, source, columns)
+        return classification_records(raw, source, columns, self.has_classes)
 
     def stream_records(self, path, columns, buffer, limit) -> RecordStream:
-        return RecordStream(path, lambda first: classify_checker(columns, first), buffer, limit, number_renames,
+        renames = number_renames if self.has_classes else None  # a number's spellings made one class
+        return RecordStream(path, lambda first: classify_checker(columns, first), buffer, limit, renames,
                             self.group_keys)
 
     def class_counts(self, train) -> Counter:

@@ -43,7 +43,7 @@ class RegressionTask(ClassificationTask):
     metric: str = "rmse"
     higher_is_better: bool = False
 
-    has_classes: ClassVar[bool] = False
+    has_classes: ClassVar[bool] = False  # and labels are read as written: "5" and "5.0" are one number anyway
     smooths_labels: ClassVar[bool] = False
     stats: ClassVar[tuple[str, ...]] = ("loss_sum", "count")
     outputs: ClassVar[tuple[str, ...]] = ("predicted", "target")
