@@ -101,3 +101,6 @@ def test_generate_fits_the_answer_into_a_model_of_learned_positions():
     assert len(tokenizer(answer)["input_ids"]) <= 14
     with pytest.raises(LorakitError, match="the prompt has 30 tokens and this model takes at most 24"):
         task.generate(model, tokenizer, ["x" * 30], 5)
+    # a tokenizer that adds no start token leaves an empty prompt nothing to continue: one line, not a reshape error
+    with pytest.raises(LorakitError, match="prompt 2 is empty; give some words to continue"):
+        task.generate(model, tokenizer, ["x", ""], 5)

@@ -87,6 +87,8 @@ class LanguageModelTask(Task):
             text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                  add_generation_prompt=True) if chat else prompt
             ids = tokenizer(text, add_special_tokens=not chat, return_tensors="pt")["input_ids"].to(device)
+            if ids.shape[1] == 0:  # nothing to continue (a tokenizer that adds no start token)
+                raise LorakitError(f"prompt {len(answers) + 1} is empty; give some words to continue")
             new_tokens = _room(model, ids.shape[1], max_new_tokens)
             output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                     max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id,
