@@ -66,7 +66,8 @@ def test_the_flags_are_made_from_the_config_fields_and_keep_their_names():
     assert {option for a in actions.values() for option in a.option_strings} == OLD_FLAGS | added
     # a flag not given leaves the dataclass's default: the defaults are written once
     assert config_from_args(parser.parse_args(["train"])) == TrainConfig()
-    assert "(default: 8)" in actions["rank"].help and "classify 256, regress 256, chat 512, text 512" in actions["max_length"].help
+    assert "(default: 8)" in actions["rank"].help
+    assert "classify 256, regress 256, chat 512, text 512" in actions["max_length"].help
     config = config_from_args(parser.parse_args(["train", "--no-bf16", "--epochs", "2", "--targets", "query,value",
                                                  "--overwrite", "--alpha", "4", "--init", "kaiming"]))
     assert (config.bf16, config.epochs, config.targets, config.overwrite, config.alpha, config.init) == \

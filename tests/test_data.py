@@ -322,7 +322,8 @@ def test_scores_that_pass_as_classes_are_named_as_scores():
 
 def test_a_label_column_of_many_numbers_is_refused_naming_regression():
     rows = [{"text": f"text {i}", "label": f"{i / 40:.2f}", "_where": f"d line {i}"} for i in range(120)]
-    with pytest.raises(LorakitError, match=r"right column.*if they are scores \(a similarity, a rating\) to fit as numbers, train --task regress"):
+    with pytest.raises(LorakitError, match=r"right column.*if they are scores \(a similarity, a rating\) to fit "
+                                            r"as numbers, train --task regress"):
         get_task("classify").labels(rows, "sts.csv")
     words = [{"text": f"text {i}", "label": f"id-{i}", "_where": f"d line {i}"} for i in range(120)]
     with pytest.raises(LorakitError, match=r"names another\)$"):  # not numbers: no word of regression

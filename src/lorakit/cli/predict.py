@@ -19,8 +19,8 @@ def register(subparsers) -> None:
                         help="texts to classify; '-' reads one text a line from standard input; for an adapter "
                              "trained on pairs of texts, each TEXT is 'first<TAB>second' ($'a\\tb' in bash)")
     parser.add_argument("--adapter", action="append", required=True, metavar="DIR",
-                        help="a classify or regress run folder of lorakit train (--out), or the adapter (or full model) "
-                             "folder in it; repeat to compare")
+                        help="a classify or regress run folder of lorakit train (--out), or the adapter (or full "
+                             "model) folder in it; repeat to compare")
     parser.add_argument("--data", default=None, metavar="FILE",
                         help=f"a {FORMATS} file whose every record to classify (labelled or not; a .txt file: one "
                              "text a line), or a folder datasets saved (one split's)")

@@ -63,7 +63,8 @@ def word_pleasantness(validation: float = 0.1, test: float = 0.1) -> DatasetSpli
     874)."""
     path = embedded_path(*WHISSELL)
     with open_text(path, "utf-8") as handle:
-        records = [{"text": row["word"].strip(), "label": row["pleasantness"].strip(), "_where": f"{path.name} line {i}"}
+        records = [{"text": row["word"].strip(), "label": row["pleasantness"].strip(),
+                    "_where": f"{path.name} line {i}"}
                    for i, row in enumerate(csv.DictReader(handle), start=2) if (row.get("word") or "").strip()]
     return split_records(records, validation, test, source=f"word pleasantness ({path.name})", group_key="text")
 

@@ -209,7 +209,6 @@ class ClassificationTask(Task):
             return super().report_rows(split, metrics)
         return scores.rows(split, metrics)
 
-    @torch.no_grad()
     def predict(self, model, tokenizer, texts, labels, max_length, pairs: bool = False, batch_size: int | None = None,
                 progress: str | None = None) -> list[dict]:
         """Label and probabilities of each text; with ``pairs`` (an adapter trained on pairs of texts) each
