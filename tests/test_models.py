@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,11 +179,55 @@ def test_a_gguf_conversion_is_keyed_by_what_the_file_holds_not_where_it_lies(tmp
     assert converted_dir(small, cache) != converted_dir(first, cache)
 
 
+def test_a_conversion_whose_file_is_gone_or_changed_is_stale(tmp_path):
+    """A package upgrade replaces the GGUF file: the old conversion (0.5 GB for the embedded model) is
+    removed after the new one is made; one that a file still holds (another environment) is kept."""
+    import json
+
+    from lorakit.gguf import SOURCE_FILE, converted_dir, stale_conversions
+
+    cache, here, elsewhere = tmp_path / "cache", tmp_path / "env1" / "m.gguf", tmp_path / "env2" / "m.gguf"
+    for path, content in ((here, b"GGUF old"), (elsewhere, b"GGUF other")):
+        path.parent.mkdir()
+        path.write_bytes(content)
+
+    def conversion_of(path: Path) -> Path:
+        folder = converted_dir(path, cache)
+        folder.mkdir(parents=True)
+        (folder / SOURCE_FILE).write_text(json.dumps({"gguf": str(path)}))
+        return folder
+
+    old, kept = conversion_of(here), conversion_of(elsewhere)
+    assert stale_conversions(here, cache) == []  # each file still holds its conversion
+    here.write_bytes(b"GGUF new")  # the upgrade
+    new = conversion_of(here)
+    removed_env = tmp_path / "env3" / "m.gguf"
+    removed_env.parent.mkdir()
+    removed_env.write_bytes(b"GGUF third")
+    orphan = conversion_of(removed_env)
+    removed_env.unlink()
+    unrecorded = cache / "m-fp32-0123456789"
+    unrecorded.mkdir()
+    other_name = cache / "n-fp32-0123456789"
+    other_name.mkdir()
+    (other_name / SOURCE_FILE).write_text(json.dumps({"gguf": str(tmp_path / "gone.gguf")}))
+    assert stale_conversions(here, cache) == sorted([old, orphan])
+    assert all(f.is_dir() for f in (old, kept, new, orphan, unrecorded, other_name))  # listed, not removed
+
+
 @pytest.mark.slow
 def test_default_chat_model_is_converted_once_then_read_from_the_cache(tmp_path, monkeypatch, capsys):
+    import json
+
+    from lorakit.gguf import SOURCE_FILE
+
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    earlier = tmp_path / "SmolLM2-135M-Instruct.Q4_1-fp32-0000000000"  # an earlier package's conversion
+    earlier.mkdir()
+    (earlier / SOURCE_FILE).write_text(json.dumps({"gguf": str(tmp_path / "gone" / "x.gguf")}))
     model, tokenizer = load_causal_lm("default-chat")
     assert "converting SmolLM2-135M-Instruct.Q4_1.gguf" in capsys.readouterr().err
+    assert not earlier.exists()  # removed once the new conversion was made
     (folder,) = [p for p in tmp_path.iterdir()]  # no temporary folder left beside it
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is LoRA?"}],

@@ -205,6 +205,7 @@ def test_classify_answers_labels_and_probabilities_per_adapter(classifier):
     with TestClient(create_app(service)) as client:
         answers = {m: client.post("/v1/classify", json={"model": m, "input": TEXTS}).json() for m in ("base", "mood")}
         single = client.post("/v1/classify", json={"model": "mood", "input": TEXTS[0]}).json()
+        vllm_path = client.post("/classify", json={"model": "mood", "input": TEXTS}).json()  # vLLM's path
         assert client.post("/v1/completions", json={"model": "base", "prompt": "x"}).status_code == 400
         assert client.post("/v1/classify", json={"model": "nope", "input": "x"}).status_code == 404
         assert client.post("/v1/classify", json={"model": "mood", "input": []}).status_code == 422
@@ -220,12 +221,17 @@ def test_classify_answers_labels_and_probabilities_per_adapter(classifier):
         with disable_adapters(reference):
             expected["base"] = torch.softmax(reference(**batch).logits, -1)
     labels = ["neg", "neutral", "pos"]
+    prompt_tokens = int(batch["attention_mask"].sum())
     for model_name, answer in answers.items():
         assert answer["model"] == model_name and len(answer["data"]) == len(TEXTS)
-        for row, probs in zip(answer["data"], expected[model_name]):
+        assert answer["object"] == "list" and answer["id"].startswith("classify-") and answer["created"] > 0
+        assert answer["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}
+        for i, (row, probs) in enumerate(zip(answer["data"], expected[model_name])):
             got = torch.tensor([row["probabilities"][label] for label in labels])
             assert torch.allclose(got, probs, atol=1e-5), (model_name, row)
-            assert row["label"] == labels[int(probs.argmax())]
+            assert row["label"] == labels[int(probs.argmax())] and row["index"] == i
+            assert row["probs"] == [row["probabilities"][label] for label in labels] and row["num_classes"] == 3
+    assert [row["probs"] for row in vllm_path["data"]] == [row["probs"] for row in answers["mood"]["data"]]
     assert not torch.allclose(expected["mood"], expected["base"], atol=1e-3)  # the adapter matters
     one = torch.tensor([single["data"][0]["probabilities"][label] for label in labels])
     assert torch.allclose(one, expected["mood"][0], atol=1e-5)  # a batch of one agrees with the batch

@@ -9,6 +9,7 @@ rebuilds a plain model from the same tensors and writes it atomically.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -23,6 +24,7 @@ from lorakit.errors import LorakitError
 
 
 SAMPLE_BYTES = 8 << 20  # read from each end of a GGUF file to key its conversion
+SOURCE_FILE = "lorakit_gguf_source.json"  # in a conversion: the GGUF file it was made from
 
 
 def converted_dir(gguf: Path, cache: Path) -> Path:
@@ -49,7 +51,8 @@ def convert_gguf(gguf: Path, dest: Path):
     Returns the loaded ``(model, tokenizer)``. The folder is written under a temporary
     name beside ``dest`` and renamed at the end, so an interrupted conversion never
     leaves a half-written folder behind; if another process finished first, its
-    folder is kept.
+    folder is kept. Then the conversions no file holds any more (:func:`stale_conversions`:
+    a new package version's model replaced the one they were made from) are removed.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -71,6 +74,7 @@ def convert_gguf(gguf: Path, dest: Path):
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf.resolve())}))
         try:
             os.rename(tmp, dest)
         except OSError:
@@ -79,7 +83,28 @@ def convert_gguf(gguf: Path, dest: Path):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"lorakit: converted in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    for stale in stale_conversions(gguf, dest.parent):
+        size = sum(f.stat().st_size for f in stale.rglob("*") if f.is_file())
+        shutil.rmtree(stale, ignore_errors=True)
+        print(f"lorakit: removed {stale} ({size / 1e9:.2f} GB), the conversion of a {gguf.name} that is gone "
+              "or has changed", file=sys.stderr, flush=True)
     return model, tokenizer
+
+
+def stale_conversions(gguf: Path, cache: Path) -> list[Path]:
+    """The conversions in ``cache`` of files named as ``gguf`` that no file holds any more: each
+    records the file it was made from, which is gone or now holds other content (its key,
+    :func:`converted_dir`, names another folder). A conversion whose file still holds it (the
+    same model in another environment) is kept, and so is one without a record."""
+    stale = []
+    for folder in sorted(cache.glob(f"{gguf.stem}-fp32-*")):
+        try:
+            source = Path(json.loads((folder / SOURCE_FILE).read_text())["gguf"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a temporary folder, or no record: not known to be stale
+        if not source.is_file() or converted_dir(source, cache) != folder:
+            stale.append(folder)
+    return stale
 
 
 def _dequantized_copy(loaded: nn.Module) -> nn.Module:

@@ -4,12 +4,13 @@ Routes: ``GET /health``, ``GET /metrics`` and vLLM's ``GET /version`` (open), ``
 (and one model's card, ``GET /v1/models/{id}``; each with vLLM's ``max_model_len``),
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` answers with
 server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``),
-``POST /v1/classify``, the adapter routes of :mod:`lorakit.serve.admin`
+``POST /v1/classify`` (also at vLLM's ``POST /classify``), the adapter routes of :mod:`lorakit.serve.admin`
 (``POST /v1/adapters``, ``DELETE /v1/adapters/{name}``, vLLM's
 ``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter``) and vLLM's
 ``POST /tokenize`` and ``POST /detokenize`` (:mod:`lorakit.serve.tokens`).
 
-Around the routes, outermost first: :class:`~lorakit.serve.metrics.MetricsMiddleware`
+Around the routes, outermost first: :class:`VllmPathsMiddleware` (vLLM's paths to lorakit's),
+:class:`~lorakit.serve.metrics.MetricsMiddleware`
 (counts every answer), :class:`~lorakit.serve.auth.AccessMiddleware` (``Host`` header
 and API keys), :class:`~lorakit.serve.limits.BodyLimitMiddleware` (413 past
 ``--max-body-bytes``, 429 while the queue is full). Every error answers in OpenAI's shape
@@ -28,7 +29,7 @@ from starlette.exceptions import HTTPException
 
 from lorakit import __version__
 from lorakit.errors import LorakitError
-from lorakit.serve import admin, schemas, tokens
+from lorakit.serve import admin, formats, schemas, tokens
 from lorakit.serve.auth import Access, AccessMiddleware
 from lorakit.serve.generate import complete
 from lorakit.serve.limits import BodyLimitMiddleware
@@ -36,6 +37,23 @@ from lorakit.serve.metrics import Metrics, MetricsMiddleware
 from lorakit.serve.registry import BASE
 from lorakit.serve.responses import error_response, message_response, validation_response
 from lorakit.serve.service import CLASSIFY, Service
+
+
+VLLM_PATHS = {"/classify": "/v1/classify"}  # vLLM's path for a route lorakit serves under /v1/
+
+
+class VllmPathsMiddleware:
+    """Outermost: a request to one of vLLM's paths (:data:`VLLM_PATHS`) is taken as one to lorakit's
+    route of the same body, so keys, queue limits, metrics and routing all see one path."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("path") in VLLM_PATHS:
+            path = VLLM_PATHS[scope["path"]]
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+        await self.app(scope, receive, send)
 
 
 def create_app(service: Service, access: Access | None = None) -> FastAPI:
@@ -60,6 +78,7 @@ def create_app(service: Service, access: Access | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=service.limits.max_body_bytes, queue_full=service.queue_full)
     app.add_middleware(AccessMiddleware, access=access or Access())
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(VllmPathsMiddleware)
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, err: RequestValidationError):
@@ -129,8 +148,7 @@ def create_app(service: Service, access: Access | None = None) -> FastAPI:
         request.state.adapter = body.model
         service.require_task(CLASSIFY)
         await service.ensure_model(body.model)
-        results = await service.classify(body.input, body.model)
-        return {"object": "list", "model": body.model, "data": results}
+        return formats.classified(body.model, *await service.classify(body.input, body.model))
 
     app.include_router(admin.routes(service))
     app.include_router(tokens.routes(service))

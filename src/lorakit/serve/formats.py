@@ -1,4 +1,4 @@
-"""OpenAI's response objects for the generation routes, whole and streamed.
+"""OpenAI's response objects for the generation routes, whole and streamed, and the classifier route's answer.
 
 ``text_completion`` for ``/v1/completions`` and ``chat.completion`` /
 ``chat.completion.chunk`` for ``/v1/chat/completions``, with ``n`` choices (each chunk
@@ -112,3 +112,16 @@ class ChatFormat(_Format):
     def _token(self, token: int, logprob: float) -> dict:
         text = self.token_text(token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "replace"))}
+
+
+def classified(model: str, outputs: list[list[float]], labels: list[str] | None, prompt_tokens: int) -> dict:
+    """The answer of ``POST /v1/classify`` (and of vLLM's ``POST /classify``, the same body): for each text
+    its ``index``, ``label``, ``probs`` in class order and ``num_classes``, as vLLM answers, and
+    ``probabilities`` by class name; for a regression adapter (``labels`` None) its number, ``value``."""
+    if labels is None:
+        data = [{"index": i, "value": row[0]} for i, row in enumerate(outputs)]
+    else:
+        data = [{"index": i, "label": labels[max(range(len(row)), key=row.__getitem__)], "probs": row,
+                 "num_classes": len(row), "probabilities": dict(zip(labels, row))} for i, row in enumerate(outputs)]
+    return {"id": schemas.new_id("classify"), "object": "list", "created": schemas.now(), "model": model,
+            "data": data, "usage": schemas.usage(prompt_tokens, 0)}

@@ -242,9 +242,9 @@ class Service:
         """The text of one token (for logprobs)."""
         return self.tokenizer.decode([token])
 
-    async def classify(self, texts: list[str], adapter: str) -> list[dict]:
-        """Label and class probabilities for each text (a regression adapter's: its number, ``value``),
-        with ``adapter`` ("base" for none)."""
+    async def classify(self, texts: list[str], adapter: str) -> tuple[list[list[float]], list[str] | None, int]:
+        """Each text's class probabilities with ``adapter`` ("base" for none), the class names, and
+        the prompt tokens read; a regression adapter's: each text's number, and None for names."""
         self.registry.check_known(adapter)
         if len(texts) > 64:
             raise LimitError(f"input has {len(texts)} texts; send at most 64 per request", "input")
@@ -268,7 +268,7 @@ class Service:
         with self._calls_lock:
             self._calls_waiting += change
 
-    def _classify_now(self, texts: list[str], adapter: str) -> list[dict]:
+    def _classify_now(self, texts: list[str], adapter: str) -> tuple[list[list[float]], list[str] | None, int]:
         from lorakit.per_row import per_row_adapters
 
         entry = None
@@ -292,11 +292,10 @@ class Service:
         finally:
             if entry is not None:
                 self.registry.release(entry)
+        tokens = int(batch["attention_mask"].sum())
         if logits.shape[-1] == 1:  # one output: a regression's number (transformers' num_labels=1)
-            return [{"index": i, "value": value} for i, value in enumerate(logits[:, 0].float().tolist())]
-        probs, labels = torch.softmax(logits.float(), dim=-1), self._labels(adapter, logits.shape[-1])
-        return [{"index": i, "label": labels[int(row.argmax())],
-                 "probabilities": {labels[j]: float(p) for j, p in enumerate(row)}} for i, row in enumerate(probs)]
+            return logits.float().tolist(), None, tokens
+        return torch.softmax(logits.float(), dim=-1).tolist(), self._labels(adapter, logits.shape[-1]), tokens
 
     def _labels(self, adapter: str, count: int) -> list[str]:
         """Class names: the adapter's own (its ``lorakit_task.json``, as ``lorakit predict``
