@@ -537,7 +537,8 @@ def test_a_file_of_any_peft_start_gives_the_trained_model_on_the_original_base(i
 
 
 def test_a_target_name_that_wrapped_nothing_is_not_written_for_peft_to_try(tmp_path):
-    """A grouped convolution is not targetable: a list naming it saves only what was wrapped."""
+    """A grouped convolution is not targetable: a list naming it is refused, and a pattern matching
+    it saves only what was wrapped (PEFT, given the pattern, would try the grouped one and fail)."""
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -548,7 +549,9 @@ def test_a_target_name_that_wrapped_nothing_is_not_written_for_peft_to_try(tmp_p
         def forward(self, x):
             return self.pwconv(self.dwconv(x))
 
-    model = attach(Net(), LoraConfig(r=2, target_modules=["dwconv", "pwconv"], init="random"))
+    with pytest.raises(LorakitError, match="cannot target dwconv, a Conv2d with groups=4"):
+        attach(Net(), LoraConfig(r=2, target_modules=["dwconv", "pwconv"]))
+    model = attach(Net(), LoraConfig(r=2, target_modules=r".*conv", init="random"))
     perturb_trainable(model)
     save_adapter(model, tmp_path)
     assert read_adapter(tmp_path)[0].target_modules == ["pwconv"]

@@ -6,7 +6,7 @@ from torch import nn
 from transformers import BertModel, DistilBertConfig, DistilBertForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
-from lorakit import LoraConfig, LorakitError, attach
+from lorakit import LoraConfig, LorakitError, attach, lora_layers
 from lorakit.targets import (
     BARE, CAUSAL_LM, CLASSIFIER, OTHER, adaptable_parameters, architecture_kind, is_conv1d, linear_leaves,
     model_fingerprint, model_kind, output_heads, task_heads, transformer_blocks, weight_out_in,
@@ -155,3 +155,30 @@ def test_the_parameters_lora_on_parameters_is_for_are_experts_and_routers_only()
     with pytest.raises(LorakitError, match=r"parameters \(--target-parameters\): gate.weight \(×2\), "
                                            r"experts.gate_up_proj \(×2\), experts.down_proj \(×2\)"):
         attach(tiny_mixtral(), LoraConfig(target_modules=["experts.gate_up_proj"]))
+
+
+def test_a_module_named_outright_that_lorakit_cannot_wrap_is_refused_not_left_out():
+    """PEFT refuses a named target it cannot adapt; lorakit took the others and dropped it in silence."""
+
+    class Block(nn.Module):  # a ConvNeXt block's shape: depthwise convolution, norm, pointwise layer
+        def __init__(self):
+            super().__init__()
+            self.dwconv, self.norm, self.pwconv = nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.LayerNorm(4), nn.Linear(4, 8)
+
+        def forward(self, x):
+            return self.pwconv(self.norm(self.dwconv(x).permute(0, 2, 3, 1)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+
+    with pytest.raises(LorakitError, match=r"cannot target blocks\.0\.dwconv, a Conv2d with groups=4 \(1 more like it\)"):
+        attach(Net(), LoraConfig(r=2, target_modules=["dwconv", "pwconv"]))
+    with pytest.raises(LorakitError, match=r"cannot target blocks\.0\.norm, a LayerNorm .*groups=1; leave it out"):
+        attach(Net(), LoraConfig(r=2, target_modules=["pwconv", "norm"]))
+    for config in (LoraConfig(r=2, target_modules=["pwconv"]),
+                   LoraConfig(r=2, target_modules=["dwconv", "pwconv"], exclude_modules=["dwconv"]),
+                   LoraConfig(r=2, target_modules=r".*conv")):  # a pattern takes what it can, as "all-linear" does
+        model = attach(Net(), config)
+        assert sorted(p for p, _ in lora_layers(model)) == ["blocks.0.pwconv", "blocks.1.pwconv"]

@@ -3,7 +3,8 @@
 The one place that knows transformers' ``Conv1D`` (GPT-2): a dense layer whose weight is
 stored ``(in_features, out_features)``, the transpose of ``nn.Linear``'s ``(out, in)``; and
 the convolutions ``nn.Conv1d/2d/3d``, whose kernel ``(out, in, *kernel)`` is read as the
-``(out, in·∏kernel)`` matrix it applies to each patch of the input.
+``(out, in·∏kernel)`` matrix it applies to each patch of the input; and which children of torch's
+own modules their parent never calls (:data:`BYPASSED_CHILDREN`).
 It sits at the bottom of the package (torch and transformers only) so that
 :mod:`lorakit.layers` can ask it too; everything above asks :mod:`lorakit.targets`,
 which re-exports these names with the rest of what lorakit knows about a model's structure.
@@ -90,3 +91,29 @@ def adaptable_parameters(modules: dict[str, nn.Module], skip: tuple[type, ...] =
             if path and not isinstance(module, (nn.Embedding, *LINEAR_TYPES, *CONV_TYPES, *skip))
             for name, param in module.named_parameters(recurse=False)
             if "bias" not in name and (param.dim() == 2 or (param.dim() == 3 and param.shape[0] > 1))]
+
+
+#: parent type -> {child name: why the parent's forward never calls that child's forward}.
+#: A LoRA layer there would do nothing, so explicit targets are refused and "all-linear"
+#: leaves them out. Applies only while the parent type's own ``forward`` is in use.
+BYPASSED_CHILDREN: dict[type, dict[str, str]] = {
+    nn.MultiheadAttention: {
+        "out_proj": "nn.MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward "
+                    "and never calls out_proj",
+    },
+    nn.TransformerEncoderLayer: {
+        name: f"nn.TransformerEncoderLayer's eval-mode fast path (torch._transformer_encoder_layer_fwd) "
+              f"reads {name}.weight directly and never calls {name}"
+        for name in ("linear1", "linear2")
+    },
+}
+
+
+def bypass_reason(modules: dict[str, nn.Module], path: str) -> str | None:
+    """Why the parent of ``path`` never calls its forward (see :data:`BYPASSED_CHILDREN`), or None."""
+    parent_path, _, child = path.rpartition(".")
+    parent = modules.get(parent_path)
+    for parent_type, children in BYPASSED_CHILDREN.items():
+        if child in children and isinstance(parent, parent_type) and type(parent).forward is parent_type.forward:
+            return children[child]
+    return None

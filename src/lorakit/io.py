@@ -141,7 +141,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         LorakitError: ``model`` has no adapter ``name``.
     """
     from lorakit.model import export_config, lora_configs
-    from lorakit.targets import architecture_name, is_conv1d, linear_leaves, model_fingerprint
+    from lorakit.targets import architecture_name, is_conv1d, linear_leaves, model_fingerprint, walk
 
     configs = lora_configs(model)
     if name not in configs:
@@ -158,9 +158,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                     if parsed is not None and parsed[0] not in on_parameters})
     if config.target_modules is None or config.target_modules == "all-linear":
         changes["target_modules"] = _explicit_targets(model, paths, config)
-    elif isinstance(config.target_modules, list) and paths and any(
-            not any(name_matches([n], p) for p in paths) for n in config.target_modules):
-        # a name that selected nothing lorakit wraps (a grouped convolution): PEFT would try it
+    elif paths and (any(not any(name_matches([n], p) for p in paths) for n in config.target_modules)
+                    if isinstance(config.target_modules, list) else
+                    any(p not in paths and re.fullmatch(config.target_modules, p) for p in walk(model) if p)):
+        # a name or pattern that selects a module lorakit does not wrap (a grouped convolution): PEFT would try it
         changes["target_modules"] = _explicit_targets(model, paths, config)
     if isinstance(changes.get("target_modules"), str):  # a regex of the paths says which blocks too
         changes.update(layers_to_transform=None, layers_pattern=None)

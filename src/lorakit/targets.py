@@ -28,7 +28,8 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.dense import (  # noqa: F401  (re-exported: structure questions are asked here)
-    CONV_TYPES, LINEAR_TYPES, Conv1D, is_conv, is_conv1d, is_linear, linear_features, parameter_features, weight_out_in,
+    BYPASSED_CHILDREN, CONV_TYPES, LINEAR_TYPES, Conv1D, bypass_reason, is_conv, is_conv1d, is_linear, linear_features,
+    parameter_features, weight_out_in,
 )
 from lorakit.dense import adaptable_parameters as _adaptable
 from lorakit.errors import LorakitError
@@ -45,22 +46,6 @@ from lorakit.target_defaults import default_targets as _family_targets
 #: sequence-classification heads (PEFT's names for them, saved whole with task_type SEQ_CLS)
 HEAD_NAMES = ("classifier", "score", "qa_outputs", "cls", "lm_head")
 CLASSIFIER_HEADS = HEAD_NAMES[:2]
-
-
-#: parent type -> {child name: why the parent's forward never calls that child's forward}.
-#: A LoRA layer there would do nothing, so explicit targets are refused and "all-linear"
-#: leaves them out. Applies only while the parent type's own ``forward`` is in use.
-BYPASSED_CHILDREN: dict[type, dict[str, str]] = {
-    nn.MultiheadAttention: {
-        "out_proj": "nn.MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward "
-                    "and never calls out_proj",
-    },
-    nn.TransformerEncoderLayer: {
-        name: f"nn.TransformerEncoderLayer's eval-mode fast path (torch._transformer_encoder_layer_fwd) "
-              f"reads {name}.weight directly and never calls {name}"
-        for name in ("linear1", "linear2")
-    },
-}
 
 
 # ---------------------------------------------------------------------- one walk
@@ -170,16 +155,6 @@ def _targetable_summary(modules: dict[str, nn.Module]) -> str:
 def adaptable_parameters(model: nn.Module, modules: dict[str, nn.Module] | None = None) -> list[tuple[str, str]]:
     """:func:`lorakit.dense.adaptable_parameters` of ``model`` (fused experts, routers), lorakit's layers left out."""
     return _adaptable(walk(model) if modules is None else modules, (LoraLayer,))
-
-
-def bypass_reason(modules: dict[str, nn.Module], path: str) -> str | None:
-    """Why the parent of ``path`` never calls its forward (see :data:`BYPASSED_CHILDREN`), or None."""
-    parent_path, _, child = path.rpartition(".")
-    parent = modules.get(parent_path)
-    for parent_type, children in BYPASSED_CHILDREN.items():
-        if child in children and isinstance(parent, parent_type) and type(parent).forward is parent_type.forward:
-            return children[child]
-    return None
 
 
 # ---------------------------------------------------------------------- heads, dense leaves, kinds
@@ -302,6 +277,8 @@ def target_paths(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Mod
                  if isinstance(_base_of(m), LINEAR_TYPES) and not (p + ".").startswith(heads)]
     else:
         paths = [p for p, _ in _candidates(modules) if name_matches(spec, p)]
+        if isinstance(spec, list):
+            _refuse_unwrappable(modules, config, set(paths))
     outside_layers = [p for p in paths if not config.in_layers(p, spec)]
     paths = [p for p in paths if config.in_layers(p, spec)] if outside_layers else paths
     saved_inside = [p for p in paths if config.within_saved(p)]
@@ -329,6 +306,21 @@ def target_paths(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Mod
         raise LorakitError(f"cannot target {path}: {why}, so a LoRA adapter there would never run{more}; "
                            f"exclude it (exclude_modules=[{path!r}]) or target other modules")
     return paths
+
+
+def _refuse_unwrappable(modules: dict[str, nn.Module], config: LoraConfig, taken: set[str]) -> None:
+    """A leaf with a weight that ``config.target_modules`` names outright but lorakit cannot wrap (a
+    grouped convolution, a norm) is refused, as PEFT refuses it, rather than left out in silence."""
+    names, saved = config.target_modules, tuple(p + "." for p, m in modules.items() if isinstance(m, SavedModule))
+    refused = [(p, m) for p, m in modules.items() if p not in taken and name_matches(names, p) and not m._modules
+               and isinstance(getattr(m, "weight", None), nn.Parameter) and not (p + ".").startswith(saved)
+               and config.in_layers(p, names) and not config.excludes(p) and not config.within_saved(p)]
+    if refused:
+        (path, module), groups = refused[0], getattr(refused[0][1], "groups", 1)
+        kind = type(module).__name__ + (f" with groups={groups}" if groups != 1 else "")
+        more = f" ({len(refused) - 1} more like it)" if len(refused) > 1 else ""
+        raise LorakitError(f"cannot target {path}, a {kind}{more}: lorakit adapts nn.Linear, transformers Conv1D, "
+                           "nn.Embedding and nn.Conv1d/2d/3d with groups=1; leave it out of target_modules")
 
 
 def saved_paths(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Module] | None = None) -> list[str]:
