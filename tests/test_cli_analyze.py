@@ -153,3 +153,37 @@ def test_a_full_fine_tune_run_folder_stands_for_its_model(pair, tmp_path, capsys
     shutil.copytree(tuned, tmp_path / "run" / "model")  # lorakit train --method full --out run
     assert main(["spectrum", "--base", base, "--tuned", str(tmp_path / "run"), "--module", "layer.0.attention"]) == 0
     assert _row(capsys.readouterr().out, "bert.encoder.layer.0.attention.self.query")[-1] == "1"
+
+
+def test_an_adapter_stands_for_the_update_it_makes_to_the_base(pair, tmp_path, capsys):
+    """How much of its rank an adapter uses (spectrum), and the same update at a smaller rank (extract)."""
+    from lorakit import LoraConfig, attach, save_adapter
+    from lorakit.analysis.weights import model_pair
+    from lorakit.merging import merge_and_unload
+
+    base, _ = pair
+    model = attach(tiny_bert_classifier(), LoraConfig(r=4, alpha=8, target_modules=["query", "value"],
+                                                              modules_to_save=["classifier"], init="random"))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".B" in name and "query" in name:  # query's update of rank 1, value's of rank 4
+                p.copy_(torch.randn(p.shape[0], 1, generator=g) @ torch.randn(1, p.shape[1], generator=g))
+            elif ".B" in name:
+                p.normal_(generator=g)
+    expected = linear_weights(merge_and_unload(copy.deepcopy(model)))
+    save_adapter(model, tmp_path / "run" / "adapter")
+    base_model, tuned = model_pair(base, str(tmp_path / "run"))  # a run folder stands for its adapter
+    for path, w in linear_weights(tuned).items():
+        torch.testing.assert_close(w, expected[path], atol=1e-6, rtol=0)
+    assert main(["spectrum", "--base", base, "--tuned", str(tmp_path / "run" / "adapter")]) == 0
+    out = capsys.readouterr().out
+    assert _row(out, "bert.encoder.layer.0.attention.self.query")[-3:] == ["1", "1", "1"]
+    assert _row(out, "bert.encoder.layer.1.attention.self.value")[-1] == "4"
+    assert "unchanged, not listed" in out and "layer.0.attention.self.key " not in out
+    assert main(["extract", "--base", base, "--tuned", str(tmp_path / "run"), "--rank", "1", "--out",
+                 str(tmp_path / "small")]) == 0
+    from lorakit.io import read_adapter
+
+    config, tensors = read_adapter(tmp_path / "small")
+    assert config.r == 1 and all(t.shape[0] == 1 for k, t in tensors.items() if "lora_A" in k)

@@ -9,6 +9,7 @@ Which leaves are dense layers and which are heads is :mod:`lorakit.targets`' to 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -110,12 +111,25 @@ def model_pair(base, tuned) -> tuple[nn.Module, nn.Module]:
     :func:`lorakit.models.load_model`, as the kind of model its folder holds.
 
     The tuned model is loaded first so that a base classifier gets the same number of labels.
+    A tuned spec that is an adapter folder (PEFT's or lorakit's, or the run folder of ``lorakit train``
+    holding one in ``adapter/``) stands for the base with that adapter merged into it
+    (:func:`lorakit.merging.merge_and_unload`): its ΔW is the adapter's, DoRA's included.
 
     Raises:
-        LorakitError: a spec cannot be loaded, or the two models are of different classes.
+        LorakitError: a spec cannot be loaded, the adapter does not fit the base, or the two
+            models are of different classes.
     """
+    import copy
+
     from lorakit.models import load_model
 
+    adapter = _adapter_folder(tuned)
+    if adapter is not None:
+        from lorakit.io import load_adapter
+        from lorakit.merging import merge_and_unload
+
+        base_model = base if isinstance(base, nn.Module) else load_model(str(base), tokenizer=False)[0]
+        return base_model, merge_and_unload(load_adapter(copy.deepcopy(base_model), adapter))
     tuned_model = tuned if isinstance(tuned, nn.Module) else load_model(str(tuned), tokenizer=False)[0]
     labels = getattr(getattr(tuned_model, "config", None), "num_labels", None)
     base_model = base if isinstance(base, nn.Module) else load_model(str(base), tokenizer=False, num_labels=labels)[0]
@@ -123,3 +137,13 @@ def model_pair(base, tuned) -> tuple[nn.Module, nn.Module]:
         raise LorakitError(f"the base is a {type(base_model).__name__} but the tuned model a "
                            f"{type(tuned_model).__name__}; compare a model with its own fine-tune")
     return base_model, tuned_model
+
+
+def _adapter_folder(spec) -> Path | None:
+    """The adapter folder a tuned-model spec names (itself, or a run folder's ``adapter/``), or None."""
+    from lorakit.io import CONFIG_NAME
+
+    if isinstance(spec, nn.Module):
+        return None
+    path = Path(spec).expanduser()
+    return next((f for f in (path, path / "adapter") if (f / CONFIG_NAME).is_file()), None)

@@ -23,7 +23,8 @@ def register(subparsers) -> None:
     )
     ext.add_argument("--base", required=True, metavar="MODEL", help="'default', 'default-chat' or a model folder")
     ext.add_argument("--tuned", required=True, metavar="MODEL_OR_CHECKPOINT",
-                     help="the fine-tuned model folder (e.g. from lorakit train --method full)")
+                     help="the fine-tuned model folder (e.g. from lorakit train --method full), or an adapter "
+                          "folder: its update to --base factored again, e.g. at a smaller rank")
     pick = ext.add_mutually_exclusive_group(required=True)
     pick.add_argument("--rank", "-r", type=int, metavar="R", help="rank of every module's factors")
     pick.add_argument("--energy", type=float, metavar="E",
