@@ -81,6 +81,10 @@ def test_language_model_shapes_and_their_errors(tmp_path):
     write_jsonl(tmp_path / "t.jsonl", [{"text": "plain words"}])
     assert read_records(tmp_path / "pc.jsonl", "lm")[0]["completion"] == " 2"
     assert read_records(tmp_path / "t.jsonl", "lm")[0]["text"] == "plain words"
+    write_jsonl(tmp_path / "labelled.jsonl", [{"text": "fine", "Label": "pos"}, {"text": "bad", "Label": "neg"}])
+    with pytest.warns(UserWarning, match=r"line 1: the column 'Label' is not read;.*train --task classify") as caught:
+        assert [r["text"] for r in read_records(tmp_path / "labelled.jsonl", "lm")] == ["fine", "bad"]
+    assert len(caught) == 1  # once for the file, not per line
     write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "a", "completion": "b"}, {"text": "c"}])
     with pytest.raises(LorakitError, match="line 2 lacks 'prompt', 'completion'.*first line uses prompt"):
         read_records(tmp_path / "mixed.jsonl", "lm")

@@ -26,11 +26,12 @@ so later checks (an unknown label) can point at the line.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from lorakit.data.compressed import format_suffix
 from lorakit.data.files import read_file
-from lorakit.data.labels import merge_number_spellings
+from lorakit.data.labels import LabelWarning, merge_number_spellings
 from lorakit.data.messages import SHAREGPT_KEY, check_messages
 from lorakit.errors import LorakitError
 
@@ -255,6 +256,10 @@ def lm_checker(first: dict, columns: dict | None = None):
                            "name other columns)")
     keys = LM_SHAPES[shape]
     hint = f"the first line uses {' + '.join(keys)}, so every line must"
+    label = next((k for k in first if str(k).casefold() == CLASSIFY_KEYS[1]), None)
+    if shape == "text" and label is not None:  # a classification file given to a language-model task
+        warnings.warn(f"{first['_where']}: the column {label!r} is not read; a language-model task trains on the "
+                      f"text alone (to learn the labels, train --task classify)", LabelWarning, stacklevel=2)
 
     def check(record: dict) -> dict:
         _require(record, keys, hint, columns)
