@@ -320,7 +320,8 @@ def _refuse_unwrappable(modules: dict[str, nn.Module], config: LoraConfig, taken
         kind = type(module).__name__ + (f" with groups={groups}" if groups != 1 else "")
         more = f" ({len(refused) - 1} more like it)" if len(refused) > 1 else ""
         raise LorakitError(f"cannot target {path}, a {kind}{more}: lorakit adapts nn.Linear, transformers Conv1D, "
-                           "nn.Embedding and nn.Conv1d/2d/3d with groups=1; leave it out of target_modules")
+                           f"nn.Embedding and nn.Conv1d/2d/3d with groups=1; leave it out of target_modules, or "
+                           f"exclude it (exclude_modules=[{path!r}])")
 
 
 def saved_paths(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Module] | None = None) -> list[str]:
