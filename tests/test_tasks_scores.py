@@ -50,6 +50,20 @@ def test_a_model_that_always_answers_one_class_is_told_so():
                                   "majority_macro_f1": 0.25}, "validation")
 
 
+def test_a_model_that_beats_the_baseline_but_never_finds_a_class_is_told_so():
+    target = np.array([0] * 12 + [1] * 6 + [2] * 5 + [3] * 2)
+    predicted = np.array([0] * 12 + [1] * 6 + [0] * 5 + [0] * 2)  # classes 2 (5 examples) and 3 (2) never found
+    metrics = {**scores(target, predicted), "classes": breakdown(target, predicted, ["a", "b", "c", "d"])}
+    assert metrics["accuracy"] > metrics["majority_accuracy"] and metrics["macro_f1"] > metrics["majority_macro_f1"]
+    line = verdict(metrics, "test")
+    assert line == ("warning: the model beats always answering 'a' but found none of the test split's 'c' (5 examples)"
+                    "; try --class-weights balanced, or more training examples of them")  # 'd': too few to call
+    assert verdict(metrics, "test", advise=False).endswith("'c' (5 examples)")
+    found = np.array([0] * 12 + [1] * 6 + [2] + [0] * 4 + [0] * 2)  # one of 'c' found: nothing to say
+    assert verdict({**scores(target, found), "classes": breakdown(target, found, ["a", "b", "c", "d"])}, "test") is None
+    assert verdict(scores(target, predicted), "test") is None  # no breakdown by class: nothing known
+
+
 def test_why_tells_a_model_that_learned_nothing_from_one_that_fitted_its_training_texts():
     from sklearn.metrics import log_loss
 

@@ -68,14 +68,20 @@ def breakdown(target: np.ndarray, predicted: np.ndarray, names: list[str]) -> di
 
 def verdict(metrics: dict, split: str, advise: bool = True) -> str | None:
     """The warning line when ``metrics`` (of :func:`scores`, with ``"classes"`` from
-    :func:`breakdown` if known) do not beat the majority-class baseline; None when they do.
+    :func:`breakdown` if known) do not beat the majority-class baseline, or beat it while finding
+    none of a class's examples (:func:`missed_classes`); None when neither.
     ``advise=False`` leaves out what to try (where a :func:`why` line follows with its own)."""
     accuracy, baseline = metrics["accuracy"], metrics["majority_accuracy"]
     f1, baseline_f1 = metrics["macro_f1"], metrics["majority_macro_f1"]
     answer = metrics.get("classes", {}).get("majority_class")
     always = f"always answering {answer!r}" if answer is not None else "always answering the majority class"
     if accuracy > baseline and f1 > baseline_f1:
-        return None
+        if not (missed := missed_classes(metrics)):
+            return None
+        shown = ", ".join(f"{name!r} ({support} examples)" for name, support in missed[:3])
+        return (f"warning: the model beats {always} but found none of the {split} split's {shown}"
+                + (f" and {len(missed) - 3} more class(es)" if len(missed) > 3 else "")
+                + ("; try --class-weights balanced, or more training examples of them" if advise else ""))
     if accuracy <= baseline and f1 <= baseline_f1:
         return (f"warning: {split} accuracy {accuracy:.3f} is no better than {always} ({baseline:.3f}), and macro-F1 "
                 f"{f1:.3f} no better than its {baseline_f1:.3f}: the model has not learned to tell the classes apart"
@@ -85,6 +91,19 @@ def verdict(metrics: dict, split: str, advise: bool = True) -> str | None:
                 f"{f1:.3f} beats its {baseline_f1:.3f}: the model trades the majority class for the others")
     return (f"warning: {split} macro-F1 {f1:.3f} does not beat {always} ({baseline_f1:.3f}), though accuracy "
             f"{accuracy:.3f} beats its {baseline:.3f}")
+
+
+#: a class with at least this many scored examples, none of them found, is named by :func:`verdict`
+MISSED_SUPPORT = 5
+
+
+def missed_classes(metrics: dict) -> list[tuple[str, int]]:
+    """``(class, examples)`` of each class with at least :data:`MISSED_SUPPORT` examples in the scored split
+    of which the model found none (recall 0), most examples first; empty without a breakdown by class."""
+    per_class = metrics.get("classes", {}).get("per_class", {})
+    missed = [(name, int(c["support"])) for name, c in per_class.items()
+              if c["support"] >= MISSED_SUPPORT and c["recall"] == 0]
+    return sorted(missed, key=lambda item: -item[1])
 
 
 #: a training loss at or above this share of the class shares' own loss: nothing learned from the texts
