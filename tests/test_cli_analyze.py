@@ -173,6 +173,7 @@ def test_an_adapter_stands_for_the_update_it_makes_to_the_base(pair, tmp_path, c
                 p.normal_(generator=g)
     expected = linear_weights(merge_and_unload(copy.deepcopy(model)))
     save_adapter(model, tmp_path / "run" / "adapter")
+    (tmp_path / "run" / "adapter" / "lorakit_task.json").write_text('{"task": "classify", "method": "lora"}')  # a run's
     base_model, tuned = model_pair(base, str(tmp_path / "run"))  # a run folder stands for its adapter
     for path, w in linear_weights(tuned).items():
         torch.testing.assert_close(w, expected[path], atol=1e-6, rtol=0)
