@@ -172,8 +172,11 @@ def test_an_adapter_stands_for_the_update_it_makes_to_the_base(pair, tmp_path, c
             elif ".B" in name:
                 p.normal_(generator=g)
     expected = linear_weights(merge_and_unload(copy.deepcopy(model)))
+    from lorakit.run_folder import RunFolder
+
+    RunFolder(tmp_path / "run").mark()  # a run folder, its result in adapter/ with the task file
     save_adapter(model, tmp_path / "run" / "adapter")
-    (tmp_path / "run" / "adapter" / "lorakit_task.json").write_text('{"task": "classify", "method": "lora"}')  # a run's
+    (tmp_path / "run" / "adapter" / "lorakit_task.json").write_text('{"task": "classify", "method": "lora"}')
     base_model, tuned = model_pair(base, str(tmp_path / "run"))  # a run folder stands for its adapter
     for path, w in linear_weights(tuned).items():
         torch.testing.assert_close(w, expected[path], atol=1e-6, rtol=0)

@@ -140,17 +140,12 @@ def model_pair(base, tuned) -> tuple[nn.Module, nn.Module]:
 
 
 def _adapter_folder(spec) -> Path | None:
-    """The adapter folder a tuned-model spec names (itself, or the result of a run folder,
-    :func:`lorakit.run_folder.trained_folder`), or None."""
+    """The adapter folder a tuned-model spec names (:func:`lorakit.run_folder.adapter_folder`: itself, or
+    a run folder's result), or None where it names no adapter."""
     from lorakit.io import CONFIG_NAME
-    from lorakit.run_folder import trained_folder
+    from lorakit.run_folder import adapter_folder
 
     if isinstance(spec, nn.Module) or spec in ("default", "default-chat"):
         return None
-    path = Path(spec).expanduser()
-    if not (path / CONFIG_NAME).is_file():
-        try:
-            path = trained_folder(path)
-        except LorakitError:
-            return None  # not a run's folder: the model loader says what it is
-    return path if (path / CONFIG_NAME).is_file() else None
+    folder = adapter_folder(Path(spec).expanduser())
+    return folder if (folder / CONFIG_NAME).is_file() else None
