@@ -225,7 +225,8 @@ def test_classify_answers_labels_and_probabilities_per_adapter(classifier):
     for model_name, answer in answers.items():
         assert answer["model"] == model_name and len(answer["data"]) == len(TEXTS)
         assert answer["object"] == "list" and answer["id"].startswith("classify-") and answer["created"] > 0
-        assert answer["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}
+        assert answer["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 0,
+                                   "total_tokens": prompt_tokens}
         for i, (row, probs) in enumerate(zip(answer["data"], expected[model_name])):
             got = torch.tensor([row["probabilities"][label] for label in labels])
             assert torch.allclose(got, probs, atol=1e-5), (model_name, row)

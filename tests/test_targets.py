@@ -163,7 +163,8 @@ def test_a_module_named_outright_that_lorakit_cannot_wrap_is_refused_not_left_ou
     class Block(nn.Module):  # a ConvNeXt block's shape: depthwise convolution, norm, pointwise layer
         def __init__(self):
             super().__init__()
-            self.dwconv, self.norm, self.pwconv = nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.LayerNorm(4), nn.Linear(4, 8)
+            self.dwconv, self.norm = nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.LayerNorm(4)
+            self.pwconv = nn.Linear(4, 8)
 
         def forward(self, x):
             return self.pwconv(self.norm(self.dwconv(x).permute(0, 2, 3, 1)))
@@ -173,7 +174,8 @@ def test_a_module_named_outright_that_lorakit_cannot_wrap_is_refused_not_left_ou
             super().__init__()
             self.blocks = nn.ModuleList([Block(), Block()])
 
-    with pytest.raises(LorakitError, match=r"cannot target blocks\.0\.dwconv, a Conv2d with groups=4 \(1 more like it\)"):
+    refusal = r"cannot target blocks\.0\.dwconv, a Conv2d with groups=4 \(1 more like it\)"
+    with pytest.raises(LorakitError, match=refusal):
         attach(Net(), LoraConfig(r=2, target_modules=["dwconv", "pwconv"]))
     with pytest.raises(LorakitError, match=r"cannot target blocks\.0\.norm, a LayerNorm .*groups=1; leave it out"):
         attach(Net(), LoraConfig(r=2, target_modules=["pwconv", "norm"]))

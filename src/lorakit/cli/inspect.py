@@ -1,7 +1,9 @@
-"""`lorakit inspect MODEL`: the modules LoRA can target, and what an adapter on them costs.
+"""`lorakit inspect MODEL`: the modules LoRA can target, and what an adapter on them costs;
+`lorakit inspect ADAPTER`: what an adapter folder holds.
 
 Parsing and printing only: the model comes from :func:`lorakit.models.load_model`, the
-numbers from :func:`lorakit.models.target_footprint`.
+numbers from :func:`lorakit.models.target_footprint`; an adapter's from
+:func:`lorakit.analysis.summary.adapter_summary`.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ def register(subparsers) -> None:
             "Load MODEL (default: the embedded MiniLM classifier; default-chat: the embedded "
             "SmolLM2-135M-Instruct; or a model folder / .gguf file) and print the modules an "
             "adapter can target, grouped by name, with the parameters an adapter of rank R "
-            "adds on the ones --targets selects (the model family's default when not given)."
+            "adds on the ones --targets selects (the model family's default when not given). Given an "
+            "adapter folder (or a lorakit train run folder), print what the adapter holds instead: its "
+            "base, rank, scale, modules, parameters, task, and each module's ‖ΔW‖."
         ),
     )
-    parser.add_argument("model", nargs="?", default="default", help="default | default-chat | PATH")
+    parser.add_argument("model", nargs="?", default="default", help="default | default-chat | PATH | ADAPTER")
     parser.add_argument("--rank", "-r", type=int, default=8, metavar="R", help="adapter rank (default 8)")
     parser.add_argument("--targets", metavar="NAMES",
                         help="comma-separated module names (query,value), all-linear, or a regex matching a "
@@ -68,6 +72,8 @@ def _add_memory_flags(parser) -> None:
 def run_inspect(args) -> int:
     if args.memory:
         return run_memory(args)
+    if _is_adapter(args.model):
+        return run_adapter(args)
     from lorakit.config import parse_layers, parse_parameters, parse_targets
     from lorakit.models import load_model, target_footprint
 
@@ -154,3 +160,56 @@ def _check_length(config) -> None:
     if limit and config.max_length > limit:
         raise LorakitError(f"--max-length {config.max_length} is longer than {config.model} takes "
                            f"({limit} positions); give at most {limit}")
+
+
+def _is_adapter(spec: str) -> bool:
+    from pathlib import Path
+
+    from lorakit.io import CONFIG_NAME
+    from lorakit.run_folder import adapter_folder
+
+    if spec in ("default", "default-chat") or not Path(spec).expanduser().is_dir():
+        return False
+    return (adapter_folder(Path(spec).expanduser()) / CONFIG_NAME).is_file()
+
+
+def run_adapter(args) -> int:
+    from lorakit.analysis.summary import adapter_summary
+
+    summary = adapter_summary(args.model)
+    config, modules, task = summary.config, summary.modules, summary.task or {}
+    architecture = summary.metadata.get("lorakit_architecture")
+    print(f"adapter     {summary.folder} ({summary.bytes / 1e3:,.1f} kB)")
+    print(f"base        {config.base_model_name_or_path or 'not recorded'}"
+          + (f" ({architecture})" if architecture else ""))
+    ranks = "/".join(map(str, sorted({m.rank for m in modules})))
+    scales = "/".join(sorted({f"{m.scaling:g}" for m in modules}))
+    kind = "DoRA" if config.use_dora else "LoRA"
+    print(f"method      {kind} r={config.r} alpha={config.alpha:g}" + (" rsLoRA" if config.use_rslora else "")
+          + f", rank {ranks} as saved, scale s = {scales}"
+          + (f", task_type {config.task_type}" if config.task_type else ""))
+    if task:
+        labels = task.get("labels")
+        shown = (", labels " + ", ".join(map(str, labels[:8])) + (f" (+{len(labels) - 8})" if len(labels) > 8 else "")
+                 if isinstance(labels, list) and labels else "")
+        print(f"task        {task.get('task', '?')} ({task.get('method', '?')}){shown}"
+              + (f"; inputs cut to {task['max_length']} tokens" if task.get("max_length") else ""))
+    saved = ", ".join(config.modules_to_save or []) or "none"
+    print(f"parameters  {summary.lora_params:,} in the factors of {len(modules)} modules; "
+          f"{summary.other_params:,} more (saved whole: {saved})")
+    if args.paths:
+        table = [(m.path, str(m.rank), "x".join(map(str, m.shape)), f"{m.scaling:g}", f"{m.delta_norm:.4g}")
+                 for m in modules]
+        header = ("module", "rank", "ΔW", "s", "‖s·B·A‖_F")
+    else:
+        groups: OrderedDict = OrderedDict()
+        for m in modules:
+            groups.setdefault((m.path.rsplit(".", 1)[-1], m.rank, m.shape), []).append(m.delta_norm)
+        table = [(name, str(len(norms)), str(rank), "x".join(map(str, shape)),
+                  f"{min(norms):.4g} / {sorted(norms)[len(norms) // 2]:.4g} / {max(norms):.4g}")
+                 for (name, rank, shape), norms in groups.items()]
+        header = ("name", "count", "rank", "ΔW", "‖s·B·A‖_F min / median / max")
+    widths = [max(len(str(row[i])) for row in [header, *table]) for i in range(len(header))]
+    for row in [header, *table]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
