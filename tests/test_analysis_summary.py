@@ -9,7 +9,7 @@ from lorakit import LoraConfig, attach, save_adapter
 from lorakit.analysis.summary import adapter_summary
 from lorakit.cli import main
 from lorakit.run_folder import RunFolder
-from tiny_models import tiny_bert_classifier, tiny_llama
+from tiny_models import tiny_bert_classifier, tiny_llama, tiny_mixtral
 
 
 def _perturbed(model):
@@ -54,3 +54,23 @@ def test_inspect_prints_an_adapter_peft_wrote(tmp_path, capsys):
     assert f"{magnitudes:,} more (saved whole: none)" in out  # DoRA's magnitudes are what else it holds
     assert main(["inspect", str(tmp_path / "peft"), "--paths"]) == 0
     assert "model.layers.0.self_attn.q_proj" in capsys.readouterr().out
+
+
+def test_lora_on_expert_parameters_is_read_per_expert(tmp_path):
+    """PEFT's target_parameters: each expert's rank-r factors inside one (E·r) pair, one pair per parameter."""
+    from lorakit import load_adapter
+    from lorakit.targets import parameter_hosts
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                             target_parameters=["experts.gate_up_proj", "experts.down_proj"], task_type="CAUSAL_LM")
+    _perturbed(peft.get_peft_model(tiny_mixtral(), config)).save_pretrained(tmp_path)
+    loaded = load_adapter(tiny_mixtral(), tmp_path)
+    expected = {}  # module order: gate_up_proj is the experts' first parameter, down_proj the second
+    for path, host in parameter_hosts(loaded):
+        for i, (name, layer) in enumerate(host.lora_parameters.items()):
+            expected[f"{path}.parameter{i + 1}of2"] = (float(layer.delta_weight("default").norm()), layer.experts)
+    got = {m.path: m for m in adapter_summary(tmp_path).modules if "experts" in m.path}
+    assert set(got) == set(expected) and len(got) == 2 * tiny_mixtral().config.num_hidden_layers
+    for path, (norm, experts) in expected.items():
+        assert got[path].rank == 4 and got[path].experts == experts > 1
+        assert abs(got[path].delta_norm - norm) < 1e-4 * norm

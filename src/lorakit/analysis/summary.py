@@ -19,13 +19,15 @@ __all__ = ["AdapterSummary", "ModuleSummary", "adapter_summary"]
 
 @dataclass
 class ModuleSummary:
-    """One adapted module: its path, rank, the ``(out, in)`` of its ΔW, the scale ``s`` and ``‖s·B·A‖_F``."""
+    """One adapted module (or parameter: ``<module>.<parameter>``): its path, rank, the ``(out, in)`` of
+    its ΔW (of each expert's, for a stack of ``experts``), the scale ``s`` and ``‖s·B·A‖_F`` (over every expert)."""
 
     path: str
     rank: int
     shape: tuple[int, int]
     scaling: float
     delta_norm: float
+    experts: int = 1
 
 
 @dataclass
@@ -62,11 +64,22 @@ def adapter_summary(folder) -> AdapterSummary:
     config, tensors, metadata = read_adapter_with_metadata(path)
     summary = AdapterSummary(folder=path, config=config, metadata=dict(metadata),
                              bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()))
+    parameters = _parameter_names(config, list(lora_factors(tensors)))
     for module, (A, B) in lora_factors(tensors).items():
         A, B, s = A.double(), B.double(), config.scaling_for(module)
-        gram = (B.T @ B) @ (A @ A.T) if B.shape[1] == A.shape[0] else None
-        norm = abs(s) * math.sqrt(max(float(torch.trace(gram)), 0.0)) if gram is not None else float("nan")
-        summary.modules.append(ModuleSummary(module, int(A.shape[0]), (int(B.shape[0]), int(A.shape[1])), s, norm))
+        rank, experts = int(A.shape[0]), 1
+        if module in parameters:  # LoRA on a parameter: expert e's A is rows e·r…, its B columns e, E + e, …
+            host, name = parameters[module]
+            rank = config.rank_for(host)
+            experts = A.shape[0] // rank if rank and A.shape[0] % rank == 0 else 1
+            rank = A.shape[0] // experts
+            A, B = A.view(experts, rank, -1), B.view(B.shape[0], rank, experts).permute(2, 0, 1)
+            module = f"{host}.{name}"
+        else:
+            A, B = A[None], B[None]
+        grams = [(b.T @ b) @ (a @ a.T) for a, b in zip(A, B)] if B.shape[-1] == A.shape[1] else None
+        norm = abs(s) * math.sqrt(max(sum(float(torch.trace(g)) for g in grams), 0.0)) if grams else float("nan")
+        summary.modules.append(ModuleSummary(module, rank, (int(B.shape[1]), int(A.shape[2])), s, norm, experts))
     for key, tensor in tensors.items():
         parsed = parse_factor_key(key)
         if parsed is not None and parsed[1] in ("A", "B"):
@@ -78,3 +91,23 @@ def adapter_summary(folder) -> AdapterSummary:
 
         summary.task = read_task_file(path)
     return summary
+
+
+def _parameter_names(config, paths: list[str]) -> dict[str, tuple[str, str]]:
+    """``{factor path: (module path, parameter)}`` for the factors of LoRA on parameters
+    (``target_parameters``). PEFT nests one ``.base_layer`` per parameter after it in the module's
+    own order (:func:`lorakit.peft_format.parameter_host`); that order is the model's, not the file's,
+    so a module with one adapted parameter has it named, and one with several has them numbered in it."""
+    from lorakit.peft_format import parameter_host
+
+    targets = [t.rsplit(".", 1) for t in config.target_parameters or [] if "." in t]
+    hosts = {path: parameter_host(path) for path in paths}
+    found = {}
+    for path, host in hosts.items():
+        names = [name for module, name in targets if host == module or host.endswith("." + module)]
+        if not names and host == path:
+            continue  # an ordinary module
+        count = sum(h == host for h in hosts.values())
+        index = count - 1 - (len(path) - len(host)) // len(".base_layer")  # the first parameter is the deepest
+        found[path] = (host, names[0] if count == 1 and len(names) == 1 else f"parameter{index + 1}of{count}")
+    return found

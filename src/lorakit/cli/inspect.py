@@ -198,14 +198,13 @@ def run_adapter(args) -> int:
     print(f"parameters  {summary.lora_params:,} in the factors of {len(modules)} modules; "
           f"{summary.other_params:,} more (saved whole: {saved})")
     if args.paths:
-        table = [(m.path, str(m.rank), "x".join(map(str, m.shape)), f"{m.scaling:g}", f"{m.delta_norm:.4g}")
-                 for m in modules]
+        table = [(m.path, str(m.rank), _shape(m), f"{m.scaling:g}", f"{m.delta_norm:.4g}") for m in modules]
         header = ("module", "rank", "ΔW", "s", "‖s·B·A‖_F")
     else:
         groups: OrderedDict = OrderedDict()
         for m in modules:
-            groups.setdefault((m.path.rsplit(".", 1)[-1], m.rank, m.shape), []).append(m.delta_norm)
-        table = [(name, str(len(norms)), str(rank), "x".join(map(str, shape)),
+            groups.setdefault((m.path.rsplit(".", 1)[-1], m.rank, _shape(m)), []).append(m.delta_norm)
+        table = [(name, str(len(norms)), str(rank), shape,
                   f"{min(norms):.4g} / {sorted(norms)[len(norms) // 2]:.4g} / {max(norms):.4g}")
                  for (name, rank, shape), norms in groups.items()]
         header = ("name", "count", "rank", "ΔW", "‖s·B·A‖_F min / median / max")
@@ -213,3 +212,9 @@ def run_adapter(args) -> int:
     for row in [header, *table]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0
+
+
+def _shape(module) -> str:
+    """A module's ΔW as ``outxin``; a stack of experts' as ``E × outxin``."""
+    shape = "x".join(map(str, module.shape))
+    return f"{module.experts} × {shape}" if module.experts > 1 else shape
