@@ -20,7 +20,8 @@ __all__ = ["AdapterSummary", "ModuleSummary", "adapter_summary"]
 @dataclass
 class ModuleSummary:
     """One adapted module (or parameter: ``<module>.<parameter>``): its path, rank, the ``(out, in)`` of
-    its ΔW (of each expert's, for a stack of ``experts``), the scale ``s`` and ``‖s·B·A‖_F`` (over every expert)."""
+    its ΔW (of each expert's, for a stack of ``experts``), the scale ``s`` and ``‖s·B·A‖_F`` (over every
+    expert)."""
 
     path: str
     rank: int
