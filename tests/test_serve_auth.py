@@ -31,7 +31,7 @@ def test_every_v1_route_needs_the_key(server):
     url = server.url
     for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
                          ("POST", "/v1/adapters"), ("POST", "/v1/load_lora_adapter"),
-                         ("POST", "/classify")]:  # vLLM's path of /v1/classify is keyed as that route
+                         ("POST", "/classify"), ("POST", "/v1/score"), ("POST", "/rerank")]:  # vLLM's paths too
         for headers in ({}, _bearer("wrong"), {"Authorization": KEY}):
             err = error_of(httpx.request(method, url + path, headers=headers, json={}), 401)
             assert err["type"] == "invalid_request_error" and err["code"] in ("missing_api_key", "invalid_api_key")

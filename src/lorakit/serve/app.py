@@ -4,7 +4,8 @@ Routes: ``GET /health``, ``GET /metrics`` and vLLM's ``GET /version`` (open), ``
 (and one model's card, ``GET /v1/models/{id}``; each with vLLM's ``max_model_len``),
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` answers with
 server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``),
-``POST /v1/classify`` (also at vLLM's ``POST /classify``), the adapter routes of :mod:`lorakit.serve.admin`
+``POST /v1/classify`` (also at vLLM's ``POST /classify``), ``POST /v1/score`` and ``POST /v1/rerank``
+(:mod:`lorakit.serve.score`; also at vLLM's paths), the adapter routes of :mod:`lorakit.serve.admin`
 (``POST /v1/adapters``, ``DELETE /v1/adapters/{name}``, vLLM's
 ``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter``) and vLLM's
 ``POST /tokenize`` and ``POST /detokenize`` (:mod:`lorakit.serve.tokens`).
@@ -29,7 +30,7 @@ from starlette.exceptions import HTTPException
 
 from lorakit import __version__
 from lorakit.errors import LorakitError
-from lorakit.serve import admin, formats, schemas, tokens
+from lorakit.serve import admin, formats, schemas, score, tokens
 from lorakit.serve.auth import Access, AccessMiddleware
 from lorakit.serve.generate import complete
 from lorakit.serve.limits import BodyLimitMiddleware
@@ -39,7 +40,8 @@ from lorakit.serve.responses import error_response, message_response, validation
 from lorakit.serve.service import CLASSIFY, Service
 
 
-VLLM_PATHS = {"/classify": "/v1/classify"}  # vLLM's path for a route lorakit serves under /v1/
+#: vLLM's paths for routes lorakit serves under /v1/
+VLLM_PATHS = {"/classify": "/v1/classify", "/score": "/v1/score", "/rerank": "/v1/rerank", "/v2/rerank": "/v1/rerank"}
 
 
 class VllmPathsMiddleware:
@@ -152,4 +154,5 @@ def create_app(service: Service, access: Access | None = None) -> FastAPI:
 
     app.include_router(admin.routes(service))
     app.include_router(tokens.routes(service))
+    app.include_router(score.routes(service))
     return app

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from lorakit.serve import schemas
 
 # the routes whose requests wait in the engine's queue
-QUEUED_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/classify")
+QUEUED_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/score", "/v1/rerank")
 
 
 class BodyLimitMiddleware:

@@ -26,8 +26,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from lorakit.serve.registry import BASE
 
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/models", "/v1/adapters",
-             "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/score", "/v1/rerank", "/v1/models",
+             "/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 OTHER = "other"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 

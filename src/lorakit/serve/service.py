@@ -284,7 +284,7 @@ class Service:
             pairs = entry is not None and entry.pairs
             if not pairs and any(isinstance(text, list) for text in texts):
                 raise LimitError(f"input holds a pair of texts, but {adapter!r} classifies single texts (it was not "
-                                 "trained on pairs); send strings", "input")
+                                 "trained on pairs), so it takes no pair", "input")
             batch = self.tokenizer(*(_pairs(texts) if pairs else (texts,)), padding=True, truncation=True,
                                    max_length=length, return_tensors="pt")
             with torch.inference_mode(), per_row_adapters(self.model, [entry.slot if entry else None] * len(texts)):
