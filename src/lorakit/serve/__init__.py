@@ -5,8 +5,9 @@
   decode steps across adapters (:mod:`~lorakit.serve.kv` keeps the per-row KV cache,
   :mod:`~lorakit.serve.sampling` picks tokens, :mod:`~lorakit.serve.detokenize` streams text).
 - :mod:`~lorakit.serve.service`: model + registry + engine + limits, no HTTP.
-- :mod:`~lorakit.serve.app`: the FastAPI application; :mod:`~lorakit.serve.generate` and
-  :mod:`~lorakit.serve.admin` its routes, :mod:`~lorakit.serve.schemas` their bodies,
+- :mod:`~lorakit.serve.app`: the FastAPI application; :mod:`~lorakit.serve.generate`,
+  :mod:`~lorakit.serve.admin`, :mod:`~lorakit.serve.tokens` and :mod:`~lorakit.serve.score` its routes,
+  :mod:`~lorakit.serve.schemas` their bodies (the score routes' own in their module),
   :mod:`~lorakit.serve.formats` OpenAI's answers, :mod:`~lorakit.serve.responses` its errors;
   :mod:`~lorakit.serve.auth` (keys, ``Host``), :mod:`~lorakit.serve.limits` (body size) and
   :mod:`~lorakit.serve.metrics` (Prometheus) around them.
