@@ -310,7 +310,8 @@ def target_paths(model: nn.Module, config: LoraConfig, modules: dict[str, nn.Mod
 
 def _refuse_unwrappable(modules: dict[str, nn.Module], config: LoraConfig, taken: set[str]) -> None:
     """A leaf with a weight that ``config.target_modules`` names outright but lorakit cannot wrap (a
-    grouped convolution, a norm) is refused, as PEFT refuses it, rather than left out in silence."""
+    grouped convolution, a norm) is refused, as PEFT refuses a module it cannot adapt, rather than left out in
+    silence (PEFT adapts a grouped convolution where the rank is a multiple of its groups; lorakit does not)."""
     names, saved = config.target_modules, tuple(p + "." for p, m in modules.items() if isinstance(m, SavedModule))
     refused = [(p, m) for p, m in modules.items() if p not in taken and name_matches(names, p) and not m._modules
                and isinstance(getattr(m, "weight", None), nn.Parameter) and not (p + ".").startswith(saved)
