@@ -65,8 +65,9 @@ def adapter_summary(folder) -> AdapterSummary:
     config, tensors, metadata = read_adapter_with_metadata(path)
     summary = AdapterSummary(folder=path, config=config, metadata=dict(metadata),
                              bytes=sum(f.stat().st_size for f in path.iterdir() if f.is_file()))
-    parameters = _parameter_names(config, list(lora_factors(tensors)))
-    for module, (A, B) in lora_factors(tensors).items():
+    factors = lora_factors(tensors)
+    parameters = _parameter_names(config, list(factors))
+    for module, (A, B) in factors.items():
         A, B, s = A.double(), B.double(), config.scaling_for(module)
         rank, experts = int(A.shape[0]), 1
         if module in parameters:  # LoRA on a parameter: expert e's A is rows e·r…, its B columns e, E + e, …
